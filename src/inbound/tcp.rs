@@ -1,0 +1,119 @@
+//! The TCP inbound: accept, recover the original destination, ask the
+//! route decision, connect the outbound and hand both to the relay.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
+
+use crate::config::Mode;
+use crate::outbound::OutboundError;
+use crate::relay::tcp::relay;
+use crate::route::{Decision, Protocol, Router};
+use crate::sys;
+
+/// What every accepted connection needs to know.
+#[derive(Debug)]
+pub struct TcpContext {
+    pub mode: Mode,
+    pub router: Router,
+    pub idle: Duration,
+}
+
+/// Accepts until the task is dropped.
+pub async fn serve(listener: TcpListener, ctx: Arc<TcpContext>) {
+    let mut last_warning: Option<Instant> = None;
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(handle(stream, peer, Arc::clone(&ctx)));
+            }
+            Err(e) => {
+                // EMFILE/ENFILE: out of descriptors. The connection stays in
+                // the backlog; back off instead of spinning, and say why.
+                let exhausted = matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE));
+                if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                    last_warning = Some(Instant::now());
+                    if exhausted {
+                        warn!("accept failed: out of file descriptors ({e}); new TCP flows wait until some close. Raise the open-files limit (LimitNOFILE=) if this is normal load");
+                    } else {
+                        warn!("accept failed: {e}");
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(if exhausted { 100 } else { 10 })).await;
+            }
+        }
+    }
+}
+
+fn original_destination(stream: &TcpStream, mode: Mode) -> io::Result<SocketAddr> {
+    let local = stream.local_addr()?;
+    match mode {
+        Mode::Tproxy => Ok(sys::normalize(local)),
+        Mode::Redirect => sys::original_dst(stream, local),
+    }
+}
+
+/// Closes the client's connection with RST so it fails at once.
+fn reset(stream: TcpStream) {
+    let _ = sys::set_reset_on_close(&stream);
+    drop(stream);
+}
+
+async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<TcpContext>) {
+    let started = Instant::now();
+    let client = sys::normalize(peer);
+    let dst = match original_destination(&stream, ctx.mode) {
+        Ok(d) => d,
+        Err(e) => {
+            warn!(%client, "no original destination for TCP connection ({e}): it did not come through a {} rule; refused", ctx.mode);
+            return reset(stream);
+        }
+    };
+    let outbound = match ctx.router.decide(Protocol::Tcp, dst) {
+        Decision::Forward(o) => o,
+        Decision::RefuseLoop => {
+            warn!(%client, %dst, "refused TCP connection to tproxyd's own listener (routing loop or a direct connection to the listener)");
+            return reset(stream);
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let upstream = match outbound.connect_tcp(dst).await {
+        Ok(u) => u,
+        Err(e) => {
+            log_connect_failure(client, dst, outbound.name(), &e);
+            debug!(proto = "tcp", %client, %dst, outbound = outbound.name(), up_bytes = 0u64, down_bytes = 0u64,
+                duration_ms = started.elapsed().as_millis() as u64, end = "connect-failed", "flow");
+            return reset(stream);
+        }
+    };
+    let outcome = relay(stream, upstream, ctx.idle).await;
+    debug!(
+        proto = "tcp",
+        %client,
+        %dst,
+        outbound = outbound.name(),
+        up_bytes = outcome.up,
+        down_bytes = outcome.down,
+        duration_ms = started.elapsed().as_millis() as u64,
+        end = %outcome.end,
+        "flow"
+    );
+}
+
+/// Problems with the upstream itself are worth a warning; a destination
+/// that refuses is an ordinary event on the internet.
+fn log_connect_failure(client: SocketAddr, dst: SocketAddr, outbound: &str, e: &OutboundError) {
+    use crate::outbound::socks5::Socks5Error;
+    match e {
+        OutboundError::Socks5(Socks5Error::Rejected { .. })
+        | OutboundError::Connect { .. }
+        | OutboundError::ConnectTimeout { .. } => {
+            debug!(%client, %dst, outbound, "connect failed: {e}")
+        }
+        _ => warn!(%client, %dst, outbound, "{e}"),
+    }
+}

@@ -1,0 +1,21 @@
+//! tproxyd: a transparent proxy for Linux routers and hosts.
+//!
+//! The modules follow the data path of one flow:
+//!
+//! ```text
+//! inbound (TCP accept / UDP recvmsg, original destination)
+//!   -> route (refuse loops, pick the outbound)
+//!   -> outbound (direct with SO_MARK | SOCKS5 CONNECT / UDP ASSOCIATE)
+//!   -> relay (TCP both ways with half-close | UDP full-cone sessions)
+//! ```
+//!
+//! [`sys`] holds every raw system call behind safe functions; [`config`]
+//! reads and validates settings; [`server`] binds and runs an instance.
+
+pub mod config;
+pub mod inbound;
+pub mod outbound;
+pub mod relay;
+pub mod route;
+pub mod server;
+pub mod sys;

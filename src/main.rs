@@ -1,0 +1,216 @@
+//! The `tproxyd` command line: the edge where library errors become
+//! messages and exit codes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tproxyd::config::{Config, ConfigError, Mode, RawConfig};
+use tproxyd::server::Server;
+
+#[derive(Parser)]
+#[command(name = "tproxyd", version, about = "Transparent proxy for Linux: REDIRECT and TPROXY, TCP and UDP, to SOCKS5 or direct")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (from a config file, or from the quick-start flags).
+    Run(RunArgs),
+    /// Validate a config file: exit 0 if valid, else print each problem and exit 2.
+    Check {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Read settings from this TOML file (see examples/tproxyd.toml).
+    #[arg(short, long, value_name = "FILE", conflicts_with_all = ["listen", "mode", "socks5", "direct", "username", "mark", "tcp_only", "udp_only", "udp_timeout"])]
+    config: Option<PathBuf>,
+    /// Listen address; [::]:PORT serves IPv4 and IPv6.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// How flows are captured: tproxy (TCP+UDP) or redirect (TCP only).
+    #[arg(long, value_enum)]
+    mode: Option<CliMode>,
+    /// Upstream SOCKS5 server as IP:PORT.
+    #[arg(long, value_name = "IP:PORT", conflicts_with = "direct")]
+    socks5: Option<String>,
+    /// Send flows straight to their destination instead of through a proxy.
+    #[arg(long)]
+    direct: bool,
+    /// SOCKS5 username (RFC 1929).
+    #[arg(long, env = "TPROXYD_USERNAME", requires = "socks5")]
+    username: Option<String>,
+    /// SOCKS5 password; prefer the environment variable so it stays out of `ps`.
+    #[arg(long, env = "TPROXYD_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    /// SO_MARK on tproxyd's own sockets; the firewall rules must skip it.
+    #[arg(long, value_name = "N")]
+    mark: Option<u32>,
+    /// Serve TCP only.
+    #[arg(long, conflicts_with = "udp_only")]
+    tcp_only: bool,
+    /// Serve UDP only.
+    #[arg(long)]
+    udp_only: bool,
+    /// Seconds a UDP session may stay idle.
+    #[arg(long, value_name = "SECS")]
+    udp_timeout: Option<u64>,
+    /// Log one line per flow (debug level).
+    #[arg(short, long)]
+    verbose: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CliMode {
+    Tproxy,
+    Redirect,
+}
+
+impl RunArgs {
+    /// The quick-start flags as the same raw config a file would give.
+    fn to_raw(&self) -> RawConfig {
+        let mut raw = RawConfig {
+            listen: self.listen.clone(),
+            mode: self.mode.map(|m| match m {
+                CliMode::Tproxy => Mode::Tproxy,
+                CliMode::Redirect => Mode::Redirect,
+            }),
+            mark: self.mark,
+            ..RawConfig::default()
+        };
+        if self.tcp_only {
+            raw.tcp = Some(true);
+            raw.udp = Some(false);
+        }
+        if self.udp_only {
+            raw.tcp = Some(false);
+            raw.udp = Some(true);
+        }
+        if self.direct {
+            raw.outbound.kind = Some("direct".into());
+        }
+        if let Some(server) = &self.socks5 {
+            raw.outbound.kind = Some("socks5".into());
+            raw.outbound.server = Some(server.clone());
+            raw.outbound.username = self.username.clone();
+            raw.outbound.password = self.password.clone();
+        }
+        raw.timeouts.udp_idle = self.udp_timeout;
+        raw
+    }
+}
+
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+fn print_config_error(e: &ConfigError) {
+    match e {
+        ConfigError::Invalid(issues) => {
+            for i in issues {
+                eprintln!("error: {i}");
+            }
+        }
+        other => eprintln!("error: {other}"),
+    }
+}
+
+fn load(args: &RunArgs) -> Result<Config, ConfigError> {
+    let raw = match &args.config {
+        Some(path) => RawConfig::load(path)?,
+        None => {
+            let raw = args.to_raw();
+            if raw.outbound.kind.is_none() {
+                return Err(ConfigError::Invalid(vec![tproxyd::config::ConfigIssue {
+                    key: "outbound",
+                    message: "choose where flows go: --socks5 IP:PORT or --direct (or -c FILE)".into(),
+                }]));
+            }
+            raw
+        }
+    };
+    raw.validate(&env_var)
+}
+
+fn init_logging(verbose: bool) {
+    let level = if verbose {
+        tracing::Level::DEBUG
+    } else {
+        tracing::Level::INFO
+    };
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_target(false)
+        .init();
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    init_logging(args.verbose);
+    let cfg = match load(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            print_config_error(&e);
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if cfg.mode == Mode::Redirect {
+        tracing::info!("mode redirect serves TCP only; UDP needs --mode tproxy");
+    }
+    let server = Server::bind(cfg)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(server.run(shutdown_signal()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Check { config } => {
+            match RawConfig::load(&config).and_then(|raw| raw.validate(&env_var)) {
+                Ok(_) => {
+                    println!("{}: ok", config.display());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    print_config_error(&e);
+                    Ok(ExitCode::from(2))
+                }
+            }
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! Outbounds: where a flow goes once the route decision has picked one.
+//!
+//! Every socket opened here toward the network carries the configured
+//! `SO_MARK`, so the firewall rules let it pass instead of capturing
+//! tproxyd's own traffic again.
+
+pub mod socks5;
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::{TcpSocket, TcpStream, UdpSocket};
+
+use crate::config::{Config, OutboundConfig};
+use crate::sys;
+use socks5::proto::{self, Address};
+use socks5::{Socks5Client, Socks5Error, UdpAssociation};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboundError {
+    #[error("connect to {dst} timed out after {secs}s")]
+    ConnectTimeout { dst: SocketAddr, secs: u64 },
+    #[error("connect to {dst} failed: {source}")]
+    Connect { dst: SocketAddr, source: io::Error },
+    #[error("cannot open a UDP socket: {0}")]
+    UdpSocket(io::Error),
+    #[error(transparent)]
+    Socks5(#[from] Socks5Error),
+}
+
+/// Connects a marked TCP socket to `dst`.
+pub async fn connect_marked(dst: SocketAddr, mark: u32) -> io::Result<TcpStream> {
+    let socket = sys::outbound_tcp_socket(&dst, mark)?;
+    let socket = TcpSocket::from_std_stream(socket.into());
+    socket.connect(dst).await
+}
+
+/// One configured outbound.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    Direct { mark: u32, connect_timeout: Duration },
+    Socks5(Socks5Client),
+}
+
+impl Outbound {
+    pub fn from_config(cfg: &Config) -> Self {
+        match &cfg.outbound {
+            OutboundConfig::Direct => Outbound::Direct {
+                mark: cfg.mark,
+                connect_timeout: cfg.timeouts.connect,
+            },
+            OutboundConfig::Socks5 { server, auth } => Outbound::Socks5(Socks5Client {
+                server: *server,
+                auth: auth.clone(),
+                mark: cfg.mark,
+                connect_timeout: cfg.timeouts.connect,
+            }),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Outbound::Direct { .. } => "direct",
+            Outbound::Socks5(_) => "socks5",
+        }
+    }
+
+    /// Opens a TCP connection to `dst` through this outbound.
+    pub async fn connect_tcp(&self, dst: SocketAddr) -> Result<TcpStream, OutboundError> {
+        match self {
+            Outbound::Direct {
+                mark,
+                connect_timeout,
+            } => match tokio::time::timeout(*connect_timeout, connect_marked(dst, *mark)).await {
+                Err(_) => Err(OutboundError::ConnectTimeout {
+                    dst,
+                    secs: connect_timeout.as_secs(),
+                }),
+                Ok(Err(source)) => Err(OutboundError::Connect { dst, source }),
+                Ok(Ok(s)) => {
+                    let _ = s.set_nodelay(true);
+                    Ok(s)
+                }
+            },
+            Outbound::Socks5(client) => {
+                let s = client.connect(dst).await?;
+                let _ = s.set_nodelay(true);
+                Ok(s)
+            }
+        }
+    }
+
+    /// Opens the upstream side of one UDP session.
+    pub async fn open_udp(&self) -> Result<UdpUpstream, OutboundError> {
+        match self {
+            Outbound::Direct { mark, .. } => {
+                // One dual-stack socket reaches every destination of the
+                // session, v4 and v6: that is what makes it full cone.
+                let any: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, 0).into();
+                let socket =
+                    sys::outbound_udp_socket(&any, true, *mark).map_err(OutboundError::UdpSocket)?;
+                let socket = UdpSocket::from_std(socket).map_err(OutboundError::UdpSocket)?;
+                Ok(UdpUpstream::Direct(socket))
+            }
+            Outbound::Socks5(client) => Ok(UdpUpstream::Socks5(client.udp_associate().await?)),
+        }
+    }
+
+    /// Checks at start whether the upstream answers; the result is only
+    /// logged (flows fail fast until it is back).
+    pub async fn probe(&self) -> Result<(), OutboundError> {
+        match self {
+            Outbound::Direct { .. } => Ok(()),
+            Outbound::Socks5(client) => match tokio::time::timeout(
+                client.connect_timeout,
+                connect_marked(client.server, client.mark),
+            )
+            .await
+            {
+                Err(_) => Err(Socks5Error::Timeout {
+                    server: client.server,
+                    secs: client.connect_timeout.as_secs(),
+                }
+                .into()),
+                Ok(Err(source)) => Err(Socks5Error::Unreachable {
+                    server: client.server,
+                    source,
+                }
+                .into()),
+                Ok(Ok(_)) => Ok(()),
+            },
+        }
+    }
+}
+
+/// Room kept in front of every UDP payload so the SOCKS5 header can be
+/// written in place, without copying the payload.
+pub const UDP_HEADROOM: usize = proto::MAX_UDP_HEADER;
+
+/// The upstream side of a UDP session.
+#[derive(Debug)]
+pub enum UdpUpstream {
+    Direct(UdpSocket),
+    Socks5(UdpAssociation),
+}
+
+/// What one read from the upstream gave.
+#[derive(Debug, PartialEq, Eq)]
+pub enum UdpRecv {
+    /// A datagram from `from`, payload at `buf[start..end]`.
+    Datagram { from: SocketAddr, start: usize, end: usize },
+    /// Something that is not a usable datagram (fragment, bad header,
+    /// domain source); the reason, for the debug log.
+    Dropped(String),
+}
+
+impl UdpUpstream {
+    /// Sends `buf[UDP_HEADROOM..]` to `dst`; the headroom is scratch space.
+    pub async fn send(&self, buf: &mut [u8], dst: SocketAddr) -> io::Result<()> {
+        match self {
+            UdpUpstream::Direct(socket) => {
+                socket.send_to(&buf[UDP_HEADROOM..], sys::to_v6(dst)).await?;
+            }
+            UdpUpstream::Socks5(assoc) => {
+                let start = UDP_HEADROOM - proto::udp_header_len(&dst);
+                proto::write_udp_header(&mut buf[start..UDP_HEADROOM], &dst);
+                assoc.socket.send(&buf[start..]).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Receives one datagram from any remote into `buf`.
+    pub async fn recv(&self, buf: &mut [u8]) -> io::Result<UdpRecv> {
+        match self {
+            UdpUpstream::Direct(socket) => {
+                let (n, from) = socket.recv_from(buf).await?;
+                Ok(UdpRecv::Datagram {
+                    from: sys::normalize(from),
+                    start: 0,
+                    end: n,
+                })
+            }
+            UdpUpstream::Socks5(assoc) => {
+                let n = assoc.socket.recv(buf).await?;
+                Ok(match proto::parse_udp_header(&buf[..n]) {
+                    Ok((Address::Ip(from), start)) => UdpRecv::Datagram {
+                        from: sys::normalize(from),
+                        start,
+                        end: n,
+                    },
+                    Ok((Address::Domain(name, port), _)) => {
+                        UdpRecv::Dropped(format!("reply from domain {name}:{port} has no address to answer from"))
+                    }
+                    Err(e) => UdpRecv::Dropped(format!("bad datagram from relay {}: {e}", assoc.relay)),
+                })
+            }
+        }
+    }
+
+    /// Resolves when the association can no longer carry datagrams: the
+    /// SOCKS5 control connection closed. Never resolves for `direct`.
+    pub async fn closed(&self) -> String {
+        match self {
+            UdpUpstream::Direct(_) => std::future::pending().await,
+            UdpUpstream::Socks5(assoc) => {
+                let mut scratch = [0u8; 64];
+                loop {
+                    if let Err(e) = assoc.control.readable().await {
+                        return format!("UDP association's control connection failed: {e}");
+                    }
+                    match assoc.control.try_read(&mut scratch) {
+                        Ok(0) => {
+                            return "SOCKS5 server closed the UDP association's control connection".into()
+                        }
+                        // Servers send nothing here; ignore anything that comes.
+                        Ok(_) => continue,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        Err(e) => return format!("UDP association's control connection failed: {e}"),
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! SOCKS5 client: CONNECT and UDP ASSOCIATE (RFC 1928) with optional
+//! username/password (RFC 1929). The wire format lives in [`proto`].
+
+pub mod proto;
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+
+use crate::config::Credentials;
+use crate::outbound::connect_marked;
+use crate::sys;
+use proto::{Address, MethodChoice, ProtoError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Socks5Error {
+    #[error("cannot reach SOCKS5 server {server}: {source}")]
+    Unreachable { server: SocketAddr, source: io::Error },
+    #[error("SOCKS5 server {server} did not answer within {secs}s")]
+    Timeout { server: SocketAddr, secs: u64 },
+    #[error("SOCKS5 server {server} closed or broke the connection during the handshake: {source}")]
+    Io { server: SocketAddr, source: io::Error },
+    #[error("SOCKS5 server {server} sent a malformed reply: {source}")]
+    Protocol { server: SocketAddr, source: ProtoError },
+    #[error(
+        "SOCKS5 server {server} accepts none of the offered methods (no-auth{}); \
+         if it needs a login, set outbound.username and outbound.password (--username/--password)",
+        if *.offered_user_pass { ", username/password" } else { "" }
+    )]
+    NoAcceptableMethod { server: SocketAddr, offered_user_pass: bool },
+    #[error("SOCKS5 server {server} asks for a username and password but none is configured; set --username/--password or outbound.username/password")]
+    CredentialsNeeded { server: SocketAddr },
+    #[error("SOCKS5 server {server} refused username {username:?}: wrong username or password (RFC 1929 status {status})")]
+    AuthFailed { server: SocketAddr, username: String, status: u8 },
+    #[error("SOCKS5 server {server} refused {command} to {dst}: {meaning} (reply {code})")]
+    Rejected { server: SocketAddr, command: &'static str, dst: SocketAddr, code: u8, meaning: &'static str },
+    #[error(
+        "SOCKS5 server {server} does not support UDP ASSOCIATE ({meaning}, reply {code}); \
+         UDP cannot go through this server: use one with UDP support, or run with --tcp-only"
+    )]
+    UdpRefused { server: SocketAddr, code: u8, meaning: &'static str },
+    #[error("SOCKS5 server {server} named a relay by domain name ({name}); only IP relays are supported")]
+    DomainRelay { server: SocketAddr, name: String },
+}
+
+impl Socks5Error {
+    /// Whether the server itself could not be reached (as opposed to a
+    /// refusal by a server that answered).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, Socks5Error::Unreachable { .. } | Socks5Error::Timeout { .. })
+    }
+}
+
+/// A configured SOCKS5 upstream.
+#[derive(Debug, Clone)]
+pub struct Socks5Client {
+    pub server: SocketAddr,
+    pub auth: Option<Credentials>,
+    pub mark: u32,
+    pub connect_timeout: Duration,
+}
+
+/// A UDP association: datagrams go through `socket` (connected to the
+/// server's relay) and live as long as `control` stays open.
+#[derive(Debug)]
+pub struct UdpAssociation {
+    pub control: TcpStream,
+    pub socket: UdpSocket,
+    pub relay: SocketAddr,
+}
+
+impl Socks5Client {
+    /// Opens a TCP connection to `dst` through the server.
+    pub async fn connect(&self, dst: SocketAddr) -> Result<TcpStream, Socks5Error> {
+        let mut stream = self.open_control().await?;
+        let reply = self
+            .with_timeout(async {
+                self.negotiate(&mut stream).await?;
+                self.command(&mut stream, proto::CMD_CONNECT, dst).await
+            })
+            .await?;
+        if reply.code != proto::REP_SUCCEEDED {
+            return Err(Socks5Error::Rejected {
+                server: self.server,
+                command: "CONNECT",
+                dst,
+                code: reply.code,
+                meaning: proto::reply_meaning(reply.code),
+            });
+        }
+        Ok(stream)
+    }
+
+    /// Opens a UDP association.
+    ///
+    /// DST.ADDR/DST.PORT of the request say where datagrams will come
+    /// *from*; the socket's port is not known to the server until the
+    /// first datagram, so the wildcard 0.0.0.0:0 (or [::]:0) is sent, as
+    /// RFC 1928 allows. Naming the target instead makes dante drop every
+    /// datagram.
+    pub async fn udp_associate(&self) -> Result<UdpAssociation, Socks5Error> {
+        let mut control = self.open_control().await?;
+        let from: SocketAddr = match self.server.ip() {
+            IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+            IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let reply = self
+            .with_timeout(async {
+                self.negotiate(&mut control).await?;
+                self.command(&mut control, proto::CMD_UDP_ASSOCIATE, from).await
+            })
+            .await?;
+        if reply.code != proto::REP_SUCCEEDED {
+            return Err(Socks5Error::UdpRefused {
+                server: self.server,
+                code: reply.code,
+                meaning: proto::reply_meaning(reply.code),
+            });
+        }
+        let relay = match reply.bound {
+            Address::Ip(a) => relay_address(a, self.server),
+            Address::Domain(name, _) => {
+                return Err(Socks5Error::DomainRelay {
+                    server: self.server,
+                    name,
+                })
+            }
+        };
+        let io_err = |source| Socks5Error::Io {
+            server: self.server,
+            source,
+        };
+        let socket = sys::outbound_udp_socket(&relay, false, self.mark).map_err(io_err)?;
+        let socket = UdpSocket::from_std(socket).map_err(io_err)?;
+        socket.connect(relay).await.map_err(io_err)?;
+        Ok(UdpAssociation {
+            control,
+            socket,
+            relay,
+        })
+    }
+
+    async fn open_control(&self) -> Result<TcpStream, Socks5Error> {
+        match tokio::time::timeout(self.connect_timeout, connect_marked(self.server, self.mark)).await {
+            Err(_) => Err(Socks5Error::Timeout {
+                server: self.server,
+                secs: self.connect_timeout.as_secs(),
+            }),
+            Ok(Err(source)) => Err(Socks5Error::Unreachable {
+                server: self.server,
+                source,
+            }),
+            Ok(Ok(s)) => Ok(s),
+        }
+    }
+
+    async fn with_timeout<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, Socks5Error>>,
+    ) -> Result<T, Socks5Error> {
+        tokio::time::timeout(self.connect_timeout, fut)
+            .await
+            .unwrap_or(Err(Socks5Error::Timeout {
+                server: self.server,
+                secs: self.connect_timeout.as_secs(),
+            }))
+    }
+
+    async fn negotiate(&self, stream: &mut TcpStream) -> Result<(), Socks5Error> {
+        let server = self.server;
+        let io_err = |source| Socks5Error::Io { server, source };
+        let proto_err = |source| Socks5Error::Protocol { server, source };
+        let offered_user_pass = self.auth.is_some();
+        stream
+            .write_all(proto::greeting(offered_user_pass))
+            .await
+            .map_err(io_err)?;
+        let mut choice = [0u8; 2];
+        stream.read_exact(&mut choice).await.map_err(io_err)?;
+        match proto::parse_method_choice(choice, offered_user_pass).map_err(proto_err)? {
+            MethodChoice::NoAuth => Ok(()),
+            MethodChoice::NoneAcceptable if !offered_user_pass => {
+                Err(Socks5Error::CredentialsNeeded { server })
+            }
+            MethodChoice::NoneAcceptable => Err(Socks5Error::NoAcceptableMethod {
+                server,
+                offered_user_pass,
+            }),
+            MethodChoice::UserPass => {
+                // parse_method_choice only returns UserPass when it was offered.
+                let Some(creds) = &self.auth else {
+                    return Err(Socks5Error::CredentialsNeeded { server });
+                };
+                stream
+                    .write_all(&proto::user_pass_request(&creds.username, &creds.password))
+                    .await
+                    .map_err(io_err)?;
+                let mut status = [0u8; 2];
+                stream.read_exact(&mut status).await.map_err(io_err)?;
+                if proto::parse_user_pass_reply(status).map_err(proto_err)? {
+                    Ok(())
+                } else {
+                    Err(Socks5Error::AuthFailed {
+                        server,
+                        username: creds.username.clone(),
+                        status: status[1],
+                    })
+                }
+            }
+        }
+    }
+
+    async fn command(
+        &self,
+        stream: &mut TcpStream,
+        cmd: u8,
+        addr: SocketAddr,
+    ) -> Result<proto::Reply, Socks5Error> {
+        let server = self.server;
+        let io_err = |source| Socks5Error::Io { server, source };
+        let proto_err = |source| Socks5Error::Protocol { server, source };
+        stream
+            .write_all(&proto::request(cmd, &addr))
+            .await
+            .map_err(io_err)?;
+        let mut reply = [0u8; 4 + 1 + 255 + 2];
+        stream.read_exact(&mut reply[..5]).await.map_err(io_err)?;
+        let head: [u8; 5] = [reply[0], reply[1], reply[2], reply[3], reply[4]];
+        let rest = proto::reply_remaining(head).map_err(proto_err)?;
+        stream
+            .read_exact(&mut reply[5..5 + rest])
+            .await
+            .map_err(io_err)?;
+        proto::parse_reply(&reply[..5 + rest]).map_err(proto_err)
+    }
+}
+
+/// Many servers answer UDP ASSOCIATE with BND.ADDR 0.0.0.0 or `::`,
+/// meaning "the address you reached me at"; send to the server's own IP
+/// with BND.PORT then.
+pub fn relay_address(bound: SocketAddr, server: SocketAddr) -> SocketAddr {
+    let bound = sys::normalize(bound);
+    if bound.ip().is_unspecified() {
+        SocketAddr::new(server.ip(), bound.port())
+    } else {
+        bound
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unspecified_relay_means_the_server_address() {
+        let server: SocketAddr = "203.0.113.2:1080".parse().unwrap();
+        assert_eq!(
+            relay_address("0.0.0.0:40000".parse().unwrap(), server),
+            "203.0.113.2:40000".parse().unwrap()
+        );
+        assert_eq!(
+            relay_address("[::]:40000".parse().unwrap(), server),
+            "203.0.113.2:40000".parse().unwrap()
+        );
+        assert_eq!(
+            relay_address("203.0.113.9:5".parse().unwrap(), server),
+            "203.0.113.9:5".parse().unwrap()
+        );
+    }
+}

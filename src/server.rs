@@ -1,0 +1,165 @@
+//! Start-up and life of one tproxyd instance: check privileges, bind the
+//! listeners, serve until told to stop.
+//!
+//! Binding is separate from serving so that a caller (the binary, later the
+//! firewall set-up) knows the listeners exist before anything points
+//! traffic at them.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UdpSocket};
+use tracing::{info, warn};
+
+use crate::config::{Config, Mode};
+use crate::inbound;
+use crate::inbound::tcp::TcpContext;
+use crate::outbound::Outbound;
+use crate::relay::udp::UdpRelay;
+use crate::route::Router;
+use crate::sys;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(
+        "tproxyd needs CAP_NET_ADMIN: it sets IP_TRANSPARENT on its listeners and SO_MARK on \
+         its outbound sockets (the mark is what keeps it from capturing its own traffic). Run it \
+         as root, or grant the capability: setcap cap_net_admin+ep $(command -v tproxyd)"
+    )]
+    MissingCapability,
+    #[error("cannot listen on {proto} {addr}: port {} is already in use by another program (see: ss -lntup 'sport = :{}'); stop it or choose another --listen port", addr.port(), addr.port())]
+    AddrInUse { proto: &'static str, addr: SocketAddr },
+    #[error("cannot listen on {proto} {addr}: that address is not on this host; use [::] or an address of one of its interfaces")]
+    AddrNotAvailable { proto: &'static str, addr: SocketAddr },
+    #[error("cannot listen on {proto} {addr}: {source}")]
+    Bind {
+        proto: &'static str,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+    #[error("cannot register the listener with the runtime: {0}")]
+    Runtime(io::Error),
+}
+
+fn bind_error(proto: &'static str, addr: SocketAddr, source: io::Error) -> StartError {
+    match source.kind() {
+        io::ErrorKind::AddrInUse => StartError::AddrInUse { proto, addr },
+        io::ErrorKind::AddrNotAvailable => StartError::AddrNotAvailable { proto, addr },
+        _ => match source.raw_os_error() {
+            Some(libc::EPERM) | Some(libc::EACCES) => StartError::MissingCapability,
+            _ => StartError::Bind {
+                proto,
+                addr,
+                source,
+            },
+        },
+    }
+}
+
+/// Listeners bound and ready to serve.
+pub struct Server {
+    cfg: Config,
+    tcp: Option<std::net::TcpListener>,
+    udp: Option<std::net::UdpSocket>,
+}
+
+impl Server {
+    /// Checks privileges and binds every listener the config asks for.
+    pub fn bind(cfg: Config) -> Result<Self, StartError> {
+        if !sys::has_cap_net_admin().unwrap_or(false) {
+            return Err(StartError::MissingCapability);
+        }
+        match sys::raise_nofile_limit() {
+            Ok(n) if n < 4096 => warn!("open-files limit is {n}; each TCP flow takes two descriptors, so a few thousand flows will hit it"),
+            Ok(_) => {}
+            Err(e) => warn!("cannot raise the open-files limit: {e}"),
+        }
+        let transparent = cfg.mode == Mode::Tproxy;
+        let tcp = if cfg.tcp {
+            let opts = sys::ListenOptions {
+                transparent,
+                recv_orig_dst: false,
+            };
+            Some(sys::tcp_listener(cfg.listen, opts).map_err(|e| bind_error("tcp", cfg.listen, e))?)
+        } else {
+            None
+        };
+        let udp = if cfg.udp {
+            let opts = sys::ListenOptions {
+                transparent: true,
+                recv_orig_dst: true,
+            };
+            Some(sys::udp_listener(cfg.listen, opts).map_err(|e| bind_error("udp", cfg.listen, e))?)
+        } else {
+            None
+        };
+        Ok(Server { cfg, tcp, udp })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Serves until `shutdown` resolves. Must run inside a Tokio runtime.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+        let cfg = self.cfg;
+        let outbound = Outbound::from_config(&cfg);
+        let router = Router::new(cfg.listen, outbound.clone());
+        let mut tasks = tokio::task::JoinSet::new();
+
+        if let Some(l) = self.tcp {
+            let listener = TcpListener::from_std(l).map_err(StartError::Runtime)?;
+            let ctx = Arc::new(TcpContext {
+                mode: cfg.mode,
+                router: router.clone(),
+                idle: cfg.timeouts.tcp_idle,
+            });
+            tasks.spawn(inbound::tcp::serve(listener, ctx));
+        }
+        if let Some(s) = self.udp {
+            let socket = UdpSocket::from_std(s).map_err(StartError::Runtime)?;
+            let relay = UdpRelay::new(router.clone(), cfg.timeouts, cfg.limits, cfg.mark);
+            let sweeper = Arc::clone(&relay);
+            let idle = cfg.timeouts.udp_idle;
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(15).min(idle));
+                loop {
+                    tick.tick().await;
+                    sweeper.replies.expire(idle);
+                }
+            });
+            tasks.spawn(inbound::udp::serve(socket, relay));
+        }
+
+        let protocols = match (cfg.tcp, cfg.udp) {
+            (true, true) => "tcp+udp",
+            (true, false) => "tcp",
+            _ => "udp",
+        };
+        let upstream = match &cfg.outbound {
+            crate::config::OutboundConfig::Direct => "direct".to_string(),
+            crate::config::OutboundConfig::Socks5 { server, auth } => format!(
+                "socks5 {server}{}",
+                if auth.is_some() { " (username/password)" } else { "" }
+            ),
+        };
+        info!(listen = %cfg.listen, mode = %cfg.mode, protocols, outbound = %upstream, mark = cfg.mark, "tproxyd listening");
+
+        // An unreachable upstream at start is worth a warning, not a refusal
+        // to start: flows fail fast (reset) until it is back.
+        let probe = outbound.clone();
+        tasks.spawn(async move {
+            if let Err(e) = probe.probe().await {
+                warn!("upstream not reachable at start: {e}; flows will be reset until it is back");
+            }
+        });
+
+        shutdown.await;
+        info!("tproxyd stopping");
+        tasks.abort_all();
+        Ok(())
+    }
+}
