@@ -1,0 +1,684 @@
+//! The end-to-end test bed: three network namespaces joined by veth pairs.
+//!
+//! ```text
+//!  lan                router (tproxyd + rules)           wan
+//!  l0 192.0.2.2  ──  rlan 192.0.2.1    rwan 203.0.113.1 ── w0 203.0.113.2 (dante :1080)
+//!     2001:db8:1::2     2001:db8:1::1      2001:db8:2::1      2001:db8:2::2
+//!                                                           lo 198.51.100.10/.11
+//!                                                              2001:db8:100::10/::11
+//! ```
+//!
+//! The "internet" servers live on the WAN namespace's loopback, on
+//! documentation addresses, so every packet stays inside namespaces this
+//! test made. Each test builds its own bed under unique names and removes
+//! it when dropped, also when the test fails.
+//!
+//! The servers run as threads of the test process: a thread that enters a
+//! namespace with `setns` creates sockets there, and those sockets stay in
+//! that namespace whichever thread later uses them.
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sched::{setns, CloneFlags};
+
+pub const LAN_V4: &str = "192.0.2.2";
+pub const LAN_V6: &str = "2001:db8:1::2";
+pub const ROUTER_WAN_V4: &str = "203.0.113.1";
+pub const ROUTER_WAN_V6: &str = "2001:db8:2::1";
+pub const SOCKS_V4: &str = "203.0.113.2";
+pub const SOCKS_V6: &str = "2001:db8:2::2";
+/// Remote A: the servers every check talks to.
+pub const REMOTE_A_V4: &str = "198.51.100.10";
+pub const REMOTE_A_V6: &str = "2001:db8:100::10";
+/// Remote B: the second host of the full-cone check.
+pub const REMOTE_B_V4: &str = "198.51.100.11";
+pub const REMOTE_B_V6: &str = "2001:db8:100::11";
+
+/// TCP: sends "peer=ADDR\n", then echoes until EOF.
+pub const ECHO_PORT: u16 = 7;
+/// TCP: reads to EOF, waits, then answers "peer=ADDR bytes=N\n".
+pub const SINK_PORT: u16 = 9;
+/// UDP: answers "peer=ADDR\n" + payload from the address it was sent to;
+/// a payload starting with "CONE" is answered from remote B instead.
+pub const UDP_ECHO_PORT: u16 = 7;
+pub const PROXY_PORT: u16 = 1090;
+pub const SOCKS_PORT: u16 = 1080;
+/// Nothing listens here: an upstream that is down.
+pub const DEAD_PORT: u16 = 1081;
+
+pub const AUTH_USER: &str = "tproxyd-e2e";
+pub const AUTH_PASSWORD: &str = "e2e-secret-pw";
+
+pub fn addr(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), port)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn remote_a(self, port: u16) -> SocketAddr {
+        match self {
+            Family::V4 => addr(REMOTE_A_V4, port),
+            Family::V6 => addr(REMOTE_A_V6, port),
+        }
+    }
+    pub fn remote_b(self, port: u16) -> SocketAddr {
+        match self {
+            Family::V4 => addr(REMOTE_B_V4, port),
+            Family::V6 => addr(REMOTE_B_V6, port),
+        }
+    }
+    pub fn lan_any(self) -> SocketAddr {
+        match self {
+            Family::V4 => addr(LAN_V4, 0),
+            Family::V6 => addr(LAN_V6, 0),
+        }
+    }
+    /// The address the servers must see a flow come from.
+    pub fn hop(self, upstream: Upstream) -> IpAddr {
+        let ip = match (upstream, self) {
+            (Upstream::Direct, Family::V4) => ROUTER_WAN_V4,
+            (Upstream::Direct, Family::V6) => ROUTER_WAN_V6,
+            (_, Family::V4) => SOCKS_V4,
+            (_, Family::V6) => SOCKS_V6,
+        };
+        ip.parse().unwrap()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Tproxy,
+    Redirect,
+}
+
+/// Which outbound tproxyd uses, and what the SOCKS5 server expects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upstream {
+    Direct,
+    Socks,
+    /// dante requires username/password; tproxyd is given the right ones.
+    SocksAuth,
+    /// dante requires username/password; tproxyd is given a wrong password.
+    SocksWrongPassword,
+    /// tproxyd points at a port where no SOCKS server listens.
+    SocksDown,
+}
+
+/// Fails (never skips) under CI; elsewhere a non-root run skips with a note.
+pub fn can_run() -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    let ip = Command::new("ip").arg("-V").output().is_ok();
+    let nft = Command::new("nft").arg("--version").output().is_ok();
+    let dante = Path::new("/usr/sbin/danted").exists();
+    if root && ip && nft && dante {
+        return true;
+    }
+    let why = format!(
+        "end-to-end tests need root, iproute2, nftables and dante-server \
+         (root={root} ip={ip} nft={nft} danted={dante}); install them with ci/setup.sh"
+    );
+    if std::env::var_os("CI").is_some() {
+        panic!("{why}");
+    }
+    eprintln!("skipping: {why}");
+    false
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn run_with_stdin(cmd: &mut Command, input: &str) {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\ninput:\n{input}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One network namespace made by this test.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    fn create(name: String) -> Netns {
+        run(Command::new("ip").args(["netns", "add", &name]));
+        Netns { name }
+    }
+
+    /// `ip -n NAME ARGS...`
+    pub fn ip(&self, args: &str) {
+        let mut cmd = Command::new("ip");
+        cmd.args(["-n", &self.name]).args(args.split_whitespace());
+        run(&mut cmd);
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, args: &[&str]) {
+        run(Command::new("ip").args(["netns", "exec", &self.name]).args(args));
+    }
+
+    pub fn exec_output(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn nft(&self, ruleset: &str) {
+        run_with_stdin(
+            Command::new("ip").args(["netns", "exec", &self.name, "nft", "-f", "-"]),
+            ruleset,
+        );
+    }
+
+    pub fn sysctl(&self, setting: &str) {
+        self.exec(&["sysctl", "-qw", setting]);
+    }
+
+    /// Runs `f` on a thread that has entered this namespace.
+    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        thread::scope(|s| {
+            s.spawn(|| {
+                let fd = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+                setns(&fd, CloneFlags::CLONE_NEWNET).expect("setns");
+                f()
+            })
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
+    }
+
+    fn kill_all(&self) {
+        let pids = Command::new("ip").args(["netns", "pids", &self.name]).output();
+        if let Ok(out) = pids {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        self.kill_all();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A whole test bed: namespaces, servers, dante and (once started) tproxyd.
+pub struct Testbed {
+    pub lan: Netns,
+    pub router: Netns,
+    pub wan: Netns,
+    pub dir: PathBuf,
+    stop: Arc<AtomicBool>,
+    tproxyd: Option<Child>,
+    dante: Option<Child>,
+}
+
+pub struct Options {
+    pub mode: Mode,
+    pub upstream: Upstream,
+    pub extra_args: Vec<String>,
+}
+
+impl Testbed {
+    /// Builds the topology, the servers and dante, starts tproxyd with the
+    /// given options, and installs hand-written rules for `mode`.
+    pub fn start(opts: Options) -> Testbed {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let id = format!("tpd{}x{n}", std::process::id());
+        let dir = std::env::temp_dir().join(format!("tproxyd-e2e-{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut tb = Testbed {
+            lan: Netns::create(format!("{id}-lan")),
+            router: Netns::create(format!("{id}-rtr")),
+            wan: Netns::create(format!("{id}-wan")),
+            dir,
+            stop: Arc::new(AtomicBool::new(false)),
+            tproxyd: None,
+            dante: None,
+        };
+        tb.build_topology();
+        tb.start_servers();
+        let auth = matches!(opts.upstream, Upstream::SocksAuth | Upstream::SocksWrongPassword);
+        tb.start_dante(auth);
+        tb.install_rules(opts.mode);
+        tb.start_tproxyd(&opts);
+        tb
+    }
+
+    fn build_topology(&self) {
+        for ns in [&self.lan, &self.router, &self.wan] {
+            // Without this, IPv6 addresses stay "tentative" for ~2 s.
+            ns.sysctl("net.ipv6.conf.all.accept_dad=0");
+            ns.sysctl("net.ipv6.conf.default.accept_dad=0");
+            ns.ip("link set lo up");
+        }
+        let (lan, router, wan) = (&self.lan, &self.router, &self.wan);
+        lan.ip(&format!("link add l0 type veth peer name rlan netns {}", router.name));
+        router.ip(&format!("link add rwan type veth peer name w0 netns {}", wan.name));
+
+        lan.ip("addr add 192.0.2.2/24 dev l0");
+        lan.ip("addr add 2001:db8:1::2/64 dev l0 nodad");
+        router.ip("addr add 192.0.2.1/24 dev rlan");
+        router.ip("addr add 2001:db8:1::1/64 dev rlan nodad");
+        router.ip("addr add 203.0.113.1/24 dev rwan");
+        router.ip("addr add 2001:db8:2::1/64 dev rwan nodad");
+        wan.ip("addr add 203.0.113.2/24 dev w0");
+        wan.ip("addr add 2001:db8:2::2/64 dev w0 nodad");
+        for a in ["198.51.100.10/32", "198.51.100.11/32", "2001:db8:100::10/128", "2001:db8:100::11/128"] {
+            wan.ip(&format!("addr add {a} dev lo"));
+        }
+        lan.ip("link set l0 up");
+        router.ip("link set rlan up");
+        router.ip("link set rwan up");
+        wan.ip("link set w0 up");
+
+        lan.ip("route add default via 192.0.2.1");
+        lan.ip("-6 route add default via 2001:db8:1::1");
+        router.ip("route add 198.51.100.0/24 via 203.0.113.2");
+        router.ip("-6 route add 2001:db8:100::/64 via 2001:db8:2::2");
+        wan.ip("route add 192.0.2.0/24 via 203.0.113.1");
+        wan.ip("-6 route add 2001:db8:1::/64 via 2001:db8:2::1");
+
+        router.sysctl("net.ipv4.ip_forward=1");
+        router.sysctl("net.ipv6.conf.all.forwarding=1");
+        // src_valid_mark=1 silently drops forwarded IPv4 TPROXY traffic.
+        router.sysctl("net.ipv4.conf.all.src_valid_mark=0");
+    }
+
+    fn install_rules(&self, mode: Mode) {
+        let r = &self.router;
+        match mode {
+            Mode::Tproxy => {
+                // UDP is left out of the socket match on purpose: a reply
+                // socket bound to the remote would match it and swallow the
+                // client's next datagrams.
+                r.nft(&format!(
+                    "table inet tpdtest {{
+                       chain pre {{
+                         type filter hook prerouting priority mangle; policy accept;
+                         iifname \"rlan\" meta l4proto tcp socket transparent 1 meta mark set 1 accept
+                         iifname \"rlan\" ip daddr 198.51.100.0/24 meta l4proto {{ tcp, udp }} tproxy ip to :{PROXY_PORT} meta mark set 1 accept
+                         iifname \"rlan\" ip6 daddr 2001:db8:100::/64 meta l4proto {{ tcp, udp }} tproxy ip6 to :{PROXY_PORT} meta mark set 1 accept
+                       }}
+                     }}"
+                ));
+                r.ip("rule add fwmark 1 lookup 100");
+                r.ip("route add local default dev lo table 100");
+                r.ip("-6 rule add fwmark 1 lookup 100");
+                r.ip("-6 route add local default dev lo table 100");
+            }
+            Mode::Redirect => {
+                r.nft(&format!(
+                    "table inet tpdtest {{
+                       chain pre {{
+                         type nat hook prerouting priority dstnat; policy accept;
+                         iifname \"rlan\" ip daddr 198.51.100.0/24 meta l4proto tcp redirect to :{PROXY_PORT}
+                         iifname \"rlan\" ip6 daddr 2001:db8:100::/64 meta l4proto tcp redirect to :{PROXY_PORT}
+                       }}
+                     }}"
+                ));
+            }
+        }
+    }
+
+    fn start_dante(&mut self, auth: bool) {
+        let conf = self.dir.join("danted.conf");
+        let log = self.dir.join("danted.log");
+        let method = if auth { "username" } else { "none" };
+        std::fs::write(
+            &conf,
+            format!(
+                "logoutput: {log}
+internal: {SOCKS_V4} port = {SOCKS_PORT}
+internal: {SOCKS_V6} port = {SOCKS_PORT}
+external: {SOCKS_V4}
+external: {SOCKS_V6}
+clientmethod: none
+socksmethod: {method}
+user.privileged: root
+user.unprivileged: nobody
+client pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 }}
+client pass {{ from: ::/0 to: ::/0 }}
+{socks_rules}",
+                log = log.display(),
+                socks_rules = socks_rules(),
+            ),
+        )
+        .unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.wan.name, "danted", "-f"])
+            .arg(&conf)
+            .arg("-p")
+            .arg(self.dir.join("danted.pid"))
+            .stdin(Stdio::null())
+            .stdout(File::create(self.dir.join("danted.out")).unwrap())
+            .stderr(File::create(self.dir.join("danted.err")).unwrap())
+            .spawn()
+            .expect("start danted");
+        self.dante = Some(child);
+        let socks = addr(SOCKS_V4, SOCKS_PORT);
+        let up = self.wan.enter(|| wait_until(Duration::from_secs(10), || TcpStream::connect(socks).is_ok()));
+        assert!(up, "dante did not start listening on {socks}: {}", self.dante_log());
+    }
+
+    fn start_tproxyd(&mut self, opts: &Options) {
+        let mode = match opts.mode {
+            Mode::Tproxy => "tproxy",
+            Mode::Redirect => "redirect",
+        };
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.router.name, env!("CARGO_BIN_EXE_tproxyd"), "run"])
+            .args(["--listen", &format!("[::]:{PROXY_PORT}"), "--mode", mode, "--verbose"]);
+        let socks = format!("{SOCKS_V4}:{SOCKS_PORT}");
+        match opts.upstream {
+            Upstream::Direct => {
+                cmd.arg("--direct");
+            }
+            Upstream::Socks => {
+                cmd.args(["--socks5", &socks]);
+            }
+            Upstream::SocksAuth => {
+                cmd.args(["--socks5", &socks, "--username", AUTH_USER]);
+                cmd.env("TPROXYD_PASSWORD", AUTH_PASSWORD);
+            }
+            Upstream::SocksWrongPassword => {
+                cmd.args(["--socks5", &socks, "--username", AUTH_USER]);
+                cmd.env("TPROXYD_PASSWORD", "not-the-password");
+            }
+            Upstream::SocksDown => {
+                cmd.args(["--socks5", &format!("{SOCKS_V4}:{DEAD_PORT}")]);
+            }
+        }
+        cmd.args(&opts.extra_args);
+        let log = self.dir.join("tproxyd.log");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .expect("start tproxyd");
+        self.tproxyd = Some(child);
+        let ready = wait_until(Duration::from_secs(10), || {
+            self.tproxyd_log().contains("tproxyd listening") || self.tproxyd_exited()
+        });
+        assert!(
+            ready && !self.tproxyd_exited(),
+            "tproxyd did not start:\n{}",
+            self.tproxyd_log()
+        );
+    }
+
+    fn tproxyd_exited(&self) -> bool {
+        // Only checks; the child is reaped in Drop.
+        self.tproxyd
+            .as_ref()
+            .map(|c| Path::new(&format!("/proc/{}", c.id())).exists())
+            .map(|alive| !alive || proc_is_zombie(self.tproxyd.as_ref().unwrap().id()))
+            .unwrap_or(true)
+    }
+
+    pub fn tproxyd_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("tproxyd.log")).unwrap_or_default()
+    }
+
+    pub fn dante_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("danted.log")).unwrap_or_default()
+    }
+
+    /// Waits up to `within` for the tproxyd log to contain `needle`.
+    pub fn wait_for_log(&self, needle: &str, within: Duration) -> bool {
+        wait_until(within, || self.tproxyd_log().contains(needle))
+    }
+
+    fn start_servers(&self) {
+        let stop = &self.stop;
+        let sockets = self.wan.enter(|| {
+            let mut tcp = Vec::new();
+            let mut udp = Vec::new();
+            for ip in [REMOTE_A_V4, REMOTE_A_V6] {
+                tcp.push((TcpListener::bind(addr(ip, ECHO_PORT)).unwrap(), ECHO_PORT));
+                tcp.push((TcpListener::bind(addr(ip, SINK_PORT)).unwrap(), SINK_PORT));
+            }
+            for (a, b) in [(REMOTE_A_V4, REMOTE_B_V4), (REMOTE_A_V6, REMOTE_B_V6)] {
+                let sa = UdpSocket::bind(addr(a, UDP_ECHO_PORT)).unwrap();
+                let sb = UdpSocket::bind(addr(b, UDP_ECHO_PORT)).unwrap();
+                udp.push((sa, sb));
+            }
+            (tcp, udp)
+        });
+        let (tcp, udp) = sockets;
+        for (listener, port) in tcp {
+            let stop = Arc::clone(stop);
+            listener.set_nonblocking(true).unwrap();
+            thread::spawn(move || tcp_server(listener, port, stop));
+        }
+        for (a, b) in udp {
+            let b2 = b.try_clone().unwrap();
+            let stop2 = Arc::clone(stop);
+            // B answers its own datagrams too, like any echo server.
+            thread::spawn(move || udp_server(b2, None, stop2));
+            let stop = Arc::clone(stop);
+            thread::spawn(move || udp_server(a, Some(b), stop));
+        }
+    }
+
+    /// Stops tproxyd (SIGKILL) to simulate a crash or an outage.
+    pub fn kill_tproxyd(&mut self) {
+        if let Some(mut c) = self.tproxyd.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops dante, as an upstream outage.
+    pub fn stop_dante(&mut self) {
+        // dante forks helpers; kill the whole namespace's dante processes.
+        let out = self.wan.exec_output(&["pidof", "danted"]);
+        for pid in out.split_whitespace() {
+            let _ = Command::new("kill").args(["-9", pid]).status();
+        }
+        if let Some(mut c) = self.dante.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// dante matches rules per address family: a v4 client asking for a v6
+/// target (and every other mix) needs its own rule.
+fn socks_rules() -> String {
+    let mut rules = String::new();
+    for from in ["0.0.0.0/0", "::/0"] {
+        for to in ["0.0.0.0/0", "::/0"] {
+            rules.push_str(&format!(
+                "socks pass {{ from: {from} to: {to} command: connect udpassociate udpreply }}\n"
+            ));
+        }
+    }
+    rules
+}
+
+fn proc_is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.split(") ").nth(1).is_some_and(|rest| rest.starts_with('Z')))
+        .unwrap_or(true)
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if thread::panicking() {
+            eprintln!("---- tproxyd log ----\n{}", self.tproxyd_log());
+            eprintln!("---- dante log (tail) ----\n{}", tail(&self.dante_log(), 40));
+        }
+        if let Some(mut c) = self.tproxyd.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(mut c) = self.dante.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // The Netns fields are dropped next: they kill what is left inside
+        // and delete the namespaces.
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+pub fn wait_until(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn tcp_server(listener: TcpListener, port: u16, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                stream.set_nonblocking(false).unwrap();
+                thread::spawn(move || {
+                    let _ = serve_tcp(stream, peer, port);
+                });
+            }
+            Err(_) => thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+fn serve_tcp(mut stream: TcpStream, peer: SocketAddr, port: u16) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    if port == ECHO_PORT {
+        stream.write_all(format!("peer={peer}\n").as_bytes())?;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = stream.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            stream.write_all(&buf[..n])?;
+        }
+        stream.shutdown(Shutdown::Write)?;
+    } else {
+        let mut total = 0usize;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = stream.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        // Answer well after the client's FIN: a proxy that closes the flow
+        // when the client half-closes loses this answer.
+        thread::sleep(Duration::from_millis(300));
+        stream.write_all(format!("peer={peer} bytes={total}\n").as_bytes())?;
+        stream.shutdown(Shutdown::Write)?;
+    }
+    Ok(())
+}
+
+fn udp_server(socket: UdpSocket, cone_peer: Option<UdpSocket>, stop: Arc<AtomicBool>) {
+    socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let mut buf = vec![0u8; 65536];
+    while !stop.load(Ordering::Relaxed) {
+        let Ok((n, peer)) = socket.recv_from(&mut buf) else {
+            continue;
+        };
+        let mut reply = format!("peer={peer}\n").into_bytes();
+        reply.extend_from_slice(&buf[..n]);
+        let from = match &cone_peer {
+            Some(b) if buf[..n].starts_with(b"CONE") => b,
+            _ => &socket,
+        };
+        let _ = from.send_to(&reply, peer);
+    }
+}
+
+/// Reads the "peer=ADDR" line a server prefixes its answer with.
+pub fn peer_line(text: &[u8]) -> (SocketAddr, usize) {
+    let end = text
+        .iter()
+        .position(|&b| b == b'\n')
+        .unwrap_or_else(|| panic!("no peer line in {:?}", String::from_utf8_lossy(&text[..text.len().min(80)])));
+    let line = std::str::from_utf8(&text[..end]).unwrap();
+    let first = line.split_whitespace().next().unwrap();
+    let peer = first
+        .strip_prefix("peer=")
+        .unwrap_or_else(|| panic!("unexpected answer {line:?}"))
+        .parse()
+        .unwrap();
+    (peer, end + 1)
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so no RNG crate is needed.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// FNV-1a, 64 bit: a checksum for comparing transfers.
+pub fn checksum(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf29ce484222325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3))
+}
