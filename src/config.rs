@@ -215,7 +215,10 @@ impl RawConfig {
         let listen_text = self.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
         let listen = match listen_text.parse::<SocketAddr>() {
             Ok(a) if a.port() == 0 => {
-                issue("listen", "port 0 is not a fixed port the firewall rules could point at".into());
+                issue(
+                    "listen",
+                    "port 0 is not a fixed port the firewall rules could point at".into(),
+                );
                 None
             }
             Ok(a) => Some(a),
@@ -256,7 +259,10 @@ impl RawConfig {
 
         let outbound = self.outbound.validate(env, &mut issue);
 
-        let secs = |key: &'static str, v: Option<u64>, default: u64, issue: &mut dyn FnMut(&'static str, String)| {
+        let secs = |key: &'static str,
+                    v: Option<u64>,
+                    default: u64,
+                    issue: &mut dyn FnMut(&'static str, String)| {
             let v = v.unwrap_or(default);
             if v == 0 {
                 issue(key, "must be at least 1 second".into());
@@ -265,15 +271,38 @@ impl RawConfig {
         };
         let t = &self.timeouts;
         let timeouts = Timeouts {
-            connect: secs("timeouts.connect", t.connect, DEFAULT_CONNECT_TIMEOUT, &mut issue),
-            tcp_idle: secs("timeouts.tcp_idle", t.tcp_idle, DEFAULT_TCP_IDLE, &mut issue),
-            udp_idle: secs("timeouts.udp_idle", t.udp_idle, DEFAULT_UDP_IDLE, &mut issue),
-            udp_dns_idle: secs("timeouts.udp_dns_idle", t.udp_dns_idle, DEFAULT_UDP_DNS_IDLE, &mut issue),
+            connect: secs(
+                "timeouts.connect",
+                t.connect,
+                DEFAULT_CONNECT_TIMEOUT,
+                &mut issue,
+            ),
+            tcp_idle: secs(
+                "timeouts.tcp_idle",
+                t.tcp_idle,
+                DEFAULT_TCP_IDLE,
+                &mut issue,
+            ),
+            udp_idle: secs(
+                "timeouts.udp_idle",
+                t.udp_idle,
+                DEFAULT_UDP_IDLE,
+                &mut issue,
+            ),
+            udp_dns_idle: secs(
+                "timeouts.udp_dns_idle",
+                t.udp_dns_idle,
+                DEFAULT_UDP_DNS_IDLE,
+                &mut issue,
+            ),
         };
 
         let limits = Limits {
             udp_sessions: self.limits.udp_sessions.unwrap_or(DEFAULT_UDP_SESSIONS),
-            udp_reply_sockets: self.limits.udp_reply_sockets.unwrap_or(DEFAULT_UDP_REPLY_SOCKETS),
+            udp_reply_sockets: self
+                .limits
+                .udp_reply_sockets
+                .unwrap_or(DEFAULT_UDP_REPLY_SOCKETS),
         };
         if limits.udp_sessions == 0 {
             issue("limits.udp_sessions", "must be at least 1".into());
@@ -312,7 +341,10 @@ impl RawOutbound {
                     ("outbound.password", self.password.is_some()),
                 ] {
                     if set {
-                        issue(key, "has no meaning with outbound.type = \"direct\"; remove it".into());
+                        issue(
+                            key,
+                            "has no meaning with outbound.type = \"direct\"; remove it".into(),
+                        );
                     }
                 }
                 Some(OutboundConfig::Direct)
@@ -322,7 +354,8 @@ impl RawOutbound {
                     None => {
                         issue(
                             "outbound.server",
-                            "missing; outbound.type = \"socks5\" needs the server as IP:PORT".into(),
+                            "missing; outbound.type = \"socks5\" needs the server as IP:PORT"
+                                .into(),
                         );
                         None
                     }
@@ -343,7 +376,10 @@ impl RawOutbound {
                 };
                 let password = match (&self.password, &self.password_env) {
                     (Some(_), Some(_)) => {
-                        issue("outbound.password", "set either password or password_env, not both".into());
+                        issue(
+                            "outbound.password",
+                            "set either password or password_env, not both".into(),
+                        );
                         None
                     }
                     (Some(p), None) => Some(p.clone()),
@@ -364,10 +400,16 @@ impl RawOutbound {
                     (Some(u), Some(p)) => {
                         // RFC 1929 carries each in one length byte.
                         if u.is_empty() || u.len() > 255 {
-                            issue("outbound.username", "must be 1 to 255 bytes (RFC 1929)".into());
+                            issue(
+                                "outbound.username",
+                                "must be 1 to 255 bytes (RFC 1929)".into(),
+                            );
                         }
                         if p.is_empty() || p.len() > 255 {
-                            issue("outbound.password", "must be 1 to 255 bytes (RFC 1929)".into());
+                            issue(
+                                "outbound.password",
+                                "must be 1 to 255 bytes (RFC 1929)".into(),
+                            );
                         }
                         Some(Credentials {
                             username: u.clone(),
@@ -375,11 +417,17 @@ impl RawOutbound {
                         })
                     }
                     (Some(_), None) => {
-                        issue("outbound.password", "username is set but no password".into());
+                        issue(
+                            "outbound.password",
+                            "username is set but no password".into(),
+                        );
                         None
                     }
                     (None, Some(_)) => {
-                        issue("outbound.username", "password is set but no username".into());
+                        issue(
+                            "outbound.username",
+                            "password is set but no username".into(),
+                        );
                         None
                     }
                 };
@@ -393,7 +441,10 @@ impl RawOutbound {
                 None
             }
             None => {
-                issue("outbound.type", "missing; set \"direct\" or \"socks5\"".into());
+                issue(
+                    "outbound.type",
+                    "missing; set \"direct\" or \"socks5\"".into(),
+                );
                 None
             }
         }
@@ -409,7 +460,10 @@ mod tests {
     }
 
     fn issues_of(text: &str) -> Vec<ConfigIssue> {
-        match RawConfig::from_toml(text, "t.toml").unwrap().validate(&no_env) {
+        match RawConfig::from_toml(text, "t.toml")
+            .unwrap()
+            .validate(&no_env)
+        {
             Err(ConfigError::Invalid(v)) => v,
             other => panic!("expected validation issues, got {other:?}"),
         }
@@ -444,7 +498,10 @@ mod tests {
     fn the_shipped_example_config_is_valid() {
         let text = include_str!("../examples/tproxyd.toml");
         let env = |k: &str| (k == "TPROXYD_PASSWORD").then(|| "pw".to_string());
-        let cfg = RawConfig::from_toml(text, "example").unwrap().validate(&env).unwrap();
+        let cfg = RawConfig::from_toml(text, "example")
+            .unwrap()
+            .validate(&env)
+            .unwrap();
         assert_eq!(cfg.mode, Mode::Tproxy);
     }
 
@@ -458,7 +515,14 @@ mod tests {
         let keys: Vec<_> = issues.iter().map(|i| i.key).collect();
         assert_eq!(
             keys,
-            ["listen", "udp", "mark", "outbound.server", "outbound.password", "timeouts.connect"]
+            [
+                "listen",
+                "udp",
+                "mark",
+                "outbound.server",
+                "outbound.password",
+                "timeouts.connect"
+            ]
         );
         assert!(issues[3].message.contains("not a name") || issues[3].message.contains("name"));
     }
@@ -506,11 +570,17 @@ mod tests {
     #[test]
     fn missing_or_unknown_outbound_is_reported() {
         assert_eq!(issues_of("")[0].key, "outbound.type");
-        assert_eq!(issues_of("[outbound]\ntype=\"http\"\n")[0].key, "outbound.type");
+        assert_eq!(
+            issues_of("[outbound]\ntype=\"http\"\n")[0].key,
+            "outbound.type"
+        );
         assert_eq!(
             issues_of("[outbound]\ntype=\"direct\"\nserver=\"1.2.3.4:1\"\n")[0].key,
             "outbound.server"
         );
-        assert_eq!(issues_of("tcp=false\nudp=false\n[outbound]\ntype=\"direct\"\n")[0].key, "tcp");
+        assert_eq!(
+            issues_of("tcp=false\nudp=false\n[outbound]\ntype=\"direct\"\n")[0].key,
+            "tcp"
+        );
     }
 }

@@ -10,7 +10,11 @@ use tproxyd::config::{Config, ConfigError, Mode, RawConfig};
 use tproxyd::server::Server;
 
 #[derive(Parser)]
-#[command(name = "tproxyd", version, about = "Transparent proxy for Linux: REDIRECT and TPROXY, TCP and UDP, to SOCKS5 or direct")]
+#[command(
+    name = "tproxyd",
+    version,
+    about = "Transparent proxy for Linux: REDIRECT and TPROXY, TCP and UDP, to SOCKS5 or direct"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -130,7 +134,8 @@ fn load(args: &RunArgs) -> Result<Config, ConfigError> {
             if raw.outbound.kind.is_none() {
                 return Err(ConfigError::Invalid(vec![tproxyd::config::ConfigIssue {
                     key: "outbound",
-                    message: "choose where flows go: --socks5 IP:PORT or --direct (or -c FILE)".into(),
+                    message: "choose where flows go: --socks5 IP:PORT or --direct (or -c FILE)"
+                        .into(),
                 }]));
             }
             raw

@@ -90,18 +90,36 @@ mod tests {
     #[test]
     fn flows_to_the_listener_itself_are_refused() {
         let r = router("[::]:1090");
-        assert!(matches!(r.decide(Protocol::Tcp, "127.0.0.1:1090".parse().unwrap()), Decision::RefuseLoop));
-        assert!(matches!(r.decide(Protocol::Udp, "[::1]:1090".parse().unwrap()), Decision::RefuseLoop));
+        assert!(matches!(
+            r.decide(Protocol::Tcp, "127.0.0.1:1090".parse().unwrap()),
+            Decision::RefuseLoop
+        ));
+        assert!(matches!(
+            r.decide(Protocol::Udp, "[::1]:1090".parse().unwrap()),
+            Decision::RefuseLoop
+        ));
         assert!(matches!(
             r.decide(Protocol::Tcp, "[::ffff:127.0.0.1]:1090".parse().unwrap()),
             Decision::RefuseLoop
         ));
         // The same port on a remote host is an ordinary flow.
-        assert!(matches!(r.decide(Protocol::Tcp, "198.51.100.1:1090".parse().unwrap()), Decision::Forward(_)));
-        assert!(matches!(r.decide(Protocol::Tcp, "127.0.0.1:80".parse().unwrap()), Decision::Forward(_)));
+        assert!(matches!(
+            r.decide(Protocol::Tcp, "198.51.100.1:1090".parse().unwrap()),
+            Decision::Forward(_)
+        ));
+        assert!(matches!(
+            r.decide(Protocol::Tcp, "127.0.0.1:80".parse().unwrap()),
+            Decision::Forward(_)
+        ));
 
         let specific = router("127.0.0.1:1090");
-        assert!(matches!(specific.decide(Protocol::Tcp, "127.0.0.1:1090".parse().unwrap()), Decision::RefuseLoop));
-        assert!(matches!(specific.decide(Protocol::Tcp, "127.0.0.2:1090".parse().unwrap()), Decision::Forward(_)));
+        assert!(matches!(
+            specific.decide(Protocol::Tcp, "127.0.0.1:1090".parse().unwrap()),
+            Decision::RefuseLoop
+        ));
+        assert!(matches!(
+            specific.decide(Protocol::Tcp, "127.0.0.2:1090".parse().unwrap()),
+            Decision::Forward(_)
+        ));
     }
 }

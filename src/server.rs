@@ -31,9 +31,15 @@ pub enum StartError {
     )]
     MissingCapability,
     #[error("cannot listen on {proto} {addr}: port {} is already in use by another program (see: ss -lntup 'sport = :{}'); stop it or choose another --listen port", addr.port(), addr.port())]
-    AddrInUse { proto: &'static str, addr: SocketAddr },
+    AddrInUse {
+        proto: &'static str,
+        addr: SocketAddr,
+    },
     #[error("cannot listen on {proto} {addr}: that address is not on this host; use [::] or an address of one of its interfaces")]
-    AddrNotAvailable { proto: &'static str, addr: SocketAddr },
+    AddrNotAvailable {
+        proto: &'static str,
+        addr: SocketAddr,
+    },
     #[error("cannot listen on {proto} {addr}: {source}")]
     Bind {
         proto: &'static str,
@@ -83,7 +89,10 @@ impl Server {
                 transparent,
                 recv_orig_dst: false,
             };
-            Some(sys::tcp_listener(cfg.listen, opts).map_err(|e| bind_error("tcp", cfg.listen, e))?)
+            Some(
+                sys::tcp_listener(cfg.listen, opts)
+                    .map_err(|e| bind_error("tcp", cfg.listen, e))?,
+            )
         } else {
             None
         };
@@ -92,7 +101,10 @@ impl Server {
                 transparent: true,
                 recv_orig_dst: true,
             };
-            Some(sys::udp_listener(cfg.listen, opts).map_err(|e| bind_error("udp", cfg.listen, e))?)
+            Some(
+                sys::udp_listener(cfg.listen, opts)
+                    .map_err(|e| bind_error("udp", cfg.listen, e))?,
+            )
         } else {
             None
         };
@@ -143,7 +155,11 @@ impl Server {
             crate::config::OutboundConfig::Direct => "direct".to_string(),
             crate::config::OutboundConfig::Socks5 { server, auth } => format!(
                 "socks5 {server}{}",
-                if auth.is_some() { " (username/password)" } else { "" }
+                if auth.is_some() {
+                    " (username/password)"
+                } else {
+                    ""
+                }
             ),
         };
         info!(listen = %cfg.listen, mode = %cfg.mode, protocols, outbound = %upstream, mark = cfg.mark, "tproxyd listening");

@@ -364,7 +364,10 @@ mod tests {
         assert_eq!(normalize(mapped), "198.51.100.7:53".parse().unwrap());
         let real_v6: SocketAddr = "[2001:db8::1]:53".parse().unwrap();
         assert_eq!(normalize(real_v6), real_v6);
-        assert_eq!(to_v6("192.0.2.1:9".parse().unwrap()), "[::ffff:192.0.2.1]:9".parse().unwrap());
+        assert_eq!(
+            to_v6("192.0.2.1:9".parse().unwrap()),
+            "[::ffff:192.0.2.1]:9".parse().unwrap()
+        );
     }
 
     #[test]
@@ -380,7 +383,10 @@ mod tests {
         sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
         sin6.sin6_port = 443u16.to_be();
         sin6.sin6_addr.s6_addr = "2001:db8::5".parse::<Ipv6Addr>().unwrap().octets();
-        assert_eq!(sockaddr_in6_to_std(&sin6), "[2001:db8::5]:443".parse().unwrap());
+        assert_eq!(
+            sockaddr_in6_to_std(&sin6),
+            "[2001:db8::5]:443".parse().unwrap()
+        );
     }
 
     #[test]

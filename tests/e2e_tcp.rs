@@ -44,7 +44,11 @@ fn check_echo(tb: &Testbed, fam: Family, upstream: Upstream) {
         got
     });
     let (peer, off) = peer_line(&got);
-    assert_eq!(peer.ip(), fam.hop(upstream), "{fam:?}: server saw the flow from the wrong hop");
+    assert_eq!(
+        peer.ip(),
+        fam.hop(upstream),
+        "{fam:?}: server saw the flow from the wrong hop"
+    );
     assert_eq!(&got[off..], b"hello through tproxyd\n", "{fam:?}");
     assert!(
         tb.wait_for_log(&format!("dst={dst}"), Duration::from_secs(3)),
@@ -67,11 +71,16 @@ fn check_half_close(tb: &Testbed, fam: Family, upstream: Upstream) {
     });
     let (peer, _) = peer_line(got.as_bytes());
     assert_eq!(peer.ip(), fam.hop(upstream), "{fam:?}");
-    assert!(got.trim_end().ends_with("bytes=100000"), "{fam:?}: answer after FIN lost or short: {got:?}");
+    assert!(
+        got.trim_end().ends_with("bytes=100000"),
+        "{fam:?}: answer after FIN lost or short: {got:?}"
+    );
 }
 
 fn check_paths(mode: Mode, upstream: Upstream) {
-    let Some(tb) = bed(mode, upstream) else { return };
+    let Some(tb) = bed(mode, upstream) else {
+        return;
+    };
     for fam in [Family::V4, Family::V6] {
         check_echo(&tb, fam, upstream);
         check_half_close(&tb, fam, upstream);
@@ -101,7 +110,9 @@ fn redirect_tcp_direct_v4_and_v6() {
 /// 16 MiB each way at once, compared by checksum, both families.
 #[test]
 fn sixteen_mib_transfer_is_intact() {
-    let Some(tb) = bed(Mode::Tproxy, Upstream::Socks) else { return };
+    let Some(tb) = bed(Mode::Tproxy, Upstream::Socks) else {
+        return;
+    };
     for (fam, seed) in [(Family::V4, 1), (Family::V6, 2)] {
         let dst = fam.remote_a(ECHO_PORT);
         let data = pattern(16 << 20, seed);
@@ -142,7 +153,9 @@ fn read_until_error(s: &mut TcpStream) -> (ErrorKind, Duration) {
 
 #[test]
 fn upstream_down_resets_the_client_within_a_second() {
-    let Some(tb) = bed(Mode::Tproxy, Upstream::SocksDown) else { return };
+    let Some(tb) = bed(Mode::Tproxy, Upstream::SocksDown) else {
+        return;
+    };
     // Not fatal at start: tproxyd runs and says the upstream is unreachable.
     assert!(
         tb.wait_for_log("upstream not reachable at start", Duration::from_secs(5)),
@@ -154,37 +167,55 @@ fn upstream_down_resets_the_client_within_a_second() {
             s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
             read_until_error(&mut s)
         });
-        assert_eq!(kind, ErrorKind::ConnectionReset, "{fam:?}: expected a reset within 1 s, got {kind:?} after {took:?}");
+        assert_eq!(
+            kind,
+            ErrorKind::ConnectionReset,
+            "{fam:?}: expected a reset within 1 s, got {kind:?} after {took:?}"
+        );
     }
-    assert!(tb.tproxyd_log().contains("cannot reach SOCKS5 server"), "{}", tb.tproxyd_log());
+    assert!(
+        tb.tproxyd_log().contains("cannot reach SOCKS5 server"),
+        "{}",
+        tb.tproxyd_log()
+    );
 }
 
 #[test]
 fn refused_destination_resets_the_client() {
     // Direct and through dante: nothing listens on port 1 of the remote.
     for upstream in [Upstream::Direct, Upstream::Socks] {
-        let Some(tb) = bed(Mode::Tproxy, upstream) else { return };
+        let Some(tb) = bed(Mode::Tproxy, upstream) else {
+            return;
+        };
         for fam in [Family::V4, Family::V6] {
             let (kind, took) = tb.lan.enter(|| {
                 let mut s = connect(fam.remote_a(1));
                 s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
                 read_until_error(&mut s)
             });
-            assert_eq!(kind, ErrorKind::ConnectionReset, "{upstream:?} {fam:?}: got {kind:?} after {took:?}");
+            assert_eq!(
+                kind,
+                ErrorKind::ConnectionReset,
+                "{upstream:?} {fam:?}: got {kind:?} after {took:?}"
+            );
         }
     }
 }
 
 #[test]
 fn socks5_username_password_is_accepted() {
-    let Some(tb) = bed(Mode::Tproxy, Upstream::SocksAuth) else { return };
+    let Some(tb) = bed(Mode::Tproxy, Upstream::SocksAuth) else {
+        return;
+    };
     check_echo(&tb, Family::V4, Upstream::SocksAuth);
     check_echo(&tb, Family::V6, Upstream::SocksAuth);
 }
 
 #[test]
 fn socks5_wrong_password_is_refused_with_a_clear_log_line() {
-    let Some(tb) = bed(Mode::Tproxy, Upstream::SocksWrongPassword) else { return };
+    let Some(tb) = bed(Mode::Tproxy, Upstream::SocksWrongPassword) else {
+        return;
+    };
     let (kind, _) = tb.lan.enter(|| {
         let mut s = connect(Family::V4.remote_a(ECHO_PORT));
         s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -203,7 +234,9 @@ fn socks5_wrong_password_is_refused_with_a_clear_log_line() {
 /// original destination: relaying it would loop, so it is refused.
 #[test]
 fn connection_to_the_listener_itself_is_refused() {
-    let Some(tb) = bed(Mode::Redirect, Upstream::Direct) else { return };
+    let Some(tb) = bed(Mode::Redirect, Upstream::Direct) else {
+        return;
+    };
     let (kind, _) = tb.lan.enter(|| {
         let mut s = connect(addr("192.0.2.1", PROXY_PORT));
         s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -211,7 +244,10 @@ fn connection_to_the_listener_itself_is_refused() {
     });
     assert_eq!(kind, ErrorKind::ConnectionReset);
     assert!(
-        tb.wait_for_log("refused TCP connection to tproxyd's own listener", Duration::from_secs(3)),
+        tb.wait_for_log(
+            "refused TCP connection to tproxyd's own listener",
+            Duration::from_secs(3)
+        ),
         "{}",
         tb.tproxyd_log()
     );

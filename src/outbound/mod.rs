@@ -39,7 +39,10 @@ pub async fn connect_marked(dst: SocketAddr, mark: u32) -> io::Result<TcpStream>
 /// One configured outbound.
 #[derive(Debug, Clone)]
 pub enum Outbound {
-    Direct { mark: u32, connect_timeout: Duration },
+    Direct {
+        mark: u32,
+        connect_timeout: Duration,
+    },
     Socks5(Socks5Client),
 }
 
@@ -98,8 +101,8 @@ impl Outbound {
                 // One dual-stack socket reaches every destination of the
                 // session, v4 and v6: that is what makes it full cone.
                 let any: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, 0).into();
-                let socket =
-                    sys::outbound_udp_socket(&any, true, *mark).map_err(OutboundError::UdpSocket)?;
+                let socket = sys::outbound_udp_socket(&any, true, *mark)
+                    .map_err(OutboundError::UdpSocket)?;
                 let socket = UdpSocket::from_std(socket).map_err(OutboundError::UdpSocket)?;
                 Ok(UdpUpstream::Direct(socket))
             }
@@ -149,7 +152,11 @@ pub enum UdpUpstream {
 #[derive(Debug, PartialEq, Eq)]
 pub enum UdpRecv {
     /// A datagram from `from`, payload at `buf[start..end]`.
-    Datagram { from: SocketAddr, start: usize, end: usize },
+    Datagram {
+        from: SocketAddr,
+        start: usize,
+        end: usize,
+    },
     /// Something that is not a usable datagram (fragment, bad header,
     /// domain source); the reason, for the debug log.
     Dropped(String),
@@ -160,7 +167,9 @@ impl UdpUpstream {
     pub async fn send(&self, buf: &mut [u8], dst: SocketAddr) -> io::Result<()> {
         match self {
             UdpUpstream::Direct(socket) => {
-                socket.send_to(&buf[UDP_HEADROOM..], sys::to_v6(dst)).await?;
+                socket
+                    .send_to(&buf[UDP_HEADROOM..], sys::to_v6(dst))
+                    .await?;
             }
             UdpUpstream::Socks5(assoc) => {
                 let start = UDP_HEADROOM - proto::udp_header_len(&dst);
@@ -190,10 +199,12 @@ impl UdpUpstream {
                         start,
                         end: n,
                     },
-                    Ok((Address::Domain(name, port), _)) => {
-                        UdpRecv::Dropped(format!("reply from domain {name}:{port} has no address to answer from"))
+                    Ok((Address::Domain(name, port), _)) => UdpRecv::Dropped(format!(
+                        "reply from domain {name}:{port} has no address to answer from"
+                    )),
+                    Err(e) => {
+                        UdpRecv::Dropped(format!("bad datagram from relay {}: {e}", assoc.relay))
                     }
-                    Err(e) => UdpRecv::Dropped(format!("bad datagram from relay {}: {e}", assoc.relay)),
                 })
             }
         }
@@ -212,12 +223,15 @@ impl UdpUpstream {
                     }
                     match assoc.control.try_read(&mut scratch) {
                         Ok(0) => {
-                            return "SOCKS5 server closed the UDP association's control connection".into()
+                            return "SOCKS5 server closed the UDP association's control connection"
+                                .into()
                         }
                         // Servers send nothing here; ignore anything that comes.
                         Ok(_) => continue,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                        Err(e) => return format!("UDP association's control connection failed: {e}"),
+                        Err(e) => {
+                            return format!("UDP association's control connection failed: {e}")
+                        }
                     }
                 }
             }

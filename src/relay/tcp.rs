@@ -102,7 +102,9 @@ where
             Ok(n) => n,
             Err(e) => return Err((from_side, e)),
         };
-        to.write_all(&buf[..n]).await.map_err(|e| (from_side.other(), e))?;
+        to.write_all(&buf[..n])
+            .await
+            .map_err(|e| (from_side.other(), e))?;
         counter.fetch_add(n as u64, Ordering::Relaxed);
         meter.touch();
     }
@@ -209,7 +211,14 @@ mod tests {
         user.read_to_end(&mut answer).await.unwrap();
         assert_eq!(answer, b"answer after FIN");
         let outcome = relay.await.unwrap();
-        assert_eq!(outcome, Outcome { up: 7, down: 16, end: End::Closed });
+        assert_eq!(
+            outcome,
+            Outcome {
+                up: 7,
+                down: 16,
+                end: End::Closed
+            }
+        );
     }
 
     #[tokio::test]
@@ -219,7 +228,11 @@ mod tests {
         let outcome = relay(client_side, upstream_side, Duration::from_millis(200)).await;
         assert_eq!(outcome.end, End::Idle);
         let mut buf = [0u8; 1];
-        assert_eq!(user.read(&mut buf).await.unwrap(), 0, "client sees the close");
+        assert_eq!(
+            user.read(&mut buf).await.unwrap(),
+            0,
+            "client sees the close"
+        );
     }
 
     #[tokio::test]

@@ -113,7 +113,9 @@ impl UdpRelay {
             match entry.tx.try_send(packet) {
                 Ok(()) => return,
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    self.stats.datagrams_dropped_queue.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .datagrams_dropped_queue
+                        .fetch_add(1, Ordering::Relaxed);
                     debug!(%client, %dst, "UDP session queue full; datagram dropped");
                     return;
                 }
@@ -126,7 +128,9 @@ impl UdpRelay {
         }
         if sessions.len() >= self.limits.udp_sessions {
             drop(sessions);
-            self.stats.sessions_refused_full.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .sessions_refused_full
+                .fetch_add(1, Ordering::Relaxed);
             self.warn_table_full(client);
             return;
         }
@@ -329,7 +333,13 @@ impl ReplySockets {
     }
 
     /// Sends `payload` to `client` from `from`. Returns whether it was sent.
-    pub async fn send(&self, from: SocketAddr, client: SocketAddr, payload: &[u8], stats: &UdpStats) -> bool {
+    pub async fn send(
+        &self,
+        from: SocketAddr,
+        client: SocketAddr,
+        payload: &[u8],
+        stats: &UdpStats,
+    ) -> bool {
         if from.is_ipv4() != client.is_ipv4() {
             debug!(%from, %client, "UDP reply across address families cannot be delivered; dropped");
             return false;
@@ -378,7 +388,10 @@ mod tests {
 
     #[test]
     fn eviction_prefers_failed_then_least_recently_used() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             let mut map = HashMap::new();
             let t0 = Instant::now();
@@ -390,9 +403,26 @@ mod tests {
             let a: SocketAddr = "198.51.100.1:1".parse().unwrap();
             let b: SocketAddr = "198.51.100.2:1".parse().unwrap();
             let c: SocketAddr = "198.51.100.3:1".parse().unwrap();
-            map.insert(a, ReplyEntry::Ready { socket: sock(), last_used: t0 + Duration::from_millis(5) });
-            map.insert(b, ReplyEntry::Ready { socket: sock(), last_used: t0 });
-            map.insert(c, ReplyEntry::Failed { since: t0 + Duration::from_millis(9) });
+            map.insert(
+                a,
+                ReplyEntry::Ready {
+                    socket: sock(),
+                    last_used: t0 + Duration::from_millis(5),
+                },
+            );
+            map.insert(
+                b,
+                ReplyEntry::Ready {
+                    socket: sock(),
+                    last_used: t0,
+                },
+            );
+            map.insert(
+                c,
+                ReplyEntry::Failed {
+                    since: t0 + Duration::from_millis(9),
+                },
+            );
             evict_oldest(&mut map);
             assert!(!map.contains_key(&c));
             evict_oldest(&mut map);

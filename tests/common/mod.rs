@@ -159,7 +159,12 @@ fn run_with_stdin(cmd: &mut Command, input: &str) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -188,7 +193,9 @@ impl Netns {
 
     /// Runs a command inside the namespace.
     pub fn exec(&self, args: &[&str]) {
-        run(Command::new("ip").args(["netns", "exec", &self.name]).args(args));
+        run(Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args));
     }
 
     pub fn exec_output(&self, args: &[&str]) -> String {
@@ -226,7 +233,9 @@ impl Netns {
     }
 
     fn kill_all(&self) {
-        let pids = Command::new("ip").args(["netns", "pids", &self.name]).output();
+        let pids = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output();
         if let Ok(out) = pids {
             for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
                 let _ = Command::new("kill").args(["-9", pid]).status();
@@ -238,7 +247,9 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         self.kill_all();
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -280,7 +291,10 @@ impl Testbed {
         };
         tb.build_topology();
         tb.start_servers();
-        let auth = matches!(opts.upstream, Upstream::SocksAuth | Upstream::SocksWrongPassword);
+        let auth = matches!(
+            opts.upstream,
+            Upstream::SocksAuth | Upstream::SocksWrongPassword
+        );
         tb.start_dante(auth);
         tb.install_rules(opts.mode);
         tb.start_tproxyd(&opts);
@@ -295,8 +309,14 @@ impl Testbed {
             ns.ip("link set lo up");
         }
         let (lan, router, wan) = (&self.lan, &self.router, &self.wan);
-        lan.ip(&format!("link add l0 type veth peer name rlan netns {}", router.name));
-        router.ip(&format!("link add rwan type veth peer name w0 netns {}", wan.name));
+        lan.ip(&format!(
+            "link add l0 type veth peer name rlan netns {}",
+            router.name
+        ));
+        router.ip(&format!(
+            "link add rwan type veth peer name w0 netns {}",
+            wan.name
+        ));
 
         lan.ip("addr add 192.0.2.2/24 dev l0");
         lan.ip("addr add 2001:db8:1::2/64 dev l0 nodad");
@@ -306,7 +326,12 @@ impl Testbed {
         router.ip("addr add 2001:db8:2::1/64 dev rwan nodad");
         wan.ip("addr add 203.0.113.2/24 dev w0");
         wan.ip("addr add 2001:db8:2::2/64 dev w0 nodad");
-        for a in ["198.51.100.10/32", "198.51.100.11/32", "2001:db8:100::10/128", "2001:db8:100::11/128"] {
+        for a in [
+            "198.51.100.10/32",
+            "198.51.100.11/32",
+            "2001:db8:100::10/128",
+            "2001:db8:100::11/128",
+        ] {
             wan.ip(&format!("addr add {a} dev lo"));
         }
         lan.ip("link set l0 up");
@@ -376,6 +401,9 @@ internal: {SOCKS_V6} port = {SOCKS_PORT}
 external: {SOCKS_V4}
 external: {SOCKS_V6}
 clientmethod: none
+# Full cone: by default dante connects its UDP socket to the first
+# destination, and the kernel then drops replies from any other remote.
+udp.connectdst: no
 socksmethod: {method}
 user.privileged: root
 user.unprivileged: nobody
@@ -399,8 +427,16 @@ client pass {{ from: ::/0 to: ::/0 }}
             .expect("start danted");
         self.dante = Some(child);
         let socks = addr(SOCKS_V4, SOCKS_PORT);
-        let up = self.wan.enter(|| wait_until(Duration::from_secs(10), || TcpStream::connect(socks).is_ok()));
-        assert!(up, "dante did not start listening on {socks}: {}", self.dante_log());
+        let up = self.wan.enter(|| {
+            wait_until(Duration::from_secs(10), || {
+                TcpStream::connect(socks).is_ok()
+            })
+        });
+        assert!(
+            up,
+            "dante did not start listening on {socks}: {}",
+            self.dante_log()
+        );
     }
 
     fn start_tproxyd(&mut self, opts: &Options) {
@@ -409,8 +445,20 @@ client pass {{ from: ::/0 to: ::/0 }}
             Mode::Redirect => "redirect",
         };
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.router.name, env!("CARGO_BIN_EXE_tproxyd"), "run"])
-            .args(["--listen", &format!("[::]:{PROXY_PORT}"), "--mode", mode, "--verbose"]);
+        cmd.args([
+            "netns",
+            "exec",
+            &self.router.name,
+            env!("CARGO_BIN_EXE_tproxyd"),
+            "run",
+        ])
+        .args([
+            "--listen",
+            &format!("[::]:{PROXY_PORT}"),
+            "--mode",
+            mode,
+            "--verbose",
+        ]);
         let socks = format!("{SOCKS_V4}:{SOCKS_PORT}");
         match opts.upstream {
             Upstream::Direct => {
@@ -542,7 +590,11 @@ fn socks_rules() -> String {
 
 fn proc_is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.split(") ").nth(1).is_some_and(|rest| rest.starts_with('Z')))
+        .map(|s| {
+            s.split(") ")
+                .nth(1)
+                .is_some_and(|rest| rest.starts_with('Z'))
+        })
         .unwrap_or(true)
 }
 
@@ -551,7 +603,10 @@ impl Drop for Testbed {
         self.stop.store(true, Ordering::Relaxed);
         if thread::panicking() {
             eprintln!("---- tproxyd log ----\n{}", self.tproxyd_log());
-            eprintln!("---- dante log (tail) ----\n{}", tail(&self.dante_log(), 40));
+            eprintln!(
+                "---- dante log (tail) ----\n{}",
+                tail(&self.dante_log(), 40)
+            );
         }
         if let Some(mut c) = self.tproxyd.take() {
             let _ = c.kill();
@@ -632,7 +687,9 @@ fn serve_tcp(mut stream: TcpStream, peer: SocketAddr, port: u16) -> std::io::Res
 }
 
 fn udp_server(socket: UdpSocket, cone_peer: Option<UdpSocket>, stop: Arc<AtomicBool>) {
-    socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     let mut buf = vec![0u8; 65536];
     while !stop.load(Ordering::Relaxed) {
         let Ok((n, peer)) = socket.recv_from(&mut buf) else {
@@ -650,10 +707,12 @@ fn udp_server(socket: UdpSocket, cone_peer: Option<UdpSocket>, stop: Arc<AtomicB
 
 /// Reads the "peer=ADDR" line a server prefixes its answer with.
 pub fn peer_line(text: &[u8]) -> (SocketAddr, usize) {
-    let end = text
-        .iter()
-        .position(|&b| b == b'\n')
-        .unwrap_or_else(|| panic!("no peer line in {:?}", String::from_utf8_lossy(&text[..text.len().min(80)])));
+    let end = text.iter().position(|&b| b == b'\n').unwrap_or_else(|| {
+        panic!(
+            "no peer line in {:?}",
+            String::from_utf8_lossy(&text[..text.len().min(80)])
+        )
+    });
     let line = std::str::from_utf8(&text[..end]).unwrap();
     let first = line.split_whitespace().next().unwrap();
     let peer = first
@@ -680,5 +739,7 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
 
 /// FNV-1a, 64 bit: a checksum for comparing transfers.
 pub fn checksum(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf29ce484222325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3))
+    data.iter().fold(0xcbf29ce484222325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    })
 }

@@ -18,30 +18,58 @@ use proto::{Address, MethodChoice, ProtoError};
 #[derive(Debug, thiserror::Error)]
 pub enum Socks5Error {
     #[error("cannot reach SOCKS5 server {server}: {source}")]
-    Unreachable { server: SocketAddr, source: io::Error },
+    Unreachable {
+        server: SocketAddr,
+        source: io::Error,
+    },
     #[error("SOCKS5 server {server} did not answer within {secs}s")]
     Timeout { server: SocketAddr, secs: u64 },
-    #[error("SOCKS5 server {server} closed or broke the connection during the handshake: {source}")]
-    Io { server: SocketAddr, source: io::Error },
+    #[error(
+        "SOCKS5 server {server} closed or broke the connection during the handshake: {source}"
+    )]
+    Io {
+        server: SocketAddr,
+        source: io::Error,
+    },
     #[error("SOCKS5 server {server} sent a malformed reply: {source}")]
-    Protocol { server: SocketAddr, source: ProtoError },
+    Protocol {
+        server: SocketAddr,
+        source: ProtoError,
+    },
     #[error(
         "SOCKS5 server {server} accepts none of the offered methods (no-auth{}); \
          if it needs a login, set outbound.username and outbound.password (--username/--password)",
         if *.offered_user_pass { ", username/password" } else { "" }
     )]
-    NoAcceptableMethod { server: SocketAddr, offered_user_pass: bool },
+    NoAcceptableMethod {
+        server: SocketAddr,
+        offered_user_pass: bool,
+    },
     #[error("SOCKS5 server {server} asks for a username and password but none is configured; set --username/--password or outbound.username/password")]
     CredentialsNeeded { server: SocketAddr },
     #[error("SOCKS5 server {server} refused username {username:?}: wrong username or password (RFC 1929 status {status})")]
-    AuthFailed { server: SocketAddr, username: String, status: u8 },
+    AuthFailed {
+        server: SocketAddr,
+        username: String,
+        status: u8,
+    },
     #[error("SOCKS5 server {server} refused {command} to {dst}: {meaning} (reply {code})")]
-    Rejected { server: SocketAddr, command: &'static str, dst: SocketAddr, code: u8, meaning: &'static str },
+    Rejected {
+        server: SocketAddr,
+        command: &'static str,
+        dst: SocketAddr,
+        code: u8,
+        meaning: &'static str,
+    },
     #[error(
         "SOCKS5 server {server} does not support UDP ASSOCIATE ({meaning}, reply {code}); \
          UDP cannot go through this server: use one with UDP support, or run with --tcp-only"
     )]
-    UdpRefused { server: SocketAddr, code: u8, meaning: &'static str },
+    UdpRefused {
+        server: SocketAddr,
+        code: u8,
+        meaning: &'static str,
+    },
     #[error("SOCKS5 server {server} named a relay by domain name ({name}); only IP relays are supported")]
     DomainRelay { server: SocketAddr, name: String },
 }
@@ -50,7 +78,10 @@ impl Socks5Error {
     /// Whether the server itself could not be reached (as opposed to a
     /// refusal by a server that answered).
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, Socks5Error::Unreachable { .. } | Socks5Error::Timeout { .. })
+        matches!(
+            self,
+            Socks5Error::Unreachable { .. } | Socks5Error::Timeout { .. }
+        )
     }
 }
 
@@ -110,7 +141,8 @@ impl Socks5Client {
         let reply = self
             .with_timeout(async {
                 self.negotiate(&mut control).await?;
-                self.command(&mut control, proto::CMD_UDP_ASSOCIATE, from).await
+                self.command(&mut control, proto::CMD_UDP_ASSOCIATE, from)
+                    .await
             })
             .await?;
         if reply.code != proto::REP_SUCCEEDED {
@@ -144,7 +176,9 @@ impl Socks5Client {
     }
 
     async fn open_control(&self) -> Result<TcpStream, Socks5Error> {
-        match tokio::time::timeout(self.connect_timeout, connect_marked(self.server, self.mark)).await {
+        match tokio::time::timeout(self.connect_timeout, connect_marked(self.server, self.mark))
+            .await
+        {
             Err(_) => Err(Socks5Error::Timeout {
                 server: self.server,
                 secs: self.connect_timeout.as_secs(),

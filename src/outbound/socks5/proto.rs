@@ -73,7 +73,10 @@ pub enum MethodChoice {
     NoneAcceptable,
 }
 
-pub fn parse_method_choice(reply: [u8; 2], offered_user_pass: bool) -> Result<MethodChoice, ProtoError> {
+pub fn parse_method_choice(
+    reply: [u8; 2],
+    offered_user_pass: bool,
+) -> Result<MethodChoice, ProtoError> {
     if reply[0] != VERSION {
         return Err(ProtoError::BadVersion(reply[0]));
     }
@@ -161,7 +164,10 @@ pub fn parse_reply(buf: &[u8]) -> Result<Reply, ProtoError> {
         return Err(ProtoError::BadVersion(buf[0]));
     }
     let (bound, _) = parse_address(&buf[3..])?;
-    Ok(Reply { code: buf[1], bound })
+    Ok(Reply {
+        code: buf[1],
+        bound,
+    })
 }
 
 fn need(buf: &[u8], needed: usize) -> Result<(), ProtoError> {
@@ -287,13 +293,28 @@ mod tests {
     #[test]
     fn method_choice() {
         assert_eq!(parse_method_choice([5, 0], false), Ok(MethodChoice::NoAuth));
-        assert_eq!(parse_method_choice([5, 2], true), Ok(MethodChoice::UserPass));
-        assert_eq!(parse_method_choice([5, 0xFF], true), Ok(MethodChoice::NoneAcceptable));
+        assert_eq!(
+            parse_method_choice([5, 2], true),
+            Ok(MethodChoice::UserPass)
+        );
+        assert_eq!(
+            parse_method_choice([5, 0xFF], true),
+            Ok(MethodChoice::NoneAcceptable)
+        );
         // A method we did not offer is a protocol error, not a silent accept.
-        assert_eq!(parse_method_choice([5, 2], false), Err(ProtoError::UnofferedMethod(2)));
-        assert_eq!(parse_method_choice([5, 1], true), Err(ProtoError::UnofferedMethod(1)));
+        assert_eq!(
+            parse_method_choice([5, 2], false),
+            Err(ProtoError::UnofferedMethod(2))
+        );
+        assert_eq!(
+            parse_method_choice([5, 1], true),
+            Err(ProtoError::UnofferedMethod(1))
+        );
         // An HTTP proxy answering "HTTP/1.1 400" starts with 'H'.
-        assert_eq!(parse_method_choice([b'H', b'T'], false), Err(ProtoError::BadVersion(b'H')));
+        assert_eq!(
+            parse_method_choice([b'H', b'T'], false),
+            Err(ProtoError::BadVersion(b'H'))
+        );
     }
 
     #[test]
@@ -305,7 +326,10 @@ mod tests {
         assert_eq!(parse_user_pass_reply([1, 0]), Ok(true));
         assert_eq!(parse_user_pass_reply([1, 1]), Ok(false));
         assert_eq!(parse_user_pass_reply([1, 0xFF]), Ok(false));
-        assert_eq!(parse_user_pass_reply([4, 0]), Err(ProtoError::BadAuthVersion(4)));
+        assert_eq!(
+            parse_user_pass_reply([4, 0]),
+            Err(ProtoError::BadAuthVersion(4))
+        );
     }
 
     #[test]
@@ -319,8 +343,8 @@ mod tests {
         assert_eq!(
             request(CMD_CONNECT, &sa("[2001:db8::1]:443")),
             [
-                0x05, 0x01, 0x00, 0x04, 0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                1, 0x01, 0xBB
+                0x05, 0x01, 0x00, 0x04, 0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+                0x01, 0xBB
             ]
         );
         // UDP ASSOCIATE naming where datagrams will come *from*: 0.0.0.0:0.
@@ -346,11 +370,17 @@ mod tests {
         v6.extend_from_slice(&"2001:db8:2::2".parse::<Ipv6Addr>().unwrap().octets());
         v6.extend_from_slice(&[0x9C, 0x40]);
         assert_eq!(reply_remaining(v6[..5].try_into().unwrap()), Ok(17));
-        assert_eq!(parse_reply(&v6).unwrap().bound, Address::Ip(sa("[2001:db8:2::2]:40000")));
+        assert_eq!(
+            parse_reply(&v6).unwrap().bound,
+            Address::Ip(sa("[2001:db8:2::2]:40000"))
+        );
 
         let dom = [0x05, 0x00, 0x00, 0x03, 3, b'a', b'b', b'c', 0x00, 0x35];
         assert_eq!(reply_remaining(dom[..5].try_into().unwrap()), Ok(5));
-        assert_eq!(parse_reply(&dom).unwrap().bound, Address::Domain("abc".into(), 53));
+        assert_eq!(
+            parse_reply(&dom).unwrap().bound,
+            Address::Domain("abc".into(), 53)
+        );
 
         let refused = [0x05, 0x05, 0x00, 0x01, 0, 0, 0, 0, 0, 0];
         assert_eq!(parse_reply(&refused).unwrap().code, 5);
@@ -360,19 +390,42 @@ mod tests {
 
     #[test]
     fn malformed_and_truncated_replies_are_errors() {
-        assert_eq!(reply_remaining([4, 0, 0, 1, 0]), Err(ProtoError::BadVersion(4)));
-        assert_eq!(reply_remaining([5, 0, 0, 9, 0]), Err(ProtoError::BadAddressType(9)));
+        assert_eq!(
+            reply_remaining([4, 0, 0, 1, 0]),
+            Err(ProtoError::BadVersion(4))
+        );
+        assert_eq!(
+            reply_remaining([5, 0, 0, 9, 0]),
+            Err(ProtoError::BadAddressType(9))
+        );
         assert_eq!(
             parse_reply(&[5, 0, 0, 1, 1, 2]),
             Err(ProtoError::Truncated { needed: 7, got: 3 })
         );
-        assert_eq!(parse_reply(&[5, 0]), Err(ProtoError::Truncated { needed: 4, got: 2 }));
-        assert_eq!(parse_reply(&[5, 0, 0, 4, 1]), Err(ProtoError::Truncated { needed: 19, got: 2 }));
-        assert_eq!(parse_reply(&[5, 0, 0, 3, 10, b'a']), Err(ProtoError::Truncated { needed: 14, got: 3 }));
-        assert_eq!(parse_reply(&[5, 0, 0, 3, 1, 0xFF, 0, 1]), Err(ProtoError::BadDomain));
-        assert_eq!(parse_reply(&[5, 0, 0, 3]), Err(ProtoError::Truncated { needed: 2, got: 1 }));
+        assert_eq!(
+            parse_reply(&[5, 0]),
+            Err(ProtoError::Truncated { needed: 4, got: 2 })
+        );
+        assert_eq!(
+            parse_reply(&[5, 0, 0, 4, 1]),
+            Err(ProtoError::Truncated { needed: 19, got: 2 })
+        );
+        assert_eq!(
+            parse_reply(&[5, 0, 0, 3, 10, b'a']),
+            Err(ProtoError::Truncated { needed: 14, got: 3 })
+        );
+        assert_eq!(
+            parse_reply(&[5, 0, 0, 3, 1, 0xFF, 0, 1]),
+            Err(ProtoError::BadDomain)
+        );
+        assert_eq!(
+            parse_reply(&[5, 0, 0, 3]),
+            Err(ProtoError::Truncated { needed: 2, got: 1 })
+        );
         // Every prefix of a valid reply is an error, never a panic.
-        let v6 = [5u8, 0, 0, 4, 0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 80];
+        let v6 = [
+            5u8, 0, 0, 4, 0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 80,
+        ];
         for n in 0..v6.len() {
             assert!(parse_reply(&v6[..n]).is_err(), "prefix of {n} bytes");
         }
@@ -402,9 +455,18 @@ mod tests {
             parse_udp_header(&[0, 0, 1, 1, 1, 2, 3, 4, 0, 53, b'x']),
             Err(ProtoError::Fragmented(1))
         );
-        assert_eq!(parse_udp_header(&[0, 1, 0, 1]), Err(ProtoError::BadReserved(1)));
-        assert_eq!(parse_udp_header(&[0, 0, 0]), Err(ProtoError::Truncated { needed: 4, got: 3 }));
-        assert_eq!(parse_udp_header(&[0, 0, 0, 7, 1]), Err(ProtoError::BadAddressType(7)));
+        assert_eq!(
+            parse_udp_header(&[0, 1, 0, 1]),
+            Err(ProtoError::BadReserved(1))
+        );
+        assert_eq!(
+            parse_udp_header(&[0, 0, 0]),
+            Err(ProtoError::Truncated { needed: 4, got: 3 })
+        );
+        assert_eq!(
+            parse_udp_header(&[0, 0, 0, 7, 1]),
+            Err(ProtoError::BadAddressType(7))
+        );
         assert_eq!(
             parse_udp_header(&[0, 0, 0, 3, 3, b'a', b'b', b'c', 0, 53, b'!']),
             Ok((Address::Domain("abc".into(), 53), 10))
