@@ -374,30 +374,33 @@ impl RawOutbound {
                         }
                     },
                 };
-                let password = match (&self.password, &self.password_env) {
-                    (Some(_), Some(_)) => {
-                        issue(
-                            "outbound.password",
-                            "set either password or password_env, not both".into(),
-                        );
-                        None
-                    }
-                    (Some(p), None) => Some(p.clone()),
-                    (None, Some(var)) => match env(var) {
-                        Some(p) => Some(p),
-                        None => {
+                // Err: the password problem is reported already, so the
+                // username check below must not report it a second time.
+                let password: Result<Option<String>, ()> =
+                    match (&self.password, &self.password_env) {
+                        (Some(_), Some(_)) => {
                             issue(
-                                "outbound.password_env",
-                                format!("environment variable {var} is not set"),
+                                "outbound.password",
+                                "set either password or password_env, not both".into(),
                             );
-                            None
+                            Err(())
                         }
-                    },
-                    (None, None) => None,
-                };
+                        (Some(p), None) => Ok(Some(p.clone())),
+                        (None, Some(var)) => match env(var) {
+                            Some(p) => Ok(Some(p)),
+                            None => {
+                                issue(
+                                    "outbound.password_env",
+                                    format!("environment variable {var} is not set"),
+                                );
+                                Err(())
+                            }
+                        },
+                        (None, None) => Ok(None),
+                    };
                 let auth = match (&self.username, password) {
-                    (None, None) => None,
-                    (Some(u), Some(p)) => {
+                    (_, Err(())) | (None, Ok(None)) => None,
+                    (Some(u), Ok(Some(p))) => {
                         // RFC 1929 carries each in one length byte.
                         if u.is_empty() || u.len() > 255 {
                             issue(
@@ -416,14 +419,14 @@ impl RawOutbound {
                             password: p,
                         })
                     }
-                    (Some(_), None) => {
+                    (Some(_), Ok(None)) => {
                         issue(
                             "outbound.password",
                             "username is set but no password".into(),
                         );
                         None
                     }
-                    (None, Some(_)) => {
+                    (None, Ok(Some(_))) => {
                         issue(
                             "outbound.username",
                             "password is set but no username".into(),
@@ -555,6 +558,7 @@ mod tests {
             Err(ConfigError::Invalid(v)) => v,
             other => panic!("{other:?}"),
         };
+        assert_eq!(issues.len(), 1, "{issues:?}");
         assert_eq!(issues[0].key, "outbound.password_env");
     }
 

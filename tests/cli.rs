@@ -1,0 +1,176 @@
+//! The binary's edge: `check` exit codes and messages, and start-up
+//! errors that must be one clear line naming the problem and the fix.
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tproxyd");
+
+/// Runs tproxyd with a time limit, so a start that wrongly succeeds
+/// cannot hang the suite.
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.env_remove("TPROXYD_PASSWORD")
+        .env_remove("TPROXYD_USERNAME");
+    run_cmd(cmd.args(args).envs(env.iter().copied()))
+}
+
+fn run_cmd(cmd: &mut Command) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("tproxyd {cmd:?} did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+#[test]
+fn check_accepts_the_example_config() {
+    let o = run(
+        &[
+            "check",
+            "-c",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tproxyd.toml"),
+        ],
+        &[("TPROXYD_PASSWORD", "x")],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains(": ok"));
+}
+
+#[test]
+fn check_lists_every_problem_with_its_key_and_exits_2() {
+    let dir = std::env::temp_dir().join(format!("tproxyd-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    std::fs::write(
+        &file,
+        "listen = \"1090\"\nmode = \"redirect\"\nudp = true\n[outbound]\ntype = \"socks5\"\n",
+    )
+    .unwrap();
+    let o = run(&["check", "-c", file.to_str().unwrap()], &[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert!(
+        lines.iter().any(|l| l.starts_with("error: listen: ")),
+        "{err}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("error: udp: ") && l.contains("TCP only")),
+        "{err}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("error: outbound.server: missing")),
+        "{err}"
+    );
+
+    std::fs::write(&file, "[outbound]\ntype = \"direct\"\nbogus = 1\n").unwrap();
+    let o = run(&["check", "-c", file.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("bogus"), "{}", stderr(&o));
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let o = run(&["check", "-c", "/nonexistent/tproxyd.toml"], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("cannot read /nonexistent/tproxyd.toml"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn redirect_mode_refuses_udp_with_a_reason() {
+    let o = run(
+        &["run", "--mode", "redirect", "--udp-only", "--direct"],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("serves TCP only"), "{}", stderr(&o));
+}
+
+#[test]
+fn run_without_an_outbound_says_what_to_add() {
+    let o = run(&["run"], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("--socks5 IP:PORT or --direct"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn missing_cap_net_admin_is_named() {
+    // As root, drop to an unprivileged user; otherwise we already are one.
+    let mut cmd = if is_root() {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN]);
+        c
+    } else {
+        Command::new(BIN)
+    };
+    cmd.args(["run", "--listen", "127.0.0.1:1", "--direct"]);
+    let o = run_cmd(&mut cmd);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("needs CAP_NET_ADMIN"), "{err}");
+    assert!(err.contains("setcap cap_net_admin+ep"), "{err}");
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error:")).count(),
+        1,
+        "{err}"
+    );
+}
+
+#[test]
+fn port_in_use_is_one_clear_line() {
+    if !is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "this test needs root under CI"
+        );
+        eprintln!("skipping: needs root (CAP_NET_ADMIN) to get past the capability check");
+        return;
+    }
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = holder.local_addr().unwrap();
+    let o = run(
+        &[
+            "run",
+            "--listen",
+            &addr.to_string(),
+            "--direct",
+            "--tcp-only",
+        ],
+        &[],
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("port {} is already in use", addr.port())),
+        "{err}"
+    );
+}
