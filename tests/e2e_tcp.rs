@@ -138,6 +138,22 @@ fn sixteen_mib_transfer_is_intact() {
     }
 }
 
+/// Connects and reads until the flow ends; returns how it ended and how
+/// long that took. A reset can surface at connect already (the RST may
+/// arrive before the client looks at the handshake's outcome) or at the
+/// first read: both are the same fast failure.
+fn ending_of(dst: std::net::SocketAddr, read_timeout: Duration) -> (ErrorKind, Duration) {
+    let start = Instant::now();
+    match TcpStream::connect_timeout(&dst, T) {
+        Err(e) => (e.kind(), start.elapsed()),
+        Ok(mut s) => {
+            s.set_read_timeout(Some(read_timeout)).unwrap();
+            let (kind, _) = read_until_error(&mut s);
+            (kind, start.elapsed())
+        }
+    }
+}
+
 /// Reads until error; returns the error kind and how long it took.
 fn read_until_error(s: &mut TcpStream) -> (ErrorKind, Duration) {
     let start = Instant::now();
@@ -162,11 +178,9 @@ fn upstream_down_resets_the_client_within_a_second() {
         "no start-up warning about the unreachable upstream"
     );
     for fam in [Family::V4, Family::V6] {
-        let (kind, took) = tb.lan.enter(|| {
-            let mut s = connect(fam.remote_a(ECHO_PORT));
-            s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-            read_until_error(&mut s)
-        });
+        let (kind, took) = tb
+            .lan
+            .enter(|| ending_of(fam.remote_a(ECHO_PORT), Duration::from_secs(1)));
         assert_eq!(
             kind,
             ErrorKind::ConnectionReset,
@@ -188,11 +202,9 @@ fn refused_destination_resets_the_client() {
             return;
         };
         for fam in [Family::V4, Family::V6] {
-            let (kind, took) = tb.lan.enter(|| {
-                let mut s = connect(fam.remote_a(1));
-                s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-                read_until_error(&mut s)
-            });
+            let (kind, took) = tb
+                .lan
+                .enter(|| ending_of(fam.remote_a(1), Duration::from_secs(1)));
             assert_eq!(
                 kind,
                 ErrorKind::ConnectionReset,
@@ -216,11 +228,9 @@ fn socks5_wrong_password_is_refused_with_a_clear_log_line() {
     let Some(tb) = bed(Mode::Tproxy, Upstream::SocksWrongPassword) else {
         return;
     };
-    let (kind, _) = tb.lan.enter(|| {
-        let mut s = connect(Family::V4.remote_a(ECHO_PORT));
-        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        read_until_error(&mut s)
-    });
+    let (kind, _) = tb
+        .lan
+        .enter(|| ending_of(Family::V4.remote_a(ECHO_PORT), Duration::from_secs(2)));
     assert_eq!(kind, ErrorKind::ConnectionReset);
     let expected = format!("refused username \"{AUTH_USER}\": wrong username or password");
     assert!(
@@ -237,11 +247,9 @@ fn connection_to_the_listener_itself_is_refused() {
     let Some(tb) = bed(Mode::Redirect, Upstream::Direct) else {
         return;
     };
-    let (kind, _) = tb.lan.enter(|| {
-        let mut s = connect(addr("192.0.2.1", PROXY_PORT));
-        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        read_until_error(&mut s)
-    });
+    let (kind, _) = tb
+        .lan
+        .enter(|| ending_of(addr("192.0.2.1", PROXY_PORT), Duration::from_secs(2)));
     assert_eq!(kind, ErrorKind::ConnectionReset);
     assert!(
         tb.wait_for_log(

@@ -154,3 +154,86 @@ fn two_hundred_client_ports_through_socks5_v4() {
 fn two_hundred_client_ports_direct_v6() {
     check_many_ports(Upstream::Direct, Family::V6);
 }
+
+/// Established TCP connections from the router to dante's port: the
+/// control connections of UDP associations (TCP flows are not open here).
+fn control_connections(tb: &Testbed) -> usize {
+    tb.router
+        .exec_output(&[
+            "ss",
+            "-Htn",
+            "state",
+            "established",
+            &format!("( dport = :{SOCKS_PORT} )"),
+        ])
+        .lines()
+        .count()
+}
+
+#[test]
+fn idle_udp_session_expires_and_closes_its_association() {
+    if !can_run() {
+        return;
+    }
+    let tb = Testbed::start(Options {
+        mode: Mode::Tproxy,
+        upstream: Upstream::Socks,
+        extra_args: vec!["--udp-timeout".into(), "1".into()],
+    });
+    let dst = Family::V4.remote_a(UDP_ECHO_PORT);
+    tb.lan.enter(|| {
+        let s = client_socket(Family::V4);
+        let (from, _, _) = exchange(&s, dst, b"once");
+        assert_eq!(from, dst);
+    });
+    assert_eq!(
+        control_connections(&tb),
+        1,
+        "one association while the session lives"
+    );
+    assert!(
+        tb.wait_for_log("end=idle-timeout", Duration::from_secs(5)),
+        "session did not expire:\n{}",
+        tb.tproxyd_log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(3), || control_connections(&tb) == 0),
+        "the association's control connection outlived its session"
+    );
+}
+
+#[test]
+fn socks_control_connection_loss_ends_the_session_and_is_logged() {
+    let Some(mut tb) = bed(Upstream::Socks) else {
+        return;
+    };
+    let dst = Family::V4.remote_a(UDP_ECHO_PORT);
+    let s = tb.lan.enter(|| {
+        let s = client_socket(Family::V4);
+        let (from, _, _) = exchange(&s, dst, b"before");
+        assert_eq!(from, dst);
+        s
+    });
+    tb.stop_dante();
+    assert!(
+        tb.wait_for_log(
+            "closed the UDP association's control connection",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        tb.tproxyd_log()
+    );
+    // With the server gone, a new datagram cannot get a session; that is
+    // said in the log with the count of datagrams it cost.
+    s.send_to(b"after", dst).unwrap();
+    assert!(
+        tb.wait_for_log("UDP session failed to open", Duration::from_secs(5)),
+        "{}",
+        tb.tproxyd_log()
+    );
+    assert!(
+        tb.tproxyd_log().contains("dropped=1"),
+        "{}",
+        tb.tproxyd_log()
+    );
+}

@@ -430,4 +430,103 @@ mod tests {
             assert!(map.contains_key(&a));
         });
     }
+
+    fn relay_with(limit: usize) -> Arc<UdpRelay> {
+        let timeouts = Timeouts {
+            connect: Duration::from_secs(1),
+            tcp_idle: Duration::from_secs(1),
+            udp_idle: Duration::from_secs(60),
+            udp_dns_idle: Duration::from_secs(10),
+        };
+        let limits = Limits {
+            udp_sessions: limit,
+            udp_reply_sockets: 4,
+        };
+        let outbound = Outbound::Direct {
+            mark: 0,
+            connect_timeout: Duration::from_secs(1),
+        };
+        let router = Router::new("127.0.0.1:1090".parse().unwrap(), outbound);
+        UdpRelay::new(router, timeouts, limits, 0)
+    }
+
+    #[tokio::test]
+    async fn session_table_stays_bounded_under_a_flood_of_client_ports() {
+        let relay = relay_with(3);
+        // A loopback sink so the direct sessions send somewhere harmless.
+        let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let dst = sink.local_addr().unwrap();
+        for port in 40000..40010u16 {
+            let client: SocketAddr = ([127, 0, 0, 1], port).into();
+            relay.dispatch(client, dst, b"x");
+        }
+        assert_eq!(relay.session_count(), 3);
+        assert_eq!(relay.stats.sessions_refused_full.load(Ordering::Relaxed), 7);
+        // A known client keeps its session: no new slot needed.
+        relay.dispatch(([127, 0, 0, 1], 40000).into(), dst, b"y");
+        assert_eq!(relay.stats.sessions_refused_full.load(Ordering::Relaxed), 7);
+    }
+
+    #[tokio::test]
+    async fn flows_to_the_listener_never_get_a_session() {
+        let relay = relay_with(3);
+        relay.dispatch(
+            "127.0.0.1:5000".parse().unwrap(),
+            "127.0.0.1:1090".parse().unwrap(),
+            b"loop",
+        );
+        assert_eq!(relay.session_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn dns_sessions_idle_out_sooner() {
+        let relay = relay_with(1);
+        assert_eq!(
+            relay.idle_for("198.51.100.1:53".parse().unwrap()),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            relay.idle_for("198.51.100.1:443".parse().unwrap()),
+            Duration::from_secs(60)
+        );
+    }
+
+    /// Replies leave from the remote's own address; an address a local
+    /// service holds (EADDRINUSE) costs that reply, with a count and a
+    /// warning, never the process. Needs CAP_NET_ADMIN for IP_TRANSPARENT.
+    #[tokio::test]
+    async fn reply_sockets_send_from_the_remote_and_survive_eaddrinuse() {
+        if !nix::unistd::geteuid().is_root() {
+            assert!(std::env::var_os("CI").is_none(), "needs root under CI");
+            return;
+        }
+        let stats = UdpStats::default();
+        let replies = ReplySockets::new(4, 0);
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let client_addr = client.local_addr().unwrap();
+
+        // 127.0.0.2 is loopback too: stands in for a remote host.
+        let remote: SocketAddr = "127.0.0.2:45053".parse().unwrap();
+        assert!(
+            replies
+                .send(remote, client_addr, b"from remote", &stats)
+                .await
+        );
+        let mut buf = [0u8; 64];
+        let (n, from) = client.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from), (&b"from remote"[..], remote));
+        assert_eq!(replies.len(), 1);
+
+        // A local service owns this address without SO_REUSEADDR.
+        let service = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let taken = service.local_addr().unwrap();
+        assert!(!replies.send(taken, client_addr, b"x", &stats).await);
+        assert!(!replies.send(taken, client_addr, b"x", &stats).await);
+        assert_eq!(stats.replies_dropped_bind.load(Ordering::Relaxed), 2);
+        assert_eq!(replies.len(), 1, "the failed address holds no socket");
+        assert_eq!(replies.expire(Duration::ZERO), 1, "idle sockets expire");
+    }
 }

@@ -232,14 +232,23 @@ impl Netns {
         })
     }
 
-    fn kill_all(&self) {
-        let pids = Command::new("ip")
+    /// Processes whose network namespace is this one.
+    pub fn pids(&self) -> Vec<String> {
+        Command::new("ip")
             .args(["netns", "pids", &self.name])
-            .output();
-        if let Ok(out) = pids {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                let _ = Command::new("kill").args(["-9", pid]).status();
-            }
+            .output()
+            .map(|out| {
+                String::from_utf8_lossy(&out.stdout)
+                    .split_whitespace()
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn kill_all(&self) {
+        for pid in self.pids() {
+            let _ = Command::new("kill").args(["-9", &pid]).status();
         }
     }
 }
@@ -562,10 +571,14 @@ client pass {{ from: ::/0 to: ::/0 }}
 
     /// Stops dante, as an upstream outage.
     pub fn stop_dante(&mut self) {
-        // dante forks helpers; kill the whole namespace's dante processes.
-        let out = self.wan.exec_output(&["pidof", "danted"]);
-        for pid in out.split_whitespace() {
-            let _ = Command::new("kill").args(["-9", pid]).status();
+        // dante forks helpers. `ip netns exec` changes only the network
+        // namespace, so `pidof` would see (and kill) every test's dante:
+        // ask for the processes of this bed's WAN namespace instead.
+        for pid in self.wan.pids() {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "danted" {
+                let _ = Command::new("kill").args(["-9", &pid]).status();
+            }
         }
         if let Some(mut c) = self.dante.take() {
             let _ = c.kill();
