@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::firewall::cidr::{default_bypass, Cidr, PortRange};
+
 /// How TCP flows reach the listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -86,6 +88,56 @@ pub struct Limits {
     pub udp_reply_sockets: usize,
 }
 
+/// Which tool installs the capture rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Nftables,
+    Iptables,
+    /// The user writes the rules; tproxyd installs nothing.
+    None,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Nftables => "nftables",
+            Backend::Iptables => "iptables",
+            Backend::None => "none",
+        })
+    }
+}
+
+/// What the firewall rules capture and how (see README, "Firewall").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirewallConfig {
+    pub backend: Backend,
+    /// Traffic arriving on these interfaces is captured (`eth*` allowed).
+    pub lan_interfaces: Vec<String>,
+    /// If set, only traffic from these sources is captured.
+    pub source_cidrs: Vec<Cidr>,
+    /// Destination ports to capture per protocol; empty means all.
+    pub tcp_ports: Vec<PortRange>,
+    pub udp_ports: Vec<PortRange>,
+    /// Capture the router's own traffic too.
+    pub proxy_local: bool,
+    /// Destinations never captured: the defaults (unless turned off) and
+    /// the user's own. The SOCKS5 server is added when the rules are made.
+    pub bypass: Vec<Cidr>,
+    /// fwmark the rules put on captured packets for the policy route.
+    pub route_mark: u32,
+    /// Routing table holding tproxyd's `local default dev lo` routes.
+    pub route_table: u32,
+    /// Priority of tproxyd's `ip rule`.
+    pub rule_priority: u32,
+    /// Keep the rules (dropping captured traffic) while tproxyd is down.
+    pub fail_closed: bool,
+}
+
+pub const DEFAULT_ROUTE_MARK: u32 = 0x1090;
+pub const DEFAULT_ROUTE_TABLE: u32 = 1090;
+pub const DEFAULT_RULE_PRIORITY: u32 = 1090;
+
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -97,6 +149,7 @@ pub struct Config {
     pub mark: u32,
     pub timeouts: Timeouts,
     pub limits: Limits,
+    pub firewall: FirewallConfig,
 }
 
 pub const DEFAULT_LISTEN: &str = "[::]:1090";
@@ -125,6 +178,26 @@ pub struct RawConfig {
     pub timeouts: RawTimeouts,
     #[serde(default)]
     pub limits: RawLimits,
+    #[serde(default)]
+    pub firewall: RawFirewall,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFirewall {
+    pub backend: Option<Backend>,
+    pub lan_interfaces: Option<Vec<String>>,
+    pub source_cidrs: Option<Vec<String>>,
+    pub tcp_ports: Option<Vec<String>>,
+    pub udp_ports: Option<Vec<String>>,
+    pub proxy_local: Option<bool>,
+    pub bypass: Option<Vec<String>>,
+    /// false: bypass only what `bypass` lists (and the SOCKS5 server).
+    pub default_bypass: Option<bool>,
+    pub route_mark: Option<u32>,
+    pub route_table: Option<u32>,
+    pub rule_priority: Option<u32>,
+    pub fail_closed: Option<bool>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -311,6 +384,8 @@ impl RawConfig {
             issue("limits.udp_reply_sockets", "must be at least 1".into());
         }
 
+        let firewall = self.firewall.validate(mark, mode, tcp, udp, &mut issue);
+
         match (listen, outbound) {
             (Some(listen), Some(outbound)) if issues.is_empty() => Ok(Config {
                 listen,
@@ -321,8 +396,125 @@ impl RawConfig {
                 mark,
                 timeouts,
                 limits,
+                firewall,
             }),
             _ => Err(ConfigError::Invalid(issues)),
+        }
+    }
+}
+
+/// Interface names go into rule text: allow only what real names use
+/// (plus a trailing `*` wildcard), so no name can inject a rule.
+fn valid_interface(name: &str) -> bool {
+    let body = name.strip_suffix('*').unwrap_or(name);
+    !body.is_empty()
+        && name.len() <= 15
+        && body
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@' | '+'))
+}
+
+impl RawFirewall {
+    fn validate(
+        &self,
+        proxy_mark: u32,
+        mode: Mode,
+        tcp: bool,
+        udp: bool,
+        issue: &mut dyn FnMut(&'static str, String),
+    ) -> FirewallConfig {
+        fn list<T: std::str::FromStr<Err = String>>(
+            key: &'static str,
+            items: &Option<Vec<String>>,
+            issue: &mut dyn FnMut(&'static str, String),
+        ) -> Vec<T> {
+            let mut out = Vec::new();
+            for item in items.iter().flatten() {
+                match item.parse() {
+                    Ok(v) => out.push(v),
+                    Err(e) => issue(key, e),
+                }
+            }
+            out
+        }
+        let backend = self.backend.unwrap_or(Backend::Nftables);
+        let lan_interfaces = self.lan_interfaces.clone().unwrap_or_default();
+        for name in &lan_interfaces {
+            if !valid_interface(name) {
+                issue(
+                    "firewall.lan_interfaces",
+                    format!("{name:?} is not an interface name (letters, digits, . _ - @ +, at most 15, optional trailing *)"),
+                );
+            }
+        }
+        let source_cidrs = list("firewall.source_cidrs", &self.source_cidrs, issue);
+        let tcp_ports = list("firewall.tcp_ports", &self.tcp_ports, issue);
+        let udp_ports = list("firewall.udp_ports", &self.udp_ports, issue);
+        let proxy_local = self.proxy_local.unwrap_or(false);
+        let mut bypass = if self.default_bypass.unwrap_or(true) {
+            default_bypass()
+        } else {
+            Vec::new()
+        };
+        bypass.extend(list::<Cidr>("firewall.bypass", &self.bypass, issue));
+        let route_mark = self.route_mark.unwrap_or(DEFAULT_ROUTE_MARK);
+        let route_table = self.route_table.unwrap_or(DEFAULT_ROUTE_TABLE);
+        let rule_priority = self.rule_priority.unwrap_or(DEFAULT_RULE_PRIORITY);
+        let fail_closed = self.fail_closed.unwrap_or(false);
+
+        if backend != Backend::None {
+            if lan_interfaces.is_empty() && source_cidrs.is_empty() && !proxy_local {
+                issue(
+                    "firewall",
+                    "nothing to capture: name the LAN with --lan-interface IF (firewall.lan_interfaces) \
+                     or firewall.source_cidrs, and/or add --proxy-local; or --firewall none if you \
+                     write the rules yourself"
+                        .into(),
+                );
+            }
+            if route_mark == 0 || route_mark == proxy_mark {
+                issue(
+                    "firewall.route_mark",
+                    format!("must be non-zero and differ from mark ({proxy_mark}): one marks captured packets, the other tproxyd's own"),
+                );
+            }
+            if route_table == 0 || (253..=255).contains(&route_table) {
+                issue(
+                    "firewall.route_table",
+                    "0, 253 (default), 254 (main) and 255 (local) are the system's tables; pick another".into(),
+                );
+            }
+            if rule_priority == 0 || rule_priority >= 32766 {
+                issue(
+                    "firewall.rule_priority",
+                    "must be between 1 and 32765 so the rule is seen before the main table".into(),
+                );
+            }
+            if mode == Mode::Redirect && fail_closed {
+                issue(
+                    "firewall.fail_closed",
+                    "only for mode tproxy: with redirect, flows to a stopped tproxyd are refused anyway".into(),
+                );
+            }
+        }
+        if !tcp && !tcp_ports.is_empty() {
+            issue("firewall.tcp_ports", "set, but tcp is off".into());
+        }
+        if !udp && !udp_ports.is_empty() {
+            issue("firewall.udp_ports", "set, but udp is off".into());
+        }
+        FirewallConfig {
+            backend,
+            lan_interfaces,
+            source_cidrs,
+            tcp_ports,
+            udp_ports,
+            proxy_local,
+            bypass,
+            route_mark,
+            route_table,
+            rule_priority,
+            fail_closed,
         }
     }
 }
@@ -462,8 +654,13 @@ mod tests {
         None
     }
 
+    /// Most tests are not about the firewall: switch it off.
+    fn no_fw(text: &str) -> String {
+        format!("{text}\n[firewall]\nbackend = \"none\"\n")
+    }
+
     fn issues_of(text: &str) -> Vec<ConfigIssue> {
-        match RawConfig::from_toml(text, "t.toml")
+        match RawConfig::from_toml(&no_fw(text), "t.toml")
             .unwrap()
             .validate(&no_env)
         {
@@ -475,7 +672,7 @@ mod tests {
     #[test]
     fn minimal_socks5_config_gets_defaults() {
         let cfg = RawConfig::from_toml(
-            "[outbound]\ntype = \"socks5\"\nserver = \"203.0.113.2:1080\"\n",
+            &no_fw("[outbound]\ntype = \"socks5\"\nserver = \"203.0.113.2:1080\"\n"),
             "t.toml",
         )
         .unwrap()
@@ -543,7 +740,7 @@ mod tests {
     #[test]
     fn password_from_environment() {
         let raw = RawConfig::from_toml(
-            "[outbound]\ntype=\"socks5\"\nserver=\"[2001:db8::1]:1080\"\nusername=\"u\"\npassword_env=\"PW\"\n",
+            &no_fw("[outbound]\ntype=\"socks5\"\nserver=\"[2001:db8::1]:1080\"\nusername=\"u\"\npassword_env=\"PW\"\n"),
             "t.toml",
         )
         .unwrap();
@@ -564,10 +761,13 @@ mod tests {
 
     #[test]
     fn redirect_mode_defaults_to_tcp_only() {
-        let cfg = RawConfig::from_toml("mode=\"redirect\"\n[outbound]\ntype=\"direct\"\n", "t")
-            .unwrap()
-            .validate(&no_env)
-            .unwrap();
+        let cfg = RawConfig::from_toml(
+            &no_fw("mode=\"redirect\"\n[outbound]\ntype=\"direct\"\n"),
+            "t",
+        )
+        .unwrap()
+        .validate(&no_env)
+        .unwrap();
         assert!(cfg.tcp && !cfg.udp);
     }
 
@@ -585,6 +785,68 @@ mod tests {
         assert_eq!(
             issues_of("tcp=false\nudp=false\n[outbound]\ntype=\"direct\"\n")[0].key,
             "tcp"
+        );
+    }
+
+    fn fw_issues(fw: &str) -> Vec<ConfigIssue> {
+        let text = format!("[outbound]\ntype = \"direct\"\n[firewall]\n{fw}");
+        match RawConfig::from_toml(&text, "t").unwrap().validate(&no_env) {
+            Err(ConfigError::Invalid(v)) => v,
+            Ok(_) => vec![],
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn firewall_defaults_and_udp_53_only() {
+        let text = "udp = true\ntcp = false\n[outbound]\ntype = \"direct\"\n\
+                    [firewall]\nlan_interfaces = [\"br-lan\"]\nudp_ports = [\"53\"]\nbypass = [\"192.0.2.0/24\"]\n";
+        let cfg = RawConfig::from_toml(text, "t")
+            .unwrap()
+            .validate(&no_env)
+            .unwrap();
+        let fw = cfg.firewall;
+        assert_eq!(fw.backend, Backend::Nftables);
+        assert_eq!(fw.udp_ports, vec!["53".parse().unwrap()]);
+        assert_eq!(
+            (fw.route_mark, fw.route_table, fw.rule_priority),
+            (0x1090, 1090, 1090)
+        );
+        assert!(fw.bypass.contains(&"10.0.0.0/8".parse().unwrap()));
+        assert!(fw.bypass.contains(&"192.0.2.0/24".parse().unwrap()));
+        assert!(!fw.fail_closed && !fw.proxy_local);
+    }
+
+    #[test]
+    fn firewall_problems_name_their_keys() {
+        assert_eq!(fw_issues("")[0].key, "firewall");
+        assert!(fw_issues("backend = \"none\"").is_empty());
+        assert!(fw_issues("proxy_local = true").is_empty());
+        let keys = |fw: &str| fw_issues(fw).iter().map(|i| i.key).collect::<Vec<_>>();
+        assert_eq!(
+            keys("lan_interfaces = [\"eth0\\\" accept\"]"),
+            ["firewall.lan_interfaces"]
+        );
+        assert_eq!(
+            keys("lan_interfaces = [\"averyveryverylongname\"]"),
+            ["firewall.lan_interfaces"]
+        );
+        assert!(keys("lan_interfaces = [\"eth*\", \"br-lan\", \"wg0.5\"]").is_empty());
+        assert_eq!(
+            keys("proxy_local = true\nroute_mark = 255"),
+            ["firewall.route_mark"]
+        );
+        assert_eq!(
+            keys("proxy_local = true\nroute_table = 254"),
+            ["firewall.route_table"]
+        );
+        assert_eq!(
+            keys("proxy_local = true\nbypass = [\"10.0.0.0/40\"]"),
+            ["firewall.bypass"]
+        );
+        assert_eq!(
+            keys("proxy_local = true\nudp_ports = [\"x\"]"),
+            ["firewall.udp_ports"]
         );
     }
 }

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use tproxyd::config::{Config, ConfigError, Mode, RawConfig};
+use tproxyd::config::{Backend, Config, ConfigError, Mode, RawConfig};
+use tproxyd::firewall::{self, Plan};
 use tproxyd::server::Server;
 
 #[derive(Parser)]
@@ -29,12 +30,30 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Show, install or remove tproxyd's firewall rules and policy routes
+    /// by hand (for scripts); takes the same settings as run.
+    Rules {
+        #[arg(value_enum)]
+        action: RulesAction,
+        #[command(flatten)]
+        args: RunArgs,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RulesAction {
+    /// Print exactly what would be applied.
+    Print,
+    /// Install (replacing any earlier tproxyd rules).
+    Apply,
+    /// Remove tproxyd's rules and routes (and nothing else).
+    Remove,
 }
 
 #[derive(Args)]
 struct RunArgs {
     /// Read settings from this TOML file (see examples/tproxyd.toml).
-    #[arg(short, long, value_name = "FILE", conflicts_with_all = ["listen", "mode", "socks5", "direct", "username", "mark", "tcp_only", "udp_only", "udp_timeout"])]
+    #[arg(short, long, value_name = "FILE", conflicts_with_all = ["listen", "mode", "socks5", "direct", "username", "mark", "tcp_only", "udp_only", "udp_timeout", "firewall", "lan_interface", "proxy_local", "bypass"])]
     config: Option<PathBuf>,
     /// Listen address; [::]:PORT serves IPv4 and IPv6.
     #[arg(long, value_name = "ADDR")]
@@ -66,9 +85,28 @@ struct RunArgs {
     /// Seconds a UDP session may stay idle.
     #[arg(long, value_name = "SECS")]
     udp_timeout: Option<u64>,
+    /// Who installs the capture rules (none: you write them).
+    #[arg(long, value_enum)]
+    firewall: Option<CliBackend>,
+    /// Capture traffic arriving on this interface (repeatable; eth* allowed).
+    #[arg(long, value_name = "IF")]
+    lan_interface: Vec<String>,
+    /// Capture the router's own traffic too.
+    #[arg(long)]
+    proxy_local: bool,
+    /// Never capture this destination (repeatable), on top of the defaults.
+    #[arg(long, value_name = "CIDR")]
+    bypass: Vec<String>,
     /// Log one line per flow (debug level).
     #[arg(short, long)]
     verbose: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CliBackend {
+    Nftables,
+    Iptables,
+    None,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -107,6 +145,20 @@ impl RunArgs {
             raw.outbound.password = self.password.clone();
         }
         raw.timeouts.udp_idle = self.udp_timeout;
+        raw.firewall.backend = self.firewall.map(|b| match b {
+            CliBackend::Nftables => Backend::Nftables,
+            CliBackend::Iptables => Backend::Iptables,
+            CliBackend::None => Backend::None,
+        });
+        if !self.lan_interface.is_empty() {
+            raw.firewall.lan_interfaces = Some(self.lan_interface.clone());
+        }
+        if self.proxy_local {
+            raw.firewall.proxy_local = Some(true);
+        }
+        if !self.bypass.is_empty() {
+            raw.firewall.bypass = Some(self.bypass.clone());
+        }
         raw
     }
 }
@@ -173,6 +225,13 @@ async fn shutdown_signal() {
     }
 }
 
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     init_logging(args.verbose);
     let cfg = match load(&args) {
@@ -185,12 +244,54 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if cfg.mode == Mode::Redirect {
         tracing::info!("mode redirect serves TCP only; UDP needs --mode tproxy");
     }
+    let plan = Plan::from_config(&cfg);
+    let fail_closed = cfg.firewall.fail_closed;
+    // Listeners first: rules must never point at a port nobody serves.
     let server = Server::bind(cfg)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(server.run(shutdown_signal()))?;
+    runtime()?.block_on(async {
+        firewall::apply(&plan)
+            .await
+            .context("cannot install the firewall rules")?;
+        if plan.backend != Backend::None {
+            tracing::info!(backend = %plan.backend, "firewall rules and policy routes installed");
+        }
+        let served = server.run(shutdown_signal()).await;
+        if fail_closed {
+            tracing::info!("fail_closed: rules kept; captured traffic is dropped until tproxyd runs again or `tproxyd rules remove`");
+        } else {
+            firewall::remove(&plan)
+                .await
+                .context("cannot remove the firewall rules")?;
+            if plan.backend != Backend::None {
+                tracing::info!("firewall rules and policy routes removed");
+            }
+        }
+        served?;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rules(action: RulesAction, args: RunArgs) -> anyhow::Result<ExitCode> {
+    let cfg = match load(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            print_config_error(&e);
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let plan = Plan::from_config(&cfg);
+    match action {
+        RulesAction::Print => print!("{}", plan.describe()),
+        RulesAction::Apply => {
+            runtime()?.block_on(firewall::apply(&plan))?;
+            println!("tproxyd rules installed ({})", plan.backend);
+        }
+        RulesAction::Remove => {
+            runtime()?.block_on(firewall::remove(&plan))?;
+            println!("tproxyd rules removed ({})", plan.backend);
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -198,6 +299,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Rules { action, args } => rules(action, args),
         Command::Check { config } => {
             match RawConfig::load(&config).and_then(|raw| raw.validate(&env_var)) {
                 Ok(_) => {

@@ -132,7 +132,14 @@ fn missing_cap_net_admin_is_named() {
     } else {
         Command::new(BIN)
     };
-    cmd.args(["run", "--listen", "127.0.0.1:1", "--direct"]);
+    cmd.args([
+        "run",
+        "--listen",
+        "127.0.0.1:1",
+        "--direct",
+        "--firewall",
+        "none",
+    ]);
     let o = run_cmd(&mut cmd);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let err = stderr(&o);
@@ -164,6 +171,8 @@ fn port_in_use_is_one_clear_line() {
             &addr.to_string(),
             "--direct",
             "--tcp-only",
+            "--firewall",
+            "none",
         ],
         &[],
     );

@@ -19,6 +19,7 @@ fn bed(mode: Mode, upstream: Upstream) -> Option<Testbed> {
             mode,
             upstream,
             extra_args: vec![],
+            own_rules: None,
         })
     })
 }

@@ -20,6 +20,7 @@ fn bed(upstream: Upstream) -> Option<Testbed> {
             mode: Mode::Tproxy,
             upstream,
             extra_args: vec![],
+            own_rules: None,
         })
     })
 }
@@ -179,6 +180,7 @@ fn idle_udp_session_expires_and_closes_its_association() {
         mode: Mode::Tproxy,
         upstream: Upstream::Socks,
         extra_args: vec!["--udp-timeout".into(), "1".into()],
+        own_rules: None,
     });
     let dst = Family::V4.remote_a(UDP_ECHO_PORT);
     tb.lan.enter(|| {

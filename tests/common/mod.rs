@@ -273,13 +273,39 @@ pub struct Testbed {
     stop: Arc<AtomicBool>,
     tproxyd: Option<Child>,
     dante: Option<Child>,
+    /// The router's firewall and routing state before tproxyd first ran.
+    pub baseline: String,
+    tproxyd_cmd: Vec<String>,
+    tproxyd_env: Vec<(String, String)>,
+    starts: usize,
 }
 
 pub struct Options {
     pub mode: Mode,
     pub upstream: Upstream,
     pub extra_args: Vec<String>,
+    /// None: the test writes the capture rules by hand and tproxyd runs
+    /// with `--firewall none`. Some: tproxyd installs its own rules, run
+    /// from a generated config file with these sections.
+    pub own_rules: Option<OwnRules>,
 }
+
+/// Settings for a tproxyd that installs its own rules.
+pub struct OwnRules {
+    /// Top-level keys (tcp, udp, ...).
+    pub top: String,
+    /// The body of the [firewall] section.
+    pub firewall: String,
+}
+
+/// A foreign table the tests create before tproxyd starts; it must come
+/// through every start and stop untouched.
+pub const FOREIGN_TABLE: &str = "table inet foreign_app {
+    chain input {
+        type filter hook input priority 0; policy accept;
+        tcp dport 9999 counter accept
+    }
+}";
 
 impl Testbed {
     /// Builds the topology, the servers and dante, starts tproxyd with the
@@ -297,6 +323,10 @@ impl Testbed {
             stop: Arc::new(AtomicBool::new(false)),
             tproxyd: None,
             dante: None,
+            baseline: String::new(),
+            tproxyd_cmd: Vec::new(),
+            tproxyd_env: Vec::new(),
+            starts: 0,
         };
         tb.build_topology();
         tb.start_servers();
@@ -305,9 +335,38 @@ impl Testbed {
             Upstream::SocksAuth | Upstream::SocksWrongPassword
         );
         tb.start_dante(auth);
-        tb.install_rules(opts.mode);
-        tb.start_tproxyd(&opts);
+        if opts.own_rules.is_some() {
+            tb.router.nft(FOREIGN_TABLE);
+        } else {
+            tb.install_rules(opts.mode);
+        }
+        tb.baseline = tb.snapshot();
+        tb.prepare_tproxyd(&opts);
+        tb.spawn_tproxyd();
         tb
+    }
+
+    /// The router's whole firewall and policy-routing state, as text.
+    pub fn snapshot(&self) -> String {
+        let mut out = String::new();
+        for cmd in [
+            &["nft", "list", "ruleset"][..],
+            &["iptables-save"],
+            &["ip6tables-save"],
+            &["ip", "rule"],
+            &["ip", "-6", "rule"],
+            &["ip", "route", "show", "table", "all"],
+            &["ip", "-6", "route", "show", "table", "all"],
+        ] {
+            out.push_str(&format!("## {}\n", cmd.join(" ")));
+            let text = self.router.exec_output(cmd);
+            // iptables-save stamps the time; nothing else varies by itself.
+            for line in text.lines().filter(|l| !l.starts_with('#')) {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
     }
 
     fn build_topology(&self) {
@@ -448,63 +507,168 @@ client pass {{ from: ::/0 to: ::/0 }}
         );
     }
 
-    fn start_tproxyd(&mut self, opts: &Options) {
+    fn prepare_tproxyd(&mut self, opts: &Options) {
         let mode = match opts.mode {
             Mode::Tproxy => "tproxy",
             Mode::Redirect => "redirect",
         };
-        let mut cmd = Command::new("ip");
-        cmd.args([
-            "netns",
-            "exec",
-            &self.router.name,
-            env!("CARGO_BIN_EXE_tproxyd"),
-            "run",
-        ])
-        .args([
-            "--listen",
-            &format!("[::]:{PROXY_PORT}"),
-            "--mode",
-            mode,
-            "--verbose",
-        ]);
         let socks = format!("{SOCKS_V4}:{SOCKS_PORT}");
-        match opts.upstream {
-            Upstream::Direct => {
-                cmd.arg("--direct");
+        let (user, password) = match opts.upstream {
+            Upstream::SocksAuth => (Some(AUTH_USER), Some(AUTH_PASSWORD)),
+            Upstream::SocksWrongPassword => (Some(AUTH_USER), Some("not-the-password")),
+            _ => (None, None),
+        };
+        if let Some(pw) = password {
+            self.tproxyd_env
+                .push(("TPROXYD_PASSWORD".into(), pw.into()));
+        }
+        let server = match opts.upstream {
+            Upstream::Direct => None,
+            Upstream::SocksDown => Some(format!("{SOCKS_V4}:{DEAD_PORT}")),
+            _ => Some(socks),
+        };
+        let mut args: Vec<String> = vec!["run".into(), "--verbose".into()];
+        match &opts.own_rules {
+            None => {
+                args.extend([
+                    "--listen".into(),
+                    format!("[::]:{PROXY_PORT}"),
+                    "--mode".into(),
+                    mode.into(),
+                ]);
+                args.extend(["--firewall".into(), "none".into()]);
+                match &server {
+                    None => args.push("--direct".into()),
+                    Some(s) => args.extend(["--socks5".into(), s.clone()]),
+                }
+                if let Some(u) = user {
+                    args.extend(["--username".into(), u.into()]);
+                }
             }
-            Upstream::Socks => {
-                cmd.args(["--socks5", &socks]);
-            }
-            Upstream::SocksAuth => {
-                cmd.args(["--socks5", &socks, "--username", AUTH_USER]);
-                cmd.env("TPROXYD_PASSWORD", AUTH_PASSWORD);
-            }
-            Upstream::SocksWrongPassword => {
-                cmd.args(["--socks5", &socks, "--username", AUTH_USER]);
-                cmd.env("TPROXYD_PASSWORD", "not-the-password");
-            }
-            Upstream::SocksDown => {
-                cmd.args(["--socks5", &format!("{SOCKS_V4}:{DEAD_PORT}")]);
+            Some(own) => {
+                let outbound = match &server {
+                    None => "type = \"direct\"\n".to_string(),
+                    Some(s) => {
+                        let mut o = format!("type = \"socks5\"\nserver = \"{s}\"\n");
+                        if let Some(u) = user {
+                            o.push_str(&format!(
+                                "username = \"{u}\"\npassword_env = \"TPROXYD_PASSWORD\"\n"
+                            ));
+                        }
+                        o
+                    }
+                };
+                let file = self.config_path();
+                std::fs::write(
+                    &file,
+                    format!(
+                        "listen = \"[::]:{PROXY_PORT}\"\nmode = \"{mode}\"\n{}\n[outbound]\n{outbound}\n[firewall]\n{}\n",
+                        own.top, own.firewall
+                    ),
+                )
+                .unwrap();
+                args.extend(["-c".into(), file.display().to_string()]);
             }
         }
-        cmd.args(&opts.extra_args);
+        args.extend(opts.extra_args.iter().cloned());
+        self.tproxyd_cmd = args;
+    }
+
+    /// The generated config file (own-rules beds only).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("tproxyd.toml")
+    }
+
+    /// Runs `tproxyd ARGS` in the router namespace to completion.
+    pub fn tproxyd_cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.router.name,
+                env!("CARGO_BIN_EXE_tproxyd"),
+            ])
+            .args(args)
+            .envs(
+                self.tproxyd_env
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
+            .stdin(Stdio::null())
+            .output()
+            .expect("run tproxyd")
+    }
+
+    /// Starts tproxyd (again) and waits until it listens.
+    pub fn spawn_tproxyd(&mut self) {
+        assert!(self.tproxyd.is_none(), "tproxyd already running");
+        self.starts += 1;
         let log = self.dir.join("tproxyd.log");
-        let child = cmd
+        let mut log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        writeln!(log_file, "==== start {} ====", self.starts).unwrap();
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.router.name,
+                env!("CARGO_BIN_EXE_tproxyd"),
+            ])
+            .args(&self.tproxyd_cmd)
+            .envs(
+                self.tproxyd_env
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap())
+            .stderr(log_file)
             .spawn()
             .expect("start tproxyd");
         self.tproxyd = Some(child);
-        let ready = wait_until(Duration::from_secs(10), || {
-            self.tproxyd_log().contains("tproxyd listening") || self.tproxyd_exited()
-        });
+        let marker = format!("==== start {} ====", self.starts);
+        let started = || {
+            let log = self.tproxyd_log();
+            let this_run = log.rsplit(&marker).next().unwrap_or("").to_string();
+            let ready = this_run.contains("tproxyd listening")
+                && (!self.tproxyd_cmd.iter().any(|a| a == "-c")
+                    || this_run.contains("firewall rules and policy routes installed"));
+            ready || self.tproxyd_exited()
+        };
+        let ready = wait_until(Duration::from_secs(10), started);
         assert!(
             ready && !self.tproxyd_exited(),
             "tproxyd did not start:\n{}",
             self.tproxyd_log()
         );
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop_tproxyd(&mut self) {
+        let mut child = self.tproxyd.take().expect("tproxyd not running");
+        // `ip netns exec` execs tproxyd in place: the child's pid is tproxyd's.
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "tproxyd exited with {status} on SIGTERM:\n{}",
+                    self.tproxyd_log()
+                );
+                return;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("tproxyd did not stop on SIGTERM:\n{}", self.tproxyd_log());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn tproxyd_exited(&self) -> bool {

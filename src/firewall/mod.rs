@@ -1,0 +1,210 @@
+//! The firewall room: turns the config into one ruleset plus policy
+//! routes, applies them, checks them and removes them.
+//!
+//! tproxyd owns exactly one nftables table (`inet tproxyd`), one `ip rule`
+//! per family (its fwmark → its table) and the routes in its own routing
+//! table. It never flushes, reads into or edits anything else, and it
+//! removes its own leftovers (from a run that was killed) before applying,
+//! so a restart never adds anything twice.
+
+pub mod cidr;
+pub mod nft;
+pub mod policy_route;
+
+use crate::config::{Backend, Config, Mode, OutboundConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FirewallError {
+    #[error("cannot run {tool}: {detail}")]
+    Tool { tool: &'static str, detail: String },
+    #[error("{tool} refused the rules: {detail}")]
+    Rejected { tool: &'static str, detail: String },
+    #[error("policy routing over netlink failed ({what}): {detail}")]
+    Netlink { what: String, detail: String },
+    #[error("the {0} backend is not available in this build yet; use --firewall nftables or none")]
+    Unsupported(Backend),
+}
+
+/// Everything the backends need, with addresses already split by family
+/// and rendered as text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub backend: Backend,
+    pub mode: Mode,
+    pub listen_port: u16,
+    pub tcp: bool,
+    pub udp: bool,
+    pub proxy_mark: u32,
+    pub route_mark: u32,
+    pub route_table: u32,
+    pub rule_priority: u32,
+    pub lan_interfaces: Vec<String>,
+    pub source_v4: Vec<String>,
+    pub source_v6: Vec<String>,
+    pub bypass_v4: Vec<String>,
+    pub bypass_v6: Vec<String>,
+    pub tcp_ports: Vec<String>,
+    pub udp_ports: Vec<String>,
+    pub proxy_local: bool,
+    pub fail_closed: bool,
+}
+
+impl Plan {
+    pub fn from_config(cfg: &Config) -> Plan {
+        let fw = &cfg.firewall;
+        let mut bypass = fw.bypass.clone();
+        // The upstream's own address must never be captured, or tproxyd's
+        // connection to it (were its mark ever lost) would loop.
+        if let OutboundConfig::Socks5 { server, .. } = &cfg.outbound {
+            bypass.push(cidr::Cidr::host(crate::sys::normalize(*server).ip()));
+        }
+        let split = |list: &[cidr::Cidr]| -> (Vec<String>, Vec<String>) {
+            let mut v4: Vec<String> = list
+                .iter()
+                .filter(|c| c.is_ipv4())
+                .map(|c| c.to_string())
+                .collect();
+            let mut v6: Vec<String> = list
+                .iter()
+                .filter(|c| !c.is_ipv4())
+                .map(|c| c.to_string())
+                .collect();
+            v4.dedup();
+            v6.dedup();
+            (v4, v6)
+        };
+        let (bypass_v4, bypass_v6) = split(&bypass);
+        let (source_v4, source_v6) = split(&fw.source_cidrs);
+        Plan {
+            backend: fw.backend,
+            mode: cfg.mode,
+            listen_port: cfg.listen.port(),
+            tcp: cfg.tcp,
+            udp: cfg.udp,
+            proxy_mark: cfg.mark,
+            route_mark: fw.route_mark,
+            route_table: fw.route_table,
+            rule_priority: fw.rule_priority,
+            lan_interfaces: fw.lan_interfaces.clone(),
+            source_v4,
+            source_v6,
+            bypass_v4,
+            bypass_v6,
+            tcp_ports: fw.tcp_ports.iter().map(|p| p.to_string()).collect(),
+            udp_ports: fw.udp_ports.iter().map(|p| p.to_string()).collect(),
+            proxy_local: fw.proxy_local,
+            fail_closed: fw.fail_closed,
+        }
+    }
+
+    /// Policy routes are only needed for TPROXY (and for REDIRECT nothing
+    /// is marked).
+    pub fn needs_policy_routes(&self) -> bool {
+        self.mode == Mode::Tproxy
+    }
+
+    /// What `tproxyd rules print` shows: the exact ruleset and the route
+    /// changes, as commands a person can read.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        match self.backend {
+            Backend::None => out.push_str("# firewall backend none: tproxyd installs no rules\n"),
+            Backend::Nftables => {
+                out.push_str("# nft -f - (one atomic transaction)\n");
+                out.push_str(&nft::transaction(self));
+            }
+            Backend::Iptables => {
+                out.push_str("# iptables backend: not available in this build yet\n")
+            }
+        }
+        if self.backend != Backend::None && self.needs_policy_routes() {
+            out.push_str("\n# policy routing (applied over netlink)\n");
+            for fam in ["", "-6 "] {
+                out.push_str(&format!(
+                    "ip {fam}rule add fwmark {:#x} lookup {} priority {}\n",
+                    self.route_mark, self.route_table, self.rule_priority
+                ));
+                out.push_str(&format!(
+                    "ip {fam}route add local default dev lo table {}\n",
+                    self.route_table
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Installs the rules and routes, replacing any leftovers of an earlier
+/// run. On failure, whatever was installed is removed again.
+pub async fn apply(plan: &Plan) -> Result<(), FirewallError> {
+    match plan.backend {
+        Backend::None => return Ok(()),
+        Backend::Iptables => return Err(FirewallError::Unsupported(Backend::Iptables)),
+        Backend::Nftables => {}
+    }
+    if plan.needs_policy_routes() {
+        policy_route::apply(plan).await?;
+    } else {
+        policy_route::remove(plan).await?;
+    }
+    if let Err(e) = nft::apply(plan) {
+        let _ = policy_route::remove(plan).await;
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Removes tproxyd's rules and routes; a no-op when there are none.
+pub async fn remove(plan: &Plan) -> Result<(), FirewallError> {
+    match plan.backend {
+        Backend::None => return Ok(()),
+        Backend::Iptables => return Err(FirewallError::Unsupported(Backend::Iptables)),
+        Backend::Nftables => {}
+    }
+    let nft_result = nft::remove();
+    policy_route::remove(plan).await?;
+    nft_result.map(|_| ())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::config::RawConfig;
+
+    pub fn plan_with(top: &str, fw: &str) -> Plan {
+        let text = format!(
+            "{top}[outbound]\ntype = \"socks5\"\nserver = \"203.0.113.2:1080\"\n[firewall]\n{fw}"
+        );
+        let cfg = RawConfig::from_toml(&text, "t")
+            .unwrap()
+            .validate(&|_| None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        Plan::from_config(&cfg)
+    }
+
+    pub fn plan_for(fw: &str) -> Plan {
+        plan_with("", fw)
+    }
+
+    #[test]
+    fn socks_server_is_bypassed_and_families_are_split() {
+        let plan = plan_for("lan_interfaces = [\"br-lan\"]\nbypass = [\"2001:db8:5::/48\"]\n");
+        assert!(plan.bypass_v4.contains(&"203.0.113.2/32".to_string()));
+        assert!(plan.bypass_v6.contains(&"2001:db8:5::/48".to_string()));
+        assert!(plan.bypass_v4.iter().all(|c| !c.contains(':')));
+        assert!(plan.bypass_v6.iter().all(|c| c.contains(':')));
+    }
+
+    #[test]
+    fn describe_lists_the_routes_for_both_families() {
+        let text = plan_for("proxy_local = true\n").describe();
+        assert!(
+            text.contains("ip rule add fwmark 0x1090 lookup 1090 priority 1090"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ip -6 route add local default dev lo table 1090"),
+            "{text}"
+        );
+    }
+}

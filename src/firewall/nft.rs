@@ -1,0 +1,361 @@
+//! The nftables backend: one table of tproxyd's own, `inet tproxyd`,
+//! written and replaced in one atomic `nft -f -` transaction and removed by
+//! deleting that table. Nothing else in the ruleset is read or touched.
+//!
+//! The text form is used rather than JSON: it is what `tproxyd rules
+//! print` shows, what a person can read and diff, and `nft -f` applies a
+//! whole file as one transaction just the same.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+use super::{FirewallError, Plan};
+use crate::config::Mode;
+
+pub const TABLE: &str = "tproxyd";
+
+fn set_elements(cidrs: &[String]) -> String {
+    cidrs.join(", ")
+}
+
+/// `tcp dport { 53, 6000-7000 } ` or nothing when all ports are captured.
+fn dport_match(proto: &str, ports: &[String]) -> String {
+    if ports.is_empty() {
+        String::new()
+    } else {
+        format!("{proto} dport {{ {} }} ", ports.join(", "))
+    }
+}
+
+/// The filters every capturing chain starts with: what must never be
+/// captured, then who may be.
+fn common_filters(out: &mut String, plan: &Plan, prerouting: bool) {
+    let _ = writeln!(out, "\t\tmeta mark {:#x} return", plan.proxy_mark);
+    if prerouting {
+        // Router-local traffic marked in output comes back in through lo.
+        let mut ifaces: Vec<String> = plan
+            .lan_interfaces
+            .iter()
+            .map(|i| format!("\"{i}\""))
+            .collect();
+        if plan.proxy_local {
+            ifaces.push("\"lo\"".into());
+        }
+        if plan.source_v4.is_empty() && plan.source_v6.is_empty() {
+            let _ = writeln!(out, "\t\tiifname != {{ {} }} return", ifaces.join(", "));
+        } else {
+            // Sources given: they are taken on the LAN interfaces (or any
+            // interface when none is named), plus lo for local traffic.
+            if !plan.lan_interfaces.is_empty() {
+                let _ = writeln!(out, "\t\tiifname != {{ {} }} return", ifaces.join(", "));
+            }
+            for (fam, set, empty) in [
+                ("ip", "source_v4", plan.source_v4.is_empty()),
+                ("ip6", "source_v6", plan.source_v6.is_empty()),
+            ] {
+                let nfproto = if fam == "ip" { "ipv4" } else { "ipv6" };
+                if empty {
+                    let _ = writeln!(out, "\t\tiifname != \"lo\" meta nfproto {nfproto} return");
+                } else {
+                    let _ = writeln!(out, "\t\tiifname != \"lo\" {fam} saddr != @{set} return");
+                }
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\t\tfib daddr type {{ local, broadcast, multicast }} return"
+    );
+    let _ = writeln!(out, "\t\tip daddr @bypass_v4 return");
+    let _ = writeln!(out, "\t\tip6 daddr @bypass_v6 return");
+}
+
+/// The whole table, as `nft -f` reads it.
+pub fn render(plan: &Plan) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "table inet {TABLE} {{");
+    for (name, ty, elems) in [
+        ("bypass_v4", "ipv4_addr", &plan.bypass_v4),
+        ("bypass_v6", "ipv6_addr", &plan.bypass_v6),
+        ("source_v4", "ipv4_addr", &plan.source_v4),
+        ("source_v6", "ipv6_addr", &plan.source_v6),
+    ] {
+        if name.starts_with("source") && elems.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "\tset {name} {{\n\t\ttype {ty}\n\t\tflags interval");
+        if !elems.is_empty() {
+            let _ = writeln!(out, "\t\telements = {{ {} }}", set_elements(elems));
+        }
+        let _ = writeln!(out, "\t}}");
+    }
+    let port = plan.listen_port;
+    let rmark = plan.route_mark;
+    let tcp = plan.tcp.then(|| dport_match("tcp", &plan.tcp_ports));
+    let udp = plan.udp.then(|| dport_match("udp", &plan.udp_ports));
+
+    match plan.mode {
+        Mode::Tproxy => {
+            let _ = writeln!(
+                out,
+                "\tchain prerouting {{\n\t\ttype filter hook prerouting priority mangle; policy accept;"
+            );
+            common_filters(&mut out, plan, true);
+            if let Some(tcp) = &tcp {
+                // Packets of flows that already have a transparent socket
+                // skip the TPROXY lookup. TCP only: a UDP reply socket
+                // bound to the remote would match and swallow datagrams.
+                let _ = writeln!(
+                    out,
+                    "\t\tmeta l4proto tcp socket transparent 1 meta mark set {rmark:#x} accept"
+                );
+                let _ = writeln!(
+                    out,
+                    "\t\tmeta l4proto tcp {tcp}tproxy to :{port} meta mark set {rmark:#x} accept"
+                );
+            }
+            if let Some(udp) = &udp {
+                let _ = writeln!(
+                    out,
+                    "\t\tmeta l4proto udp {udp}tproxy to :{port} meta mark set {rmark:#x} accept"
+                );
+            }
+            if plan.fail_closed {
+                // TPROXY found no socket: tproxyd is down. Drop instead of
+                // letting the flow go out directly.
+                if let Some(tcp) = &tcp {
+                    let _ = writeln!(out, "\t\tmeta l4proto tcp {tcp}drop");
+                }
+                if let Some(udp) = &udp {
+                    let _ = writeln!(out, "\t\tmeta l4proto udp {udp}drop");
+                }
+            }
+            let _ = writeln!(out, "\t}}");
+            if plan.proxy_local {
+                // type route: changing the mark re-routes the packet, and
+                // the policy route sends it via lo into prerouting.
+                let _ = writeln!(
+                    out,
+                    "\tchain output {{\n\t\ttype route hook output priority mangle; policy accept;"
+                );
+                common_filters(&mut out, plan, false);
+                if let Some(tcp) = &tcp {
+                    let _ = writeln!(out, "\t\tmeta l4proto tcp {tcp}meta mark set {rmark:#x}");
+                }
+                if let Some(udp) = &udp {
+                    let _ = writeln!(out, "\t\tmeta l4proto udp {udp}meta mark set {rmark:#x}");
+                }
+                let _ = writeln!(out, "\t}}");
+            }
+        }
+        Mode::Redirect => {
+            let tcp = tcp.unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "\tchain prerouting {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;"
+            );
+            common_filters(&mut out, plan, true);
+            let _ = writeln!(out, "\t\tmeta l4proto tcp {tcp}redirect to :{port}");
+            let _ = writeln!(out, "\t}}");
+            if plan.proxy_local {
+                let _ = writeln!(
+                    out,
+                    "\tchain output {{\n\t\ttype nat hook output priority -100; policy accept;"
+                );
+                common_filters(&mut out, plan, false);
+                let _ = writeln!(out, "\t\tmeta l4proto tcp {tcp}redirect to :{port}");
+                let _ = writeln!(out, "\t}}");
+            }
+        }
+    }
+    let _ = writeln!(out, "}}");
+    out
+}
+
+/// The transaction `apply` feeds to `nft -f -`: create the table if
+/// missing, delete it (removing whatever an earlier run left), and write
+/// it anew. All or nothing.
+pub fn transaction(plan: &Plan) -> String {
+    format!(
+        "table inet {TABLE}\ndelete table inet {TABLE}\n{}",
+        render(plan)
+    )
+}
+
+fn nft(args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError> {
+    let mut cmd = Command::new("nft");
+    cmd.args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| FirewallError::Tool {
+        tool: "nft",
+        detail: format!("{e}; install the nftables package, or use --firewall iptables"),
+    })?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(text.as_bytes())
+            .map_err(|e| FirewallError::Tool {
+                tool: "nft",
+                detail: e.to_string(),
+            })?;
+    }
+    let out = child.wait_with_output().map_err(|e| FirewallError::Tool {
+        tool: "nft",
+        detail: e.to_string(),
+    })?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(FirewallError::Rejected {
+            tool: "nft",
+            detail: explain_nft_error(&String::from_utf8_lossy(&out.stderr)),
+        })
+    }
+}
+
+/// Adds the likely cause to the kernel's terse answers.
+fn explain_nft_error(stderr: &str) -> String {
+    let hint = if stderr.contains("Could not process rule: No such file or directory")
+        || stderr.contains("Operation not supported")
+    {
+        "\n(the kernel may lack nft_tproxy/nft_socket (kernel >= 4.18, CONFIG_NFT_TPROXY, CONFIG_NFT_SOCKET); run tproxyd doctor, or try --firewall iptables)"
+    } else if stderr.contains("Operation not permitted") {
+        "\n(needs CAP_NET_ADMIN: run as root)"
+    } else {
+        ""
+    };
+    format!("{}{hint}", stderr.trim())
+}
+
+pub fn apply(plan: &Plan) -> Result<(), FirewallError> {
+    nft(&["-f", "-"], Some(&transaction(plan))).map(|_| ())
+}
+
+/// Whether tproxyd's table exists.
+pub fn present() -> Result<bool, FirewallError> {
+    let tables = nft(&["list", "tables"], None)?;
+    Ok(tables
+        .lines()
+        .any(|l| l.trim() == format!("table inet {TABLE}")))
+}
+
+/// Deletes tproxyd's table if it exists. Touches nothing else.
+pub fn remove() -> Result<bool, FirewallError> {
+    if !present()? {
+        return Ok(false);
+    }
+    nft(&["delete", "table", "inet", TABLE], None)?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::firewall::tests::plan_for;
+
+    #[test]
+    fn tproxy_ruleset_has_every_guard_in_order() {
+        let plan = plan_for("lan_interfaces = [\"br-lan\"]\nproxy_local = true\n");
+        let text = render(&plan);
+        let pre = text.split("chain prerouting").nth(1).unwrap();
+        let order = [
+            "meta mark 0xff return",
+            "iifname != { \"br-lan\", \"lo\" } return",
+            "fib daddr type { local, broadcast, multicast } return",
+            "ip daddr @bypass_v4 return",
+            "ip6 daddr @bypass_v6 return",
+            "meta l4proto tcp socket transparent 1 meta mark set 0x1090 accept",
+            "meta l4proto tcp tproxy to :1090 meta mark set 0x1090 accept",
+            "meta l4proto udp tproxy to :1090 meta mark set 0x1090 accept",
+        ];
+        let mut at = 0;
+        for rule in order {
+            let pos = pre[at..]
+                .find(rule)
+                .unwrap_or_else(|| panic!("{rule:?} missing or out of order in\n{text}"));
+            at += pos + rule.len();
+        }
+        assert!(!text.contains(
+            "socket transparent 1 meta mark set 0x1090 accept\n\t\tmeta l4proto udp socket"
+        ));
+        assert!(text.contains("type route hook output priority mangle"));
+        assert!(
+            text.contains("203.0.113.2"),
+            "the SOCKS5 server is bypassed:\n{text}"
+        );
+        assert!(!text.contains("drop"), "fail open by default");
+    }
+
+    #[test]
+    fn udp_53_only_and_fail_closed() {
+        let plan = plan_for_top(
+            "tcp = false\nudp = true\n",
+            "lan_interfaces = [\"eth1\"]\nudp_ports = [\"53\"]\nfail_closed = true\n",
+        );
+        let text = render(&plan);
+        assert!(
+            text.contains("meta l4proto udp udp dport { 53 } tproxy to :1090"),
+            "{text}"
+        );
+        assert!(
+            text.contains("meta l4proto udp udp dport { 53 } drop"),
+            "{text}"
+        );
+        assert!(!text.contains("l4proto tcp"), "{text}");
+        assert!(!text.contains("chain output"), "{text}");
+    }
+
+    #[test]
+    fn redirect_uses_nat_chains() {
+        let plan = plan_for_top(
+            "mode = \"redirect\"\n",
+            "lan_interfaces = [\"eth1\"]\nproxy_local = true\n",
+        );
+        let text = render(&plan);
+        assert!(
+            text.contains("type nat hook prerouting priority dstnat"),
+            "{text}"
+        );
+        assert!(
+            text.contains("meta l4proto tcp redirect to :1090"),
+            "{text}"
+        );
+        assert!(
+            text.contains("type nat hook output priority -100"),
+            "{text}"
+        );
+        assert!(!text.contains("tproxy to"), "{text}");
+    }
+
+    #[test]
+    fn source_cidrs_restrict_by_family() {
+        let plan = plan_for("source_cidrs = [\"192.0.2.0/24\"]\n");
+        let text = render(&plan);
+        assert!(text.contains("set source_v4"), "{text}");
+        assert!(
+            text.contains("iifname != \"lo\" ip saddr != @source_v4 return"),
+            "{text}"
+        );
+        assert!(
+            text.contains("iifname != \"lo\" meta nfproto ipv6 return"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_transaction_replaces_the_table_atomically() {
+        let t = transaction(&plan_for("proxy_local = true\n"));
+        assert!(
+            t.starts_with("table inet tproxyd\ndelete table inet tproxyd\ntable inet tproxyd {")
+        );
+    }
+
+    fn plan_for_top(top: &str, fw: &str) -> Plan {
+        crate::firewall::tests::plan_with(top, fw)
+    }
+}
