@@ -88,6 +88,7 @@ impl Server {
             let opts = sys::ListenOptions {
                 transparent,
                 recv_orig_dst: false,
+                mark: cfg.mark,
             };
             Some(
                 sys::tcp_listener(cfg.listen, opts)
@@ -100,6 +101,7 @@ impl Server {
             let opts = sys::ListenOptions {
                 transparent: true,
                 recv_orig_dst: true,
+                mark: cfg.mark,
             };
             Some(
                 sys::udp_listener(cfg.listen, opts)

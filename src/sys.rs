@@ -60,6 +60,11 @@ pub struct ListenOptions {
     pub transparent: bool,
     /// `IP_RECVORIGDSTADDR`/`IPV6_RECVORIGDSTADDR` (UDP TPROXY).
     pub recv_orig_dst: bool,
+    /// `SO_MARK` on the listener. Accepted TCP sockets (and their
+    /// SYN-ACKs) inherit it, so what tproxyd sends back to a client is
+    /// skipped by an output chain that captures router-local traffic;
+    /// unmarked, those replies would be captured and loop back in.
+    pub mark: u32,
 }
 
 /// Makes a socket for `addr` and applies the options every listener needs.
@@ -77,6 +82,7 @@ fn listener_socket(addr: SocketAddr, ty: Type, opts: ListenOptions) -> io::Resul
         socket.set_only_v6(false)?;
     }
     socket.set_reuse_address(true)?;
+    set_mark(&socket, opts.mark)?;
     if opts.transparent {
         // IPV6_TRANSPARENT and IP_TRANSPARENT set the same flag in the
         // kernel; setting both keeps older kernels and either family happy.
@@ -407,6 +413,7 @@ mod tests {
             let opts = ListenOptions {
                 transparent: false,
                 recv_orig_dst: true,
+                mark: 0,
             };
             let server = udp_listener(addr, opts).unwrap();
             let port = server.local_addr().unwrap().port();
@@ -451,6 +458,7 @@ mod tests {
         let opts = ListenOptions {
             transparent: false,
             recv_orig_dst: true,
+            mark: 0,
         };
         let server = udp_listener("127.0.0.1:0".parse().unwrap(), opts).unwrap();
         let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();

@@ -1,0 +1,268 @@
+//! tproxyd installing, checking and removing its own rules (nftables
+//! backend and netlink policy routes) in the namespace test bed: LAN and
+//! router-local traffic, bypass, "UDP 53 only", exact clean-up after
+//! SIGTERM and after kill -9, a foreign table left untouched, fail closed.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn own_bed(mode: Mode, top: &str, firewall: &str) -> Option<Testbed> {
+    can_run().then(|| {
+        Testbed::start(Options {
+            mode,
+            upstream: Upstream::Socks,
+            extra_args: vec![],
+            own_rules: Some(OwnRules {
+                top: top.into(),
+                firewall: firewall.into(),
+            }),
+        })
+    })
+}
+
+fn lan_ip(fam: Family) -> IpAddr {
+    fam.lan_any().ip()
+}
+
+fn any(fam: Family) -> SocketAddr {
+    match fam {
+        Family::V4 => "0.0.0.0:0".parse().unwrap(),
+        Family::V6 => "[::]:0".parse().unwrap(),
+    }
+}
+
+#[test]
+/// With proxy_local on as well: tproxyd's replies to LAN clients pass the
+/// output chain and must not be captured again (they carry its mark).
+fn lan_tcp_and_udp_v4_v6_through_socks5_with_tproxyd_rules() {
+    let fw = "lan_interfaces = [\"rlan\"]\nproxy_local = true";
+    let Some(tb) = own_bed(Mode::Tproxy, "", fw) else {
+        return;
+    };
+    for fam in [Family::V4, Family::V6] {
+        let hop = fam.hop(Upstream::Socks);
+        assert_eq!(
+            tcp_echo(&tb.lan, fam.remote_a(ECHO_PORT)).ip(),
+            hop,
+            "{fam:?} tcp"
+        );
+        let dst = fam.remote_a(UDP_ECHO_PORT);
+        let (from, peer) = udp_echo(&tb.lan, fam.lan_any(), dst, WAIT).expect("udp answer");
+        assert_eq!((from, peer.ip()), (dst, hop), "{fam:?} udp");
+    }
+    let rules = tb
+        .router
+        .exec_output(&["nft", "list", "table", "inet", "tproxyd"]);
+    assert!(rules.contains("tproxy to :1090"), "{rules}");
+}
+
+#[test]
+fn redirect_mode_lan_tcp_v4_v6_with_tproxyd_rules() {
+    let Some(tb) = own_bed(Mode::Redirect, "", "lan_interfaces = [\"rlan\"]") else {
+        return;
+    };
+    for fam in [Family::V4, Family::V6] {
+        assert_eq!(
+            tcp_echo(&tb.lan, fam.remote_a(ECHO_PORT)).ip(),
+            fam.hop(Upstream::Socks),
+            "{fam:?}"
+        );
+    }
+    // REDIRECT marks nothing, so no policy routes are installed.
+    let rules = tb.router.exec_output(&["ip", "rule"]);
+    assert!(!rules.contains("0x1090"), "{rules}");
+}
+
+#[test]
+fn router_local_tcp_and_udp_v4_v6_go_through_socks5_without_a_loop() {
+    let Some(tb) = own_bed(Mode::Tproxy, "", "proxy_local = true") else {
+        return;
+    };
+    for fam in [Family::V4, Family::V6] {
+        let hop = fam.hop(Upstream::Socks);
+        assert_eq!(
+            tcp_echo(&tb.router, fam.remote_a(ECHO_PORT)).ip(),
+            hop,
+            "{fam:?} tcp"
+        );
+        let dst = fam.remote_a(UDP_ECHO_PORT);
+        let (from, peer) = udp_echo(&tb.router, any(fam), dst, WAIT).expect("udp answer");
+        assert_eq!((from, peer.ip()), (dst, hop), "{fam:?} udp");
+    }
+    let log = tb.tproxyd_log();
+    assert!(!log.contains("routing loop"), "{log}");
+    // One flow per exchange: a loop would show many.
+    let tcp_flows = log
+        .lines()
+        .filter(|l| l.contains("flow proto=\"tcp\""))
+        .count();
+    assert_eq!(tcp_flows, 2, "{log}");
+}
+
+#[test]
+fn bypassed_destinations_go_out_directly() {
+    let fw =
+        "lan_interfaces = [\"rlan\"]\nbypass = [\"198.51.100.10/32\", \"2001:db8:100::10/128\"]";
+    let Some(tb) = own_bed(Mode::Tproxy, "", fw) else {
+        return;
+    };
+    for fam in [Family::V4, Family::V6] {
+        // Forwarded untouched: the server sees the LAN client itself.
+        assert_eq!(
+            tcp_echo(&tb.lan, fam.remote_a(ECHO_PORT)).ip(),
+            lan_ip(fam),
+            "{fam:?}"
+        );
+        // Remote B is not bypassed and still goes through the proxy.
+        let b = fam.remote_b(UDP_ECHO_PORT);
+        let (from, peer) = udp_echo(&tb.lan, fam.lan_any(), b, WAIT).expect("udp answer");
+        assert_eq!((from, peer.ip()), (b, fam.hop(Upstream::Socks)), "{fam:?}");
+    }
+    assert!(
+        !tb.tproxyd_log().contains("dst=198.51.100.10:7"),
+        "{}",
+        tb.tproxyd_log()
+    );
+}
+
+#[test]
+fn udp_53_only_takes_dns_and_leaves_other_traffic_alone() {
+    let Some(tb) = own_bed(
+        Mode::Tproxy,
+        "tcp = false\nudp = true",
+        "lan_interfaces = [\"rlan\"]\nudp_ports = [\"53\"]",
+    ) else {
+        return;
+    };
+    for fam in [Family::V4, Family::V6] {
+        let dns = fam.remote_a(DNS_PORT);
+        let (from, peer) = udp_echo(&tb.lan, fam.lan_any(), dns, WAIT).expect("dns answer");
+        assert_eq!(
+            (from, peer.ip()),
+            (dns, fam.hop(Upstream::Socks)),
+            "{fam:?} dns"
+        );
+        let other = fam.remote_a(UDP_ECHO_PORT);
+        let (_, peer) = udp_echo(&tb.lan, fam.lan_any(), other, WAIT).expect("udp answer");
+        assert_eq!(
+            peer.ip(),
+            lan_ip(fam),
+            "{fam:?}: UDP to port 7 must not be captured"
+        );
+        assert_eq!(
+            tcp_echo(&tb.lan, fam.remote_a(ECHO_PORT)).ip(),
+            lan_ip(fam),
+            "{fam:?}: TCP must not be captured"
+        );
+    }
+}
+
+fn count(text: &str, needle: &str) -> usize {
+    text.lines().filter(|l| l.contains(needle)).count()
+}
+
+#[test]
+fn sigterm_and_kill_9_leave_the_system_exactly_as_it_was() {
+    let Some(mut tb) = own_bed(
+        Mode::Tproxy,
+        "",
+        "lan_interfaces = [\"rlan\"]\nproxy_local = true",
+    ) else {
+        return;
+    };
+    assert!(
+        tb.baseline.contains("table inet foreign_app"),
+        "{}",
+        tb.baseline
+    );
+    let running = tb.snapshot();
+    assert_ne!(running, tb.baseline);
+    assert_eq!(count(&running, "table inet tproxyd"), 1, "{running}");
+
+    tb.stop_tproxyd();
+    assert_eq!(tb.snapshot(), tb.baseline, "SIGTERM left something behind");
+
+    tb.spawn_tproxyd();
+    tb.kill_tproxyd();
+    let after_kill = tb.snapshot();
+    assert_eq!(
+        count(&after_kill, "table inet tproxyd"),
+        1,
+        "kill -9 leaves the rules: {after_kill}"
+    );
+
+    // A new start replaces the leftovers instead of adding to them.
+    tb.spawn_tproxyd();
+    let restarted = tb.snapshot();
+    assert_eq!(
+        restarted, running,
+        "restart after kill -9 differs from a clean start"
+    );
+    assert_eq!(
+        count(&restarted, "fwmark 0x1090"),
+        2,
+        "one rule per family: {restarted}"
+    );
+    assert_eq!(
+        tcp_echo(&tb.lan, Family::V4.remote_a(ECHO_PORT)).ip(),
+        Family::V4.hop(Upstream::Socks)
+    );
+
+    tb.stop_tproxyd();
+    assert_eq!(
+        tb.snapshot(),
+        tb.baseline,
+        "stop after kill -9 and restart left something behind"
+    );
+}
+
+#[test]
+fn fail_closed_drops_captured_traffic_while_tproxyd_is_down() {
+    let Some(mut tb) = own_bed(
+        Mode::Tproxy,
+        "",
+        "lan_interfaces = [\"rlan\"]\nfail_closed = true",
+    ) else {
+        return;
+    };
+    let a = Family::V4.remote_a(ECHO_PORT);
+    assert_eq!(tcp_echo(&tb.lan, a).ip(), Family::V4.hop(Upstream::Socks));
+    tb.stop_tproxyd();
+    assert!(
+        tb.tproxyd_log().contains("rules kept"),
+        "{}",
+        tb.tproxyd_log()
+    );
+
+    // Down: TCP times out (dropped, not reset, not sent directly), UDP
+    // gets no answer.
+    let tcp = tb
+        .lan
+        .enter(|| std::net::TcpStream::connect_timeout(&a, Duration::from_millis(1500)));
+    let err = tcp.expect_err("TCP must not get through while tproxyd is down");
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+    let udp = udp_echo(
+        &tb.lan,
+        Family::V4.lan_any(),
+        Family::V4.remote_a(UDP_ECHO_PORT),
+        Duration::from_millis(1500),
+    );
+    assert_eq!(udp, None, "UDP must not get through while tproxyd is down");
+
+    // Removing the rules by hand restores direct traffic and the old state.
+    let config = tb.config_path().display().to_string();
+    let out = tb.tproxyd_cli(&["rules", "remove", "-c", &config]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(tcp_echo(&tb.lan, a).ip(), lan_ip(Family::V4));
+    assert_eq!(tb.snapshot(), tb.baseline);
+}
