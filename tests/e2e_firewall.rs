@@ -12,7 +12,18 @@ use common::*;
 
 const WAIT: Duration = Duration::from_secs(5);
 
-fn own_bed(mode: Mode, top: &str, firewall: &str) -> Option<Testbed> {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Nftables,
+    Iptables,
+}
+
+fn own_bed(backend: Backend, mode: Mode, top: &str, firewall: &str) -> Option<Testbed> {
+    let backend_line = match backend {
+        Backend::Nftables => "backend = \"nftables\"\n",
+        Backend::Iptables => "backend = \"iptables\"\n",
+    };
+    let firewall = format!("{backend_line}{firewall}");
     can_run().then(|| {
         Testbed::start(Options {
             mode,
@@ -20,7 +31,7 @@ fn own_bed(mode: Mode, top: &str, firewall: &str) -> Option<Testbed> {
             extra_args: vec![],
             own_rules: Some(OwnRules {
                 top: top.into(),
-                firewall: firewall.into(),
+                firewall,
             }),
         })
     })
@@ -37,12 +48,11 @@ fn any(fam: Family) -> SocketAddr {
     }
 }
 
-#[test]
 /// With proxy_local on as well: tproxyd's replies to LAN clients pass the
 /// output chain and must not be captured again (they carry its mark).
-fn lan_tcp_and_udp_v4_v6_through_socks5_with_tproxyd_rules() {
+fn lan_tcp_and_udp_v4_v6_through_socks5_with_tproxyd_rules(backend: Backend) {
     let fw = "lan_interfaces = [\"rlan\"]\nproxy_local = true";
-    let Some(tb) = own_bed(Mode::Tproxy, "", fw) else {
+    let Some(tb) = own_bed(backend, Mode::Tproxy, "", fw) else {
         return;
     };
     for fam in [Family::V4, Family::V6] {
@@ -56,15 +66,22 @@ fn lan_tcp_and_udp_v4_v6_through_socks5_with_tproxyd_rules() {
         let (from, peer) = udp_echo(&tb.lan, fam.lan_any(), dst, WAIT).expect("udp answer");
         assert_eq!((from, peer.ip()), (dst, hop), "{fam:?} udp");
     }
-    let rules = tb
-        .router
-        .exec_output(&["nft", "list", "table", "inet", "tproxyd"]);
-    assert!(rules.contains("tproxy to :1090"), "{rules}");
+    let (cmd, needle): (&[&str], &str) = match backend {
+        Backend::Nftables => (
+            &["nft", "list", "table", "inet", "tproxyd"],
+            "tproxy to :1090",
+        ),
+        Backend::Iptables => (
+            &["iptables-save", "-t", "mangle"],
+            "-j TPROXY --on-port 1090",
+        ),
+    };
+    let rules = tb.router.exec_output(cmd);
+    assert!(rules.contains(needle), "{rules}");
 }
 
-#[test]
-fn redirect_mode_lan_tcp_v4_v6_with_tproxyd_rules() {
-    let Some(tb) = own_bed(Mode::Redirect, "", "lan_interfaces = [\"rlan\"]") else {
+fn redirect_mode_lan_tcp_v4_v6_with_tproxyd_rules(backend: Backend) {
+    let Some(tb) = own_bed(backend, Mode::Redirect, "", "lan_interfaces = [\"rlan\"]") else {
         return;
     };
     for fam in [Family::V4, Family::V6] {
@@ -79,9 +96,8 @@ fn redirect_mode_lan_tcp_v4_v6_with_tproxyd_rules() {
     assert!(!rules.contains("0x1090"), "{rules}");
 }
 
-#[test]
-fn router_local_tcp_and_udp_v4_v6_go_through_socks5_without_a_loop() {
-    let Some(tb) = own_bed(Mode::Tproxy, "", "proxy_local = true") else {
+fn router_local_tcp_and_udp_v4_v6_go_through_socks5_without_a_loop(backend: Backend) {
+    let Some(tb) = own_bed(backend, Mode::Tproxy, "", "proxy_local = true") else {
         return;
     };
     for fam in [Family::V4, Family::V6] {
@@ -105,11 +121,10 @@ fn router_local_tcp_and_udp_v4_v6_go_through_socks5_without_a_loop() {
     assert_eq!(tcp_flows, 2, "{log}");
 }
 
-#[test]
-fn bypassed_destinations_go_out_directly() {
+fn bypassed_destinations_go_out_directly(backend: Backend) {
     let fw =
         "lan_interfaces = [\"rlan\"]\nbypass = [\"198.51.100.10/32\", \"2001:db8:100::10/128\"]";
-    let Some(tb) = own_bed(Mode::Tproxy, "", fw) else {
+    let Some(tb) = own_bed(backend, Mode::Tproxy, "", fw) else {
         return;
     };
     for fam in [Family::V4, Family::V6] {
@@ -131,9 +146,9 @@ fn bypassed_destinations_go_out_directly() {
     );
 }
 
-#[test]
-fn udp_53_only_takes_dns_and_leaves_other_traffic_alone() {
+fn udp_53_only_takes_dns_and_leaves_other_traffic_alone(backend: Backend) {
     let Some(tb) = own_bed(
+        backend,
         Mode::Tproxy,
         "tcp = false\nudp = true",
         "lan_interfaces = [\"rlan\"]\nudp_ports = [\"53\"]",
@@ -167,9 +182,19 @@ fn count(text: &str, needle: &str) -> usize {
     text.lines().filter(|l| l.contains(needle)).count()
 }
 
-#[test]
-fn sigterm_and_kill_9_leave_the_system_exactly_as_it_was() {
+/// A line tproxyd's rules add to the snapshot, and how often it appears
+/// when they are installed once.
+fn own_rules_marker(backend: Backend) -> (&'static str, usize) {
+    match backend {
+        Backend::Nftables => ("table inet tproxyd", 1),
+        // One jump per family from PREROUTING on rlan.
+        Backend::Iptables => ("-A PREROUTING -i rlan -j TPROXYD_PRE", 2),
+    }
+}
+
+fn sigterm_and_kill_9_leave_the_system_exactly_as_it_was(backend: Backend) {
     let Some(mut tb) = own_bed(
+        backend,
         Mode::Tproxy,
         "",
         "lan_interfaces = [\"rlan\"]\nproxy_local = true",
@@ -183,7 +208,8 @@ fn sigterm_and_kill_9_leave_the_system_exactly_as_it_was() {
     );
     let running = tb.snapshot();
     assert_ne!(running, tb.baseline);
-    assert_eq!(count(&running, "table inet tproxyd"), 1, "{running}");
+    let (marker, once) = own_rules_marker(backend);
+    assert_eq!(count(&running, marker), once, "{running}");
 
     tb.stop_tproxyd();
     assert_eq!(tb.snapshot(), tb.baseline, "SIGTERM left something behind");
@@ -192,8 +218,8 @@ fn sigterm_and_kill_9_leave_the_system_exactly_as_it_was() {
     tb.kill_tproxyd();
     let after_kill = tb.snapshot();
     assert_eq!(
-        count(&after_kill, "table inet tproxyd"),
-        1,
+        count(&after_kill, marker),
+        once,
         "kill -9 leaves the rules: {after_kill}"
     );
 
@@ -222,9 +248,9 @@ fn sigterm_and_kill_9_leave_the_system_exactly_as_it_was() {
     );
 }
 
-#[test]
-fn fail_closed_drops_captured_traffic_while_tproxyd_is_down() {
+fn fail_closed_drops_captured_traffic_while_tproxyd_is_down(backend: Backend) {
     let Some(mut tb) = own_bed(
+        backend,
         Mode::Tproxy,
         "",
         "lan_interfaces = [\"rlan\"]\nfail_closed = true",
@@ -265,4 +291,74 @@ fn fail_closed_drops_captured_traffic_while_tproxyd_is_down() {
     );
     assert_eq!(tcp_echo(&tb.lan, a).ip(), lan_ip(Family::V4));
     assert_eq!(tb.snapshot(), tb.baseline);
+}
+
+#[test]
+fn nft_lan_tcp_and_udp_v4_v6_through_socks5_with_tproxyd_rules() {
+    lan_tcp_and_udp_v4_v6_through_socks5_with_tproxyd_rules(Backend::Nftables);
+}
+
+#[test]
+fn iptables_lan_tcp_and_udp_v4_v6_through_socks5_with_tproxyd_rules() {
+    lan_tcp_and_udp_v4_v6_through_socks5_with_tproxyd_rules(Backend::Iptables);
+}
+
+#[test]
+fn nft_redirect_mode_lan_tcp_v4_v6_with_tproxyd_rules() {
+    redirect_mode_lan_tcp_v4_v6_with_tproxyd_rules(Backend::Nftables);
+}
+
+#[test]
+fn iptables_redirect_mode_lan_tcp_v4_v6_with_tproxyd_rules() {
+    redirect_mode_lan_tcp_v4_v6_with_tproxyd_rules(Backend::Iptables);
+}
+
+#[test]
+fn nft_router_local_tcp_and_udp_v4_v6_go_through_socks5_without_a_loop() {
+    router_local_tcp_and_udp_v4_v6_go_through_socks5_without_a_loop(Backend::Nftables);
+}
+
+#[test]
+fn iptables_router_local_tcp_and_udp_v4_v6_go_through_socks5_without_a_loop() {
+    router_local_tcp_and_udp_v4_v6_go_through_socks5_without_a_loop(Backend::Iptables);
+}
+
+#[test]
+fn nft_bypassed_destinations_go_out_directly() {
+    bypassed_destinations_go_out_directly(Backend::Nftables);
+}
+
+#[test]
+fn iptables_bypassed_destinations_go_out_directly() {
+    bypassed_destinations_go_out_directly(Backend::Iptables);
+}
+
+#[test]
+fn nft_udp_53_only_takes_dns_and_leaves_other_traffic_alone() {
+    udp_53_only_takes_dns_and_leaves_other_traffic_alone(Backend::Nftables);
+}
+
+#[test]
+fn iptables_udp_53_only_takes_dns_and_leaves_other_traffic_alone() {
+    udp_53_only_takes_dns_and_leaves_other_traffic_alone(Backend::Iptables);
+}
+
+#[test]
+fn nft_sigterm_and_kill_9_leave_the_system_exactly_as_it_was() {
+    sigterm_and_kill_9_leave_the_system_exactly_as_it_was(Backend::Nftables);
+}
+
+#[test]
+fn iptables_sigterm_and_kill_9_leave_the_system_exactly_as_it_was() {
+    sigterm_and_kill_9_leave_the_system_exactly_as_it_was(Backend::Iptables);
+}
+
+#[test]
+fn nft_fail_closed_drops_captured_traffic_while_tproxyd_is_down() {
+    fail_closed_drops_captured_traffic_while_tproxyd_is_down(Backend::Nftables);
+}
+
+#[test]
+fn iptables_fail_closed_drops_captured_traffic_while_tproxyd_is_down() {
+    fail_closed_drops_captured_traffic_while_tproxyd_is_down(Backend::Iptables);
 }

@@ -8,6 +8,7 @@
 //! so a restart never adds anything twice.
 
 pub mod cidr;
+pub mod iptables;
 pub mod nft;
 pub mod policy_route;
 
@@ -21,8 +22,6 @@ pub enum FirewallError {
     Rejected { tool: &'static str, detail: String },
     #[error("policy routing over netlink failed ({what}): {detail}")]
     Netlink { what: String, detail: String },
-    #[error("the {0} backend is not available in this build yet; use --firewall nftables or none")]
-    Unsupported(Backend),
 }
 
 /// Everything the backends need, with addresses already split by family
@@ -114,7 +113,12 @@ impl Plan {
                 out.push_str(&nft::transaction(self));
             }
             Backend::Iptables => {
-                out.push_str("# iptables backend: not available in this build yet\n")
+                out.push_str(
+                    "# iptables-restore --noflush (after removing earlier tproxyd chains)\n",
+                );
+                out.push_str(&iptables::render(self, iptables::Family::V4));
+                out.push_str("\n# ip6tables-restore --noflush\n");
+                out.push_str(&iptables::render(self, iptables::Family::V6));
             }
         }
         if self.backend != Backend::None && self.needs_policy_routes() {
@@ -137,17 +141,19 @@ impl Plan {
 /// Installs the rules and routes, replacing any leftovers of an earlier
 /// run. On failure, whatever was installed is removed again.
 pub async fn apply(plan: &Plan) -> Result<(), FirewallError> {
-    match plan.backend {
-        Backend::None => return Ok(()),
-        Backend::Iptables => return Err(FirewallError::Unsupported(Backend::Iptables)),
-        Backend::Nftables => {}
+    if plan.backend == Backend::None {
+        return Ok(());
     }
     if plan.needs_policy_routes() {
         policy_route::apply(plan).await?;
     } else {
         policy_route::remove(plan).await?;
     }
-    if let Err(e) = nft::apply(plan) {
+    let rules = match plan.backend {
+        Backend::Iptables => iptables::apply(plan),
+        _ => nft::apply(plan),
+    };
+    if let Err(e) = rules {
         let _ = policy_route::remove(plan).await;
         return Err(e);
     }
@@ -156,14 +162,13 @@ pub async fn apply(plan: &Plan) -> Result<(), FirewallError> {
 
 /// Removes tproxyd's rules and routes; a no-op when there are none.
 pub async fn remove(plan: &Plan) -> Result<(), FirewallError> {
-    match plan.backend {
+    let rules = match plan.backend {
         Backend::None => return Ok(()),
-        Backend::Iptables => return Err(FirewallError::Unsupported(Backend::Iptables)),
-        Backend::Nftables => {}
-    }
-    let nft_result = nft::remove();
+        Backend::Iptables => iptables::remove(),
+        Backend::Nftables => nft::remove(),
+    };
     policy_route::remove(plan).await?;
-    nft_result.map(|_| ())
+    rules.map(|_| ())
 }
 
 #[cfg(test)]

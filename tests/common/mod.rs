@@ -337,8 +337,11 @@ impl Testbed {
             Upstream::SocksAuth | Upstream::SocksWrongPassword
         );
         tb.start_dante(auth);
-        if opts.own_rules.is_some() {
+        if let Some(own) = &opts.own_rules {
             tb.router.nft(FOREIGN_TABLE);
+            if own.firewall.contains("backend = \"iptables\"") {
+                tb.prime_iptables();
+            }
         } else {
             tb.install_rules(opts.mode);
         }
@@ -346,6 +349,25 @@ impl Testbed {
         tb.prepare_tproxyd(&opts);
         tb.spawn_tproxyd();
         tb
+    }
+
+    /// iptables-nft creates a table's built-in chains the first time a rule
+    /// goes into them and leaves them (empty, policy ACCEPT) afterwards.
+    /// tproxyd never deletes built-in tables or chains, which may be
+    /// anyone's, so the bed starts as a system where iptables' mangle and
+    /// nat tables are already in use, as they are wherever the iptables
+    /// backend is the one chosen.
+    fn prime_iptables(&self) {
+        for tool in ["iptables", "ip6tables"] {
+            for table in ["mangle", "nat"] {
+                for chain in ["PREROUTING", "OUTPUT"] {
+                    self.router
+                        .exec(&[tool, "-t", table, "-A", chain, "-j", "RETURN"]);
+                    self.router
+                        .exec(&[tool, "-t", table, "-D", chain, "-j", "RETURN"]);
+                }
+            }
+        }
     }
 
     /// The router's whole firewall and policy-routing state, as text.
