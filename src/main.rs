@@ -30,6 +30,12 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Check the system for what tproxyd needs (kernel support, sysctls,
+    /// rules, routes, listener); exit 1 if anything FAILs.
+    Doctor {
+        #[command(flatten)]
+        args: RunArgs,
+    },
     /// Show, install or remove tproxyd's firewall rules and policy routes
     /// by hand (for scripts); takes the same settings as run.
     Rules {
@@ -295,11 +301,35 @@ fn rules(action: RulesAction, args: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn doctor(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let cfg = match load(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            print_config_error(&e);
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let findings = runtime()?.block_on(firewall::doctor::diagnose(&cfg));
+    for f in &findings {
+        println!("{f}");
+    }
+    let failed = findings
+        .iter()
+        .filter(|f| f.status == firewall::doctor::Status::Fail)
+        .count();
+    if failed > 0 {
+        println!("{failed} check(s) failed");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Rules { action, args } => rules(action, args),
+        Command::Doctor { args } => doctor(args),
         Command::Check { config } => {
             match RawConfig::load(&config).and_then(|raw| raw.validate(&env_var)) {
                 Ok(_) => {

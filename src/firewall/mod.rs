@@ -8,6 +8,7 @@
 //! so a restart never adds anything twice.
 
 pub mod cidr;
+pub mod doctor;
 pub mod iptables;
 pub mod nft;
 pub mod policy_route;
