@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod demo;
+
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tproxyd::config::{Backend, Config, ConfigError, Mode, RawConfig};
@@ -29,6 +31,13 @@ enum Command {
     Check {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
+    },
+    /// Show tproxyd at work in throw-away network namespaces (as root);
+    /// removes everything afterwards, also on Ctrl-C.
+    Demo {
+        /// Wait for Ctrl-C before removing everything, to look around.
+        #[arg(long)]
+        hold: bool,
     },
     /// Check the system for what tproxyd needs (kernel support, sysctls,
     /// rules, routes, listener); exit 1 if anything FAILs.
@@ -240,6 +249,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     init_logging(args.verbose);
+    // Before any runtime thread exists, so they all inherit the mask.
+    tproxyd::sys::unblock_termination_signals().context("cannot unblock SIGINT/SIGTERM")?;
     let cfg = match load(&args) {
         Ok(c) => c,
         Err(e) => {
@@ -330,6 +341,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Rules { action, args } => rules(action, args),
         Command::Doctor { args } => doctor(args),
+        Command::Demo { hold } => demo::run(hold).map(|()| ExitCode::SUCCESS),
         Command::Check { config } => {
             match RawConfig::load(&config).and_then(|raw| raw.validate(&env_var)) {
                 Ok(_) => {

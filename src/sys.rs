@@ -347,6 +347,19 @@ fn parse_cap_eff(status: &str) -> Option<u64> {
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
 }
 
+/// Unblocks SIGINT and SIGTERM for this thread and the threads it starts.
+///
+/// A blocked signal mask is inherited across exec: a parent that blocks
+/// them (a supervisor, or `tproxyd demo` catching Ctrl-C) would otherwise
+/// leave tproxyd deaf to SIGTERM, and its rules would never be removed.
+pub fn unblock_termination_signals() -> io::Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.thread_unblock().map_err(io::Error::from)
+}
+
 /// Raises the soft open-file limit to the hard limit and returns it.
 ///
 /// Each TCP flow costs two descriptors and each UDP session one or two; the

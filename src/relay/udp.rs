@@ -188,6 +188,7 @@ impl UdpRelay {
                 format!("open-failed: {e}")
             }
             Ok(upstream) => {
+                debug!(proto = "udp", %client, outbound = outbound_name, "session open");
                 let mut buf = vec![0u8; UDP_HEADROOM + MAX_DATAGRAM + 1];
                 let mut idle = self.timeouts.udp_idle;
                 let deadline = tokio::time::sleep(idle);
