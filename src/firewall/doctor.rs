@@ -8,11 +8,10 @@
 //! `local default` route and drops before INPUT).
 
 use std::fmt;
-use std::io::Write as _;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use super::{iptables, nft, policy_route, Plan};
+use super::{iptables, nft, policy_route, run_tool, Plan, ToolFailure};
 use crate::config::{Backend, Config, Mode};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,23 +73,12 @@ fn sysctl(path: &str) -> Option<u32> {
         .and_then(|s| s.trim().parse().ok())
 }
 
-/// Runs `tool args` with `input`; Ok(()) when it exits 0, else its stderr.
+/// Runs `tool args` with `input`; Ok(()) when it exits 0, else why not.
 fn probe(tool: &str, args: &[&str], input: &str) -> Result<(), String> {
-    let mut child = Command::new(tool)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run {tool}: {e}"))?;
-    if let Some(mut pipe) = child.stdin.take() {
-        let _ = pipe.write_all(input.as_bytes());
-    }
-    let out = child.wait_with_output().map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    match run_tool(tool, args, Some(input)) {
+        Ok(_) => Ok(()),
+        Err(ToolFailure::Spawn(e)) => Err(format!("cannot run {tool}: {e}")),
+        Err(ToolFailure::Failed(stderr)) => Err(stderr),
     }
 }
 

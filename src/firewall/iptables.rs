@@ -11,10 +11,7 @@
 //! with this backend captured traffic is also dropped while tproxyd is
 //! down and its rules are in place.
 
-use std::io::Write as _;
-use std::process::{Command, Stdio};
-
-use super::{FirewallError, Plan};
+use super::{run_tool, FirewallError, Plan, ToolFailure};
 use crate::config::Mode;
 
 /// Entry chain from PREROUTING.
@@ -190,45 +187,23 @@ pub fn render(plan: &Plan, fam: Family) -> String {
 }
 
 fn run(tool: &'static str, args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError> {
-    let mut child = Command::new(tool)
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| FirewallError::Tool {
+    run_tool(tool, args, stdin).map_err(|f| match f {
+        ToolFailure::Spawn(e) => FirewallError::Tool {
             tool,
             detail: format!("{e}; install the iptables package, or use --firewall nftables"),
-        })?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(text.as_bytes())
-            .map_err(|e| FirewallError::Tool {
+        },
+        ToolFailure::Failed(stderr) => {
+            let hint = if stderr.contains("TPROXY") || stderr.contains("socket") {
+                "\n(the kernel may lack xt_TPROXY or xt_socket; run tproxyd doctor)"
+            } else {
+                ""
+            };
+            FirewallError::Rejected {
                 tool,
-                detail: e.to_string(),
-            })?;
-    }
-    let out = child.wait_with_output().map_err(|e| FirewallError::Tool {
-        tool,
-        detail: e.to_string(),
-    })?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let hint = if stderr.contains("TPROXY") || stderr.contains("socket") {
-            "\n(the kernel may lack xt_TPROXY or xt_socket; run tproxyd doctor)"
-        } else {
-            ""
-        };
-        Err(FirewallError::Rejected {
-            tool,
-            detail: format!("{}{hint}", stderr.trim()),
-        })
-    }
+                detail: format!("{stderr}{hint}"),
+            }
+        }
+    })
 }
 
 /// The removal transaction for one family, from its `iptables-save -t T`

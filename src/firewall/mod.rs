@@ -15,6 +15,48 @@ pub mod policy_route;
 
 use crate::config::{Backend, Config, Mode, OutboundConfig};
 
+/// How running a firewall tool went wrong.
+#[derive(Debug)]
+pub(crate) enum ToolFailure {
+    /// It could not be started (not installed, no permission).
+    Spawn(std::io::Error),
+    /// It ran and exited non-zero; its stderr.
+    Failed(String),
+}
+
+/// Runs `tool args`, feeding `stdin` if given; returns its stdout.
+pub(crate) fn run_tool(
+    tool: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<String, ToolFailure> {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(tool)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(ToolFailure::Spawn)?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        // A tool that exits early closes the pipe; its stderr says why.
+        let _ = pipe.write_all(text.as_bytes());
+    }
+    let out = child.wait_with_output().map_err(ToolFailure::Spawn)?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(ToolFailure::Failed(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum FirewallError {
     #[error("cannot run {tool}: {detail}")]

@@ -7,10 +7,8 @@
 //! whole file as one transaction just the same.
 
 use std::fmt::Write as _;
-use std::io::Write as _;
-use std::process::{Command, Stdio};
 
-use super::{FirewallError, Plan};
+use super::{run_tool, FirewallError, Plan, ToolFailure};
 use crate::config::Mode;
 
 pub const TABLE: &str = "tproxyd";
@@ -184,38 +182,16 @@ pub fn transaction(plan: &Plan) -> String {
 }
 
 fn nft(args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError> {
-    let mut cmd = Command::new("nft");
-    cmd.args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|e| FirewallError::Tool {
-        tool: "nft",
-        detail: format!("{e}; install the nftables package, or use --firewall iptables"),
-    })?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(text.as_bytes())
-            .map_err(|e| FirewallError::Tool {
-                tool: "nft",
-                detail: e.to_string(),
-            })?;
-    }
-    let out = child.wait_with_output().map_err(|e| FirewallError::Tool {
-        tool: "nft",
-        detail: e.to_string(),
-    })?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(FirewallError::Rejected {
+    run_tool("nft", args, stdin).map_err(|f| match f {
+        ToolFailure::Spawn(e) => FirewallError::Tool {
             tool: "nft",
-            detail: explain_nft_error(&String::from_utf8_lossy(&out.stderr)),
-        })
-    }
+            detail: format!("{e}; install the nftables package, or use --firewall iptables"),
+        },
+        ToolFailure::Failed(stderr) => FirewallError::Rejected {
+            tool: "nft",
+            detail: explain_nft_error(&stderr),
+        },
+    })
 }
 
 /// Adds the likely cause to the kernel's terse answers.

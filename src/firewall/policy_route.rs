@@ -158,26 +158,22 @@ pub async fn apply(plan: &Plan) -> Result<(), FirewallError> {
     let result = async {
         // Without ToTable the kernel stores "lookup N none" and every
         // matching lookup fails with EINVAL.
-        h.rule()
-            .add()
-            .v4()
-            .fw_mark(plan.route_mark)
-            .table_id(plan.route_table)
-            .priority(plan.rule_priority)
-            .action(RuleAction::ToTable)
-            .execute()
-            .await
-            .map_err(netlink_err("add the IPv4 fwmark rule"))?;
-        h.rule()
-            .add()
-            .v6()
-            .fw_mark(plan.route_mark)
-            .table_id(plan.route_table)
-            .priority(plan.rule_priority)
-            .action(RuleAction::ToTable)
-            .execute()
-            .await
-            .map_err(netlink_err("add the IPv6 fwmark rule"))?;
+        for v6 in [false, true] {
+            let rule = h
+                .rule()
+                .add()
+                .fw_mark(plan.route_mark)
+                .table_id(plan.route_table)
+                .priority(plan.rule_priority)
+                .action(RuleAction::ToTable);
+            let added = if v6 {
+                rule.v6().execute().await
+            } else {
+                rule.v4().execute().await
+            };
+            let family = if v6 { "IPv6" } else { "IPv4" };
+            added.map_err(netlink_err(format!("add the {family} fwmark rule")))?;
+        }
         let v4 = RouteMessageBuilder::<Ipv4Addr>::new()
             .table_id(plan.route_table)
             .kind(RouteType::Local)

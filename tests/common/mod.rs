@@ -395,7 +395,10 @@ impl Testbed {
                 .lines()
                 .filter(|l| !l.starts_with('#') && !kernel_per_link(l))
             {
-                out.push_str(line);
+                // Packet counters (which iptables-nft adds to every rule)
+                // count traffic, not configuration.
+                let line = strip_counters(line);
+                out.push_str(&line);
                 out.push('\n');
             }
         }
@@ -802,6 +805,30 @@ fn socks_rules() -> String {
         }
     }
     rules
+}
+
+/// "counter packets 4 bytes 216" -> "counter"; "[4:216]" -> "[0:0]".
+fn strip_counters(line: &str) -> String {
+    let words: Vec<&str> = line.split(' ').collect();
+    let mut out = Vec::with_capacity(words.len());
+    let mut i = 0;
+    while i < words.len() {
+        if words[i].ends_with("counter")
+            && words.get(i + 1) == Some(&"packets")
+            && words.get(i + 3) == Some(&"bytes")
+        {
+            out.push(words[i]);
+            i += 5;
+            continue;
+        }
+        out.push(words[i]);
+        i += 1;
+    }
+    let joined = out.join(" ");
+    match (joined.rfind(" ["), joined.ends_with(']')) {
+        (Some(at), true) if joined.starts_with(':') => format!("{} [0:0]", &joined[..at]),
+        _ => joined,
+    }
 }
 
 fn proc_is_zombie(pid: u32) -> bool {
