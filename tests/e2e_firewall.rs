@@ -447,3 +447,49 @@ fn doctor_finds_src_valid_mark_and_passes_after_the_fix() {
         "{text}"
     );
 }
+
+/// A user switches from one backend to the other: tproxyd's leftovers in
+/// the old one must not survive the next start and stop.
+#[test]
+fn switching_backends_leaves_no_leftovers() {
+    let Some(mut tb) = own_bed(
+        Backend::Nftables,
+        Mode::Tproxy,
+        "",
+        "lan_interfaces = [\"rlan\"]",
+    ) else {
+        return;
+    };
+    // Rules of an earlier run with the iptables backend.
+    let config = tb.config_path();
+    let text = std::fs::read_to_string(&config).unwrap();
+    let old = tb.dir.join("old-iptables.toml");
+    std::fs::write(
+        &old,
+        text.replace("backend = \"nftables\"", "backend = \"iptables\""),
+    )
+    .unwrap();
+    let out = tb.tproxyd_cli(&["rules", "apply", "-c", old.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(tb.snapshot().contains("TPROXYD_PRE"));
+
+    // Killed, so only the next start can clear them.
+    tb.kill_tproxyd();
+    tb.spawn_tproxyd();
+    assert!(
+        !tb.snapshot().contains("TPROXYD_PRE"),
+        "start must clear the other backend's leftovers"
+    );
+    assert!(
+        tb.tproxyd_log()
+            .contains("removed tproxyd rules left by an earlier run"),
+        "{}",
+        tb.tproxyd_log()
+    );
+    tb.stop_tproxyd();
+    assert_eq!(tb.snapshot(), tb.baseline);
+}

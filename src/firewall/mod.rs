@@ -187,6 +187,7 @@ pub async fn apply(plan: &Plan) -> Result<(), FirewallError> {
     if plan.backend == Backend::None {
         return Ok(());
     }
+    remove_other_backend(plan.backend);
     if plan.needs_policy_routes() {
         policy_route::apply(plan).await?;
     } else {
@@ -203,8 +204,30 @@ pub async fn apply(plan: &Plan) -> Result<(), FirewallError> {
     Ok(())
 }
 
+/// Removes tproxyd's own leftovers from the backend *not* in use: a run
+/// with the other backend (before the user switched) may have left them.
+/// A tool that is not installed has nothing of ours; other failures are
+/// logged, since the backend in use is what matters for this run.
+fn remove_other_backend(backend: Backend) {
+    let result = match backend {
+        Backend::Nftables => iptables::remove(),
+        Backend::Iptables => nft::remove(),
+        Backend::None => return,
+    };
+    match result {
+        Ok(true) => tracing::info!(
+            "removed tproxyd rules left by an earlier run with the other firewall backend"
+        ),
+        Ok(false) | Err(FirewallError::Tool { .. }) => {}
+        Err(e) => {
+            tracing::warn!("could not check the other firewall backend for tproxyd leftovers: {e}")
+        }
+    }
+}
+
 /// Removes tproxyd's rules and routes; a no-op when there are none.
 pub async fn remove(plan: &Plan) -> Result<(), FirewallError> {
+    remove_other_backend(plan.backend);
     let rules = match plan.backend {
         Backend::None => return Ok(()),
         Backend::Iptables => iptables::remove(),

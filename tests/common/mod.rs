@@ -339,9 +339,10 @@ impl Testbed {
         tb.start_dante(auth);
         if let Some(own) = &opts.own_rules {
             tb.router.nft(FOREIGN_TABLE);
-            if own.firewall.contains("backend = \"iptables\"") {
-                tb.prime_iptables();
-            }
+            // Always: tproxyd also clears its leftovers from the backend
+            // it is not using, which may instantiate iptables' tables.
+            let _ = own;
+            tb.prime_iptables();
         } else {
             tb.install_rules(opts.mode);
         }
