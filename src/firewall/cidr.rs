@@ -23,6 +23,51 @@ impl Cidr {
     pub fn is_ipv4(&self) -> bool {
         self.addr.is_ipv4()
     }
+
+    /// Whether every address of `other` is in `self`.
+    pub fn contains(&self, other: &Cidr) -> bool {
+        if self.prefix > other.prefix {
+            return false;
+        }
+        match (self.addr, other.addr) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => {
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - self.prefix)
+                };
+                u32::from(a) == u32::from(b) & mask
+            }
+            (IpAddr::V6(a), IpAddr::V6(b)) => {
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - self.prefix)
+                };
+                u128::from(a) == u128::from(b) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The same set of addresses with no prefix inside another (duplicates
+/// included), in the order first given. nft refuses overlapping elements
+/// in an interval set ("conflicting intervals"), and for iptables each
+/// dropped prefix is one rule fewer.
+pub fn minimal_cover(list: &[Cidr]) -> Vec<Cidr> {
+    let mut kept: Vec<Cidr> = Vec::with_capacity(list.len());
+    for (i, c) in list.iter().enumerate() {
+        // Covered by a wider prefix, or by an equal one given earlier.
+        let covered = list
+            .iter()
+            .enumerate()
+            .any(|(j, other)| j != i && other.contains(c) && (other.prefix < c.prefix || j < i));
+        if !covered {
+            kept.push(*c);
+        }
+    }
+    kept
 }
 
 impl FromStr for Cidr {
@@ -158,6 +203,34 @@ mod tests {
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
         assert!("example.com".parse::<Cidr>().is_err());
         assert!("::/129".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn minimal_cover_drops_contained_and_repeated_prefixes() {
+        let list: Vec<Cidr> = [
+            "10.0.0.0/8",
+            "10.1.0.0/16",
+            "203.0.113.2",
+            "203.0.113.0/24",
+            "10.0.0.0/8",
+            "2001:db8::/32",
+            "2001:db8:5::1",
+            "0.0.0.0/0",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        let kept: Vec<String> = minimal_cover(&list).iter().map(|c| c.to_string()).collect();
+        assert_eq!(kept, ["2001:db8::/32", "0.0.0.0/0"]);
+        let disjoint: Vec<Cidr> = ["10.0.0.0/8", "192.168.0.0/16", "::1"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(minimal_cover(&disjoint), disjoint);
+        let a: Cidr = "10.0.0.0/8".parse().unwrap();
+        assert!(a.contains(&"10.255.0.0/16".parse().unwrap()));
+        assert!(!a.contains(&"11.0.0.0/16".parse().unwrap()));
+        assert!(!a.contains(&"::/0".parse().unwrap()));
     }
 
     #[test]

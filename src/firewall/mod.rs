@@ -101,19 +101,15 @@ impl Plan {
             bypass.push(cidr::Cidr::host(crate::sys::normalize(*server).ip()));
         }
         let split = |list: &[cidr::Cidr]| -> (Vec<String>, Vec<String>) {
-            let mut v4: Vec<String> = list
-                .iter()
-                .filter(|c| c.is_ipv4())
-                .map(|c| c.to_string())
-                .collect();
-            let mut v6: Vec<String> = list
-                .iter()
-                .filter(|c| !c.is_ipv4())
-                .map(|c| c.to_string())
-                .collect();
-            v4.dedup();
-            v6.dedup();
-            (v4, v6)
+            let cover = cidr::minimal_cover(list);
+            let text = |v4: bool| {
+                cover
+                    .iter()
+                    .filter(|c| c.is_ipv4() == v4)
+                    .map(|c| c.to_string())
+                    .collect()
+            };
+            (text(true), text(false))
         };
         let (bypass_v4, bypass_v6) = split(&bypass);
         let (source_v4, source_v6) = split(&fw.source_cidrs);
@@ -264,6 +260,28 @@ pub(crate) mod tests {
         assert!(plan.bypass_v6.contains(&"2001:db8:5::/48".to_string()));
         assert!(plan.bypass_v4.iter().all(|c| !c.contains(':')));
         assert!(plan.bypass_v6.iter().all(|c| c.contains(':')));
+    }
+
+    /// nft refuses overlapping prefixes in one interval set: a user who
+    /// bypasses the subnet of the SOCKS5 server (or a subnet of a default
+    /// range) must still get a ruleset nft accepts.
+    #[test]
+    fn overlapping_bypass_prefixes_are_merged() {
+        let plan = plan_for(
+            "lan_interfaces = [\"br-lan\"]\nbypass = [\"10.1.0.0/16\", \"203.0.113.0/24\", \"10.1.0.0/16\"]\n",
+        );
+        assert!(plan.bypass_v4.contains(&"203.0.113.0/24".to_string()));
+        assert!(
+            !plan.bypass_v4.contains(&"203.0.113.2/32".to_string()),
+            "{:?}",
+            plan.bypass_v4
+        );
+        assert!(
+            !plan.bypass_v4.contains(&"10.1.0.0/16".to_string()),
+            "{:?}",
+            plan.bypass_v4
+        );
+        assert!(plan.bypass_v4.contains(&"10.0.0.0/8".to_string()));
     }
 
     #[test]
