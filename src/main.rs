@@ -211,6 +211,14 @@ fn load(args: &RunArgs) -> Result<Config, ConfigError> {
     raw.validate(&env_var)
 }
 
+/// The config, or the problems printed and the exit code 2 that says so.
+fn load_or_report(args: &RunArgs) -> Result<Config, ExitCode> {
+    load(args).map_err(|e| {
+        print_config_error(&e);
+        ExitCode::from(2)
+    })
+}
+
 fn init_logging(verbose: bool) {
     let level = if verbose {
         tracing::Level::DEBUG
@@ -251,12 +259,9 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     init_logging(args.verbose);
     // Before any runtime thread exists, so they all inherit the mask.
     tproxyd::sys::unblock_termination_signals().context("cannot unblock SIGINT/SIGTERM")?;
-    let cfg = match load(&args) {
+    let cfg = match load_or_report(&args) {
         Ok(c) => c,
-        Err(e) => {
-            print_config_error(&e);
-            return Ok(ExitCode::from(2));
-        }
+        Err(code) => return Ok(code),
     };
     if cfg.mode == Mode::Redirect {
         tracing::info!("mode redirect serves TCP only; UDP needs --mode tproxy");
@@ -290,12 +295,9 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn rules(action: RulesAction, args: RunArgs) -> anyhow::Result<ExitCode> {
-    let cfg = match load(&args) {
+    let cfg = match load_or_report(&args) {
         Ok(c) => c,
-        Err(e) => {
-            print_config_error(&e);
-            return Ok(ExitCode::from(2));
-        }
+        Err(code) => return Ok(code),
     };
     let plan = Plan::from_config(&cfg);
     match action {
@@ -313,12 +315,9 @@ fn rules(action: RulesAction, args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn doctor(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let cfg = match load(&args) {
+    let cfg = match load_or_report(&args) {
         Ok(c) => c,
-        Err(e) => {
-            print_config_error(&e);
-            return Ok(ExitCode::from(2));
-        }
+        Err(code) => return Ok(code),
     };
     let findings = runtime()?.block_on(firewall::doctor::diagnose(&cfg));
     for f in &findings {

@@ -9,7 +9,6 @@
 
 use std::fmt;
 use std::path::Path;
-use std::process::Command;
 
 use super::{iptables, nft, policy_route, run_tool, Plan, ToolFailure};
 use crate::config::{Backend, Config, Mode};
@@ -193,13 +192,7 @@ fn rules(plan: &Plan) -> Finding {
     let (listing, needle) = match plan.backend {
         Backend::None => return pass("firewall rules: backend none, written by you (not checked)"),
         Backend::Nftables => {
-            let out = Command::new("nft")
-                .args(["list", "table", "inet", nft::TABLE])
-                .output();
-            let text = out
-                .ok()
-                .filter(|o| o.status.success())
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+            let text = run_tool("nft", &["list", "table", "inet", nft::TABLE], None).ok();
             let needle = match plan.mode {
                 Mode::Tproxy => format!("tproxy to :{port}"),
                 Mode::Redirect => format!("redirect to :{port}"),
@@ -212,11 +205,8 @@ fn rules(plan: &Plan) -> Finding {
             } else {
                 "nat"
             };
-            let out = Command::new("iptables-save").args(["-t", table]).output();
-            let text = out
+            let text = run_tool("iptables-save", &["-t", table], None)
                 .ok()
-                .filter(|o| o.status.success())
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
                 .filter(|t| t.contains(iptables::PRE));
             let needle = match plan.mode {
                 Mode::Tproxy => format!("--on-port {port}"),

@@ -265,17 +265,6 @@ pub fn remove() -> Result<bool, FirewallError> {
     Ok(v4 || v6)
 }
 
-pub fn present() -> Result<bool, FirewallError> {
-    for fam in [Family::V4, Family::V6] {
-        for tbl in ["mangle", "nat"] {
-            if removal(&run(fam.save(), &["-t", tbl], None)?, tbl).is_some() {
-                return Ok(true);
-            }
-        }
-    }
-    Ok(false)
-}
-
 /// Replaces any earlier tproxyd chains with fresh ones, both families.
 pub fn apply(plan: &Plan) -> Result<(), FirewallError> {
     remove()?;

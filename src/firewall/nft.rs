@@ -13,10 +13,6 @@ use crate::config::Mode;
 
 pub const TABLE: &str = "tproxyd";
 
-fn set_elements(cidrs: &[String]) -> String {
-    cidrs.join(", ")
-}
-
 /// `tcp dport { 53, 6000-7000 } ` or nothing when all ports are captured.
 fn dport_match(proto: &str, ports: &[String]) -> String {
     if ports.is_empty() {
@@ -84,7 +80,7 @@ pub fn render(plan: &Plan) -> String {
         }
         let _ = writeln!(out, "\tset {name} {{\n\t\ttype {ty}\n\t\tflags interval");
         if !elems.is_empty() {
-            let _ = writeln!(out, "\t\telements = {{ {} }}", set_elements(elems));
+            let _ = writeln!(out, "\t\telements = {{ {} }}", elems.join(", "));
         }
         let _ = writeln!(out, "\t}}");
     }
