@@ -115,24 +115,7 @@ impl Outbound {
     pub async fn probe(&self) -> Result<(), OutboundError> {
         match self {
             Outbound::Direct { .. } => Ok(()),
-            Outbound::Socks5(client) => match tokio::time::timeout(
-                client.connect_timeout,
-                connect_marked(client.server, client.mark),
-            )
-            .await
-            {
-                Err(_) => Err(Socks5Error::Timeout {
-                    server: client.server,
-                    secs: client.connect_timeout.as_secs(),
-                }
-                .into()),
-                Ok(Err(source)) => Err(Socks5Error::Unreachable {
-                    server: client.server,
-                    source,
-                }
-                .into()),
-                Ok(Ok(_)) => Ok(()),
-            },
+            Outbound::Socks5(client) => Ok(client.reachable().await?),
         }
     }
 }

@@ -175,6 +175,11 @@ impl Socks5Client {
         })
     }
 
+    /// Whether the server accepts a TCP connection (no SOCKS exchange).
+    pub async fn reachable(&self) -> Result<(), Socks5Error> {
+        self.open_control().await.map(drop)
+    }
+
     async fn open_control(&self) -> Result<TcpStream, Socks5Error> {
         match tokio::time::timeout(self.connect_timeout, connect_marked(self.server, self.mark))
             .await
