@@ -52,7 +52,7 @@ fn check_sizes(upstream: Upstream) {
         let dst = fam.remote_a(UDP_ECHO_PORT);
         tb.lan.enter(|| {
             let s = client_socket(fam);
-            for size in [32usize, 1400, 9000] {
+            for size in [32usize, 1400, 9000, UDP_ECHO_MAX] {
                 let payload = pattern(size, size as u64);
                 let (from, peer, echoed) = exchange(&s, dst, &payload);
                 assert_eq!(from, dst, "{fam:?} {size} B: reply from the wrong source");
@@ -63,18 +63,50 @@ fn check_sizes(upstream: Upstream) {
                 );
                 assert_eq!(echoed, payload, "{fam:?} {size} B: payload changed");
             }
+            // The largest datagram the outbound can carry passes whole
+            // upstream; the server answers with its length and checksum.
+            // Direct: the IPv4 maximum. SOCKS5 wraps each datagram in a
+            // header (10 bytes for an IPv4 target, 22 for IPv6) on the
+            // way to an IPv4 relay, which leaves that much less.
+            let largest = match (upstream, fam) {
+                (Upstream::Direct, _) => UDP_MAX,
+                (_, Family::V4) => UDP_MAX - 10,
+                (_, Family::V6) => UDP_MAX - 22,
+            };
+            let payload = pattern(largest, 7);
+            let (from, peer, answer) = exchange(&s, dst, &payload);
+            assert_eq!(from, dst, "{fam:?} {largest} B");
+            assert_eq!(peer.ip(), fam.hop(upstream), "{fam:?} {largest} B");
+            let expected = format!("len={largest} fnv={:016x}", checksum(&payload));
+            assert_eq!(String::from_utf8_lossy(&answer), expected, "{fam:?}");
         });
+    }
+    if upstream != Upstream::Direct {
+        // One byte more than SOCKS5 can carry: dropped, and said so.
+        tb.lan.enter(|| {
+            let s = client_socket(Family::V4);
+            s.send_to(&pattern(UDP_MAX - 9, 9), Family::V4.remote_a(UDP_ECHO_PORT))
+                .unwrap();
+        });
+        assert!(
+            tb.wait_for_log(
+                "bytes does not fit the socks5 outbound",
+                Duration::from_secs(3)
+            ),
+            "{}",
+            tb.tproxyd_log()
+        );
     }
     assert!(tb.tproxyd_log().contains("tproxyd listening"));
 }
 
 #[test]
-fn tproxy_udp_through_socks5_v4_and_v6_32_1400_9000_bytes() {
+fn tproxy_udp_through_socks5_v4_and_v6_32_bytes_to_65507() {
     check_sizes(Upstream::Socks);
 }
 
 #[test]
-fn tproxy_udp_direct_v4_and_v6_32_1400_9000_bytes() {
+fn tproxy_udp_direct_v4_and_v6_32_bytes_to_65507() {
     check_sizes(Upstream::Direct);
 }
 

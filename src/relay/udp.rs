@@ -201,6 +201,13 @@ impl UdpRelay {
                             let len = p.buf.len() - UDP_HEADROOM;
                             match upstream.send(&mut p.buf, p.dst).await {
                                 Ok(()) => { up_bytes += len as u64; up_n += 1; }
+                                // Too large for the outbound (SOCKS5 adds a
+                                // header to a datagram that may already be at
+                                // the IPv4 maximum): the sender should know.
+                                Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => warn!(
+                                    %client, dst = %p.dst,
+                                    "UDP datagram of {len} bytes does not fit the {outbound_name} outbound ({e}); dropped. Through SOCKS5 the largest is 65497 bytes to an IPv4 destination and 65485 to IPv6 (the header adds 10 or 22 bytes)"
+                                ),
                                 Err(e) => debug!(%client, dst = %p.dst, "UDP send upstream failed: {e}"),
                             }
                             idle = self.idle_for(p.dst);

@@ -51,6 +51,11 @@ pub const SINK_PORT: u16 = 9;
 /// UDP: answers "peer=ADDR\n" + payload from the address it was sent to;
 /// a payload starting with "CONE" is answered from remote B instead.
 pub const UDP_ECHO_PORT: u16 = 7;
+/// Largest payload the UDP echo returns whole; larger ones are answered
+/// with "len=N fnv=HASH" (the "peer=" prefix leaves room for this much).
+pub const UDP_ECHO_MAX: usize = 65_400;
+/// The largest UDP payload over IPv4.
+pub const UDP_MAX: usize = 65_507;
 /// UDP: the same echo on port 53 of remote A, for DNS-only capture.
 pub const DNS_PORT: u16 = 53;
 pub const PROXY_PORT: u16 = 1090;
@@ -940,7 +945,13 @@ fn udp_server(socket: UdpSocket, cone_peer: Option<UdpSocket>, stop: Arc<AtomicB
             continue;
         };
         let mut reply = format!("peer={peer}\n").into_bytes();
-        reply.extend_from_slice(&buf[..n]);
+        if n > UDP_ECHO_MAX {
+            // The prefix would push an echo past the largest datagram:
+            // answer with what arrived instead.
+            reply.extend_from_slice(format!("len={n} fnv={:016x}", checksum(&buf[..n])).as_bytes());
+        } else {
+            reply.extend_from_slice(&buf[..n]);
+        }
         let from = match &cone_peer {
             Some(b) if buf[..n].starts_with(b"CONE") => b,
             _ => &socket,
