@@ -495,3 +495,112 @@ fn switching_backends_leaves_no_leftovers() {
     tb.stop_tproxyd();
     assert_eq!(tb.snapshot(), tb.baseline);
 }
+
+/// `rules print` shows exactly what would be applied: its text, for a
+/// spread of settings, must load as it stands (checked by the kernel via
+/// `nft --check` and `iptables-restore --test`, in a scratch namespace).
+#[test]
+fn printed_rules_load_as_printed() {
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::create(format!("tpd{}-print", std::process::id()));
+    let cases: &[&[&str]] = &[
+        &[
+            "--socks5",
+            "203.0.113.2:1080",
+            "--lan-interface",
+            "eth1",
+            "--proxy-local",
+        ],
+        &[
+            "--direct",
+            "--mode",
+            "redirect",
+            "--lan-interface",
+            "eth*",
+            "--proxy-local",
+        ],
+        &[
+            "--socks5",
+            "[2001:db8::1]:1080",
+            "--lan-interface",
+            "br-lan",
+            "--bypass",
+            "10.1.0.0/16",
+            "--bypass",
+            "2001:db8::/32",
+        ],
+        &[
+            "--direct",
+            "--udp-only",
+            "--proxy-local",
+            "--bypass",
+            "203.0.113.0/24",
+        ],
+    ];
+    for args in cases {
+        for backend in ["nftables", "iptables"] {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_tproxyd"))
+                .args(["rules", "print", "--firewall", backend])
+                .args(*args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            // Sections start with "# <tool> ..." lines; the last one is the
+            // policy routes, applied over netlink.
+            let mut sections: Vec<(String, String)> = Vec::new();
+            for line in text.lines() {
+                if let Some(head) = line.strip_prefix("# ") {
+                    sections.push((head.to_string(), String::new()));
+                } else if let Some((_, body)) = sections.last_mut() {
+                    body.push_str(line);
+                    body.push('\n');
+                }
+            }
+            let mut checked = 0;
+            for (head, body) in &sections {
+                let cmd: &[&str] = if head.starts_with("nft") {
+                    &["nft", "--check", "-f", "-"]
+                } else if head.starts_with("iptables-restore") {
+                    &["iptables-restore", "--noflush", "--test"]
+                } else if head.starts_with("ip6tables-restore") {
+                    &["ip6tables-restore", "--noflush", "--test"]
+                } else {
+                    continue;
+                };
+                let mut child = std::process::Command::new("ip")
+                    .args(["netns", "exec", &ns.name])
+                    .args(cmd)
+                    .stdin(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                use std::io::Write as _;
+                child
+                    .stdin
+                    .take()
+                    .unwrap()
+                    .write_all(body.as_bytes())
+                    .unwrap();
+                let res = child.wait_with_output().unwrap();
+                assert!(
+                    res.status.success(),
+                    "{backend} {args:?}: {head} refused it: {}\n{body}",
+                    String::from_utf8_lossy(&res.stderr)
+                );
+                checked += 1;
+            }
+            let expected = if backend == "nftables" { 1 } else { 2 };
+            assert_eq!(
+                checked, expected,
+                "{backend} {args:?}: sections found:\n{text}"
+            );
+        }
+    }
+}

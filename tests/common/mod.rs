@@ -186,7 +186,7 @@ pub struct Netns {
 }
 
 impl Netns {
-    fn create(name: String) -> Netns {
+    pub fn create(name: String) -> Netns {
         run(Command::new("ip").args(["netns", "add", &name]));
         Netns { name }
     }
