@@ -81,7 +81,9 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<TcpContext>) {
         }
     };
     let _ = stream.set_nodelay(true);
-    let upstream = match outbound.connect_tcp(dst).await {
+    // Boxed so the connect state (a SOCKS5 handshake is large) is freed
+    // once connected instead of sizing the task of every long-lived flow.
+    let upstream = match Box::pin(outbound.connect_tcp(dst)).await {
         Ok(u) => u,
         Err(e) => {
             log_connect_failure(client, dst, outbound.name(), &e);

@@ -10,8 +10,10 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
+use std::future::Future;
 use std::sync::Mutex;
 
 use tokio::io::Interest;
@@ -110,128 +112,168 @@ fn give_back_pipe(pipe: sys::Pipe) {
 /// The most one splice call moves: the default pipe capacity.
 const SPLICE_CHUNK: usize = 64 * 1024;
 
-/// Why one direction stopped splicing.
-enum SpliceStop {
-    /// EOF passed on, or an error from the named side.
-    Done(Result<(), (Side, io::Error)>),
-    /// The kernel will not splice these sockets (no pipe to be had, or
-    /// EINVAL before any byte moved): copy instead.
-    Unsupported,
+/// One direction of a flow, driven by [`OneWay::poll`].
+///
+/// The relay is written as a poll function rather than as two async
+/// copies under `select!`: an idle flow's task then holds only these few
+/// words per direction instead of two suspended readiness futures, which
+/// measured as most of its memory. A direction holds a pipe (or, on the
+/// copy path, a buffer) only while bytes are in flight.
+struct OneWay {
+    from_side: Side,
+    pipe: Option<sys::Pipe>,
+    /// Bytes spliced into the pipe and not yet out of it.
+    in_pipe: usize,
+    moved_any: bool,
+    /// Set once the kernel refused splice: the copy path.
+    copy: Option<CopyState>,
+    done: bool,
 }
 
-/// Moves `from` to `to` until EOF with splice(2), then shuts down `to`'s
-/// write side. The bytes go socket → pipe → socket inside the kernel.
-async fn splice_half(
-    from: &TcpStream,
-    to: &TcpStream,
-    meter: &Meter,
-    counter: &AtomicU64,
-    from_side: Side,
-) -> SpliceStop {
-    let mut moved_any = false;
-    loop {
-        if let Err(e) = from.readable().await {
-            return SpliceStop::Done(Err((from_side, e)));
+#[derive(Default)]
+struct CopyState {
+    buf: Option<Box<[u8]>>,
+    len: usize,
+    written: usize,
+}
+
+type DirResult = Result<(), (Side, io::Error)>;
+
+impl OneWay {
+    fn new(from_side: Side) -> Self {
+        OneWay {
+            from_side,
+            pipe: None,
+            in_pipe: 0,
+            moved_any: false,
+            copy: None,
+            done: false,
         }
-        let pipe = match take_pipe() {
-            Ok(pipe) => pipe,
-            Err(_) if !moved_any => return SpliceStop::Unsupported,
-            Err(e) => return SpliceStop::Done(Err((from_side, e))),
-        };
+    }
+
+    fn src_err(&self, e: io::Error) -> (Side, io::Error) {
+        (self.from_side, e)
+    }
+
+    fn dst_err(&self, e: io::Error) -> (Side, io::Error) {
+        (self.from_side.other(), e)
+    }
+
+    /// Moves bytes `from` → `to` until EOF (then shuts down `to`'s write
+    /// side and returns `Ready(Ok)`), an error, or nothing to do.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        meter: &Meter,
+        counter: &AtomicU64,
+    ) -> Poll<DirResult> {
+        if self.copy.is_some() {
+            return self.poll_copy(cx, from, to, meter, counter);
+        }
         loop {
-            let filled = from.try_io(Interest::READABLE, || pipe.fill_from(from, SPLICE_CHUNK));
-            let mut in_pipe = match filled {
-                Ok(0) => {
-                    let r = sys::shutdown_write(to).map_err(|e| (from_side.other(), e));
-                    meter.touch();
-                    give_back_pipe(pipe);
-                    return SpliceStop::Done(r);
-                }
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    give_back_pipe(pipe);
-                    break;
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !moved_any => {
-                    return SpliceStop::Unsupported
-                }
-                Err(e) => return SpliceStop::Done(Err((from_side, e))),
-            };
-            moved_any = true;
-            while in_pipe > 0 {
-                if let Err(e) = to.writable().await {
-                    return SpliceStop::Done(Err((from_side.other(), e)));
-                }
-                match to.try_io(Interest::WRITABLE, || pipe.drain_to(to, in_pipe)) {
+            while self.in_pipe > 0 {
+                ready!(to.poll_write_ready(cx)).map_err(|e| self.dst_err(e))?;
+                let Some(pipe) = &self.pipe else { break };
+                match to.try_io(Interest::WRITABLE, || pipe.drain_to(to, self.in_pipe)) {
                     Ok(n) => {
-                        in_pipe -= n;
+                        self.in_pipe -= n;
                         counter.fetch_add(n as u64, Ordering::Relaxed);
                         meter.touch();
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     // A pipe with bytes left in it is dropped, not reused.
-                    Err(e) => return SpliceStop::Done(Err((from_side.other(), e))),
+                    Err(e) => return Poll::Ready(Err(self.dst_err(e))),
                 }
             }
-        }
-    }
-}
-
-/// Copies `from` to `to` through user space until EOF, then shuts down
-/// `to`'s write side: the path when splice is refused.
-///
-/// The buffer exists only while data flows: the copy waits for
-/// readiness without one, fills it with non-blocking reads, and drops it
-/// when the socket has nothing more. An idle flow then costs no buffer.
-async fn copy_half(
-    from: &TcpStream,
-    to: &TcpStream,
-    meter: &Meter,
-    counter: &AtomicU64,
-    from_side: Side,
-) -> Result<(), (Side, io::Error)> {
-    loop {
-        from.readable().await.map_err(|e| (from_side, e))?;
-        let mut buf = vec![0u8; COPY_BUF_SIZE];
-        loop {
-            let n = match from.try_read(&mut buf) {
-                Ok(0) => {
-                    // EOF: pass the FIN on, keep the other direction open.
-                    sys::shutdown_write(to).map_err(|e| (from_side.other(), e))?;
-                    meter.touch();
-                    return Ok(());
-                }
-                Ok(n) => n,
-                // Drained: give the buffer back and wait again.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err((from_side, e)),
+            ready!(from.poll_read_ready(cx)).map_err(|e| self.src_err(e))?;
+            let pipe = match self.pipe.take() {
+                Some(pipe) => pipe,
+                None => match take_pipe() {
+                    Ok(pipe) => pipe,
+                    Err(_) if !self.moved_any => {
+                        return self.fall_back_to_copy(cx, from, to, meter, counter)
+                    }
+                    Err(e) => return Poll::Ready(Err(self.src_err(e))),
+                },
             };
-            let mut written = 0;
-            while written < n {
-                to.writable().await.map_err(|e| (from_side.other(), e))?;
-                match to.try_write(&buf[written..n]) {
-                    Ok(w) => written += w,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err((from_side.other(), e)),
+            match from.try_io(Interest::READABLE, || pipe.fill_from(from, SPLICE_CHUNK)) {
+                Ok(0) => {
+                    give_back_pipe(pipe);
+                    meter.touch();
+                    // EOF: pass the FIN on, keep the other direction open.
+                    return Poll::Ready(sys::shutdown_write(to).map_err(|e| self.dst_err(e)));
                 }
+                Ok(n) => {
+                    self.in_pipe = n;
+                    self.moved_any = true;
+                    self.pipe = Some(pipe);
+                }
+                // Drained: the pipe goes back to the pool until data comes.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => give_back_pipe(pipe),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !self.moved_any => {
+                    return self.fall_back_to_copy(cx, from, to, meter, counter)
+                }
+                Err(e) => return Poll::Ready(Err(self.src_err(e))),
             }
-            counter.fetch_add(n as u64, Ordering::Relaxed);
-            meter.touch();
         }
     }
-}
 
-/// One direction of a flow: splice, or copy where splice is refused.
-async fn one_way(
-    from: &TcpStream,
-    to: &TcpStream,
-    meter: &Meter,
-    counter: &AtomicU64,
-    from_side: Side,
-) -> Result<(), (Side, io::Error)> {
-    match splice_half(from, to, meter, counter, from_side).await {
-        SpliceStop::Done(r) => r,
-        SpliceStop::Unsupported => copy_half(from, to, meter, counter, from_side).await,
+    fn fall_back_to_copy(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        meter: &Meter,
+        counter: &AtomicU64,
+    ) -> Poll<DirResult> {
+        self.copy = Some(CopyState::default());
+        self.poll_copy(cx, from, to, meter, counter)
+    }
+
+    /// The copy path, for sockets the kernel will not splice. Its buffer
+    /// exists only while data flows, like the pipe.
+    fn poll_copy(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        meter: &Meter,
+        counter: &AtomicU64,
+    ) -> Poll<DirResult> {
+        let (from_side, to_side) = (self.from_side, self.from_side.other());
+        let Some(state) = self.copy.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        loop {
+            while state.written < state.len {
+                ready!(to.poll_write_ready(cx)).map_err(|e| (to_side, e))?;
+                let Some(buf) = &state.buf else { break };
+                match to.try_write(&buf[state.written..state.len]) {
+                    Ok(n) => {
+                        state.written += n;
+                        counter.fetch_add(n as u64, Ordering::Relaxed);
+                        meter.touch();
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Poll::Ready(Err((to_side, e))),
+                }
+            }
+            ready!(from.poll_read_ready(cx)).map_err(|e| (from_side, e))?;
+            let buf = state
+                .buf
+                .get_or_insert_with(|| vec![0u8; COPY_BUF_SIZE].into_boxed_slice());
+            match from.try_read(buf) {
+                Ok(0) => {
+                    meter.touch();
+                    return Poll::Ready(sys::shutdown_write(to).map_err(|e| (to_side, e)));
+                }
+                Ok(n) => (state.len, state.written) = (n, 0),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => state.buf = None,
+                Err(e) => return Poll::Ready(Err((from_side, e))),
+            }
+        }
     }
 }
 
@@ -243,30 +285,32 @@ pub async fn relay(client: TcpStream, upstream: TcpStream, idle: Duration) -> Ou
         up: AtomicU64::new(0),
         down: AtomicU64::new(0),
     };
-    let end = {
-        let up = one_way(&client, &upstream, &meter, &meter.up, Side::Client);
-        let down = one_way(&upstream, &client, &meter, &meter.down, Side::Upstream);
-        tokio::pin!(up, down);
-        let watchdog = idle_watchdog(&meter, idle);
-        tokio::pin!(watchdog);
-        let (mut up_done, mut down_done) = (false, false);
-        loop {
-            tokio::select! {
-                r = &mut up, if !up_done => match r {
-                    Ok(()) => up_done = true,
-                    Err(e) => break side_error(e),
-                },
-                r = &mut down, if !down_done => match r {
-                    Ok(()) => down_done = true,
-                    Err(e) => break side_error(e),
-                },
-                _ = &mut watchdog => break End::Idle,
-            }
-            if up_done && down_done {
-                break End::Closed;
+    let mut up = OneWay::new(Side::Client);
+    let mut down = OneWay::new(Side::Upstream);
+    let watchdog = idle_watchdog(&meter, idle);
+    tokio::pin!(watchdog);
+    let end = std::future::poll_fn(|cx| {
+        for (dir, from, to, counter) in [
+            (&mut up, &client, &upstream, &meter.up),
+            (&mut down, &upstream, &client, &meter.down),
+        ] {
+            if !dir.done {
+                match dir.poll(cx, from, to, &meter, counter) {
+                    Poll::Ready(Ok(())) => dir.done = true,
+                    Poll::Ready(Err(e)) => return Poll::Ready(side_error(e)),
+                    Poll::Pending => {}
+                }
             }
         }
-    };
+        if up.done && down.done {
+            return Poll::Ready(End::Closed);
+        }
+        match watchdog.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(End::Idle),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await;
     if matches!(end, End::UpstreamError(_)) {
         // Tell the client the truth: the far side is gone, not finished.
         let _ = sys::set_reset_on_close(&client);
@@ -387,13 +431,11 @@ mod tests {
             up: AtomicU64::new(0),
             down: AtomicU64::new(0),
         };
-        let copy = copy_half(
-            &client_side,
-            &upstream_side,
-            &meter,
-            &meter.up,
-            Side::Client,
-        );
+        let mut dir = OneWay::new(Side::Client);
+        dir.copy = Some(CopyState::default());
+        let copy = std::future::poll_fn(|cx| {
+            dir.poll(cx, &client_side, &upstream_side, &meter, &meter.up)
+        });
         let mut got = Vec::new();
         let (copied, read) = tokio::join!(copy, server.read_to_end(&mut got));
         assert!(copied.is_ok());
