@@ -1,0 +1,339 @@
+//! Load generator and servers for `bench/run`.
+//!
+//! One binary plays both ends so that every configuration of the benchmark
+//! is measured with the same client and the same server:
+//!
+//! ```text
+//! loadgen serve    --tcp ADDR --udp ADDR        (on the WAN side)
+//! loadgen tcp-crr  --target ADDR --concurrency C --seconds S
+//! loadgen tcp-lat  --target ADDR --count N
+//! loadgen udp-rr   --target ADDR --sockets K --seconds S
+//! loadgen udp-lat  --target ADDR --count N
+//! loadgen hold     --target ADDR --count N     (keeps N idle flows open)
+//! ```
+//!
+//! Each client mode prints one JSON object on stdout. `hold` prints its
+//! object once every connection has exchanged a message (so the proxy has
+//! set up its side of each), then keeps them open until stdin closes.
+//!
+//! The TCP exchange is HTTP/1.0-shaped: a 64-byte request, a 64-byte
+//! answer, then the server closes. The server closing first keeps
+//! TIME_WAIT off the client's and the proxy's port ranges.
+
+use std::io::{self, BufRead, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+const MESSAGE: usize = 64;
+/// First request byte: answer, then close.
+const CLOSE_AFTER: u8 = b'C';
+/// First request byte: answer, then keep the connection until the client
+/// closes it.
+const KEEP_OPEN: u8 = b'K';
+const UDP_TIMEOUT: Duration = Duration::from_millis(200);
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("loadgen: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mode = args
+        .first()
+        .ok_or("usage: loadgen MODE [--flag value]...")?;
+    let flag = |name: &str| -> Result<String> {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+            .ok_or_else(|| format!("{mode} needs {name}").into())
+    };
+    let addr = |name: &str| -> Result<SocketAddr> { Ok(flag(name)?.parse()?) };
+    let number = |name: &str| -> Result<u64> { Ok(flag(name)?.parse()?) };
+    raise_nofile_limit();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        match mode.as_str() {
+            "serve" => serve(addr("--tcp")?, addr("--udp")?).await,
+            "tcp-crr" => {
+                tcp_crr(
+                    addr("--target")?,
+                    number("--concurrency")?,
+                    secs(number("--seconds")?),
+                )
+                .await
+            }
+            "tcp-lat" => tcp_lat(addr("--target")?, number("--count")?).await,
+            "udp-rr" => {
+                udp_rr(
+                    addr("--target")?,
+                    number("--sockets")?,
+                    secs(number("--seconds")?),
+                )
+                .await
+            }
+            "udp-lat" => udp_lat(addr("--target")?, number("--count")?).await,
+            "hold" => hold(addr("--target")?, number("--count")?).await,
+            other => Err(format!("unknown mode {other}").into()),
+        }
+    })
+}
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+async fn serve(tcp: SocketAddr, udp: SocketAddr) -> Result<()> {
+    let listener = TcpListener::bind(tcp).await?;
+    let socket = Arc::new(UdpSocket::bind(udp).await?);
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            if let Ok((n, peer)) = socket.recv_from(&mut buf).await {
+                let _ = socket.send_to(&buf[..n], peer).await;
+            }
+        }
+    });
+    loop {
+        let (mut stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            // Out of descriptors for a moment: back off instead of spinning.
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            let mut request = [0u8; MESSAGE];
+            if stream.read_exact(&mut request).await.is_err() {
+                return;
+            }
+            if stream.write_all(&request).await.is_err() {
+                return;
+            }
+            if request[0] == KEEP_OPEN {
+                let mut rest = [0u8; 1];
+                let _ = stream.read(&mut rest).await;
+            }
+        });
+    }
+}
+
+/// One request/answer over a new connection; returns the open connection
+/// when the server keeps it.
+async fn exchange(target: SocketAddr, kind: u8) -> Result<TcpStream> {
+    let mut stream = TcpStream::connect(target).await?;
+    stream.set_nodelay(true)?;
+    let mut request = [b'.'; MESSAGE];
+    request[0] = kind;
+    stream.write_all(&request).await?;
+    let mut answer = [0u8; MESSAGE];
+    stream.read_exact(&mut answer).await?;
+    if answer != request {
+        return Err("answer differs from request".into());
+    }
+    if kind == CLOSE_AFTER {
+        // Wait for the server's FIN so the exchange is complete.
+        let mut rest = [0u8; 1];
+        if stream.read(&mut rest).await? != 0 {
+            return Err("server sent more than the answer".into());
+        }
+    }
+    Ok(stream)
+}
+
+async fn tcp_crr(target: SocketAddr, concurrency: u64, seconds: Duration) -> Result<()> {
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let (done, errors, stop) = (done.clone(), errors.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match exchange(target, CLOSE_AFTER).await {
+                    Ok(_) => done.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => errors.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    tokio::time::sleep(seconds).await;
+    let (count, elapsed) = (done.load(Ordering::Relaxed), start.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = tokio::time::timeout(Duration::from_secs(5), w).await;
+    }
+    println!(
+        "{{\"conns_per_s\": {:.1}, \"errors\": {}}}",
+        count as f64 / elapsed.as_secs_f64(),
+        errors.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+/// p50 and p99 of the samples, in microseconds.
+fn percentiles(mut samples: Vec<Duration>) -> Result<(f64, f64)> {
+    if samples.is_empty() {
+        return Err("no successful exchange to take a latency from".into());
+    }
+    samples.sort();
+    let at = |q: f64| {
+        let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
+        samples[i].as_secs_f64() * 1e6
+    };
+    Ok((at(0.50), at(0.99)))
+}
+
+async fn tcp_lat(target: SocketAddr, count: u64) -> Result<()> {
+    let mut samples = Vec::new();
+    let mut errors = 0u64;
+    for _ in 0..count {
+        let t = Instant::now();
+        match exchange(target, CLOSE_AFTER).await {
+            Ok(_) => samples.push(t.elapsed()),
+            Err(_) => errors += 1,
+        }
+    }
+    let (p50, p99) = percentiles(samples)?;
+    println!("{{\"p50_us\": {p50:.1}, \"p99_us\": {p99:.1}, \"errors\": {errors}}}");
+    Ok(())
+}
+
+/// Sends one datagram and waits for its echo; `None` when it timed out.
+async fn udp_exchange(socket: &UdpSocket, seq: u64) -> io::Result<Option<Duration>> {
+    let request = seq.to_be_bytes();
+    let t = Instant::now();
+    socket.send(&request).await?;
+    let mut answer = [0u8; 64];
+    let deadline = t + UDP_TIMEOUT;
+    loop {
+        match tokio::time::timeout_at(deadline.into(), socket.recv(&mut answer)).await {
+            Err(_) => return Ok(None),
+            // A late echo of an earlier datagram: keep waiting for ours.
+            Ok(Ok(n)) if answer[..n] != request => continue,
+            Ok(Ok(_)) => return Ok(Some(t.elapsed())),
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+}
+
+async fn connected_udp(target: SocketAddr) -> io::Result<UdpSocket> {
+    let any: SocketAddr = if target.is_ipv4() {
+        "0.0.0.0:0".parse().expect("literal address")
+    } else {
+        "[::]:0".parse().expect("literal address")
+    };
+    let socket = UdpSocket::bind(any).await?;
+    socket.connect(target).await?;
+    Ok(socket)
+}
+
+async fn udp_rr(target: SocketAddr, sockets: u64, seconds: Duration) -> Result<()> {
+    let done = Arc::new(AtomicU64::new(0));
+    let lost = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    let start = Instant::now();
+    for _ in 0..sockets {
+        let socket = connected_udp(target).await?;
+        let (done, lost, stop) = (done.clone(), lost.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let mut seq = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                seq += 1;
+                match udp_exchange(&socket, seq).await {
+                    Ok(Some(_)) => done.fetch_add(1, Ordering::Relaxed),
+                    _ => lost.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    tokio::time::sleep(seconds).await;
+    let (count, elapsed) = (done.load(Ordering::Relaxed), start.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = w.await;
+    }
+    println!(
+        "{{\"exchanges_per_s\": {:.1}, \"timeouts\": {}}}",
+        count as f64 / elapsed.as_secs_f64(),
+        lost.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+async fn udp_lat(target: SocketAddr, count: u64) -> Result<()> {
+    let socket = connected_udp(target).await?;
+    let mut samples = Vec::new();
+    let mut timeouts = 0u64;
+    for seq in 0..count {
+        match udp_exchange(&socket, seq).await? {
+            Some(rtt) => samples.push(rtt),
+            None => timeouts += 1,
+        }
+    }
+    let (p50, p99) = percentiles(samples)?;
+    println!("{{\"p50_us\": {p50:.1}, \"p99_us\": {p99:.1}, \"timeouts\": {timeouts}}}");
+    Ok(())
+}
+
+async fn hold(target: SocketAddr, count: u64) -> Result<()> {
+    // Open in waves so the proxy and the server see a realistic accept
+    // backlog instead of one burst of thousands of SYNs.
+    const WAVE: u64 = 200;
+    let mut open = Vec::with_capacity(count as usize);
+    let mut failed = 0u64;
+    let mut started = 0u64;
+    while started < count {
+        let wave = WAVE.min(count - started);
+        let attempts: Vec<_> = (0..wave)
+            .map(|_| tokio::spawn(exchange(target, KEEP_OPEN)))
+            .collect();
+        for attempt in attempts {
+            match attempt.await {
+                Ok(Ok(stream)) => open.push(stream),
+                _ => failed += 1,
+            }
+        }
+        started += wave;
+    }
+    println!("{{\"open\": {}, \"failed\": {failed}}}", open.len());
+    io::stdout().flush()?;
+    // Hold until the caller closes stdin.
+    tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        while io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {
+            line.clear();
+        }
+    })
+    .await?;
+    drop(open);
+    Ok(())
+}
