@@ -295,6 +295,91 @@ fn fail_closed_drops_captured_traffic_while_tproxyd_is_down(backend: Backend) {
     assert_eq!(tb.snapshot(), tb.baseline);
 }
 
+/// LAN-side kernel counters that move when a SYN is answered wrongly.
+fn syn_trouble(lan: &Netns) -> String {
+    lan.exec_output(&["nstat", "-az", "TcpExtTCPSynRetrans", "TcpOutRsts"])
+        .lines()
+        .filter(|l| l.starts_with("Tcp"))
+        .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join("="))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Regression: when the server closes first, the router keeps the
+/// client-side socket in TIME_WAIT, and `socket transparent` matched that
+/// socket too. A new connection from the same client port then had its SYN
+/// delivered to the TIME_WAIT socket instead of the listener: the client
+/// got a stray ACK, sent a reset and retried its SYN (measured: ~10 ms more
+/// per connection under load). The SYN must reach tproxyd at once.
+fn reused_client_port_connects_at_once_despite_time_wait(backend: Backend) {
+    let Some(tb) = own_bed(backend, Mode::Tproxy, "", "lan_interfaces = [\"rlan\"]") else {
+        return;
+    };
+    for (fam, client_port) in [(Family::V4, 40123u16), (Family::V6, 40124)] {
+        let server_addr = fam.remote_a(8081);
+        let listener = tb
+            .wan
+            .enter(|| std::net::TcpListener::bind(server_addr))
+            .expect("bind the closing server");
+        // Answers and closes first, as HTTP/1.0 servers do.
+        let server = std::thread::spawn(move || {
+            for _ in 0..2 {
+                let (mut s, _) = listener.accept().expect("accept");
+                std::io::Write::write_all(&mut s, b"bye\n").expect("answer");
+            }
+        });
+        let client_addr = SocketAddr::new(lan_ip(fam), client_port);
+        let exchange = || {
+            tb.lan.enter(|| {
+                let sock = socket2::Socket::new(
+                    socket2::Domain::for_address(client_addr),
+                    socket2::Type::STREAM,
+                    None,
+                )
+                .unwrap();
+                sock.set_reuse_address(true).unwrap();
+                sock.bind(&client_addr.into()).unwrap();
+                sock.connect_timeout(&server_addr.into(), WAIT)
+                    .expect("connect through tproxyd");
+                let mut stream: std::net::TcpStream = sock.into();
+                stream.set_read_timeout(Some(WAIT)).unwrap();
+                let mut answer = String::new();
+                std::io::Read::read_to_string(&mut stream, &mut answer).expect("answer");
+                assert_eq!(answer, "bye\n");
+            })
+        };
+        exchange();
+        // The precondition: the router holds the client-side socket in
+        // TIME_WAIT (otherwise this test would prove nothing).
+        let filter = format!("( dport = :{client_port} )");
+        let in_time_wait = wait_until(WAIT, || {
+            !tb.router
+                .exec_output(&["ss", "-Htan", "state", "time-wait", &filter])
+                .trim()
+                .is_empty()
+        });
+        assert!(in_time_wait, "{fam:?}: no TIME_WAIT socket on the router");
+        let before = syn_trouble(&tb.lan);
+        exchange();
+        assert_eq!(
+            syn_trouble(&tb.lan),
+            before,
+            "{fam:?}: the SYN was not taken at once"
+        );
+        server.join().unwrap();
+    }
+}
+
+#[test]
+fn nft_reused_client_port_connects_at_once_despite_time_wait() {
+    reused_client_port_connects_at_once_despite_time_wait(Backend::Nftables);
+}
+
+#[test]
+fn iptables_reused_client_port_connects_at_once_despite_time_wait() {
+    reused_client_port_connects_at_once_despite_time_wait(Backend::Iptables);
+}
+
 #[test]
 fn nft_lan_tcp_and_udp_v4_v6_through_socks5_with_tproxyd_rules() {
     lan_tcp_and_udp_v4_v6_through_socks5_with_tproxyd_rules(Backend::Nftables);

@@ -136,12 +136,14 @@ pub fn render(plan: &Plan, fam: Family) -> String {
         Mode::Tproxy => {
             if let Some(tcp) = &tcp {
                 // Packets of flows that already have a transparent socket
-                // skip the TPROXY lookup (TCP only, as in the nft backend).
+                // skip the TPROXY lookup (TCP only, and never a new
+                // connection's SYN, which could match a TIME_WAIT socket:
+                // see the nft backend).
                 r.push(format!(
-                    "-A {TAKE} -p tcp -m socket --transparent -j MARK --set-mark {rm:#x}"
+                    "-A {TAKE} -p tcp ! --syn -m socket --transparent -j MARK --set-mark {rm:#x}"
                 ));
                 r.push(format!(
-                    "-A {TAKE} -p tcp -m socket --transparent -j ACCEPT"
+                    "-A {TAKE} -p tcp ! --syn -m socket --transparent -j ACCEPT"
                 ));
                 r.push(format!("-A {TAKE} -p tcp {tcp}-j TPROXY --on-port {port} --tproxy-mark {rm:#x}/0xffffffff"));
             }
@@ -301,7 +303,7 @@ mod tests {
             "-A TPROXYD_PRE -m mark --mark 0xff -j RETURN",
             "-A TPROXYD_PRE -d 10.0.0.0/8 -j RETURN",
             "-A TPROXYD_PRE -d 203.0.113.2/32 -j RETURN",
-            "-A TPROXYD_TAKE -p tcp -m socket --transparent -j ACCEPT",
+            "-A TPROXYD_TAKE -p tcp ! --syn -m socket --transparent -j ACCEPT",
             "-A TPROXYD_TAKE -p tcp -j TPROXY --on-port 1090 --tproxy-mark 0x1090/0xffffffff",
             "-A TPROXYD_TAKE -p udp -j TPROXY --on-port 1090 --tproxy-mark 0x1090/0xffffffff",
             "-A TPROXYD_OUT -p udp -j MARK --set-mark 0x1090",

@@ -473,7 +473,7 @@ impl Testbed {
                     "table inet tpdtest {{
                        chain pre {{
                          type filter hook prerouting priority mangle; policy accept;
-                         iifname \"rlan\" meta l4proto tcp socket transparent 1 meta mark set 1 accept
+                         iifname \"rlan\" meta l4proto tcp tcp flags & (syn | ack) != syn socket transparent 1 meta mark set 1 accept
                          iifname \"rlan\" ip daddr 198.51.100.0/24 meta l4proto {{ tcp, udp }} tproxy ip to :{PROXY_PORT} meta mark set 1 accept
                          iifname \"rlan\" ip6 daddr 2001:db8:100::/64 meta l4proto {{ tcp, udp }} tproxy ip6 to :{PROXY_PORT} meta mark set 1 accept
                        }}
