@@ -30,9 +30,7 @@ pub async fn serve(socket: UdpSocket, relay: Arc<UdpRelay>) {
             })
             .await;
         match got {
-            Ok(Ok(d)) => {
-                relay.dispatch(d.src, d.orig_dst, &buf[UDP_HEADROOM..UDP_HEADROOM + d.len])
-            }
+            Ok(Ok(d)) => relay.dispatch(d.src, d.orig_dst, &mut buf[..UDP_HEADROOM + d.len]),
             Ok(Err(e @ RecvError::NoOrigDst { .. })) => {
                 if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
                     last_warning = Some(Instant::now());

@@ -146,18 +146,37 @@ pub enum UdpRecv {
 }
 
 impl UdpUpstream {
-    /// Sends `buf[UDP_HEADROOM..]` to `dst`; the headroom is scratch space.
+    fn socket(&self) -> &UdpSocket {
+        match self {
+            UdpUpstream::Direct(socket) => socket,
+            UdpUpstream::Socks5(assoc) => &assoc.socket,
+        }
+    }
+
+    /// Sends `buf[UDP_HEADROOM..]` to `dst`, waiting while the socket's
+    /// buffer is full; the headroom is scratch space.
     pub async fn send(&self, buf: &mut [u8], dst: SocketAddr) -> io::Result<()> {
+        loop {
+            self.socket().writable().await?;
+            match self.try_send(buf, dst) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Like [`send`](Self::send) but never waits: `WouldBlock` when the
+    /// socket's buffer is full. The inbound uses it to send a datagram of
+    /// an established session itself, without a hop to the session's task.
+    pub fn try_send(&self, buf: &mut [u8], dst: SocketAddr) -> io::Result<()> {
         match self {
             UdpUpstream::Direct(socket) => {
-                socket
-                    .send_to(&buf[UDP_HEADROOM..], sys::to_v6(dst))
-                    .await?;
+                socket.try_send_to(&buf[UDP_HEADROOM..], sys::to_v6(dst))?;
             }
             UdpUpstream::Socks5(assoc) => {
                 let start = UDP_HEADROOM - proto::udp_header_len(&dst);
                 proto::write_udp_header(&mut buf[start..UDP_HEADROOM], &dst);
-                assoc.socket.send(&buf[start..]).await?;
+                assoc.socket.try_send(&buf[start..])?;
             }
         }
         Ok(())

@@ -13,9 +13,10 @@
 //! idle.
 
 use std::collections::HashMap;
+use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
@@ -23,7 +24,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::config::{Limits, Timeouts};
-use crate::outbound::{Outbound, UdpRecv, UDP_HEADROOM};
+use crate::outbound::{Outbound, UdpRecv, UdpUpstream, UDP_HEADROOM};
 use crate::route::{Decision, Protocol, Router};
 use crate::sys;
 
@@ -45,6 +46,79 @@ pub struct Packet {
 struct SessionEntry {
     id: u64,
     tx: mpsc::Sender<Packet>,
+    shared: Arc<SessionShared>,
+}
+
+/// What the inbound and a session's task both touch.
+///
+/// Once the session's upstream is open, the inbound sends an established
+/// session's datagrams itself (non-blocking) instead of queueing them for
+/// the session's task: no allocation, no channel and no cross-thread
+/// wake-up per datagram. The queue remains for the start of a session
+/// (a SOCKS5 handshake in progress) and for a full socket buffer.
+struct SessionShared {
+    upstream: OnceLock<Arc<UdpUpstream>>,
+    start: Instant,
+    /// Milliseconds since `start` of the last datagram either way.
+    last_activity_ms: AtomicU64,
+    /// Datagrams handed to the queue and not yet sent by the task; while
+    /// any are, the inbound queues too, so datagrams keep their order.
+    queued: AtomicUsize,
+    /// The last destination was port 53 (shorter idle timeout).
+    last_was_dns: AtomicBool,
+    up_bytes: AtomicU64,
+    up_datagrams: AtomicU64,
+}
+
+impl SessionShared {
+    fn new() -> Self {
+        SessionShared {
+            upstream: OnceLock::new(),
+            start: Instant::now(),
+            last_activity_ms: AtomicU64::new(0),
+            queued: AtomicUsize::new(0),
+            last_was_dns: AtomicBool::new(false),
+            up_bytes: AtomicU64::new(0),
+            up_datagrams: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        self.last_activity_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn sent_up(&self, len: usize, dst: SocketAddr) {
+        self.up_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        self.up_datagrams.fetch_add(1, Ordering::Relaxed);
+        self.last_was_dns.store(dst.port() == 53, Ordering::Relaxed);
+        self.touch();
+    }
+
+    fn idle_since(&self) -> Duration {
+        let last = Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+}
+
+/// Logs a failed send upstream at the level it deserves.
+fn report_send_error(
+    client: SocketAddr,
+    dst: SocketAddr,
+    len: usize,
+    outbound: &str,
+    e: &io::Error,
+) {
+    if e.raw_os_error() == Some(libc::EMSGSIZE) {
+        // Too large for the outbound (SOCKS5 adds a header to a datagram
+        // that may already be at the IPv4 maximum): the sender should know.
+        warn!(
+            %client, %dst,
+            "UDP datagram of {len} bytes does not fit the {outbound} outbound ({e}); dropped. Through SOCKS5 the largest is 65497 bytes to an IPv4 destination and 65485 to IPv6 (the header adds 10 or 22 bytes)"
+        );
+    } else {
+        debug!(%client, %dst, "UDP send upstream failed: {e}");
+    }
 }
 
 /// Counters worth logging and, later, exporting.
@@ -52,6 +126,9 @@ struct SessionEntry {
 pub struct UdpStats {
     pub sessions_refused_full: AtomicU64,
     pub datagrams_dropped_queue: AtomicU64,
+    /// Datagrams that went through a session's queue rather than straight
+    /// out from the inbound (session opening, or a full socket buffer).
+    pub datagrams_queued: AtomicU64,
     pub replies_dropped_bind: AtomicU64,
 }
 
@@ -94,8 +171,10 @@ impl UdpRelay {
     }
 
     /// Hands one datagram from `client` to `dst` to its session, creating
-    /// the session when this client has none.
-    pub fn dispatch(self: &Arc<Self>, client: SocketAddr, dst: SocketAddr, payload: &[u8]) {
+    /// the session when this client has none. `buf[UDP_HEADROOM..]` is the
+    /// payload; the headroom in front of it is scratch space for a SOCKS5
+    /// header.
+    pub fn dispatch(self: &Arc<Self>, client: SocketAddr, dst: SocketAddr, buf: &mut [u8]) {
         let outbound = match self.router.decide(Protocol::Udp, dst) {
             Decision::Forward(outbound) => outbound,
             Decision::RefuseLoop => {
@@ -103,16 +182,35 @@ impl UdpRelay {
                 return;
             }
         };
-        let mut buf = Vec::with_capacity(UDP_HEADROOM + payload.len());
-        buf.resize(UDP_HEADROOM, 0);
-        buf.extend_from_slice(payload);
-        let mut packet = Packet { buf, dst };
+        let len = buf.len() - UDP_HEADROOM;
+        let known = lock(&self.sessions)
+            .get(&client)
+            .map(|entry| Arc::clone(&entry.shared));
+        if let Some(shared) = known {
+            if let Some(upstream) = shared.upstream.get() {
+                if shared.queued.load(Ordering::Acquire) == 0 {
+                    match upstream.try_send(buf, dst) {
+                        Ok(()) => return shared.sent_up(len, dst),
+                        // The socket buffer is full: the task waits for room.
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return report_send_error(client, dst, len, outbound.name(), &e),
+                    }
+                }
+            }
+        }
+        self.stats.datagrams_queued.fetch_add(1, Ordering::Relaxed);
+        let mut packet = Packet {
+            buf: buf.to_vec(),
+            dst,
+        };
 
         let mut sessions = lock(&self.sessions);
         if let Some(entry) = sessions.get(&client) {
+            entry.shared.queued.fetch_add(1, Ordering::AcqRel);
             match entry.tx.try_send(packet) {
                 Ok(()) => return,
                 Err(mpsc::error::TrySendError::Full(_)) => {
+                    entry.shared.queued.fetch_sub(1, Ordering::AcqRel);
                     self.stats
                         .datagrams_dropped_queue
                         .fetch_add(1, Ordering::Relaxed);
@@ -135,12 +233,21 @@ impl UdpRelay {
             return;
         }
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+        let shared = Arc::new(SessionShared::new());
+        shared.queued.store(1, Ordering::Release);
         // A fresh channel has room for one.
         let _ = tx.try_send(packet);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        sessions.insert(client, SessionEntry { id, tx });
+        sessions.insert(
+            client,
+            SessionEntry {
+                id,
+                tx,
+                shared: Arc::clone(&shared),
+            },
+        );
         drop(sessions);
-        tokio::spawn(Arc::clone(self).run_session(id, client, outbound, rx));
+        tokio::spawn(Arc::clone(self).run_session(id, client, outbound, shared, rx));
     }
 
     fn warn_table_full(&self, client: SocketAddr) {
@@ -156,8 +263,8 @@ impl UdpRelay {
         }
     }
 
-    fn idle_for(&self, last_dst: SocketAddr) -> Duration {
-        if last_dst.port() == 53 {
+    fn idle_for(&self, shared: &SessionShared) -> Duration {
+        if shared.last_was_dns.load(Ordering::Relaxed) {
             self.timeouts.udp_dns_idle
         } else {
             self.timeouts.udp_idle
@@ -169,12 +276,13 @@ impl UdpRelay {
         id: u64,
         client: SocketAddr,
         outbound: Arc<Outbound>,
+        shared: Arc<SessionShared>,
         mut rx: mpsc::Receiver<Packet>,
     ) {
         let started = Instant::now();
         let outbound_name = outbound.name();
         let mut first_dst = None;
-        let (mut up_bytes, mut down_bytes, mut up_n, mut down_n) = (0u64, 0u64, 0u64, 0u64);
+        let (mut down_bytes, mut down_n) = (0u64, 0u64);
 
         let end = match outbound.open_udp().await {
             Err(e) => {
@@ -189,9 +297,10 @@ impl UdpRelay {
             }
             Ok(upstream) => {
                 debug!(proto = "udp", %client, outbound = outbound_name, "session open");
+                let upstream = Arc::new(upstream);
+                let _ = shared.upstream.set(Arc::clone(&upstream));
                 let mut buf = vec![0u8; UDP_HEADROOM + MAX_DATAGRAM + 1];
-                let mut idle = self.timeouts.udp_idle;
-                let deadline = tokio::time::sleep(idle);
+                let deadline = tokio::time::sleep(self.timeouts.udp_idle);
                 tokio::pin!(deadline);
                 loop {
                     tokio::select! {
@@ -200,18 +309,10 @@ impl UdpRelay {
                             first_dst.get_or_insert(p.dst);
                             let len = p.buf.len() - UDP_HEADROOM;
                             match upstream.send(&mut p.buf, p.dst).await {
-                                Ok(()) => { up_bytes += len as u64; up_n += 1; }
-                                // Too large for the outbound (SOCKS5 adds a
-                                // header to a datagram that may already be at
-                                // the IPv4 maximum): the sender should know.
-                                Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => warn!(
-                                    %client, dst = %p.dst,
-                                    "UDP datagram of {len} bytes does not fit the {outbound_name} outbound ({e}); dropped. Through SOCKS5 the largest is 65497 bytes to an IPv4 destination and 65485 to IPv6 (the header adds 10 or 22 bytes)"
-                                ),
-                                Err(e) => debug!(%client, dst = %p.dst, "UDP send upstream failed: {e}"),
+                                Ok(()) => shared.sent_up(len, p.dst),
+                                Err(e) => report_send_error(client, p.dst, len, outbound_name, &e),
                             }
-                            idle = self.idle_for(p.dst);
-                            deadline.as_mut().reset(tokio::time::Instant::now() + idle);
+                            shared.queued.fetch_sub(1, Ordering::AcqRel);
                         }
                         r = upstream.recv(&mut buf) => match r {
                             Ok(UdpRecv::Datagram { from, start, end }) => {
@@ -219,7 +320,7 @@ impl UdpRelay {
                                     down_bytes += (end - start) as u64;
                                     down_n += 1;
                                 }
-                                deadline.as_mut().reset(tokio::time::Instant::now() + idle);
+                                shared.touch();
                             }
                             Ok(UdpRecv::Dropped(reason)) => debug!(%client, "UDP reply dropped: {reason}"),
                             // ICMP errors surface here (ECONNREFUSED on a
@@ -230,11 +331,22 @@ impl UdpRelay {
                             info!(%client, "UDP session ended: {reason}");
                             break reason;
                         }
-                        _ = &mut deadline => break "idle-timeout".to_string(),
+                        _ = &mut deadline => {
+                            // Datagrams the inbound sent itself count as
+                            // activity too: sleep on until the real end.
+                            let idle = self.idle_for(&shared);
+                            let since = shared.idle_since();
+                            if since >= idle {
+                                break "idle-timeout".to_string();
+                            }
+                            deadline.as_mut().reset(tokio::time::Instant::now() + (idle - since));
+                        }
                     }
                 }
             }
         };
+        let up_bytes = shared.up_bytes.load(Ordering::Relaxed);
+        let up_n = shared.up_datagrams.load(Ordering::Relaxed);
 
         {
             let mut sessions = lock(&self.sessions);
@@ -458,6 +570,13 @@ mod tests {
         UdpRelay::new(router, timeouts, limits, 0)
     }
 
+    /// A payload behind the headroom the inbound leaves in front of it.
+    fn framed(payload: &[u8]) -> Vec<u8> {
+        let mut buf = vec![0u8; UDP_HEADROOM];
+        buf.extend_from_slice(payload);
+        buf
+    }
+
     #[tokio::test]
     async fn session_table_stays_bounded_under_a_flood_of_client_ports() {
         let relay = relay_with(3);
@@ -466,13 +585,47 @@ mod tests {
         let dst = sink.local_addr().unwrap();
         for port in 40000..40010u16 {
             let client: SocketAddr = ([127, 0, 0, 1], port).into();
-            relay.dispatch(client, dst, b"x");
+            relay.dispatch(client, dst, &mut framed(b"x"));
         }
         assert_eq!(relay.session_count(), 3);
         assert_eq!(relay.stats.sessions_refused_full.load(Ordering::Relaxed), 7);
         // A known client keeps its session: no new slot needed.
-        relay.dispatch(([127, 0, 0, 1], 40000).into(), dst, b"y");
+        relay.dispatch(([127, 0, 0, 1], 40000).into(), dst, &mut framed(b"y"));
         assert_eq!(relay.stats.sessions_refused_full.load(Ordering::Relaxed), 7);
+    }
+
+    /// The first datagrams wait in the queue while the session opens; the
+    /// later ones go out from the inbound directly. None may overtake another.
+    #[tokio::test]
+    async fn datagrams_keep_their_order_from_the_queue_to_the_fast_path() {
+        let relay = relay_with(3);
+        let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sink.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let dst = sink.local_addr().unwrap();
+        let client: SocketAddr = "127.0.0.1:40100".parse().unwrap();
+        for i in 0..200u32 {
+            relay.dispatch(client, dst, &mut framed(&i.to_be_bytes()));
+            if i % 20 == 0 {
+                // Let the session's task run, so both paths are taken.
+                tokio::task::yield_now().await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        let mut buf = [0u8; 16];
+        for i in 0..200u32 {
+            let n = sink.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..n], &i.to_be_bytes(), "datagram {i} out of order");
+        }
+        let queued = relay.stats.datagrams_queued.load(Ordering::Relaxed);
+        assert!(
+            queued > 0 && queued < 200,
+            "both paths taken: {queued} queued"
+        );
+        let sessions = lock(&relay.sessions);
+        let shared = &sessions[&client].shared;
+        assert!(shared.upstream.get().is_some(), "session open");
+        assert_eq!(shared.up_datagrams.load(Ordering::Relaxed), 200);
+        assert_eq!(shared.queued.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]
@@ -481,7 +634,7 @@ mod tests {
         relay.dispatch(
             "127.0.0.1:5000".parse().unwrap(),
             "127.0.0.1:1090".parse().unwrap(),
-            b"loop",
+            &mut framed(b"loop"),
         );
         assert_eq!(relay.session_count(), 0);
     }
@@ -489,14 +642,11 @@ mod tests {
     #[tokio::test]
     async fn dns_sessions_idle_out_sooner() {
         let relay = relay_with(1);
-        assert_eq!(
-            relay.idle_for("198.51.100.1:53".parse().unwrap()),
-            Duration::from_secs(10)
-        );
-        assert_eq!(
-            relay.idle_for("198.51.100.1:443".parse().unwrap()),
-            Duration::from_secs(60)
-        );
+        let shared = SessionShared::new();
+        shared.sent_up(1, "198.51.100.1:53".parse().unwrap());
+        assert_eq!(relay.idle_for(&shared), Duration::from_secs(10));
+        shared.sent_up(1, "198.51.100.1:443".parse().unwrap());
+        assert_eq!(relay.idle_for(&shared), Duration::from_secs(60));
     }
 
     /// Replies leave from the remote's own address; an address a local
