@@ -150,6 +150,21 @@ class Bed:
         self._topology()
         self._servers()
 
+    def settle(self, seconds=60):
+        """Waits until the flows of the last test are gone from the router
+        and the WAN side (dante takes a while to tear down thousands), so
+        no configuration is measured while another's leftovers burn CPU."""
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            busy = sum(
+                len(ns.sh("ss", "-Htn", "state", "established", check=False).stdout.splitlines())
+                for ns in (self.router, self.wan)
+            )
+            if busy < 50:
+                return
+            time.sleep(0.25)
+        log(f"flows still open after {seconds} s; measuring anyway")
+
     def _ns(self, name):
         ns = Netns(name)
         self.spaces.append(ns)
@@ -319,7 +334,10 @@ class Redsocks(Config, PeerTproxyRules):
             "base { log_debug = off; log_info = off; log = stderr; daemon = off;\n"
             "  redirector = iptables; redsocks_conn_max = 20000; rlimit_nofile = 20000; }\n"
             f"redsocks {{ local_ip = 0.0.0.0; local_port = {self.port}; ip = {WAN_HOST}; port = {SOCKS_PORT};\n"
-            "  type = socks5; splice = true; }\n"
+            # splice stays at its default (off): with it redsocks keeps two
+            # pipes per connection, six descriptors, and cannot hold the
+            # idle connections within this machine's descriptor limit.
+            "  type = socks5; }\n"
         )
         self.proc = self.bed.router.spawn("redsocks", "-c", conf, log_to=self.log())
         self.bed.router.wait_listening("tcp", self.port, "redsocks")
@@ -436,24 +454,6 @@ def measure(bed, cfg, p):
     if cfg.supports("udp_p50"):
         loadgen(bed, "udp-lat", "--target", target, "--count", 5)
 
-    if cfg.supports("idle_rss"):
-        before = proc_status(pid, "VmRSS")
-        holder = bed.lan.spawn(LOADGEN, "hold", "--target", target, "--count", p.idle,
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        try:
-            line = holder.stdout.readline()
-            if not line:
-                raise BenchError("loadgen hold ended before opening its connections")
-            held = json.loads(line)
-            if held["open"] < p.idle * 0.99:
-                raise BenchError(f"only {held['open']} of {p.idle} idle connections opened")
-            time.sleep(1)
-            out["idle_rss"] = (proc_status(pid, "VmRSS") - before) / held["open"]
-        finally:
-            holder.stdin.close()
-            holder.wait(timeout=60)
-        time.sleep(1)
-
     lat = loadgen(bed, "tcp-lat", "--target", target, "--count", p.lat_count)
     out["tcp_p50"], out["tcp_p99"] = lat["p50_us"], lat["p99_us"]
     if cfg.supports("udp_p50"):
@@ -480,7 +480,35 @@ def measure(bed, cfg, p):
     if pid:
         out["cpu_per_gib"] = (cpu_seconds(pid) - cpu0) / (moved / 2**30)
         out["peak_rss"] = proc_status(pid, "VmHWM") / 1024
+    if cfg.supports("idle_rss"):
+        out["idle_rss"] = idle_rss_per_connection(bed, cfg, p)
     return out
+
+
+def idle_rss_per_connection(bed, cfg, p):
+    """RSS added per idle TCP connection, in KiB, on a fresh process (so
+    memory freed by the earlier tests cannot hide the cost)."""
+    cfg.stop()
+    bed.settle()
+    cfg.start()
+    pid = cfg.proc.pid
+    target = f"{SERVER}:{RR_PORT}"
+    loadgen(bed, "tcp-lat", "--target", target, "--count", 5)
+    before = proc_status(pid, "VmRSS")
+    holder = bed.lan.spawn(LOADGEN, "hold", "--target", target, "--count", p.idle,
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        line = holder.stdout.readline()
+        if not line:
+            raise BenchError("loadgen hold ended before opening its connections")
+        held = json.loads(line)
+        if held["open"] < p.idle * 0.99:
+            raise BenchError(f"only {held['open']} of {p.idle} idle connections opened")
+        time.sleep(1)
+        return (proc_status(pid, "VmRSS") - before) / held["open"]
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
 
 
 # ---------------------------------------------------------------- report
@@ -707,6 +735,8 @@ def main():
     for need in (TPROXYD, LOADGEN):
         if not need.exists():
             sys.exit(f"bench: {need} is missing; bench/run builds it (cargo build --release --example loadgen)")
+    # SIGTERM (a CI timeout, kill) must still remove the namespaces.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("bench: terminated"))
     max_nofile()
     p.nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     # Two descriptors per relayed connection, plus room for the rest.
@@ -737,6 +767,7 @@ def main():
                     samples[cfg.name].append({"error": str(e)})
                 finally:
                     cfg.stop()
+                    bed.settle()
     finally:
         bed.close()
     table = summarize(samples)
