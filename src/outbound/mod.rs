@@ -184,9 +184,27 @@ impl UdpUpstream {
 
     /// Receives one datagram from any remote into `buf`.
     pub async fn recv(&self, buf: &mut [u8]) -> io::Result<UdpRecv> {
+        loop {
+            self.readable().await?;
+            match self.try_recv(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Resolves when a datagram is waiting, without needing a buffer: a
+    /// session holds its 64 KiB receive buffer only while replies flow.
+    pub async fn readable(&self) -> io::Result<()> {
+        self.socket().readable().await
+    }
+
+    /// Like [`recv`](Self::recv) but never waits: `WouldBlock` when no
+    /// datagram is waiting.
+    pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<UdpRecv> {
         match self {
             UdpUpstream::Direct(socket) => {
-                let (n, from) = socket.recv_from(buf).await?;
+                let (n, from) = socket.try_recv_from(buf)?;
                 Ok(UdpRecv::Datagram {
                     from: sys::normalize(from),
                     start: 0,
@@ -194,7 +212,7 @@ impl UdpUpstream {
                 })
             }
             UdpUpstream::Socks5(assoc) => {
-                let n = assoc.socket.recv(buf).await?;
+                let n = assoc.socket.try_recv(buf)?;
                 Ok(match proto::parse_udp_header(&buf[..n]) {
                     Ok((Address::Ip(from), start)) => UdpRecv::Datagram {
                         from: sys::normalize(from),

@@ -14,11 +14,11 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use std::future::Future;
-use std::sync::Mutex;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use crate::relay::spares::Spares;
 use crate::sys;
 
 const COPY_BUF_SIZE: usize = 16 * 1024;
@@ -90,23 +90,17 @@ impl Side {
 /// it back, empty, when its socket has nothing more to read, so an idle
 /// flow holds no pipe (two descriptors and kernel buffers) at all, while a
 /// busy one does not pay pipe2/close per burst.
-static SPARE_PIPES: Mutex<Vec<sys::Pipe>> = Mutex::new(Vec::new());
-const MAX_SPARE_PIPES: usize = 64;
+static SPARE_PIPES: Spares<sys::Pipe> = Spares::new(64);
 
 fn take_pipe() -> io::Result<sys::Pipe> {
-    let spare = SPARE_PIPES.lock().ok().and_then(|mut pool| pool.pop());
-    match spare {
+    match SPARE_PIPES.take() {
         Some(pipe) => Ok(pipe),
         None => sys::Pipe::new(),
     }
 }
 
 fn give_back_pipe(pipe: sys::Pipe) {
-    if let Ok(mut pool) = SPARE_PIPES.lock() {
-        if pool.len() < MAX_SPARE_PIPES {
-            pool.push(pipe);
-        }
-    }
+    SPARE_PIPES.give_back(pipe)
 }
 
 /// The most one splice call moves: the default pipe capacity.

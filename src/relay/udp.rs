@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{Limits, Timeouts};
 use crate::outbound::{Outbound, UdpRecv, UdpUpstream, UDP_HEADROOM};
+use crate::relay::spares::Spares;
 use crate::route::{Decision, Protocol, Router};
 use crate::sys;
 
@@ -36,6 +37,13 @@ pub const MAX_DATAGRAM: usize = 65_507;
 /// counted, as a congested link would.
 const SESSION_QUEUE: usize = 256;
 
+/// A session's receive buffer: the largest datagram, one byte more so a
+/// truncation would show, and room for a SOCKS5 header.
+const RECV_BUF: usize = MAX_DATAGRAM + UDP_HEADROOM + 1;
+
+/// Receive buffers between uses; see [`Spares`].
+static SPARE_BUFFERS: Spares<Box<[u8]>> = Spares::new(16);
+
 /// A datagram on its way upstream: `buf[UDP_HEADROOM..]` is the payload.
 #[derive(Debug)]
 pub struct Packet {
@@ -45,7 +53,10 @@ pub struct Packet {
 
 struct SessionEntry {
     id: u64,
-    tx: mpsc::Sender<Packet>,
+    /// Boxed packets: a channel allocates its first block of 32 slots
+    /// when made, and 32 boxes are 256 bytes where 32 packets were 1.8 KB,
+    /// in every session of the table.
+    tx: mpsc::Sender<Box<Packet>>,
     shared: Arc<SessionShared>,
 }
 
@@ -199,10 +210,10 @@ impl UdpRelay {
             }
         }
         self.stats.datagrams_queued.fetch_add(1, Ordering::Relaxed);
-        let mut packet = Packet {
+        let mut packet = Box::new(Packet {
             buf: buf.to_vec(),
             dst,
-        };
+        });
 
         let mut sessions = lock(&self.sessions);
         if let Some(entry) = sessions.get(&client) {
@@ -277,14 +288,16 @@ impl UdpRelay {
         client: SocketAddr,
         outbound: Arc<Outbound>,
         shared: Arc<SessionShared>,
-        mut rx: mpsc::Receiver<Packet>,
+        mut rx: mpsc::Receiver<Box<Packet>>,
     ) {
         let started = Instant::now();
         let outbound_name = outbound.name();
         let mut first_dst = None;
         let (mut down_bytes, mut down_n) = (0u64, 0u64);
 
-        let end = match outbound.open_udp().await {
+        // Boxed so the opening state (a SOCKS5 handshake) is freed once
+        // open instead of sizing every session's task for its whole life.
+        let end = match Box::pin(outbound.open_udp()).await {
             Err(e) => {
                 // Count what was queued so nothing is lost silently.
                 rx.close();
@@ -299,7 +312,6 @@ impl UdpRelay {
                 debug!(proto = "udp", %client, outbound = outbound_name, "session open");
                 let upstream = Arc::new(upstream);
                 let _ = shared.upstream.set(Arc::clone(&upstream));
-                let mut buf = vec![0u8; UDP_HEADROOM + MAX_DATAGRAM + 1];
                 let deadline = tokio::time::sleep(self.timeouts.udp_idle);
                 tokio::pin!(deadline);
                 loop {
@@ -314,19 +326,38 @@ impl UdpRelay {
                             }
                             shared.queued.fetch_sub(1, Ordering::AcqRel);
                         }
-                        r = upstream.recv(&mut buf) => match r {
-                            Ok(UdpRecv::Datagram { from, start, end }) => {
-                                if self.replies.send(from, client, &buf[start..end], &self.stats).await {
-                                    down_bytes += (end - start) as u64;
-                                    down_n += 1;
-                                }
-                                shared.touch();
+                        r = upstream.readable() => {
+                            if let Err(e) = r {
+                                debug!(%client, "UDP upstream socket: {e}");
+                                continue;
                             }
-                            Ok(UdpRecv::Dropped(reason)) => debug!(%client, "UDP reply dropped: {reason}"),
-                            // ICMP errors surface here (ECONNREFUSED on a
-                            // connected socket); the session goes on.
-                            Err(e) => debug!(%client, "UDP receive from upstream: {e}"),
-                        },
+                            // The buffer lives only while replies are
+                            // waiting: an idle session (most of a full
+                            // table, most of the time) holds none of it.
+                            let mut buf = SPARE_BUFFERS
+                                .take()
+                                .unwrap_or_else(|| vec![0u8; RECV_BUF].into_boxed_slice());
+                            loop {
+                                match upstream.try_recv(&mut buf) {
+                                    Ok(UdpRecv::Datagram { from, start, end }) => {
+                                        if self.replies.send(from, client, &buf[start..end], &self.stats).await {
+                                            down_bytes += (end - start) as u64;
+                                            down_n += 1;
+                                        }
+                                        shared.touch();
+                                    }
+                                    Ok(UdpRecv::Dropped(reason)) => debug!(%client, "UDP reply dropped: {reason}"),
+                                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                                    // ICMP errors surface here (ECONNREFUSED on
+                                    // a connected socket); the session goes on.
+                                    Err(e) => {
+                                        debug!(%client, "UDP receive from upstream: {e}");
+                                        break;
+                                    }
+                                }
+                            }
+                            SPARE_BUFFERS.give_back(buf);
+                        }
                         reason = upstream.closed() => {
                             info!(%client, "UDP session ended: {reason}");
                             break reason;
