@@ -10,6 +10,7 @@
 //! loadgen udp-rr   --target ADDR --sockets K --seconds S
 //! loadgen udp-lat  --target ADDR --count N
 //! loadgen hold     --target ADDR --count N     (keeps N idle flows open)
+//! loadgen udp-flood --target ADDR --ports N    (one datagram from each of N new ports)
 //! ```
 //!
 //! Each client mode prints one JSON object on stdout. `hold` prints its
@@ -86,6 +87,7 @@ fn run() -> Result<()> {
             }
             "udp-lat" => udp_lat(addr("--target")?, number("--count")?).await,
             "hold" => hold(addr("--target")?, number("--count")?).await,
+            "udp-flood" => udp_flood(addr("--target")?, number("--ports")?).await,
             other => Err(format!("unknown mode {other}").into()),
         }
     })
@@ -335,5 +337,29 @@ async fn hold(target: SocketAddr, count: u64) -> Result<()> {
     })
     .await?;
     drop(open);
+    Ok(())
+}
+
+/// One datagram from each of `ports` new source ports, as a scan or a
+/// flood of new clients would send: every one asks the proxy for a new
+/// session. Paced a little so the proxy's receive queue does not simply
+/// overflow, which would test the queue rather than the session table.
+async fn udp_flood(target: SocketAddr, ports: u64) -> Result<()> {
+    let any: SocketAddr = if target.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let mut sent = 0u64;
+    for i in 0..ports {
+        let socket = std::net::UdpSocket::bind(any)?;
+        if socket.send_to(b"flood", target).is_ok() {
+            sent += 1;
+        }
+        if i % 100 == 99 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    println!("{{\"sent\": {sent}}}");
     Ok(())
 }
