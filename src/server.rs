@@ -123,6 +123,8 @@ impl Server {
         let outbound = Outbound::from_config(&cfg);
         let router = Router::new(cfg.listen, outbound.clone());
         let mut tasks = tokio::task::JoinSet::new();
+        let (stop_tcp, tcp_stop) = tokio::sync::watch::channel(false);
+        let mut tcp_task = None;
 
         if let Some(l) = self.tcp {
             let listener = TcpListener::from_std(l).map_err(StartError::Runtime)?;
@@ -131,7 +133,7 @@ impl Server {
                 router: router.clone(),
                 idle: cfg.timeouts.tcp_idle,
             });
-            tasks.spawn(inbound::tcp::serve(listener, ctx));
+            tcp_task = Some(tokio::spawn(inbound::tcp::serve(listener, ctx, tcp_stop)));
         }
         if let Some(s) = self.udp {
             let socket = UdpSocket::from_std(s).map_err(StartError::Runtime)?;
@@ -177,6 +179,17 @@ impl Server {
 
         shutdown.await;
         info!("tproxyd stopping");
+        // TCP flows are reset before returning, so that the caller removes
+        // the rules only when no socket still needs them.
+        let _ = stop_tcp.send(true);
+        if let Some(task) = tcp_task {
+            if tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .is_err()
+            {
+                warn!("TCP flows did not end within 5 s of the stop");
+            }
+        }
         tasks.abort_all();
         Ok(())
     }

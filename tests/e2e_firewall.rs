@@ -370,6 +370,70 @@ fn reused_client_port_connects_at_once_despite_time_wait(backend: Backend) {
     }
 }
 
+/// On SIGTERM tproxyd resets the flows it carries before it removes its
+/// rules. A flow merely closed (FIN) after the rules were gone left its
+/// router-side socket waiting in LAST_ACK for an answer that could no
+/// longer reach it, and a new client connection reusing that port hung.
+fn stopping_resets_open_flows_and_leaves_no_socket_behind(backend: Backend) {
+    let Some(mut tb) = own_bed(backend, Mode::Tproxy, "", "lan_interfaces = [\"rlan\"]") else {
+        return;
+    };
+    let mut open = Vec::new();
+    for fam in [Family::V4, Family::V6] {
+        let target = fam.remote_a(ECHO_PORT);
+        let mut stream = tb
+            .lan
+            .enter(|| std::net::TcpStream::connect_timeout(&target, WAIT))
+            .expect("connect through tproxyd");
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let mut greeting = [0u8; 5];
+        std::io::Read::read_exact(&mut stream, &mut greeting).expect("echo greeting");
+        assert_eq!(&greeting, b"peer=");
+        open.push((fam, stream));
+    }
+    tb.stop_tproxyd();
+    for (fam, mut stream) in open {
+        let mut rest = [0u8; 256];
+        let err = loop {
+            match std::io::Read::read(&mut stream, &mut rest) {
+                // The rest of the greeting line may still be buffered.
+                Ok(n) if n > 0 => continue,
+                Ok(_) => panic!("{fam:?}: flow closed with FIN, not reset"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{fam:?}");
+    }
+    let left = tb.router.exec_output(&[
+        "ss",
+        "-Htan",
+        "state",
+        "connected",
+        "exclude",
+        "time-wait",
+        "( sport = :7 or dport = :7 or dport = :1080 )",
+    ]);
+    assert!(
+        left.trim().is_empty(),
+        "sockets left on the router:\n{left}"
+    );
+    assert!(
+        tb.tproxyd_log().contains("open TCP flows reset"),
+        "{}",
+        tb.tproxyd_log()
+    );
+}
+
+#[test]
+fn nft_stopping_resets_open_flows_and_leaves_no_socket_behind() {
+    stopping_resets_open_flows_and_leaves_no_socket_behind(Backend::Nftables);
+}
+
+#[test]
+fn iptables_stopping_resets_open_flows_and_leaves_no_socket_behind() {
+    stopping_resets_open_flows_and_leaves_no_socket_behind(Backend::Iptables);
+}
+
 #[test]
 fn nft_reused_client_port_connects_at_once_despite_time_wait() {
     reused_client_port_connects_at_once_despite_time_wait(Backend::Nftables);

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, warn};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
 
 use crate::config::Mode;
 use crate::outbound::OutboundError;
@@ -23,29 +25,48 @@ pub struct TcpContext {
     pub idle: Duration,
 }
 
-/// Accepts until the task is dropped.
-pub async fn serve(listener: TcpListener, ctx: Arc<TcpContext>) {
+/// Accepts until `stop` turns true, then ends every flow it carries (each
+/// is reset, see [`relay`]) and returns once all are gone. The caller
+/// removes the firewall rules only after that: a socket closed once the
+/// rules are gone would wait in vain for its peer's last packets, and a
+/// new client that reused its port would hang on it.
+pub async fn serve(listener: TcpListener, ctx: Arc<TcpContext>, mut stop: watch::Receiver<bool>) {
+    let mut flows = JoinSet::new();
     let mut last_warning: Option<Instant> = None;
     loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                tokio::spawn(handle(stream, peer, Arc::clone(&ctx)));
-            }
-            Err(e) => {
-                // EMFILE/ENFILE: out of descriptors. The connection stays in
-                // the backlog; back off instead of spinning, and say why.
-                let exhausted = matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE));
-                if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
-                    last_warning = Some(Instant::now());
-                    if exhausted {
-                        warn!("accept failed: out of file descriptors ({e}); new TCP flows wait until some close. Raise the open-files limit (LimitNOFILE=) if this is normal load");
-                    } else {
-                        warn!("accept failed: {e}");
-                    }
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    flows.spawn(handle(stream, peer, Arc::clone(&ctx)));
                 }
-                tokio::time::sleep(Duration::from_millis(if exhausted { 100 } else { 10 })).await;
-            }
+                Err(e) => {
+                    // EMFILE/ENFILE: out of descriptors. The connection stays in
+                    // the backlog; back off instead of spinning, and say why.
+                    let exhausted = matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE));
+                    if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                        last_warning = Some(Instant::now());
+                        if exhausted {
+                            warn!("accept failed: out of file descriptors ({e}); new TCP flows wait until some close. Raise the open-files limit (LimitNOFILE=) if this is normal load");
+                        } else {
+                            warn!("accept failed: {e}");
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(if exhausted { 100 } else { 10 })).await;
+                }
+            },
+            // Reap finished flows so the set holds only live ones.
+            Some(_) = flows.join_next(), if !flows.is_empty() => {}
+            // Any change is the stop (only `true` is ever sent), and a
+            // dropped sender means stop as well.
+            _ = stop.changed() => break,
         }
+    }
+    drop(listener);
+    let open = flows.len();
+    flows.abort_all();
+    while flows.join_next().await.is_some() {}
+    if open > 0 {
+        info!(flows = open, "open TCP flows reset");
     }
 }
 

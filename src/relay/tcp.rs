@@ -271,8 +271,31 @@ impl OneWay {
     }
 }
 
+/// Resets both sockets when the relay is dropped before the flow ended:
+/// tproxyd is stopping. A reset leaves no state behind on either side,
+/// where a FIN would leave the socket waiting for its peer's answer.
+struct ResetIfCut<'a> {
+    sockets: [&'a TcpStream; 2],
+    ended: bool,
+}
+
+impl Drop for ResetIfCut<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            for socket in self.sockets {
+                let _ = sys::set_reset_on_close(socket);
+            }
+        }
+    }
+}
+
 /// Relays until both directions end, one side fails, or the flow idles.
+/// Dropped midway (tproxyd stopping), it resets both sides.
 pub async fn relay(client: TcpStream, upstream: TcpStream, idle: Duration) -> Outcome {
+    let mut cut = ResetIfCut {
+        sockets: [&client, &upstream],
+        ended: false,
+    };
     let meter = Meter {
         start: Instant::now(),
         last_activity_ms: AtomicU64::new(0),
@@ -305,6 +328,8 @@ pub async fn relay(client: TcpStream, upstream: TcpStream, idle: Duration) -> Ou
         }
     })
     .await;
+    cut.ended = true;
+    drop(cut);
     if matches!(end, End::UpstreamError(_)) {
         // Tell the client the truth: the far side is gone, not finished.
         let _ = sys::set_reset_on_close(&client);
