@@ -157,8 +157,12 @@ class Bed:
         no configuration is measured while another's leftovers burn CPU."""
         deadline = time.time() + seconds
         while time.time() < deadline:
+            # Every socket still in a connection (closing ones included,
+            # TIME_WAIT excepted): an orphan in LAST_ACK would swallow a new
+            # client's SYN that happens to reuse its port.
             busy = sum(
-                len(ns.sh("ss", "-Htn", "state", "established", check=False).stdout.splitlines())
+                len(ns.sh("ss", "-Htan", "state", "connected", "exclude", "time-wait",
+                          check=False).stdout.splitlines())
                 for ns in (self.router, self.wan)
             )
             if busy < 50:
@@ -297,6 +301,14 @@ class PeerTproxyRules:
             rtr.ip(f"rule add fwmark {PEER_MARK} lookup {PEER_TABLE}")
             rtr.ip(f"route add local 0.0.0.0/0 dev lo table {PEER_TABLE}")
 
+    def stop(self):
+        # The process first, with its rules still in place: the clients'
+        # answers to its closing sockets must still reach them, or those
+        # sockets linger in LAST_ACK after the rules are gone.
+        Config.stop(self)
+        self.bed.settle()
+        self.remove_rules()
+
     def remove_rules(self):
         rtr = self.bed.router
         rtr.sh("nft", "delete", "table", "ip", "tpbench", check=False)
@@ -331,7 +343,7 @@ class TproxydSocks(Tproxyd):
     upstream = ["--socks5", f"{WAN_HOST}:{SOCKS_PORT}"]
 
 
-class Redsocks(Config, PeerTproxyRules):
+class Redsocks(PeerTproxyRules, Config):
     name, label, carries, port = "redsocks", "redsocks → SOCKS5", {"tcp"}, 1084
     splice = False
 
@@ -347,9 +359,6 @@ class Redsocks(Config, PeerTproxyRules):
         self.bed.router.wait_listening("tcp", self.port, "redsocks")
         self.install_rules(self.port, tcp_redirect=True)
 
-    def stop(self):
-        self.remove_rules()
-        super().stop()
 
 
 class RedsocksSplice(Redsocks):
@@ -361,7 +370,7 @@ class RedsocksSplice(Redsocks):
     fds_per_conn = 6
 
 
-class SsRedir(Config, PeerTproxyRules):
+class SsRedir(PeerTproxyRules, Config):
     name, label, port = "ss-redir", "ss-redir → ss-server", 1083
 
     def start(self):
@@ -371,12 +380,9 @@ class SsRedir(Config, PeerTproxyRules):
         self.bed.router.wait_listening("tcp", self.port, "ss-redir")
         self.install_rules(self.port)
 
-    def stop(self):
-        self.remove_rules()
-        super().stop()
 
 
-class V2ray(Config, PeerTproxyRules):
+class V2ray(PeerTproxyRules, Config):
     name, label, port = "v2ray", "V2Ray dokodemo → SOCKS5", 1082
     # V2Ray 4.34 relays UDP from dokodemo-door to its SOCKS5 outbound, but
     # through dante not one reply came back (the TPROXY rules take the
@@ -405,9 +411,6 @@ class V2ray(Config, PeerTproxyRules):
         self.bed.router.wait_listening("tcp", self.port, "v2ray")
         self.install_rules(self.port)
 
-    def stop(self):
-        self.remove_rules()
-        super().stop()
 
 
 CONFIGS = [Plain, TproxydDirect, TproxydSocks, Redsocks, RedsocksSplice, SsRedir, V2ray]

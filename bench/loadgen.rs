@@ -141,9 +141,19 @@ async fn serve(tcp: SocketAddr, udp: SocketAddr) -> Result<()> {
     }
 }
 
+/// Longest a TCP exchange may take before it counts as failed (a lost SYN
+/// is retried after 1 s, so this leaves room for a few).
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// One request/answer over a new connection; returns the open connection
 /// when the server keeps it.
 async fn exchange(target: SocketAddr, kind: u8) -> Result<TcpStream> {
+    tokio::time::timeout(EXCHANGE_TIMEOUT, exchange_once(target, kind))
+        .await
+        .map_err(|_| format!("no answer from {target} within {EXCHANGE_TIMEOUT:?}"))?
+}
+
+async fn exchange_once(target: SocketAddr, kind: u8) -> Result<TcpStream> {
     let mut stream = TcpStream::connect(target).await?;
     stream.set_nodelay(true)?;
     let mut request = [b'.'; MESSAGE];
