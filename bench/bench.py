@@ -612,6 +612,28 @@ def best_peer(table, key, peers=PEERS):
     return best
 
 
+# Facts about the configurations that the numbers alone do not tell.
+NOTES = [
+    "ss-redir does not use dante: it relays to ss-server, which accepts new connections "
+    "faster than dante does, so its connection-rate and TCP-latency figures compare "
+    "upstreams as much as proxies; the column \"best SOCKS5 peer\" compares like with "
+    "like. It also encrypts (aes-128-gcm), so its bulk and CPU figures include that work.",
+    "The UDP flood figure depends on how many sessions each proxy keeps: tproxyd keeps up "
+    "to 4,096 (limits.udp_sessions), about 3 KiB each; shadowsocks-libev's client side "
+    "keeps a UDP cache fixed at a few hundred entries in its source and drops older "
+    "sessions, so it grows less but forgets clients sooner.",
+    "V2Ray 4.34 relayed no UDP replies through dante in this bed (the datagrams reached "
+    "it); it is measured on TCP only. Its keep-alive after the server closes "
+    "(policy uplinkOnly) is set to 0, or each short exchange would wait for that timer "
+    "(about a second here).",
+    "redsocks appears twice: with its default settings, and with its splice option, "
+    "faster in bulk but six descriptors per connection, so it held fewer idle connections "
+    "within the descriptor limit (per-connection memory is compared all the same).",
+    "Bulk figures vary a lot between rounds (see ±): the iperf3 client and server, the "
+    "proxy and the kernel's forwarding all share two cores.",
+]
+
+
 def fmt(v):
     if v is None:
         return "—"
@@ -718,6 +740,7 @@ def report(table, p, info, samples):
             f"{labels.get(peer, '—') if peer else '—'} | {mark(socks, 1.3)} | "
             f"{labels.get(speer, '—') if speer else '—'} | {mark(ssocks, 1.3)} | {mark(direct, 1.3)} |"
         )
+    lines += ["", "## Reading these figures", ""] + [f"- {n}" for n in NOTES]
     failures = [(cfg, r["error"]) for cfg, rounds in samples.items() for r in rounds if "error" in r]
     if failures:
         lines += ["", "## Runs that failed", ""]
@@ -777,11 +800,22 @@ def main():
     ap.add_argument("--udp-rate", default="1G", help="iperf3 offered UDP rate")
     ap.add_argument("--only", help="comma-separated configurations to run (default: all)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench", help="where RESULTS.md and the chart go")
+    ap.add_argument("--from-json", type=Path,
+                    help="write RESULTS.md and the chart again from an earlier results.json, measuring nothing")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny run of every configuration and figure; fails if any figure is missing")
     p = ap.parse_args()
     if p.smoke:
         p.rounds, p.seconds, p.idle, p.lat_count, p.udp_rate, p.flood = 1, 1, 200, 50, "50M", 500
+    if p.from_json:
+        saved = json.loads(p.from_json.read_text())
+        for key, value in saved.get("params", {}).items():
+            setattr(p, key, value)
+        table = summarize(saved["samples"])
+        p.out.mkdir(parents=True, exist_ok=True)
+        (p.out / "RESULTS.md").write_text(report(table, p, saved["machine"], saved["samples"]))
+        chart(table, p.out / "ratios.png")
+        return 0
     if os.geteuid() != 0:
         sys.exit("bench: needs root (network namespaces); run it through bench/run")
     for need in (TPROXYD, LOADGEN):
@@ -822,7 +856,9 @@ def main():
         bed.close()
     table = summarize(samples)
     p.out.mkdir(parents=True, exist_ok=True)
-    (p.out / "results.json").write_text(json.dumps({"machine": info, "samples": samples}, indent=1) + "\n")
+    params = {k: getattr(p, k) for k in ("rounds", "seconds", "idle", "nofile", "udp_rate", "flood")}
+    (p.out / "results.json").write_text(
+        json.dumps({"machine": info, "params": params, "samples": samples}, indent=1) + "\n")
     (p.out / "RESULTS.md").write_text(report(table, p, info, samples))
     chart(table, p.out / "ratios.png")
     log(f"wrote {p.out / 'RESULTS.md'} and {p.out / 'ratios.png'}; logs in {workdir}")
