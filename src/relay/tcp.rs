@@ -65,6 +65,15 @@ struct Meter {
 }
 
 impl Meter {
+    fn new() -> Self {
+        Meter {
+            start: Instant::now(),
+            last_activity_ms: AtomicU64::new(0),
+            up: AtomicU64::new(0),
+            down: AtomicU64::new(0),
+        }
+    }
+
     fn touch(&self) {
         self.last_activity_ms
             .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -133,6 +142,15 @@ struct CopyState {
 
 type DirResult = Result<(), (Side, io::Error)>;
 
+/// What one direction works on: its two sockets and where it counts.
+#[derive(Clone, Copy)]
+struct Ends<'a> {
+    from: &'a TcpStream,
+    to: &'a TcpStream,
+    meter: &'a Meter,
+    counter: &'a AtomicU64,
+}
+
 impl OneWay {
     fn new(from_side: Side) -> Self {
         OneWay {
@@ -155,17 +173,16 @@ impl OneWay {
 
     /// Moves bytes `from` → `to` until EOF (then shuts down `to`'s write
     /// side and returns `Ready(Ok)`), an error, or nothing to do.
-    fn poll(
-        &mut self,
-        cx: &mut Context<'_>,
-        from: &TcpStream,
-        to: &TcpStream,
-        meter: &Meter,
-        counter: &AtomicU64,
-    ) -> Poll<DirResult> {
+    fn poll(&mut self, cx: &mut Context<'_>, ends: &Ends<'_>) -> Poll<DirResult> {
         if self.copy.is_some() {
-            return self.poll_copy(cx, from, to, meter, counter);
+            return self.poll_copy(cx, ends);
         }
+        let Ends {
+            from,
+            to,
+            meter,
+            counter,
+        } = *ends;
         loop {
             while self.in_pipe > 0 {
                 ready!(to.poll_write_ready(cx)).map_err(|e| self.dst_err(e))?;
@@ -186,9 +203,7 @@ impl OneWay {
                 Some(pipe) => pipe,
                 None => match take_pipe() {
                     Ok(pipe) => pipe,
-                    Err(_) if !self.moved_any => {
-                        return self.fall_back_to_copy(cx, from, to, meter, counter)
-                    }
+                    Err(_) if !self.moved_any => return self.fall_back_to_copy(cx, ends),
                     Err(e) => return Poll::Ready(Err(self.src_err(e))),
                 },
             };
@@ -207,36 +222,28 @@ impl OneWay {
                 // Drained: the pipe goes back to the pool until data comes.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => give_back_pipe(pipe),
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !self.moved_any => {
-                    return self.fall_back_to_copy(cx, from, to, meter, counter)
+                    return self.fall_back_to_copy(cx, ends)
                 }
                 Err(e) => return Poll::Ready(Err(self.src_err(e))),
             }
         }
     }
 
-    fn fall_back_to_copy(
-        &mut self,
-        cx: &mut Context<'_>,
-        from: &TcpStream,
-        to: &TcpStream,
-        meter: &Meter,
-        counter: &AtomicU64,
-    ) -> Poll<DirResult> {
+    fn fall_back_to_copy(&mut self, cx: &mut Context<'_>, ends: &Ends<'_>) -> Poll<DirResult> {
         self.copy = Some(CopyState::default());
-        self.poll_copy(cx, from, to, meter, counter)
+        self.poll_copy(cx, ends)
     }
 
     /// The copy path, for sockets the kernel will not splice. Its buffer
     /// exists only while data flows, like the pipe.
-    fn poll_copy(
-        &mut self,
-        cx: &mut Context<'_>,
-        from: &TcpStream,
-        to: &TcpStream,
-        meter: &Meter,
-        counter: &AtomicU64,
-    ) -> Poll<DirResult> {
+    fn poll_copy(&mut self, cx: &mut Context<'_>, ends: &Ends<'_>) -> Poll<DirResult> {
         let (from_side, to_side) = (self.from_side, self.from_side.other());
+        let Ends {
+            from,
+            to,
+            meter,
+            counter,
+        } = *ends;
         let Some(state) = self.copy.as_mut() else {
             return Poll::Ready(Ok(()));
         };
@@ -296,12 +303,7 @@ pub async fn relay(client: TcpStream, upstream: TcpStream, idle: Duration) -> Ou
         sockets: [&client, &upstream],
         ended: false,
     };
-    let meter = Meter {
-        start: Instant::now(),
-        last_activity_ms: AtomicU64::new(0),
-        up: AtomicU64::new(0),
-        down: AtomicU64::new(0),
-    };
+    let meter = Meter::new();
     let mut up = OneWay::new(Side::Client);
     let mut down = OneWay::new(Side::Upstream);
     let watchdog = idle_watchdog(&meter, idle);
@@ -312,7 +314,13 @@ pub async fn relay(client: TcpStream, upstream: TcpStream, idle: Duration) -> Ou
             (&mut down, &upstream, &client, &meter.down),
         ] {
             if !dir.done {
-                match dir.poll(cx, from, to, &meter, counter) {
+                let ends = Ends {
+                    from,
+                    to,
+                    meter: &meter,
+                    counter,
+                };
+                match dir.poll(cx, &ends) {
                     Poll::Ready(Ok(())) => dir.done = true,
                     Poll::Ready(Err(e)) => return Poll::Ready(side_error(e)),
                     Poll::Pending => {}
@@ -444,17 +452,16 @@ mod tests {
             user.shutdown().await.unwrap();
             user
         });
-        let meter = Meter {
-            start: Instant::now(),
-            last_activity_ms: AtomicU64::new(0),
-            up: AtomicU64::new(0),
-            down: AtomicU64::new(0),
-        };
+        let meter = Meter::new();
         let mut dir = OneWay::new(Side::Client);
         dir.copy = Some(CopyState::default());
-        let copy = std::future::poll_fn(|cx| {
-            dir.poll(cx, &client_side, &upstream_side, &meter, &meter.up)
-        });
+        let ends = Ends {
+            from: &client_side,
+            to: &upstream_side,
+            meter: &meter,
+            counter: &meter.up,
+        };
+        let copy = std::future::poll_fn(|cx| dir.poll(cx, &ends));
         let mut got = Vec::new();
         let (copied, read) = tokio::join!(copy, server.read_to_end(&mut got));
         assert!(copied.is_ok());
