@@ -69,6 +69,14 @@ FIGURES = [
 FIGURE = {f[0]: f for f in FIGURES}
 # Latency figures are compared by what the proxy adds to plain routing.
 ADDED = {"tcp_p50", "tcp_p99", "udp_p50", "udp_p99"}
+# Figures measured together with another: --figures names the first.
+MEASURED_WITH = {"tcp_p99": "tcp_p50", "udp_p99": "udp_p50", "udp_loss": "udp_bulk",
+                 "tcp8": "tcp1", "cpu_per_gib": "tcp1"}
+
+
+def chosen(p, key):
+    """Whether --figures (absent: all) asks for this figure."""
+    return not p.figures or MEASURED_WITH.get(key, key) in p.figures
 
 
 class BenchError(Exception):
@@ -465,40 +473,49 @@ def measure(bed, cfg, p):
     out = {}
     pid = cfg.proc.pid if cfg.proc else None
     target = f"{SERVER}:{RR_PORT}"
+
+    def want(key):
+        return cfg.supports(key) and chosen(p, key)
+
     # A first exchange proves the path works before anything is timed.
     loadgen(bed, "tcp-lat", "--target", target, "--count", 5)
     if cfg.supports("udp_p50"):
         loadgen(bed, "udp-lat", "--target", target, "--count", 5)
 
-    lat = loadgen(bed, "tcp-lat", "--target", target, "--count", p.lat_count)
-    out["tcp_p50"], out["tcp_p99"] = lat["p50_us"], lat["p99_us"]
-    if cfg.supports("udp_p50"):
+    if want("tcp_p50"):
+        lat = loadgen(bed, "tcp-lat", "--target", target, "--count", p.lat_count)
+        out["tcp_p50"], out["tcp_p99"] = lat["p50_us"], lat["p99_us"]
+    if want("udp_p50"):
         lat = loadgen(bed, "udp-lat", "--target", target, "--count", p.lat_count)
         out["udp_p50"], out["udp_p99"] = lat["p50_us"], lat["p99_us"]
 
-    crr = loadgen(bed, "tcp-crr", "--target", target, "--concurrency", 64, "--seconds", p.seconds)
-    out["crr"] = crr["conns_per_s"]
-    if cfg.supports("udp_rr"):
+    if want("crr"):
+        crr = loadgen(bed, "tcp-crr", "--target", target, "--concurrency", 64, "--seconds", p.seconds)
+        out["crr"] = crr["conns_per_s"]
+    if want("udp_rr"):
         rr = loadgen(bed, "udp-rr", "--target", target, "--sockets", 64, "--seconds", p.seconds)
         out["udp_rr"] = rr["exchanges_per_s"]
+    if want("udp_bulk"):
         data = iperf(bed, "-u", "-b", p.udp_rate, "-l", 1400, seconds=p.seconds)
         s = data["end"]["sum"]
         out["udp_loss"] = s["lost_percent"]
         out["udp_bulk"] = s["bits_per_second"] * (1 - s["lost_percent"] / 100) / 1e6
 
-    cpu0 = cpu_seconds(pid) if pid else 0
-    moved = 0
-    for streams, key in ((1, "tcp1"), (8, "tcp8")):
-        data = iperf(bed, "-P", streams, seconds=p.seconds)
-        recv = data["end"]["sum_received"]
-        out[key] = recv["bits_per_second"] / 1e9
-        moved += recv["bytes"]
+    if want("tcp1"):
+        cpu0 = cpu_seconds(pid) if pid else 0
+        moved = 0
+        for streams, key in ((1, "tcp1"), (8, "tcp8")):
+            data = iperf(bed, "-P", streams, seconds=p.seconds)
+            recv = data["end"]["sum_received"]
+            out[key] = recv["bits_per_second"] / 1e9
+            moved += recv["bytes"]
+        if pid:
+            out["cpu_per_gib"] = (cpu_seconds(pid) - cpu0) / (moved / 2**30)
     if pid:
-        out["cpu_per_gib"] = (cpu_seconds(pid) - cpu0) / (moved / 2**30)
         out["peak_rss"] = proc_status(pid, "VmHWM") / 1024
-    if cfg.supports("idle_rss"):
+    if want("idle_rss"):
         out["idle_rss"] = idle_rss_per_connection(bed, cfg, p)
-    if cfg.supports("flood_rss"):
+    if want("flood_rss"):
         out["flood_rss"] = udp_flood_rss(bed, cfg, p)
     return out
 
@@ -803,12 +820,19 @@ def main():
     ap.add_argument("--flood", type=int, default=20000, help="new UDP client ports in the flood test")
     ap.add_argument("--udp-rate", default="1G", help="iperf3 offered UDP rate")
     ap.add_argument("--only", help="comma-separated configurations to run (default: all)")
+    ap.add_argument("--figures", type=lambda v: set(v.split(",")),
+                    help="comma-separated figures to measure, by their results.json keys "
+                         "(tcp_p50 brings tcp_p99, udp_bulk udp_loss, tcp1 tcp8 and cpu_per_gib); "
+                         "default: all. For quick comparisons while developing.")
     ap.add_argument("--out", type=Path, default=ROOT / "bench", help="where RESULTS.md and the chart go")
     ap.add_argument("--from-json", type=Path,
                     help="write RESULTS.md and the chart again from an earlier results.json, measuring nothing")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny run of every configuration and figure; fails if any figure is missing")
     p = ap.parse_args()
+    unknown = (p.figures or set()) - set(FIGURE)
+    if unknown:
+        ap.error(f"--figures: unknown {', '.join(sorted(unknown))}; known: {', '.join(FIGURE)}")
     if p.smoke:
         p.rounds, p.seconds, p.idle, p.lat_count, p.udp_rate, p.flood = 1, 1, 200, 50, "50M", 500
     if p.from_json:
@@ -870,7 +894,7 @@ def main():
         f"{c.name}: {key}"
         for c in wanted
         for key, *_ in FIGURES
-        if Config.supports(c(bed), key) and key not in table.get(c.name, {})
+        if Config.supports(c(bed), key) and chosen(p, key) and key not in table.get(c.name, {})
     ]
     if missing:
         log("figures missing (see the logs above): " + "; ".join(missing))

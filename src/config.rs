@@ -86,6 +86,17 @@ pub struct Limits {
     pub udp_sessions: usize,
     /// Most cached reply sockets (one per remote address:port).
     pub udp_reply_sockets: usize,
+    /// Threads that run the relay. The kernel does most of the work per
+    /// byte and per datagram; on a small router the other cores are busy
+    /// forwarding and taking interrupts, and a second relay thread there
+    /// measured slower, not faster (bench/RESULTS.md).
+    pub threads: usize,
+}
+
+/// Threads when the config names none: half the cores, at least one.
+pub fn default_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / 2).max(1)
 }
 
 /// Which tool installs the capture rules.
@@ -227,6 +238,7 @@ pub struct RawTimeouts {
 pub struct RawLimits {
     pub udp_sessions: Option<usize>,
     pub udp_reply_sockets: Option<usize>,
+    pub threads: Option<usize>,
 }
 
 /// One problem with one key.
@@ -376,12 +388,19 @@ impl RawConfig {
                 .limits
                 .udp_reply_sockets
                 .unwrap_or(DEFAULT_UDP_REPLY_SOCKETS),
+            threads: self.limits.threads.unwrap_or_else(default_threads),
         };
         if limits.udp_sessions == 0 {
             issue("limits.udp_sessions", "must be at least 1".into());
         }
         if limits.udp_reply_sockets == 0 {
             issue("limits.udp_reply_sockets", "must be at least 1".into());
+        }
+        if limits.threads == 0 {
+            issue(
+                "limits.threads",
+                "must be at least 1 (leave it out for half the cores)".into(),
+            );
         }
 
         let firewall = self.firewall.validate(mark, mode, tcp, udp, &mut issue);
@@ -685,6 +704,7 @@ mod tests {
         assert_eq!(cfg.timeouts.connect, Duration::from_secs(10));
         assert_eq!(cfg.timeouts.tcp_idle, Duration::from_secs(300));
         assert_eq!(cfg.timeouts.udp_idle, Duration::from_secs(60));
+        assert_eq!(cfg.limits.threads, default_threads());
         assert_eq!(
             cfg.outbound,
             OutboundConfig::Socks5 {
@@ -692,6 +712,22 @@ mod tests {
                 auth: None
             }
         );
+    }
+
+    #[test]
+    fn relay_threads_default_to_half_the_cores_and_zero_is_refused() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(default_threads(), (cores / 2).max(1));
+        let base = "[outbound]\ntype = \"direct\"\n[limits]\n";
+        let cfg = RawConfig::from_toml(&no_fw(&format!("{base}threads = 3\n")), "t.toml")
+            .unwrap()
+            .validate(&no_env)
+            .unwrap();
+        assert_eq!(cfg.limits.threads, 3);
+        let issues = issues_of(&format!("{base}threads = 0\n"));
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert_eq!(issues[0].key, "limits.threads");
+        assert!(issues[0].message.contains("half the cores"), "{issues:?}");
     }
 
     #[test]

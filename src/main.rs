@@ -248,8 +248,11 @@ async fn shutdown_signal() {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+/// The relay's runtime: a pool of `threads` workers (one worker measured
+/// the same as a current-thread runtime, so there is one code path).
+fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
         .enable_all()
         .build()
         .context("cannot start the async runtime")
@@ -268,9 +271,10 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let plan = Plan::from_config(&cfg);
     let fail_closed = cfg.firewall.fail_closed;
+    let threads = cfg.limits.threads;
     // Listeners first: rules must never point at a port nobody serves.
     let server = Server::bind(cfg)?;
-    runtime()?.block_on(async {
+    runtime(threads)?.block_on(async {
         firewall::apply(&plan)
             .await
             .context("cannot install the firewall rules")?;
@@ -303,11 +307,11 @@ fn rules(action: RulesAction, args: RunArgs) -> anyhow::Result<ExitCode> {
     match action {
         RulesAction::Print => print!("{}", plan.describe()),
         RulesAction::Apply => {
-            runtime()?.block_on(firewall::apply(&plan))?;
+            runtime(1)?.block_on(firewall::apply(&plan))?;
             println!("tproxyd rules installed ({})", plan.backend);
         }
         RulesAction::Remove => {
-            runtime()?.block_on(firewall::remove(&plan))?;
+            runtime(1)?.block_on(firewall::remove(&plan))?;
             println!("tproxyd rules removed ({})", plan.backend);
         }
     }
@@ -319,7 +323,7 @@ fn doctor(args: RunArgs) -> anyhow::Result<ExitCode> {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
-    let findings = runtime()?.block_on(firewall::doctor::diagnose(&cfg));
+    let findings = runtime(1)?.block_on(firewall::doctor::diagnose(&cfg));
     for f in &findings {
         println!("{f}");
     }

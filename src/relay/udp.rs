@@ -592,6 +592,7 @@ mod tests {
         let limits = Limits {
             udp_sessions: limit,
             udp_reply_sockets: 4,
+            threads: 1,
         };
         let outbound = Outbound::Direct {
             mark: 0,
