@@ -141,6 +141,47 @@ fn full_cone_direct_v4_and_v6() {
 }
 
 /// 200 client ports at once, each must get exactly its own answers.
+/// Bursts of same-size datagrams from one client port, the traffic the
+/// inbound gathers into runs and sends upstream in one call each: every
+/// datagram must come back whole, once and in order.
+fn check_bursts(upstream: Upstream, fam: Family) {
+    let Some(tb) = bed(upstream) else { return };
+    const BURSTS: u32 = 10;
+    const PER_BURST: u32 = 20;
+    let dst = fam.remote_a(UDP_ECHO_PORT);
+    tb.lan.enter(|| {
+        let s = client_socket(fam);
+        // Opens the session, so the bursts find it established.
+        exchange(&s, dst, b"open");
+        let mut buf = vec![0u8; 4096];
+        for burst in 0..BURSTS {
+            let first = burst * PER_BURST;
+            for seq in first..first + PER_BURST {
+                s.send_to(&pattern(1000, u64::from(seq) << 1), dst).unwrap();
+            }
+            for seq in first..first + PER_BURST {
+                let (n, from) = s
+                    .recv_from(&mut buf)
+                    .unwrap_or_else(|e| panic!("{fam:?}: no echo of datagram {seq}: {e}"));
+                assert_eq!(from, dst, "{fam:?} datagram {seq}");
+                let (peer, off) = peer_line(&buf[..n]);
+                assert_eq!(peer.ip(), fam.hop(upstream), "{fam:?} datagram {seq}");
+                assert_eq!(
+                    &buf[off..n],
+                    &pattern(1000, u64::from(seq) << 1)[..],
+                    "{fam:?}: datagram {seq} changed, lost or out of order"
+                );
+            }
+        }
+    });
+}
+
+#[test]
+fn bursts_of_one_client_direct_v4_and_socks5_v6() {
+    check_bursts(Upstream::Direct, Family::V4);
+    check_bursts(Upstream::Socks, Family::V6);
+}
+
 fn check_many_ports(upstream: Upstream, fam: Family) {
     let Some(tb) = bed(upstream) else { return };
     const PORTS: usize = 200;

@@ -1,7 +1,15 @@
 //! The UDP inbound (TPROXY only): read each datagram with its original
 //! destination and hand it to the session table.
+//!
+//! Datagrams that arrive back to back from one client to one destination
+//! with the same size (a bulk transfer: a file over QUIC, a video call)
+//! are gathered into a run and sent upstream in one call with UDP
+//! segmentation offload; the kernel then walks its output path once per
+//! run instead of once per datagram. A run ends when the socket has
+//! nothing more to read, so no datagram waits for later ones.
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,7 +19,17 @@ use tracing::{debug, warn};
 
 use crate::outbound::UDP_HEADROOM;
 use crate::relay::udp::{UdpRelay, MAX_DATAGRAM};
-use crate::sys::{self, RecvError};
+use crate::sys::{self, Datagram, RecvError};
+
+/// Most datagrams in one run: below the kernel's limit (64 segments
+/// before Linux 6.9, 128 since).
+const MAX_RUN_DATAGRAMS: usize = 32;
+/// Most bytes in one run, SOCKS5 headers included: one UDP datagram.
+const MAX_RUN_BYTES: usize = 65_000;
+/// Larger datagrams are not gathered: they exceed any link's MTU, which a
+/// segment must not, and are rare enough that copying them would cost more
+/// than it saves.
+const MAX_SEGMENT: usize = 9_000;
 
 /// Reads until the task is dropped.
 pub async fn serve(socket: UdpSocket, relay: Arc<UdpRelay>) {
@@ -19,18 +37,45 @@ pub async fn serve(socket: UdpSocket, relay: Arc<UdpRelay>) {
     // something is wrong (it never is for UDP over IP, but we check).
     let mut buf = vec![0u8; UDP_HEADROOM + MAX_DATAGRAM + 1];
     let mut cmsg = [0u8; sys::CMSG_SPACE];
+    let mut run = Run::new();
+    // Where a run through SOCKS5 is laid out again with its headers.
+    let mut scratch = Vec::new();
     let mut last_warning: Option<Instant> = None;
+    let mut recv = |buf: &mut [u8]| match sys::recv_with_orig_dst(&socket, buf, &mut cmsg) {
+        Err(RecvError::Io(e)) => Err(e),
+        other => Ok(other),
+    };
     loop {
-        let got = socket
-            .async_io(Interest::READABLE, || {
-                match sys::recv_with_orig_dst(&socket, &mut buf[UDP_HEADROOM..], &mut cmsg) {
-                    Err(RecvError::Io(e)) => Err(e),
-                    other => Ok(other),
+        let got = if run.is_empty() {
+            socket
+                .async_io(Interest::READABLE, || recv(&mut buf[UDP_HEADROOM..]))
+                .await
+        } else {
+            match socket.try_io(Interest::READABLE, || recv(&mut buf[UDP_HEADROOM..])) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    run.flush(&relay, &mut scratch);
+                    // try_io spends no task budget: give other tasks (the
+                    // replies, TCP flows) their turn between runs.
+                    tokio::task::consume_budget().await;
+                    continue;
                 }
-            })
-            .await;
+                other => other,
+            }
+        };
         match got {
-            Ok(Ok(d)) => relay.dispatch(d.src, d.orig_dst, &mut buf[..UDP_HEADROOM + d.len]),
+            Ok(Ok(d)) => {
+                let payload = &buf[UDP_HEADROOM..UDP_HEADROOM + d.len];
+                if run.extends(&d) {
+                    run.push(payload);
+                    continue;
+                }
+                run.flush(&relay, &mut scratch);
+                if d.len > 0 && d.len <= MAX_SEGMENT {
+                    run.start(&d, payload);
+                } else {
+                    relay.dispatch(d.src, d.orig_dst, &mut buf[..UDP_HEADROOM + d.len]);
+                }
+            }
             Ok(Err(e @ RecvError::NoOrigDst { .. })) => {
                 if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
                     last_warning = Some(Instant::now());
@@ -39,6 +84,7 @@ pub async fn serve(socket: UdpSocket, relay: Arc<UdpRelay>) {
             }
             Ok(Err(e)) => debug!("UDP datagram dropped: {e}"),
             Err(e) => {
+                run.flush(&relay, &mut scratch);
                 // ICMP errors queued on the socket and the like: not fatal.
                 if e.kind() != io::ErrorKind::Interrupted {
                     debug!("UDP receive: {e}");
@@ -46,5 +92,69 @@ pub async fn serve(socket: UdpSocket, relay: Arc<UdpRelay>) {
                 }
             }
         }
+    }
+}
+
+/// Datagrams read back to back from one client to one destination, all
+/// the same size, not yet handed on.
+struct Run {
+    client: SocketAddr,
+    dst: SocketAddr,
+    segment: usize,
+    count: usize,
+    /// `UDP_HEADROOM` bytes, then the payloads one after another.
+    buf: Vec<u8>,
+}
+
+impl Run {
+    fn new() -> Self {
+        let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+        Run {
+            client: unspecified,
+            dst: unspecified,
+            segment: 0,
+            count: 0,
+            buf: vec![0; UDP_HEADROOM],
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Whether `d` may join this run.
+    fn extends(&self, d: &Datagram) -> bool {
+        self.count > 0
+            && d.src == self.client
+            && d.orig_dst == self.dst
+            && d.len == self.segment
+            && self.count < MAX_RUN_DATAGRAMS
+            // Room for a SOCKS5 header in front of each, should it go there.
+            && (self.count + 1) * (self.segment + UDP_HEADROOM) <= MAX_RUN_BYTES
+    }
+
+    fn start(&mut self, d: &Datagram, payload: &[u8]) {
+        self.client = d.src;
+        self.dst = d.orig_dst;
+        self.segment = d.len;
+        self.push(payload);
+    }
+
+    fn push(&mut self, payload: &[u8]) {
+        self.buf.extend_from_slice(payload);
+        self.count += 1;
+    }
+
+    fn flush(&mut self, relay: &Arc<UdpRelay>, scratch: &mut Vec<u8>) {
+        if self.count == 0 {
+            return;
+        }
+        if self.count == 1 {
+            relay.dispatch(self.client, self.dst, &mut self.buf);
+        } else {
+            relay.dispatch_run(self.client, self.dst, &mut self.buf, self.segment, scratch);
+        }
+        self.buf.truncate(UDP_HEADROOM);
+        self.count = 0;
     }
 }

@@ -10,6 +10,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use tokio::io::Interest;
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 
 use crate::config::{Config, OutboundConfig};
@@ -179,6 +180,40 @@ impl UdpUpstream {
                 assoc.socket.try_send(&buf[start..])?;
             }
         }
+        Ok(())
+    }
+
+    /// Sends a run of datagrams to `dst` in one call, never waiting:
+    /// `payloads` holds them back to back, each `segment` bytes long (the
+    /// last may be shorter). Through SOCKS5 each needs its own header in
+    /// front, so the run is laid out again in `scratch`. All or nothing,
+    /// as [`sys::send_segments`].
+    pub fn try_send_segments(
+        &self,
+        payloads: &[u8],
+        segment: usize,
+        dst: SocketAddr,
+        scratch: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        let (socket, run, segment, to) = match self {
+            UdpUpstream::Direct(socket) => (socket, payloads, segment, Some(sys::to_v6(dst))),
+            UdpUpstream::Socks5(assoc) => {
+                let mut header = [0u8; proto::MAX_UDP_HEADER];
+                let len = proto::write_udp_header(&mut header, &dst);
+                let header = &header[..len];
+                scratch.clear();
+                for payload in payloads.chunks(segment) {
+                    scratch.extend_from_slice(header);
+                    scratch.extend_from_slice(payload);
+                }
+                (&assoc.socket, &scratch[..], header.len() + segment, None)
+            }
+        };
+        let segment = u16::try_from(segment)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "UDP segment over 64 KiB"))?;
+        socket.try_io(Interest::WRITABLE, || {
+            sys::send_segments(socket, run, segment, to)
+        })?;
         Ok(())
     }
 

@@ -32,6 +32,11 @@ use crate::sys;
 /// Largest UDP payload (65535 − 8 UDP − 20 IPv4 header).
 pub const MAX_DATAGRAM: usize = 65_507;
 
+/// Set once the kernel refused UDP segmentation outright (no
+/// `UDP_SEGMENT`, or a device that cannot do it): runs then go one
+/// datagram at a time, as they would without it.
+static SEGMENTS_REFUSED: AtomicBool = AtomicBool::new(false);
+
 /// Datagrams queued for one session while its upstream is slow or still
 /// being set up (a SOCKS5 handshake); beyond that they are dropped and
 /// counted, as a congested link would.
@@ -100,8 +105,13 @@ impl SessionShared {
     }
 
     fn sent_up(&self, len: usize, dst: SocketAddr) {
-        self.up_bytes.fetch_add(len as u64, Ordering::Relaxed);
-        self.up_datagrams.fetch_add(1, Ordering::Relaxed);
+        self.sent_up_many(len, 1, dst)
+    }
+
+    fn sent_up_many(&self, bytes: usize, datagrams: usize, dst: SocketAddr) {
+        self.up_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.up_datagrams
+            .fetch_add(datagrams as u64, Ordering::Relaxed);
         self.last_was_dns.store(dst.port() == 53, Ordering::Relaxed);
         self.touch();
     }
@@ -140,6 +150,8 @@ pub struct UdpStats {
     /// Datagrams that went through a session's queue rather than straight
     /// out from the inbound (session opening, or a full socket buffer).
     pub datagrams_queued: AtomicU64,
+    /// Datagrams that went upstream in runs, several per send call.
+    pub datagrams_segmented: AtomicU64,
     pub replies_dropped_bind: AtomicU64,
 }
 
@@ -194,19 +206,12 @@ impl UdpRelay {
             }
         };
         let len = buf.len() - UDP_HEADROOM;
-        let known = lock(&self.sessions)
-            .get(&client)
-            .map(|entry| Arc::clone(&entry.shared));
-        if let Some(shared) = known {
-            if let Some(upstream) = shared.upstream.get() {
-                if shared.queued.load(Ordering::Acquire) == 0 {
-                    match upstream.try_send(buf, dst) {
-                        Ok(()) => return shared.sent_up(len, dst),
-                        // The socket buffer is full: the task waits for room.
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(e) => return report_send_error(client, dst, len, outbound.name(), &e),
-                    }
-                }
+        if let Some((upstream, shared)) = self.ready_upstream(client) {
+            match upstream.try_send(buf, dst) {
+                Ok(()) => return shared.sent_up(len, dst),
+                // The socket buffer is full: the task waits for room.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return report_send_error(client, dst, len, outbound.name(), &e),
             }
         }
         self.stats.datagrams_queued.fetch_add(1, Ordering::Relaxed);
@@ -259,6 +264,66 @@ impl UdpRelay {
         );
         drop(sessions);
         tokio::spawn(Arc::clone(self).run_session(id, client, outbound, shared, rx));
+    }
+
+    /// Hands a run of datagrams from `client` to `dst`, read back to back
+    /// and all `segment` bytes long, to its session: `run[UDP_HEADROOM..]`
+    /// holds the payloads one after another. An established session sends
+    /// the whole run in one call; otherwise (or if the kernel refuses the
+    /// run) each datagram goes through [`dispatch`](Self::dispatch) in order.
+    pub fn dispatch_run(
+        self: &Arc<Self>,
+        client: SocketAddr,
+        dst: SocketAddr,
+        run: &mut [u8],
+        segment: usize,
+        scratch: &mut Vec<u8>,
+    ) {
+        let bytes = run.len().saturating_sub(UDP_HEADROOM);
+        if segment == 0 || bytes == 0 {
+            return;
+        }
+        let count = bytes.div_ceil(segment);
+        let routed = matches!(self.router.decide(Protocol::Udp, dst), Decision::Forward(_));
+        if count > 1 && routed && !SEGMENTS_REFUSED.load(Ordering::Relaxed) {
+            if let Some((upstream, shared)) = self.ready_upstream(client) {
+                match upstream.try_send_segments(&run[UDP_HEADROOM..], segment, dst, scratch) {
+                    Ok(()) => {
+                        self.stats
+                            .datagrams_segmented
+                            .fetch_add(count as u64, Ordering::Relaxed);
+                        return shared.sent_up_many(bytes, count, dst);
+                    }
+                    Err(e) if sys::segments_unsupported(&e) => {
+                        SEGMENTS_REFUSED.store(true, Ordering::Relaxed);
+                        info!(
+                            "UDP segmentation offload refused ({e}); sending datagrams one by one"
+                        );
+                    }
+                    // A full buffer, or a run this route cannot segment
+                    // (a segment over its MTU): one by one, each datagram
+                    // then queued or reported on its own.
+                    Err(_) => {}
+                }
+            }
+        }
+        for i in 0..count {
+            let start = UDP_HEADROOM + i * segment;
+            let end = (start + segment).min(run.len());
+            // dispatch wants headroom in front of the payload: here that is
+            // the previous payload, already sent or copied by then.
+            self.dispatch(client, dst, &mut run[start - UDP_HEADROOM..end]);
+        }
+    }
+
+    /// The open upstream of `client`'s session, when the inbound may send
+    /// on it directly: open, and nothing queued that must go first.
+    fn ready_upstream(&self, client: SocketAddr) -> Option<(Arc<UdpUpstream>, Arc<SessionShared>)> {
+        let shared = lock(&self.sessions)
+            .get(&client)
+            .map(|entry| Arc::clone(&entry.shared))?;
+        let upstream = Arc::clone(shared.upstream.get()?);
+        (shared.queued.load(Ordering::Acquire) == 0).then_some((upstream, shared))
     }
 
     fn warn_table_full(&self, client: SocketAddr) {
@@ -658,6 +723,44 @@ mod tests {
         assert!(shared.upstream.get().is_some(), "session open");
         assert_eq!(shared.up_datagrams.load(Ordering::Relaxed), 200);
         assert_eq!(shared.queued.load(Ordering::Relaxed), 0);
+    }
+
+    /// Runs of datagrams go one by one while the session opens, then in
+    /// one call each; either way the receiver gets every datagram, whole
+    /// and in order.
+    #[tokio::test]
+    async fn runs_arrive_as_their_datagrams_in_order() {
+        let relay = relay_with(3);
+        let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sink.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let dst = sink.local_addr().unwrap();
+        let client: SocketAddr = "127.0.0.1:40200".parse().unwrap();
+        let mut scratch = Vec::new();
+        for first in (0..200u32).step_by(4) {
+            let mut run = vec![0u8; UDP_HEADROOM];
+            for i in first..first + 4 {
+                run.extend_from_slice(&i.to_be_bytes());
+            }
+            relay.dispatch_run(client, dst, &mut run, 4, &mut scratch);
+            if first % 40 == 0 {
+                tokio::task::yield_now().await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        let mut buf = [0u8; 64];
+        for i in 0..200u32 {
+            let n = sink.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..n], &i.to_be_bytes(), "datagram {i}");
+        }
+        let segmented = relay.stats.datagrams_segmented.load(Ordering::Relaxed);
+        assert!(
+            segmented > 0 && segmented % 4 == 0 && segmented < 200,
+            "both paths taken: {segmented} in runs"
+        );
+        let sessions = lock(&relay.sessions);
+        let shared = &sessions[&client].shared;
+        assert_eq!(shared.up_datagrams.load(Ordering::Relaxed), 200);
+        assert_eq!(shared.up_bytes.load(Ordering::Relaxed), 800);
     }
 
     #[tokio::test]
