@@ -55,8 +55,9 @@ FIGURES = [
     ("tcp8", "TCP bulk, 8 streams", "Gbit/s", "higher", {"tcp"}),
     ("crr", "New TCP connections (64 clients)", "conn/s", "higher", {"tcp"}),
     ("udp_rr", "UDP request/response (64 ports)", "exchanges/s", "higher", {"udp"}),
-    ("udp_bulk", "UDP bulk received", "Mbit/s", "higher", {"udp"}),
+    ("udp_bulk", "UDP bulk upload received", "Mbit/s", "higher", {"udp"}),
     ("udp_loss", "UDP bulk loss", "%", "lower", {"udp"}),
+    ("udp_down", "UDP bulk download received", "Mbit/s", "higher", {"udp"}),
     ("tcp_p50", "TCP exchange latency p50", "µs", "lower", {"tcp"}),
     ("tcp_p99", "TCP exchange latency p99", "µs", "lower", {"tcp"}),
     ("udp_p50", "UDP exchange latency p50", "µs", "lower", {"udp"}),
@@ -500,6 +501,12 @@ def measure(bed, cfg, p):
         s = data["end"]["sum"]
         out["udp_loss"] = s["lost_percent"]
         out["udp_bulk"] = s["bits_per_second"] * (1 - s["lost_percent"] / 100) / 1e6
+    if want("udp_down"):
+        # The server sends, the client receives: replies, the direction
+        # most of a router's UDP (video, QUIC downloads) goes.
+        data = iperf(bed, "-u", "-R", "-b", p.udp_rate, "-l", 1400, seconds=p.seconds)
+        s = data["end"]["sum"]
+        out["udp_down"] = s["bits_per_second"] * (1 - s["lost_percent"] / 100) / 1e6
 
     if want("tcp1"):
         cpu0 = cpu_seconds(pid) if pid else 0
@@ -744,7 +751,7 @@ def report(table, p, info, samples):
         "|---|---|---|---|---|---|---|",
     ]
     for key, title, *_ in FIGURES:
-        vs_plain = ratio(table, "tproxyd-direct", "plain", key) if key in ("tcp1", "tcp8", "crr", "udp_rr", "udp_bulk") else None
+        vs_plain = ratio(table, "tproxyd-direct", "plain", key) if key in ("tcp1", "tcp8", "crr", "udp_rr", "udp_bulk", "udp_down") else None
         peer = best_peer(table, key)
         socks = ratio(table, "tproxyd-socks5", peer, key) if peer else None
         direct = ratio(table, "tproxyd-direct", peer, key) if peer else None
