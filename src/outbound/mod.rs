@@ -271,11 +271,13 @@ impl UdpUpstream {
         match self {
             UdpUpstream::Direct(_) => std::future::pending().await,
             UdpUpstream::Socks5(assoc) => {
-                let mut scratch = [0u8; 64];
                 loop {
                     if let Err(e) = assoc.control.readable().await {
                         return format!("UDP association's control connection failed: {e}");
                     }
+                    // Declared after the await, so a waiting session's
+                    // task does not carry it.
+                    let mut scratch = [0u8; 64];
                     match assoc.control.try_read(&mut scratch) {
                         Ok(0) => {
                             return "SOCKS5 server closed the UDP association's control connection"

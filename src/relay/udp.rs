@@ -563,7 +563,25 @@ impl ReplySockets {
         let Some(socket) = self.socket_for(from, stats) else {
             return false;
         };
-        match socket.send_to(payload, client).await {
+        // Every session's task is sized for the largest state it can wait
+        // in; waiting for room in a full socket buffer is rare, so that
+        // state is boxed and the common case waits in nothing at all.
+        let sent = match socket.try_send_to(payload, client) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                Box::pin(async {
+                    loop {
+                        socket.writable().await?;
+                        match socket.try_send_to(payload, client) {
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                            other => return other,
+                        }
+                    }
+                })
+                .await
+            }
+            other => other,
+        };
+        match sent {
             Ok(_) => true,
             Err(e) => {
                 debug!(%from, %client, "UDP reply send failed: {e}");
