@@ -114,12 +114,20 @@ pub fn tcp_listener(addr: SocketAddr, opts: ListenOptions) -> io::Result<std::ne
     Ok(socket.into())
 }
 
+/// The UDP listener's receive buffer: about 3,000 full-size datagrams
+/// from all clients together, a few milliseconds at line rate.
+const UDP_LISTENER_RCVBUF: usize = 4 << 20;
+
 /// A non-blocking UDP socket bound to `addr` for the TPROXY inbound.
 pub fn udp_listener(addr: SocketAddr, opts: ListenOptions) -> io::Result<std::net::UdpSocket> {
     let socket = listener_socket(addr, Type::DGRAM, opts)?;
     // Datagrams of up to 64 KiB arrive in bursts; the default buffer drops
-    // them under load before the relay can read.
-    let _ = socket.set_recv_buffer_size(4 << 20);
+    // them under load before the relay can read. SO_RCVBUFFORCE, which
+    // CAP_NET_ADMIN allows, because SO_RCVBUF is capped by
+    // net.core.rmem_max: 208 KiB on a stock kernel, OpenWrt's included.
+    if setsockopt(&socket, sockopt::RcvBufForce, &UDP_LISTENER_RCVBUF).is_err() {
+        let _ = socket.set_recv_buffer_size(UDP_LISTENER_RCVBUF);
+    }
     socket.bind(&addr.into())?;
     Ok(socket.into())
 }
@@ -472,6 +480,28 @@ pub fn shutdown_write<S: AsFd>(socket: &S) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn udp_listener_buffer_is_not_capped_by_rmem_max() {
+        let opts = ListenOptions {
+            transparent: false,
+            recv_orig_dst: false,
+            mark: 0,
+        };
+        let socket = udp_listener("127.0.0.1:0".parse().unwrap(), opts).unwrap();
+        let got = SockRef::from(&socket).recv_buffer_size().unwrap();
+        let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // The kernel doubles what it is asked for (bookkeeping overhead).
+        if has_cap_net_admin().unwrap() {
+            assert!(got >= 2 * UDP_LISTENER_RCVBUF, "got {got}");
+        } else {
+            assert!(got >= 2 * UDP_LISTENER_RCVBUF.min(rmem_max), "got {got}");
+        }
+    }
 
     #[test]
     fn send_segments_arrives_as_separate_datagrams_in_order() {
