@@ -12,7 +12,7 @@
 //! ([`ReplySockets`]); the sockets are cached, bounded and expire when
 //! idle.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::config::{Limits, Timeouts};
@@ -58,11 +58,26 @@ pub struct Packet {
 
 struct SessionEntry {
     id: u64,
-    /// Boxed packets: a channel allocates its first block of 32 slots
-    /// when made, and 32 boxes are 256 bytes where 32 packets were 1.8 KB,
-    /// in every session of the table.
-    tx: mpsc::Sender<Box<Packet>>,
     shared: Arc<SessionShared>,
+}
+
+/// Datagrams waiting for a session's task, oldest first.
+///
+/// A deque under a lock and a [`Notify`], not a channel: a bounded tokio
+/// channel allocates about 800 bytes when made, in every session of the
+/// table, for a queue most sessions use only while they open.
+#[derive(Default)]
+struct Queue {
+    packets: VecDeque<Box<Packet>>,
+    /// The session's task has ended: nothing queued now would be sent.
+    closed: bool,
+}
+
+/// Why a datagram could not be queued.
+enum Refused {
+    Full,
+    /// The session ended; the packet comes back for a fresh one.
+    Closed(Box<Packet>),
 }
 
 /// What the inbound and a session's task both touch.
@@ -80,6 +95,9 @@ struct SessionShared {
     /// Datagrams handed to the queue and not yet sent by the task; while
     /// any are, the inbound queues too, so datagrams keep their order.
     queued: AtomicUsize,
+    queue: Mutex<Queue>,
+    /// Wakes the session's task when a datagram is queued.
+    queue_ready: Notify,
     /// The last destination was port 53 (shorter idle timeout).
     last_was_dns: AtomicBool,
     up_bytes: AtomicU64,
@@ -93,6 +111,8 @@ impl SessionShared {
             start: Instant::now(),
             last_activity_ms: AtomicU64::new(0),
             queued: AtomicUsize::new(0),
+            queue: Mutex::new(Queue::default()),
+            queue_ready: Notify::new(),
             last_was_dns: AtomicBool::new(false),
             up_bytes: AtomicU64::new(0),
             up_datagrams: AtomicU64::new(0),
@@ -102,6 +122,39 @@ impl SessionShared {
     fn touch(&self) {
         self.last_activity_ms
             .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Queues a datagram for the session's task.
+    fn enqueue(&self, packet: Box<Packet>) -> Result<(), Refused> {
+        let mut queue = lock(&self.queue);
+        if queue.closed {
+            return Err(Refused::Closed(packet));
+        }
+        if queue.packets.len() >= SESSION_QUEUE {
+            return Err(Refused::Full);
+        }
+        // Counted before the task can see it, so the inbound's fast path
+        // never overtakes a queued datagram.
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        queue.packets.push_back(packet);
+        drop(queue);
+        self.queue_ready.notify_one();
+        Ok(())
+    }
+
+    fn dequeue(&self) -> Option<Box<Packet>> {
+        lock(&self.queue).packets.pop_front()
+    }
+
+    /// Ends the queue: later datagrams start a fresh session. Returns how
+    /// many were still waiting (they will not be sent).
+    fn close_queue(&self) -> usize {
+        let mut queue = lock(&self.queue);
+        queue.closed = true;
+        let left = queue.packets.len();
+        queue.packets = VecDeque::new();
+        self.queued.fetch_sub(left, Ordering::AcqRel);
+        left
     }
 
     fn sent_up(&self, len: usize, dst: SocketAddr) {
@@ -222,11 +275,9 @@ impl UdpRelay {
 
         let mut sessions = lock(&self.sessions);
         if let Some(entry) = sessions.get(&client) {
-            entry.shared.queued.fetch_add(1, Ordering::AcqRel);
-            match entry.tx.try_send(packet) {
+            match entry.shared.enqueue(packet) {
                 Ok(()) => return,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    entry.shared.queued.fetch_sub(1, Ordering::AcqRel);
+                Err(Refused::Full) => {
                     self.stats
                         .datagrams_dropped_queue
                         .fetch_add(1, Ordering::Relaxed);
@@ -234,7 +285,7 @@ impl UdpRelay {
                     return;
                 }
                 // The session is ending; start a fresh one below.
-                Err(mpsc::error::TrySendError::Closed(p)) => {
+                Err(Refused::Closed(p)) => {
                     sessions.remove(&client);
                     packet = p;
                 }
@@ -248,22 +299,19 @@ impl UdpRelay {
             self.warn_table_full(client);
             return;
         }
-        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
         let shared = Arc::new(SessionShared::new());
-        shared.queued.store(1, Ordering::Release);
-        // A fresh channel has room for one.
-        let _ = tx.try_send(packet);
+        // A fresh queue is open and empty: it takes the packet.
+        let _ = shared.enqueue(packet);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         sessions.insert(
             client,
             SessionEntry {
                 id,
-                tx,
                 shared: Arc::clone(&shared),
             },
         );
         drop(sessions);
-        tokio::spawn(Arc::clone(self).run_session(id, client, outbound, shared, rx));
+        tokio::spawn(Arc::clone(self).run_session(id, client, outbound, shared));
     }
 
     /// Hands a run of datagrams from `client` to `dst`, read back to back
@@ -353,7 +401,6 @@ impl UdpRelay {
         client: SocketAddr,
         outbound: Arc<Outbound>,
         shared: Arc<SessionShared>,
-        mut rx: mpsc::Receiver<Box<Packet>>,
     ) {
         let started = Instant::now();
         let outbound_name = outbound.name();
@@ -365,11 +412,7 @@ impl UdpRelay {
         let end = match Box::pin(outbound.open_udp()).await {
             Err(e) => {
                 // Count what was queued so nothing is lost silently.
-                rx.close();
-                let mut lost = 0;
-                while rx.try_recv().is_ok() {
-                    lost += 1;
-                }
+                let lost = shared.close_queue();
                 warn!(%client, outbound = outbound_name, dropped = lost, "UDP session failed to open: {e}");
                 format!("open-failed: {e}")
             }
@@ -381,15 +424,16 @@ impl UdpRelay {
                 tokio::pin!(deadline);
                 loop {
                     tokio::select! {
-                        packet = rx.recv() => {
-                            let Some(mut p) = packet else { break "closed".to_string() };
-                            first_dst.get_or_insert(p.dst);
-                            let len = p.buf.len() - UDP_HEADROOM;
-                            match upstream.send(&mut p.buf, p.dst).await {
-                                Ok(()) => shared.sent_up(len, p.dst),
-                                Err(e) => report_send_error(client, p.dst, len, outbound_name, &e),
+                        () = shared.queue_ready.notified() => {
+                            while let Some(mut p) = shared.dequeue() {
+                                first_dst.get_or_insert(p.dst);
+                                let len = p.buf.len() - UDP_HEADROOM;
+                                match upstream.send(&mut p.buf, p.dst).await {
+                                    Ok(()) => shared.sent_up(len, p.dst),
+                                    Err(e) => report_send_error(client, p.dst, len, outbound_name, &e),
+                                }
+                                shared.queued.fetch_sub(1, Ordering::AcqRel);
                             }
-                            shared.queued.fetch_sub(1, Ordering::AcqRel);
                         }
                         r = upstream.readable() => {
                             if let Err(e) = r {
@@ -441,6 +485,16 @@ impl UdpRelay {
                 }
             }
         };
+        // Closed before the entry leaves the table: a datagram that comes
+        // now is refused and starts a fresh session instead of waiting
+        // here for ever.
+        let left = shared.close_queue();
+        if left > 0 {
+            self.stats
+                .datagrams_dropped_queue
+                .fetch_add(left as u64, Ordering::Relaxed);
+            debug!(%client, dropped = left, "UDP session ended with datagrams queued");
+        }
         let up_bytes = shared.up_bytes.load(Ordering::Relaxed);
         let up_n = shared.up_datagrams.load(Ordering::Relaxed);
 
@@ -666,10 +720,14 @@ mod tests {
     }
 
     fn relay_with(limit: usize) -> Arc<UdpRelay> {
+        relay_idling_after(limit, Duration::from_secs(60))
+    }
+
+    fn relay_idling_after(limit: usize, udp_idle: Duration) -> Arc<UdpRelay> {
         let timeouts = Timeouts {
             connect: Duration::from_secs(1),
             tcp_idle: Duration::from_secs(1),
-            udp_idle: Duration::from_secs(60),
+            udp_idle,
             udp_dns_idle: Duration::from_secs(10),
         };
         let limits = Limits {
@@ -779,6 +837,60 @@ mod tests {
         let shared = &sessions[&client].shared;
         assert_eq!(shared.up_datagrams.load(Ordering::Relaxed), 200);
         assert_eq!(shared.up_bytes.load(Ordering::Relaxed), 800);
+    }
+
+    #[test]
+    fn a_session_queue_is_bounded_and_refuses_once_closed() {
+        let shared = SessionShared::new();
+        let packet = || {
+            Box::new(Packet {
+                buf: framed(b"q"),
+                dst: "127.0.0.1:9".parse().unwrap(),
+            })
+        };
+        for _ in 0..SESSION_QUEUE {
+            assert!(shared.enqueue(packet()).is_ok());
+        }
+        assert!(matches!(shared.enqueue(packet()), Err(Refused::Full)));
+        assert_eq!(shared.queued.load(Ordering::Relaxed), SESSION_QUEUE);
+        assert!(shared.dequeue().is_some());
+        shared.queued.fetch_sub(1, Ordering::Relaxed);
+        // What is left when the task ends is counted, not sent, and the
+        // fast path is free again.
+        assert_eq!(shared.close_queue(), SESSION_QUEUE - 1);
+        assert_eq!(shared.queued.load(Ordering::Relaxed), 0);
+        assert!(matches!(
+            shared.enqueue(packet()),
+            Err(Refused::Closed(p)) if p.buf == framed(b"q")
+        ));
+        assert_eq!(shared.close_queue(), 0);
+    }
+
+    // A worker thread runs the sessions while the test blocks in recv.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_datagram_after_the_session_ended_opens_a_fresh_one() {
+        let relay = relay_idling_after(3, Duration::from_millis(50));
+        let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sink.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let dst = sink.local_addr().unwrap();
+        let client: SocketAddr = "127.0.0.1:40300".parse().unwrap();
+        let mut buf = [0u8; 16];
+        relay.dispatch(client, dst, &mut framed(b"first"));
+        let n = sink.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"first");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while relay.session_count() > 0 {
+            assert!(Instant::now() < deadline, "the session never idled out");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        relay.dispatch(client, dst, &mut framed(b"again"));
+        let n = sink.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"again");
+        assert_eq!(relay.session_count(), 1);
+        assert_eq!(
+            relay.stats.datagrams_dropped_queue.load(Ordering::Relaxed),
+            0
+        );
     }
 
     #[tokio::test]
