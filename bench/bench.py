@@ -643,7 +643,7 @@ NOTES = [
     "upstreams as much as proxies; the column \"best SOCKS5 peer\" compares like with "
     "like. It also encrypts (aes-128-gcm), so its bulk and CPU figures include that work.",
     "The UDP flood figure depends on how many sessions each proxy keeps: tproxyd keeps up "
-    "to 4,096 (limits.udp_sessions), about 3 KiB each; shadowsocks-libev's client side "
+    "to 4,096 (limits.udp_sessions), about 2 KiB each; shadowsocks-libev's client side "
     "keeps a UDP cache fixed at a few hundred entries in its source and drops older "
     "sessions, so it grows less but forgets clients sooner.",
     "V2Ray 4.34 relayed no UDP replies through dante in this bed (the datagrams reached "
@@ -654,9 +654,9 @@ NOTES = [
     "faster in bulk but six descriptors per connection, so it held fewer idle connections "
     "within the descriptor limit (per-connection memory is compared all the same).",
     "Peak RSS counts the pages of the program and its libraries read from disk. Of "
-    "tproxyd's 4.7 MiB at rest, 4.3 MiB are such clean, shareable pages (its own code "
-    "2.4, libc 1.2, libm 0.5) and 0.45 MiB its own memory; redsocks is a much smaller "
-    "program.",
+    "tproxyd's 4.3 MiB at rest, 3.9 MiB are such clean, shareable pages (its own code "
+    "1.9, libc 1.3, libm 0.5, the loader 0.2) and 0.45 MiB its own memory; redsocks is "
+    "a much smaller program.",
     "Bulk figures vary a lot between rounds (see ±): the iperf3 client and server, the "
     "proxy and the kernel's forwarding all share two cores.",
     "UDP bulk loss is what the iperf3 receiver counts. Through tproxyd direct it happens at "
