@@ -481,14 +481,19 @@ pub fn shutdown_write<S: AsFd>(socket: &S) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn udp_listener_buffer_is_not_capped_by_rmem_max() {
+    /// A UDP listener on 127.0.0.1, not transparent (no root needed).
+    fn loopback_udp_listener(recv_orig_dst: bool) -> std::net::UdpSocket {
         let opts = ListenOptions {
             transparent: false,
-            recv_orig_dst: false,
+            recv_orig_dst,
             mark: 0,
         };
-        let socket = udp_listener("127.0.0.1:0".parse().unwrap(), opts).unwrap();
+        udp_listener("127.0.0.1:0".parse().unwrap(), opts).unwrap()
+    }
+
+    #[test]
+    fn udp_listener_buffer_is_not_capped_by_rmem_max() {
+        let socket = loopback_udp_listener(false);
         let got = SockRef::from(&socket).recv_buffer_size().unwrap();
         let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
             .unwrap()
@@ -636,12 +641,7 @@ mod tests {
 
     #[test]
     fn recv_reports_truncation_instead_of_a_short_datagram() {
-        let opts = ListenOptions {
-            transparent: false,
-            recv_orig_dst: true,
-            mark: 0,
-        };
-        let server = udp_listener("127.0.0.1:0".parse().unwrap(), opts).unwrap();
+        let server = loopback_udp_listener(true);
         let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         client
             .send_to(&[7u8; 100], server.local_addr().unwrap())

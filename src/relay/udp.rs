@@ -743,6 +743,15 @@ mod tests {
         UdpRelay::new(router, timeouts, limits, 0)
     }
 
+    /// Where direct sessions send in tests: a loopback socket that waits
+    /// up to 5 s for each datagram, and its address.
+    fn loopback_sink() -> (std::net::UdpSocket, SocketAddr) {
+        let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sink.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let addr = sink.local_addr().unwrap();
+        (sink, addr)
+    }
+
     /// A payload behind the headroom the inbound leaves in front of it.
     fn framed(payload: &[u8]) -> Vec<u8> {
         let mut buf = vec![0u8; UDP_HEADROOM];
@@ -772,9 +781,7 @@ mod tests {
     #[tokio::test]
     async fn datagrams_keep_their_order_from_the_queue_to_the_fast_path() {
         let relay = relay_with(3);
-        let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        sink.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let dst = sink.local_addr().unwrap();
+        let (sink, dst) = loopback_sink();
         let client: SocketAddr = "127.0.0.1:40100".parse().unwrap();
         for i in 0..200u32 {
             relay.dispatch(client, dst, &mut framed(&i.to_be_bytes()));
@@ -807,9 +814,7 @@ mod tests {
     #[tokio::test]
     async fn runs_arrive_as_their_datagrams_in_order() {
         let relay = relay_with(3);
-        let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        sink.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let dst = sink.local_addr().unwrap();
+        let (sink, dst) = loopback_sink();
         let client: SocketAddr = "127.0.0.1:40200".parse().unwrap();
         let mut scratch = Vec::new();
         for first in (0..200u32).step_by(4) {
@@ -870,9 +875,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn a_datagram_after_the_session_ended_opens_a_fresh_one() {
         let relay = relay_idling_after(3, Duration::from_millis(50));
-        let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        sink.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let dst = sink.local_addr().unwrap();
+        let (sink, dst) = loopback_sink();
         let client: SocketAddr = "127.0.0.1:40300".parse().unwrap();
         let mut buf = [0u8; 16];
         relay.dispatch(client, dst, &mut framed(b"first"));
