@@ -68,7 +68,7 @@ enum RulesAction {
 #[derive(Args)]
 struct RunArgs {
     /// Read settings from this TOML file (see examples/tproxyd.toml).
-    #[arg(short, long, value_name = "FILE", conflicts_with_all = ["listen", "mode", "socks5", "direct", "username", "mark", "tcp_only", "udp_only", "udp_timeout", "firewall", "lan_interface", "proxy_local", "bypass"])]
+    #[arg(short, long, value_name = "FILE", conflicts_with_all = ["listen", "mode", "socks5", "direct", "username", "mark", "tcp_only", "udp_only", "udp_timeout", "threads", "firewall", "lan_interface", "proxy_local", "bypass"])]
     config: Option<PathBuf>,
     /// Listen address; [::]:PORT serves IPv4 and IPv6.
     #[arg(long, value_name = "ADDR")]
@@ -100,6 +100,9 @@ struct RunArgs {
     /// Seconds a UDP session may stay idle.
     #[arg(long, value_name = "SECS")]
     udp_timeout: Option<u64>,
+    /// Relay threads (default: half the cores, at least 1).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
     /// Who installs the capture rules (none: you write them).
     #[arg(long, value_enum)]
     firewall: Option<CliBackend>,
@@ -160,6 +163,7 @@ impl RunArgs {
             raw.outbound.password = self.password.clone();
         }
         raw.timeouts.udp_idle = self.udp_timeout;
+        raw.limits.threads = self.threads;
         raw.firewall.backend = self.firewall.map(|b| match b {
             CliBackend::Nftables => Backend::Nftables,
             CliBackend::Iptables => Backend::Iptables,

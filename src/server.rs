@@ -166,7 +166,7 @@ impl Server {
                 }
             ),
         };
-        info!(listen = %cfg.listen, mode = %cfg.mode, protocols, outbound = %upstream, mark = cfg.mark, "tproxyd listening");
+        info!(listen = %cfg.listen, mode = %cfg.mode, protocols, outbound = %upstream, mark = cfg.mark, threads = cfg.limits.threads, "tproxyd listening");
 
         // An unreachable upstream at start is worth a warning, not a refusal
         // to start: flows fail fast (reset) until it is back.

@@ -108,6 +108,48 @@ fn redirect_tcp_direct_v4_and_v6() {
     check_paths(Mode::Redirect, Upstream::Direct);
 }
 
+/// Fifty flows open at once on two relay threads: every client gets its
+/// own bytes back, whichever thread carried its flow.
+#[test]
+fn fifty_concurrent_flows_on_two_relay_threads() {
+    let Some(tb) = can_run().then(|| {
+        Testbed::start(Options {
+            mode: Mode::Tproxy,
+            upstream: Upstream::Direct,
+            extra_args: vec!["--threads".into(), "2".into()],
+            own_rules: None,
+        })
+    }) else {
+        return;
+    };
+    let dst = Family::V4.remote_a(ECHO_PORT);
+    tb.lan.enter(|| {
+        let mut flows: Vec<(TcpStream, Vec<u8>)> = (0..50u64)
+            .map(|i| (connect(dst), pattern(20_000, i << 1)))
+            .collect();
+        for (s, data) in &mut flows {
+            s.write_all(data).unwrap();
+            s.shutdown(Shutdown::Write).unwrap();
+        }
+        for (i, (s, data)) in flows.iter_mut().enumerate() {
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).unwrap();
+            let (peer, off) = peer_line(&got);
+            assert_eq!(peer.ip(), Family::V4.hop(Upstream::Direct), "flow {i}");
+            assert_eq!(
+                &got[off..],
+                &data[..],
+                "flow {i}: bytes changed or mixed up"
+            );
+        }
+    });
+    let log = tb.tproxyd_log();
+    assert!(
+        log.contains("threads=2") && log.contains("tproxyd listening"),
+        "{log}"
+    );
+}
+
 /// 16 MiB each way at once, compared by checksum, both families.
 #[test]
 fn sixteen_mib_transfer_is_intact() {

@@ -15,11 +15,15 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn bed(upstream: Upstream) -> Option<Testbed> {
+    bed_with(upstream, &[])
+}
+
+fn bed_with(upstream: Upstream, extra_args: &[&str]) -> Option<Testbed> {
     can_run().then(|| {
         Testbed::start(Options {
             mode: Mode::Tproxy,
             upstream,
-            extra_args: vec![],
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             own_rules: None,
         })
     })
@@ -144,8 +148,12 @@ fn full_cone_direct_v4_and_v6() {
 /// Bursts of same-size datagrams from one client port, the traffic the
 /// inbound gathers into runs and sends upstream in one call each: every
 /// datagram must come back whole, once and in order.
-fn check_bursts(upstream: Upstream, fam: Family) {
-    let Some(tb) = bed(upstream) else { return };
+fn check_bursts(upstream: Upstream, fam: Family, threads: &str) {
+    // With more than one relay thread the inbound and the sessions' tasks
+    // run on different threads, and the fast path races the queue.
+    let Some(tb) = bed_with(upstream, &["--threads", threads]) else {
+        return;
+    };
     const BURSTS: u32 = 10;
     const PER_BURST: u32 = 20;
     let dst = fam.remote_a(UDP_ECHO_PORT);
@@ -174,12 +182,20 @@ fn check_bursts(upstream: Upstream, fam: Family) {
             }
         }
     });
+    let log = tb.tproxyd_log();
+    assert!(log.contains(&format!("threads={threads}")), "{log}");
 }
 
 #[test]
 fn bursts_of_one_client_direct_v4_and_socks5_v6() {
-    check_bursts(Upstream::Direct, Family::V4);
-    check_bursts(Upstream::Socks, Family::V6);
+    check_bursts(Upstream::Direct, Family::V4, "1");
+    check_bursts(Upstream::Socks, Family::V6, "1");
+}
+
+#[test]
+fn bursts_of_one_client_on_two_relay_threads() {
+    check_bursts(Upstream::Direct, Family::V6, "2");
+    check_bursts(Upstream::Socks, Family::V4, "2");
 }
 
 fn check_many_ports(upstream: Upstream, fam: Family) {
