@@ -844,6 +844,44 @@ mod tests {
         assert_eq!(shared.up_bytes.load(Ordering::Relaxed), 800);
     }
 
+    /// A run the kernel will not segment (here: more segments than it
+    /// allows in one call; on a real link, a segment over the MTU) is sent
+    /// one datagram at a time instead, nothing lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_run_the_kernel_refuses_goes_one_by_one() {
+        let relay = relay_with(3);
+        let (sink, dst) = loopback_sink();
+        let client: SocketAddr = "127.0.0.1:40400".parse().unwrap();
+        let mut buf = [0u8; 16];
+        relay.dispatch(client, dst, &mut framed(b"open"));
+        let n = sink.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"open");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while relay.ready_upstream(client).is_none() {
+            assert!(Instant::now() < deadline, "the session never opened");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // More than UDP_MAX_SEGMENTS (64, or 128 since Linux 6.9), and
+        // room in the sink for all of them.
+        socket2::SockRef::from(&sink)
+            .set_recv_buffer_size(1 << 20)
+            .unwrap();
+        let mut run = vec![0u8; UDP_HEADROOM];
+        for i in 0..200u32 {
+            run.extend_from_slice(&i.to_be_bytes());
+        }
+        relay.dispatch_run(client, dst, &mut run, 4, &mut Vec::new());
+        for i in 0..200u32 {
+            let n = sink.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..n], &i.to_be_bytes(), "datagram {i}");
+        }
+        assert_eq!(relay.stats.datagrams_segmented.load(Ordering::Relaxed), 0);
+        assert!(
+            !SEGMENTS_REFUSED.load(Ordering::Relaxed),
+            "one refusal is not for good"
+        );
+    }
+
     #[test]
     fn a_session_queue_is_bounded_and_refuses_once_closed() {
         let shared = SessionShared::new();
