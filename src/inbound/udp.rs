@@ -158,3 +158,55 @@ impl Run {
         self.count = 0;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn datagram(src: &str, dst: &str, len: usize) -> Datagram {
+        Datagram {
+            len,
+            src: src.parse().unwrap(),
+            orig_dst: dst.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_run_takes_only_same_size_datagrams_of_one_client_to_one_destination() {
+        let (client, dst) = ("192.0.2.2:5000", "198.51.100.10:443");
+        let mut run = Run::new();
+        let first = datagram(client, dst, 1200);
+        assert!(
+            !run.extends(&first),
+            "an empty run starts, it is not extended"
+        );
+        run.start(&first, &[1; 1200]);
+        assert!(run.extends(&datagram(client, dst, 1200)));
+        assert!(!run.extends(&datagram("192.0.2.2:5001", dst, 1200)));
+        assert!(!run.extends(&datagram(client, "198.51.100.10:444", 1200)));
+        assert!(!run.extends(&datagram(client, dst, 1199)));
+        assert!(!run.extends(&datagram(client, dst, 1201)));
+    }
+
+    #[test]
+    fn a_run_stops_at_the_kernels_limits() {
+        let (client, dst) = ("192.0.2.2:5000", "198.51.100.10:443");
+        // Small datagrams: the segment count is the limit.
+        let mut run = Run::new();
+        let small = datagram(client, dst, 100);
+        run.start(&small, &[0; 100]);
+        while run.extends(&small) {
+            run.push(&[0; 100]);
+        }
+        assert_eq!(run.count, MAX_RUN_DATAGRAMS);
+        // Large ones: the bytes, SOCKS5 headers counted, are.
+        let mut run = Run::new();
+        let large = datagram(client, dst, MAX_SEGMENT);
+        run.start(&large, &[0; MAX_SEGMENT]);
+        while run.extends(&large) {
+            run.push(&[0; MAX_SEGMENT]);
+        }
+        assert_eq!(run.count, MAX_RUN_BYTES / (MAX_SEGMENT + UDP_HEADROOM));
+        assert_eq!(run.buf.len(), UDP_HEADROOM + run.count * MAX_SEGMENT);
+    }
+}
