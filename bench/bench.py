@@ -662,9 +662,9 @@ NOTES = [
     "UDP bulk loss is what the iperf3 receiver counts. Through tproxyd direct it happens at "
     "the iperf3 server's socket in the WAN namespace (its receive-buffer error counter "
     "grows), not at tproxyd's listener, whose counter stays at 0: on two shared cores the "
-    "receiving iperf3 does not get CPU time soon enough. Upload runs of same-size "
-    "datagrams leave tproxyd with UDP segmentation offload; download (iperf3 -R) is the "
-    "reply path, one datagram per call.",
+    "receiving iperf3 does not get CPU time soon enough. Runs of same-size datagrams "
+    "leave tproxyd with UDP segmentation offload both ways: uploads from the inbound, "
+    "downloads (iperf3 -R) from the reply sockets.",
 ]
 
 

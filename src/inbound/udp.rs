@@ -18,18 +18,8 @@ use tokio::net::UdpSocket;
 use tracing::{debug, warn};
 
 use crate::outbound::UDP_HEADROOM;
-use crate::relay::udp::{UdpRelay, MAX_DATAGRAM};
+use crate::relay::udp::{run_has_room, runnable, UdpRelay, MAX_DATAGRAM};
 use crate::sys::{self, Datagram, RecvError};
-
-/// Most datagrams in one run: below the kernel's limit (64 segments
-/// before Linux 6.9, 128 since).
-const MAX_RUN_DATAGRAMS: usize = 32;
-/// Most bytes in one run, SOCKS5 headers included: one UDP datagram.
-const MAX_RUN_BYTES: usize = 65_000;
-/// Larger datagrams are not gathered: they exceed any link's MTU, which a
-/// segment must not, and are rare enough that copying them would cost more
-/// than it saves.
-const MAX_SEGMENT: usize = 9_000;
 
 /// Reads until the task is dropped.
 pub async fn serve(socket: UdpSocket, relay: Arc<UdpRelay>) {
@@ -70,7 +60,7 @@ pub async fn serve(socket: UdpSocket, relay: Arc<UdpRelay>) {
                     continue;
                 }
                 run.flush(&relay, &mut scratch);
-                if d.len > 0 && d.len <= MAX_SEGMENT {
+                if runnable(d.len) {
                     run.start(&d, payload);
                 } else {
                     relay.dispatch(d.src, d.orig_dst, &mut buf[..UDP_HEADROOM + d.len]);
@@ -128,9 +118,7 @@ impl Run {
             && d.src == self.client
             && d.orig_dst == self.dst
             && d.len == self.segment
-            && self.count < MAX_RUN_DATAGRAMS
-            // Room for a SOCKS5 header in front of each, should it go there.
-            && (self.count + 1) * (self.segment + UDP_HEADROOM) <= MAX_RUN_BYTES
+            && run_has_room(self.count, self.segment)
     }
 
     fn start(&mut self, d: &Datagram, payload: &[u8]) {
@@ -162,6 +150,7 @@ impl Run {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::relay::udp::{MAX_RUN_BYTES, MAX_RUN_DATAGRAMS, MAX_RUN_SEGMENT};
 
     fn datagram(src: &str, dst: &str, len: usize) -> Datagram {
         Datagram {
@@ -201,12 +190,12 @@ mod tests {
         assert_eq!(run.count, MAX_RUN_DATAGRAMS);
         // Large ones: the bytes, SOCKS5 headers counted, are.
         let mut run = Run::new();
-        let large = datagram(client, dst, MAX_SEGMENT);
-        run.start(&large, &[0; MAX_SEGMENT]);
+        let large = datagram(client, dst, MAX_RUN_SEGMENT);
+        run.start(&large, &[0; MAX_RUN_SEGMENT]);
         while run.extends(&large) {
-            run.push(&[0; MAX_SEGMENT]);
+            run.push(&[0; MAX_RUN_SEGMENT]);
         }
-        assert_eq!(run.count, MAX_RUN_BYTES / (MAX_SEGMENT + UDP_HEADROOM));
-        assert_eq!(run.buf.len(), UDP_HEADROOM + run.count * MAX_SEGMENT);
+        assert_eq!(run.count, MAX_RUN_BYTES / (MAX_RUN_SEGMENT + UDP_HEADROOM));
+        assert_eq!(run.buf.len(), UDP_HEADROOM + run.count * MAX_RUN_SEGMENT);
     }
 }

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
@@ -36,6 +37,91 @@ pub const MAX_DATAGRAM: usize = 65_507;
 /// `UDP_SEGMENT`, or a device that cannot do it): runs then go one
 /// datagram at a time, as they would without it.
 static SEGMENTS_REFUSED: AtomicBool = AtomicBool::new(false);
+
+/// Most datagrams in one run sent with UDP segmentation offload: below
+/// the kernel's limit (64 segments before Linux 6.9, 128 since).
+pub const MAX_RUN_DATAGRAMS: usize = 32;
+/// Most bytes in one run, a SOCKS5 header per datagram included: one UDP
+/// datagram's worth.
+pub const MAX_RUN_BYTES: usize = 65_000;
+/// Larger datagrams are never gathered: they exceed any link's MTU, which
+/// a segment must not, and are too rare to be worth copying.
+pub const MAX_RUN_SEGMENT: usize = 9_000;
+
+/// Whether a datagram of `len` bytes may be part of a run.
+pub fn runnable(len: usize) -> bool {
+    len > 0 && len <= MAX_RUN_SEGMENT
+}
+
+/// Whether a run of `count` datagrams of `segment` bytes may take one more.
+pub fn run_has_room(count: usize, segment: usize) -> bool {
+    // Room for a SOCKS5 header in front of each, should they go there.
+    count < MAX_RUN_DATAGRAMS && (count + 1) * (segment + UDP_HEADROOM) <= MAX_RUN_BYTES
+}
+
+fn take_buffer() -> Box<[u8]> {
+    SPARE_BUFFERS
+        .take()
+        .unwrap_or_else(|| vec![0u8; RECV_BUF].into_boxed_slice())
+}
+
+/// Replies read back to back from one remote, all the same size.
+#[derive(Default)]
+struct ReplyRun {
+    from: Option<SocketAddr>,
+    segment: usize,
+    count: usize,
+    /// The payloads back to back in `buf[..len]`; taken on first use.
+    buf: Option<Box<[u8]>>,
+    len: usize,
+}
+
+impl ReplyRun {
+    fn extends(&self, from: SocketAddr, len: usize) -> bool {
+        self.count > 0
+            && self.from == Some(from)
+            && len == self.segment
+            && run_has_room(self.count, self.segment)
+    }
+
+    fn start(&mut self, from: SocketAddr, payload: &[u8]) {
+        self.from = Some(from);
+        self.segment = payload.len();
+        self.push(payload);
+    }
+
+    fn push(&mut self, payload: &[u8]) {
+        let buf = self.buf.get_or_insert_with(take_buffer);
+        buf[self.len..self.len + payload.len()].copy_from_slice(payload);
+        self.len += payload.len();
+        self.count += 1;
+    }
+
+    /// Sends the run to `client` and empties it, adding what was delivered.
+    async fn flush(&mut self, relay: &UdpRelay, client: SocketAddr, delivered: &mut (u64, u64)) {
+        let (Some(from), Some(buf)) = (self.from, &self.buf) else {
+            return;
+        };
+        if self.count == 0 {
+            return;
+        }
+        let payloads = &buf[..self.len];
+        let sent = relay
+            .replies
+            .send_run(from, client, payloads, self.segment, &relay.stats)
+            .await;
+        delivered.0 += (sent * self.segment).min(self.len) as u64;
+        delivered.1 += sent as u64;
+        self.len = 0;
+        self.count = 0;
+    }
+}
+
+fn refuse_segments(e: &io::Error) {
+    if !SEGMENTS_REFUSED.swap(true, Ordering::Relaxed) {
+        info!("UDP segmentation offload refused ({e}); sending datagrams one by one");
+    }
+}
 
 /// Datagrams queued for one session while its upstream is slow or still
 /// being set up (a SOCKS5 handshake); beyond that they are dropped and
@@ -205,6 +291,8 @@ pub struct UdpStats {
     pub datagrams_queued: AtomicU64,
     /// Datagrams that went upstream in runs, several per send call.
     pub datagrams_segmented: AtomicU64,
+    /// Replies that went to clients in runs.
+    pub replies_segmented: AtomicU64,
     pub replies_dropped_bind: AtomicU64,
 }
 
@@ -342,12 +430,7 @@ impl UdpRelay {
                             .fetch_add(count as u64, Ordering::Relaxed);
                         return shared.sent_up_many(bytes, count, dst);
                     }
-                    Err(e) if sys::segments_unsupported(&e) => {
-                        SEGMENTS_REFUSED.store(true, Ordering::Relaxed);
-                        info!(
-                            "UDP segmentation offload refused ({e}); sending datagrams one by one"
-                        );
-                    }
+                    Err(e) if sys::segments_unsupported(&e) => refuse_segments(&e),
                     // A full buffer, or a run this route cannot segment
                     // (a segment over its MTU): one by one, each datagram
                     // then queued or reported on its own.
@@ -372,6 +455,67 @@ impl UdpRelay {
             .map(|entry| Arc::clone(&entry.shared))?;
         let upstream = Arc::clone(shared.upstream.get()?);
         (shared.queued.load(Ordering::Acquire) == 0).then_some((upstream, shared))
+    }
+
+    /// Passes every reply waiting on the upstream to the client; returns
+    /// the bytes and datagrams delivered.
+    ///
+    /// Replies that arrive back to back from one remote with the same size
+    /// (a download) are gathered into runs and sent with UDP segmentation
+    /// offload, as the inbound does for uploads.
+    async fn forward_replies(
+        &self,
+        upstream: &UdpUpstream,
+        client: SocketAddr,
+        shared: &SessionShared,
+    ) -> (u64, u64) {
+        // The buffers live only while replies are waiting: an idle session
+        // (most of a full table, most of the time) holds none.
+        let mut buf = take_buffer();
+        let mut run = ReplyRun::default();
+        let mut delivered = (0u64, 0u64);
+        // The remote and size of the reply sent last on its own. A reply
+        // goes out at once unless it follows one like it: a lone answer
+        // (DNS, a game's tick) is never copied or held back, and a burst
+        // is gathered from its second datagram on.
+        let mut last_alone: Option<(SocketAddr, usize)> = None;
+        loop {
+            match upstream.try_recv(&mut buf) {
+                Ok(UdpRecv::Datagram { from, start, end }) => {
+                    shared.touch();
+                    let payload = &buf[start..end];
+                    if run.extends(from, payload.len()) {
+                        run.push(payload);
+                        continue;
+                    }
+                    run.flush(self, client, &mut delivered).await;
+                    if last_alone == Some((from, payload.len())) && runnable(payload.len()) {
+                        run.start(from, payload);
+                        last_alone = None;
+                        continue;
+                    }
+                    last_alone = Some((from, payload.len()));
+                    if self.replies.send(from, client, payload, &self.stats).await {
+                        delivered.0 += payload.len() as u64;
+                        delivered.1 += 1;
+                    }
+                }
+                Ok(UdpRecv::Dropped(reason)) => debug!(%client, "UDP reply dropped: {reason}"),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // ICMP errors surface here (ECONNREFUSED on a connected
+                // socket); the session goes on.
+                Err(e) => {
+                    debug!(%client, "UDP receive from upstream: {e}");
+                    break;
+                }
+            }
+        }
+        run.flush(self, client, &mut delivered).await;
+        if let Some(gathered) = run.buf.take() {
+            SPARE_BUFFERS.give_back(gathered);
+        }
+        SPARE_BUFFERS.give_back(buf);
+        delivered
     }
 
     fn warn_table_full(&self, client: SocketAddr) {
@@ -440,32 +584,12 @@ impl UdpRelay {
                                 debug!(%client, "UDP upstream socket: {e}");
                                 continue;
                             }
-                            // The buffer lives only while replies are
-                            // waiting: an idle session (most of a full
-                            // table, most of the time) holds none of it.
-                            let mut buf = SPARE_BUFFERS
-                                .take()
-                                .unwrap_or_else(|| vec![0u8; RECV_BUF].into_boxed_slice());
-                            loop {
-                                match upstream.try_recv(&mut buf) {
-                                    Ok(UdpRecv::Datagram { from, start, end }) => {
-                                        if self.replies.send(from, client, &buf[start..end], &self.stats).await {
-                                            down_bytes += (end - start) as u64;
-                                            down_n += 1;
-                                        }
-                                        shared.touch();
-                                    }
-                                    Ok(UdpRecv::Dropped(reason)) => debug!(%client, "UDP reply dropped: {reason}"),
-                                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                                    // ICMP errors surface here (ECONNREFUSED on
-                                    // a connected socket); the session goes on.
-                                    Err(e) => {
-                                        debug!(%client, "UDP receive from upstream: {e}");
-                                        break;
-                                    }
-                                }
-                            }
-                            SPARE_BUFFERS.give_back(buf);
+                            // Boxed: its buffers and sends exist only while
+                            // replies flow, not in every idle session's task.
+                            let (bytes, datagrams) =
+                                Box::pin(self.forward_replies(&upstream, client, &shared)).await;
+                            down_bytes += bytes;
+                            down_n += datagrams;
                         }
                         reason = upstream.closed() => {
                             info!(%client, "UDP session ended: {reason}");
@@ -642,6 +766,51 @@ impl ReplySockets {
                 false
             }
         }
+    }
+
+    /// Sends a run of replies from `from` to `client`: `payloads` holds
+    /// them back to back, `segment` bytes each (the last may be shorter).
+    /// One call with UDP segmentation offload where the kernel takes it,
+    /// else one by one. Returns how many were delivered.
+    pub async fn send_run(
+        &self,
+        from: SocketAddr,
+        client: SocketAddr,
+        payloads: &[u8],
+        segment: usize,
+        stats: &UdpStats,
+    ) -> usize {
+        let segment = segment.max(1);
+        let count = payloads.len().div_ceil(segment);
+        let segmentable = count > 1
+            && from.is_ipv4() == client.is_ipv4()
+            && !SEGMENTS_REFUSED.load(Ordering::Relaxed);
+        if let (true, Ok(segment_size)) = (segmentable, u16::try_from(segment)) {
+            if let Some(socket) = self.socket_for(from, stats) {
+                let sent = socket.try_io(Interest::WRITABLE, || {
+                    sys::send_segments(&*socket, payloads, segment_size, Some(client))
+                });
+                match sent {
+                    Ok(_) => {
+                        stats
+                            .replies_segmented
+                            .fetch_add(count as u64, Ordering::Relaxed);
+                        return count;
+                    }
+                    Err(e) if sys::segments_unsupported(&e) => refuse_segments(&e),
+                    // A full buffer (the sends below wait for room) or a
+                    // run this route cannot segment.
+                    Err(_) => {}
+                }
+            }
+        }
+        let mut delivered = 0;
+        for payload in payloads.chunks(segment) {
+            if self.send(from, client, payload, stats).await {
+                delivered += 1;
+            }
+        }
+        delivered
     }
 
     /// Closes sockets unused for `idle`; run periodically.
@@ -992,5 +1161,50 @@ mod tests {
         assert_eq!(stats.replies_dropped_bind.load(Ordering::Relaxed), 2);
         assert_eq!(replies.len(), 1, "the failed address holds no socket");
         assert_eq!(replies.expire(Duration::ZERO), 1, "idle sockets expire");
+    }
+
+    /// A run of replies reaches the client as its datagrams, in order and
+    /// from the remote's address, whether the kernel segments it (4 of 3
+    /// bytes) or refuses and it goes one by one (200 of 1 byte: more
+    /// segments than one call may carry). Needs CAP_NET_ADMIN.
+    #[tokio::test]
+    async fn reply_runs_arrive_as_their_datagrams_from_the_remote() {
+        if !nix::unistd::geteuid().is_root() {
+            assert!(std::env::var_os("CI").is_none(), "needs root under CI");
+            return;
+        }
+        let stats = UdpStats::default();
+        let replies = ReplySockets::new(4, 0);
+        let (client, client_addr) = loopback_sink();
+        socket2::SockRef::from(&client)
+            .set_recv_buffer_size(1 << 20)
+            .unwrap();
+        let remote: SocketAddr = "127.0.0.2:45054".parse().unwrap();
+        let mut buf = [0u8; 64];
+
+        // A fresh reply socket is not yet known to be writable, so its
+        // first run goes one by one; the next is segmented.
+        for segmented in [0, 4] {
+            let sent = replies
+                .send_run(remote, client_addr, b"aaabbbcccddd", 3, &stats)
+                .await;
+            assert_eq!(sent, 4);
+            for want in [b"aaa", b"bbb", b"ccc", b"ddd"] {
+                let (n, from) = client.recv_from(&mut buf).unwrap();
+                assert_eq!((&buf[..n], from), (&want[..], remote));
+            }
+            assert_eq!(stats.replies_segmented.load(Ordering::Relaxed), segmented);
+        }
+
+        let many: Vec<u8> = (0..200u32).map(|i| i as u8).collect();
+        let sent = replies
+            .send_run(remote, client_addr, &many, 1, &stats)
+            .await;
+        assert_eq!(sent, 200);
+        for i in 0..200u32 {
+            let (n, from) = client.recv_from(&mut buf).unwrap();
+            assert_eq!((&buf[..n], from), (&[i as u8][..], remote), "reply {i}");
+        }
+        assert_eq!(stats.replies_segmented.load(Ordering::Relaxed), 4);
     }
 }
