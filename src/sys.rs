@@ -442,9 +442,13 @@ impl Pipe {
 pub fn send_segments<S: AsFd>(
     socket: &S,
     payloads: &[u8],
-    segment: u16,
+    segment: usize,
     dst: Option<SocketAddr>,
 ) -> io::Result<usize> {
+    // The control message carries the size as 16 bits; a larger one
+    // could never fit a datagram anyway.
+    let segment = u16::try_from(segment)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "UDP segment over 64 KiB"))?;
     let iov = [io::IoSlice::new(payloads)];
     let cmsg = [ControlMessage::UdpGsoSegments(&segment)];
     let dst = dst.map(SockaddrStorage::from);

@@ -209,8 +209,6 @@ impl UdpUpstream {
                 (&assoc.socket, &scratch[..], header.len() + segment, None)
             }
         };
-        let segment = u16::try_from(segment)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "UDP segment over 64 KiB"))?;
         socket.try_io(Interest::WRITABLE, || {
             sys::send_segments(socket, run, segment, to)
         })?;

@@ -160,10 +160,10 @@ impl ReplySockets {
         let segmentable = count > 1
             && from.is_ipv4() == client.is_ipv4()
             && !SEGMENTS_REFUSED.load(Ordering::Relaxed);
-        if let (true, Ok(segment_size)) = (segmentable, u16::try_from(segment)) {
+        if segmentable {
             if let Some(socket) = self.socket_for(from, stats) {
                 let sent = socket.try_io(Interest::WRITABLE, || {
-                    sys::send_segments(&*socket, payloads, segment_size, Some(client))
+                    sys::send_segments(&*socket, payloads, segment, Some(client))
                 });
                 match sent {
                     Ok(_) => {
