@@ -18,8 +18,8 @@ use tokio::net::UdpSocket;
 use tracing::{debug, warn};
 
 use crate::outbound::UDP_HEADROOM;
-use crate::relay::udp::{run_has_room, runnable, UdpRelay, MAX_DATAGRAM};
-use crate::sys::{self, Datagram, RecvError};
+use crate::relay::udp::{runnable, Run, UdpRelay, MAX_DATAGRAM};
+use crate::sys::{self, RecvError};
 
 /// Reads until the task is dropped.
 pub async fn serve(socket: UdpSocket, relay: Arc<UdpRelay>) {
@@ -27,7 +27,7 @@ pub async fn serve(socket: UdpSocket, relay: Arc<UdpRelay>) {
     // something is wrong (it never is for UDP over IP, but we check).
     let mut buf = vec![0u8; UDP_HEADROOM + MAX_DATAGRAM + 1];
     let mut cmsg = [0u8; sys::CMSG_SPACE];
-    let mut run = Run::new();
+    let mut run = Run::new(UDP_HEADROOM);
     // Where a run through SOCKS5 is laid out again with its headers.
     let mut scratch = Vec::new();
     let mut last_warning: Option<Instant> = None;
@@ -43,7 +43,7 @@ pub async fn serve(socket: UdpSocket, relay: Arc<UdpRelay>) {
         } else {
             match socket.try_io(Interest::READABLE, || recv(&mut buf[UDP_HEADROOM..])) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    run.flush(&relay, &mut scratch);
+                    flush(&mut run, &relay, &mut scratch);
                     // try_io spends no task budget: give other tasks (the
                     // replies, TCP flows) their turn between runs.
                     tokio::task::consume_budget().await;
@@ -55,13 +55,13 @@ pub async fn serve(socket: UdpSocket, relay: Arc<UdpRelay>) {
         match got {
             Ok(Ok(d)) => {
                 let payload = &buf[UDP_HEADROOM..UDP_HEADROOM + d.len];
-                if run.extends(&d) {
+                if run.extends((d.src, d.orig_dst), d.len) {
                     run.push(payload);
                     continue;
                 }
-                run.flush(&relay, &mut scratch);
+                flush(&mut run, &relay, &mut scratch);
                 if runnable(d.len) {
-                    run.start(&d, payload);
+                    run.start((d.src, d.orig_dst), payload);
                 } else {
                     relay.dispatch(d.src, d.orig_dst, &mut buf[..UDP_HEADROOM + d.len]);
                 }
@@ -74,7 +74,7 @@ pub async fn serve(socket: UdpSocket, relay: Arc<UdpRelay>) {
             }
             Ok(Err(e)) => debug!("UDP datagram dropped: {e}"),
             Err(e) => {
-                run.flush(&relay, &mut scratch);
+                flush(&mut run, &relay, &mut scratch);
                 // ICMP errors queued on the socket and the like: not fatal.
                 if e.kind() != io::ErrorKind::Interrupted {
                     debug!("UDP receive: {e}");
@@ -85,117 +85,15 @@ pub async fn serve(socket: UdpSocket, relay: Arc<UdpRelay>) {
     }
 }
 
-/// Datagrams read back to back from one client to one destination, all
-/// the same size, not yet handed on.
-struct Run {
-    client: SocketAddr,
-    dst: SocketAddr,
-    segment: usize,
-    count: usize,
-    /// `UDP_HEADROOM` bytes, then the payloads one after another.
-    buf: Vec<u8>,
-}
-
-impl Run {
-    fn new() -> Self {
-        let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
-        Run {
-            client: unspecified,
-            dst: unspecified,
-            segment: 0,
-            count: 0,
-            buf: vec![0; UDP_HEADROOM],
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.count == 0
-    }
-
-    /// Whether `d` may join this run.
-    fn extends(&self, d: &Datagram) -> bool {
-        self.count > 0
-            && d.src == self.client
-            && d.orig_dst == self.dst
-            && d.len == self.segment
-            && run_has_room(self.count, self.segment)
-    }
-
-    fn start(&mut self, d: &Datagram, payload: &[u8]) {
-        self.client = d.src;
-        self.dst = d.orig_dst;
-        self.segment = d.len;
-        self.push(payload);
-    }
-
-    fn push(&mut self, payload: &[u8]) {
-        self.buf.extend_from_slice(payload);
-        self.count += 1;
-    }
-
-    fn flush(&mut self, relay: &Arc<UdpRelay>, scratch: &mut Vec<u8>) {
-        if self.count == 0 {
-            return;
-        }
-        if self.count == 1 {
-            relay.dispatch(self.client, self.dst, &mut self.buf);
+/// Sends on what the run gathered: a lone datagram as it is, several in
+/// one call.
+fn flush(run: &mut Run<(SocketAddr, SocketAddr)>, relay: &Arc<UdpRelay>, scratch: &mut Vec<u8>) {
+    if let Some(((client, dst), segment, count, buf)) = run.parts() {
+        if count == 1 {
+            relay.dispatch(client, dst, buf);
         } else {
-            relay.dispatch_run(self.client, self.dst, &mut self.buf, self.segment, scratch);
-        }
-        self.buf.truncate(UDP_HEADROOM);
-        self.count = 0;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::relay::udp::{MAX_RUN_BYTES, MAX_RUN_DATAGRAMS, MAX_RUN_SEGMENT};
-
-    fn datagram(src: &str, dst: &str, len: usize) -> Datagram {
-        Datagram {
-            len,
-            src: src.parse().unwrap(),
-            orig_dst: dst.parse().unwrap(),
+            relay.dispatch_run(client, dst, buf, segment, scratch);
         }
     }
-
-    #[test]
-    fn a_run_takes_only_same_size_datagrams_of_one_client_to_one_destination() {
-        let (client, dst) = ("192.0.2.2:5000", "198.51.100.10:443");
-        let mut run = Run::new();
-        let first = datagram(client, dst, 1200);
-        assert!(
-            !run.extends(&first),
-            "an empty run starts, it is not extended"
-        );
-        run.start(&first, &[1; 1200]);
-        assert!(run.extends(&datagram(client, dst, 1200)));
-        assert!(!run.extends(&datagram("192.0.2.2:5001", dst, 1200)));
-        assert!(!run.extends(&datagram(client, "198.51.100.10:444", 1200)));
-        assert!(!run.extends(&datagram(client, dst, 1199)));
-        assert!(!run.extends(&datagram(client, dst, 1201)));
-    }
-
-    #[test]
-    fn a_run_stops_at_the_kernels_limits() {
-        let (client, dst) = ("192.0.2.2:5000", "198.51.100.10:443");
-        // Small datagrams: the segment count is the limit.
-        let mut run = Run::new();
-        let small = datagram(client, dst, 100);
-        run.start(&small, &[0; 100]);
-        while run.extends(&small) {
-            run.push(&[0; 100]);
-        }
-        assert_eq!(run.count, MAX_RUN_DATAGRAMS);
-        // Large ones: the bytes, SOCKS5 headers counted, are.
-        let mut run = Run::new();
-        let large = datagram(client, dst, MAX_RUN_SEGMENT);
-        run.start(&large, &[0; MAX_RUN_SEGMENT]);
-        while run.extends(&large) {
-            run.push(&[0; MAX_RUN_SEGMENT]);
-        }
-        assert_eq!(run.count, MAX_RUN_BYTES / (MAX_RUN_SEGMENT + UDP_HEADROOM));
-        assert_eq!(run.buf.len(), UDP_HEADROOM + run.count * MAX_RUN_SEGMENT);
-    }
+    run.clear();
 }

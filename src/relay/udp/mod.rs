@@ -32,8 +32,8 @@ mod replies;
 mod runs;
 
 pub use replies::ReplySockets;
-use runs::{refuse_segments, ReplyRun, SEGMENTS_REFUSED};
-pub use runs::{run_has_room, runnable, MAX_RUN_BYTES, MAX_RUN_DATAGRAMS, MAX_RUN_SEGMENT};
+use runs::{refuse_segments, SEGMENTS_REFUSED};
+pub use runs::{runnable, Run};
 
 /// Largest UDP payload (65535 − 8 UDP − 20 IPv4 header).
 pub const MAX_DATAGRAM: usize = 65_507;
@@ -394,7 +394,7 @@ impl UdpRelay {
         // The buffers live only while replies are waiting: an idle session
         // (most of a full table, most of the time) holds none.
         let mut buf = take_buffer();
-        let mut run = ReplyRun::default();
+        let mut run = Run::new(0);
         let mut delivered = (0u64, 0u64);
         // The remote and size of the reply sent last on its own. A reply
         // goes out at once unless it follows one like it: a lone answer
@@ -410,7 +410,7 @@ impl UdpRelay {
                         run.push(payload);
                         continue;
                     }
-                    run.flush(self, client, &mut delivered).await;
+                    self.send_replies(&mut run, client, &mut delivered).await;
                     if last_alone == Some((from, payload.len())) && runnable(payload.len()) {
                         run.start(from, payload);
                         last_alone = None;
@@ -432,10 +432,28 @@ impl UdpRelay {
                 }
             }
         }
-        run.flush(self, client, &mut delivered).await;
-        run.release();
+        self.send_replies(&mut run, client, &mut delivered).await;
         SPARE_BUFFERS.give_back(buf);
         delivered
+    }
+
+    /// Sends a run of replies to `client` and empties it, adding what was
+    /// delivered (bytes, datagrams).
+    async fn send_replies(
+        &self,
+        run: &mut Run<SocketAddr>,
+        client: SocketAddr,
+        delivered: &mut (u64, u64),
+    ) {
+        if let Some((from, segment, _, payloads)) = run.parts() {
+            let sent = self
+                .replies
+                .send_run(from, client, payloads, segment, &self.stats)
+                .await;
+            delivered.0 += (sent * segment).min(payloads.len()) as u64;
+            delivered.1 += sent as u64;
+        }
+        run.clear();
     }
 
     fn warn_table_full(&self, client: SocketAddr) {

@@ -4,12 +4,10 @@
 //! instead of once per datagram; the receiver sees the same datagrams.
 
 use std::io;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracing::info;
 
-use super::{take_buffer, UdpRelay, SPARE_BUFFERS};
 use crate::outbound::UDP_HEADROOM;
 
 /// Set once the kernel refused UDP segmentation outright (no
@@ -33,71 +31,78 @@ pub fn runnable(len: usize) -> bool {
 }
 
 /// Whether a run of `count` datagrams of `segment` bytes may take one more.
-pub fn run_has_room(count: usize, segment: usize) -> bool {
+fn run_has_room(count: usize, segment: usize) -> bool {
     // Room for a SOCKS5 header in front of each, should they go there.
     count < MAX_RUN_DATAGRAMS && (count + 1) * (segment + UDP_HEADROOM) <= MAX_RUN_BYTES
 }
 
-/// Replies read back to back from one remote, all the same size.
-#[derive(Default)]
-pub(super) struct ReplyRun {
-    from: Option<SocketAddr>,
+/// Datagrams read back to back between the same two ends (`K`: client
+/// and destination on the way up, the remote on the way back), all the
+/// same size, not yet sent on. The inbound and the reply path both gather
+/// them here.
+pub struct Run<K> {
+    key: Option<K>,
     segment: usize,
     count: usize,
-    /// The payloads back to back in `buf[..len]`; taken on first use.
-    buf: Option<Box<[u8]>>,
-    len: usize,
+    headroom: usize,
+    /// `headroom` bytes, then the payloads back to back; allocated by the
+    /// first datagram and kept for the next run.
+    buf: Vec<u8>,
 }
 
-impl ReplyRun {
-    pub(super) fn extends(&self, from: SocketAddr, len: usize) -> bool {
+impl<K: Copy + PartialEq> Run<K> {
+    /// An empty run whose buffer keeps `headroom` bytes in front of the
+    /// payloads (the inbound's room for a SOCKS5 header).
+    pub fn new(headroom: usize) -> Self {
+        Run {
+            key: None,
+            segment: 0,
+            count: 0,
+            headroom,
+            buf: Vec::new(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Whether a datagram of `len` bytes between `key` may join this run.
+    pub fn extends(&self, key: K, len: usize) -> bool {
         self.count > 0
-            && self.from == Some(from)
+            && self.key == Some(key)
             && len == self.segment
             && run_has_room(self.count, self.segment)
     }
 
-    pub(super) fn start(&mut self, from: SocketAddr, payload: &[u8]) {
-        self.from = Some(from);
+    /// Starts a run with its first datagram; the run must be empty.
+    pub fn start(&mut self, key: K, payload: &[u8]) {
+        self.key = Some(key);
         self.segment = payload.len();
         self.push(payload);
     }
 
-    pub(super) fn push(&mut self, payload: &[u8]) {
-        let buf = self.buf.get_or_insert_with(take_buffer);
-        buf[self.len..self.len + payload.len()].copy_from_slice(payload);
-        self.len += payload.len();
+    /// Adds a datagram that [`extends`](Self::extends) the run.
+    pub fn push(&mut self, payload: &[u8]) {
+        if self.buf.is_empty() {
+            self.buf.reserve(self.headroom + MAX_RUN_BYTES);
+            self.buf.resize(self.headroom, 0);
+        }
+        self.buf.extend_from_slice(payload);
         self.count += 1;
     }
 
-    /// Returns the run's buffer to the pool.
-    pub(super) fn release(mut self) {
-        if let Some(buf) = self.buf.take() {
-            SPARE_BUFFERS.give_back(buf);
-        }
+    /// What the run holds, unless it is empty: its ends, the size of each
+    /// datagram, how many there are, and the buffer (`headroom` bytes,
+    /// then the payloads). [`clear`](Self::clear) it once sent.
+    pub fn parts(&mut self) -> Option<(K, usize, usize, &mut [u8])> {
+        let key = self.key.filter(|_| self.count > 0)?;
+        Some((key, self.segment, self.count, &mut self.buf[..]))
     }
 
-    /// Sends the run to `client` and empties it, adding what was delivered.
-    pub(super) async fn flush(
-        &mut self,
-        relay: &UdpRelay,
-        client: SocketAddr,
-        delivered: &mut (u64, u64),
-    ) {
-        let (Some(from), Some(buf)) = (self.from, &self.buf) else {
-            return;
-        };
-        if self.count == 0 {
-            return;
-        }
-        let payloads = &buf[..self.len];
-        let sent = relay
-            .replies
-            .send_run(from, client, payloads, self.segment, &relay.stats)
-            .await;
-        delivered.0 += (sent * self.segment).min(self.len) as u64;
-        delivered.1 += sent as u64;
-        self.len = 0;
+    /// Empties the run, keeping its buffer.
+    pub fn clear(&mut self) {
+        self.buf.truncate(self.headroom);
         self.count = 0;
     }
 }
@@ -105,5 +110,70 @@ impl ReplyRun {
 pub(super) fn refuse_segments(e: &io::Error) {
     if !SEGMENTS_REFUSED.swap(true, Ordering::Relaxed) {
         info!("UDP segmentation offload refused ({e}); sending datagrams one by one");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    fn ends(client: &str, dst: &str) -> (SocketAddr, SocketAddr) {
+        (client.parse().unwrap(), dst.parse().unwrap())
+    }
+
+    #[test]
+    fn a_run_takes_only_same_size_datagrams_between_the_same_ends() {
+        let key = ends("192.0.2.2:5000", "198.51.100.10:443");
+        let mut run = Run::new(UDP_HEADROOM);
+        assert!(
+            !run.extends(key, 1200),
+            "an empty run starts, it is not extended"
+        );
+        run.start(key, &[1; 1200]);
+        assert!(run.extends(key, 1200));
+        assert!(!run.extends(ends("192.0.2.2:5001", "198.51.100.10:443"), 1200));
+        assert!(!run.extends(ends("192.0.2.2:5000", "198.51.100.10:444"), 1200));
+        assert!(!run.extends(key, 1199));
+        assert!(!run.extends(key, 1201));
+    }
+
+    #[test]
+    fn a_run_stops_at_the_kernels_limits() {
+        let key = ends("192.0.2.2:5000", "198.51.100.10:443");
+        // Small datagrams: the segment count is the limit.
+        let mut run = Run::new(UDP_HEADROOM);
+        run.start(key, &[0; 100]);
+        while run.extends(key, 100) {
+            run.push(&[0; 100]);
+        }
+        let (_, _, count, _) = run.parts().unwrap();
+        assert_eq!(count, MAX_RUN_DATAGRAMS);
+        // Large ones: the bytes, SOCKS5 headers counted, are.
+        let mut run = Run::new(UDP_HEADROOM);
+        run.start(key, &[0; MAX_RUN_SEGMENT]);
+        while run.extends(key, MAX_RUN_SEGMENT) {
+            run.push(&[0; MAX_RUN_SEGMENT]);
+        }
+        let (_, _, count, buf) = run.parts().unwrap();
+        assert_eq!(count, MAX_RUN_BYTES / (MAX_RUN_SEGMENT + UDP_HEADROOM));
+        assert_eq!(buf.len(), UDP_HEADROOM + count * MAX_RUN_SEGMENT);
+    }
+
+    #[test]
+    fn a_cleared_run_is_empty_and_keeps_its_headroom() {
+        let key = ends("192.0.2.2:5000", "198.51.100.10:443");
+        let mut run = Run::new(UDP_HEADROOM);
+        assert!(run.parts().is_none());
+        run.start(key, b"abcd");
+        run.push(b"efgh");
+        let (got_key, segment, count, buf) = run.parts().unwrap();
+        assert_eq!((got_key, segment, count), (key, 4, 2));
+        assert_eq!(&buf[UDP_HEADROOM..], b"abcdefgh");
+        run.clear();
+        assert!(run.is_empty() && run.parts().is_none());
+        run.start(key, b"ij");
+        let (_, segment, count, buf) = run.parts().unwrap();
+        assert_eq!((segment, count, buf.len()), (2, 1, UDP_HEADROOM + 2));
     }
 }
