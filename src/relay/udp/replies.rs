@@ -263,22 +263,35 @@ mod tests {
         });
     }
 
-    /// Replies leave from the remote's own address; an address a local
-    /// service holds (EADDRINUSE) costs that reply, with a count and a
-    /// warning, never the process. Needs CAP_NET_ADMIN for IP_TRANSPARENT.
-    #[tokio::test]
-    async fn reply_sockets_send_from_the_remote_and_survive_eaddrinuse() {
+    /// Reply sockets (they need CAP_NET_ADMIN for IP_TRANSPARENT; without
+    /// it the test is skipped, except under CI where that fails), and a
+    /// loopback client that waits up to 2 s for each reply.
+    fn reply_bed() -> Option<(UdpStats, ReplySockets, std::net::UdpSocket, SocketAddr)> {
         if !nix::unistd::geteuid().is_root() {
             assert!(std::env::var_os("CI").is_none(), "needs root under CI");
-            return;
+            return None;
         }
-        let stats = UdpStats::default();
-        let replies = ReplySockets::new(4, 0);
         let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         client
             .set_read_timeout(Some(Duration::from_secs(2)))
             .unwrap();
         let client_addr = client.local_addr().unwrap();
+        Some((
+            UdpStats::default(),
+            ReplySockets::new(4, 0),
+            client,
+            client_addr,
+        ))
+    }
+
+    /// Replies leave from the remote's own address; an address a local
+    /// service holds (EADDRINUSE) costs that reply, with a count and a
+    /// warning, never the process. Needs CAP_NET_ADMIN for IP_TRANSPARENT.
+    #[tokio::test]
+    async fn reply_sockets_send_from_the_remote_and_survive_eaddrinuse() {
+        let Some((stats, replies, client, client_addr)) = reply_bed() else {
+            return;
+        };
 
         // 127.0.0.2 is loopback too: stands in for a remote host.
         let remote: SocketAddr = "127.0.0.2:45053".parse().unwrap();
@@ -308,17 +321,9 @@ mod tests {
     /// segments than one call may carry). Needs CAP_NET_ADMIN.
     #[tokio::test]
     async fn reply_runs_arrive_as_their_datagrams_from_the_remote() {
-        if !nix::unistd::geteuid().is_root() {
-            assert!(std::env::var_os("CI").is_none(), "needs root under CI");
+        let Some((stats, replies, client, client_addr)) = reply_bed() else {
             return;
-        }
-        let stats = UdpStats::default();
-        let replies = ReplySockets::new(4, 0);
-        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        client
-            .set_read_timeout(Some(Duration::from_secs(2)))
-            .unwrap();
-        let client_addr = client.local_addr().unwrap();
+        };
         socket2::SockRef::from(&client)
             .set_recv_buffer_size(1 << 20)
             .unwrap();
