@@ -616,6 +616,27 @@ mod tests {
         (sink, addr)
     }
 
+    /// Receives datagrams numbered 0 to `count` - 1 (big-endian u32), each
+    /// whole and in order.
+    fn expect_numbered(sink: &std::net::UdpSocket, count: u32) {
+        let mut buf = [0u8; 16];
+        for i in 0..count {
+            let n = sink.recv(&mut buf).unwrap();
+            assert_eq!(
+                &buf[..n],
+                &i.to_be_bytes(),
+                "datagram {i} lost or out of order"
+            );
+        }
+    }
+
+    /// Lets the sessions' tasks run for a moment, so a test's datagrams
+    /// take both paths: queued while a session opens, then direct.
+    async fn let_sessions_run() {
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+
     /// A payload behind the headroom the inbound leaves in front of it.
     fn framed(payload: &[u8]) -> Vec<u8> {
         let mut buf = vec![0u8; UDP_HEADROOM];
@@ -650,16 +671,10 @@ mod tests {
         for i in 0..200u32 {
             relay.dispatch(client, dst, &mut framed(&i.to_be_bytes()));
             if i % 20 == 0 {
-                // Let the session's task run, so both paths are taken.
-                tokio::task::yield_now().await;
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                let_sessions_run().await;
             }
         }
-        let mut buf = [0u8; 16];
-        for i in 0..200u32 {
-            let n = sink.recv(&mut buf).unwrap();
-            assert_eq!(&buf[..n], &i.to_be_bytes(), "datagram {i} out of order");
-        }
+        expect_numbered(&sink, 200);
         let queued = relay.stats.datagrams_queued.load(Ordering::Relaxed);
         assert!(
             queued > 0 && queued < 200,
@@ -688,15 +703,10 @@ mod tests {
             }
             relay.dispatch_run(client, dst, &mut run, 4, &mut scratch);
             if first % 40 == 0 {
-                tokio::task::yield_now().await;
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                let_sessions_run().await;
             }
         }
-        let mut buf = [0u8; 64];
-        for i in 0..200u32 {
-            let n = sink.recv(&mut buf).unwrap();
-            assert_eq!(&buf[..n], &i.to_be_bytes(), "datagram {i}");
-        }
+        expect_numbered(&sink, 200);
         let segmented = relay.stats.datagrams_segmented.load(Ordering::Relaxed);
         assert!(
             segmented > 0 && segmented % 4 == 0 && segmented < 200,
@@ -735,10 +745,7 @@ mod tests {
             run.extend_from_slice(&i.to_be_bytes());
         }
         relay.dispatch_run(client, dst, &mut run, 4, &mut Vec::new());
-        for i in 0..200u32 {
-            let n = sink.recv(&mut buf).unwrap();
-            assert_eq!(&buf[..n], &i.to_be_bytes(), "datagram {i}");
-        }
+        expect_numbered(&sink, 200);
         assert_eq!(relay.stats.datagrams_segmented.load(Ordering::Relaxed), 0);
         assert!(
             !SEGMENTS_REFUSED.load(Ordering::Relaxed),
