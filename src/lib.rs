@@ -16,6 +16,7 @@ pub mod config;
 pub mod firewall;
 pub mod inbound;
 pub mod outbound;
+pub mod ratelimit;
 pub mod relay;
 pub mod route;
 pub mod server;

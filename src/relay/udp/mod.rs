@@ -593,11 +593,15 @@ mod tests {
             tcp_idle: Duration::from_secs(1),
             udp_idle,
             udp_dns_idle: Duration::from_secs(10),
+            udp_unreplied: Duration::from_secs(10),
         };
         let limits = Limits {
             udp_sessions: limit,
+            udp_sessions_per_client: limit,
             udp_reply_sockets: 4,
             threads: 1,
+            tcp_flows: 16,
+            tcp_connecting_per_client: 16,
         };
         let outbound = Outbound::Direct {
             mark: 0,
