@@ -296,11 +296,12 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
-    #[error("{path}: {source}")]
-    Parse {
-        path: String,
-        source: Box<toml::de::Error>,
-    },
+    #[error("{path} is larger than {max} bytes; that is not a tproxyd config file")]
+    TooLarge { path: String, max: u64 },
+    /// `message` is the parser's, with the values of secret keys redacted:
+    /// it quotes the offending line, which may be the password's.
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
     #[error("{}", .0.iter().map(|i| i.to_string()).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<ConfigIssue>),
 }
@@ -309,15 +310,35 @@ impl RawConfig {
     pub fn from_toml(text: &str, path: &str) -> Result<Self, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_string(),
-            source: Box::new(e),
+            message: redact_secrets(e.to_string(), text),
         })
     }
 
+    /// Reads and parses `path`. A file past [`MAX_CONFIG_BYTES`] is refused
+    /// after reading that much: `-c /dev/zero` must not read forever.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        use std::io::Read as _;
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let read_error = |source| ConfigError::Read {
             path: shown.clone(),
             source,
+        };
+        let file = std::fs::File::open(path).map_err(read_error)?;
+        let mut bytes = Vec::new();
+        file.take(MAX_CONFIG_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(read_error)?;
+        if bytes.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(ConfigError::TooLarge {
+                path: shown,
+                max: MAX_CONFIG_BYTES,
+            });
+        }
+        let text = String::from_utf8(bytes).map_err(|e| {
+            read_error(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not UTF-8 text ({e})"),
+            ))
         })?;
         Self::from_toml(&text, &shown)
     }
@@ -338,6 +359,19 @@ impl RawConfig {
                 issue(
                     "listen",
                     "port 0 is not a fixed port the firewall rules could point at".into(),
+                );
+                None
+            }
+            Ok(SocketAddr::V6(a)) if a.ip().to_ipv4_mapped().is_some() => {
+                issue(
+                    "listen",
+                    format!(
+                        "{a} is an IPv4 address in IPv6 form; write it as IPv4 ({}:{})",
+                        a.ip()
+                            .to_ipv4_mapped()
+                            .map_or(String::new(), |v4| v4.to_string()),
+                        a.port()
+                    ),
                 );
                 None
             }
@@ -509,6 +543,25 @@ impl RawConfig {
         }
 
         let firewall = self.firewall.validate(mark, mode, tcp, udp, &mut issue);
+        // REDIRECT rewrites the destination to the address of the interface
+        // the packet came in on: only a wildcard listener is found there.
+        if let Some(a) = listen {
+            if mode == Mode::Redirect
+                && firewall.backend != Backend::None
+                && !a.ip().is_unspecified()
+            {
+                issue(
+                    "listen",
+                    format!(
+                        "mode \"redirect\" needs a wildcard listener (\"[::]:{p}\" or \"0.0.0.0:{p}\"): \
+                         REDIRECT sends each flow to the address of the interface it came in on, \
+                         so a listener on {ip} would never see it",
+                        p = a.port(),
+                        ip = a.ip()
+                    ),
+                );
+            }
+        }
 
         match (listen, outbound) {
             (Some(listen), Some(outbound)) if issues.is_empty() => Ok(Config {
@@ -525,6 +578,34 @@ impl RawConfig {
             _ => Err(ConfigError::Invalid(issues)),
         }
     }
+}
+
+/// A config file is a few kilobytes; anything past this is not one.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Keys whose values must never appear in an error message.
+const SECRET_KEYS: [&str; 1] = ["password"];
+
+/// Replaces, in a parser message, the value of every secret key the file
+/// assigns: the parser quotes the line it stopped at, and that may be the
+/// password's own (an unterminated string, say).
+fn redact_secrets(mut message: String, text: &str) -> String {
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        let key = key
+            .trim()
+            .rsplit('.')
+            .next()
+            .unwrap_or("")
+            .trim_matches('"');
+        let value = value.trim();
+        if SECRET_KEYS.contains(&key) && !value.is_empty() {
+            message = message.replace(value, "<redacted>");
+        }
+    }
+    message
 }
 
 /// Interface names go into rule text: allow only what real names use
@@ -879,6 +960,73 @@ mod tests {
     }
 
     #[test]
+    fn a_parse_error_on_the_password_line_does_not_show_the_password() {
+        let text = "[outbound]\ntype = \"socks5\"\nserver = \"203.0.113.2:1080\"\nusername = \"u\"\npassword = \"hunter2-secret\n";
+        let err = RawConfig::from_toml(text, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(
+            err.contains("<redacted>") && err.contains("line 5"),
+            "{err}"
+        );
+        // A type error quotes the value too.
+        let err = RawConfig::from_toml("[outbound]\npassword = 12345678\n", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("12345678"), "{err}");
+    }
+
+    #[test]
+    fn a_file_past_the_size_cap_is_refused_without_reading_it_all() {
+        // /dev/zero never ends: reading it whole would never return.
+        match RawConfig::load(Path::new("/dev/zero")) {
+            Err(ConfigError::TooLarge { max, .. }) => assert_eq!(max, MAX_CONFIG_BYTES),
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn timeouts_and_counts_past_their_bounds_are_refused() {
+        let issues = issues_of(
+            "[outbound]\ntype = \"direct\"\n[timeouts]\nudp_dns_idle = 18446744073709551615\n\
+             [limits]\nthreads = 100000\nudp_sessions = 100\nudp_sessions_per_client = 200\n",
+        );
+        let keys: Vec<_> = issues.iter().map(|i| i.key).collect();
+        assert_eq!(
+            keys,
+            [
+                "timeouts.udp_dns_idle",
+                "limits.udp_sessions_per_client",
+                "limits.threads"
+            ],
+            "{issues:?}"
+        );
+    }
+
+    #[test]
+    fn listen_addresses_redirect_cannot_reach_are_refused() {
+        let issues = fw_issues_top(
+            "mode = \"redirect\"\nlisten = \"127.0.0.1:1090\"\n",
+            "lan_interfaces = [\"eth1\"]",
+        );
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert_eq!(issues[0].key, "listen");
+        assert!(issues[0].message.contains("wildcard"), "{issues:?}");
+        assert!(fw_issues_top(
+            "mode = \"redirect\"\nlisten = \"0.0.0.0:1090\"\n",
+            "lan_interfaces = [\"eth1\"]"
+        )
+        .is_empty());
+        let issues = fw_issues_top(
+            "listen = \"[::ffff:127.0.0.1]:1090\"\n",
+            "backend = \"none\"",
+        );
+        assert_eq!(issues[0].key, "listen");
+        assert!(issues[0].message.contains("127.0.0.1:1090"), "{issues:?}");
+    }
+
+    #[test]
     fn password_from_environment() {
         let raw = RawConfig::from_toml(
             &no_fw("[outbound]\ntype=\"socks5\"\nserver=\"[2001:db8::1]:1080\"\nusername=\"u\"\npassword_env=\"PW\"\n"),
@@ -930,7 +1078,11 @@ mod tests {
     }
 
     fn fw_issues(fw: &str) -> Vec<ConfigIssue> {
-        let text = format!("[outbound]\ntype = \"direct\"\n[firewall]\n{fw}");
+        fw_issues_top("", fw)
+    }
+
+    fn fw_issues_top(top: &str, fw: &str) -> Vec<ConfigIssue> {
+        let text = format!("{top}[outbound]\ntype = \"direct\"\n[firewall]\n{fw}");
         match RawConfig::from_toml(&text, "t").unwrap().validate(&no_env) {
             Err(ConfigError::Invalid(v)) => v,
             Ok(_) => vec![],

@@ -88,8 +88,9 @@ struct RunArgs {
     /// SOCKS5 password; prefer the environment variable so it stays out of `ps`.
     #[arg(long, env = "TPROXYD_PASSWORD", hide_env_values = true)]
     password: Option<String>,
-    /// SO_MARK on tproxyd's own sockets; the firewall rules must skip it.
-    #[arg(long, value_name = "N")]
+    /// SO_MARK on tproxyd's own sockets (decimal or 0x hex); the firewall
+    /// rules must skip it.
+    #[arg(long, value_name = "N", value_parser = parse_mark)]
     mark: Option<u32>,
     /// Serve TCP only.
     #[arg(long, conflicts_with = "udp_only")]
@@ -182,6 +183,16 @@ impl RunArgs {
     }
 }
 
+/// A mark as iptables and the README write them: decimal or `0x` hex.
+fn parse_mark(text: &str) -> Result<u32, String> {
+    let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    parsed
+        .map_err(|_| format!("{text:?} is not a 32-bit mark (decimal like 255, or hex like 0xff)"))
+}
+
 fn env_var(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
@@ -237,19 +248,30 @@ fn init_logging(verbose: bool) {
         .init();
 }
 
-async fn shutdown_signal() {
+/// Waits for SIGTERM or SIGINT (Ctrl-C). SIGHUP is caught and logged:
+/// its default action would kill tproxyd without removing its rules, and
+/// with nftables captured traffic would then leak out directly.
+///
+/// The handlers are installed when this is called, not when the future is
+/// first polled, so that no signal in between can kill tproxyd with its
+/// rules in place. Must be called inside the runtime.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
+    let mut term = signal(SignalKind::terminate()).context("cannot catch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot catch SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot catch SIGHUP")?;
+    Ok(async move {
+        loop {
             tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => return,
+                _ = int.recv() => return,
+                _ = hup.recv() => tracing::warn!(
+                    "SIGHUP received: reloading the configuration is not supported yet; tproxyd \
+                     keeps running unchanged (restart it to apply a new configuration)"
+                ),
             }
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+    })
 }
 
 /// The relay's runtime: a pool of `threads` workers (one worker measured
@@ -279,13 +301,15 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     // Listeners first: rules must never point at a port nobody serves.
     let server = Server::bind(cfg)?;
     runtime(threads)?.block_on(async {
+        let stop = stop_signal()?;
         firewall::apply(&plan)
             .await
             .context("cannot install the firewall rules")?;
         if plan.backend != Backend::None {
             tracing::info!(backend = %plan.backend, "firewall rules and policy routes installed");
         }
-        let served = server.run(shutdown_signal()).await;
+        log_capture_caveats(&plan, server.config().listen);
+        let served = server.run(stop).await;
         if fail_closed {
             tracing::info!("fail_closed: rules kept; captured traffic is dropped until tproxyd runs again or `tproxyd rules remove`");
         } else {
@@ -300,6 +324,36 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// What the administrator must know about what is (not) captured: one
+/// line each, at start.
+fn log_capture_caveats(plan: &Plan, listen: std::net::SocketAddr) {
+    let target = firewall::nft::tproxy_target(plan.serves, plan.listen_port);
+    if plan.backend == Backend::None {
+        if plan.mode == Mode::Tproxy {
+            tracing::info!(
+                "firewall none: your TPROXY rules must point at this listener (nft: `{target}`)"
+            );
+        }
+        return;
+    }
+    if let Some(family) = plan.serves.missing_family() {
+        tracing::warn!(
+            "listen {listen} serves one family only: {family} flows are not captured and go out directly; listen on [::]:{} to capture IPv4 and IPv6",
+            plan.listen_port
+        );
+    }
+    if plan.mode == Mode::Tproxy && !plan.fail_closed {
+        match plan.backend {
+            Backend::Nftables => tracing::info!(
+                "fail open: should tproxyd die without removing its rules (kill -9, a crash), captured traffic goes out directly until they are removed; set firewall.fail_closed = true to drop it instead"
+            ),
+            _ => tracing::info!(
+                "fail closed by nature: with the iptables backend, captured traffic is dropped whenever tproxyd is not running and its rules remain (`tproxyd rules remove` lifts them)"
+            ),
+        }
+    }
 }
 
 fn rules(action: RulesAction, args: RunArgs) -> anyhow::Result<ExitCode> {

@@ -26,10 +26,20 @@ use crate::sys;
 pub enum StartError {
     #[error(
         "tproxyd needs CAP_NET_ADMIN: it sets IP_TRANSPARENT on its listeners and SO_MARK on \
-         its outbound sockets (the mark is what keeps it from capturing its own traffic). Run it \
-         as root, or grant the capability: setcap cap_net_admin+ep $(command -v tproxyd)"
+         its outbound sockets (the mark is what keeps it from capturing its own traffic); with \
+         UDP it needs CAP_NET_BIND_SERVICE too (replies leave from ports like 53). Run it as \
+         root, or grant both: setcap cap_net_admin,cap_net_bind_service+ep $(command -v tproxyd)"
     )]
     MissingCapability,
+    #[error(
+        "tproxyd serves UDP, and each reply leaves from the port the client wrote to (DNS: 53). \
+         Ports below {start} (net.ipv4.ip_unprivileged_port_start) need CAP_NET_BIND_SERVICE, \
+         which this process lacks, so every such reply would fail. Grant it with CAP_NET_ADMIN: \
+         setcap cap_net_admin,cap_net_bind_service+ep $(command -v tproxyd) (systemd: \
+         AmbientCapabilities=CAP_NET_ADMIN CAP_NET_BIND_SERVICE), or run as root, or serve TCP \
+         only (--tcp-only)"
+    )]
+    MissingBindService { start: u16 },
     #[error("cannot listen on {proto} {addr}: port {} is already in use by another program (see: ss -lntup 'sport = :{}'); stop it or choose another --listen port", addr.port(), addr.port())]
     AddrInUse {
         proto: &'static str,
@@ -40,6 +50,13 @@ pub enum StartError {
         proto: &'static str,
         addr: SocketAddr,
     },
+    #[error(
+        "cannot listen on {addr}: {ip} is not an address of this host. Transparent sockets may \
+         bind it, but no captured flow would ever reach it; use [::]:{port} (IPv4 and IPv6), \
+         0.0.0.0:{port}, 127.0.0.1:{port} or an address of one of its interfaces",
+        ip = addr.ip(), port = addr.port()
+    )]
+    NotLocal { addr: SocketAddr },
     #[error("cannot listen on {proto} {addr}: {source}")]
     Bind {
         proto: &'static str,
@@ -78,10 +95,31 @@ impl Server {
         if !sys::has_cap_net_admin().unwrap_or(false) {
             return Err(StartError::MissingCapability);
         }
+        if cfg.udp && !sys::has_cap_net_bind_service().unwrap_or(false) {
+            let start = sys::unprivileged_port_start();
+            // Only the captured destination ports matter: a reply socket
+            // binds the remote's port. No port list means every port.
+            let lowest = cfg
+                .firewall
+                .udp_ports
+                .iter()
+                .map(|r| r.first)
+                .min()
+                .unwrap_or(1);
+            if lowest < start {
+                return Err(StartError::MissingBindService { start });
+            }
+        }
         match sys::raise_nofile_limit() {
             Ok(n) if n < 4096 => warn!("open-files limit is {n}; each TCP flow takes two descriptors, so a few thousand flows will hit it"),
             Ok(_) => {}
             Err(e) => warn!("cannot raise the open-files limit: {e}"),
+        }
+        // IP_TRANSPARENT lets a listener bind an address the host does
+        // not have; TPROXY then finds it only if the rules name it, and a
+        // typo would silently capture into nothing.
+        if !cfg.listen.ip().is_unspecified() && !sys::is_local_address(cfg.listen.ip()) {
+            return Err(StartError::NotLocal { addr: cfg.listen });
         }
         let transparent = cfg.mode == Mode::Tproxy;
         let tcp = if cfg.tcp {

@@ -8,6 +8,7 @@
 //! `local default` route and drops before INPUT).
 
 use std::fmt;
+use std::net::IpAddr;
 use std::path::Path;
 
 use super::{iptables, nft, policy_route, run_tool, Plan, ToolFailure};
@@ -194,7 +195,7 @@ fn rules(plan: &Plan) -> Finding {
         Backend::Nftables => {
             let text = run_tool("nft", &["list", "table", "inet", nft::TABLE], None).ok();
             let needle = match plan.mode {
-                Mode::Tproxy => format!("tproxy to :{port}"),
+                Mode::Tproxy => nft::tproxy_target(plan.serves, port),
                 Mode::Redirect => format!("redirect to :{port}"),
             };
             (text, needle)
@@ -272,20 +273,248 @@ fn bound(proto: &str, port: u16) -> bool {
         })
 }
 
-fn listener(cfg: &Config) -> Vec<Finding> {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        })
+    }
+}
+
+/// Where an installed rule sends captured flows of one family: the
+/// address TPROXY names (None: the incoming interface's, so only a
+/// wildcard listener is found) and the port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Target {
+    family: Family,
+    addr: Option<IpAddr>,
+    port: u16,
+}
+
+/// The TPROXY/REDIRECT targets in `nft list table inet tproxyd` output.
+fn nft_targets(listing: &str) -> Vec<Target> {
+    let mut out = Vec::new();
+    for line in listing.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let Some(at) = words
+            .iter()
+            .position(|w| *w == "tproxy" || *w == "redirect")
+        else {
+            continue;
+        };
+        // `tproxy ip to A:P`, `tproxy ip6 to [A]:P`, `tproxy to :P`,
+        // `redirect to :P`; a `meta nfproto` earlier narrows the family.
+        let (fams, to_at) = match words.get(at + 1) {
+            Some(&"ip") => (vec![Family::V4], at + 2),
+            Some(&"ip6") => (vec![Family::V6], at + 2),
+            _ if line.contains("nfproto ipv4") => (vec![Family::V4], at + 1),
+            _ if line.contains("nfproto ipv6") => (vec![Family::V6], at + 1),
+            _ => (vec![Family::V4, Family::V6], at + 1),
+        };
+        if words.get(to_at) != Some(&"to") {
+            continue;
+        }
+        let Some((addr, port)) = words.get(to_at + 1).and_then(|t| split_target(t)) else {
+            continue;
+        };
+        for family in fams {
+            out.push(Target { family, addr, port });
+        }
+    }
+    out.dedup();
+    out
+}
+
+/// `:1090`, `127.0.0.1:1090`, `[::1]:1090` into address and port.
+fn split_target(text: &str) -> Option<(Option<IpAddr>, u16)> {
+    let (addr, port) = text.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    let addr = addr.trim_start_matches('[').trim_end_matches(']');
+    if addr.is_empty() {
+        return Some((None, port));
+    }
+    let ip: IpAddr = addr.parse().ok()?;
+    Some(((!ip.is_unspecified()).then_some(ip), port))
+}
+
+/// The TPROXY/REDIRECT targets in `iptables-save` output of one family.
+fn iptables_targets(listing: &str, family: Family) -> Vec<Target> {
+    let mut out = Vec::new();
+    for line in listing.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let value = |flag: &str| {
+            words
+                .iter()
+                .position(|w| *w == flag)
+                .and_then(|i| words.get(i + 1))
+        };
+        let Some(port) = value("--on-port")
+            .or_else(|| value("--to-ports"))
+            .and_then(|p| p.parse().ok())
+        else {
+            continue;
+        };
+        let addr = value("--on-ip")
+            .and_then(|a| a.parse::<IpAddr>().ok())
+            .filter(|a| !a.is_unspecified());
+        out.push(Target { family, addr, port });
+    }
+    out.dedup();
+    out
+}
+
+/// What the installed rules capture, per family; None when tproxyd's
+/// rules are not installed.
+fn installed_targets(plan: &Plan) -> Option<Vec<Target>> {
+    let tbl = if plan.mode == Mode::Tproxy {
+        "mangle"
+    } else {
+        "nat"
+    };
+    match plan.backend {
+        Backend::None => None,
+        Backend::Nftables => run_tool("nft", &["list", "table", "inet", nft::TABLE], None)
+            .ok()
+            .map(|t| nft_targets(&t)),
+        Backend::Iptables => {
+            let mut all = Vec::new();
+            let mut present = false;
+            for (tool, family) in [
+                ("iptables-save", Family::V4),
+                ("ip6tables-save", Family::V6),
+            ] {
+                if let Ok(t) = run_tool(tool, &["-t", tbl], None) {
+                    if t.contains(iptables::PRE) {
+                        present = true;
+                        all.extend(iptables_targets(&t, family));
+                    }
+                }
+            }
+            present.then_some(all)
+        }
+    }
+}
+
+/// Sockets listening (TCP) or bound (UDP) on `port`, as `ss` shows their
+/// local address: `*` is a dual-stack `[::]` socket, `[::]` an IPv6-only
+/// one, which /proc/net cannot tell apart.
+fn listening(proto: &str, port: u16) -> Option<Vec<String>> {
+    let flag = if proto == "tcp" { "-ltnH" } else { "-lunH" };
+    let out = run_tool("ss", &[flag], None).ok()?;
+    let suffix = format!(":{port}");
+    Some(
+        out.lines()
+            .filter_map(|l| l.split_whitespace().nth(3))
+            .filter_map(|a| a.strip_suffix(&suffix))
+            // A socket bound to a device shows as ADDR%DEV.
+            .map(|a| a.split('%').next().unwrap_or(a).to_string())
+            .collect(),
+    )
+}
+
+/// Whether TPROXY (or REDIRECT) to `t` finds one of the `sockets` (their
+/// local addresses, port stripped, as [`listening`] gives them).
+fn reaches(t: &Target, sockets: &[String]) -> bool {
+    sockets.iter().any(|s| {
+        let s = s.as_str();
+        let wildcard = match t.family {
+            Family::V4 => s == "*" || s == "0.0.0.0",
+            Family::V6 => s == "*" || s == "[::]",
+        };
+        let exact = t.addr.is_some_and(|a| match a {
+            IpAddr::V4(v4) => s == v4.to_string(),
+            IpAddr::V6(v6) => s == format!("[{v6}]"),
+        });
+        wildcard || exact
+    })
+}
+
+/// What happens to captured traffic that no socket takes.
+fn unserved_fate(plan: &Plan) -> &'static str {
+    match (plan.backend, plan.mode, plan.fail_closed) {
+        (Backend::Iptables, Mode::Tproxy, _) | (_, Mode::Tproxy, true) => "is dropped",
+        (_, Mode::Redirect, _) => "is refused",
+        _ => "goes out directly, not through the proxy",
+    }
+}
+
+/// Whether the capture the rules install can reach the listener, family by
+/// family: a listener on one family or one address that the rules do not
+/// name captures into nothing. Also "rules present, no listener".
+fn capture(cfg: &Config, plan: &Plan) -> Vec<Finding> {
     let port = cfg.listen.port();
     let mut out = Vec::new();
+    if let Some(missing) = plan.serves.missing_family() {
+        if plan.backend != Backend::None {
+            out.push(warn(
+                format!("listen {}: serves one family only; {missing} flows are not captured and go out directly", cfg.listen),
+                format!("listen on [::]:{port} to capture IPv4 and IPv6"),
+            ));
+        }
+    }
+    let Some(targets) = installed_targets(plan) else {
+        // No rules of ours: only whether something is bound can be said.
+        for (on, proto) in [(cfg.tcp, "tcp"), (cfg.udp, "udp")] {
+            if !on {
+                continue;
+            }
+            if bound(proto, port) {
+                out.push(pass(format!("listener: {proto} port {port} is bound")));
+            } else {
+                out.push(fail(
+                    format!("listener: nothing on {proto} port {port}"),
+                    "start tproxyd",
+                ));
+            }
+        }
+        return out;
+    };
+    let fate = unserved_fate(plan);
     for (on, proto) in [(cfg.tcp, "tcp"), (cfg.udp, "udp")] {
         if !on {
             continue;
         }
-        if bound(proto, port) {
-            out.push(pass(format!("listener: {proto} port {port} is bound")));
-        } else {
-            out.push(fail(
-                format!("listener: nothing on {proto} port {port}"),
-                "start tproxyd",
+        let Some(sockets) = listening(proto, port) else {
+            out.push(warn(
+                format!("listener: cannot run `ss` to see what listens on {proto} port {port}"),
+                "install iproute2",
             ));
+            continue;
+        };
+        if sockets.is_empty() && targets.iter().any(|t| t.port == port) {
+            out.push(fail(
+                format!("rules present, no listener: nothing on {proto} port {port}, so captured {proto} traffic {fate}"),
+                "start tproxyd, or remove its rules: tproxyd rules remove (same settings)",
+            ));
+            continue;
+        }
+        for family in [Family::V4, Family::V6] {
+            let captured: Vec<&Target> = targets.iter().filter(|t| t.family == family).collect();
+            if captured.is_empty() {
+                continue;
+            }
+            match captured.iter().find(|t| !reaches(t, &sockets)) {
+                None => out.push(pass(format!(
+                    "capture reaches the listener: {family} {proto} to port {port} ({})",
+                    sockets.join(", ")
+                ))),
+                Some(t) => out.push(fail(
+                    format!(
+                        "capture cannot reach the listener: {family} {proto} is sent to {}:{} but the sockets on that port are [{}]; captured {family} {proto} traffic {fate}",
+                        t.addr.map_or("(incoming interface's address)".to_string(), |a| a.to_string()),
+                        t.port,
+                        sockets.join(", ")
+                    ),
+                    "restart tproxyd so it installs rules for its own listen address, or listen on [::]:PORT",
+                )),
+            }
         }
     }
     out
@@ -299,7 +528,7 @@ pub async fn diagnose(cfg: &Config) -> Vec<Finding> {
     out.extend(interfaces(cfg));
     out.push(rules(&plan));
     out.push(routes(&plan).await);
-    out.extend(listener(cfg));
+    out.extend(capture(cfg, &plan));
     out
 }
 
@@ -315,6 +544,62 @@ mod tests {
             "FAIL  src_valid_mark=1 on eth1\n      fix: sysctl -w x=0"
         );
         assert_eq!(pass("ok").to_string(), "PASS  ok");
+    }
+
+    #[test]
+    fn targets_are_read_from_nft_listings() {
+        let listing = "\t\tmeta l4proto tcp tproxy to :1090 meta mark set 0x00001090 accept\n\
+            \t\tmeta l4proto udp tproxy ip to 127.0.0.1:1091 meta mark set 0x00001090 accept\n\
+            \t\tmeta l4proto udp tproxy ip6 to [2001:db8::1]:1092 accept\n\
+            \t\tmeta nfproto ipv4 meta l4proto tcp redirect to :1093\n";
+        let v4 = Family::V4;
+        let v6 = Family::V6;
+        let t = |family, addr: Option<&str>, port| Target {
+            family,
+            addr: addr.map(|a| a.parse().unwrap()),
+            port,
+        };
+        assert_eq!(
+            nft_targets(listing),
+            vec![
+                t(v4, None, 1090),
+                t(v6, None, 1090),
+                t(v4, Some("127.0.0.1"), 1091),
+                t(v6, Some("2001:db8::1"), 1092),
+                t(v4, None, 1093),
+            ]
+        );
+        let save = "-A TPROXYD_TAKE -p udp -j TPROXY --on-port 1090 --on-ip 0.0.0.0 --tproxy-mark 0x1090/0xffffffff\n\
+            -A TPROXYD_TAKE -p tcp -j TPROXY --on-port 1090 --on-ip 127.0.0.1 --tproxy-mark 0x1090/0xffffffff\n";
+        assert_eq!(
+            iptables_targets(save, v4),
+            vec![t(v4, None, 1090), t(v4, Some("127.0.0.1"), 1090)]
+        );
+    }
+
+    #[test]
+    fn a_target_reaches_wildcards_of_its_family_and_its_own_address() {
+        let t = |family, addr: Option<&str>| Target {
+            family,
+            addr: addr.map(|a| a.parse().unwrap()),
+            port: 1090,
+        };
+        let socks = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // The bug of issue 8: a 127.0.0.1 listener behind `tproxy to :P`.
+        assert!(!reaches(&t(Family::V4, None), &socks(&["127.0.0.1"])));
+        assert!(reaches(
+            &t(Family::V4, Some("127.0.0.1")),
+            &socks(&["127.0.0.1"])
+        ));
+        // A v4 wildcard serves no IPv6; only a dual-stack socket (`*`) does.
+        assert!(!reaches(&t(Family::V6, None), &socks(&["0.0.0.0"])));
+        assert!(!reaches(&t(Family::V4, None), &socks(&["[::]"])));
+        assert!(reaches(&t(Family::V4, None), &socks(&["*"])));
+        assert!(reaches(&t(Family::V6, None), &socks(&["*"])));
+        assert!(reaches(
+            &t(Family::V6, Some("2001:db8::1")),
+            &socks(&["[2001:db8::1]"])
+        ));
     }
 
     #[test]

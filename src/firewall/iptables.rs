@@ -11,7 +11,7 @@
 //! with this backend captured traffic is also dropped while tproxyd is
 //! down and its rules are in place.
 
-use super::{run_tool, FirewallError, Plan, ToolFailure};
+use super::{run_tool, FirewallError, Plan, Serves, ToolFailure};
 use crate::config::Mode;
 
 /// Entry chain from PREROUTING.
@@ -20,7 +20,10 @@ pub const PRE: &str = "TPROXYD_PRE";
 pub const TAKE: &str = "TPROXYD_TAKE";
 /// Entry chain from OUTPUT (router-local traffic).
 pub const OUT: &str = "TPROXYD_OUT";
-const CHAINS: [&str; 3] = [PRE, TAKE, OUT];
+/// Drops packets addressed to the listener port itself (mangle, both
+/// modes); see the nft backend's `listener_guard`.
+pub const GUARD: &str = "TPROXYD_GUARD";
+const CHAINS: [&str; 4] = [PRE, TAKE, OUT, GUARD];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
@@ -87,12 +90,54 @@ fn guards(out: &mut Vec<String>, chain: &str, plan: &Plan, fam: Family) {
     }
 }
 
+impl Family {
+    /// Whether the listener serves this family, and so whether it is
+    /// captured (see [`Serves`]).
+    fn served_by(self, serves: Serves) -> bool {
+        match self {
+            Family::V4 => serves.v4(),
+            Family::V6 => serves.v6(),
+        }
+    }
+}
+
+/// The guard chain's rules, for the mangle table.
+fn guard(r: &mut Vec<String>, plan: &Plan) {
+    let port = plan.listen_port;
+    r.push(format!(":{GUARD} - [0:0]"));
+    r.push(format!("-A {GUARD} -m conntrack --ctstate DNAT -j RETURN"));
+    for (on, proto) in [(plan.tcp, "tcp"), (plan.udp, "udp")] {
+        if on {
+            r.push(format!(
+                "-A {GUARD} -p {proto} --dport {port} -m addrtype --dst-type LOCAL -j DROP"
+            ));
+        }
+    }
+    r.push(format!("-I PREROUTING 1 -j {GUARD}"));
+}
+
 /// The `iptables-restore --noflush` input installing tproxyd's chains for
-/// one family.
+/// one family. A family the listener does not serve gets only the guard.
 pub fn render(plan: &Plan, fam: Family) -> String {
-    let mut r: Vec<String> = Vec::new();
     let tbl = table(plan);
-    r.push(format!("*{tbl}"));
+    let mut r: Vec<String> = vec![format!("*{tbl}")];
+    if tbl == "mangle" {
+        guard(&mut r, plan);
+    }
+    if fam.served_by(plan.serves) {
+        capture(&mut r, plan, fam);
+    }
+    r.push("COMMIT".into());
+    if tbl != "mangle" {
+        r.push("*mangle".into());
+        guard(&mut r, plan);
+        r.push("COMMIT".into());
+    }
+    r.join("\n") + "\n"
+}
+
+/// The capture chains and their jumps, in the current table.
+fn capture(r: &mut Vec<String>, plan: &Plan, fam: Family) {
     let local = plan.proxy_local;
     r.push(format!(":{PRE} - [0:0]"));
     r.push(format!(":{TAKE} - [0:0]"));
@@ -112,7 +157,7 @@ pub fn render(plan: &Plan, fam: Family) -> String {
         entries.push("-i lo ".into());
     }
 
-    guards(&mut r, PRE, plan, fam);
+    guards(r, PRE, plan, fam);
     let sources = match fam {
         Family::V4 => &plan.source_v4,
         Family::V6 => &plan.source_v6,
@@ -132,6 +177,12 @@ pub fn render(plan: &Plan, fam: Family) -> String {
     let port = plan.listen_port;
     let tcp = plan.tcp.then(|| dports(&plan.tcp_ports));
     let udp = plan.udp.then(|| dports(&plan.udp_ports));
+    // A listener on one address must be named: TPROXY otherwise looks on
+    // the incoming interface's address.
+    let on_ip = match plan.serves {
+        Serves::V4(Some(ip)) | Serves::V6(ip) => format!(" --on-ip {ip}"),
+        Serves::Both | Serves::V4(None) => String::new(),
+    };
     match plan.mode {
         Mode::Tproxy => {
             if let Some(tcp) = &tcp {
@@ -145,10 +196,10 @@ pub fn render(plan: &Plan, fam: Family) -> String {
                 r.push(format!(
                     "-A {TAKE} -p tcp ! --syn -m socket --transparent -j ACCEPT"
                 ));
-                r.push(format!("-A {TAKE} -p tcp {tcp}-j TPROXY --on-port {port} --tproxy-mark {rm:#x}/0xffffffff"));
+                r.push(format!("-A {TAKE} -p tcp {tcp}-j TPROXY --on-port {port}{on_ip} --tproxy-mark {rm:#x}/0xffffffff"));
             }
             if let Some(udp) = &udp {
-                r.push(format!("-A {TAKE} -p udp {udp}-j TPROXY --on-port {port} --tproxy-mark {rm:#x}/0xffffffff"));
+                r.push(format!("-A {TAKE} -p udp {udp}-j TPROXY --on-port {port}{on_ip} --tproxy-mark {rm:#x}/0xffffffff"));
             }
         }
         Mode::Redirect => {
@@ -159,7 +210,7 @@ pub fn render(plan: &Plan, fam: Family) -> String {
         }
     }
     if local {
-        guards(&mut r, OUT, plan, fam);
+        guards(r, OUT, plan, fam);
         match plan.mode {
             Mode::Tproxy => {
                 if let Some(tcp) = &tcp {
@@ -184,8 +235,6 @@ pub fn render(plan: &Plan, fam: Family) -> String {
     if local {
         r.push(format!("-I OUTPUT 1 -j {OUT}"));
     }
-    r.push("COMMIT".into());
-    r.join("\n") + "\n"
 }
 
 fn run(tool: &'static str, args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError> {
@@ -340,6 +389,48 @@ mod tests {
             "{v4}"
         );
         assert!(!v4.contains("-p tcp"), "{v4}");
+    }
+
+    #[test]
+    fn a_listener_on_one_address_is_named_and_the_other_family_only_guarded() {
+        let plan = plan_with(
+            "listen = \"127.0.0.1:1090\"\n",
+            "lan_interfaces = [\"eth1\"]\n",
+        );
+        let v4 = render(&plan, Family::V4);
+        assert!(v4.contains("-A TPROXYD_TAKE -p tcp -j TPROXY --on-port 1090 --on-ip 127.0.0.1 --tproxy-mark 0x1090/0xffffffff"), "{v4}");
+        let v6 = render(&plan, Family::V6);
+        assert!(!v6.contains("TPROXY "), "{v6}");
+        assert!(!v6.contains(PRE), "{v6}");
+        assert!(
+            v6.contains(
+                "-A TPROXYD_GUARD -p tcp --dport 1090 -m addrtype --dst-type LOCAL -j DROP"
+            ),
+            "{v6}"
+        );
+    }
+
+    #[test]
+    fn the_guard_lives_in_mangle_in_both_modes() {
+        let redirect = plan_with("mode = \"redirect\"\n", "lan_interfaces = [\"eth1\"]\n");
+        let v4 = render(&redirect, Family::V4);
+        let mangle = v4
+            .split("*mangle\n")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{v4}"));
+        for rule in [
+            ":TPROXYD_GUARD - [0:0]",
+            "-A TPROXYD_GUARD -m conntrack --ctstate DNAT -j RETURN",
+            "-A TPROXYD_GUARD -p tcp --dport 1090 -m addrtype --dst-type LOCAL -j DROP",
+            "-I PREROUTING 1 -j TPROXYD_GUARD",
+            "COMMIT",
+        ] {
+            assert!(
+                mangle.lines().any(|l| l == rule),
+                "missing {rule:?} in\n{v4}"
+            );
+        }
+        assert!(v4.starts_with("*nat\n"), "{v4}");
     }
 
     #[test]

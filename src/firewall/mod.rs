@@ -13,7 +13,54 @@ pub mod iptables;
 pub mod nft;
 pub mod policy_route;
 
+use std::net::{IpAddr, SocketAddr};
+
 use crate::config::{Backend, Config, Mode, OutboundConfig};
+
+/// What the listener's address lets TPROXY reach, per family.
+///
+/// TPROXY without an address looks for a listener on the address of the
+/// interface the packet came in on, so only a wildcard listener is found
+/// that way; a listener on one address must be named in the rule, and it
+/// serves only its own family. Capturing a family that no listener serves
+/// sends its flows nowhere (nftables: out directly; iptables: dropped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serves {
+    /// `[::]`: one dual-stack socket for IPv4 and IPv6.
+    Both,
+    /// `0.0.0.0` or one IPv4 address (`Some`).
+    V4(Option<IpAddr>),
+    /// One IPv6 address.
+    V6(IpAddr),
+}
+
+impl Serves {
+    pub fn of(listen: SocketAddr) -> Serves {
+        match listen.ip() {
+            IpAddr::V6(ip) if ip.is_unspecified() => Serves::Both,
+            IpAddr::V4(ip) if ip.is_unspecified() => Serves::V4(None),
+            ip @ IpAddr::V4(_) => Serves::V4(Some(ip)),
+            ip @ IpAddr::V6(_) => Serves::V6(ip),
+        }
+    }
+
+    pub fn v4(self) -> bool {
+        !matches!(self, Serves::V6(_))
+    }
+
+    pub fn v6(self) -> bool {
+        !matches!(self, Serves::V4(_))
+    }
+
+    /// The family left out, for the start-up warning: "IPv6" or "IPv4".
+    pub fn missing_family(self) -> Option<&'static str> {
+        match self {
+            Serves::Both => None,
+            Serves::V4(_) => Some("IPv6"),
+            Serves::V6(_) => Some("IPv4"),
+        }
+    }
+}
 
 /// How running a firewall tool went wrong.
 #[derive(Debug)]
@@ -74,6 +121,8 @@ pub struct Plan {
     pub backend: Backend,
     pub mode: Mode,
     pub listen_port: u16,
+    /// Which families are captured, and the address TPROXY names.
+    pub serves: Serves,
     pub tcp: bool,
     pub udp: bool,
     pub proxy_mark: u32,
@@ -117,6 +166,7 @@ impl Plan {
             backend: fw.backend,
             mode: cfg.mode,
             listen_port: cfg.listen.port(),
+            serves: Serves::of(cfg.listen),
             tcp: cfg.tcp,
             udp: cfg.udp,
             proxy_mark: cfg.mark,

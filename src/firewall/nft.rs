@@ -8,7 +8,7 @@
 
 use std::fmt::Write as _;
 
-use super::{run_tool, FirewallError, Plan, ToolFailure};
+use super::{run_tool, FirewallError, Plan, Serves, ToolFailure};
 use crate::config::Mode;
 
 pub const TABLE: &str = "tproxyd";
@@ -20,6 +20,52 @@ fn dport_match(proto: &str, ports: &[String]) -> String {
     } else {
         format!("{proto} dport {{ {} }} ", ports.join(", "))
     }
+}
+
+/// The match that restricts a rule to the families the listener serves:
+/// a family no listener serves is not captured at all.
+fn family_match(serves: Serves) -> &'static str {
+    match serves {
+        Serves::Both => "",
+        Serves::V4(_) => "meta nfproto ipv4 ",
+        Serves::V6(_) => "meta nfproto ipv6 ",
+    }
+}
+
+/// The TPROXY statement, naming the listener's address when it has one
+/// (see [`Serves`]).
+pub fn tproxy_target(serves: Serves, port: u16) -> String {
+    match serves {
+        Serves::Both => format!("tproxy to :{port}"),
+        Serves::V4(None) => format!("tproxy ip to :{port}"),
+        Serves::V4(Some(ip)) => format!("tproxy ip to {ip}:{port}"),
+        Serves::V6(ip) => format!("tproxy ip6 to [{ip}]:{port}"),
+    }
+}
+
+/// A chain that drops what reaches the listener port without being
+/// captured: a packet addressed to one of the router's own addresses at
+/// that port (from the WAN, the LAN or the router itself). tproxyd would
+/// only refuse it, and a flood of them would otherwise cost a warning and
+/// a wake-up each. Captured packets keep their remote destination, so
+/// they never match; REDIRECTed router-local flows come back in through
+/// lo already rewritten, and conntrack's `dnat` status lets them pass.
+fn listener_guard(out: &mut String, plan: &Plan) {
+    let port = plan.listen_port;
+    let _ = writeln!(
+        out,
+        "\tchain listener_guard {{\n\t\ttype filter hook prerouting priority mangle; policy accept;"
+    );
+    let _ = writeln!(out, "\t\tct status dnat accept");
+    for (on, proto) in [(plan.tcp, "tcp"), (plan.udp, "udp")] {
+        if on {
+            let _ = writeln!(
+                out,
+                "\t\tfib daddr type local meta l4proto {proto} {proto} dport {port} counter drop"
+            );
+        }
+    }
+    let _ = writeln!(out, "\t}}");
 }
 
 /// The filters every capturing chain starts with: what must never be
@@ -86,8 +132,21 @@ pub fn render(plan: &Plan) -> String {
     }
     let port = plan.listen_port;
     let rmark = plan.route_mark;
-    let tcp = plan.tcp.then(|| dport_match("tcp", &plan.tcp_ports));
-    let udp = plan.udp.then(|| dport_match("udp", &plan.udp_ports));
+    let fam = family_match(plan.serves);
+    let tcp = plan.tcp.then(|| {
+        format!(
+            "{fam}meta l4proto tcp {}",
+            dport_match("tcp", &plan.tcp_ports)
+        )
+    });
+    let udp = plan.udp.then(|| {
+        format!(
+            "{fam}meta l4proto udp {}",
+            dport_match("udp", &plan.udp_ports)
+        )
+    });
+    let target = tproxy_target(plan.serves, port);
+    listener_guard(&mut out, plan);
 
     match plan.mode {
         Mode::Tproxy => {
@@ -110,27 +169,21 @@ pub fn render(plan: &Plan) -> String {
                 // the listener.
                 let _ = writeln!(
                     out,
-                    "\t\tmeta l4proto tcp tcp flags & (syn | ack) != syn socket transparent 1 meta mark set {rmark:#x} accept"
+                    "\t\t{fam}meta l4proto tcp tcp flags & (syn | ack) != syn socket transparent 1 meta mark set {rmark:#x} accept"
                 );
-                let _ = writeln!(
-                    out,
-                    "\t\tmeta l4proto tcp {tcp}tproxy to :{port} meta mark set {rmark:#x} accept"
-                );
+                let _ = writeln!(out, "\t\t{tcp}{target} meta mark set {rmark:#x} accept");
             }
             if let Some(udp) = &udp {
-                let _ = writeln!(
-                    out,
-                    "\t\tmeta l4proto udp {udp}tproxy to :{port} meta mark set {rmark:#x} accept"
-                );
+                let _ = writeln!(out, "\t\t{udp}{target} meta mark set {rmark:#x} accept");
             }
             if plan.fail_closed {
                 // TPROXY found no socket: tproxyd is down. Drop instead of
                 // letting the flow go out directly.
                 if let Some(tcp) = &tcp {
-                    let _ = writeln!(out, "\t\tmeta l4proto tcp {tcp}drop");
+                    let _ = writeln!(out, "\t\t{tcp}drop");
                 }
                 if let Some(udp) = &udp {
-                    let _ = writeln!(out, "\t\tmeta l4proto udp {udp}drop");
+                    let _ = writeln!(out, "\t\t{udp}drop");
                 }
             }
             let _ = writeln!(out, "\t}}");
@@ -143,10 +196,10 @@ pub fn render(plan: &Plan) -> String {
                 );
                 common_filters(&mut out, plan, false);
                 if let Some(tcp) = &tcp {
-                    let _ = writeln!(out, "\t\tmeta l4proto tcp {tcp}meta mark set {rmark:#x}");
+                    let _ = writeln!(out, "\t\t{tcp}meta mark set {rmark:#x}");
                 }
                 if let Some(udp) = &udp {
-                    let _ = writeln!(out, "\t\tmeta l4proto udp {udp}meta mark set {rmark:#x}");
+                    let _ = writeln!(out, "\t\t{udp}meta mark set {rmark:#x}");
                 }
                 let _ = writeln!(out, "\t}}");
             }
@@ -158,7 +211,7 @@ pub fn render(plan: &Plan) -> String {
                 "\tchain prerouting {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;"
             );
             common_filters(&mut out, plan, true);
-            let _ = writeln!(out, "\t\tmeta l4proto tcp {tcp}redirect to :{port}");
+            let _ = writeln!(out, "\t\t{tcp}redirect to :{port}");
             let _ = writeln!(out, "\t}}");
             if plan.proxy_local {
                 let _ = writeln!(
@@ -166,7 +219,7 @@ pub fn render(plan: &Plan) -> String {
                     "\tchain output {{\n\t\ttype nat hook output priority -100; policy accept;"
                 );
                 common_filters(&mut out, plan, false);
-                let _ = writeln!(out, "\t\tmeta l4proto tcp {tcp}redirect to :{port}");
+                let _ = writeln!(out, "\t\t{tcp}redirect to :{port}");
                 let _ = writeln!(out, "\t}}");
             }
         }
@@ -268,7 +321,7 @@ mod tests {
             text.contains("203.0.113.2"),
             "the SOCKS5 server is bypassed:\n{text}"
         );
-        assert!(!text.contains("drop"), "fail open by default");
+        assert!(!pre.contains("drop"), "fail open by default:\n{text}");
     }
 
     #[test]
@@ -333,6 +386,51 @@ mod tests {
         assert!(
             t.starts_with("table inet tproxyd\ndelete table inet tproxyd\ntable inet tproxyd {")
         );
+    }
+
+    #[test]
+    fn a_listener_on_one_family_or_address_is_named_and_only_its_family_captured() {
+        let fw = "lan_interfaces = [\"eth1\"]\nproxy_local = true\nfail_closed = true\n";
+        let text = render(&plan_for_top("listen = \"127.0.0.1:1090\"\n", fw));
+        for rule in [
+            "meta nfproto ipv4 meta l4proto tcp tproxy ip to 127.0.0.1:1090 meta mark set 0x1090 accept",
+            "meta nfproto ipv4 meta l4proto udp tproxy ip to 127.0.0.1:1090 meta mark set 0x1090 accept",
+            "meta nfproto ipv4 meta l4proto tcp drop",
+            "meta nfproto ipv4 meta l4proto udp meta mark set 0x1090",
+        ] {
+            assert!(text.contains(rule), "missing {rule:?} in\n{text}");
+        }
+        assert!(!text.contains("tproxy to"), "{text}");
+        let text = render(&plan_for_top("listen = \"0.0.0.0:1090\"\n", fw));
+        assert!(
+            text.contains("meta nfproto ipv4 meta l4proto tcp tproxy ip to :1090"),
+            "{text}"
+        );
+        let text = render(&plan_for_top("listen = \"[::1]:1090\"\n", fw));
+        assert!(
+            text.contains("meta nfproto ipv6 meta l4proto udp tproxy ip6 to [::1]:1090"),
+            "{text}"
+        );
+        assert!(!text.contains("nfproto ipv4"), "{text}");
+    }
+
+    #[test]
+    fn traffic_addressed_to_the_listener_port_is_dropped_in_both_modes() {
+        for top in ["", "mode = \"redirect\"\n"] {
+            let text = render(&plan_for_top(top, "lan_interfaces = [\"eth1\"]\n"));
+            let guard = text
+                .split("chain listener_guard {")
+                .nth(1)
+                .unwrap_or_else(|| panic!("no guard chain in\n{text}"));
+            let guard = &guard[..guard.find('}').unwrap()];
+            assert!(guard.contains("type filter hook prerouting priority mangle"));
+            assert!(guard.contains("ct status dnat accept"), "{guard}");
+            assert!(
+                guard.contains("fib daddr type local meta l4proto tcp tcp dport 1090 counter drop"),
+                "{guard}"
+            );
+            assert_eq!(guard.contains("udp dport 1090"), top.is_empty(), "{guard}");
+        }
     }
 
     fn plan_for_top(top: &str, fw: &str) -> Plan {
