@@ -284,6 +284,8 @@ pub struct Testbed {
     pub baseline: String,
     tproxyd_cmd: Vec<String>,
     tproxyd_env: Vec<(String, String)>,
+    /// A command tproxyd runs under (e.g. `setpriv ...`); empty: none.
+    tproxyd_prefix: Vec<String>,
     starts: usize,
 }
 
@@ -333,6 +335,7 @@ impl Testbed {
             baseline: String::new(),
             tproxyd_cmd: Vec::new(),
             tproxyd_env: Vec::new(),
+            tproxyd_prefix: Vec::new(),
             starts: 0,
         };
         tb.build_topology();
@@ -604,8 +607,15 @@ client pass {{ from: ::/0 to: ::/0 }}
                 std::fs::write(
                     &file,
                     format!(
-                        "listen = \"[::]:{PROXY_PORT}\"\nmode = \"{mode}\"\n{}\n[outbound]\n{outbound}\n[firewall]\n{}\n",
-                        own.top, own.firewall
+                        "{}mode = \"{mode}\"\n{}\n[outbound]\n{outbound}\n[firewall]\n{}\n",
+                        // A test may choose its own listen address.
+                        if own.top.contains("listen =") {
+                            String::new()
+                        } else {
+                            format!("listen = \"[::]:{PROXY_PORT}\"\n")
+                        },
+                        own.top,
+                        own.firewall
                     ),
                 )
                 .unwrap();
@@ -653,12 +663,9 @@ client pass {{ from: ::/0 to: ::/0 }}
             .unwrap();
         writeln!(log_file, "==== start {} ====", self.starts).unwrap();
         let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.router.name,
-                env!("CARGO_BIN_EXE_tproxyd"),
-            ])
+            .args(["netns", "exec", &self.router.name])
+            .args(&self.tproxyd_prefix)
+            .arg(env!("CARGO_BIN_EXE_tproxyd"))
             .args(&self.tproxyd_cmd)
             .envs(
                 self.tproxyd_env
@@ -1037,4 +1044,38 @@ pub fn udp_echo(
         assert_eq!(&buf[off..n], b"udp echo me");
         Some((from, peer))
     })
+}
+
+impl Testbed {
+    /// tproxyd's pid while it runs (`ip netns exec`, and a prefix such as
+    /// setpriv, exec it in place: the child's pid is tproxyd's).
+    pub fn tproxyd_pid(&self) -> Option<u32> {
+        self.tproxyd.as_ref().map(|c| c.id())
+    }
+
+    /// Whether the tproxyd this bed started is still running.
+    pub fn tproxyd_running(&self) -> bool {
+        !self.tproxyd_exited()
+    }
+
+    /// Sends `signal` (as `kill` names it: HUP, TERM, ...) to tproxyd.
+    pub fn signal_tproxyd(&self, signal: &str) {
+        let pid = self.tproxyd_pid().expect("tproxyd not running");
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
+    /// Runs tproxyd under `prefix` (a command that execs the rest, such as
+    /// `setpriv ...`) from its next start on.
+    pub fn run_tproxyd_under(&mut self, prefix: &[&str]) {
+        self.tproxyd_prefix = prefix.iter().map(|s| s.to_string()).collect();
+    }
+
+    /// The arguments tproxyd is started with (after the binary).
+    pub fn tproxyd_args(&self) -> Vec<String> {
+        self.tproxyd_cmd.clone()
+    }
 }
