@@ -13,6 +13,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Mode;
 use crate::outbound::OutboundError;
+use crate::ratelimit::{RateLimit, WARN_INTERVAL};
 use crate::relay::tcp::relay;
 use crate::route::{Decision, Protocol, Router};
 use crate::sys;
@@ -25,6 +26,13 @@ pub struct TcpContext {
     pub idle: Duration,
 }
 
+// Every warning below can repeat per connection: a flood must not write
+// one line each. One line per interval, with the count held back since.
+static ACCEPT_FAILED: RateLimit = RateLimit::new(WARN_INTERVAL);
+static NO_ORIG_DST: RateLimit = RateLimit::new(WARN_INTERVAL);
+static LOOP: RateLimit = RateLimit::new(WARN_INTERVAL);
+static UPSTREAM_FAILED: RateLimit = RateLimit::new(WARN_INTERVAL);
+
 /// Accepts until `stop` turns true, then ends every flow it carries (each
 /// is reset, see [`relay`]) and returns once all are gone. The caller
 /// removes the firewall rules only after that: a socket closed once the
@@ -32,7 +40,6 @@ pub struct TcpContext {
 /// new client that reused its port would hang on it.
 pub async fn serve(listener: TcpListener, ctx: Arc<TcpContext>, mut stop: watch::Receiver<bool>) {
     let mut flows = JoinSet::new();
-    let mut last_warning: Option<Instant> = None;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -43,12 +50,11 @@ pub async fn serve(listener: TcpListener, ctx: Arc<TcpContext>, mut stop: watch:
                     // EMFILE/ENFILE: out of descriptors. The connection stays in
                     // the backlog; back off instead of spinning, and say why.
                     let exhausted = matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE));
-                    if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
-                        last_warning = Some(Instant::now());
+                    if let Some(held_back) = ACCEPT_FAILED.check() {
                         if exhausted {
-                            warn!("accept failed: out of file descriptors ({e}); new TCP flows wait until some close. Raise the open-files limit (LimitNOFILE=) if this is normal load");
+                            warn!(held_back, "accept failed: out of file descriptors ({e}); new TCP flows wait until some close. Raise the open-files limit (LimitNOFILE=) if this is normal load");
                         } else {
-                            warn!("accept failed: {e}");
+                            warn!(held_back, "accept failed: {e}");
                         }
                     }
                     tokio::time::sleep(Duration::from_millis(if exhausted { 100 } else { 10 })).await;
@@ -90,14 +96,18 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<TcpContext>) {
     let dst = match original_destination(&stream, ctx.mode) {
         Ok(d) => d,
         Err(e) => {
-            warn!(%client, "no original destination for TCP connection ({e}): it did not come through a {} rule; refused", ctx.mode);
+            if let Some(held_back) = NO_ORIG_DST.check() {
+                warn!(%client, held_back, "no original destination for TCP connection ({e}): it did not come through a {} rule; refused", ctx.mode);
+            }
             return reset(stream);
         }
     };
     let outbound = match ctx.router.decide(Protocol::Tcp, dst) {
         Decision::Forward(o) => o,
         Decision::RefuseLoop => {
-            warn!(%client, %dst, "refused TCP connection to tproxyd's own listener (routing loop or a direct connection to the listener)");
+            if let Some(held_back) = LOOP.check() {
+                warn!(%client, %dst, held_back, "refused TCP connection to tproxyd's own listener (routing loop or a direct connection to the listener)");
+            }
             return reset(stream);
         }
     };
@@ -137,6 +147,10 @@ fn log_connect_failure(client: SocketAddr, dst: SocketAddr, outbound: &str, e: &
         | OutboundError::ConnectTimeout { .. } => {
             debug!(%client, %dst, outbound, "connect failed: {e}")
         }
-        _ => warn!(%client, %dst, outbound, "{e}"),
+        _ => {
+            if let Some(held_back) = UPSTREAM_FAILED.check() {
+                warn!(%client, %dst, outbound, held_back, "{e}")
+            }
+        }
     }
 }
