@@ -10,8 +10,10 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -25,6 +27,54 @@ fn bed(mode: Mode) -> Option<Testbed> {
             own_rules: None,
         })
     })
+}
+
+/// A tproxyd this test started itself, in the bed's router namespace.
+struct OwnTproxyd {
+    child: Child,
+    log: PathBuf,
+}
+
+impl OwnTproxyd {
+    /// Stops the bed's tproxyd and runs `PREFIX... tproxyd ARGS...`
+    /// instead (the prefix execs tproxyd in place, as `prlimit` does).
+    fn start(tb: &mut Testbed, prefix: &[&str], args: &[&str]) -> OwnTproxyd {
+        tb.kill_tproxyd();
+        let log = tb.dir.join("own-tproxyd.log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &tb.router.name])
+            .args(prefix)
+            .arg(env!("CARGO_BIN_EXE_tproxyd"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start tproxyd");
+        let own = OwnTproxyd { child, log };
+        assert!(
+            wait_until(Duration::from_secs(10), || own
+                .log()
+                .contains("tproxyd listening")),
+            "tproxyd did not start:\n{}",
+            own.log()
+        );
+        own
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for OwnTproxyd {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- own tproxyd log ----\n{}", self.log());
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Connects from `bind` (any address if None) within `within`.
@@ -60,6 +110,111 @@ fn turned_away(bind: Option<&str>, dst: SocketAddr, wait: Duration) -> ErrorKind
         Err(e) if e.kind() == ErrorKind::WouldBlock => ErrorKind::TimedOut,
         Err(e) => e.kind(),
     }
+}
+
+/// An echo exchange on an open connection; the peer the server saw.
+fn echo_on(s: &mut TcpStream, payload: &[u8]) -> std::io::Result<SocketAddr> {
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    s.write_all(payload)?;
+    s.shutdown(Shutdown::Write)?;
+    let mut got = Vec::new();
+    s.read_to_end(&mut got)?;
+    let (peer, off) = peer_line(&got);
+    assert_eq!(&got[off..], payload, "echo changed the bytes");
+    Ok(peer)
+}
+
+/// The test process holds hundreds of client sockets (and the servers'
+/// ends) while other tests run beside it: lift its own soft limit.
+fn raise_own_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+}
+
+/// Issue 8: under a 256-descriptor limit, 600 concurrent connections were
+/// accepted and then many were reset, for lack of a descriptor for their
+/// upstream side. Now accepting pauses instead: every connection waits
+/// its turn in the listen backlog and gets its echo.
+#[test]
+fn low_descriptor_limit_makes_connections_wait_not_reset() {
+    const CONNECTIONS: usize = 600;
+    const CLIENT_THREADS: usize = 16;
+    let Some(mut tb) = bed(Mode::Tproxy) else {
+        return;
+    };
+    raise_own_nofile_limit();
+    let listen = format!("[::]:{PROXY_PORT}");
+    let own = OwnTproxyd::start(
+        &mut tb,
+        &["prlimit", "--nofile=256:256"],
+        &[
+            "run",
+            "--listen",
+            &listen,
+            "--mode",
+            "tproxy",
+            "--firewall",
+            "none",
+            "--direct",
+        ],
+    );
+    let dst = Family::V4.remote_a(ECHO_PORT);
+    let outcomes: Vec<Result<SocketAddr, ErrorKind>> = tb.lan.enter(|| {
+        // All open at once: the kernel completes the handshakes, and
+        // tproxyd takes them from its backlog as descriptors allow.
+        let conns: Vec<std::io::Result<TcpStream>> = (0..CONNECTIONS)
+            .map(|_| connect_from(None, dst, Duration::from_secs(10)))
+            .collect();
+        let mut slots: Vec<Vec<(usize, std::io::Result<TcpStream>)>> =
+            (0..CLIENT_THREADS).map(|_| Vec::new()).collect();
+        for (i, c) in conns.into_iter().enumerate() {
+            slots[i % CLIENT_THREADS].push((i, c));
+        }
+        let mut outcomes = vec![Err(ErrorKind::Other); CONNECTIONS];
+        std::thread::scope(|sc| {
+            let workers: Vec<_> = slots
+                .into_iter()
+                .map(|slot| {
+                    sc.spawn(move || {
+                        slot.into_iter()
+                            .map(|(i, c)| {
+                                let payload = format!("connection {i}\n");
+                                let r = c.and_then(|mut s| echo_on(&mut s, payload.as_bytes()));
+                                (i, r.map_err(|e| e.kind()))
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            for w in workers {
+                for (i, r) in w.join().unwrap() {
+                    outcomes[i] = r;
+                }
+            }
+        });
+        outcomes
+    });
+    let resets = outcomes
+        .iter()
+        .filter(|r| matches!(r, Err(ErrorKind::ConnectionReset)))
+        .count();
+    let failed: Vec<_> = outcomes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.err().map(|e| (i, e)))
+        .collect();
+    assert_eq!(resets, 0, "connections reset: {failed:?}");
+    // Nothing is refused either: every connection got its turn.
+    assert!(failed.is_empty(), "connections failed: {failed:?}");
+    let hop = Family::V4.hop(Upstream::Direct);
+    assert!(outcomes.iter().all(|r| r.is_ok_and(|p| p.ip() == hop)));
+    let log = own.log();
+    assert!(
+        log.contains("not accepting TCP connections for now"),
+        "no warning about descriptors:\n{log}"
+    );
+    assert!(!log.contains("Too many open files"), "{log}");
 }
 
 /// A flood of connections straight to the listener writes a few warning
