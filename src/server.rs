@@ -17,6 +17,7 @@ use tracing::{info, warn};
 use crate::config::{Config, Mode};
 use crate::fds;
 use crate::inbound;
+use crate::inbound::admission::Admission;
 use crate::inbound::tcp::TcpContext;
 use crate::outbound::Outbound;
 use crate::relay::udp::UdpRelay;
@@ -162,6 +163,10 @@ impl Server {
                 mode: cfg.mode,
                 router: router.clone(),
                 idle: cfg.timeouts.tcp_idle,
+                admission: Admission::new(
+                    cfg.limits.tcp_flows,
+                    cfg.limits.tcp_connecting_per_client,
+                ),
             });
             tcp_task = Some(tokio::spawn(inbound::tcp::serve(listener, ctx, tcp_stop)));
         }

@@ -14,9 +14,14 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
+
+/// Nothing answers here: the WAN side drops every packet to it.
+const BLACKHOLE_V4: &str = "198.51.100.66";
+/// A second client address on the LAN.
+const LAN2_V4: &str = "192.0.2.3";
 
 fn bed(mode: Mode) -> Option<Testbed> {
     can_run().then(|| {
@@ -62,8 +67,35 @@ impl OwnTproxyd {
         own
     }
 
+    /// From a config file: direct outbound, no rules of its own, and the
+    /// given extra sections.
+    fn with_config(tb: &mut Testbed, sections: &str) -> OwnTproxyd {
+        let file = tb.dir.join("limits.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "listen = \"[::]:{PROXY_PORT}\"\nmode = \"tproxy\"\n\
+                 [outbound]\ntype = \"direct\"\n[firewall]\nbackend = \"none\"\n{sections}"
+            ),
+        )
+        .unwrap();
+        let path = file.display().to_string();
+        OwnTproxyd::start(tb, &[], &["run", "--verbose", "-c", &path])
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Descriptors tproxyd holds now.
+    fn descriptors(&self) -> usize {
+        // `ip netns exec` and `prlimit` exec in place: the child is tproxyd.
+        let pid = self.child.id();
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+        assert_eq!(comm.trim(), "tproxyd");
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
     }
 }
 
@@ -215,6 +247,123 @@ fn low_descriptor_limit_makes_connections_wait_not_reset() {
         "no warning about descriptors:\n{log}"
     );
     assert!(!log.contains("Too many open files"), "{log}");
+}
+
+/// Issue 8: connects to a blackholed address piled up without bound.
+/// Beyond `limits.tcp_connecting_per_client` connects in progress, that
+/// client's new connections are reset at once; another client is served
+/// as usual, and tproxyd's descriptors stay few.
+#[test]
+fn connects_in_progress_are_bounded_per_client() {
+    const LIMIT: usize = 8;
+    const EXTRA: usize = 150;
+    let Some(mut tb) = bed(Mode::Tproxy) else {
+        return;
+    };
+    tb.wan.nft(&format!(
+        "table inet blackhole {{
+           chain pre {{
+             type filter hook prerouting priority -300; policy accept;
+             ip daddr {BLACKHOLE_V4} drop
+           }}
+         }}"
+    ));
+    tb.lan.ip(&format!("addr add {LAN2_V4}/24 dev l0"));
+    let own = OwnTproxyd::with_config(
+        &mut tb,
+        &format!("[timeouts]\nconnect = 60\n[limits]\ntcp_connecting_per_client = {LIMIT}\n"),
+    );
+    let blackhole = addr(BLACKHOLE_V4, 80);
+    let quick = Duration::from_secs(2);
+    tb.lan.enter(|| {
+        // These wait for an upstream that never answers.
+        let hanging: Vec<TcpStream> = (0..LIMIT)
+            .map(|i| {
+                connect_from(Some(LAN_V4), blackhole, quick)
+                    .unwrap_or_else(|e| panic!("connect {i}: {e}"))
+            })
+            .collect();
+        // tproxyd takes its backlog in order: all of these come after the
+        // eight and find the client's connects used up.
+        for i in 0..EXTRA {
+            let start = Instant::now();
+            let kind = turned_away(Some(LAN_V4), blackhole, quick);
+            assert_eq!(
+                kind,
+                ErrorKind::ConnectionReset,
+                "extra connect {i}: {kind:?} after {:?}",
+                start.elapsed()
+            );
+        }
+        // Another client is not held up by the first one's flood.
+        let mut s = connect_from(Some(LAN2_V4), Family::V4.remote_a(ECHO_PORT), quick).unwrap();
+        let peer = echo_on(&mut s, b"second client\n").unwrap();
+        assert_eq!(peer.ip(), Family::V4.hop(Upstream::Direct));
+        let fds = own.descriptors();
+        // About 15 of its own, two per hanging connect, nothing for the
+        // refused ones (the issue's build held two for each of them).
+        assert!(fds < 60, "tproxyd holds {fds} descriptors");
+        drop(hanging);
+    });
+    let log = own.log();
+    assert!(
+        log.contains("limits.tcp_connecting_per_client"),
+        "no warning naming the limit:\n{log}"
+    );
+}
+
+/// Beyond `limits.tcp_flows` open flows, new connections are reset at
+/// once; when a flow ends, its place is free again.
+#[test]
+fn flows_beyond_tcp_flows_are_reset_at_once() {
+    const FLOWS: usize = 10;
+    let Some(mut tb) = bed(Mode::Tproxy) else {
+        return;
+    };
+    let own = OwnTproxyd::with_config(
+        &mut tb,
+        &format!("[limits]\ntcp_flows = {FLOWS}\ntcp_connecting_per_client = {FLOWS}\n"),
+    );
+    let dst = Family::V4.remote_a(ECHO_PORT);
+    let quick = Duration::from_secs(2);
+    tb.lan.enter(|| {
+        // Ten flows, each shown open by the server's first line.
+        let mut open: Vec<TcpStream> = (0..FLOWS)
+            .map(|i| {
+                let mut s = connect_from(None, dst, quick).unwrap();
+                s.set_read_timeout(Some(quick)).unwrap();
+                let mut line = [0u8; 5];
+                s.read_exact(&mut line)
+                    .unwrap_or_else(|e| panic!("flow {i} not carried: {e}"));
+                assert_eq!(&line, b"peer=");
+                s
+            })
+            .collect();
+        for i in 0..5 {
+            let kind = turned_away(None, dst, quick);
+            assert_eq!(
+                kind,
+                ErrorKind::ConnectionReset,
+                "connection {i} past the limit"
+            );
+        }
+        // One flow ends; its place is free again once tproxyd sees the end.
+        let mut first = open.remove(0);
+        first.shutdown(Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        first.read_to_end(&mut rest).unwrap();
+        let served = wait_until(Duration::from_secs(5), || {
+            connect_from(None, dst, quick)
+                .and_then(|mut s| echo_on(&mut s, b"after one ended\n"))
+                .is_ok()
+        });
+        assert!(served, "no place came free after a flow ended");
+    });
+    let log = own.log();
+    assert!(
+        log.contains("limits.tcp_flows"),
+        "no warning naming the limit:\n{log}"
+    );
 }
 
 /// A flood of connections straight to the listener writes a few warning

@@ -13,6 +13,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Mode;
 use crate::fds;
+use crate::inbound::admission::{Admission, Refusal, Ticket};
 use crate::outbound::OutboundError;
 use crate::ratelimit::{RateLimit, WARN_INTERVAL};
 use crate::relay::tcp::{relay, release_spare_pipes};
@@ -25,12 +26,15 @@ pub struct TcpContext {
     pub mode: Mode,
     pub router: Router,
     pub idle: Duration,
+    pub admission: Arc<Admission>,
 }
 
 // Every warning below can repeat per connection: a flood must not write
 // one line each. One line per interval, with the count held back since.
 static ACCEPT_FAILED: RateLimit = RateLimit::new(WARN_INTERVAL);
 static PAUSED: RateLimit = RateLimit::new(WARN_INTERVAL);
+static OVER_FLOWS: RateLimit = RateLimit::new(WARN_INTERVAL);
+static OVER_CONNECTING: RateLimit = RateLimit::new(WARN_INTERVAL);
 static NO_ORIG_DST: RateLimit = RateLimit::new(WARN_INTERVAL);
 static LOOP: RateLimit = RateLimit::new(WARN_INTERVAL);
 static UPSTREAM_NO_FDS: RateLimit = RateLimit::new(WARN_INTERVAL);
@@ -70,7 +74,8 @@ pub async fn serve(listener: TcpListener, ctx: Arc<TcpContext>, mut stop: watch:
                     "not accepting TCP connections for now: the open-files limit leaves no \
                      descriptor for one more flow's upstream side; new connections wait in the \
                      listen backlog until flows end. Raise the open-files limit (LimitNOFILE= \
-                     in the service unit, ulimit -n)"
+                     in the service unit, ulimit -n), or set limits.tcp_flows lower to refuse \
+                     the excess at once instead"
                 );
             }
         }
@@ -82,7 +87,12 @@ pub async fn serve(listener: TcpListener, ctx: Arc<TcpContext>, mut stop: watch:
                     // so the next turn of the loop sees this flow.
                     let held = budget.hold(fds::PER_FLOW);
                     let client = sys::normalize(peer);
-                    flows.spawn(handle(stream, client, Arc::clone(&ctx), held));
+                    match ctx.admission.admit(client.ip()) {
+                        Ok(ticket) => {
+                            flows.spawn(handle(stream, client, Arc::clone(&ctx), ticket, held));
+                        }
+                        Err(refusal) => refuse(stream, client, refusal),
+                    }
                 }
                 Err(e) => {
                     // EMFILE/ENFILE: descriptors ran out outside the
@@ -119,6 +129,19 @@ pub async fn serve(listener: TcpListener, ctx: Arc<TcpContext>, mut stop: watch:
     }
 }
 
+/// Resets a connection over a flow limit, with a warning that names the
+/// limit.
+fn refuse(stream: TcpStream, client: SocketAddr, refusal: Refusal) {
+    let limit = match refusal {
+        Refusal::Flows { .. } => &OVER_FLOWS,
+        Refusal::ConnectingPerClient { .. } => &OVER_CONNECTING,
+    };
+    if let Some(held_back) = limit.check() {
+        warn!(%client, held_back, "TCP connection reset: {refusal}");
+    }
+    reset(stream);
+}
+
 fn original_destination(stream: &TcpStream, mode: Mode) -> io::Result<SocketAddr> {
     let local = stream.local_addr()?;
     match mode {
@@ -133,7 +156,13 @@ fn reset(stream: TcpStream) {
     drop(stream);
 }
 
-async fn handle(stream: TcpStream, client: SocketAddr, ctx: Arc<TcpContext>, _held: fds::Held) {
+async fn handle(
+    stream: TcpStream,
+    client: SocketAddr,
+    ctx: Arc<TcpContext>,
+    mut ticket: Ticket,
+    _held: fds::Held,
+) {
     let started = Instant::now();
     let dst = match original_destination(&stream, ctx.mode) {
         Ok(d) => d,
@@ -157,6 +186,7 @@ async fn handle(stream: TcpStream, client: SocketAddr, ctx: Arc<TcpContext>, _he
     // Boxed so the connect state (a SOCKS5 handshake is large) is freed
     // once connected instead of sizing the task of every long-lived flow.
     let connected = Box::pin(outbound.connect_tcp(dst)).await;
+    ticket.connected();
     let upstream = match connected {
         Ok(u) => u,
         Err(e) => {
@@ -199,7 +229,7 @@ fn log_connect_failure(client: SocketAddr, dst: SocketAddr, outbound: &str, e: &
     use crate::outbound::socks5::Socks5Error;
     if out_of_descriptors(e) {
         if let Some(held_back) = UPSTREAM_NO_FDS.check() {
-            warn!(%client, %dst, outbound, held_back, "TCP connection reset: no file descriptor left for its upstream side ({e}). Descriptors taken outside the TCP flows' count (UDP sessions, reply sockets) ran out the open-files limit; raise it (LimitNOFILE= in the service unit, ulimit -n) or lower limits.udp_sessions");
+            warn!(%client, %dst, outbound, held_back, "TCP connection reset: no file descriptor left for its upstream side ({e}). Descriptors taken outside the TCP flows' count (UDP sessions, reply sockets) ran out the open-files limit; raise it (LimitNOFILE= in the service unit, ulimit -n) or lower limits.tcp_flows and limits.udp_sessions");
         }
         return;
     }
