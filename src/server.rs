@@ -15,7 +15,9 @@ use tokio::net::{TcpListener, UdpSocket};
 use tracing::{info, warn};
 
 use crate::config::{Config, Mode};
+use crate::fds;
 use crate::inbound;
+use crate::inbound::admission::Admission;
 use crate::inbound::tcp::TcpContext;
 use crate::outbound::Outbound;
 use crate::relay::udp::UdpRelay;
@@ -82,6 +84,34 @@ fn bind_error(proto: &'static str, addr: SocketAddr, source: io::Error) -> Start
     }
 }
 
+/// Sets up the descriptor budget ([`fds`]) from the soft open-files limit
+/// and the descriptors open now (listeners, runtime), once the runtime
+/// runs. Without a readable limit, accounting stays off and descriptor
+/// exhaustion shows as EMFILE warnings instead.
+fn init_descriptor_budget(tcp_flows: usize) {
+    let (limit, open) = match (sys::nofile_limit(), sys::open_descriptors()) {
+        (Ok(limit), Ok(open)) => (limit, open),
+        (Err(e), _) | (_, Err(e)) => {
+            warn!("cannot read the open-files limit or the descriptors in use ({e}); TCP connections are accepted without a descriptor budget");
+            return;
+        }
+    };
+    let budget = fds::global();
+    budget.init(limit, open);
+    if let Some(capacity) = budget.flow_capacity() {
+        if capacity < tcp_flows {
+            info!(
+                open_files_limit = limit,
+                in_use = open,
+                reserve = budget.reserve(),
+                "the open-files limit allows about {capacity} TCP flows at once, fewer than \
+                 limits.tcp_flows ({tcp_flows}); beyond that new connections wait in the listen \
+                 backlog"
+            );
+        }
+    }
+}
+
 /// Listeners bound and ready to serve.
 pub struct Server {
     cfg: Config,
@@ -111,7 +141,7 @@ impl Server {
             }
         }
         match sys::raise_nofile_limit() {
-            Ok(n) if n < 4096 => warn!("open-files limit is {n}; each TCP flow takes two descriptors, so a few thousand flows will hit it"),
+            Ok(n) if n < 4096 => warn!("open-files limit is {n}; each TCP flow takes two descriptors, so a few hundred flows will reach it, and new connections then wait in the listen backlog. Raise it (LimitNOFILE= in the service unit, ulimit -n)"),
             Ok(_) => {}
             Err(e) => warn!("cannot raise the open-files limit: {e}"),
         }
@@ -166,10 +196,15 @@ impl Server {
 
         if let Some(l) = self.tcp {
             let listener = TcpListener::from_std(l).map_err(StartError::Runtime)?;
+            init_descriptor_budget(cfg.limits.tcp_flows);
             let ctx = Arc::new(TcpContext {
                 mode: cfg.mode,
                 router: router.clone(),
                 idle: cfg.timeouts.tcp_idle,
+                admission: Admission::new(
+                    cfg.limits.tcp_flows,
+                    cfg.limits.tcp_connecting_per_client,
+                ),
             });
             tcp_task = Some(tokio::spawn(inbound::tcp::serve(listener, ctx, tcp_stop)));
         }

@@ -8,5 +8,6 @@
 //! - UDP, `tproxy` mode only: each datagram carries its original
 //!   destination in an `IP_RECVORIGDSTADDR` control message.
 
+pub mod admission;
 pub mod tcp;
 pub mod udp;

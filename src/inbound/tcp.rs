@@ -12,8 +12,11 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::config::Mode;
+use crate::fds;
+use crate::inbound::admission::{Admission, Refusal, Ticket};
 use crate::outbound::OutboundError;
-use crate::relay::tcp::relay;
+use crate::ratelimit::{RateLimit, WARN_INTERVAL};
+use crate::relay::tcp::{relay, release_spare_pipes};
 use crate::route::{Decision, Protocol, Router};
 use crate::sys;
 
@@ -23,6 +26,24 @@ pub struct TcpContext {
     pub mode: Mode,
     pub router: Router,
     pub idle: Duration,
+    pub admission: Arc<Admission>,
+}
+
+// Every warning below can repeat per connection: a flood must not write
+// one line each. One line per interval, with the count held back since.
+static ACCEPT_FAILED: RateLimit = RateLimit::new(WARN_INTERVAL);
+static PAUSED: RateLimit = RateLimit::new(WARN_INTERVAL);
+static OVER_FLOWS: RateLimit = RateLimit::new(WARN_INTERVAL);
+static OVER_CONNECTING: RateLimit = RateLimit::new(WARN_INTERVAL);
+static NO_ORIG_DST: RateLimit = RateLimit::new(WARN_INTERVAL);
+static LOOP: RateLimit = RateLimit::new(WARN_INTERVAL);
+static UPSTREAM_NO_FDS: RateLimit = RateLimit::new(WARN_INTERVAL);
+static UPSTREAM_FAILED: RateLimit = RateLimit::new(WARN_INTERVAL);
+
+/// Whether there is a descriptor for one more flow's upstream side; if
+/// not, the pooled pipes are closed first and the question asked again.
+fn room_for_a_flow(budget: &fds::Budget) -> bool {
+    budget.room_for(fds::PER_FLOW) || (release_spare_pipes() > 0 && budget.room_for(fds::PER_FLOW))
 }
 
 /// Accepts until `stop` turns true, then ends every flow it carries (each
@@ -30,30 +51,68 @@ pub struct TcpContext {
 /// removes the firewall rules only after that: a socket closed once the
 /// rules are gone would wait in vain for its peer's last packets, and a
 /// new client that reused its port would hang on it.
+///
+/// Accepting pauses while the descriptor budget ([`fds`]) has no room for
+/// one more flow: a connection accepted then would have no descriptor for
+/// its upstream side and be reset. Paused, connections wait in the listen
+/// backlog (and, once it is full, in the clients' SYN retries) until
+/// flows end.
 pub async fn serve(listener: TcpListener, ctx: Arc<TcpContext>, mut stop: watch::Receiver<bool>) {
+    let budget = fds::global();
     let mut flows = JoinSet::new();
-    let mut last_warning: Option<Instant> = None;
+    let mut paused = false;
     loop {
+        let room = room_for_a_flow(budget);
+        if !room && !paused {
+            if let Some(held_back) = PAUSED.check() {
+                warn!(
+                    in_use = budget.in_use(),
+                    limit = budget.limit(),
+                    reserve = budget.reserve(),
+                    flows = flows.len(),
+                    held_back,
+                    "not accepting TCP connections for now: the open-files limit leaves no \
+                     descriptor for one more flow's upstream side; new connections wait in the \
+                     listen backlog until flows end. Raise the open-files limit (LimitNOFILE= \
+                     in the service unit, ulimit -n), or set limits.tcp_flows lower to refuse \
+                     the excess at once instead"
+                );
+            }
+        }
+        paused = !room;
         tokio::select! {
-            accepted = listener.accept() => match accepted {
+            accepted = listener.accept(), if room => match accepted {
                 Ok((stream, peer)) => {
-                    flows.spawn(handle(stream, peer, Arc::clone(&ctx)));
+                    // Counted at once, the upstream's descriptor included,
+                    // so the next turn of the loop sees this flow.
+                    let held = budget.hold(fds::PER_FLOW);
+                    let client = sys::normalize(peer);
+                    match ctx.admission.admit(client.ip()) {
+                        Ok(ticket) => {
+                            flows.spawn(handle(stream, client, Arc::clone(&ctx), ticket, held));
+                        }
+                        Err(refusal) => refuse(stream, client, refusal),
+                    }
                 }
                 Err(e) => {
-                    // EMFILE/ENFILE: out of descriptors. The connection stays in
-                    // the backlog; back off instead of spinning, and say why.
+                    // EMFILE/ENFILE: descriptors ran out outside the
+                    // budget's count (UDP sessions, other uses). The
+                    // connection stays in the backlog; back off instead of
+                    // spinning, and say why.
                     let exhausted = matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE));
-                    if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
-                        last_warning = Some(Instant::now());
+                    if let Some(held_back) = ACCEPT_FAILED.check() {
                         if exhausted {
-                            warn!("accept failed: out of file descriptors ({e}); new TCP flows wait until some close. Raise the open-files limit (LimitNOFILE=) if this is normal load");
+                            warn!(held_back, "accept failed: out of file descriptors ({e}); new TCP connections wait in the listen backlog until descriptors are free. Raise the open-files limit (LimitNOFILE= in the service unit, ulimit -n)");
                         } else {
-                            warn!("accept failed: {e}");
+                            warn!(held_back, "accept failed: {e}");
                         }
                     }
                     tokio::time::sleep(Duration::from_millis(if exhausted { 100 } else { 10 })).await;
                 }
             },
+            // Paused: look again when a flow ends (the branch below) or
+            // after a moment, for descriptors freed outside flows (pipes).
+            _ = tokio::time::sleep(Duration::from_millis(50)), if !room => {}
             // Reap finished flows so the set holds only live ones.
             Some(_) = flows.join_next(), if !flows.is_empty() => {}
             // Any change is the stop (only `true` is ever sent), and a
@@ -70,6 +129,19 @@ pub async fn serve(listener: TcpListener, ctx: Arc<TcpContext>, mut stop: watch:
     }
 }
 
+/// Resets a connection over a flow limit, with a warning that names the
+/// limit.
+fn refuse(stream: TcpStream, client: SocketAddr, refusal: Refusal) {
+    let limit = match refusal {
+        Refusal::Flows { .. } => &OVER_FLOWS,
+        Refusal::ConnectingPerClient { .. } => &OVER_CONNECTING,
+    };
+    if let Some(held_back) = limit.check() {
+        warn!(%client, held_back, "TCP connection reset: {refusal}");
+    }
+    reset(stream);
+}
+
 fn original_destination(stream: &TcpStream, mode: Mode) -> io::Result<SocketAddr> {
     let local = stream.local_addr()?;
     match mode {
@@ -84,27 +156,38 @@ fn reset(stream: TcpStream) {
     drop(stream);
 }
 
-async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<TcpContext>) {
+async fn handle(
+    stream: TcpStream,
+    client: SocketAddr,
+    ctx: Arc<TcpContext>,
+    mut ticket: Ticket,
+    _held: fds::Held,
+) {
     let started = Instant::now();
-    let client = sys::normalize(peer);
     let dst = match original_destination(&stream, ctx.mode) {
         Ok(d) => d,
         Err(e) => {
-            warn!(%client, "no original destination for TCP connection ({e}): it did not come through a {} rule; refused", ctx.mode);
+            if let Some(held_back) = NO_ORIG_DST.check() {
+                warn!(%client, held_back, "no original destination for TCP connection ({e}): it did not come through a {} rule; refused", ctx.mode);
+            }
             return reset(stream);
         }
     };
     let outbound = match ctx.router.decide(Protocol::Tcp, dst) {
         Decision::Forward(o) => o,
         Decision::RefuseLoop => {
-            warn!(%client, %dst, "refused TCP connection to tproxyd's own listener (routing loop or a direct connection to the listener)");
+            if let Some(held_back) = LOOP.check() {
+                warn!(%client, %dst, held_back, "refused TCP connection to tproxyd's own listener (routing loop or a direct connection to the listener)");
+            }
             return reset(stream);
         }
     };
     let _ = stream.set_nodelay(true);
     // Boxed so the connect state (a SOCKS5 handshake is large) is freed
     // once connected instead of sizing the task of every long-lived flow.
-    let upstream = match Box::pin(outbound.connect_tcp(dst)).await {
+    let connected = Box::pin(outbound.connect_tcp(dst)).await;
+    ticket.connected();
+    let upstream = match connected {
         Ok(u) => u,
         Err(e) => {
             log_connect_failure(client, dst, outbound.name(), &e);
@@ -127,16 +210,69 @@ async fn handle(stream: TcpStream, peer: SocketAddr, ctx: Arc<TcpContext>) {
     );
 }
 
-/// Problems with the upstream itself are worth a warning; a destination
-/// that refuses is an ordinary event on the internet.
+/// Whether a connect failed because this process ran out of descriptors
+/// (EMFILE) or the whole system did (ENFILE).
+fn out_of_descriptors(e: &OutboundError) -> bool {
+    use crate::outbound::socks5::Socks5Error;
+    let io = match e {
+        OutboundError::Connect { source, .. } => source,
+        OutboundError::Socks5(Socks5Error::Unreachable { source, .. }) => source,
+        _ => return false,
+    };
+    matches!(io.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+}
+
+/// Problems with the upstream itself, and running out of descriptors, are
+/// worth a warning; a destination that refuses is an ordinary event on
+/// the internet.
 fn log_connect_failure(client: SocketAddr, dst: SocketAddr, outbound: &str, e: &OutboundError) {
     use crate::outbound::socks5::Socks5Error;
+    if out_of_descriptors(e) {
+        if let Some(held_back) = UPSTREAM_NO_FDS.check() {
+            warn!(%client, %dst, outbound, held_back, "TCP connection reset: no file descriptor left for its upstream side ({e}). Descriptors taken outside the TCP flows' count (UDP sessions, reply sockets) ran out the open-files limit; raise it (LimitNOFILE= in the service unit, ulimit -n) or lower limits.tcp_flows and limits.udp_sessions");
+        }
+        return;
+    }
     match e {
         OutboundError::Socks5(Socks5Error::Rejected { .. })
         | OutboundError::Connect { .. }
         | OutboundError::ConnectTimeout { .. } => {
             debug!(%client, %dst, outbound, "connect failed: {e}")
         }
-        _ => warn!(%client, %dst, outbound, "{e}"),
+        _ => {
+            if let Some(held_back) = UPSTREAM_FAILED.check() {
+                warn!(%client, %dst, outbound, held_back, "{e}")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbound::socks5::Socks5Error;
+
+    #[test]
+    fn descriptor_exhaustion_is_told_apart_from_other_connect_failures() {
+        let dst: SocketAddr = "198.51.100.10:7".parse().unwrap();
+        let emfile = OutboundError::Connect {
+            dst,
+            source: io::Error::from_raw_os_error(libc::EMFILE),
+        };
+        assert!(out_of_descriptors(&emfile));
+        let socks = OutboundError::Socks5(Socks5Error::Unreachable {
+            server: dst,
+            source: io::Error::from_raw_os_error(libc::ENFILE),
+        });
+        assert!(out_of_descriptors(&socks));
+        let refused = OutboundError::Connect {
+            dst,
+            source: io::Error::from_raw_os_error(libc::ECONNREFUSED),
+        };
+        assert!(!out_of_descriptors(&refused));
+        assert!(!out_of_descriptors(&OutboundError::ConnectTimeout {
+            dst,
+            secs: 1
+        }));
     }
 }

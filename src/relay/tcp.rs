@@ -18,6 +18,7 @@ use std::future::Future;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use crate::fds;
 use crate::relay::spares::Spares;
 use crate::sys;
 
@@ -95,21 +96,50 @@ impl Side {
     }
 }
 
+/// A pipe and its place in the descriptor count ([`fds`]): pipes are
+/// counted so that the accept loop leaves room for them, and a pipe that
+/// would eat into the reserve is not made at all.
+struct CountedPipe {
+    pipe: sys::Pipe,
+    _held: fds::Held,
+}
+
 /// Pipes kept for reuse. A direction takes one when data arrives and gives
 /// it back, empty, when its socket has nothing more to read, so an idle
 /// flow holds no pipe (two descriptors and kernel buffers) at all, while a
 /// busy one does not pay pipe2/close per burst.
-static SPARE_PIPES: Spares<sys::Pipe> = Spares::new(64);
+static SPARE_PIPES: Spares<CountedPipe> = Spares::new(64);
 
-fn take_pipe() -> io::Result<sys::Pipe> {
-    match SPARE_PIPES.take() {
-        Some(pipe) => Ok(pipe),
-        None => sys::Pipe::new(),
+/// A pipe from the pool or a new one; `None` when none can be had (no
+/// room in the descriptor budget, or pipe2 failed): the caller copies
+/// instead.
+fn take_pipe() -> Option<CountedPipe> {
+    if let Some(pipe) = SPARE_PIPES.take() {
+        return Some(pipe);
     }
+    let budget = fds::global();
+    if !budget.room_for(fds::PER_PIPE) {
+        return None;
+    }
+    let held = budget.hold(fds::PER_PIPE);
+    sys::Pipe::new()
+        .ok()
+        .map(|pipe| CountedPipe { pipe, _held: held })
 }
 
-fn give_back_pipe(pipe: sys::Pipe) {
+fn give_back_pipe(pipe: CountedPipe) {
     SPARE_PIPES.give_back(pipe)
+}
+
+/// Closes the pooled pipes. The accept loop calls it when it runs short of
+/// descriptors: a connection waiting to be accepted needs them more than
+/// an idle pipe does.
+pub fn release_spare_pipes() -> usize {
+    let mut released = 0;
+    while SPARE_PIPES.take().is_some() {
+        released += 1;
+    }
+    released
 }
 
 /// The most one splice call moves: the default pipe capacity.
@@ -124,11 +154,13 @@ const SPLICE_CHUNK: usize = 64 * 1024;
 /// copy path, a buffer) only while bytes are in flight.
 struct OneWay {
     from_side: Side,
-    pipe: Option<sys::Pipe>,
+    pipe: Option<CountedPipe>,
     /// Bytes spliced into the pipe and not yet out of it.
     in_pipe: usize,
     moved_any: bool,
-    /// Set once the kernel refused splice: the copy path.
+    /// Set once the kernel refused splice, or no pipe could be had: the
+    /// copy path, for the rest of the flow (a flow that ran short once is
+    /// likely to again, and copying is correct, only dearer).
     copy: Option<CopyState>,
     done: bool,
 }
@@ -187,7 +219,7 @@ impl OneWay {
             while self.in_pipe > 0 {
                 ready!(to.poll_write_ready(cx)).map_err(|e| self.dst_err(e))?;
                 let Some(pipe) = &self.pipe else { break };
-                match to.try_io(Interest::WRITABLE, || pipe.drain_to(to, self.in_pipe)) {
+                match to.try_io(Interest::WRITABLE, || pipe.pipe.drain_to(to, self.in_pipe)) {
                     Ok(n) => {
                         self.in_pipe -= n;
                         counter.fetch_add(n as u64, Ordering::Relaxed);
@@ -201,13 +233,17 @@ impl OneWay {
             ready!(from.poll_read_ready(cx)).map_err(|e| self.src_err(e))?;
             let pipe = match self.pipe.take() {
                 Some(pipe) => pipe,
+                // No pipe to be had (out of descriptors): copy instead. A
+                // direction without a pipe has nothing in one, so switching
+                // loses no byte, and the flow lives on instead of failing.
                 None => match take_pipe() {
-                    Ok(pipe) => pipe,
-                    Err(_) if !self.moved_any => return self.fall_back_to_copy(cx, ends),
-                    Err(e) => return Poll::Ready(Err(self.src_err(e))),
+                    Some(pipe) => pipe,
+                    None => return self.fall_back_to_copy(cx, ends),
                 },
             };
-            match from.try_io(Interest::READABLE, || pipe.fill_from(from, SPLICE_CHUNK)) {
+            match from.try_io(Interest::READABLE, || {
+                pipe.pipe.fill_from(from, SPLICE_CHUNK)
+            }) {
                 Ok(0) => {
                     give_back_pipe(pipe);
                     meter.touch();
@@ -234,7 +270,8 @@ impl OneWay {
         self.poll_copy(cx, ends)
     }
 
-    /// The copy path, for sockets the kernel will not splice. Its buffer
+    /// The copy path, for sockets the kernel will not splice or when no
+    /// pipe is to be had. Its buffer
     /// exists only while data flows, like the pipe.
     fn poll_copy(&mut self, cx: &mut Context<'_>, ends: &Ends<'_>) -> Poll<DirResult> {
         let (from_side, to_side) = (self.from_side, self.from_side.other());
