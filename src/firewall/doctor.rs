@@ -11,6 +11,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::path::Path;
 
+use super::iptables::Family;
 use super::{iptables, nft, policy_route, run_tool, Plan, ToolFailure};
 use crate::config::{Backend, Config, Mode};
 
@@ -271,21 +272,6 @@ fn bound(proto: &str, port: u16) -> bool {
                 })
             })
         })
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Family {
-    V4,
-    V6,
-}
-
-impl fmt::Display for Family {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Family::V4 => "IPv4",
-            Family::V6 => "IPv6",
-        })
-    }
 }
 
 /// Where an installed rule sends captured flows of one family: the
