@@ -1038,3 +1038,12 @@ pub fn udp_echo(
         Some((from, peer))
     })
 }
+
+impl Testbed {
+    /// Starts dante again after [`stop_dante`](Self::stop_dante), without
+    /// authentication, and waits until it listens.
+    pub fn restart_dante(&mut self) {
+        assert!(self.dante.is_none(), "dante already running");
+        self.start_dante(false);
+    }
+}
