@@ -85,6 +85,12 @@ impl Backoff {
         }
     }
 
+    /// Whether the outbound failed since its last success: a session
+    /// admitted freely just before should not dial after all.
+    pub fn failing(&self) -> bool {
+        lock(&self.state).failures != 0
+    }
+
     /// The session opened: the outbound works, the back-off ends.
     pub fn opened(&self, _permit: Permit) {
         let mut s = lock(&self.state);
@@ -133,7 +139,9 @@ mod tests {
         let b = Backoff::new();
         let t0 = Instant::now();
         assert_eq!(b.admit(t0), Ok(Permit::Free));
+        assert!(!b.failing());
         assert_eq!(b.failed(Permit::Free, t0, "refused"), FIRST);
+        assert!(b.failing());
         // A session that was dialing at the same time fails too: the
         // interval does not grow for it.
         assert_eq!(
@@ -163,6 +171,7 @@ mod tests {
         let permit = b.admit(now).unwrap();
         assert_eq!(permit, Permit::Probe);
         b.opened(permit);
+        assert!(!b.failing());
         assert_eq!(b.admit(now), Ok(Permit::Free));
         assert_eq!(b.admit(now), Ok(Permit::Free));
         // And a new outage starts again at the first interval.

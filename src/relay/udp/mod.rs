@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::config::{Limits, Timeouts};
@@ -360,7 +360,25 @@ pub struct UdpRelay {
     /// For the one outbound of the instance (see [`crate::route`]); with
     /// several, each would get its own.
     backoff: Backoff,
+    /// Slots for sessions opening their upstream (see [`OPENING_AT_ONCE`]).
+    opening: Semaphore,
     warnings: Warnings,
+}
+
+/// Most sessions opening their upstream at once (a SOCKS5 handshake each).
+/// Others wait in turn, their datagrams queued; 64 handshakes at once
+/// still open hundreds of sessions a second over a slow link.
+const OPENING_AT_ONCE: usize = 64;
+
+/// Why a session's upstream did not open.
+enum OpenFailure {
+    /// Another session's open failed while this one waited: back-off.
+    BackingOff,
+    Failed {
+        error: String,
+        /// How long new sessions now fail at once.
+        backing_off: Duration,
+    },
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -386,6 +404,7 @@ impl UdpRelay {
             replies: ReplySockets::new(limits.udp_reply_sockets, mark),
             stats: UdpStats::default(),
             backoff: Backoff::new(),
+            opening: Semaphore::new(OPENING_AT_ONCE),
             warnings: Warnings::default(),
         })
     }
@@ -758,6 +777,36 @@ impl UdpRelay {
         Some((timeout - idle).min(self.idle_check))
     }
 
+    /// Opens the upstream of a session, at most [`OPENING_AT_ONCE`] at a
+    /// time, and tells the back-off how it went.
+    ///
+    /// The failure is recorded before the slot is given back, so sessions
+    /// waiting for a slot see it and fail at once instead of dialing: a
+    /// burst of new ports while the server is down costs about one slot's
+    /// worth of dials, however busy the machine.
+    async fn open_upstream(
+        &self,
+        outbound: &Outbound,
+        permit: Permit,
+    ) -> Result<UdpUpstream, OpenFailure> {
+        // The semaphore is never closed; should it be, open anyway.
+        let _slot = self.opening.acquire().await.ok();
+        if permit == Permit::Free && self.backoff.failing() {
+            return Err(OpenFailure::BackingOff);
+        }
+        match outbound.open_udp().await {
+            Ok(upstream) => {
+                self.backoff.opened(permit);
+                Ok(upstream)
+            }
+            Err(e) => {
+                let error = e.to_string();
+                let backing_off = self.backoff.failed(permit, Instant::now(), &error);
+                Err(OpenFailure::Failed { error, backing_off })
+            }
+        }
+    }
+
     async fn run_session(
         self: Arc<Self>,
         id: u64,
@@ -775,15 +824,24 @@ impl UdpRelay {
         // open instead of sizing every session's task for its whole life.
         // An eviction during the handshake ends it there.
         let opened = tokio::select! {
-            r = Box::pin(outbound.open_udp()) => Some(r),
+            r = Box::pin(self.open_upstream(&outbound, permit)) => Some(r),
             () = shared.evicted.notified() => None,
         };
         let end = match opened {
             None => {
+                // Ended before the outbound's verdict: another may retry.
                 self.backoff.release(permit);
                 "evicted".to_string()
             }
-            Some(Err(e)) => {
+            Some(Err(OpenFailure::BackingOff)) => {
+                // Admitted just before another session's failure came in.
+                let lost = shared.close_queue() as u64;
+                self.stats
+                    .datagrams_dropped_backoff
+                    .fetch_add(lost, Ordering::Relaxed);
+                "backing-off".to_string()
+            }
+            Some(Err(OpenFailure::Failed { error, backing_off })) => {
                 // Count what was queued so nothing is lost silently.
                 let lost = shared.close_queue();
                 self.stats
@@ -792,19 +850,16 @@ impl UdpRelay {
                 self.stats
                     .datagrams_dropped_queue
                     .fetch_add(lost as u64, Ordering::Relaxed);
-                let cause = e.to_string();
-                let backing_off = self.backoff.failed(permit, Instant::now(), &cause);
                 if let Some(n) = self.warnings.open_failed.check() {
                     warn!(
                         %client, outbound = outbound_name, dropped = lost,
-                        "UDP session failed to open: {cause}; new sessions through {outbound_name} fail at once for the next {} ms{}",
+                        "UDP session failed to open: {error}; new sessions through {outbound_name} fail at once for the next {} ms{}",
                         backing_off.as_millis(), held_back(n)
                     );
                 }
-                format!("open-failed: {cause}")
+                format!("open-failed: {error}")
             }
             Some(Ok(upstream)) => {
-                self.backoff.opened(permit);
                 debug!(proto = "udp", %client, outbound = outbound_name, "session open");
                 let upstream = Arc::new(upstream);
                 let _ = shared.upstream.set(Arc::clone(&upstream));
@@ -907,6 +962,19 @@ mod tests {
     }
 
     fn relay_for(sessions: usize, per_client: usize, timeouts: Timeouts) -> Arc<UdpRelay> {
+        let outbound = Outbound::Direct {
+            mark: 0,
+            connect_timeout: Duration::from_secs(1),
+        };
+        relay_through(outbound, sessions, per_client, timeouts)
+    }
+
+    fn relay_through(
+        outbound: Outbound,
+        sessions: usize,
+        per_client: usize,
+        timeouts: Timeouts,
+    ) -> Arc<UdpRelay> {
         let limits = Limits {
             udp_sessions: sessions,
             udp_sessions_per_client: per_client,
@@ -914,10 +982,6 @@ mod tests {
             threads: 1,
             tcp_flows: 16,
             tcp_connecting_per_client: 16,
-        };
-        let outbound = Outbound::Direct {
-            mark: 0,
-            connect_timeout: Duration::from_secs(1),
         };
         let router = Router::new("127.0.0.1:1090".parse().unwrap(), outbound);
         UdpRelay::new(router, timeouts, limits, 0)
@@ -1099,6 +1163,11 @@ mod tests {
         relay.dispatch(first, dst, &mut framed(b"1"));
         let mut buf = [0u8; 8];
         sink.recv(&mut buf).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while relay.ready_upstream(first).is_none() {
+            assert!(Instant::now() < deadline, "the session never opened");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         // Weak: this test must not keep the session's state alive itself.
         let (upstream, shared) = relay
             .ready_upstream(first)
@@ -1365,5 +1434,49 @@ mod tests {
                 "the session's task died ({idle:?}, {dns:?}, {unreplied:?})"
             );
         }
+    }
+
+    /// A SOCKS5 server that accepts and hangs up at once, as a broken one
+    /// would: 1,000 new client ports at once must not dial it 1,000 times.
+    /// Sessions waiting for an opening slot see the first failure and
+    /// fail at once; every datagram is counted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_failing_server_is_not_dialed_per_new_port() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::Relaxed);
+                drop(stream);
+            }
+        });
+        let outbound = Outbound::Socks5(crate::outbound::socks5::Socks5Client {
+            server,
+            auth: None,
+            mark: 0,
+            connect_timeout: Duration::from_secs(2),
+        });
+        let relay = relay_through(outbound, 4096, 4096, timeouts(secs(60), secs(10), secs(10)));
+        let dst: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        for p in 0..1000u16 {
+            relay.dispatch(port([127, 0, 0, 1], 10_000 + p), dst, &mut framed(b"x"));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while relay.session_count() > 0 {
+            assert!(Instant::now() < deadline, "sessions left opening");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let dials = accepted.load(Ordering::Relaxed);
+        assert!(
+            (1..=OPENING_AT_ONCE + 1).contains(&dials),
+            "{dials} dials for 1,000 new ports"
+        );
+        let stats = &relay.stats;
+        let dropped = stats.datagrams_dropped_backoff.load(Ordering::Relaxed)
+            + stats.datagrams_dropped_queue.load(Ordering::Relaxed);
+        assert_eq!(dropped, 1000, "every datagram counted");
+        assert!(relay.backoff.failing());
     }
 }
