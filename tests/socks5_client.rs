@@ -307,3 +307,36 @@ async fn udp_association_with_unspecified_relay_address() {
         .expect("association must end when the control connection closes");
     assert!(reason.contains("closed"), "{reason}");
 }
+
+/// A server that accepts UDP ASSOCIATE but names relay port 0 (with
+/// BND.ADDR 0.0.0.0 or ::): there is nowhere to send datagrams, and the
+/// session must fail to open, saying so, instead of sending into nothing.
+#[tokio::test]
+async fn udp_association_with_relay_port_0_is_refused_clearly() {
+    for bound in [
+        &[1u8, 0, 0, 0, 0][..],
+        &[4u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0][..],
+    ] {
+        let bound = bound.to_vec();
+        let server = fake_server(move |mut s| async move {
+            expect(&mut s, &[5, 1, 0]).await;
+            s.write_all(&[5, 0]).await.unwrap();
+            expect(&mut s, &[5, 3, 0, 1, 0, 0, 0, 0, 0, 0]).await;
+            let mut reply = vec![5, 0, 0];
+            reply.extend_from_slice(&bound);
+            reply.extend_from_slice(&[0, 0]);
+            s.write_all(&reply).await.unwrap();
+            // Keeps the control connection open, as a real server would.
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+        })
+        .await;
+        let err = Outbound::Socks5(client(server, None))
+            .open_udp()
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains(&server.to_string()), "{text}");
+        assert!(text.contains("no usable UDP relay port"), "{text}");
+    }
+}

@@ -11,15 +11,23 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tracing::{debug, warn};
 
 use crate::outbound::UDP_HEADROOM;
-use crate::relay::udp::{runnable, Run, UdpRelay, MAX_DATAGRAM};
+use crate::ratelimit::RateLimit;
+use crate::relay::udp::{held_back, runnable, Run, UdpRelay, MAX_DATAGRAM};
 use crate::sys::{self, RecvError};
+
+/// Datagrams without an original destination: a rule problem, repeated
+/// for every packet until it is fixed.
+static NO_ORIG_DST: RateLimit = RateLimit::new(crate::ratelimit::WARN_INTERVAL);
+/// Datagrams larger than tproxyd carries: IPv6 allows UDP payloads up to
+/// 65527 bytes, 20 more than IPv4 and than the buffers here.
+static OVERSIZE: RateLimit = RateLimit::new(crate::ratelimit::WARN_INTERVAL);
 
 /// Reads until the task is dropped.
 pub async fn serve(socket: UdpSocket, relay: Arc<UdpRelay>) {
@@ -30,7 +38,6 @@ pub async fn serve(socket: UdpSocket, relay: Arc<UdpRelay>) {
     let mut run = Run::new(UDP_HEADROOM);
     // Where a run through SOCKS5 is laid out again with its headers.
     let mut scratch = Vec::new();
-    let mut last_warning: Option<Instant> = None;
     let mut recv = |buf: &mut [u8]| match sys::recv_with_orig_dst(&socket, buf, &mut cmsg) {
         Err(RecvError::Io(e)) => Err(e),
         other => Ok(other),
@@ -67,9 +74,19 @@ pub async fn serve(socket: UdpSocket, relay: Arc<UdpRelay>) {
                 }
             }
             Ok(Err(e @ RecvError::NoOrigDst { .. })) => {
-                if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
-                    last_warning = Some(Instant::now());
-                    warn!("{e}");
+                if let Some(n) = NO_ORIG_DST.check() {
+                    warn!("{e}{}", held_back(n));
+                }
+            }
+            Ok(Err(RecvError::Truncated { src, cap })) => {
+                // The sender should know, as for an IPv4 datagram too
+                // large for the outbound.
+                if let Some(n) = OVERSIZE.check() {
+                    warn!(
+                        client = %src,
+                        "UDP datagram from {src} larger than {cap} bytes dropped: tproxyd carries UDP payloads up to {MAX_DATAGRAM} bytes (the IPv4 maximum), IPv6 allows up to 65527{}",
+                        held_back(n)
+                    );
                 }
             }
             Ok(Err(e)) => debug!("UDP datagram dropped: {e}"),

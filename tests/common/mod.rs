@@ -1078,4 +1078,11 @@ impl Testbed {
     pub fn tproxyd_args(&self) -> Vec<String> {
         self.tproxyd_cmd.clone()
     }
+
+    /// Starts dante again after [`stop_dante`](Self::stop_dante), without
+    /// authentication, and waits until it listens.
+    pub fn restart_dante(&mut self) {
+        assert!(self.dante.is_none(), "dante already running");
+        self.start_dante(false);
+    }
 }

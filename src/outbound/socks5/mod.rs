@@ -72,6 +72,14 @@ pub enum Socks5Error {
     },
     #[error("SOCKS5 server {server} named a relay by domain name ({name}); only IP relays are supported")]
     DomainRelay { server: SocketAddr, name: String },
+    #[error(
+        "SOCKS5 server {server} accepted UDP ASSOCIATE but gave no usable UDP relay port \
+         (BND {bound}); datagrams sent there would vanish, so the association is refused"
+    )]
+    NoRelayPort {
+        server: SocketAddr,
+        bound: SocketAddr,
+    },
 }
 
 impl Socks5Error {
@@ -153,7 +161,7 @@ impl Socks5Client {
             });
         }
         let relay = match reply.bound {
-            Address::Ip(a) => relay_address(a, self.server),
+            Address::Ip(a) => relay_address(a, self.server)?,
             Address::Domain(name, _) => {
                 return Err(Socks5Error::DomainRelay {
                     server: self.server,
@@ -279,14 +287,19 @@ impl Socks5Client {
 
 /// Many servers answer UDP ASSOCIATE with BND.ADDR 0.0.0.0 or `::`,
 /// meaning "the address you reached me at"; send to the server's own IP
-/// with BND.PORT then.
-pub fn relay_address(bound: SocketAddr, server: SocketAddr) -> SocketAddr {
+/// with BND.PORT then. BND.PORT 0 has no such reading: no datagram sent to
+/// port 0 arrives anywhere, so it is an error rather than a session whose
+/// datagrams vanish without a word.
+pub fn relay_address(bound: SocketAddr, server: SocketAddr) -> Result<SocketAddr, Socks5Error> {
     let bound = sys::normalize(bound);
-    if bound.ip().is_unspecified() {
+    if bound.port() == 0 {
+        return Err(Socks5Error::NoRelayPort { server, bound });
+    }
+    Ok(if bound.ip().is_unspecified() {
         SocketAddr::new(server.ip(), bound.port())
     } else {
         bound
-    }
+    })
 }
 
 #[cfg(test)]
@@ -296,17 +309,18 @@ mod tests {
     #[test]
     fn unspecified_relay_means_the_server_address() {
         let server: SocketAddr = "203.0.113.2:1080".parse().unwrap();
-        assert_eq!(
-            relay_address("0.0.0.0:40000".parse().unwrap(), server),
-            "203.0.113.2:40000".parse().unwrap()
-        );
-        assert_eq!(
-            relay_address("[::]:40000".parse().unwrap(), server),
-            "203.0.113.2:40000".parse().unwrap()
-        );
-        assert_eq!(
-            relay_address("203.0.113.9:5".parse().unwrap(), server),
-            "203.0.113.9:5".parse().unwrap()
-        );
+        let relay = |bound: &str| relay_address(bound.parse().unwrap(), server).unwrap();
+        assert_eq!(relay("0.0.0.0:40000"), "203.0.113.2:40000".parse().unwrap());
+        assert_eq!(relay("[::]:40000"), "203.0.113.2:40000".parse().unwrap());
+        assert_eq!(relay("203.0.113.9:5"), "203.0.113.9:5".parse().unwrap());
+    }
+
+    #[test]
+    fn a_relay_on_port_0_is_refused() {
+        let server: SocketAddr = "203.0.113.2:1080".parse().unwrap();
+        for bound in ["0.0.0.0:0", "[::]:0", "203.0.113.9:0"] {
+            let err = relay_address(bound.parse().unwrap(), server).unwrap_err();
+            assert!(matches!(err, Socks5Error::NoRelayPort { .. }), "{err}");
+        }
     }
 }

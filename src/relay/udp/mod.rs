@@ -12,25 +12,28 @@
 //! ([`ReplySockets`]); the sockets are cached, bounded and expire when
 //! idle.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::config::{Limits, Timeouts};
 use crate::outbound::{Outbound, UdpRecv, UdpUpstream, UDP_HEADROOM};
+use crate::ratelimit::RateLimit;
 use crate::relay::spares::Spares;
 use crate::route::{Decision, Protocol, Router};
 use crate::sys;
 
+mod backoff;
 mod replies;
 mod runs;
 
+use backoff::{Backoff, Permit};
 pub use replies::ReplySockets;
 use runs::{refuse_segments, SEGMENTS_REFUSED};
 pub use runs::{runnable, Run};
@@ -108,6 +111,12 @@ struct SessionShared {
     queue_ready: Notify,
     /// The last destination was port 53 (shorter idle timeout).
     last_was_dns: AtomicBool,
+    /// A datagram came back from upstream at least once. Sessions that
+    /// never got one are what a flood of new ports (or a scan) leaves
+    /// behind: they idle out sooner and are the ones evicted.
+    replied: AtomicBool,
+    /// Wakes the session's task to end it: it was evicted from the table.
+    evicted: Notify,
     up_bytes: AtomicU64,
     up_datagrams: AtomicU64,
 }
@@ -122,6 +131,8 @@ impl SessionShared {
             queue: Mutex::new(Queue::default()),
             queue_ready: Notify::new(),
             last_was_dns: AtomicBool::new(false),
+            replied: AtomicBool::new(false),
+            evicted: Notify::new(),
             up_bytes: AtomicU64::new(0),
             up_datagrams: AtomicU64::new(0),
         }
@@ -183,23 +194,93 @@ impl SessionShared {
     }
 }
 
-/// Logs a failed send upstream at the level it deserves.
-fn report_send_error(
-    client: SocketAddr,
-    dst: SocketAddr,
-    len: usize,
-    outbound: &str,
-    e: &io::Error,
-) {
-    if e.raw_os_error() == Some(libc::EMSGSIZE) {
-        // Too large for the outbound (SOCKS5 adds a header to a datagram
-        // that may already be at the IPv4 maximum): the sender should know.
-        warn!(
-            %client, %dst,
-            "UDP datagram of {len} bytes does not fit the {outbound} outbound ({e}); dropped. Through SOCKS5 the largest is 65497 bytes to an IPv4 destination and 65485 to IPv6 (the header adds 10 or 22 bytes)"
-        );
-    } else {
-        debug!(%client, %dst, "UDP send upstream failed: {e}");
+/// The session table: sessions by client address:port, and per client
+/// address how many it has and which never got a reply.
+///
+/// Both maps change only when a session opens, ends or gets its first
+/// reply, never per datagram.
+#[derive(Default)]
+struct Table {
+    sessions: HashMap<SocketAddr, SessionEntry>,
+    clients: HashMap<IpAddr, ClientSessions>,
+}
+
+#[derive(Default)]
+struct ClientSessions {
+    count: usize,
+    /// Sessions that never got a reply, by id: ids grow, so the first is
+    /// the oldest.
+    unreplied: BTreeMap<u64, SocketAddr>,
+}
+
+impl Table {
+    fn insert(&mut self, client: SocketAddr, entry: SessionEntry) {
+        let c = self.clients.entry(client.ip()).or_default();
+        c.count += 1;
+        c.unreplied.insert(entry.id, client);
+        if let Some(old) = self.sessions.insert(client, entry) {
+            // Callers remove a client's session before opening another;
+            // keep the counts right should that ever change.
+            self.forget(client, old.id);
+        }
+    }
+
+    /// Takes `client`'s session out of the table.
+    fn remove(&mut self, client: SocketAddr) -> Option<SessionEntry> {
+        let entry = self.sessions.remove(&client)?;
+        self.forget(client, entry.id);
+        Some(entry)
+    }
+
+    /// Takes `client`'s session out if it is still the one numbered `id`
+    /// (a session that ended may have been replaced already).
+    fn remove_if(&mut self, client: SocketAddr, id: u64) -> Option<SessionEntry> {
+        if self.sessions.get(&client)?.id == id {
+            self.remove(client)
+        } else {
+            None
+        }
+    }
+
+    fn forget(&mut self, client: SocketAddr, id: u64) {
+        let ip = client.ip();
+        if let Some(c) = self.clients.get_mut(&ip) {
+            c.count = c.count.saturating_sub(1);
+            c.unreplied.remove(&id);
+            if c.count == 0 {
+                self.clients.remove(&ip);
+            }
+        }
+    }
+
+    fn replied(&mut self, client: SocketAddr, id: u64) {
+        if let Some(c) = self.clients.get_mut(&client.ip()) {
+            c.unreplied.remove(&id);
+        }
+    }
+
+    fn count_of(&self, ip: IpAddr) -> usize {
+        self.clients.get(&ip).map_or(0, |c| c.count)
+    }
+
+    /// The oldest session of `ip` that never got a reply.
+    fn oldest_unreplied_of(&self, ip: IpAddr) -> Option<SocketAddr> {
+        let c = self.clients.get(&ip)?;
+        c.unreplied.values().next().copied()
+    }
+
+    /// The session to give up when the table is full: the oldest that
+    /// never got a reply, of the client address with the most sessions
+    /// (a flood's source, not the host that asked once).
+    fn oldest_unreplied(&self) -> Option<SocketAddr> {
+        self.clients
+            .values()
+            .filter_map(|c| {
+                let (id, addr) = c.unreplied.iter().next()?;
+                Some((c.count, std::cmp::Reverse(*id), *addr))
+            })
+            .max()
+            .map(|(_, _, addr)| addr)
     }
 }
 
@@ -207,6 +288,15 @@ fn report_send_error(
 #[derive(Debug, Default)]
 pub struct UdpStats {
     pub sessions_refused_full: AtomicU64,
+    /// New sessions refused because their client address had its limit of
+    /// sessions, all of them answered.
+    pub sessions_refused_client: AtomicU64,
+    /// Sessions that never got a reply, ended to make room for new ones.
+    pub sessions_evicted: AtomicU64,
+    pub sessions_open_failed: AtomicU64,
+    /// Datagrams of new sessions dropped at once because the outbound
+    /// failed to open a session a moment ago (see [`backoff`]).
+    pub datagrams_dropped_backoff: AtomicU64,
     pub datagrams_dropped_queue: AtomicU64,
     /// Datagrams that went through a session's queue rather than straight
     /// out from the inbound (session opening, or a full socket buffer).
@@ -218,18 +308,77 @@ pub struct UdpStats {
     pub replies_dropped_bind: AtomicU64,
 }
 
+/// One rate limit per warning that can repeat per datagram or per
+/// session, so a flood writes a line every few seconds, not per packet.
+#[derive(Debug, Default)]
+struct Warnings {
+    table_full: RateLimit,
+    client_limit: RateLimit,
+    evicting: RateLimit,
+    refused_loop: RateLimit,
+    open_failed: RateLimit,
+    backoff: RateLimit,
+    oversize: RateLimit,
+}
+
+/// What a rate-limited warning adds when its limit held some back.
+pub(crate) fn held_back(n: u64) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!(" ({n} more like it since the last such line)")
+    }
+}
+
+/// The shortest wait between two looks at a session's idle time, so a
+/// tiny timeout cannot make its task spin.
+const MIN_IDLE_CHECK: Duration = Duration::from_millis(10);
+
+/// A point `wait` from now, or a far one when `now + wait` does not fit
+/// (a timeout of `Duration::MAX`): a deadline must never panic.
+fn deadline_in(wait: Duration) -> tokio::time::Instant {
+    // As tokio's own sleep does for an unrepresentable deadline.
+    const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
+    let now = tokio::time::Instant::now();
+    now.checked_add(wait)
+        .or_else(|| now.checked_add(FAR))
+        .unwrap_or(now)
+}
+
 /// The session table and the reply sockets of one UDP listener.
 pub struct UdpRelay {
     router: Router,
     timeouts: Timeouts,
     limits: Limits,
-    sessions: Mutex<HashMap<SocketAddr, SessionEntry>>,
+    /// The shortest of the UDP idle timeouts: the longest a session's task
+    /// sleeps before it looks again which timeout applies.
+    idle_check: Duration,
+    table: Mutex<Table>,
     next_id: AtomicU64,
     pub replies: ReplySockets,
     pub stats: UdpStats,
-    /// Last time a "table full" warning was logged, so a flood of new
-    /// client ports produces one line a few seconds, not one per datagram.
-    last_full_warning: Mutex<Option<Instant>>,
+    /// For the one outbound of the instance (see [`crate::route`]); with
+    /// several, each would get its own.
+    backoff: Backoff,
+    /// Slots for sessions opening their upstream (see [`OPENING_AT_ONCE`]).
+    opening: Semaphore,
+    warnings: Warnings,
+}
+
+/// Most sessions opening their upstream at once (a SOCKS5 handshake each).
+/// Others wait in turn, their datagrams queued; 64 handshakes at once
+/// still open hundreds of sessions a second over a slow link.
+const OPENING_AT_ONCE: usize = 64;
+
+/// Why a session's upstream did not open.
+enum OpenFailure {
+    /// Another session's open failed while this one waited: back-off.
+    BackingOff,
+    Failed {
+        error: String,
+        /// How long new sessions now fail at once.
+        backing_off: Duration,
+    },
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -240,20 +389,53 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl UdpRelay {
     pub fn new(router: Router, timeouts: Timeouts, limits: Limits, mark: u32) -> Arc<Self> {
+        let idle_check = timeouts
+            .udp_idle
+            .min(timeouts.udp_dns_idle)
+            .min(timeouts.udp_unreplied)
+            .max(MIN_IDLE_CHECK);
         Arc::new(UdpRelay {
             router,
             timeouts,
             limits,
-            sessions: Mutex::new(HashMap::new()),
+            idle_check,
+            table: Mutex::new(Table::default()),
             next_id: AtomicU64::new(1),
             replies: ReplySockets::new(limits.udp_reply_sockets, mark),
             stats: UdpStats::default(),
-            last_full_warning: Mutex::new(None),
+            backoff: Backoff::new(),
+            opening: Semaphore::new(OPENING_AT_ONCE),
+            warnings: Warnings::default(),
         })
     }
 
     pub fn session_count(&self) -> usize {
-        lock(&self.sessions).len()
+        lock(&self.table).sessions.len()
+    }
+
+    /// Logs a failed send upstream at the level it deserves.
+    fn report_send_error(
+        &self,
+        client: SocketAddr,
+        dst: SocketAddr,
+        len: usize,
+        outbound: &str,
+        e: &io::Error,
+    ) {
+        if e.raw_os_error() == Some(libc::EMSGSIZE) {
+            // Too large for the outbound (SOCKS5 adds a header to a
+            // datagram that may already be at the IPv4 maximum): the
+            // sender should know.
+            if let Some(n) = self.warnings.oversize.check() {
+                warn!(
+                    %client, %dst,
+                    "UDP datagram of {len} bytes does not fit the {outbound} outbound ({e}); dropped. Through SOCKS5 the largest is 65497 bytes to an IPv4 destination and 65485 to IPv6 (the header adds 10 or 22 bytes){}",
+                    held_back(n)
+                );
+            }
+        } else {
+            debug!(%client, %dst, "UDP send upstream failed: {e}");
+        }
     }
 
     /// Hands one datagram from `client` to `dst` to its session, creating
@@ -264,7 +446,9 @@ impl UdpRelay {
         let outbound = match self.router.decide(Protocol::Udp, dst) {
             Decision::Forward(outbound) => outbound,
             Decision::RefuseLoop => {
-                warn!(%client, %dst, "refused UDP datagram addressed to tproxyd's own listener (routing loop); check that the rules skip tproxyd's mark");
+                if let Some(n) = self.warnings.refused_loop.check() {
+                    warn!(%client, %dst, "refused UDP datagram addressed to tproxyd's own listener (routing loop); check that the rules skip tproxyd's mark{}", held_back(n));
+                }
                 return;
             }
         };
@@ -274,19 +458,24 @@ impl UdpRelay {
                 Ok(()) => return shared.sent_up(len, dst),
                 // The socket buffer is full: the task waits for room.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return report_send_error(client, dst, len, outbound.name(), &e),
+                Err(e) => return self.report_send_error(client, dst, len, outbound.name(), &e),
             }
         }
-        self.stats.datagrams_queued.fetch_add(1, Ordering::Relaxed);
-        let mut packet = Box::new(Packet {
-            buf: buf.to_vec(),
-            dst,
-        });
+        let packet = || {
+            Box::new(Packet {
+                buf: buf.to_vec(),
+                dst,
+            })
+        };
 
-        let mut sessions = lock(&self.sessions);
-        if let Some(entry) = sessions.get(&client) {
-            match entry.shared.enqueue(packet) {
-                Ok(()) => return,
+        let mut table = lock(&self.table);
+        let mut reused = None;
+        if let Some(entry) = table.sessions.get(&client) {
+            match entry.shared.enqueue(packet()) {
+                Ok(()) => {
+                    self.stats.datagrams_queued.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
                 Err(Refused::Full) => {
                     self.stats
                         .datagrams_dropped_queue
@@ -296,32 +485,122 @@ impl UdpRelay {
                 }
                 // The session is ending; start a fresh one below.
                 Err(Refused::Closed(p)) => {
-                    sessions.remove(&client);
-                    packet = p;
+                    table.remove(client);
+                    reused = Some(p);
                 }
             }
         }
-        if sessions.len() >= self.limits.udp_sessions {
-            drop(sessions);
-            self.stats
-                .sessions_refused_full
-                .fetch_add(1, Ordering::Relaxed);
-            self.warn_table_full(client);
+
+        // A new session. The outbound failed a moment ago: fail fast.
+        let permit = match self.backoff.admit(Instant::now()) {
+            Ok(permit) => permit,
+            Err(refusal) => {
+                drop(table);
+                let dropped = self
+                    .stats
+                    .datagrams_dropped_backoff
+                    .fetch_add(1, Ordering::Relaxed)
+                    + 1;
+                if let Some(n) = self.warnings.backoff.check() {
+                    warn!(
+                        %client, %dst, outbound = outbound.name(), dropped,
+                        "UDP datagram of a new session dropped: the {} outbound failed to open a session ({}); retrying in {} ms, meanwhile new sessions fail at once{}",
+                        outbound.name(), refusal.cause, refusal.retry_in.as_millis(), held_back(n)
+                    );
+                }
+                return;
+            }
+        };
+        if !self.make_room(&mut table, client) {
+            drop(table);
+            self.backoff.release(permit);
             return;
         }
         let shared = Arc::new(SessionShared::new());
         // A fresh queue is open and empty: it takes the packet.
-        let _ = shared.enqueue(packet);
+        let _ = shared.enqueue(reused.unwrap_or_else(packet));
+        self.stats.datagrams_queued.fetch_add(1, Ordering::Relaxed);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        sessions.insert(
+        table.insert(
             client,
             SessionEntry {
                 id,
                 shared: Arc::clone(&shared),
             },
         );
-        drop(sessions);
-        tokio::spawn(Arc::clone(self).run_session(id, client, outbound, shared));
+        drop(table);
+        tokio::spawn(Arc::clone(self).run_session(id, client, outbound, shared, permit));
+    }
+
+    /// Makes room in the table for a new session of `client`: within its
+    /// address's limit and the table's, evicting the oldest session that
+    /// never got a reply where one is needed. Returns false (and counts and
+    /// warns) when no room can be made.
+    fn make_room(&self, table: &mut Table, client: SocketAddr) -> bool {
+        let ip = client.ip();
+        let per_client = self.limits.udp_sessions_per_client;
+        if table.count_of(ip) >= per_client {
+            let Some(victim) = table.oldest_unreplied_of(ip) else {
+                let refused = self
+                    .stats
+                    .sessions_refused_client
+                    .fetch_add(1, Ordering::Relaxed)
+                    + 1;
+                if let Some(n) = self.warnings.client_limit.check() {
+                    warn!(
+                        %client, limit = per_client, refused,
+                        "UDP client {ip} has {per_client} sessions, its limit, all of them answered; its new ports are refused until some expire (raise limits.udp_sessions_per_client if this is normal load){}",
+                        held_back(n)
+                    );
+                }
+                return false;
+            };
+            if let Some(n) = self.warnings.evicting.check() {
+                warn!(
+                    %client, limit = per_client,
+                    "UDP client {ip} is at its limit of {per_client} sessions; its oldest unanswered ones are closed to make room (limits.udp_sessions_per_client){}",
+                    held_back(n)
+                );
+            }
+            self.evict(table, victim);
+        }
+        if table.sessions.len() >= self.limits.udp_sessions {
+            let Some(victim) = table.oldest_unreplied() else {
+                let refused = self
+                    .stats
+                    .sessions_refused_full
+                    .fetch_add(1, Ordering::Relaxed)
+                    + 1;
+                if let Some(n) = self.warnings.table_full.check() {
+                    warn!(
+                        %client, limit = self.limits.udp_sessions, refused,
+                        "UDP session table full of answered sessions; new clients are refused until sessions expire (raise limits.udp_sessions if this is normal load){}",
+                        held_back(n)
+                    );
+                }
+                return false;
+            };
+            if let Some(n) = self.warnings.evicting.check() {
+                warn!(
+                    %client, limit = self.limits.udp_sessions, evicted = %victim,
+                    "UDP session table full; the oldest unanswered session of the busiest client is closed to make room (limits.udp_sessions){}",
+                    held_back(n)
+                );
+            }
+            self.evict(table, victim);
+        }
+        true
+    }
+
+    /// Ends `victim`'s session: out of the table now, so its slot is free,
+    /// and its task told to stop (closing its upstream socket or SOCKS5
+    /// association).
+    fn evict(&self, table: &mut Table, victim: SocketAddr) {
+        if let Some(entry) = table.remove(victim) {
+            self.stats.sessions_evicted.fetch_add(1, Ordering::Relaxed);
+            // Stores a permit if the task is not waiting right now.
+            entry.shared.evicted.notify_one();
+        }
     }
 
     /// Hands a run of datagrams from `client` to `dst`, read back to back
@@ -372,7 +651,8 @@ impl UdpRelay {
     /// The open upstream of `client`'s session, when the inbound may send
     /// on it directly: open, and nothing queued that must go first.
     fn ready_upstream(&self, client: SocketAddr) -> Option<(Arc<UdpUpstream>, Arc<SessionShared>)> {
-        let shared = lock(&self.sessions)
+        let shared = lock(&self.table)
+            .sessions
             .get(&client)
             .map(|entry| Arc::clone(&entry.shared))?;
         let upstream = Arc::clone(shared.upstream.get()?);
@@ -388,6 +668,7 @@ impl UdpRelay {
     async fn forward_replies(
         &self,
         upstream: &UdpUpstream,
+        id: u64,
         client: SocketAddr,
         shared: &SessionShared,
     ) -> (u64, u64) {
@@ -405,6 +686,13 @@ impl UdpRelay {
             match upstream.try_recv(&mut buf) {
                 Ok(UdpRecv::Datagram { from, start, end }) => {
                     shared.touch();
+                    // The first reply makes the session a live one: the
+                    // table hears of it once, not per datagram.
+                    if !shared.replied.load(Ordering::Relaxed)
+                        && !shared.replied.swap(true, Ordering::Relaxed)
+                    {
+                        lock(&self.table).replied(client, id);
+                    }
                     let payload = &buf[start..end];
                     if run.extends(from, payload.len()) {
                         run.push(payload);
@@ -456,24 +744,66 @@ impl UdpRelay {
         run.clear();
     }
 
-    fn warn_table_full(&self, client: SocketAddr) {
-        let mut last = lock(&self.last_full_warning);
-        if last.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
-            *last = Some(Instant::now());
-            warn!(
-                %client,
-                limit = self.limits.udp_sessions,
-                refused = self.stats.sessions_refused_full.load(Ordering::Relaxed),
-                "UDP session table full; new clients are refused until sessions expire (raise limits.udp_sessions if this is normal load)"
-            );
-        }
-    }
-
+    /// The idle timeout that applies to the session now: the DNS one
+    /// while its last datagram went to port 53, and never more than
+    /// `udp_unreplied` while nothing ever came back.
     fn idle_for(&self, shared: &SessionShared) -> Duration {
-        if shared.last_was_dns.load(Ordering::Relaxed) {
+        let timeout = if shared.last_was_dns.load(Ordering::Relaxed) {
             self.timeouts.udp_dns_idle
         } else {
             self.timeouts.udp_idle
+        };
+        if shared.replied.load(Ordering::Relaxed) {
+            timeout
+        } else {
+            timeout.min(self.timeouts.udp_unreplied)
+        }
+    }
+
+    /// How long the session may still sleep before it looks again; `None`
+    /// when it has been idle for the timeout that applies now.
+    ///
+    /// The session ends at its last activity plus that timeout. Which one
+    /// applies can change between two looks (the inbound sends datagrams
+    /// itself, to port 53 or not), so a look is never further away than
+    /// the shortest timeout: a change at some moment is also activity at
+    /// that moment, so the next look comes before the new end.
+    fn idle_wait(&self, shared: &SessionShared) -> Option<Duration> {
+        let timeout = self.idle_for(shared);
+        let idle = shared.idle_since();
+        if idle >= timeout {
+            return None;
+        }
+        Some((timeout - idle).min(self.idle_check))
+    }
+
+    /// Opens the upstream of a session, at most [`OPENING_AT_ONCE`] at a
+    /// time, and tells the back-off how it went.
+    ///
+    /// The failure is recorded before the slot is given back, so sessions
+    /// waiting for a slot see it and fail at once instead of dialing: a
+    /// burst of new ports while the server is down costs about one slot's
+    /// worth of dials, however busy the machine.
+    async fn open_upstream(
+        &self,
+        outbound: &Outbound,
+        permit: Permit,
+    ) -> Result<UdpUpstream, OpenFailure> {
+        // The semaphore is never closed; should it be, open anyway.
+        let _slot = self.opening.acquire().await.ok();
+        if permit == Permit::Free && self.backoff.failing() {
+            return Err(OpenFailure::BackingOff);
+        }
+        match outbound.open_udp().await {
+            Ok(upstream) => {
+                self.backoff.opened(permit);
+                Ok(upstream)
+            }
+            Err(e) => {
+                let error = e.to_string();
+                let backing_off = self.backoff.failed(permit, Instant::now(), &error);
+                Err(OpenFailure::Failed { error, backing_off })
+            }
         }
     }
 
@@ -483,6 +813,7 @@ impl UdpRelay {
         client: SocketAddr,
         outbound: Arc<Outbound>,
         shared: Arc<SessionShared>,
+        permit: Permit,
     ) {
         let started = Instant::now();
         let outbound_name = outbound.name();
@@ -491,18 +822,48 @@ impl UdpRelay {
 
         // Boxed so the opening state (a SOCKS5 handshake) is freed once
         // open instead of sizing every session's task for its whole life.
-        let end = match Box::pin(outbound.open_udp()).await {
-            Err(e) => {
+        // An eviction during the handshake ends it there.
+        let opened = tokio::select! {
+            r = Box::pin(self.open_upstream(&outbound, permit)) => Some(r),
+            () = shared.evicted.notified() => None,
+        };
+        let end = match opened {
+            None => {
+                // Ended before the outbound's verdict: another may retry.
+                self.backoff.release(permit);
+                "evicted".to_string()
+            }
+            Some(Err(OpenFailure::BackingOff)) => {
+                // Admitted just before another session's failure came in.
+                let lost = shared.close_queue() as u64;
+                self.stats
+                    .datagrams_dropped_backoff
+                    .fetch_add(lost, Ordering::Relaxed);
+                "backing-off".to_string()
+            }
+            Some(Err(OpenFailure::Failed { error, backing_off })) => {
                 // Count what was queued so nothing is lost silently.
                 let lost = shared.close_queue();
-                warn!(%client, outbound = outbound_name, dropped = lost, "UDP session failed to open: {e}");
-                format!("open-failed: {e}")
+                self.stats
+                    .sessions_open_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .datagrams_dropped_queue
+                    .fetch_add(lost as u64, Ordering::Relaxed);
+                if let Some(n) = self.warnings.open_failed.check() {
+                    warn!(
+                        %client, outbound = outbound_name, dropped = lost,
+                        "UDP session failed to open: {error}; new sessions through {outbound_name} fail at once for the next {} ms{}",
+                        backing_off.as_millis(), held_back(n)
+                    );
+                }
+                format!("open-failed: {error}")
             }
-            Ok(upstream) => {
+            Some(Ok(upstream)) => {
                 debug!(proto = "udp", %client, outbound = outbound_name, "session open");
                 let upstream = Arc::new(upstream);
                 let _ = shared.upstream.set(Arc::clone(&upstream));
-                let deadline = tokio::time::sleep(self.timeouts.udp_idle);
+                let deadline = tokio::time::sleep_until(deadline_in(self.idle_check));
                 tokio::pin!(deadline);
                 loop {
                     tokio::select! {
@@ -512,7 +873,7 @@ impl UdpRelay {
                                 let len = p.buf.len() - UDP_HEADROOM;
                                 match upstream.send(&mut p.buf, p.dst).await {
                                     Ok(()) => shared.sent_up(len, p.dst),
-                                    Err(e) => report_send_error(client, p.dst, len, outbound_name, &e),
+                                    Err(e) => self.report_send_error(client, p.dst, len, outbound_name, &e),
                                 }
                                 shared.queued.fetch_sub(1, Ordering::AcqRel);
                             }
@@ -525,7 +886,7 @@ impl UdpRelay {
                             // Boxed: its buffers and sends exist only while
                             // replies flow, not in every idle session's task.
                             let (bytes, datagrams) =
-                                Box::pin(self.forward_replies(&upstream, client, &shared)).await;
+                                Box::pin(self.forward_replies(&upstream, id, client, &shared)).await;
                             down_bytes += bytes;
                             down_n += datagrams;
                         }
@@ -533,16 +894,13 @@ impl UdpRelay {
                             info!(%client, "UDP session ended: {reason}");
                             break reason;
                         }
-                        _ = &mut deadline => {
+                        () = shared.evicted.notified() => break "evicted".to_string(),
+                        _ = &mut deadline => match self.idle_wait(&shared) {
+                            None => break "idle-timeout".to_string(),
                             // Datagrams the inbound sent itself count as
                             // activity too: sleep on until the real end.
-                            let idle = self.idle_for(&shared);
-                            let since = shared.idle_since();
-                            if since >= idle {
-                                break "idle-timeout".to_string();
-                            }
-                            deadline.as_mut().reset(tokio::time::Instant::now() + (idle - since));
-                        }
+                            Some(wait) => deadline.as_mut().reset(deadline_in(wait)),
+                        },
                     }
                 }
             }
@@ -560,12 +918,10 @@ impl UdpRelay {
         let up_bytes = shared.up_bytes.load(Ordering::Relaxed);
         let up_n = shared.up_datagrams.load(Ordering::Relaxed);
 
-        {
-            let mut sessions = lock(&self.sessions);
-            if sessions.get(&client).is_some_and(|e| e.id == id) {
-                sessions.remove(&client);
-            }
-        }
+        lock(&self.table).remove_if(client, id);
+        // The upstream socket (and a SOCKS5 association's control
+        // connection) closes as this task ends: the table no longer holds
+        // `shared`, and the inbound holds it only during a send.
         debug!(
             proto = "udp",
             %client,
@@ -588,24 +944,44 @@ mod tests {
     }
 
     fn relay_idling_after(limit: usize, udp_idle: Duration) -> Arc<UdpRelay> {
-        let timeouts = Timeouts {
+        relay_for(limit, limit, timeouts(udp_idle, secs(10), secs(10)))
+    }
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    fn timeouts(udp_idle: Duration, udp_dns_idle: Duration, udp_unreplied: Duration) -> Timeouts {
+        Timeouts {
             connect: Duration::from_secs(1),
             tcp_idle: Duration::from_secs(1),
             udp_idle,
-            udp_dns_idle: Duration::from_secs(10),
-            udp_unreplied: Duration::from_secs(10),
+            udp_dns_idle,
+            udp_unreplied,
+        }
+    }
+
+    fn relay_for(sessions: usize, per_client: usize, timeouts: Timeouts) -> Arc<UdpRelay> {
+        let outbound = Outbound::Direct {
+            mark: 0,
+            connect_timeout: Duration::from_secs(1),
         };
+        relay_through(outbound, sessions, per_client, timeouts)
+    }
+
+    fn relay_through(
+        outbound: Outbound,
+        sessions: usize,
+        per_client: usize,
+        timeouts: Timeouts,
+    ) -> Arc<UdpRelay> {
         let limits = Limits {
-            udp_sessions: limit,
-            udp_sessions_per_client: limit,
+            udp_sessions: sessions,
+            udp_sessions_per_client: per_client,
             udp_reply_sockets: 4,
             threads: 1,
             tcp_flows: 16,
             tcp_connecting_per_client: 16,
-        };
-        let outbound = Outbound::Direct {
-            mark: 0,
-            connect_timeout: Duration::from_secs(1),
         };
         let router = Router::new("127.0.0.1:1090".parse().unwrap(), outbound);
         UdpRelay::new(router, timeouts, limits, 0)
@@ -648,21 +1024,162 @@ mod tests {
         buf
     }
 
+    /// The clients in the table, in no particular order.
+    fn clients_in(relay: &UdpRelay) -> Vec<SocketAddr> {
+        let mut clients: Vec<_> = lock(&relay.table).sessions.keys().copied().collect();
+        clients.sort();
+        clients
+    }
+
+    /// Marks `client`'s session as answered, as its first reply would.
+    fn answered(relay: &UdpRelay, client: SocketAddr) {
+        let mut table = lock(&relay.table);
+        let entry = &table.sessions[&client];
+        let id = entry.id;
+        entry.shared.replied.store(true, Ordering::Relaxed);
+        table.replied(client, id);
+    }
+
+    fn port(ip: [u8; 4], port: u16) -> SocketAddr {
+        (ip, port).into()
+    }
+
+    /// Whether `client`'s session task still runs: it holds the session's
+    /// shared state besides the table.
+    fn task_alive(relay: &UdpRelay, client: SocketAddr) -> bool {
+        lock(&relay.table)
+            .sessions
+            .get(&client)
+            .is_some_and(|e| Arc::strong_count(&e.shared) > 1)
+    }
+
     #[tokio::test]
     async fn session_table_stays_bounded_under_a_flood_of_client_ports() {
         let relay = relay_with(3);
-        // A loopback sink so the direct sessions send somewhere harmless.
-        let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let dst = sink.local_addr().unwrap();
-        for port in 40000..40010u16 {
-            let client: SocketAddr = ([127, 0, 0, 1], port).into();
-            relay.dispatch(client, dst, &mut framed(b"x"));
+        // A loopback sink so the direct sessions send somewhere harmless;
+        // it never answers, so every session is an unanswered one.
+        let (_sink, dst) = loopback_sink();
+        for p in 40000..40010u16 {
+            relay.dispatch(port([127, 0, 0, 1], p), dst, &mut framed(b"x"));
         }
-        assert_eq!(relay.session_count(), 3);
-        assert_eq!(relay.stats.sessions_refused_full.load(Ordering::Relaxed), 7);
+        // The newest stay, the oldest unanswered made room for them.
+        assert_eq!(
+            clients_in(&relay),
+            (40007..40010u16)
+                .map(|p| port([127, 0, 0, 1], p))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(relay.stats.sessions_evicted.load(Ordering::Relaxed), 7);
+        assert_eq!(relay.stats.sessions_refused_full.load(Ordering::Relaxed), 0);
         // A known client keeps its session: no new slot needed.
-        relay.dispatch(([127, 0, 0, 1], 40000).into(), dst, &mut framed(b"y"));
-        assert_eq!(relay.stats.sessions_refused_full.load(Ordering::Relaxed), 7);
+        relay.dispatch(port([127, 0, 0, 1], 40009), dst, &mut framed(b"y"));
+        assert_eq!(relay.stats.sessions_evicted.load(Ordering::Relaxed), 7);
+        // Answered sessions are never evicted: with all of them answered,
+        // a new port is refused.
+        for p in 40007..40010u16 {
+            answered(&relay, port([127, 0, 0, 1], p));
+        }
+        relay.dispatch(port([127, 0, 0, 1], 40010), dst, &mut framed(b"z"));
+        assert_eq!(relay.session_count(), 3);
+        assert_eq!(
+            relay.stats.sessions_refused_client.load(Ordering::Relaxed),
+            1
+        );
+    }
+
+    /// A client at its own limit gives up its oldest unanswered session;
+    /// answered ones and other clients' sessions stay.
+    #[tokio::test]
+    async fn a_client_at_its_limit_evicts_its_own_oldest_unanswered_session() {
+        let relay = relay_for(10, 3, timeouts(secs(60), secs(10), secs(10)));
+        let (_sink, dst) = loopback_sink();
+        let a = [127, 0, 0, 1];
+        let b = [127, 0, 0, 2];
+        relay.dispatch(port(b, 1000), dst, &mut framed(b"b"));
+        for p in 1..=3 {
+            relay.dispatch(port(a, p), dst, &mut framed(b"a"));
+        }
+        answered(&relay, port(a, 1));
+        relay.dispatch(port(a, 4), dst, &mut framed(b"a"));
+        // Port 1 answered: port 2 was the oldest unanswered.
+        assert_eq!(
+            clients_in(&relay),
+            vec![port(a, 1), port(a, 3), port(a, 4), port(b, 1000)]
+        );
+        relay.dispatch(port(a, 5), dst, &mut framed(b"a"));
+        assert_eq!(
+            clients_in(&relay),
+            vec![port(a, 1), port(a, 4), port(a, 5), port(b, 1000)]
+        );
+        assert_eq!(relay.stats.sessions_evicted.load(Ordering::Relaxed), 2);
+        // Each client's count follows its sessions.
+        let table = lock(&relay.table);
+        assert_eq!(table.count_of(std::net::IpAddr::from(a)), 3);
+        assert_eq!(table.count_of(std::net::IpAddr::from(b)), 1);
+    }
+
+    /// A full table gives up the oldest unanswered session of the client
+    /// with the most sessions, not the oldest session of all.
+    #[tokio::test]
+    async fn a_full_table_evicts_from_the_busiest_client_first() {
+        let relay = relay_for(5, 5, timeouts(secs(60), secs(10), secs(10)));
+        let (_sink, dst) = loopback_sink();
+        let (a, b, c) = ([127, 0, 0, 1], [127, 0, 0, 2], [127, 0, 0, 3]);
+        // b opens first (oldest of all), then a opens three.
+        relay.dispatch(port(b, 1), dst, &mut framed(b"b"));
+        relay.dispatch(port(b, 2), dst, &mut framed(b"b"));
+        for p in 1..=3 {
+            relay.dispatch(port(a, p), dst, &mut framed(b"a"));
+        }
+        answered(&relay, port(a, 1));
+        relay.dispatch(port(c, 1), dst, &mut framed(b"c"));
+        assert_eq!(
+            clients_in(&relay),
+            vec![port(a, 1), port(a, 3), port(b, 1), port(b, 2), port(c, 1)]
+        );
+        // Now a and b have two each; b's oldest unanswered is the oldest.
+        relay.dispatch(port(c, 2), dst, &mut framed(b"c"));
+        assert_eq!(
+            clients_in(&relay),
+            vec![port(a, 1), port(a, 3), port(b, 2), port(c, 1), port(c, 2)]
+        );
+        // Everything answered: a newcomer is refused, nobody evicted.
+        for client in clients_in(&relay) {
+            answered(&relay, client);
+        }
+        relay.dispatch(port(c, 3), dst, &mut framed(b"c"));
+        assert_eq!(relay.session_count(), 5);
+        assert_eq!(relay.stats.sessions_evicted.load(Ordering::Relaxed), 2);
+        assert_eq!(relay.stats.sessions_refused_full.load(Ordering::Relaxed), 1);
+    }
+
+    /// An evicted session really ends: its task stops and lets go of the
+    /// upstream socket.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn an_evicted_session_ends_and_closes_its_upstream() {
+        let relay = relay_for(1, 1, timeouts(secs(60), secs(10), secs(10)));
+        let (sink, dst) = loopback_sink();
+        let first = port([127, 0, 0, 1], 1);
+        relay.dispatch(first, dst, &mut framed(b"1"));
+        let mut buf = [0u8; 8];
+        sink.recv(&mut buf).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while relay.ready_upstream(first).is_none() {
+            assert!(Instant::now() < deadline, "the session never opened");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Weak: this test must not keep the session's state alive itself.
+        let (upstream, shared) = relay
+            .ready_upstream(first)
+            .map(|(u, s)| (Arc::downgrade(&u), Arc::downgrade(&s)))
+            .expect("session open");
+        relay.dispatch(port([127, 0, 0, 1], 2), dst, &mut framed(b"2"));
+        assert_eq!(relay.stats.sessions_evicted.load(Ordering::Relaxed), 1);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while upstream.upgrade().is_some() || shared.upgrade().is_some() {
+            assert!(Instant::now() < deadline, "the evicted session lives on");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// The first datagrams wait in the queue while the session opens; the
@@ -684,8 +1201,8 @@ mod tests {
             queued > 0 && queued < 200,
             "both paths taken: {queued} queued"
         );
-        let sessions = lock(&relay.sessions);
-        let shared = &sessions[&client].shared;
+        let sessions = lock(&relay.table);
+        let shared = &sessions.sessions[&client].shared;
         assert!(shared.upstream.get().is_some(), "session open");
         assert_eq!(shared.up_datagrams.load(Ordering::Relaxed), 200);
         assert_eq!(shared.queued.load(Ordering::Relaxed), 0);
@@ -716,8 +1233,8 @@ mod tests {
             segmented > 0 && segmented % 4 == 0 && segmented < 200,
             "both paths taken: {segmented} in runs"
         );
-        let sessions = lock(&relay.sessions);
-        let shared = &sessions[&client].shared;
+        let sessions = lock(&relay.table);
+        let shared = &sessions.sessions[&client].shared;
         assert_eq!(shared.up_datagrams.load(Ordering::Relaxed), 200);
         assert_eq!(shared.up_bytes.load(Ordering::Relaxed), 800);
     }
@@ -821,12 +1338,145 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn dns_sessions_idle_out_sooner() {
-        let relay = relay_with(1);
+    async fn dns_and_unanswered_sessions_idle_out_sooner() {
+        let relay = relay_for(1, 1, timeouts(secs(60), secs(10), secs(20)));
         let shared = SessionShared::new();
         shared.sent_up(1, "198.51.100.1:53".parse().unwrap());
-        assert_eq!(relay.idle_for(&shared), Duration::from_secs(10));
+        assert_eq!(relay.idle_for(&shared), secs(10));
         shared.sent_up(1, "198.51.100.1:443".parse().unwrap());
-        assert_eq!(relay.idle_for(&shared), Duration::from_secs(60));
+        assert_eq!(relay.idle_for(&shared), secs(20), "never answered");
+        shared.replied.store(true, Ordering::Relaxed);
+        assert_eq!(relay.idle_for(&shared), secs(60));
+        assert_eq!(relay.idle_check, secs(10));
+    }
+
+    /// Waits until `client` has no session; false after `within`.
+    async fn ended_within(relay: &UdpRelay, client: SocketAddr, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while lock(&relay.table).sessions.contains_key(&client) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
+    /// A session that turns into a DNS one mid-way ends at its last
+    /// activity plus the DNS timeout, not the general one it started with.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_session_turning_to_dns_ends_after_the_dns_timeout() {
+        let relay = relay_for(
+            4,
+            4,
+            timeouts(secs(30), Duration::from_millis(300), secs(30)),
+        );
+        let (sink, dst) = loopback_sink();
+        let client = port([127, 0, 0, 1], 2000);
+        relay.dispatch(client, dst, &mut framed(b"not dns"));
+        let mut buf = [0u8; 16];
+        sink.recv(&mut buf).unwrap();
+        // Longer than the DNS timeout: a non-DNS session is still there.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(relay.ready_upstream(client).is_some(), "ended too soon");
+        // Nothing listens on that port; the datagram only has to leave.
+        relay.dispatch(client, "127.0.0.1:53".parse().unwrap(), &mut framed(b"q"));
+        assert!(
+            ended_within(&relay, client, Duration::from_secs(5)).await,
+            "a DNS session outlived the DNS timeout by seconds"
+        );
+    }
+
+    /// A session that never got a reply ends after `udp_unreplied`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn an_unanswered_session_ends_after_the_unreplied_timeout() {
+        let relay = relay_for(
+            4,
+            4,
+            timeouts(secs(30), secs(30), Duration::from_millis(200)),
+        );
+        let (sink, dst) = loopback_sink();
+        let client = port([127, 0, 0, 1], 2001);
+        relay.dispatch(client, dst, &mut framed(b"hello?"));
+        let mut buf = [0u8; 16];
+        sink.recv(&mut buf).unwrap();
+        assert!(
+            ended_within(&relay, client, Duration::from_secs(5)).await,
+            "an unanswered session lived on"
+        );
+    }
+
+    /// Timeouts too large to add to an instant must not panic the
+    /// session's task (they did: "overflow when adding duration to
+    /// instant").
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn huge_timeouts_never_panic_a_session() {
+        for (idle, dns, unreplied) in [
+            (Duration::from_millis(50), Duration::MAX, Duration::MAX),
+            (Duration::MAX, Duration::MAX, Duration::MAX),
+            (Duration::MAX, Duration::from_millis(50), Duration::MAX),
+        ] {
+            let relay = relay_for(4, 4, timeouts(idle, dns, unreplied));
+            let (sink, dst) = loopback_sink();
+            let client = port([127, 0, 0, 1], 2002);
+            relay.dispatch(client, dst, &mut framed(b"x"));
+            let mut buf = [0u8; 16];
+            sink.recv(&mut buf).unwrap();
+            relay.dispatch(client, dst, &mut framed(b"y"));
+            sink.recv(&mut buf).unwrap();
+            // Last to port 53: the DNS timeout applies from here.
+            relay.dispatch(client, "127.0.0.1:53".parse().unwrap(), &mut framed(b"q"));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            // A panicked task would have dropped its hold on the session.
+            let ended = !lock(&relay.table).sessions.contains_key(&client);
+            assert!(
+                ended || task_alive(&relay, client),
+                "the session's task died ({idle:?}, {dns:?}, {unreplied:?})"
+            );
+        }
+    }
+
+    /// A SOCKS5 server that accepts and hangs up at once, as a broken one
+    /// would: 1,000 new client ports at once must not dial it 1,000 times.
+    /// Sessions waiting for an opening slot see the first failure and
+    /// fail at once; every datagram is counted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_failing_server_is_not_dialed_per_new_port() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::Relaxed);
+                drop(stream);
+            }
+        });
+        let outbound = Outbound::Socks5(crate::outbound::socks5::Socks5Client {
+            server,
+            auth: None,
+            mark: 0,
+            connect_timeout: Duration::from_secs(2),
+        });
+        let relay = relay_through(outbound, 4096, 4096, timeouts(secs(60), secs(10), secs(10)));
+        let dst: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        for p in 0..1000u16 {
+            relay.dispatch(port([127, 0, 0, 1], 10_000 + p), dst, &mut framed(b"x"));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while relay.session_count() > 0 {
+            assert!(Instant::now() < deadline, "sessions left opening");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let dials = accepted.load(Ordering::Relaxed);
+        assert!(
+            (1..=OPENING_AT_ONCE + 1).contains(&dials),
+            "{dials} dials for 1,000 new ports"
+        );
+        let stats = &relay.stats;
+        let dropped = stats.datagrams_dropped_backoff.load(Ordering::Relaxed)
+            + stats.datagrams_dropped_queue.load(Ordering::Relaxed);
+        assert_eq!(dropped, 1000, "every datagram counted");
+        assert!(relay.backoff.failing());
     }
 }

@@ -13,7 +13,8 @@ use tokio::net::UdpSocket;
 use tracing::{debug, warn};
 
 use super::runs::{refuse_segments, SEGMENTS_REFUSED};
-use super::{lock, UdpStats};
+use super::{held_back, lock, UdpStats};
+use crate::ratelimit::{RateLimit, WARN_INTERVAL};
 use crate::sys;
 
 pub(super) enum ReplyEntry {
@@ -91,10 +92,16 @@ impl ReplySockets {
             Err(e) => {
                 stats.replies_dropped_bind.fetch_add(1, Ordering::Relaxed);
                 map.insert(from, ReplyEntry::Failed { since: now });
+                // Once per remote and retry interval, but a flood of
+                // remotes (or EMFILE) would still make it one per packet.
+                static IN_USE: RateLimit = RateLimit::new(WARN_INTERVAL);
+                static FAILED: RateLimit = RateLimit::new(WARN_INTERVAL);
                 if e.kind() == std::io::ErrorKind::AddrInUse {
-                    warn!(remote = %from, "cannot send UDP replies from {from}: a local service already uses that address and port (EADDRINUSE); replies from it are dropped. Exclude this destination from capture in the firewall rules.");
-                } else {
-                    warn!(remote = %from, "cannot open a reply socket bound to {from}: {e}; replies from it are dropped");
+                    if let Some(n) = IN_USE.check() {
+                        warn!(remote = %from, "cannot send UDP replies from {from}: a local service already uses that address and port (EADDRINUSE); replies from it are dropped. Exclude this destination from capture in the firewall rules.{}", held_back(n));
+                    }
+                } else if let Some(n) = FAILED.check() {
+                    warn!(remote = %from, "cannot open a reply socket bound to {from}: {e}; replies from it are dropped{}", held_back(n));
                 }
                 None
             }
