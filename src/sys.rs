@@ -780,6 +780,18 @@ pub fn switch_user(account: &Account, keep: CapSet) -> Result<(), PrivilegeError
     }
     // The UID change emptied the effective set; the permitted set is intact.
     let now = get_caps().map_err(step("capget", ""))?;
+    let wanted = Caps {
+        effective: keep,
+        permitted: keep,
+        inheritable: keep,
+    };
+    let ambient = ambient_caps().map_err(step("prctl(PR_CAP_AMBIENT_IS_SET)", ""))?;
+    if already && now == wanted && ambient == keep {
+        // Started as the user with exactly these (systemd's User= and
+        // AmbientCapabilities=, whose syscall filter may refuse capset).
+        prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0).map_err(step("prctl(PR_SET_NO_NEW_PRIVS)", ""))?;
+        return Ok(());
+    }
     if now.permitted.contains(CapSet::SETPCAP) {
         set_caps(Caps {
             effective: keep.union(CapSet::SETPCAP),
@@ -789,12 +801,7 @@ pub fn switch_user(account: &Account, keep: CapSet) -> Result<(), PrivilegeError
         .map_err(step("capset", ""))?;
         limit_bounding_caps(keep).map_err(step("prctl(PR_CAPBSET_DROP)", ""))?;
     }
-    set_caps(Caps {
-        effective: keep,
-        permitted: keep,
-        inheritable: keep,
-    })
-    .map_err(step("capset", ""))?;
+    set_caps(wanted).map_err(step("capset", ""))?;
     set_ambient_caps(keep).map_err(step("prctl(PR_CAP_AMBIENT)", ""))?;
     prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0).map_err(step("prctl(PR_SET_NO_NEW_PRIVS)", ""))?;
     Ok(())
@@ -1246,6 +1253,13 @@ mod tests {
         } else if unprivileged_port_start() > 1 {
             assert_eq!(low.unwrap_err().kind(), io::ErrorKind::PermissionDenied);
         }
+        // Already that user with those capabilities (a service manager
+        // started it so): nothing to change, and no setuid/capset needed.
+        switch_user(&nobody, keep).unwrap();
+        assert_eq!(get_caps().unwrap(), caps);
+        // Asking for more than it holds names what is missing.
+        let err = switch_user(&nobody, CapSet(keep.0 | 1)).unwrap_err();
+        assert!(matches!(err, PrivilegeError::Missing { .. }), "{err}");
     }
 
     #[test]
