@@ -300,3 +300,55 @@ fn the_static_binary_runs_alone_in_a_chroot() {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&dir), "the proc mount leaked:\n{mounts}");
 }
+
+/// What the unit's ExecStopPost does after a crash: `tproxyd rules
+/// remove` as the service user, with the unit's ambient capabilities and
+/// no_new_privs (setpriv stands in for systemd, which is not PID 1 here),
+/// removes everything a killed tproxyd left.
+#[test]
+fn after_a_crash_the_service_user_removes_the_rules() {
+    if !can_run() {
+        return;
+    }
+    let (uid, gid) = ids_of(SERVICE_USER);
+    for backend in ["nftables", "iptables"] {
+        let mut tb = Testbed::start(Options {
+            mode: Mode::Tproxy,
+            upstream: Upstream::Socks,
+            extra_args: vec![],
+            own_rules: Some(OwnRules {
+                top: String::new(),
+                firewall: format!("backend = \"{backend}\"\nlan_interfaces = [\"rlan\"]\n"),
+            }),
+        });
+        tb.kill_tproxyd();
+        assert_ne!(
+            tb.snapshot(),
+            tb.baseline,
+            "{backend}: kill -9 left no rules?"
+        );
+        let caps = "+net_admin,+net_bind_service";
+        let out = Command::new("ip")
+            .args(["netns", "exec", &tb.router.name, "setpriv"])
+            .arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={gid}"))
+            .args(["--clear-groups", "--no-new-privs"])
+            .arg(format!("--inh-caps={caps}"))
+            .arg(format!("--ambient-caps={caps}"))
+            .arg(format!("--bounding-set=-all,{caps}"))
+            .arg(env!("CARGO_BIN_EXE_tproxyd"))
+            .args(["rules", "remove", "-c"])
+            .arg(tb.config_path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{backend}: {text}");
+        assert!(!text.contains("WARN"), "{backend}: {text}");
+        assert_eq!(tb.snapshot(), tb.baseline, "{backend}: rules left");
+    }
+}
