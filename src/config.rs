@@ -168,6 +168,9 @@ pub const DEFAULT_RULE_PRIORITY: u32 = 1090;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// Run as this user after start-up: a name or UID from /etc/passwd,
+    /// or UID:GID.
+    pub user: Option<String>,
     pub mode: Mode,
     pub tcp: bool,
     pub udp: bool,
@@ -210,6 +213,9 @@ pub const MAX_THREADS: usize = 256;
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub listen: Option<String>,
+    /// The user to run as once the listeners are bound and the rules
+    /// installed (`run --user` overrides it).
+    pub user: Option<String>,
     pub mode: Option<Mode>,
     pub tcp: Option<bool>,
     pub udp: Option<bool>,
@@ -401,6 +407,15 @@ impl RawConfig {
             issue("tcp", "both tcp and udp are off: nothing to serve".into());
         }
 
+        if let Some(user) = &self.user {
+            if let Err(message) = crate::sys::UserSpec::parse(user) {
+                issue(
+                    "user",
+                    format!("{message}: give a user name, a UID, or UID:GID"),
+                );
+            }
+        }
+
         let mark = self.mark.unwrap_or(DEFAULT_MARK);
         if mark == 0 {
             issue(
@@ -566,6 +581,7 @@ impl RawConfig {
         match (listen, outbound) {
             (Some(listen), Some(outbound)) if issues.is_empty() => Ok(Config {
                 listen,
+                user: self.user.clone(),
                 mode,
                 tcp,
                 udp,
@@ -914,6 +930,23 @@ mod tests {
         assert_eq!(issues.len(), 1, "{issues:?}");
         assert_eq!(issues[0].key, "limits.threads");
         assert!(issues[0].message.contains("half the cores"), "{issues:?}");
+    }
+
+    #[test]
+    fn user_is_a_name_a_uid_or_uid_gid() {
+        let base = "[outbound]\ntype = \"direct\"\n";
+        for ok in ["tproxyd", "999", "999:995"] {
+            let cfg = RawConfig::from_toml(&no_fw(&format!("user = \"{ok}\"\n{base}")), "t")
+                .unwrap()
+                .validate(&no_env)
+                .unwrap();
+            assert_eq!(cfg.user.as_deref(), Some(ok));
+        }
+        for bad in ["", "two words", "999:x"] {
+            let issues = issues_of(&format!("user = \"{bad}\"\n{base}"));
+            assert_eq!(issues.len(), 1, "{bad:?}: {issues:?}");
+            assert_eq!(issues[0].key, "user");
+        }
     }
 
     #[test]

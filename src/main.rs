@@ -26,7 +26,16 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy (from a config file, or from the quick-start flags).
-    Run(RunArgs),
+    Run {
+        #[command(flatten)]
+        args: RunArgs,
+        /// Once the listeners are bound and the rules installed, run as
+        /// this user (name or UID from /etc/passwd, or UID:GID) keeping
+        /// only CAP_NET_ADMIN (and CAP_NET_BIND_SERVICE for UDP); overrides
+        /// `user` in the config file.
+        #[arg(long, value_name = "USER")]
+        user: Option<String>,
+    },
     /// Validate a config file: exit 0 if valid, else print each problem and exit 2.
     Check {
         #[arg(short, long, value_name = "FILE")]
@@ -284,32 +293,88 @@ fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+/// A runtime on the calling thread only: for installing the rules before
+/// the user switch, which must happen while tproxyd has one thread.
+fn single_thread_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn run(args: RunArgs, user: Option<String>) -> anyhow::Result<ExitCode> {
     init_logging(args.verbose);
-    // Before any runtime thread exists, so they all inherit the mask.
-    tproxyd::sys::unblock_termination_signals().context("cannot unblock SIGINT/SIGTERM")?;
-    let cfg = match load_or_report(&args) {
+    let mut cfg = match load_or_report(&args) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
+    if user.is_some() {
+        cfg.user = user;
+    }
+    // Before anything is bound or installed: an unknown user ends here.
+    let account = cfg
+        .user
+        .as_deref()
+        .map(tproxyd::sys::lookup_account)
+        .transpose()?;
     if cfg.mode == Mode::Redirect {
         tracing::info!("mode redirect serves TCP only; UDP needs --mode tproxy");
     }
     let plan = Plan::from_config(&cfg);
     let fail_closed = cfg.firewall.fail_closed;
     let threads = cfg.limits.threads;
+    let keep = tproxyd::server::capabilities_needed(&cfg);
     // Listeners first: rules must never point at a port nobody serves.
     let server = Server::bind(cfg)?;
-    runtime(threads)?.block_on(async {
-        let stop = stop_signal()?;
-        firewall::apply(&plan)
-            .await
-            .context("cannot install the firewall rules")?;
-        if plan.backend != Backend::None {
-            tracing::info!(backend = %plan.backend, "firewall rules and policy routes installed");
+    // From here until the relay's runtime has its handlers in place, a stop
+    // signal waits, blocked, instead of killing tproxyd with its rules
+    // installed. The handlers can only come after the user switch (which
+    // needs a single thread, and the relay's runtime starts threads); a
+    // signal sent in between is delivered then, not lost.
+    tproxyd::sys::block_termination_signals().context("cannot block SIGINT/SIGTERM")?;
+    single_thread_runtime()?
+        .block_on(firewall::apply(&plan))
+        .context("cannot install the firewall rules")?;
+    if plan.backend != Backend::None {
+        tracing::info!(backend = %plan.backend, "firewall rules and policy routes installed");
+    }
+    let undo = |plan: &Plan| {
+        if let Err(e) = single_thread_runtime().and_then(|rt| {
+            rt.block_on(firewall::remove(plan))
+                .context("cannot remove the firewall rules")
+        }) {
+            tracing::error!("{e:#}");
         }
-        log_capture_caveats(&plan, server.config().listen);
-        let served = server.run(stop).await;
+    };
+    if let Some(account) = &account {
+        if let Err(e) = tproxyd::sys::switch_user(account, keep) {
+            undo(&plan);
+            return Err(e.into());
+        }
+        tracing::info!(
+            "running as user {} (uid {}, gid {}) with {keep} only",
+            account.name,
+            account.uid,
+            account.gid
+        );
+    }
+    let runtime = match runtime(threads) {
+        Ok(rt) => rt,
+        Err(e) => {
+            undo(&plan);
+            return Err(e);
+        }
+    };
+    runtime.block_on(async {
+        let served = async {
+            let stop = stop_signal()?;
+            tproxyd::sys::unblock_termination_signals()
+                .context("cannot unblock SIGINT/SIGTERM")?;
+            log_capture_caveats(&plan, server.config().listen);
+            server.run(stop).await?;
+            anyhow::Ok(())
+        }
+        .await;
         if fail_closed {
             tracing::info!("fail_closed: rules kept; captured traffic is dropped until tproxyd runs again or `tproxyd rules remove`");
         } else {
@@ -320,8 +385,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 tracing::info!("firewall rules and policy routes removed");
             }
         }
-        served?;
-        anyhow::Ok(())
+        served
     })?;
     Ok(ExitCode::SUCCESS)
 }
@@ -399,7 +463,7 @@ fn doctor(args: RunArgs) -> anyhow::Result<ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run { args, user } => run(args, user),
         Command::Rules { action, args } => rules(action, args),
         Command::Doctor { args } => doctor(args),
         Command::Demo { hold } => demo::run(hold).map(|()| ExitCode::SUCCESS),

@@ -112,6 +112,32 @@ fn init_descriptor_budget(tcp_flows: usize) {
     }
 }
 
+/// Whether serving `cfg` needs CAP_NET_BIND_SERVICE after start-up: UDP
+/// replies leave from the port the client wrote to, so a reply socket
+/// binds the remote's port. Only the captured destination ports matter;
+/// no port list means every port.
+pub fn needs_bind_service(cfg: &Config) -> bool {
+    let lowest = cfg
+        .firewall
+        .udp_ports
+        .iter()
+        .map(|r| r.first)
+        .min()
+        .unwrap_or(1);
+    cfg.udp && lowest < sys::unprivileged_port_start()
+}
+
+/// The capabilities tproxyd needs once its listeners are bound and its
+/// rules installed: CAP_NET_ADMIN (transparent reply sockets, SO_MARK,
+/// removing the rules) and, when [`needs_bind_service`], that one too.
+pub fn capabilities_needed(cfg: &Config) -> sys::CapSet {
+    if needs_bind_service(cfg) {
+        sys::CapSet::NET_ADMIN.union(sys::CapSet::NET_BIND_SERVICE)
+    } else {
+        sys::CapSet::NET_ADMIN
+    }
+}
+
 /// Listeners bound and ready to serve.
 pub struct Server {
     cfg: Config,
@@ -125,20 +151,10 @@ impl Server {
         if !sys::has_cap_net_admin().unwrap_or(false) {
             return Err(StartError::MissingCapability);
         }
-        if cfg.udp && !sys::has_cap_net_bind_service().unwrap_or(false) {
-            let start = sys::unprivileged_port_start();
-            // Only the captured destination ports matter: a reply socket
-            // binds the remote's port. No port list means every port.
-            let lowest = cfg
-                .firewall
-                .udp_ports
-                .iter()
-                .map(|r| r.first)
-                .min()
-                .unwrap_or(1);
-            if lowest < start {
-                return Err(StartError::MissingBindService { start });
-            }
+        if needs_bind_service(&cfg) && !sys::has_cap_net_bind_service().unwrap_or(false) {
+            return Err(StartError::MissingBindService {
+                start: sys::unprivileged_port_start(),
+            });
         }
         match sys::raise_nofile_limit() {
             Ok(n) if n < 4096 => warn!("open-files limit is {n}; each TCP flow takes two descriptors, so a few hundred flows will reach it, and new connections then wait in the listen backlog. Raise it (LimitNOFILE= in the service unit, ulimit -n)"),
