@@ -17,6 +17,7 @@ pub mod fds;
 pub mod firewall;
 pub mod inbound;
 pub mod outbound;
+pub mod policy;
 pub mod ratelimit;
 pub mod relay;
 pub mod route;

@@ -8,7 +8,10 @@ mod demo;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use tproxyd::config::{Backend, Config, ConfigError, Mode, RawConfig};
+use std::net::SocketAddr;
+
+use tproxyd::config::{de, Backend, Config, ConfigError, Mode, RawConfig, RawOutbound};
+use tproxyd::firewall::cidr::Cidr;
 use tproxyd::firewall::{self, Plan};
 use tproxyd::server::Server;
 
@@ -80,14 +83,14 @@ struct RunArgs {
     #[arg(short, long, value_name = "FILE", conflicts_with_all = ["listen", "mode", "socks5", "direct", "username", "mark", "tcp_only", "udp_only", "udp_timeout", "threads", "firewall", "lan_interface", "proxy_local", "bypass"])]
     config: Option<PathBuf>,
     /// Listen address; [::]:PORT serves IPv4 and IPv6.
-    #[arg(long, value_name = "ADDR")]
-    listen: Option<String>,
+    #[arg(long, value_name = "ADDR", value_parser = parse_host_port)]
+    listen: Option<SocketAddr>,
     /// How flows are captured: tproxy (TCP+UDP) or redirect (TCP only).
     #[arg(long, value_enum)]
     mode: Option<CliMode>,
     /// Upstream SOCKS5 server as IP:PORT.
-    #[arg(long, value_name = "IP:PORT", conflicts_with = "direct")]
-    socks5: Option<String>,
+    #[arg(long, value_name = "IP:PORT", conflicts_with = "direct", value_parser = parse_host_port)]
+    socks5: Option<SocketAddr>,
     /// Send flows straight to their destination instead of through a proxy.
     #[arg(long)]
     direct: bool,
@@ -99,7 +102,7 @@ struct RunArgs {
     password: Option<String>,
     /// SO_MARK on tproxyd's own sockets (decimal or 0x hex); the firewall
     /// rules must skip it.
-    #[arg(long, value_name = "N", value_parser = parse_mark)]
+    #[arg(long, value_name = "N", value_parser = de::parse_mark)]
     mark: Option<u32>,
     /// Serve TCP only.
     #[arg(long, conflicts_with = "udp_only")]
@@ -123,8 +126,8 @@ struct RunArgs {
     #[arg(long)]
     proxy_local: bool,
     /// Never capture this destination (repeatable), on top of the defaults.
-    #[arg(long, value_name = "CIDR")]
-    bypass: Vec<String>,
+    #[arg(long, value_name = "CIDR", value_parser = parse_cidr)]
+    bypass: Vec<Cidr>,
     /// Log one line per flow (debug level).
     #[arg(short, long)]
     verbose: bool,
@@ -147,7 +150,7 @@ impl RunArgs {
     /// The quick-start flags as the same raw config a file would give.
     fn to_raw(&self) -> RawConfig {
         let mut raw = RawConfig {
-            listen: self.listen.clone(),
+            listen: self.listen,
             mode: self.mode.map(|m| match m {
                 CliMode::Tproxy => Mode::Tproxy,
                 CliMode::Redirect => Mode::Redirect,
@@ -164,13 +167,17 @@ impl RunArgs {
             raw.udp = Some(true);
         }
         if self.direct {
-            raw.outbound.kind = Some("direct".into());
+            raw.outbound = Some(RawOutbound::Direct { name: None });
         }
-        if let Some(server) = &self.socks5 {
-            raw.outbound.kind = Some("socks5".into());
-            raw.outbound.server = Some(server.clone());
-            raw.outbound.username = self.username.clone();
-            raw.outbound.password = self.password.clone();
+        if let Some(server) = self.socks5 {
+            raw.outbound = Some(RawOutbound::Socks5 {
+                name: None,
+                server,
+                username: self.username.clone(),
+                password: self.password.clone(),
+                password_env: None,
+                send_domain: false,
+            });
         }
         raw.timeouts.udp_idle = self.udp_timeout;
         raw.limits.threads = self.threads;
@@ -192,14 +199,12 @@ impl RunArgs {
     }
 }
 
-/// A mark as iptables and the README write them: decimal or `0x` hex.
-fn parse_mark(text: &str) -> Result<u32, String> {
-    let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
-        Some(hex) => u32::from_str_radix(hex, 16),
-        None => text.parse(),
-    };
-    parsed
-        .map_err(|_| format!("{text:?} is not a 32-bit mark (decimal like 255, or hex like 0xff)"))
+fn parse_host_port(text: &str) -> Result<SocketAddr, String> {
+    text.parse::<de::HostPort>().map(|h| h.0)
+}
+
+fn parse_cidr(text: &str) -> Result<Cidr, String> {
+    text.parse()
 }
 
 fn env_var(name: &str) -> Option<String> {
@@ -222,9 +227,9 @@ fn load(args: &RunArgs) -> Result<Config, ConfigError> {
         Some(path) => RawConfig::load(path)?,
         None => {
             let raw = args.to_raw();
-            if raw.outbound.kind.is_none() {
+            if raw.outbound.is_none() {
                 return Err(ConfigError::Invalid(vec![tproxyd::config::ConfigIssue {
-                    key: "outbound",
+                    key: "outbound".into(),
                     message: "choose where flows go: --socks5 IP:PORT or --direct (or -c FILE)"
                         .into(),
                 }]));

@@ -1,35 +1,20 @@
 //! The route decision: given a flow's client and original destination,
 //! refuse it or pick the outbound that carries it.
 //!
-//! Today there is one outbound per instance; the decision already refuses
-//! flows that would loop back into the listener, the one check every
-//! flow must pass whatever the outbound.
+//! Every flow first passes the loop check (a flow to tproxyd's own
+//! listener is refused, whatever the rules say); then the policy's rules
+//! pick the outbound.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::outbound::Outbound;
+use crate::policy::{Choice, FlowMeta, Policy};
 use crate::sys;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
-
-impl std::fmt::Display for Protocol {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-        })
-    }
-}
 
 /// What the route decision says about one flow.
 #[derive(Debug)]
 pub enum Decision {
-    Forward(Arc<Outbound>),
+    Forward(Choice),
     /// The original destination is tproxyd's own listener: forwarding it
     /// would connect to ourselves, forever.
     RefuseLoop,
@@ -38,23 +23,27 @@ pub enum Decision {
 #[derive(Debug, Clone)]
 pub struct Router {
     listen: SocketAddr,
-    outbound: Arc<Outbound>,
+    policy: Arc<Policy>,
 }
 
 impl Router {
-    pub fn new(listen: SocketAddr, outbound: Outbound) -> Self {
+    pub fn new(listen: SocketAddr, policy: Policy) -> Self {
         Router {
             listen: sys::normalize(listen),
-            outbound: Arc::new(outbound),
+            policy: Arc::new(policy),
         }
     }
 
-    pub fn decide(&self, _proto: Protocol, dst: SocketAddr) -> Decision {
-        if self.is_listener(dst) {
+    pub fn decide(&self, flow: &FlowMeta<'_>) -> Decision {
+        if self.is_listener(flow.dst) {
             Decision::RefuseLoop
         } else {
-            Decision::Forward(Arc::clone(&self.outbound))
+            Decision::Forward(self.policy.decide(flow))
         }
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
     }
 
     /// Whether `dst` is the listener itself: its port, and either its
@@ -75,50 +64,51 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use crate::config::{Network, RawConfig};
 
     fn router(listen: &str) -> Router {
-        Router::new(
-            listen.parse().unwrap(),
-            Outbound::Direct {
-                mark: 1,
-                connect_timeout: Duration::from_secs(1),
-            },
+        let cfg = RawConfig::from_toml(
+            &format!("listen = \"{listen}\"\n[outbound]\ntype = \"direct\"\n[firewall]\nbackend = \"none\"\n"),
+            "t",
         )
+        .unwrap()
+        .validate(&|_| None)
+        .unwrap();
+        Router::new(cfg.listen, Policy::from_config(&cfg).unwrap())
+    }
+
+    fn decide(r: &Router, net: Network, dst: &str) -> Decision {
+        let src = "192.0.2.2:40000".parse().unwrap();
+        r.decide(&FlowMeta::addresses(net, src, dst.parse().unwrap()))
     }
 
     #[test]
     fn flows_to_the_listener_itself_are_refused() {
         let r = router("[::]:1090");
-        assert!(matches!(
-            r.decide(Protocol::Tcp, "127.0.0.1:1090".parse().unwrap()),
-            Decision::RefuseLoop
-        ));
-        assert!(matches!(
-            r.decide(Protocol::Udp, "[::1]:1090".parse().unwrap()),
-            Decision::RefuseLoop
-        ));
-        assert!(matches!(
-            r.decide(Protocol::Tcp, "[::ffff:127.0.0.1]:1090".parse().unwrap()),
-            Decision::RefuseLoop
-        ));
+        for (net, dst) in [
+            (Network::Tcp, "127.0.0.1:1090"),
+            (Network::Udp, "[::1]:1090"),
+            (Network::Tcp, "[::ffff:127.0.0.1]:1090"),
+        ] {
+            assert!(
+                matches!(decide(&r, net, dst), Decision::RefuseLoop),
+                "{dst}"
+            );
+        }
         // The same port on a remote host is an ordinary flow.
-        assert!(matches!(
-            r.decide(Protocol::Tcp, "198.51.100.1:1090".parse().unwrap()),
-            Decision::Forward(_)
-        ));
-        assert!(matches!(
-            r.decide(Protocol::Tcp, "127.0.0.1:80".parse().unwrap()),
-            Decision::Forward(_)
-        ));
-
+        for dst in ["198.51.100.1:1090", "127.0.0.1:80"] {
+            assert!(
+                matches!(decide(&r, Network::Tcp, dst), Decision::Forward(_)),
+                "{dst}"
+            );
+        }
         let specific = router("127.0.0.1:1090");
         assert!(matches!(
-            specific.decide(Protocol::Tcp, "127.0.0.1:1090".parse().unwrap()),
+            decide(&specific, Network::Tcp, "127.0.0.1:1090"),
             Decision::RefuseLoop
         ));
         assert!(matches!(
-            specific.decide(Protocol::Tcp, "127.0.0.2:1090".parse().unwrap()),
+            decide(&specific, Network::Tcp, "127.0.0.2:1090"),
             Decision::Forward(_)
         ));
     }

@@ -14,12 +14,13 @@ use std::time::Duration;
 use tokio::net::{TcpListener, UdpSocket};
 use tracing::{info, warn};
 
+use crate::config::OutboundKind;
 use crate::config::{Config, Mode};
 use crate::fds;
 use crate::inbound;
 use crate::inbound::admission::Admission;
 use crate::inbound::tcp::TcpContext;
-use crate::outbound::Outbound;
+use crate::policy::Policy;
 use crate::relay::udp::UdpRelay;
 use crate::route::Router;
 use crate::sys;
@@ -65,6 +66,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: io::Error,
     },
+    #[error("{0}")]
+    Policy(#[from] crate::policy::PolicyError),
     #[error("cannot register the listener with the runtime: {0}")]
     Runtime(io::Error),
 }
@@ -204,8 +207,8 @@ impl Server {
     /// Serves until `shutdown` resolves. Must run inside a Tokio runtime.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
         let cfg = self.cfg;
-        let outbound = Outbound::from_config(&cfg);
-        let router = Router::new(cfg.listen, outbound.clone());
+        let policy = Policy::from_config(&cfg).map_err(StartError::Policy)?;
+        let router = Router::new(cfg.listen, policy);
         let mut tasks = tokio::task::JoinSet::new();
         let (stop_tcp, tcp_stop) = tokio::sync::watch::channel(false);
         let mut tcp_task = None;
@@ -244,27 +247,20 @@ impl Server {
             (true, false) => "tcp",
             _ => "udp",
         };
-        let upstream = match &cfg.outbound {
-            crate::config::OutboundConfig::Direct => "direct".to_string(),
-            crate::config::OutboundConfig::Socks5 { server, auth } => format!(
-                "socks5 {server}{}",
-                if auth.is_some() {
-                    " (username/password)"
-                } else {
-                    ""
-                }
-            ),
-        };
+        let upstream = describe_outbounds(&cfg);
         info!(listen = %cfg.listen, mode = %cfg.mode, protocols, outbound = %upstream, mark = cfg.mark, threads = cfg.limits.threads, "tproxyd listening");
 
         // An unreachable upstream at start is worth a warning, not a refusal
         // to start: flows fail fast (reset) until it is back.
-        let probe = outbound.clone();
-        tasks.spawn(async move {
-            if let Err(e) = probe.probe().await {
-                warn!("upstream not reachable at start: {e}; flows will be reset until it is back");
-            }
-        });
+        for named in router.policy().outbounds() {
+            let probe = Arc::clone(&named.outbound);
+            let name = named.name.clone();
+            tasks.spawn(async move {
+                if let Err(e) = probe.probe().await {
+                    warn!(outbound = %name, "upstream not reachable at start: {e}; flows through it will be reset until it is back");
+                }
+            });
+        }
 
         shutdown.await;
         info!("tproxyd stopping");
@@ -282,4 +278,35 @@ impl Server {
         tasks.abort_all();
         Ok(())
     }
+}
+
+/// The outbounds as one log field: `proxy=socks5 203.0.113.2:1080 (final)`.
+fn describe_outbounds(cfg: &Config) -> String {
+    cfg.outbounds
+        .iter()
+        .map(|o| {
+            let what = match &o.kind {
+                OutboundKind::Socks5 { server, auth, .. }
+                | OutboundKind::Http { server, auth, .. } => {
+                    format!(
+                        "{} {server}{}",
+                        o.kind.type_name(),
+                        if auth.is_some() {
+                            " (username/password)"
+                        } else {
+                            ""
+                        }
+                    )
+                }
+                other => other.type_name().to_string(),
+            };
+            let last = if o.name == cfg.route.final_outbound {
+                " (final)"
+            } else {
+                ""
+            };
+            format!("{}={what}{last}", o.name)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -60,9 +60,20 @@ fn check_lists_every_problem_with_its_key_and_exits_2() {
     let dir = std::env::temp_dir().join(format!("tproxyd-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("bad.toml");
+    // A value of the wrong shape is a parse error naming key and line.
+    std::fs::write(&file, "listen = \"1090\"\n[outbound]\ntype = \"direct\"\n").unwrap();
+    let o = run(&["check", "-c", file.to_str().unwrap()], &[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("line 1") && err.contains("is not IP:PORT"),
+        "{err}"
+    );
+
+    // Keys that disagree with each other are all listed in one pass.
     std::fs::write(
         &file,
-        "listen = \"1090\"\nmode = \"redirect\"\nudp = true\n[outbound]\ntype = \"socks5\"\n",
+        "mode = \"redirect\"\nudp = true\nmark = 0\n[outbound]\ntype = \"socks5\"\nserver = \"203.0.113.2:1080\"\nusername = \"u\"\n",
     )
     .unwrap();
     let o = run(&["check", "-c", file.to_str().unwrap()], &[]);
@@ -70,19 +81,19 @@ fn check_lists_every_problem_with_its_key_and_exits_2() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     let lines: Vec<&str> = err.lines().collect();
     assert!(
-        lines.iter().any(|l| l.starts_with("error: listen: ")),
-        "{err}"
-    );
-    assert!(
         lines
             .iter()
             .any(|l| l.starts_with("error: udp: ") && l.contains("TCP only")),
         "{err}"
     );
     assert!(
+        lines.iter().any(|l| l.starts_with("error: mark: ")),
+        "{err}"
+    );
+    assert!(
         lines
             .iter()
-            .any(|l| l.starts_with("error: outbound.server: missing")),
+            .any(|l| l.starts_with("error: outbound.password: username is set but no password")),
         "{err}"
     );
 

@@ -15,7 +15,7 @@ pub mod policy_route;
 
 use std::net::{IpAddr, SocketAddr};
 
-use crate::config::{Backend, Config, Mode, OutboundConfig};
+use crate::config::{Backend, Config, Mode};
 
 /// What the listener's address lets TPROXY reach, per family.
 ///
@@ -144,10 +144,10 @@ impl Plan {
     pub fn from_config(cfg: &Config) -> Plan {
         let fw = &cfg.firewall;
         let mut bypass = fw.bypass.clone();
-        // The upstream's own address must never be captured, or tproxyd's
-        // connection to it (were its mark ever lost) would loop.
-        if let OutboundConfig::Socks5 { server, .. } = &cfg.outbound {
-            bypass.push(cidr::Cidr::host(crate::sys::normalize(*server).ip()));
+        // The upstreams' own addresses must never be captured, or
+        // tproxyd's connections to them (were a mark ever lost) would loop.
+        for server in cfg.outbounds.iter().filter_map(|o| o.kind.server()) {
+            bypass.push(cidr::Cidr::host(crate::sys::normalize(server).ip()));
         }
         let split = |list: &[cidr::Cidr]| -> (Vec<String>, Vec<String>) {
             let cover = cidr::minimal_cover(list);

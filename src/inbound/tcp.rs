@@ -12,12 +12,14 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::config::Mode;
+use crate::config::Network;
 use crate::fds;
 use crate::inbound::admission::{Admission, Refusal, Ticket};
 use crate::outbound::OutboundError;
+use crate::policy::FlowMeta;
 use crate::ratelimit::{RateLimit, WARN_INTERVAL};
 use crate::relay::tcp::{relay, release_spare_pipes};
-use crate::route::{Decision, Protocol, Router};
+use crate::route::{Decision, Router};
 use crate::sys;
 
 /// What every accepted connection needs to know.
@@ -173,8 +175,11 @@ async fn handle(
             return reset(stream);
         }
     };
-    let outbound = match ctx.router.decide(Protocol::Tcp, dst) {
-        Decision::Forward(o) => o,
+    let outbound = match ctx
+        .router
+        .decide(&FlowMeta::addresses(Network::Tcp, client, dst))
+    {
+        Decision::Forward(choice) => choice.outbound,
         Decision::RefuseLoop => {
             if let Some(held_back) = LOOP.check() {
                 warn!(%client, %dst, held_back, "refused TCP connection to tproxyd's own listener (routing loop or a direct connection to the listener)");

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::io::Interest;
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 
-use crate::config::{Config, OutboundConfig};
+use crate::config::{OutboundKind, Timeouts};
 use crate::sys;
 use socks5::proto::{self, Address};
 use socks5::{Socks5Client, Socks5Error, UdpAssociation};
@@ -47,19 +47,33 @@ pub enum Outbound {
     Socks5(Socks5Client),
 }
 
+/// Why an outbound in the config cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("outbound type {0:?} is not available in this build yet")]
+    Unsupported(&'static str),
+}
+
 impl Outbound {
-    pub fn from_config(cfg: &Config) -> Self {
-        match &cfg.outbound {
-            OutboundConfig::Direct => Outbound::Direct {
-                mark: cfg.mark,
-                connect_timeout: cfg.timeouts.connect,
-            },
-            OutboundConfig::Socks5 { server, auth } => Outbound::Socks5(Socks5Client {
+    /// The outbound a config entry describes; every socket it opens carries
+    /// `mark`.
+    pub fn from_kind(
+        kind: &OutboundKind,
+        mark: u32,
+        timeouts: &Timeouts,
+    ) -> Result<Self, BuildError> {
+        match kind {
+            OutboundKind::Direct => Ok(Outbound::Direct {
+                mark,
+                connect_timeout: timeouts.connect,
+            }),
+            OutboundKind::Socks5 { server, auth, .. } => Ok(Outbound::Socks5(Socks5Client {
                 server: *server,
                 auth: auth.clone(),
-                mark: cfg.mark,
-                connect_timeout: cfg.timeouts.connect,
-            }),
+                mark,
+                connect_timeout: timeouts.connect,
+            })),
+            other => Err(BuildError::Unsupported(other.type_name())),
         }
     }
 

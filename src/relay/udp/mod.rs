@@ -22,11 +22,15 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, Semaphore};
 use tracing::{debug, info, warn};
 
+use crate::config::Network;
 use crate::config::{Limits, Timeouts};
 use crate::outbound::{Outbound, UdpRecv, UdpUpstream, UDP_HEADROOM};
+use crate::policy::FlowMeta;
+#[cfg(test)]
+use crate::policy::Policy;
 use crate::ratelimit::RateLimit;
 use crate::relay::spares::Spares;
-use crate::route::{Decision, Protocol, Router};
+use crate::route::{Decision, Router};
 use crate::sys;
 
 mod backoff;
@@ -443,8 +447,11 @@ impl UdpRelay {
     /// payload; the headroom in front of it is scratch space for a SOCKS5
     /// header.
     pub fn dispatch(self: &Arc<Self>, client: SocketAddr, dst: SocketAddr, buf: &mut [u8]) {
-        let outbound = match self.router.decide(Protocol::Udp, dst) {
-            Decision::Forward(outbound) => outbound,
+        let outbound = match self
+            .router
+            .decide(&FlowMeta::addresses(Network::Udp, client, dst))
+        {
+            Decision::Forward(choice) => choice.outbound,
             Decision::RefuseLoop => {
                 if let Some(n) = self.warnings.refused_loop.check() {
                     warn!(%client, %dst, "refused UDP datagram addressed to tproxyd's own listener (routing loop); check that the rules skip tproxyd's mark{}", held_back(n));
@@ -621,7 +628,11 @@ impl UdpRelay {
             return;
         }
         let count = bytes.div_ceil(segment);
-        let routed = matches!(self.router.decide(Protocol::Udp, dst), Decision::Forward(_));
+        let routed = matches!(
+            self.router
+                .decide(&FlowMeta::addresses(Network::Udp, client, dst)),
+            Decision::Forward(_)
+        );
         if count > 1 && routed && !SEGMENTS_REFUSED.load(Ordering::Relaxed) {
             if let Some((upstream, shared)) = self.ready_upstream(client) {
                 match upstream.try_send_segments(&run[UDP_HEADROOM..], segment, dst, scratch) {
@@ -983,7 +994,7 @@ mod tests {
             tcp_flows: 16,
             tcp_connecting_per_client: 16,
         };
-        let router = Router::new("127.0.0.1:1090".parse().unwrap(), outbound);
+        let router = Router::new("127.0.0.1:1090".parse().unwrap(), Policy::single(outbound));
         UdpRelay::new(router, timeouts, limits, 0)
     }
 
