@@ -198,3 +198,29 @@ fn port_in_use_is_one_clear_line() {
         "{err}"
     );
 }
+
+/// Marks are written in hex in the README and by iptables: the flag takes
+/// both forms (it refused `0xff` before).
+#[test]
+fn marks_on_the_command_line_may_be_hex() {
+    for mark in ["0xff", "255"] {
+        let o = run(
+            &[
+                "rules",
+                "print",
+                "--direct",
+                "--lan-interface",
+                "eth1",
+                "--mark",
+                mark,
+            ],
+            &[],
+        );
+        assert_eq!(o.status.code(), Some(0), "{mark}: {}", stderr(&o));
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(text.contains("meta mark 0xff return"), "{mark}: {text}");
+    }
+    let o = run(&["rules", "print", "--direct", "--mark", "0xfg"], &[]);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("not a 32-bit mark"), "{}", stderr(&o));
+}
