@@ -48,20 +48,24 @@ pub enum HttpError {
     #[error("HTTP proxy {server} sent an answer head longer than {MAX_HEAD} bytes; refused")]
     HeadTooLarge { server: SocketAddr },
     #[error(
-        "HTTP proxy {server} asks for credentials (407 Proxy Authentication Required{}); \
+        "HTTP proxy {server} asks for credentials ({status} {}{}); \
          set username and password (or password_env) on this outbound",
+        auth_phrase(*.status),
         challenge_note(.challenge)
     )]
     CredentialsNeeded {
         server: SocketAddr,
+        status: u16,
         challenge: Option<String>,
     },
     #[error(
-        "HTTP proxy {server} refused username {username:?} (407 Proxy Authentication \
-         Required): wrong username or password"
+        "HTTP proxy {server} refused username {username:?} ({status} {}): wrong username or \
+         password",
+        auth_phrase(*.status)
     )]
     AuthFailed {
         server: SocketAddr,
+        status: u16,
         username: String,
     },
     #[error("HTTP proxy {server} refused CONNECT {target}: {status} {reason}")]
@@ -71,6 +75,14 @@ pub enum HttpError {
         status: u16,
         reason: String,
     },
+}
+
+fn auth_phrase(status: u16) -> &'static str {
+    if status == 401 {
+        "Unauthorized"
+    } else {
+        "Proxy Authentication Required"
+    }
 }
 
 fn challenge_note(challenge: &Option<String>) -> String {
@@ -84,7 +96,9 @@ impl HttpError {
     pub fn status(&self) -> Option<u16> {
         match self {
             HttpError::Refused { status, .. } => Some(*status),
-            HttpError::CredentialsNeeded { .. } | HttpError::AuthFailed { .. } => Some(407),
+            HttpError::CredentialsNeeded { status, .. } | HttpError::AuthFailed { status, .. } => {
+                Some(*status)
+            }
             _ => None,
         }
     }
@@ -206,13 +220,18 @@ impl HttpClient {
             parse_head(&head[..len]).map_err(|reason| HttpError::Malformed { server, reason })?;
         match answer.status {
             200..=299 => Ok(()),
-            407 => Err(match &self.auth {
+            // 407 is the proxy's own status; some proxies (tinyproxy
+            // 1.11) answer a CONNECT with bad or missing credentials with
+            // 401 instead. Either way the credentials are the problem.
+            status @ (401 | 407) => Err(match &self.auth {
                 Some(c) => HttpError::AuthFailed {
                     server,
+                    status,
                     username: c.username.clone(),
                 },
                 None => HttpError::CredentialsNeeded {
                     server,
+                    status,
                     challenge: answer.challenge,
                 },
             }),
@@ -315,7 +334,7 @@ fn head_end(buf: &[u8]) -> Option<usize> {
 struct Answer {
     status: u16,
     reason: String,
-    /// `Proxy-Authenticate`, for the 407 message.
+    /// `Proxy-Authenticate` (or `WWW-Authenticate`), for the message.
     challenge: Option<String>,
 }
 
@@ -359,7 +378,9 @@ fn parse_head(head: &[u8]) -> Result<Answer, &'static str> {
         if name.is_empty() || !name.iter().all(|&b| is_token(b)) {
             return Err("bad header name");
         }
-        if name.eq_ignore_ascii_case(b"proxy-authenticate") && challenge.is_none() {
+        let auth = name.eq_ignore_ascii_case(b"proxy-authenticate")
+            || name.eq_ignore_ascii_case(b"www-authenticate");
+        if auth && challenge.is_none() {
             challenge = Some(quote(line[colon + 1..].trim_ascii()));
         }
     }
@@ -598,6 +619,22 @@ mod tests {
         assert!(
             text.contains("407") && text.contains("username and password"),
             "{text}"
+        );
+        assert!(text.contains(r#"challenge "Basic realm=\"p\"""#), "{text}");
+
+        // tinyproxy answers 401, not 407: the same meaning for a proxy.
+        let (server, _task) = fake_proxy(
+            vec![b"HTTP/1.0 401 Unauthorized\r\n\r\n".to_vec()],
+            Duration::ZERO,
+        )
+        .await;
+        let err = client(server, None, false)
+            .connect(DST.parse().unwrap(), None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, HttpError::CredentialsNeeded { status: 401, .. }),
+            "{err}"
         );
 
         let (server, _task) = fake_proxy(vec![answer.to_vec()], Duration::ZERO).await;
