@@ -103,10 +103,12 @@ impl HttpError {
         }
     }
 
-    /// Whether the proxy said the destination, not the proxy, is the
-    /// problem (502 Bad Gateway, 504 Gateway Timeout): an ordinary event.
+    /// Whether the proxy's answer most likely means the destination, not
+    /// the proxy, failed: an ordinary event, not worth a warning. Proxies
+    /// differ in the status they use for that (tinyproxy 500 "Unable to
+    /// connect", squid 503, others 502 or 504).
     pub fn is_destination_failure(&self) -> bool {
-        matches!(self.status(), Some(502 | 504))
+        matches!(self.status(), Some(500 | 502 | 503 | 504))
     }
 }
 
