@@ -20,6 +20,7 @@ use crate::fds;
 use crate::inbound;
 use crate::inbound::admission::Admission;
 use crate::inbound::tcp::TcpContext;
+use crate::outbound::group;
 use crate::policy::Policy;
 use crate::relay::udp::UdpRelay;
 use crate::route::Router;
@@ -260,6 +261,11 @@ impl Server {
                     warn!(outbound = %name, "upstream not reachable at start: {e}; flows through it will be reset until it is back");
                 }
             });
+            // Failover groups check their members for as long as the
+            // server runs; `abort_all` below ends them with it.
+            if let Some(watch) = group::failover_watch(Arc::clone(&named.outbound)) {
+                tasks.spawn(watch);
+            }
         }
 
         shutdown.await;
@@ -297,6 +303,9 @@ fn describe_outbounds(cfg: &Config) -> String {
                             ""
                         }
                     )
+                }
+                OutboundKind::Selector { members, .. } | OutboundKind::Failover { members, .. } => {
+                    format!("{}({})", o.kind.type_name(), members.join(", "))
                 }
                 other => other.type_name().to_string(),
             };

@@ -175,11 +175,11 @@ async fn handle(
             return reset(stream);
         }
     };
-    let outbound = match ctx
+    let choice = match ctx
         .router
         .decide(&FlowMeta::addresses(Network::Tcp, client, dst))
     {
-        Decision::Forward(choice) => choice.outbound,
+        Decision::Forward(choice) => choice,
         Decision::RefuseLoop => {
             if let Some(held_back) = LOOP.check() {
                 warn!(%client, %dst, held_back, "refused TCP connection to tproxyd's own listener (routing loop or a direct connection to the listener)");
@@ -187,17 +187,25 @@ async fn handle(
             return reset(stream);
         }
     };
+    let outbound = &choice.outbound;
+    // Named as configured, groups included: `auto/proxy-b`.
+    let route = ctx.router.policy().route(&choice);
     let _ = stream.set_nodelay(true);
     // Boxed so the connect state (a SOCKS5 handshake is large) is freed
     // once connected instead of sizing the task of every long-lived flow.
-    let connected = Box::pin(outbound.connect_tcp(dst)).await;
+    let connected = Box::pin(outbound.connect_tcp(dst, None)).await;
     ticket.connected();
     let upstream = match connected {
         Ok(u) => u,
         Err(e) => {
-            log_connect_failure(client, dst, outbound.name(), &e);
-            debug!(proto = "tcp", %client, %dst, outbound = outbound.name(), up_bytes = 0u64, down_bytes = 0u64,
-                duration_ms = started.elapsed().as_millis() as u64, end = "connect-failed", "flow");
+            let end = if matches!(e, OutboundError::Blocked) {
+                "blocked"
+            } else {
+                "connect-failed"
+            };
+            log_connect_failure(client, dst, &route, &e);
+            debug!(proto = "tcp", %client, %dst, outbound = %route, up_bytes = 0u64, down_bytes = 0u64,
+                duration_ms = started.elapsed().as_millis() as u64, end, "flow");
             return reset(stream);
         }
     };
@@ -206,7 +214,7 @@ async fn handle(
         proto = "tcp",
         %client,
         %dst,
-        outbound = outbound.name(),
+        outbound = %route,
         up_bytes = outcome.up,
         down_bytes = outcome.down,
         duration_ms = started.elapsed().as_millis() as u64,
@@ -218,10 +226,12 @@ async fn handle(
 /// Whether a connect failed because this process ran out of descriptors
 /// (EMFILE) or the whole system did (ENFILE).
 fn out_of_descriptors(e: &OutboundError) -> bool {
+    use crate::outbound::http::HttpError;
     use crate::outbound::socks5::Socks5Error;
     let io = match e {
         OutboundError::Connect { source, .. } => source,
         OutboundError::Socks5(Socks5Error::Unreachable { source, .. }) => source,
+        OutboundError::Http(HttpError::Unreachable { source, .. }) => source,
         _ => return false,
     };
     matches!(io.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
@@ -230,23 +240,35 @@ fn out_of_descriptors(e: &OutboundError) -> bool {
 /// Problems with the upstream itself, and running out of descriptors, are
 /// worth a warning; a destination that refuses is an ordinary event on
 /// the internet.
-fn log_connect_failure(client: SocketAddr, dst: SocketAddr, outbound: &str, e: &OutboundError) {
+fn log_connect_failure(
+    client: SocketAddr,
+    dst: SocketAddr,
+    outbound: &dyn std::fmt::Display,
+    e: &OutboundError,
+) {
     use crate::outbound::socks5::Socks5Error;
     if out_of_descriptors(e) {
         if let Some(held_back) = UPSTREAM_NO_FDS.check() {
-            warn!(%client, %dst, outbound, held_back, "TCP connection reset: no file descriptor left for its upstream side ({e}). Descriptors taken outside the TCP flows' count (UDP sessions, reply sockets) ran out the open-files limit; raise it (LimitNOFILE= in the service unit, ulimit -n) or lower limits.tcp_flows and limits.udp_sessions");
+            warn!(%client, %dst, %outbound, held_back, "TCP connection reset: no file descriptor left for its upstream side ({e}). Descriptors taken outside the TCP flows' count (UDP sessions, reply sockets) ran out the open-files limit; raise it (LimitNOFILE= in the service unit, ulimit -n) or lower limits.tcp_flows and limits.udp_sessions");
         }
         return;
     }
     match e {
+        // Intended: a rule sent the flow to `block`.
+        OutboundError::Blocked => {
+            debug!(%client, %dst, %outbound, "TCP connection reset: blocked by rule")
+        }
         OutboundError::Socks5(Socks5Error::Rejected { .. })
         | OutboundError::Connect { .. }
         | OutboundError::ConnectTimeout { .. } => {
-            debug!(%client, %dst, outbound, "connect failed: {e}")
+            debug!(%client, %dst, %outbound, "connect failed: {e}")
+        }
+        OutboundError::Http(h) if h.is_destination_failure() => {
+            debug!(%client, %dst, %outbound, "connect failed: {e}")
         }
         _ => {
             if let Some(held_back) = UPSTREAM_FAILED.check() {
-                warn!(%client, %dst, outbound, held_back, "{e}")
+                warn!(%client, %dst, %outbound, held_back, "{e}")
             }
         }
     }

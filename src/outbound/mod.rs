@@ -4,10 +4,13 @@
 //! `SO_MARK`, so the firewall rules let it pass instead of capturing
 //! tproxyd's own traffic again.
 
+pub mod group;
+pub mod http;
 pub mod socks5;
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::Interest;
@@ -15,6 +18,8 @@ use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 
 use crate::config::{OutboundKind, Timeouts};
 use crate::sys;
+use group::{Group, GroupError};
+use http::{HttpClient, HttpError};
 use socks5::proto::{self, Address};
 use socks5::{Socks5Client, Socks5Error, UdpAssociation};
 
@@ -28,6 +33,25 @@ pub enum OutboundError {
     UdpSocket(io::Error),
     #[error(transparent)]
     Socks5(#[from] Socks5Error),
+    #[error(transparent)]
+    Http(#[from] HttpError),
+    /// The `block` outbound: refused on purpose, not a fault.
+    #[error("blocked by rule")]
+    Blocked,
+    #[error(
+        "the http outbound (proxy {server}) carries TCP only: HTTP CONNECT has no UDP; \
+         send UDP elsewhere with a rule (network = \"udp\", outbound = ...)"
+    )]
+    TcpOnly { server: SocketAddr },
+}
+
+impl OutboundError {
+    /// Whether the configuration refused the flow (block, UDP to an http
+    /// outbound) rather than an upstream failing: such a refusal says
+    /// nothing about the upstream's health and must not trigger back-off.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, OutboundError::Blocked | OutboundError::TcpOnly { .. })
+    }
 }
 
 /// Connects a marked TCP socket to `dst`.
@@ -38,13 +62,18 @@ pub async fn connect_marked(dst: SocketAddr, mark: u32) -> io::Result<TcpStream>
 }
 
 /// One configured outbound.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Outbound {
     Direct {
         mark: u32,
         connect_timeout: Duration,
     },
     Socks5(Socks5Client),
+    Http(HttpClient),
+    /// TCP: refused at once (the client gets a reset); UDP: dropped.
+    Block,
+    /// Stands for one of its members; the policy resolves it per flow.
+    Group(Group),
 }
 
 /// Why an outbound in the config cannot be built.
@@ -52,6 +81,12 @@ pub enum Outbound {
 pub enum BuildError {
     #[error("outbound type {0:?} is not available in this build yet")]
     Unsupported(&'static str),
+    #[error("member {0:?} is not the name of an outbound")]
+    UnknownMember(String),
+    #[error("its members reach it again (a cycle)")]
+    Cycle,
+    #[error(transparent)]
+    Group(#[from] GroupError),
 }
 
 impl Outbound {
@@ -73,6 +108,20 @@ impl Outbound {
                 mark,
                 connect_timeout: timeouts.connect,
             })),
+            OutboundKind::Http {
+                server,
+                auth,
+                send_domain,
+            } => Ok(Outbound::Http(HttpClient::new(
+                *server,
+                auth.clone(),
+                *send_domain,
+                mark,
+                timeouts.connect,
+            ))),
+            OutboundKind::Block => Ok(Outbound::Block),
+            // Groups need their members built first: the policy builds
+            // them (see `Policy::from_config`).
             other => Err(BuildError::Unsupported(other.type_name())),
         }
     }
@@ -81,11 +130,20 @@ impl Outbound {
         match self {
             Outbound::Direct { .. } => "direct",
             Outbound::Socks5(_) => "socks5",
+            Outbound::Http(_) => "http",
+            Outbound::Block => "block",
+            Outbound::Group(g) => g.kind.type_name(),
         }
     }
 
-    /// Opens a TCP connection to `dst` through this outbound.
-    pub async fn connect_tcp(&self, dst: SocketAddr) -> Result<TcpStream, OutboundError> {
+    /// Opens a TCP connection to `dst` through this outbound. `host` is the
+    /// flow's host name when one is known (sniffed); outbounds with
+    /// `send_domain` name it to the proxy instead of the address.
+    pub async fn connect_tcp(
+        &self,
+        dst: SocketAddr,
+        host: Option<&str>,
+    ) -> Result<TcpStream, OutboundError> {
         match self {
             Outbound::Direct {
                 mark,
@@ -106,11 +164,39 @@ impl Outbound {
                 let _ = s.set_nodelay(true);
                 Ok(s)
             }
+            Outbound::Http(client) => {
+                let s = client.connect(dst, host).await?;
+                let _ = s.set_nodelay(true);
+                Ok(s)
+            }
+            Outbound::Block => Err(OutboundError::Blocked),
+            // The policy hands out leaves; a group reached here anyway
+            // goes to its member of the moment. Boxed: recursion.
+            Outbound::Group(g) => {
+                let member = Arc::clone(&g.selected().outbound);
+                Box::pin(member.connect_tcp(dst, host)).await
+            }
+        }
+    }
+
+    /// Why this outbound refuses every UDP datagram, if it does; known
+    /// without any I/O, so the UDP relay asks before opening a session.
+    pub fn udp_refusal(&self) -> Option<OutboundError> {
+        match self {
+            Outbound::Block => Some(OutboundError::Blocked),
+            Outbound::Http(client) => Some(OutboundError::TcpOnly {
+                server: client.server,
+            }),
+            Outbound::Group(g) => g.selected().outbound.udp_refusal(),
+            Outbound::Direct { .. } | Outbound::Socks5(_) => None,
         }
     }
 
     /// Opens the upstream side of one UDP session.
     pub async fn open_udp(&self) -> Result<UdpUpstream, OutboundError> {
+        if let Some(refusal) = self.udp_refusal() {
+            return Err(refusal);
+        }
         match self {
             Outbound::Direct { mark, .. } => {
                 // One dual-stack socket reaches every destination of the
@@ -122,15 +208,27 @@ impl Outbound {
                 Ok(UdpUpstream::Direct(socket))
             }
             Outbound::Socks5(client) => Ok(UdpUpstream::Socks5(client.udp_associate().await?)),
+            Outbound::Group(g) => {
+                let member = Arc::clone(&g.selected().outbound);
+                Box::pin(member.open_udp()).await
+            }
+            // Refused above.
+            Outbound::Http(_) | Outbound::Block => Err(OutboundError::Blocked),
         }
     }
 
-    /// Checks at start whether the upstream answers; the result is only
-    /// logged (flows fail fast until it is back).
+    /// Whether the upstream answers: at start (the result is only logged;
+    /// flows fail fast until it is back) and as a failover group's health
+    /// check. SOCKS5: connect and greeting (and login, if configured), so
+    /// a server that accepts connections but not us counts as down. HTTP:
+    /// a TCP connect (a CONNECT to the proxy itself would prove nothing
+    /// more). Direct and block have no upstream to fail; a group's members
+    /// are checked on their own.
     pub async fn probe(&self) -> Result<(), OutboundError> {
         match self {
-            Outbound::Direct { .. } => Ok(()),
-            Outbound::Socks5(client) => Ok(client.reachable().await?),
+            Outbound::Direct { .. } | Outbound::Block | Outbound::Group(_) => Ok(()),
+            Outbound::Socks5(client) => Ok(client.check().await?),
+            Outbound::Http(client) => Ok(client.reachable().await?),
         }
     }
 }

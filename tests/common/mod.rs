@@ -1086,3 +1086,31 @@ impl Testbed {
         self.start_dante(false);
     }
 }
+
+impl Testbed {
+    /// Restarts tproxyd from `config`, a whole TOML file written as given:
+    /// for tests that need sections the generated config lacks
+    /// (`[[outbounds]]`, `[route]`). With `backend = "none"` the bed's
+    /// hand-written rules capture; tproxyd is then ready once it listens
+    /// (`--config` rather than `-c`, so the start-up wait does not look
+    /// for the rules-installed line that backend never logs).
+    pub fn restart_tproxyd_with_config(&mut self, config: &str) {
+        if self.tproxyd.is_some() {
+            self.stop_tproxyd();
+        }
+        let file = self.config_path();
+        std::fs::write(&file, config).unwrap();
+        let flag = if config.contains("backend = \"none\"") {
+            "--config"
+        } else {
+            "-c"
+        };
+        self.tproxyd_cmd = vec![
+            "run".into(),
+            "--verbose".into(),
+            flag.into(),
+            file.display().to_string(),
+        ];
+        self.spawn_tproxyd();
+    }
+}

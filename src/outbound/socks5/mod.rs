@@ -188,6 +188,17 @@ impl Socks5Client {
         self.open_control().await.map(drop)
     }
 
+    /// Health check: connects and completes the greeting (and the login,
+    /// if one is configured), then closes. Unlike [`reachable`], it finds
+    /// a server that accepts connections but no longer speaks SOCKS5 or
+    /// refuses our credentials.
+    ///
+    /// [`reachable`]: Self::reachable
+    pub async fn check(&self) -> Result<(), Socks5Error> {
+        let mut stream = self.open_control().await?;
+        self.with_timeout(self.negotiate(&mut stream)).await
+    }
+
     async fn open_control(&self) -> Result<TcpStream, Socks5Error> {
         match tokio::time::timeout(self.connect_timeout, connect_marked(self.server, self.mark))
             .await

@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Network;
 use crate::config::{Limits, Timeouts};
-use crate::outbound::{Outbound, UdpRecv, UdpUpstream, UDP_HEADROOM};
+use crate::outbound::{Outbound, OutboundError, UdpRecv, UdpUpstream, UDP_HEADROOM};
 use crate::policy::FlowMeta;
 #[cfg(test)]
 use crate::policy::Policy;
@@ -310,6 +310,9 @@ pub struct UdpStats {
     /// Replies that went to clients in runs.
     pub replies_segmented: AtomicU64,
     pub replies_dropped_bind: AtomicU64,
+    /// Datagrams dropped because their outbound refuses UDP by design:
+    /// `block`, or an `http` outbound (TCP only).
+    pub datagrams_refused: AtomicU64,
 }
 
 /// One rate limit per warning that can repeat per datagram or per
@@ -321,6 +324,7 @@ struct Warnings {
     evicting: RateLimit,
     refused_loop: RateLimit,
     open_failed: RateLimit,
+    tcp_only: RateLimit,
     backoff: RateLimit,
     oversize: RateLimit,
 }
@@ -378,6 +382,8 @@ const OPENING_AT_ONCE: usize = 64;
 enum OpenFailure {
     /// Another session's open failed while this one waited: back-off.
     BackingOff,
+    /// The outbound refuses UDP by design (see [`UdpRelay::refuse`]).
+    Refused(OutboundError),
     Failed {
         error: String,
         /// How long new sessions now fail at once.
@@ -459,6 +465,12 @@ impl UdpRelay {
                 return;
             }
         };
+        // Before the session lookup: a block rule must hold even for a
+        // client whose session another rule opened. No session, no
+        // back-off: the configuration refused it, no upstream failed.
+        if let Some(refusal) = outbound.udp_refusal() {
+            return self.refuse(client, dst, outbound.name(), &refusal);
+        }
         let len = buf.len() - UDP_HEADROOM;
         if let Some((upstream, shared)) = self.ready_upstream(client) {
             match upstream.try_send(buf, dst) {
@@ -537,6 +549,18 @@ impl UdpRelay {
         );
         drop(table);
         tokio::spawn(Arc::clone(self).run_session(id, client, outbound, shared, permit));
+    }
+
+    /// Drops a datagram whose outbound refuses UDP: quietly for `block`
+    /// (intended), with a rate-limited warning otherwise (a rule sends UDP
+    /// where it cannot go, which the user will want to fix).
+    fn refuse(&self, client: SocketAddr, dst: SocketAddr, outbound: &str, e: &OutboundError) {
+        self.stats.datagrams_refused.fetch_add(1, Ordering::Relaxed);
+        if matches!(e, OutboundError::Blocked) {
+            debug!(%client, %dst, outbound, "UDP datagram dropped: blocked by rule");
+        } else if let Some(n) = self.warnings.tcp_only.check() {
+            warn!(%client, %dst, outbound, "UDP datagram dropped: {e}{}", held_back(n));
+        }
     }
 
     /// Makes room in the table for a new session of `client`: within its
@@ -810,6 +834,13 @@ impl UdpRelay {
                 self.backoff.opened(permit);
                 Ok(upstream)
             }
+            // Not an upstream failure: no back-off. `dispatch` refuses
+            // these before a session exists; this covers a group whose
+            // member changed in between.
+            Err(e) if e.is_refusal() => {
+                self.backoff.release(permit);
+                Err(OpenFailure::Refused(e))
+            }
             Err(e) => {
                 let error = e.to_string();
                 let backing_off = self.backoff.failed(permit, Instant::now(), &error);
@@ -851,6 +882,18 @@ impl UdpRelay {
                     .datagrams_dropped_backoff
                     .fetch_add(lost, Ordering::Relaxed);
                 "backing-off".to_string()
+            }
+            Some(Err(OpenFailure::Refused(e))) => {
+                let lost = shared.close_queue();
+                self.stats
+                    .datagrams_refused
+                    .fetch_add(lost as u64, Ordering::Relaxed);
+                if matches!(e, OutboundError::Blocked) {
+                    debug!(%client, outbound = outbound_name, dropped = lost, "UDP session dropped: blocked by rule");
+                } else if let Some(n) = self.warnings.tcp_only.check() {
+                    warn!(%client, outbound = outbound_name, dropped = lost, "UDP datagrams dropped: {e}{}", held_back(n));
+                }
+                format!("refused: {e}")
             }
             Some(Err(OpenFailure::Failed { error, backing_off })) => {
                 // Count what was queued so nothing is lost silently.
@@ -1489,5 +1532,31 @@ mod tests {
             + stats.datagrams_dropped_queue.load(Ordering::Relaxed);
         assert_eq!(dropped, 1000, "every datagram counted");
         assert!(relay.backoff.failing());
+    }
+
+    /// `block` and `http` refuse UDP by design: their datagrams are
+    /// counted and dropped without a session, and the back-off (which
+    /// would fail every other outbound's new sessions too) stays off.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn refused_udp_opens_no_session_and_no_back_off() {
+        let http = Outbound::Http(crate::outbound::http::HttpClient::new(
+            "127.0.0.1:9".parse().unwrap(),
+            None,
+            false,
+            0,
+            secs(1),
+        ));
+        for outbound in [Outbound::Block, http] {
+            let relay = relay_through(outbound, 16, 16, timeouts(secs(60), secs(10), secs(10)));
+            let dst: SocketAddr = "127.0.0.1:9".parse().unwrap();
+            for p in 0..10u16 {
+                relay.dispatch(port([127, 0, 0, 1], 20_000 + p), dst, &mut framed(b"x"));
+            }
+            let_sessions_run().await;
+            assert_eq!(relay.session_count(), 0);
+            assert_eq!(relay.stats.datagrams_refused.load(Ordering::Relaxed), 10);
+            assert!(!relay.backoff.failing());
+            assert_eq!(relay.stats.sessions_open_failed.load(Ordering::Relaxed), 0);
+        }
     }
 }

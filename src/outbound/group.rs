@@ -1,0 +1,474 @@
+//! Groups: outbounds that carry no flow themselves but stand for one of
+//! their members, chosen when a flow is decided.
+//!
+//! - `selector`: the member chosen by hand (the config's `default` today,
+//!   an API later): [`Group::select`].
+//! - `failover`: the first member whose health check passes, checked
+//!   every `interval` by [`failover_watch`], a task the server runs.
+//!
+//! The choice is one [`AtomicUsize`] per group, so resolving a group on a
+//! flow's path is one atomic load per level; health checks and a future
+//! API write it without a lock or a policy swap.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::MissedTickBehavior;
+use tracing::{debug, info, warn};
+
+use super::Outbound;
+
+/// One member of a group: another outbound of the policy.
+#[derive(Debug)]
+pub struct Member {
+    pub name: String,
+    /// Index among the policy's outbounds.
+    pub index: usize,
+    pub outbound: Arc<Outbound>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupKind {
+    Selector,
+    Failover { interval: Duration },
+}
+
+impl GroupKind {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            GroupKind::Selector => "selector",
+            GroupKind::Failover { .. } => "failover",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    #[error("group {group:?} has no members")]
+    Empty { group: String },
+    #[error("{member:?} is not a member of group {group:?}")]
+    NotMember { group: String, member: String },
+    #[error("group {group:?} is a failover group: its health checks choose the member")]
+    NotSelector { group: String },
+}
+
+pub struct Group {
+    pub name: String,
+    pub kind: GroupKind,
+    /// Never empty ([`Group::new`] refuses that).
+    members: Vec<Member>,
+    /// Position in `members` of the member new flows go to.
+    selected: AtomicUsize,
+}
+
+impl fmt::Debug for Group {
+    // Members are printed by name: their outbounds are printed elsewhere.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Group")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field(
+                "members",
+                &self.members.iter().map(|m| &m.name).collect::<Vec<_>>(),
+            )
+            .field("selected", &self.selected().name)
+            .finish()
+    }
+}
+
+impl Group {
+    /// A group starting on `members[initial]` (the first if out of range).
+    pub fn new(
+        name: String,
+        kind: GroupKind,
+        members: Vec<Member>,
+        initial: usize,
+    ) -> Result<Group, GroupError> {
+        if members.is_empty() {
+            return Err(GroupError::Empty { group: name });
+        }
+        let initial = if initial < members.len() { initial } else { 0 };
+        Ok(Group {
+            name,
+            kind,
+            members,
+            selected: AtomicUsize::new(initial),
+        })
+    }
+
+    pub fn members(&self) -> &[Member] {
+        &self.members
+    }
+
+    /// The member new flows go to now.
+    pub fn selected(&self) -> &Member {
+        // Relaxed: the index is the only data; members never change.
+        let i = self.selected.load(Ordering::Relaxed);
+        // In range by construction; the fallback only keeps this total.
+        self.members.get(i).unwrap_or(&self.members[0])
+    }
+
+    /// Chooses the member of a selector by name (for the API to come).
+    pub fn select(&self, member: &str) -> Result<(), GroupError> {
+        if self.kind != GroupKind::Selector {
+            return Err(GroupError::NotSelector {
+                group: self.name.clone(),
+            });
+        }
+        let i = self
+            .members
+            .iter()
+            .position(|m| m.name == member)
+            .ok_or_else(|| GroupError::NotMember {
+                group: self.name.clone(),
+                member: member.to_string(),
+            })?;
+        self.selected.store(i, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The outbound that would carry a flow sent to `outbound` now: itself,
+/// or for a group its selected member, through nested groups.
+pub fn leaf(outbound: &Arc<Outbound>) -> Arc<Outbound> {
+    let mut current = Arc::clone(outbound);
+    // Bounded: validation forbids cycles; the bound keeps a bug from
+    // turning into a hang.
+    for _ in 0..64 {
+        let next = match &*current {
+            Outbound::Group(g) => Arc::clone(&g.selected().outbound),
+            _ => break,
+        };
+        current = next;
+    }
+    current
+}
+
+/// What the last check said of a member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Health {
+    Unknown,
+    Up,
+    Down(String),
+}
+
+/// A line for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Event {
+    warn: bool,
+    message: String,
+}
+
+/// What a failover group remembers between rounds of checks.
+#[derive(Debug)]
+struct FailoverState {
+    health: Vec<Health>,
+    all_down: bool,
+}
+
+impl Group {
+    /// Takes one round of check results (one per member, in order), moves
+    /// the selection to the first member that passed and says what
+    /// changed. With every member down the selection stays: there is no
+    /// better choice, and the first to come back takes over.
+    fn apply(&self, state: &mut FailoverState, results: Vec<Result<(), String>>) -> Vec<Event> {
+        let mut events = Vec::new();
+        let g = &self.name;
+        let before = self.selected.load(Ordering::Relaxed);
+        let first_up = results.iter().position(Result::is_ok);
+        let after = first_up.unwrap_or(before);
+        let now: Vec<Health> = results
+            .into_iter()
+            .map(|r| r.map_or_else(Health::Down, |()| Health::Up))
+            .collect();
+        let name = |i: usize| self.members.get(i).map_or("?", |m| m.name.as_str());
+
+        if after != before {
+            self.selected.store(after, Ordering::Relaxed);
+            match now.get(before) {
+                Some(Health::Down(e)) => events.push(Event {
+                    warn: true,
+                    message: format!(
+                        "failover {g:?}: {} down ({e}), new flows go to {}",
+                        name(before),
+                        name(after)
+                    ),
+                }),
+                _ => events.push(Event {
+                    warn: false,
+                    message: format!(
+                        "failover {g:?}: {} is back up, new flows go to {}",
+                        name(after),
+                        name(after)
+                    ),
+                }),
+            }
+        }
+        match first_up {
+            None if !state.all_down => {
+                state.all_down = true;
+                let why = now
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, h)| match h {
+                        Health::Down(e) => Some(format!("{}: {e}", name(i))),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                events.push(Event {
+                    warn: true,
+                    message: format!(
+                        "failover {g:?}: every member is down ({why}); new flows stay on {} and \
+                         fail until one is back",
+                        name(after)
+                    ),
+                });
+            }
+            Some(_) if state.all_down => {
+                state.all_down = false;
+                if after == before {
+                    events.push(Event {
+                        warn: false,
+                        message: format!(
+                            "failover {g:?}: {} is back up, new flows go to {}",
+                            name(after),
+                            name(after)
+                        ),
+                    });
+                }
+            }
+            _ => {}
+        }
+        // Members other than the ones named above: a backup going down is
+        // worth knowing before it is needed.
+        for (i, h) in now.iter().enumerate() {
+            let was = state.health.get(i).cloned().unwrap_or(Health::Unknown);
+            if i == before || i == after || state.all_down {
+                continue;
+            }
+            match (&was, h) {
+                (Health::Up | Health::Unknown, Health::Down(e)) => events.push(Event {
+                    warn: true,
+                    message: format!(
+                        "failover {g:?}: {} down ({e}); new flows stay on {}",
+                        name(i),
+                        name(after)
+                    ),
+                }),
+                (Health::Down(_), Health::Up) => events.push(Event {
+                    warn: false,
+                    message: format!(
+                        "failover {g:?}: {} is back up; new flows stay on {}",
+                        name(i),
+                        name(after)
+                    ),
+                }),
+                _ => {}
+            }
+        }
+        state.health = now;
+        events
+    }
+}
+
+/// The task that keeps a failover group on its first healthy member:
+/// checks every member every `interval` (all at once, each bounded by the
+/// connect timeout) and moves the selection. None for other outbounds.
+/// The server spawns it and aborts it when it stops.
+pub fn failover_watch(outbound: Arc<Outbound>) -> Option<impl Future<Output = ()> + Send> {
+    let interval = match &*outbound {
+        Outbound::Group(g) => match g.kind {
+            GroupKind::Failover { interval } => interval,
+            GroupKind::Selector => return None,
+        },
+        _ => return None,
+    };
+    Some(async move {
+        let Outbound::Group(group) = &*outbound else {
+            return;
+        };
+        let mut state = FailoverState {
+            health: vec![Health::Unknown; group.members.len()],
+            all_down: false,
+        };
+        let mut tick = tokio::time::interval(interval);
+        // A round slower than the interval (a member timing out) must not
+        // be followed by a burst of catch-up rounds.
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let checks = group.members.iter().map(|m| async move {
+                // A member that is itself a group is as healthy as the
+                // member it stands for now.
+                leaf(&m.outbound).probe().await.map_err(|e| e.to_string())
+            });
+            let results = futures_util::future::join_all(checks).await;
+            for event in group.apply(&mut state, results) {
+                if event.warn {
+                    warn!("{}", event.message);
+                } else {
+                    info!("{}", event.message);
+                }
+            }
+            debug!(group = %group.name, selected = %group.selected().name, "failover checked");
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(kind: GroupKind, names: &[&str]) -> Group {
+        let members = names
+            .iter()
+            .enumerate()
+            .map(|(index, n)| Member {
+                name: n.to_string(),
+                index,
+                outbound: Arc::new(Outbound::Block),
+            })
+            .collect();
+        Group::new("auto".into(), kind, members, 0).unwrap()
+    }
+
+    fn failover(names: &[&str]) -> (Group, FailoverState) {
+        let g = group(
+            GroupKind::Failover {
+                interval: Duration::from_secs(1),
+            },
+            names,
+        );
+        let state = FailoverState {
+            health: vec![Health::Unknown; names.len()],
+            all_down: false,
+        };
+        (g, state)
+    }
+
+    fn down(e: &str) -> Result<(), String> {
+        Err(e.to_string())
+    }
+
+    fn messages(events: &[Event]) -> Vec<(bool, &str)> {
+        events
+            .iter()
+            .map(|e| (e.warn, e.message.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn selector_chooses_by_name_and_failover_refuses_it() {
+        let s = group(GroupKind::Selector, &["a", "b"]);
+        assert_eq!(s.selected().name, "a");
+        s.select("b").unwrap();
+        assert_eq!(s.selected().name, "b");
+        assert!(matches!(s.select("c"), Err(GroupError::NotMember { .. })));
+        let (f, _) = failover(&["a", "b"]);
+        assert!(matches!(f.select("b"), Err(GroupError::NotSelector { .. })));
+        assert!(matches!(
+            Group::new("x".into(), GroupKind::Selector, vec![], 0),
+            Err(GroupError::Empty { .. })
+        ));
+    }
+
+    #[test]
+    fn failover_moves_to_the_first_healthy_member_and_back() {
+        let (g, mut st) = failover(&["proxy-a", "proxy-b", "direct"]);
+        assert!(g.apply(&mut st, vec![Ok(()), Ok(()), Ok(())]).is_empty());
+        assert_eq!(g.selected().name, "proxy-a");
+
+        let ev = g.apply(&mut st, vec![down("connect refused"), Ok(()), Ok(())]);
+        assert_eq!(
+            messages(&ev),
+            [(
+                true,
+                "failover \"auto\": proxy-a down (connect refused), new flows go to proxy-b"
+            )]
+        );
+        assert_eq!(g.selected().name, "proxy-b");
+        // No change, no line.
+        assert!(g
+            .apply(&mut st, vec![down("connect refused"), Ok(()), Ok(())])
+            .is_empty());
+
+        let ev = g.apply(&mut st, vec![Ok(()), Ok(()), Ok(())]);
+        assert_eq!(
+            messages(&ev),
+            [(
+                false,
+                "failover \"auto\": proxy-a is back up, new flows go to proxy-a"
+            )]
+        );
+        assert_eq!(g.selected().name, "proxy-a");
+
+        // A backup going down is told too, without a switch.
+        let ev = g.apply(&mut st, vec![Ok(()), down("timed out"), Ok(())]);
+        assert_eq!(
+            messages(&ev),
+            [(
+                true,
+                "failover \"auto\": proxy-b down (timed out); new flows stay on proxy-a"
+            )]
+        );
+        assert_eq!(g.selected().name, "proxy-a");
+    }
+
+    #[test]
+    fn with_every_member_down_the_selection_stays_until_one_is_back() {
+        let (g, mut st) = failover(&["a", "b"]);
+        let ev = g.apply(&mut st, vec![down("refused"), down("refused")]);
+        assert_eq!(
+            messages(&ev),
+            [(
+                true,
+                "failover \"auto\": every member is down (a: refused; b: refused); new flows stay \
+                 on a and fail until one is back"
+            )]
+        );
+        assert_eq!(g.selected().name, "a");
+        assert!(g
+            .apply(&mut st, vec![down("refused"), down("refused")])
+            .is_empty());
+        let ev = g.apply(&mut st, vec![down("refused"), Ok(())]);
+        assert_eq!(
+            messages(&ev),
+            [(
+                true,
+                "failover \"auto\": a down (refused), new flows go to b"
+            )]
+        );
+        assert_eq!(g.selected().name, "b");
+    }
+
+    #[test]
+    fn leaf_follows_nested_groups() {
+        let inner = Arc::new(Outbound::Group(group(GroupKind::Selector, &["x", "y"])));
+        if let Outbound::Group(g) = &*inner {
+            g.select("y").unwrap();
+        }
+        let outer = Arc::new(Outbound::Group(
+            Group::new(
+                "outer".into(),
+                GroupKind::Selector,
+                vec![Member {
+                    name: "inner".into(),
+                    index: 9,
+                    outbound: Arc::clone(&inner),
+                }],
+                0,
+            )
+            .unwrap(),
+        ));
+        let Outbound::Group(g) = &*inner else {
+            unreachable!()
+        };
+        assert!(Arc::ptr_eq(&leaf(&outer), &g.members()[1].outbound));
+        let direct = Arc::new(Outbound::Block);
+        assert!(Arc::ptr_eq(&leaf(&direct), &direct));
+    }
+}
