@@ -1361,6 +1361,132 @@ mod tests {
         UdpRelay::new(router, timeouts, limits, 0)
     }
 
+    /// A relay whose policy has outbounds `a` (direct, `route.final`) and
+    /// `b` (`b_kind`: the TOML keys of its table), with flows to
+    /// 127.0.0.3 sent through `b`.
+    fn relay_two_ways(
+        b_kind: &str,
+        sessions: usize,
+        per_client: usize,
+        timeouts: Timeouts,
+    ) -> Arc<UdpRelay> {
+        let text = format!(
+            "[[outbounds]]\nname = \"a\"\ntype = \"direct\"\n\
+             [[outbounds]]\nname = \"b\"\n{b_kind}\n\
+             [route]\nfinal = \"a\"\n\
+             [[route.rules]]\ndst = [\"127.0.0.3/32\"]\noutbound = \"b\"\n\
+             [firewall]\nbackend = \"none\"\n"
+        );
+        let cfg = crate::config::RawConfig::from_toml(&text, "t")
+            .unwrap()
+            .validate(&|_| None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let limits = Limits {
+            udp_sessions: sessions,
+            udp_sessions_per_client: per_client,
+            udp_reply_sockets: 8,
+            threads: 1,
+            tcp_flows: 16,
+            tcp_connecting_per_client: 16,
+        };
+        let router = Router::new(
+            "127.0.0.1:1090".parse().unwrap(),
+            Policy::from_config(&cfg).unwrap(),
+        );
+        UdpRelay::new(router, timeouts, limits, 0)
+    }
+
+    /// A remote for full-cone checks: it listens on `listen_ip` and echoes
+    /// every datagram from `answer_ip` (another port, as a server behind
+    /// its own NAT would), telling the test whom it heard from. The answer
+    /// socket shares its port (SO_REUSEPORT) with the reply socket the
+    /// relay binds there; it never receives, so none of its datagrams can
+    /// be steered away.
+    fn cone_remote(
+        listen_ip: &str,
+        answer_ip: &str,
+    ) -> (
+        SocketAddr,
+        SocketAddr,
+        std::sync::mpsc::Receiver<SocketAddr>,
+    ) {
+        let listen = std::net::UdpSocket::bind((listen_ip, 0)).unwrap();
+        listen
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let answer = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )
+        .unwrap();
+        answer.set_reuse_address(true).unwrap();
+        answer.set_reuse_port(true).unwrap();
+        let answer_addr: SocketAddr = (answer_ip.parse::<IpAddr>().unwrap(), 0).into();
+        answer.bind(&answer_addr.into()).unwrap();
+        let answer: std::net::UdpSocket = answer.into();
+        let (listen_addr, answer_addr) =
+            (listen.local_addr().unwrap(), answer.local_addr().unwrap());
+        let (heard, peers) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            let mut quiet = 0;
+            // Ends some seconds after the test stopped sending.
+            while quiet < 50 {
+                let Ok((n, peer)) = listen.recv_from(&mut buf) else {
+                    quiet += 1;
+                    continue;
+                };
+                quiet = 0;
+                let _ = heard.send(peer);
+                let _ = answer.send_to(&buf[..n], peer);
+            }
+        });
+        (listen_addr, answer_addr, peers)
+    }
+
+    /// Transparent reply sockets need CAP_NET_ADMIN: without it a test
+    /// that checks replies is skipped, except under CI where that fails.
+    fn may_bind_replies() -> bool {
+        if nix::unistd::geteuid().is_root() {
+            return true;
+        }
+        assert!(std::env::var_os("CI").is_none(), "needs root under CI");
+        false
+    }
+
+    /// The session of `client`'s upstreams, by outbound index: the first
+    /// leg's and the extra legs'.
+    fn upstreams_of(relay: &UdpRelay, client: SocketAddr) -> Vec<(usize, Arc<UdpUpstream>)> {
+        let table = lock(&relay.table);
+        let Some(entry) = table.sessions.get(&client) else {
+            return Vec::new();
+        };
+        let shared = &entry.shared;
+        let extra = lock(&shared.extra).clone().unwrap_or_default();
+        std::iter::once(&shared.first)
+            .chain(extra.iter().map(|l| &**l))
+            .filter_map(|leg| Some((leg.outbound, Arc::clone(leg.upstream.get()?))))
+            .collect()
+    }
+
+    /// Waits until `client`'s session has open upstreams through exactly
+    /// `outbounds` (by index, in the order they opened).
+    async fn wait_for_upstreams(relay: &UdpRelay, client: SocketAddr, outbounds: &[usize]) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let open: Vec<usize> = upstreams_of(relay, client).iter().map(|u| u.0).collect();
+            if open == outbounds {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "upstreams open: {open:?}, wanted {outbounds:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Where direct sessions send in tests: a loopback socket that waits
     /// up to 5 s for each datagram, and its address.
     fn loopback_sink() -> (std::net::UdpSocket, SocketAddr) {
@@ -1852,5 +1978,194 @@ mod tests {
             + stats.datagrams_dropped_queue.load(Ordering::Relaxed);
         assert_eq!(dropped, 1000, "every datagram counted");
         assert!(relay.outbound_state(0).backoff.failing());
+    }
+
+    /// One client port talks to two remotes whose destinations the rules
+    /// send through different outbounds: the session opens one upstream
+    /// per outbound, and the answers of each remote reach the client from
+    /// that remote's own address. Runs follow their destination too.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn one_session_two_outbounds_two_upstreams_each_answered_from_its_remote() {
+        if !may_bind_replies() {
+            return;
+        }
+        let relay = relay_two_ways(
+            "type = \"direct\"",
+            4,
+            4,
+            timeouts(secs(60), secs(10), secs(10)),
+        );
+        let (a, a_answer, a_heard) = cone_remote("127.0.0.2", "127.0.0.12");
+        let (b, b_answer, b_heard) = cone_remote("127.0.0.3", "127.0.0.13");
+        let client_socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client_socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let client = client_socket.local_addr().unwrap();
+        let mut buf = [0u8; 64];
+        let mut expect = |payload: &[u8], from: SocketAddr| {
+            let (n, got_from) = client_socket
+                .recv_from(&mut buf)
+                .unwrap_or_else(|e| panic!("no answer {payload:?} from {from}: {e}"));
+            assert_eq!((&buf[..n], got_from), (payload, from));
+        };
+        for round in 0..3u8 {
+            relay.dispatch(client, a, &mut framed(&[b'a', round]));
+            expect(&[b'a', round], a_answer);
+            relay.dispatch(client, b, &mut framed(&[b'b', round]));
+            expect(&[b'b', round], b_answer);
+        }
+        wait_for_upstreams(&relay, client, &[0, 1]).await;
+        assert_eq!(relay.session_count(), 1, "one session, full cone");
+
+        // A run to b goes through b's upstream, whole.
+        let mut run = vec![0u8; UDP_HEADROOM];
+        run.extend_from_slice(b"r0r1r2r3");
+        relay.dispatch_run(client, b, &mut run, 2, &mut Vec::new());
+        for want in [b"r0", b"r1", b"r2", b"r3"] {
+            expect(want, b_answer);
+        }
+
+        // Each remote heard one upstream socket, and not the other's.
+        let a_peers: Vec<SocketAddr> = a_heard.try_iter().collect();
+        let b_peers: Vec<SocketAddr> = b_heard.try_iter().collect();
+        assert_eq!(a_peers.len(), 3);
+        assert_eq!(b_peers.len(), 7);
+        assert!(a_peers.iter().all(|p| *p == a_peers[0]), "{a_peers:?}");
+        assert!(b_peers.iter().all(|p| *p == b_peers[0]), "{b_peers:?}");
+        assert_ne!(a_peers[0], b_peers[0], "both outbounds shared one socket");
+        let stats = &relay.stats;
+        assert_eq!(stats.sessions_open_failed.load(Ordering::Relaxed), 0);
+        assert_eq!(stats.datagrams_dropped_queue.load(Ordering::Relaxed), 0);
+    }
+
+    /// The second outbound of a session fails to open (a SOCKS5 server
+    /// that hangs up): the datagrams for it are counted and dropped, its
+    /// back-off starts, and the first outbound's upstream carries on
+    /// untouched, answers and all.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_second_outbound_failing_leaves_the_first_alone() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                drop(stream);
+            }
+        });
+        let relay = relay_two_ways(
+            &format!("type = \"socks5\"\nserver = \"{server}\""),
+            4,
+            4,
+            timeouts(secs(60), secs(10), secs(10)),
+        );
+        let (sink_a, _) = loopback_sink();
+        let a = sink_a.local_addr().unwrap();
+        let b: SocketAddr = "127.0.0.3:9".parse().unwrap();
+        let client = port([127, 0, 0, 1], 3000);
+        let mut buf = [0u8; 16];
+
+        relay.dispatch(client, a, &mut framed(b"a0"));
+        let n = sink_a.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"a0");
+        wait_for_upstreams(&relay, client, &[0]).await;
+        let first = Arc::clone(&upstreams_of(&relay, client)[0].1);
+
+        relay.dispatch(client, b, &mut framed(b"b0"));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while relay.stats.sessions_open_failed.load(Ordering::Relaxed) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the second outbound never failed"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(relay.outbound_state(1).backoff.failing());
+        assert!(
+            !relay.outbound_state(0).backoff.failing(),
+            "back-off is per outbound"
+        );
+        // The failed leg is gone; while b backs off, its datagrams are
+        // dropped at once and the session stays.
+        wait_for_upstreams(&relay, client, &[0]).await;
+        relay.dispatch(client, b, &mut framed(b"b1"));
+        assert_eq!(
+            relay
+                .stats
+                .datagrams_dropped_backoff
+                .load(Ordering::Relaxed),
+            1
+        );
+        for i in 1..=3u8 {
+            relay.dispatch(client, a, &mut framed(&[b'a', b'0' + i]));
+            let n = sink_a.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..n], &[b'a', b'0' + i]);
+        }
+        let now = upstreams_of(&relay, client);
+        assert_eq!(now.len(), 1);
+        assert!(
+            Arc::ptr_eq(&now[0].1, &first),
+            "the first upstream was replaced"
+        );
+        assert_eq!(relay.session_count(), 1);
+        assert_eq!(
+            relay.stats.datagrams_dropped_queue.load(Ordering::Relaxed),
+            1,
+            "b0, queued while b opened"
+        );
+    }
+
+    /// Waits until nothing holds `upstreams` any more (their sockets are
+    /// closed).
+    async fn all_closed(upstreams: &[std::sync::Weak<UdpUpstream>], what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while upstreams.iter().any(|u| u.upgrade().is_some()) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: an upstream outlived its session"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A session with two upstreams: eviction ends both, and so does the
+    /// session's idle timeout (kept for the session as a whole).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn eviction_and_idle_timeout_close_every_upstream_of_a_session() {
+        for evict in [true, false] {
+            let idle = if evict {
+                secs(60)
+            } else {
+                Duration::from_millis(100)
+            };
+            let relay = relay_two_ways("type = \"direct\"", 1, 1, timeouts(idle, idle, idle));
+            let (sink_a, _) = loopback_sink();
+            let a = sink_a.local_addr().unwrap();
+            let sink_b = std::net::UdpSocket::bind("127.0.0.3:0").unwrap();
+            sink_b
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let b = sink_b.local_addr().unwrap();
+            let client = port([127, 0, 0, 1], 3100);
+            let mut buf = [0u8; 16];
+            relay.dispatch(client, a, &mut framed(b"a"));
+            sink_a.recv(&mut buf).unwrap();
+            relay.dispatch(client, b, &mut framed(b"b"));
+            sink_b.recv(&mut buf).unwrap();
+            wait_for_upstreams(&relay, client, &[0, 1]).await;
+            // Weak: this test must not keep the upstreams alive itself.
+            let upstreams: Vec<_> = upstreams_of(&relay, client)
+                .iter()
+                .map(|(_, u)| Arc::downgrade(u))
+                .collect();
+            if evict {
+                // The table holds one session: a new port evicts this one.
+                relay.dispatch(port([127, 0, 0, 1], 3101), a, &mut framed(b"x"));
+                assert_eq!(relay.stats.sessions_evicted.load(Ordering::Relaxed), 1);
+                all_closed(&upstreams, "evicted").await;
+            } else {
+                all_closed(&upstreams, "idle").await;
+                assert_eq!(relay.session_count(), 0);
+            }
+        }
     }
 }
