@@ -1086,3 +1086,24 @@ impl Testbed {
         self.start_dante(false);
     }
 }
+
+impl Testbed {
+    /// Restarts tproxyd from a config file whose whole text the test
+    /// supplies (named outbounds, a route: what the bed's own generator,
+    /// which writes one `[outbound]`, cannot). Use it on a bed started with
+    /// `own_rules`, so the config's `[firewall]` installs the rules.
+    pub fn restart_tproxyd_with_config(&mut self, text: &str) {
+        if self.tproxyd.is_some() {
+            self.stop_tproxyd();
+        }
+        let file = self.dir.join("tproxyd-own.toml");
+        std::fs::write(&file, text).unwrap();
+        self.tproxyd_cmd = vec![
+            "run".into(),
+            "--verbose".into(),
+            "-c".into(),
+            file.display().to_string(),
+        ];
+        self.spawn_tproxyd();
+    }
+}
