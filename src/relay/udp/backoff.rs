@@ -8,8 +8,10 @@
 //! session at a time may try again (the others keep failing fast); the
 //! first success ends the back-off.
 //!
-//! Only new sessions take the lock here: an established session's
-//! datagrams never come this way.
+//! The relay keeps one back-off per outbound: a SOCKS5 server that is down
+//! must not make direct sessions fail fast too. Only new sessions, and
+//! sessions adding an upstream for another outbound, take the lock here:
+//! an established upstream's datagrams never come this way.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};

@@ -1,11 +1,15 @@
 //! UDP sessions, full cone.
 //!
 //! A session is keyed by the client's source address:port alone, not by
-//! (source, destination): one upstream socket or SOCKS5 association then
-//! serves every destination of that client, and a datagram from *any*
-//! remote that reaches the association is passed back to the client. That
-//! is endpoint-independent mapping, the "open NAT" games and consoles ask
-//! for.
+//! (source, destination): one upstream socket or SOCKS5 association per
+//! outbound then serves every destination of that client, and a datagram
+//! from *any* remote that reaches one of them is passed back to the
+//! client. That is endpoint-independent mapping, the "open NAT" games and
+//! consoles ask for.
+//!
+//! The rules decide per datagram, by its destination: a client that talks
+//! to a domestic and a foreign address uses direct and the proxy at once,
+//! one upstream each (a session's "legs"), and stays full cone through both.
 //!
 //! Replies must reach the client from the remote's own address:port, so
 //! they leave through a transparent socket bound to that remote
@@ -25,9 +29,9 @@ use tracing::{debug, info, warn};
 use crate::config::Network;
 use crate::config::{Limits, Timeouts};
 use crate::outbound::{Outbound, OutboundError, UdpRecv, UdpUpstream, UDP_HEADROOM};
-use crate::policy::FlowMeta;
 #[cfg(test)]
 use crate::policy::Policy;
+use crate::policy::{Choice, FlowMeta};
 use crate::ratelimit::RateLimit;
 use crate::relay::spares::Spares;
 use crate::route::{Decision, Router};
@@ -37,7 +41,7 @@ mod backoff;
 mod replies;
 mod runs;
 
-use backoff::{Backoff, Permit};
+use backoff::{Backoff, Permit, Refusal};
 pub use replies::ReplySockets;
 use runs::{refuse_segments, SEGMENTS_REFUSED};
 pub use runs::{runnable, Run};
@@ -95,59 +99,39 @@ enum Refused {
     Closed(Box<Packet>),
 }
 
-/// What the inbound and a session's task both touch.
+/// One upstream of a session: the outbound it goes through, its socket or
+/// SOCKS5 association once open, and the datagrams waiting for it.
 ///
-/// Once the session's upstream is open, the inbound sends an established
-/// session's datagrams itself (non-blocking) instead of queueing them for
-/// the session's task: no allocation, no channel and no cross-thread
-/// wake-up per datagram. The queue remains for the start of a session
-/// (a SOCKS5 handshake in progress) and for a full socket buffer.
-struct SessionShared {
+/// Once the upstream is open, the inbound sends the leg's datagrams
+/// itself (non-blocking) instead of queueing them for the leg's task: no
+/// allocation, no channel and no cross-thread wake-up per datagram. The
+/// queue remains for the start (a SOCKS5 handshake in progress) and for
+/// a full socket buffer.
+struct Leg {
+    /// The outbound's index in the policy ([`crate::policy::Choice::index`]).
+    outbound: usize,
     upstream: OnceLock<Arc<UdpUpstream>>,
-    start: Instant,
-    /// Milliseconds since `start` of the last datagram either way.
-    last_activity_ms: AtomicU64,
     /// Datagrams handed to the queue and not yet sent by the task; while
     /// any are, the inbound queues too, so datagrams keep their order.
     queued: AtomicUsize,
     queue: Mutex<Queue>,
-    /// Wakes the session's task when a datagram is queued.
+    /// Wakes the leg's task when a datagram is queued, or when the queue
+    /// closes (the session ended: an extra leg's task then stops).
     queue_ready: Notify,
-    /// The last destination was port 53 (shorter idle timeout).
-    last_was_dns: AtomicBool,
-    /// A datagram came back from upstream at least once. Sessions that
-    /// never got one are what a flood of new ports (or a scan) leaves
-    /// behind: they idle out sooner and are the ones evicted.
-    replied: AtomicBool,
-    /// Wakes the session's task to end it: it was evicted from the table.
-    evicted: Notify,
-    up_bytes: AtomicU64,
-    up_datagrams: AtomicU64,
 }
 
-impl SessionShared {
-    fn new() -> Self {
-        SessionShared {
+impl Leg {
+    fn new(outbound: usize) -> Self {
+        Leg {
+            outbound,
             upstream: OnceLock::new(),
-            start: Instant::now(),
-            last_activity_ms: AtomicU64::new(0),
             queued: AtomicUsize::new(0),
             queue: Mutex::new(Queue::default()),
             queue_ready: Notify::new(),
-            last_was_dns: AtomicBool::new(false),
-            replied: AtomicBool::new(false),
-            evicted: Notify::new(),
-            up_bytes: AtomicU64::new(0),
-            up_datagrams: AtomicU64::new(0),
         }
     }
 
-    fn touch(&self) {
-        self.last_activity_ms
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    /// Queues a datagram for the session's task.
+    /// Queues a datagram for the leg's task.
     fn enqueue(&self, packet: Box<Packet>) -> Result<(), Refused> {
         let mut queue = lock(&self.queue);
         if queue.closed {
@@ -169,15 +153,131 @@ impl SessionShared {
         lock(&self.queue).packets.pop_front()
     }
 
-    /// Ends the queue: later datagrams start a fresh session. Returns how
-    /// many were still waiting (they will not be sent).
+    /// Ends the queue: later datagrams for this outbound start a fresh leg
+    /// (or session). Returns how many were still waiting (they will not
+    /// be sent). Wakes the task, which stops if it is an extra leg's.
     fn close_queue(&self) -> usize {
         let mut queue = lock(&self.queue);
         queue.closed = true;
         let left = queue.packets.len();
         queue.packets = VecDeque::new();
         self.queued.fetch_sub(left, Ordering::AcqRel);
+        drop(queue);
+        // Stores a permit when the task is not waiting right now, so a
+        // task that has not started yet sees the close too.
+        self.queue_ready.notify_one();
         left
+    }
+
+    fn is_closed(&self) -> bool {
+        lock(&self.queue).closed
+    }
+
+    /// The open upstream, when the inbound may send on it directly: open,
+    /// and nothing queued that must go first.
+    fn ready(&self) -> Option<Arc<UdpUpstream>> {
+        let upstream = self.upstream.get()?;
+        (self.queued.load(Ordering::Acquire) == 0).then(|| Arc::clone(upstream))
+    }
+}
+
+/// What the inbound and a session's tasks all touch.
+///
+/// A session has one upstream per outbound its datagrams' destinations
+/// route to: the rules decide per datagram, and a client that talks to a
+/// domestic and a foreign address uses direct and the proxy at once.
+/// Most sessions use one outbound, so the first leg lives inline and the
+/// vector of the others allocates only when a second outbound is used.
+/// The session's own task serves the first leg and keeps the session's
+/// timeouts; each extra leg has a task of its own, which the session's
+/// task stops when the session ends.
+struct SessionShared {
+    first: Leg,
+    /// The other legs, at most one per outbound; `None` once the session
+    /// ended (a leg added later would never be stopped).
+    extra: Mutex<Option<Vec<Arc<Leg>>>>,
+    start: Instant,
+    /// Milliseconds since `start` of the last datagram either way.
+    last_activity_ms: AtomicU64,
+    /// The last destination was port 53 (shorter idle timeout).
+    last_was_dns: AtomicBool,
+    /// A datagram came back from upstream at least once. Sessions that
+    /// never got one are what a flood of new ports (or a scan) leaves
+    /// behind: they idle out sooner and are the ones evicted.
+    replied: AtomicBool,
+    /// Wakes the session's task to end it: it was evicted from the table.
+    evicted: Notify,
+    up_bytes: AtomicU64,
+    up_datagrams: AtomicU64,
+}
+
+impl SessionShared {
+    fn new(outbound: usize) -> Self {
+        SessionShared {
+            first: Leg::new(outbound),
+            extra: Mutex::new(Some(Vec::new())),
+            start: Instant::now(),
+            last_activity_ms: AtomicU64::new(0),
+            last_was_dns: AtomicBool::new(false),
+            replied: AtomicBool::new(false),
+            evicted: Notify::new(),
+            up_bytes: AtomicU64::new(0),
+            up_datagrams: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        self.last_activity_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// The extra leg for `outbound`, if the session has one.
+    fn extra_leg(&self, outbound: usize) -> Option<Arc<Leg>> {
+        lock(&self.extra)
+            .as_ref()?
+            .iter()
+            .find(|leg| leg.outbound == outbound)
+            .cloned()
+    }
+
+    /// The open upstream for `outbound`, when the inbound may send on it
+    /// directly. The first leg costs no lock; another takes the extra
+    /// legs' (uncontended) lock.
+    fn ready(&self, outbound: usize) -> Option<Arc<UdpUpstream>> {
+        if self.first.outbound == outbound {
+            return self.first.ready();
+        }
+        let extra = lock(&self.extra);
+        extra
+            .as_ref()?
+            .iter()
+            .find(|leg| leg.outbound == outbound)?
+            .ready()
+    }
+
+    /// Adds an extra leg; false when the session has ended meanwhile.
+    fn add_leg(&self, leg: Arc<Leg>) -> bool {
+        match lock(&self.extra).as_mut() {
+            Some(legs) => {
+                legs.push(leg);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Forgets an extra leg that ended (if still listed).
+    fn remove_leg(&self, leg: &Arc<Leg>) {
+        if let Some(legs) = lock(&self.extra).as_mut() {
+            legs.retain(|l| !Arc::ptr_eq(l, leg));
+        }
+    }
+
+    /// Ends the session's extra legs and refuses new ones; returns the
+    /// datagrams that were still queued for them.
+    fn close_extra_legs(&self) -> usize {
+        let legs = lock(&self.extra).take().unwrap_or_default();
+        legs.iter().map(|leg| leg.close_queue()).sum()
     }
 
     fn sent_up(&self, len: usize, dst: SocketAddr) {
@@ -297,6 +397,8 @@ pub struct UdpStats {
     pub sessions_refused_client: AtomicU64,
     /// Sessions that never got a reply, ended to make room for new ones.
     pub sessions_evicted: AtomicU64,
+    /// Sessions, or upstreams a session added for another outbound, that
+    /// failed to open.
     pub sessions_open_failed: AtomicU64,
     /// Datagrams of new sessions dropped at once because the outbound
     /// failed to open a session a moment ago (see [`backoff`]).
@@ -365,17 +467,23 @@ pub struct UdpRelay {
     next_id: AtomicU64,
     pub replies: ReplySockets,
     pub stats: UdpStats,
-    /// For the one outbound of the instance (see [`crate::route`]); with
-    /// several, each would get its own.
-    backoff: Backoff,
-    /// Slots for sessions opening their upstream (see [`OPENING_AT_ONCE`]).
-    opening: Semaphore,
+    /// Per outbound of the policy, by index: one outbound that cannot
+    /// open sessions must not hold back the others.
+    outbounds: Box<[OutboundState]>,
     warnings: Warnings,
 }
 
-/// Most sessions opening their upstream at once (a SOCKS5 handshake each).
-/// Others wait in turn, their datagrams queued; 64 handshakes at once
-/// still open hundreds of sessions a second over a slow link.
+/// What the relay keeps per outbound.
+struct OutboundState {
+    backoff: Backoff,
+    /// Slots for legs opening their upstream (see [`OPENING_AT_ONCE`]).
+    opening: Semaphore,
+}
+
+/// Most sessions opening an upstream through one outbound at once (a
+/// SOCKS5 handshake each). Others wait in turn, their datagrams queued; 64
+/// handshakes at once still open hundreds of sessions a second over a
+/// slow link.
 const OPENING_AT_ONCE: usize = 64;
 
 /// Why a session's upstream did not open.
@@ -404,6 +512,13 @@ impl UdpRelay {
             .min(timeouts.udp_dns_idle)
             .min(timeouts.udp_unreplied)
             .max(MIN_IDLE_CHECK);
+        // At least one, so `outbound_state` always has one to give.
+        let outbounds = (0..router.policy().outbounds().len().max(1))
+            .map(|_| OutboundState {
+                backoff: Backoff::new(),
+                opening: Semaphore::new(OPENING_AT_ONCE),
+            })
+            .collect();
         Arc::new(UdpRelay {
             router,
             timeouts,
@@ -413,10 +528,16 @@ impl UdpRelay {
             next_id: AtomicU64::new(1),
             replies: ReplySockets::new(limits.udp_reply_sockets, mark),
             stats: UdpStats::default(),
-            backoff: Backoff::new(),
-            opening: Semaphore::new(OPENING_AT_ONCE),
+            outbounds,
             warnings: Warnings::default(),
         })
+    }
+
+    /// The back-off and opening slots of outbound `index`. The policy is
+    /// fixed for the relay's life, so every index it gives is in range;
+    /// should one not be, the last outbound's state stands in.
+    fn outbound_state(&self, index: usize) -> &OutboundState {
+        &self.outbounds[index.min(self.outbounds.len() - 1)]
     }
 
     pub fn session_count(&self) -> usize {
@@ -452,12 +573,16 @@ impl UdpRelay {
     /// the session when this client has none. `buf[UDP_HEADROOM..]` is the
     /// payload; the headroom in front of it is scratch space for a SOCKS5
     /// header.
+    ///
+    /// The rules decide per datagram, by its destination: the session
+    /// sends it through the upstream of the outbound they pick, opening
+    /// that upstream when the session has none for it yet.
     pub fn dispatch(self: &Arc<Self>, client: SocketAddr, dst: SocketAddr, buf: &mut [u8]) {
-        let outbound = match self
+        let choice = match self
             .router
             .decide(&FlowMeta::addresses(Network::Udp, client, dst))
         {
-            Decision::Forward(choice) => choice.outbound,
+            Decision::Forward(choice) => choice,
             Decision::RefuseLoop => {
                 if let Some(n) = self.warnings.refused_loop.check() {
                     warn!(%client, %dst, "refused UDP datagram addressed to tproxyd's own listener (routing loop); check that the rules skip tproxyd's mark{}", held_back(n));
@@ -468,16 +593,18 @@ impl UdpRelay {
         // Before the session lookup: a block rule must hold even for a
         // client whose session another rule opened. No session, no
         // back-off: the configuration refused it, no upstream failed.
-        if let Some(refusal) = outbound.udp_refusal() {
-            return self.refuse(client, dst, outbound.name(), &refusal);
+        if let Some(refusal) = choice.outbound.udp_refusal() {
+            return self.refuse(client, dst, choice.outbound.name(), &refusal);
         }
         let len = buf.len() - UDP_HEADROOM;
-        if let Some((upstream, shared)) = self.ready_upstream(client) {
+        if let Some((upstream, shared)) = self.ready_upstream(client, choice.index) {
             match upstream.try_send(buf, dst) {
                 Ok(()) => return shared.sent_up(len, dst),
                 // The socket buffer is full: the task waits for room.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return self.report_send_error(client, dst, len, outbound.name(), &e),
+                Err(e) => {
+                    return self.report_send_error(client, dst, len, choice.outbound.name(), &e)
+                }
             }
         }
         let packet = || {
@@ -490,54 +617,87 @@ impl UdpRelay {
         let mut table = lock(&self.table);
         let mut reused = None;
         if let Some(entry) = table.sessions.get(&client) {
-            match entry.shared.enqueue(packet()) {
-                Ok(()) => {
-                    self.stats.datagrams_queued.fetch_add(1, Ordering::Relaxed);
-                    return;
+            let (id, shared) = (entry.id, Arc::clone(&entry.shared));
+            let extra = if shared.first.outbound == choice.index {
+                None
+            } else {
+                shared.extra_leg(choice.index)
+            };
+            let fresh_leg = if shared.first.outbound == choice.index || extra.is_some() {
+                let leg = extra.as_deref().unwrap_or(&shared.first);
+                match leg.enqueue(packet()) {
+                    Ok(()) => {
+                        self.stats.datagrams_queued.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    Err(Refused::Full) => {
+                        self.stats
+                            .datagrams_dropped_queue
+                            .fetch_add(1, Ordering::Relaxed);
+                        debug!(%client, %dst, "UDP session queue full; datagram dropped");
+                        return;
+                    }
+                    // The session is ending; start a fresh one below.
+                    Err(Refused::Closed(p)) if extra.is_none() => {
+                        table.remove(client);
+                        reused = Some(p);
+                        None
+                    }
+                    // Only that leg ended (its upstream closed or failed
+                    // to open): the session opens a fresh one.
+                    Err(Refused::Closed(p)) => {
+                        if let Some(leg) = &extra {
+                            shared.remove_leg(leg);
+                        }
+                        Some(p)
+                    }
                 }
-                Err(Refused::Full) => {
-                    self.stats
-                        .datagrams_dropped_queue
-                        .fetch_add(1, Ordering::Relaxed);
-                    debug!(%client, %dst, "UDP session queue full; datagram dropped");
-                    return;
-                }
-                // The session is ending; start a fresh one below.
-                Err(Refused::Closed(p)) => {
-                    table.remove(client);
-                    reused = Some(p);
+            } else {
+                Some(packet())
+            };
+            if let Some(p) = fresh_leg {
+                match self.add_leg(client, dst, &shared, &choice, p) {
+                    Ok(None) => return,
+                    Ok(Some((leg, permit))) => {
+                        drop(table);
+                        let task = Arc::clone(self).run_leg(
+                            id,
+                            client,
+                            choice.outbound,
+                            shared,
+                            leg,
+                            permit,
+                        );
+                        tokio::spawn(task);
+                        return;
+                    }
+                    // The session ended meanwhile: a fresh one below.
+                    Err(p) => {
+                        table.remove(client);
+                        reused = Some(p);
+                    }
                 }
             }
         }
 
         // A new session. The outbound failed a moment ago: fail fast.
-        let permit = match self.backoff.admit(Instant::now()) {
+        let backoff = &self.outbound_state(choice.index).backoff;
+        let permit = match backoff.admit(Instant::now()) {
             Ok(permit) => permit,
             Err(refusal) => {
                 drop(table);
-                let dropped = self
-                    .stats
-                    .datagrams_dropped_backoff
-                    .fetch_add(1, Ordering::Relaxed)
-                    + 1;
-                if let Some(n) = self.warnings.backoff.check() {
-                    warn!(
-                        %client, %dst, outbound = outbound.name(), dropped,
-                        "UDP datagram of a new session dropped: the {} outbound failed to open a session ({}); retrying in {} ms, meanwhile new sessions fail at once{}",
-                        outbound.name(), refusal.cause, refusal.retry_in.as_millis(), held_back(n)
-                    );
-                }
+                self.refused_for_backoff(client, dst, &choice.outbound, &refusal);
                 return;
             }
         };
         if !self.make_room(&mut table, client) {
             drop(table);
-            self.backoff.release(permit);
+            backoff.release(permit);
             return;
         }
-        let shared = Arc::new(SessionShared::new());
+        let shared = Arc::new(SessionShared::new(choice.index));
         // A fresh queue is open and empty: it takes the packet.
-        let _ = shared.enqueue(reused.unwrap_or_else(packet));
+        let _ = shared.first.enqueue(reused.unwrap_or_else(packet));
         self.stats.datagrams_queued.fetch_add(1, Ordering::Relaxed);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         table.insert(
@@ -548,7 +708,77 @@ impl UdpRelay {
             },
         );
         drop(table);
-        tokio::spawn(Arc::clone(self).run_session(id, client, outbound, shared, permit));
+        tokio::spawn(Arc::clone(self).run_session(id, client, choice.outbound, shared, permit));
+    }
+
+    /// Adds a leg for `choice`'s outbound to an established session, with
+    /// `packet` queued on it. `Ok(Some)`: the leg to start a task for;
+    /// `Ok(None)`: the outbound is backing off and the datagram was
+    /// dropped (the session goes on); `Err`: the session ended meanwhile,
+    /// and the packet comes back for a fresh one.
+    fn add_leg(
+        &self,
+        client: SocketAddr,
+        dst: SocketAddr,
+        shared: &SessionShared,
+        choice: &Choice,
+        packet: Box<Packet>,
+    ) -> Result<Option<(Arc<Leg>, Permit)>, Box<Packet>> {
+        let backoff = &self.outbound_state(choice.index).backoff;
+        let permit = match backoff.admit(Instant::now()) {
+            Ok(permit) => permit,
+            Err(refusal) => {
+                self.refused_for_backoff(client, dst, &choice.outbound, &refusal);
+                return Ok(None);
+            }
+        };
+        let leg = Arc::new(Leg::new(choice.index));
+        if !shared.add_leg(Arc::clone(&leg)) {
+            backoff.release(permit);
+            return Err(packet);
+        }
+        // Listed first, so a session ending right now closes this queue:
+        // then the packet is refused here and comes back.
+        if let Err(refused) = leg.enqueue(packet) {
+            backoff.release(permit);
+            shared.remove_leg(&leg);
+            return match refused {
+                Refused::Closed(p) => Err(p),
+                // A new queue is empty; should it not be, count the drop.
+                Refused::Full => {
+                    self.stats
+                        .datagrams_dropped_queue
+                        .fetch_add(1, Ordering::Relaxed);
+                    Ok(None)
+                }
+            };
+        }
+        self.stats.datagrams_queued.fetch_add(1, Ordering::Relaxed);
+        debug!(proto = "udp", %client, %dst, outbound = choice.outbound.name(), "session adds an upstream");
+        Ok(Some((leg, permit)))
+    }
+
+    /// Counts and warns (rate-limited) about a datagram dropped because
+    /// its outbound is backing off.
+    fn refused_for_backoff(
+        &self,
+        client: SocketAddr,
+        dst: SocketAddr,
+        outbound: &Outbound,
+        refusal: &Refusal,
+    ) {
+        let dropped = self
+            .stats
+            .datagrams_dropped_backoff
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        if let Some(n) = self.warnings.backoff.check() {
+            warn!(
+                %client, %dst, outbound = outbound.name(), dropped,
+                "UDP datagram of a new session dropped: the {} outbound failed to open a session ({}); retrying in {} ms, meanwhile new sessions fail at once{}",
+                outbound.name(), refusal.cause, refusal.retry_in.as_millis(), held_back(n)
+            );
+        }
     }
 
     /// Drops a datagram whose outbound refuses UDP: quietly for `block`
@@ -652,13 +882,18 @@ impl UdpRelay {
             return;
         }
         let count = bytes.div_ceil(segment);
-        let routed = matches!(
-            self.router
-                .decide(&FlowMeta::addresses(Network::Udp, client, dst)),
-            Decision::Forward(_)
-        );
-        if count > 1 && routed && !SEGMENTS_REFUSED.load(Ordering::Relaxed) {
-            if let Some((upstream, shared)) = self.ready_upstream(client) {
+        // The whole run goes to one destination, so one decision routes it.
+        let outbound = match self
+            .router
+            .decide(&FlowMeta::addresses(Network::Udp, client, dst))
+        {
+            Decision::Forward(choice) => Some(choice.index),
+            Decision::RefuseLoop => None,
+        };
+        if count > 1 && !SEGMENTS_REFUSED.load(Ordering::Relaxed) {
+            if let Some((upstream, shared)) =
+                outbound.and_then(|index| self.ready_upstream(client, index))
+            {
                 match upstream.try_send_segments(&run[UDP_HEADROOM..], segment, dst, scratch) {
                     Ok(()) => {
                         self.stats
@@ -683,15 +918,21 @@ impl UdpRelay {
         }
     }
 
-    /// The open upstream of `client`'s session, when the inbound may send
-    /// on it directly: open, and nothing queued that must go first.
-    fn ready_upstream(&self, client: SocketAddr) -> Option<(Arc<UdpUpstream>, Arc<SessionShared>)> {
+    /// The open upstream of `client`'s session through outbound `index`,
+    /// when the inbound may send on it directly: open, and nothing queued
+    /// that must go first. No allocation: two reference counts and, for a
+    /// session's second outbound, one uncontended lock more.
+    fn ready_upstream(
+        &self,
+        client: SocketAddr,
+        index: usize,
+    ) -> Option<(Arc<UdpUpstream>, Arc<SessionShared>)> {
         let shared = lock(&self.table)
             .sessions
             .get(&client)
             .map(|entry| Arc::clone(&entry.shared))?;
-        let upstream = Arc::clone(shared.upstream.get()?);
-        (shared.queued.load(Ordering::Acquire) == 0).then_some((upstream, shared))
+        let upstream = shared.ready(index)?;
+        Some((upstream, shared))
     }
 
     /// Passes every reply waiting on the upstream to the client; returns
@@ -812,8 +1053,9 @@ impl UdpRelay {
         Some((timeout - idle).min(self.idle_check))
     }
 
-    /// Opens the upstream of a session, at most [`OPENING_AT_ONCE`] at a
-    /// time, and tells the back-off how it went.
+    /// Opens an upstream through outbound `index`, at most
+    /// [`OPENING_AT_ONCE`] at a time per outbound, and tells that
+    /// outbound's back-off how it went.
     ///
     /// The failure is recorded before the slot is given back, so sessions
     /// waiting for a slot see it and fail at once instead of dialing: a
@@ -821,83 +1063,122 @@ impl UdpRelay {
     /// worth of dials, however busy the machine.
     async fn open_upstream(
         &self,
+        index: usize,
         outbound: &Outbound,
         permit: Permit,
     ) -> Result<UdpUpstream, OpenFailure> {
+        let state = self.outbound_state(index);
         // The semaphore is never closed; should it be, open anyway.
-        let _slot = self.opening.acquire().await.ok();
-        if permit == Permit::Free && self.backoff.failing() {
+        let _slot = state.opening.acquire().await.ok();
+        if permit == Permit::Free && state.backoff.failing() {
             return Err(OpenFailure::BackingOff);
         }
         match outbound.open_udp().await {
             Ok(upstream) => {
-                self.backoff.opened(permit);
+                state.backoff.opened(permit);
                 Ok(upstream)
             }
             // Not an upstream failure: no back-off. `dispatch` refuses
             // these before a session exists; this covers a group whose
             // member changed in between.
             Err(e) if e.is_refusal() => {
-                self.backoff.release(permit);
+                state.backoff.release(permit);
                 Err(OpenFailure::Refused(e))
             }
             Err(e) => {
                 let error = e.to_string();
-                let backing_off = self.backoff.failed(permit, Instant::now(), &error);
+                let backing_off = state.backoff.failed(permit, Instant::now(), &error);
                 Err(OpenFailure::Failed { error, backing_off })
             }
         }
     }
 
-    async fn run_session(
-        self: Arc<Self>,
+    /// Sends what waits in `leg`'s queue, oldest first.
+    async fn send_queued(
+        &self,
+        client: SocketAddr,
+        outbound: &Outbound,
+        shared: &SessionShared,
+        leg: &Leg,
+        upstream: &UdpUpstream,
+        first_dst: &mut Option<SocketAddr>,
+    ) {
+        while let Some(mut p) = leg.dequeue() {
+            first_dst.get_or_insert(p.dst);
+            let len = p.buf.len() - UDP_HEADROOM;
+            match upstream.send(&mut p.buf, p.dst).await {
+                Ok(()) => shared.sent_up(len, p.dst),
+                Err(e) => self.report_send_error(client, p.dst, len, outbound.name(), &e),
+            }
+            leg.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Opens `leg`'s upstream and carries its datagrams both ways until it
+    /// ends. The session's task (`main`) serves the first leg and also
+    /// ends on eviction and the idle timeouts, which are the session's as
+    /// a whole; an extra leg's task ends when its queue closes (the
+    /// session ended) or its upstream does.
+    #[allow(clippy::too_many_arguments)]
+    async fn serve_leg(
+        &self,
         id: u64,
         client: SocketAddr,
-        outbound: Arc<Outbound>,
-        shared: Arc<SessionShared>,
+        outbound: &Outbound,
+        shared: &SessionShared,
+        leg: &Leg,
         permit: Permit,
-    ) {
-        let started = Instant::now();
-        let outbound_name = outbound.name();
-        let mut first_dst = None;
-        let (mut down_bytes, mut down_n) = (0u64, 0u64);
-
+        main: bool,
+    ) -> Served {
+        let name = outbound.name();
+        let mut served = Served::default();
+        let stopped = async {
+            if main {
+                shared.evicted.notified().await;
+            } else {
+                // Wake-ups for datagrams queued meanwhile come here too;
+                // they are sent once the upstream is open.
+                while !leg.is_closed() {
+                    leg.queue_ready.notified().await;
+                }
+            }
+        };
         // Boxed so the opening state (a SOCKS5 handshake) is freed once
         // open instead of sizing every session's task for its whole life.
         // An eviction during the handshake ends it there.
         let opened = tokio::select! {
-            r = Box::pin(self.open_upstream(&outbound, permit)) => Some(r),
-            () = shared.evicted.notified() => None,
+            r = Box::pin(self.open_upstream(leg.outbound, outbound, permit)) => Some(r),
+            () = stopped => None,
         };
-        let end = match opened {
+        served.end = match opened {
             None => {
                 // Ended before the outbound's verdict: another may retry.
-                self.backoff.release(permit);
-                "evicted".to_string()
+                self.outbound_state(leg.outbound).backoff.release(permit);
+                if main { "evicted" } else { "session-ended" }.to_string()
             }
             Some(Err(OpenFailure::BackingOff)) => {
                 // Admitted just before another session's failure came in.
-                let lost = shared.close_queue() as u64;
+                let lost = leg.close_queue() as u64;
                 self.stats
                     .datagrams_dropped_backoff
                     .fetch_add(lost, Ordering::Relaxed);
                 "backing-off".to_string()
             }
             Some(Err(OpenFailure::Refused(e))) => {
-                let lost = shared.close_queue();
+                let lost = leg.close_queue();
                 self.stats
                     .datagrams_refused
                     .fetch_add(lost as u64, Ordering::Relaxed);
                 if matches!(e, OutboundError::Blocked) {
-                    debug!(%client, outbound = outbound_name, dropped = lost, "UDP session dropped: blocked by rule");
+                    debug!(%client, outbound = name, dropped = lost, "UDP session dropped: blocked by rule");
                 } else if let Some(n) = self.warnings.tcp_only.check() {
-                    warn!(%client, outbound = outbound_name, dropped = lost, "UDP datagrams dropped: {e}{}", held_back(n));
+                    warn!(%client, outbound = name, dropped = lost, "UDP datagrams dropped: {e}{}", held_back(n));
                 }
                 format!("refused: {e}")
             }
             Some(Err(OpenFailure::Failed { error, backing_off })) => {
                 // Count what was queued so nothing is lost silently.
-                let lost = shared.close_queue();
+                let lost = leg.close_queue();
                 self.stats
                     .sessions_open_failed
                     .fetch_add(1, Ordering::Relaxed);
@@ -906,30 +1187,37 @@ impl UdpRelay {
                     .fetch_add(lost as u64, Ordering::Relaxed);
                 if let Some(n) = self.warnings.open_failed.check() {
                     warn!(
-                        %client, outbound = outbound_name, dropped = lost,
-                        "UDP session failed to open: {error}; new sessions through {outbound_name} fail at once for the next {} ms{}",
+                        %client, outbound = name, dropped = lost,
+                        "UDP session failed to open{}: {error}; new sessions through {name} fail at once for the next {} ms{}",
+                        if main { String::new() } else { format!(" its {name} upstream (its others go on)") },
                         backing_off.as_millis(), held_back(n)
                     );
                 }
                 format!("open-failed: {error}")
             }
             Some(Ok(upstream)) => {
-                debug!(proto = "udp", %client, outbound = outbound_name, "session open");
+                debug!(proto = "udp", %client, outbound = name, "session open");
                 let upstream = Arc::new(upstream);
-                let _ = shared.upstream.set(Arc::clone(&upstream));
+                let _ = leg.upstream.set(Arc::clone(&upstream));
                 let deadline = tokio::time::sleep_until(deadline_in(self.idle_check));
                 tokio::pin!(deadline);
+                // What was queued while the upstream opened (an extra
+                // leg's wake-ups for it went to the wait above).
+                self.send_queued(
+                    client,
+                    outbound,
+                    shared,
+                    leg,
+                    &upstream,
+                    &mut served.first_dst,
+                )
+                .await;
                 loop {
                     tokio::select! {
-                        () = shared.queue_ready.notified() => {
-                            while let Some(mut p) = shared.dequeue() {
-                                first_dst.get_or_insert(p.dst);
-                                let len = p.buf.len() - UDP_HEADROOM;
-                                match upstream.send(&mut p.buf, p.dst).await {
-                                    Ok(()) => shared.sent_up(len, p.dst),
-                                    Err(e) => self.report_send_error(client, p.dst, len, outbound_name, &e),
-                                }
-                                shared.queued.fetch_sub(1, Ordering::AcqRel);
+                        () = leg.queue_ready.notified() => {
+                            self.send_queued(client, outbound, shared, leg, &upstream, &mut served.first_dst).await;
+                            if !main && leg.is_closed() {
+                                break "session-ended".to_string();
                             }
                         }
                         r = upstream.readable() => {
@@ -940,16 +1228,20 @@ impl UdpRelay {
                             // Boxed: its buffers and sends exist only while
                             // replies flow, not in every idle session's task.
                             let (bytes, datagrams) =
-                                Box::pin(self.forward_replies(&upstream, id, client, &shared)).await;
-                            down_bytes += bytes;
-                            down_n += datagrams;
+                                Box::pin(self.forward_replies(&upstream, id, client, shared)).await;
+                            served.down_bytes += bytes;
+                            served.down_datagrams += datagrams;
                         }
                         reason = upstream.closed() => {
-                            info!(%client, "UDP session ended: {reason}");
+                            if main {
+                                info!(%client, outbound = name, "UDP session ended: {reason}");
+                            } else {
+                                info!(%client, outbound = name, "UDP session's {name} upstream ended (its others go on): {reason}");
+                            }
                             break reason;
                         }
-                        () = shared.evicted.notified() => break "evicted".to_string(),
-                        _ = &mut deadline => match self.idle_wait(&shared) {
+                        () = shared.evicted.notified(), if main => break "evicted".to_string(),
+                        _ = &mut deadline, if main => match self.idle_wait(shared) {
                             None => break "idle-timeout".to_string(),
                             // Datagrams the inbound sent itself count as
                             // activity too: sleep on until the real end.
@@ -959,16 +1251,47 @@ impl UdpRelay {
                 }
             }
         };
-        // Closed before the entry leaves the table: a datagram that comes
-        // now is refused and starts a fresh session instead of waiting
-        // here for ever.
-        let left = shared.close_queue();
+        served
+    }
+
+    /// Closes a leg's queue as its task ends, counting what was left.
+    /// Closed before the leg is forgotten: a datagram that comes now is
+    /// refused and starts a fresh leg (or session) instead of waiting
+    /// here for ever.
+    fn close_leg(&self, client: SocketAddr, leg: &Leg) {
+        let left = leg.close_queue();
         if left > 0 {
             self.stats
                 .datagrams_dropped_queue
                 .fetch_add(left as u64, Ordering::Relaxed);
             debug!(%client, dropped = left, "UDP session ended with datagrams queued");
         }
+    }
+
+    /// The task of a session: serves its first leg, and when the session
+    /// ends, ends its other legs too.
+    async fn run_session(
+        self: Arc<Self>,
+        id: u64,
+        client: SocketAddr,
+        outbound: Arc<Outbound>,
+        shared: Arc<SessionShared>,
+        permit: Permit,
+    ) {
+        let started = Instant::now();
+        let served = self
+            .serve_leg(id, client, &outbound, &shared, &shared.first, permit, true)
+            .await;
+        // The extra legs first: once they are closed, a datagram for a new
+        // outbound of this client finds no session to add a leg to, and
+        // starts a fresh one. Their tasks stop and close their upstreams.
+        let left = shared.close_extra_legs();
+        if left > 0 {
+            self.stats
+                .datagrams_dropped_queue
+                .fetch_add(left as u64, Ordering::Relaxed);
+        }
+        self.close_leg(client, &shared.first);
         let up_bytes = shared.up_bytes.load(Ordering::Relaxed);
         let up_n = shared.up_datagrams.load(Ordering::Relaxed);
 
@@ -979,14 +1302,54 @@ impl UdpRelay {
         debug!(
             proto = "udp",
             %client,
-            dst = %first_dst.map(|d| d.to_string()).unwrap_or_else(|| "-".into()),
-            outbound = outbound_name,
-            up_bytes, down_bytes, up_datagrams = up_n, down_datagrams = down_n,
+            dst = %served.first_dst.map(|d| d.to_string()).unwrap_or_else(|| "-".into()),
+            outbound = outbound.name(),
+            up_bytes, down_bytes = served.down_bytes, up_datagrams = up_n, down_datagrams = served.down_datagrams,
             duration_ms = started.elapsed().as_millis() as u64,
-            end = %end,
+            end = %served.end,
             "flow"
         );
     }
+
+    /// The task of a session's extra leg (a second outbound's upstream).
+    async fn run_leg(
+        self: Arc<Self>,
+        id: u64,
+        client: SocketAddr,
+        outbound: Arc<Outbound>,
+        shared: Arc<SessionShared>,
+        leg: Arc<Leg>,
+        permit: Permit,
+    ) {
+        let started = Instant::now();
+        let served = self
+            .serve_leg(id, client, &outbound, &shared, &leg, permit, false)
+            .await;
+        self.close_leg(client, &leg);
+        shared.remove_leg(&leg);
+        // The session's counters going up are shared by its legs; the
+        // session's own line has them.
+        debug!(
+            proto = "udp",
+            %client,
+            dst = %served.first_dst.map(|d| d.to_string()).unwrap_or_else(|| "-".into()),
+            outbound = outbound.name(),
+            down_bytes = served.down_bytes, down_datagrams = served.down_datagrams,
+            duration_ms = started.elapsed().as_millis() as u64,
+            end = %served.end,
+            "flow leg"
+        );
+    }
+}
+
+/// How a leg went, for the session's log line.
+#[derive(Default)]
+struct Served {
+    end: String,
+    /// The destination of the first datagram it sent.
+    first_dst: Option<SocketAddr>,
+    down_bytes: u64,
+    down_datagrams: u64,
 }
 
 #[cfg(test)]
@@ -1039,6 +1402,132 @@ mod tests {
         };
         let router = Router::new("127.0.0.1:1090".parse().unwrap(), Policy::single(outbound));
         UdpRelay::new(router, timeouts, limits, 0)
+    }
+
+    /// A relay whose policy has outbounds `a` (direct, `route.final`) and
+    /// `b` (`b_kind`: the TOML keys of its table), with flows to
+    /// 127.0.0.3 sent through `b`.
+    fn relay_two_ways(
+        b_kind: &str,
+        sessions: usize,
+        per_client: usize,
+        timeouts: Timeouts,
+    ) -> Arc<UdpRelay> {
+        let text = format!(
+            "[[outbounds]]\nname = \"a\"\ntype = \"direct\"\n\
+             [[outbounds]]\nname = \"b\"\n{b_kind}\n\
+             [route]\nfinal = \"a\"\n\
+             [[route.rules]]\ndst = [\"127.0.0.3/32\"]\noutbound = \"b\"\n\
+             [firewall]\nbackend = \"none\"\n"
+        );
+        let cfg = crate::config::RawConfig::from_toml(&text, "t")
+            .unwrap()
+            .validate(&|_| None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let limits = Limits {
+            udp_sessions: sessions,
+            udp_sessions_per_client: per_client,
+            udp_reply_sockets: 8,
+            threads: 1,
+            tcp_flows: 16,
+            tcp_connecting_per_client: 16,
+        };
+        let router = Router::new(
+            "127.0.0.1:1090".parse().unwrap(),
+            Policy::from_config(&cfg).unwrap(),
+        );
+        UdpRelay::new(router, timeouts, limits, 0)
+    }
+
+    /// A remote for full-cone checks: it listens on `listen_ip` and echoes
+    /// every datagram from `answer_ip` (another port, as a server behind
+    /// its own NAT would), telling the test whom it heard from. The answer
+    /// socket shares its port (SO_REUSEPORT) with the reply socket the
+    /// relay binds there; it never receives, so none of its datagrams can
+    /// be steered away.
+    fn cone_remote(
+        listen_ip: &str,
+        answer_ip: &str,
+    ) -> (
+        SocketAddr,
+        SocketAddr,
+        std::sync::mpsc::Receiver<SocketAddr>,
+    ) {
+        let listen = std::net::UdpSocket::bind((listen_ip, 0)).unwrap();
+        listen
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let answer = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )
+        .unwrap();
+        answer.set_reuse_address(true).unwrap();
+        answer.set_reuse_port(true).unwrap();
+        let answer_addr: SocketAddr = (answer_ip.parse::<IpAddr>().unwrap(), 0).into();
+        answer.bind(&answer_addr.into()).unwrap();
+        let answer: std::net::UdpSocket = answer.into();
+        let (listen_addr, answer_addr) =
+            (listen.local_addr().unwrap(), answer.local_addr().unwrap());
+        let (heard, peers) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            let mut quiet = 0;
+            // Ends some seconds after the test stopped sending.
+            while quiet < 50 {
+                let Ok((n, peer)) = listen.recv_from(&mut buf) else {
+                    quiet += 1;
+                    continue;
+                };
+                quiet = 0;
+                let _ = heard.send(peer);
+                let _ = answer.send_to(&buf[..n], peer);
+            }
+        });
+        (listen_addr, answer_addr, peers)
+    }
+
+    /// Transparent reply sockets need CAP_NET_ADMIN: without it a test
+    /// that checks replies is skipped, except under CI where that fails.
+    fn may_bind_replies() -> bool {
+        if nix::unistd::geteuid().is_root() {
+            return true;
+        }
+        assert!(std::env::var_os("CI").is_none(), "needs root under CI");
+        false
+    }
+
+    /// The session of `client`'s upstreams, by outbound index: the first
+    /// leg's and the extra legs'.
+    fn upstreams_of(relay: &UdpRelay, client: SocketAddr) -> Vec<(usize, Arc<UdpUpstream>)> {
+        let table = lock(&relay.table);
+        let Some(entry) = table.sessions.get(&client) else {
+            return Vec::new();
+        };
+        let shared = &entry.shared;
+        let extra = lock(&shared.extra).clone().unwrap_or_default();
+        std::iter::once(&shared.first)
+            .chain(extra.iter().map(|l| &**l))
+            .filter_map(|leg| Some((leg.outbound, Arc::clone(leg.upstream.get()?))))
+            .collect()
+    }
+
+    /// Waits until `client`'s session has open upstreams through exactly
+    /// `outbounds` (by index, in the order they opened).
+    async fn wait_for_upstreams(relay: &UdpRelay, client: SocketAddr, outbounds: &[usize]) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let open: Vec<usize> = upstreams_of(relay, client).iter().map(|u| u.0).collect();
+            if open == outbounds {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "upstreams open: {open:?}, wanted {outbounds:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Where direct sessions send in tests: a loopback socket that waits
@@ -1218,13 +1707,13 @@ mod tests {
         let mut buf = [0u8; 8];
         sink.recv(&mut buf).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while relay.ready_upstream(first).is_none() {
+        while relay.ready_upstream(first, 0).is_none() {
             assert!(Instant::now() < deadline, "the session never opened");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         // Weak: this test must not keep the session's state alive itself.
         let (upstream, shared) = relay
-            .ready_upstream(first)
+            .ready_upstream(first, 0)
             .map(|(u, s)| (Arc::downgrade(&u), Arc::downgrade(&s)))
             .expect("session open");
         relay.dispatch(port([127, 0, 0, 1], 2), dst, &mut framed(b"2"));
@@ -1257,9 +1746,9 @@ mod tests {
         );
         let sessions = lock(&relay.table);
         let shared = &sessions.sessions[&client].shared;
-        assert!(shared.upstream.get().is_some(), "session open");
+        assert!(shared.first.upstream.get().is_some(), "session open");
         assert_eq!(shared.up_datagrams.load(Ordering::Relaxed), 200);
-        assert_eq!(shared.queued.load(Ordering::Relaxed), 0);
+        assert_eq!(shared.first.queued.load(Ordering::Relaxed), 0);
     }
 
     /// Runs of datagrams go one by one while the session opens, then in
@@ -1306,7 +1795,7 @@ mod tests {
         let n = sink.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"open");
         let deadline = Instant::now() + Duration::from_secs(5);
-        while relay.ready_upstream(client).is_none() {
+        while relay.ready_upstream(client, 0).is_none() {
             assert!(Instant::now() < deadline, "the session never opened");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -1330,7 +1819,7 @@ mod tests {
 
     #[test]
     fn a_session_queue_is_bounded_and_refuses_once_closed() {
-        let shared = SessionShared::new();
+        let shared = Leg::new(0);
         let packet = || {
             Box::new(Packet {
                 buf: framed(b"q"),
@@ -1394,7 +1883,7 @@ mod tests {
     #[tokio::test]
     async fn dns_and_unanswered_sessions_idle_out_sooner() {
         let relay = relay_for(1, 1, timeouts(secs(60), secs(10), secs(20)));
-        let shared = SessionShared::new();
+        let shared = SessionShared::new(0);
         shared.sent_up(1, "198.51.100.1:53".parse().unwrap());
         assert_eq!(relay.idle_for(&shared), secs(10));
         shared.sent_up(1, "198.51.100.1:443".parse().unwrap());
@@ -1432,7 +1921,7 @@ mod tests {
         sink.recv(&mut buf).unwrap();
         // Longer than the DNS timeout: a non-DNS session is still there.
         tokio::time::sleep(Duration::from_millis(600)).await;
-        assert!(relay.ready_upstream(client).is_some(), "ended too soon");
+        assert!(relay.ready_upstream(client, 0).is_some(), "ended too soon");
         // Nothing listens on that port; the datagram only has to leave.
         relay.dispatch(client, "127.0.0.1:53".parse().unwrap(), &mut framed(b"q"));
         assert!(
@@ -1531,7 +2020,196 @@ mod tests {
         let dropped = stats.datagrams_dropped_backoff.load(Ordering::Relaxed)
             + stats.datagrams_dropped_queue.load(Ordering::Relaxed);
         assert_eq!(dropped, 1000, "every datagram counted");
-        assert!(relay.backoff.failing());
+        assert!(relay.outbound_state(0).backoff.failing());
+    }
+
+    /// One client port talks to two remotes whose destinations the rules
+    /// send through different outbounds: the session opens one upstream
+    /// per outbound, and the answers of each remote reach the client from
+    /// that remote's own address. Runs follow their destination too.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn one_session_two_outbounds_two_upstreams_each_answered_from_its_remote() {
+        if !may_bind_replies() {
+            return;
+        }
+        let relay = relay_two_ways(
+            "type = \"direct\"",
+            4,
+            4,
+            timeouts(secs(60), secs(10), secs(10)),
+        );
+        let (a, a_answer, a_heard) = cone_remote("127.0.0.2", "127.0.0.12");
+        let (b, b_answer, b_heard) = cone_remote("127.0.0.3", "127.0.0.13");
+        let client_socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client_socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let client = client_socket.local_addr().unwrap();
+        let mut buf = [0u8; 64];
+        let mut expect = |payload: &[u8], from: SocketAddr| {
+            let (n, got_from) = client_socket
+                .recv_from(&mut buf)
+                .unwrap_or_else(|e| panic!("no answer {payload:?} from {from}: {e}"));
+            assert_eq!((&buf[..n], got_from), (payload, from));
+        };
+        for round in 0..3u8 {
+            relay.dispatch(client, a, &mut framed(&[b'a', round]));
+            expect(&[b'a', round], a_answer);
+            relay.dispatch(client, b, &mut framed(&[b'b', round]));
+            expect(&[b'b', round], b_answer);
+        }
+        wait_for_upstreams(&relay, client, &[0, 1]).await;
+        assert_eq!(relay.session_count(), 1, "one session, full cone");
+
+        // A run to b goes through b's upstream, whole.
+        let mut run = vec![0u8; UDP_HEADROOM];
+        run.extend_from_slice(b"r0r1r2r3");
+        relay.dispatch_run(client, b, &mut run, 2, &mut Vec::new());
+        for want in [b"r0", b"r1", b"r2", b"r3"] {
+            expect(want, b_answer);
+        }
+
+        // Each remote heard one upstream socket, and not the other's.
+        let a_peers: Vec<SocketAddr> = a_heard.try_iter().collect();
+        let b_peers: Vec<SocketAddr> = b_heard.try_iter().collect();
+        assert_eq!(a_peers.len(), 3);
+        assert_eq!(b_peers.len(), 7);
+        assert!(a_peers.iter().all(|p| *p == a_peers[0]), "{a_peers:?}");
+        assert!(b_peers.iter().all(|p| *p == b_peers[0]), "{b_peers:?}");
+        assert_ne!(a_peers[0], b_peers[0], "both outbounds shared one socket");
+        let stats = &relay.stats;
+        assert_eq!(stats.sessions_open_failed.load(Ordering::Relaxed), 0);
+        assert_eq!(stats.datagrams_dropped_queue.load(Ordering::Relaxed), 0);
+    }
+
+    /// The second outbound of a session fails to open (a SOCKS5 server
+    /// that hangs up): the datagrams for it are counted and dropped, its
+    /// back-off starts, and the first outbound's upstream carries on
+    /// untouched, answers and all.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_second_outbound_failing_leaves_the_first_alone() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                drop(stream);
+            }
+        });
+        let relay = relay_two_ways(
+            &format!("type = \"socks5\"\nserver = \"{server}\""),
+            4,
+            4,
+            timeouts(secs(60), secs(10), secs(10)),
+        );
+        let (sink_a, _) = loopback_sink();
+        let a = sink_a.local_addr().unwrap();
+        let b: SocketAddr = "127.0.0.3:9".parse().unwrap();
+        let client = port([127, 0, 0, 1], 3000);
+        let mut buf = [0u8; 16];
+
+        relay.dispatch(client, a, &mut framed(b"a0"));
+        let n = sink_a.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"a0");
+        wait_for_upstreams(&relay, client, &[0]).await;
+        let first = Arc::clone(&upstreams_of(&relay, client)[0].1);
+
+        relay.dispatch(client, b, &mut framed(b"b0"));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while relay.stats.sessions_open_failed.load(Ordering::Relaxed) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the second outbound never failed"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(relay.outbound_state(1).backoff.failing());
+        assert!(
+            !relay.outbound_state(0).backoff.failing(),
+            "back-off is per outbound"
+        );
+        // The failed leg is gone; while b backs off, its datagrams are
+        // dropped at once and the session stays.
+        wait_for_upstreams(&relay, client, &[0]).await;
+        relay.dispatch(client, b, &mut framed(b"b1"));
+        assert_eq!(
+            relay
+                .stats
+                .datagrams_dropped_backoff
+                .load(Ordering::Relaxed),
+            1
+        );
+        for i in 1..=3u8 {
+            relay.dispatch(client, a, &mut framed(&[b'a', b'0' + i]));
+            let n = sink_a.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..n], &[b'a', b'0' + i]);
+        }
+        let now = upstreams_of(&relay, client);
+        assert_eq!(now.len(), 1);
+        assert!(
+            Arc::ptr_eq(&now[0].1, &first),
+            "the first upstream was replaced"
+        );
+        assert_eq!(relay.session_count(), 1);
+        assert_eq!(
+            relay.stats.datagrams_dropped_queue.load(Ordering::Relaxed),
+            1,
+            "b0, queued while b opened"
+        );
+    }
+
+    /// Waits until nothing holds `upstreams` any more (their sockets are
+    /// closed).
+    async fn all_closed(upstreams: &[std::sync::Weak<UdpUpstream>], what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while upstreams.iter().any(|u| u.upgrade().is_some()) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: an upstream outlived its session"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A session with two upstreams: eviction ends both, and so does the
+    /// session's idle timeout (kept for the session as a whole).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn eviction_and_idle_timeout_close_every_upstream_of_a_session() {
+        for evict in [true, false] {
+            let idle = if evict {
+                secs(60)
+            } else {
+                Duration::from_millis(100)
+            };
+            let relay = relay_two_ways("type = \"direct\"", 1, 1, timeouts(idle, idle, idle));
+            let (sink_a, _) = loopback_sink();
+            let a = sink_a.local_addr().unwrap();
+            let sink_b = std::net::UdpSocket::bind("127.0.0.3:0").unwrap();
+            sink_b
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let b = sink_b.local_addr().unwrap();
+            let client = port([127, 0, 0, 1], 3100);
+            let mut buf = [0u8; 16];
+            relay.dispatch(client, a, &mut framed(b"a"));
+            sink_a.recv(&mut buf).unwrap();
+            relay.dispatch(client, b, &mut framed(b"b"));
+            sink_b.recv(&mut buf).unwrap();
+            wait_for_upstreams(&relay, client, &[0, 1]).await;
+            // Weak: this test must not keep the upstreams alive itself.
+            let upstreams: Vec<_> = upstreams_of(&relay, client)
+                .iter()
+                .map(|(_, u)| Arc::downgrade(u))
+                .collect();
+            if evict {
+                // The table holds one session: a new port evicts this one.
+                relay.dispatch(port([127, 0, 0, 1], 3101), a, &mut framed(b"x"));
+                assert_eq!(relay.stats.sessions_evicted.load(Ordering::Relaxed), 1);
+                all_closed(&upstreams, "evicted").await;
+            } else {
+                all_closed(&upstreams, "idle").await;
+                assert_eq!(relay.session_count(), 0);
+            }
+        }
     }
 
     /// `block` and `http` refuse UDP by design: their datagrams are
@@ -1555,7 +2233,7 @@ mod tests {
             let_sessions_run().await;
             assert_eq!(relay.session_count(), 0);
             assert_eq!(relay.stats.datagrams_refused.load(Ordering::Relaxed), 10);
-            assert!(!relay.backoff.failing());
+            assert!(!relay.outbound_state(0).backoff.failing());
             assert_eq!(relay.stats.sessions_open_failed.load(Ordering::Relaxed), 0);
         }
     }
