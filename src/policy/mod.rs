@@ -8,6 +8,7 @@
 //! (rule-set files, regexes), so a bad policy is refused at start, never
 //! discovered by a flow.
 
+pub mod rule_set;
 pub mod rules;
 
 use std::collections::HashMap;
