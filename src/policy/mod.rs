@@ -122,6 +122,13 @@ impl Policy {
         })
     }
 
+    /// Builds what `from_config` builds that can fail on the system alone
+    /// (rule-set files, regexes), without the outbounds: what `tproxyd
+    /// check` runs, so a bad file or regex is reported before a start.
+    pub fn check(cfg: &Config) -> Result<(), PolicyError> {
+        Rules::build(&cfg.route).map(|_| ())
+    }
+
     /// One outbound for every flow, named by its type; no rules.
     pub fn single(outbound: Outbound) -> Policy {
         Policy {
