@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use tproxyd::config::{de, Backend, Config, ConfigError, Mode, RawConfig, RawOutbound};
 use tproxyd::firewall::cidr::Cidr;
 use tproxyd::firewall::{self, Plan};
+use tproxyd::policy::Policy;
 use tproxyd::server::Server;
 
 #[derive(Parser)]
@@ -474,10 +475,18 @@ fn main() -> ExitCode {
         Command::Demo { hold } => demo::run(hold).map(|()| ExitCode::SUCCESS),
         Command::Check { config } => {
             match RawConfig::load(&config).and_then(|raw| raw.validate(&env_var)) {
-                Ok(_) => {
-                    println!("{}: ok", config.display());
-                    Ok(ExitCode::SUCCESS)
-                }
+                // Rule-set files and regexes are only read by building the
+                // rules: a bad one must show here, not first at start.
+                Ok(cfg) => match Policy::check(&cfg) {
+                    Ok(()) => {
+                        println!("{}: ok", config.display());
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        Ok(ExitCode::from(2))
+                    }
+                },
                 Err(e) => {
                     print_config_error(&e);
                     Ok(ExitCode::from(2))

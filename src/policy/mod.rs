@@ -8,6 +8,7 @@
 //! (rule-set files, regexes), so a bad policy is refused at start, never
 //! discovered by a flow.
 
+pub mod rule_set;
 pub mod rules;
 
 use std::collections::HashMap;
@@ -161,6 +162,13 @@ impl Policy {
             rules,
             rule_targets,
         })
+    }
+
+    /// Builds what `from_config` builds that can fail on the system alone
+    /// (rule-set files, regexes), without the outbounds: what `tproxyd
+    /// check` runs, so a bad file or regex is reported before a start.
+    pub fn check(cfg: &Config) -> Result<(), PolicyError> {
+        Rules::build(&cfg.route).map(|_| ())
     }
 
     /// One outbound for every flow, named by its type; no rules.
