@@ -9,6 +9,7 @@
 //! discovered by a flow.
 
 pub mod rules;
+pub mod sniff;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
