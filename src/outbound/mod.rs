@@ -67,11 +67,16 @@ impl Outbound {
                 mark,
                 connect_timeout: timeouts.connect,
             }),
-            OutboundKind::Socks5 { server, auth, .. } => Ok(Outbound::Socks5(Socks5Client {
+            OutboundKind::Socks5 {
+                server,
+                auth,
+                send_domain,
+            } => Ok(Outbound::Socks5(Socks5Client {
                 server: *server,
                 auth: auth.clone(),
                 mark,
                 connect_timeout: timeouts.connect,
+                send_domain: *send_domain,
             })),
             other => Err(BuildError::Unsupported(other.type_name())),
         }
@@ -84,8 +89,15 @@ impl Outbound {
         }
     }
 
-    /// Opens a TCP connection to `dst` through this outbound.
-    pub async fn connect_tcp(&self, dst: SocketAddr) -> Result<TcpStream, OutboundError> {
+    /// Opens a TCP connection to `dst` through this outbound. `host` is the
+    /// flow's sniffed host name, if any: outbounds that can name a
+    /// destination (SOCKS5 with `send_domain`) send it instead of `dst`;
+    /// the others connect to `dst` (route-only sniffing).
+    pub async fn connect_tcp(
+        &self,
+        dst: SocketAddr,
+        host: Option<&str>,
+    ) -> Result<TcpStream, OutboundError> {
         match self {
             Outbound::Direct {
                 mark,
@@ -102,7 +114,7 @@ impl Outbound {
                 }
             },
             Outbound::Socks5(client) => {
-                let s = client.connect(dst).await?;
+                let s = client.connect_to(client.target(dst, host)).await?;
                 let _ = s.set_nodelay(true);
                 Ok(s)
             }
