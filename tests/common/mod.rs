@@ -1086,3 +1086,28 @@ impl Testbed {
         self.start_dante(false);
     }
 }
+
+impl Testbed {
+    /// Restarts tproxyd from a whole config file written by the test (for
+    /// beds that need several outbounds and rules, which the generated
+    /// `[outbound]` config cannot hold). The bed's hand-written capture
+    /// rules stay in place, so the file should say `backend = "none"`.
+    pub fn restart_tproxyd_with_config(&mut self, text: &str) {
+        if self.tproxyd.is_some() {
+            self.stop_tproxyd();
+        }
+        let file = self
+            .dir
+            .join(format!("tproxyd-own-{}.toml", self.starts + 1));
+        std::fs::write(&file, text).unwrap();
+        // `--config`, not `-c`: readiness then waits for the listener
+        // only, not for rules a backend "none" never installs.
+        self.tproxyd_cmd = vec![
+            "run".into(),
+            "--verbose".into(),
+            "--config".into(),
+            file.display().to_string(),
+        ];
+        self.spawn_tproxyd();
+    }
+}
