@@ -20,6 +20,8 @@ const T: Duration = Duration::from_secs(10);
 const BANNER_PORT: u16 = 2222;
 /// SSH: sniffing is skipped there.
 const SSH_PORT: u16 = 22;
+/// The banner server of the time-to-first-byte measurement.
+const TTFB_PORT: u16 = 8443;
 /// The fake SOCKS5 server of the send_domain check.
 const FAKE_SOCKS_PORT: u16 = 1082;
 
@@ -110,6 +112,12 @@ fn ext(out: &mut Vec<u8>, kind: u16, data: &[u8]) {
 /// today, an X25519MLKEM768 key share (1,216 bytes) beside X25519 and a
 /// GREASE ECH extension: over 1,500 bytes.
 fn client_hello(name: &str) -> Vec<u8> {
+    client_hello_with(name, 1216)
+}
+
+/// The same with a key share of `pq` bytes (0: X25519 only, ~500 bytes,
+/// one segment).
+fn client_hello_with(name: &str, pq: usize) -> Vec<u8> {
     let mut body = vec![3, 3];
     body.extend([7u8; 32]);
     body.push(32);
@@ -122,8 +130,11 @@ fn client_hello(name: &str) -> Vec<u8> {
     sni.extend(vec16(name.as_bytes()));
     ext(&mut exts, 0x0000, &vec16(&sni));
     ext(&mut exts, 0x0010, &vec16(b"\x02h2\x08http/1.1"));
-    let mut shares = vec![0x11, 0xec];
-    shares.extend(vec16(&[0xab; 1216]));
+    let mut shares = Vec::new();
+    if pq > 0 {
+        shares.extend([0x11, 0xec]);
+        shares.extend(vec16(&vec![0xab; pq]));
+    }
     shares.extend([0x00, 0x1d]);
     shares.extend(vec16(&[0xcd; 32]));
     ext(&mut exts, 0x0033, &vec16(&shares));
@@ -238,11 +249,13 @@ fn http_host_and_tls_sni_pick_the_outbound() {
     }
 }
 
-/// A server that speaks first: "peer=ADDR\n", then echoes.
-fn start_banner_servers(tb: &Testbed) {
+/// A server that speaks first: "peer=ADDR\n", then echoes. It blocks in
+/// accept (the bed's echo server polls every 5 ms), so it also serves
+/// the time-to-first-byte measurement.
+fn start_banner_servers(tb: &Testbed, ports: &[u16]) {
     let listeners = tb.wan.enter(|| {
         let mut ls = Vec::new();
-        for port in [SSH_PORT, BANNER_PORT] {
+        for &port in ports {
             for ip in [REMOTE_A_V4, REMOTE_A_V6] {
                 ls.push(TcpListener::bind(addr(ip, port)).unwrap());
             }
@@ -294,7 +307,7 @@ fn wait_for_banner(tb: &Testbed, dst: SocketAddr) -> (SocketAddr, Duration) {
 #[test]
 fn server_first_protocols_are_routed_by_address() {
     let Some(tb) = bed() else { return };
-    start_banner_servers(&tb);
+    start_banner_servers(&tb, &[SSH_PORT, BANNER_PORT]);
     for fam in [Family::V4, Family::V6] {
         // (c) Port 22: no wait at all.
         let (peer, took) = wait_for_banner(&tb, fam.remote_a(SSH_PORT));
@@ -435,39 +448,44 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 #[test]
 fn measure_time_to_first_byte_with_and_without_sniffing() {
     let Some(mut tb) = bed() else { return };
-    // The echo server answers at once on accept: its first byte comes as
-    // soon as tproxyd has connected upstream (direct).
-    let dst = Family::V4.remote_a(ECHO_PORT);
-    let hello = records(&client_hello("elsewhere.example"), 16384);
+    // The banner server answers at once on accept: its first byte comes
+    // as soon as tproxyd has connected upstream (direct).
+    start_banner_servers(&tb, &[TTFB_PORT]);
+    let dst = Family::V4.remote_a(TTFB_PORT);
+    let small = records(&client_hello_with("elsewhere.example", 0), 16384);
+    let large = records(&client_hello("elsewhere.example"), 16384);
     let mut report = Vec::new();
     for sniffing in [true, false] {
         tb.restart_tproxyd_with_config(&config(sniffing));
-        let mut times = tb.lan.enter(|| {
-            let mut times = Vec::with_capacity(200);
-            for i in 0..220 {
-                let started = Instant::now();
-                let mut s = connect(dst);
-                s.write_all(&hello).unwrap();
-                let mut byte = [0u8; 1];
-                s.read_exact(&mut byte).unwrap();
-                let took = started.elapsed();
-                // The first 20 warm up.
-                if i >= 20 {
-                    times.push(took);
+        for (label, hello) in [("one segment", &small), ("two segments (PQ)", &large)] {
+            let mut times = tb.lan.enter(|| {
+                let mut times = Vec::with_capacity(200);
+                for i in 0..220 {
+                    let started = Instant::now();
+                    let mut s = connect(dst);
+                    s.write_all(hello).unwrap();
+                    let mut byte = [0u8; 1];
+                    s.read_exact(&mut byte).unwrap();
+                    let took = started.elapsed();
+                    // The first 20 warm up.
+                    if i >= 20 {
+                        times.push(took);
+                    }
                 }
-            }
-            times
-        });
-        times.sort();
-        report.push(format!(
-            "sniffing {}: p50 {:?} p90 {:?} p99 {:?} max {:?} (n={})",
-            if sniffing { "on " } else { "off" },
-            percentile(&times, 0.5),
-            percentile(&times, 0.9),
-            percentile(&times, 0.99),
-            times[times.len() - 1],
-            times.len()
-        ));
+                times
+            });
+            times.sort();
+            report.push(format!(
+                "sniffing {}, ClientHello {} B, {label}: p50 {:?} p90 {:?} p99 {:?} max {:?} (n={})",
+                if sniffing { "on " } else { "off" },
+                hello.len(),
+                percentile(&times, 0.5),
+                percentile(&times, 0.9),
+                percentile(&times, 0.99),
+                times[times.len() - 1],
+                times.len()
+            ));
+        }
     }
     eprintln!(
         "TLS time to first byte, direct, IPv4:\n  {}",
