@@ -960,6 +960,17 @@ pub fn segments_unsupported(e: &io::Error) -> bool {
     )
 }
 
+/// Copies the bytes waiting in a TCP socket's receive queue into `buf`
+/// without taking them (`MSG_PEEK`), never waiting (`MSG_DONTWAIT`):
+/// `WouldBlock` when nothing is there, 0 once the peer has closed. Each
+/// call starts again at the first unread byte, so sniffing can look at a
+/// flow's first bytes while they stay queued for the relay to carry
+/// upstream unchanged (splice included).
+pub fn peek<S: AsFd>(socket: &S, buf: &mut [u8]) -> io::Result<usize> {
+    let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+    nix::sys::socket::recv(socket.as_fd().as_raw_fd(), buf, flags).map_err(io::Error::from)
+}
+
 /// Shuts down the write side of a TCP socket (sends FIN) without needing
 /// a mutable or async handle to it.
 pub fn shutdown_write<S: AsFd>(socket: &S) -> io::Result<()> {

@@ -19,6 +19,7 @@ fn client(server: SocketAddr, auth: Option<Credentials>) -> Socks5Client {
         // 0: no SO_MARK, so these tests need no privilege.
         mark: 0,
         connect_timeout: Duration::from_millis(500),
+        send_domain: false,
     }
 }
 
@@ -67,6 +68,36 @@ async fn connect_exchange_is_byte_exact_and_then_carries_data() {
     let mut got = [0u8; 4];
     stream.read_exact(&mut got).await.unwrap();
     assert_eq!(&got, b"pong");
+}
+
+/// send_domain: the outbound names the sniffed host (ATYP 3) with the
+/// original port; an invalid name falls back to the address.
+#[tokio::test]
+async fn send_domain_connects_by_name_through_the_outbound() {
+    let mut connect_domain = vec![5, 1, 0, 3, 17];
+    connect_domain.extend_from_slice(b"via-proxy.example");
+    connect_domain.extend_from_slice(&[0, 80]);
+    for (host, want) in [
+        (Some("via-proxy.example"), connect_domain),
+        (Some("198.51.100.10"), CONNECT_V4.to_vec()),
+        (None, CONNECT_V4.to_vec()),
+    ] {
+        let server = fake_server(move |mut s| async move {
+            expect(&mut s, &[5, 1, 0]).await;
+            s.write_all(&[5, 0]).await.unwrap();
+            expect(&mut s, &want).await;
+            s.write_all(&[5, 0, 0, 1, 127, 0, 0, 1, 0x30, 0x39])
+                .await
+                .unwrap();
+        })
+        .await;
+        let mut c = client(server, None);
+        c.send_domain = true;
+        Outbound::Socks5(c)
+            .connect_tcp(dst(), host)
+            .await
+            .unwrap_or_else(|e| panic!("{host:?}: {e}"));
+    }
 }
 
 #[tokio::test]

@@ -1,11 +1,13 @@
-//! The TCP inbound: accept, recover the original destination, ask the
-//! route decision, connect the outbound and hand both to the relay.
+//! The TCP inbound: accept, recover the original destination, sniff the
+//! first bytes when a rule needs a name, ask the route decision, connect
+//! the outbound and hand both to the relay.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -16,6 +18,7 @@ use crate::config::Network;
 use crate::fds;
 use crate::inbound::admission::{Admission, Refusal, Ticket};
 use crate::outbound::OutboundError;
+use crate::policy::sniff::{self, Sniffed, StreamSniff, MAX_SNIFF_BYTES};
 use crate::policy::FlowMeta;
 use crate::ratelimit::{RateLimit, WARN_INTERVAL};
 use crate::relay::tcp::{relay, release_spare_pipes};
@@ -41,6 +44,19 @@ static NO_ORIG_DST: RateLimit = RateLimit::new(WARN_INTERVAL);
 static LOOP: RateLimit = RateLimit::new(WARN_INTERVAL);
 static UPSTREAM_NO_FDS: RateLimit = RateLimit::new(WARN_INTERVAL);
 static UPSTREAM_FAILED: RateLimit = RateLimit::new(WARN_INTERVAL);
+
+/// How long a new flow may wait for its client's first bytes when a rule
+/// needs its host name. A client-first protocol's first segment comes
+/// right after the handshake (well within a LAN round trip plus the
+/// client's own work); a client that has sent nothing by then is taken
+/// for a server-first protocol and routed by address. sing-box uses 300
+/// ms as well, Xray 200 ms.
+pub const SNIFF_WAIT: Duration = Duration::from_millis(300);
+
+/// The first peek buffer: a whole ClientHello with post-quantum key
+/// shares (~1.8 KB) fits; it doubles, up to [`MAX_SNIFF_BYTES`], only when
+/// a parser needs more than it holds.
+const SNIFF_FIRST_BUF: usize = 4096;
 
 /// Whether there is a descriptor for one more flow's upstream side; if
 /// not, the pooled pipes are closed first and the question asked again.
@@ -175,10 +191,10 @@ async fn handle(
             return reset(stream);
         }
     };
-    let choice = match ctx
-        .router
-        .decide(&FlowMeta::addresses(Network::Tcp, client, dst))
-    {
+    let addresses = FlowMeta::addresses(Network::Tcp, client, dst);
+    // The loop check first: a flow to ourselves is refused before anyone
+    // waits for its bytes.
+    let mut choice = match ctx.router.decide(&addresses) {
         Decision::Forward(choice) => choice,
         Decision::RefuseLoop => {
             if let Some(held_back) = LOOP.check() {
@@ -187,13 +203,38 @@ async fn handle(
             return reset(stream);
         }
     };
+    // Only when some rule looks at names or protocols: otherwise a flow
+    // never waits for its first bytes.
+    let sniffed = if ctx.router.policy().wants_sniffing() && !sniff::skip_port(dst.port()) {
+        sniff_first_bytes(&stream, SNIFF_WAIT).await
+    } else {
+        None
+    };
+    let host = sniffed.as_ref().and_then(|s| s.host.as_deref());
+    let protocol = sniffed.as_ref().map(|s| s.protocol);
+    if sniffed.is_some() {
+        let meta = FlowMeta {
+            domain: host,
+            protocol,
+            ..addresses
+        };
+        // The destination is unchanged, so this cannot be the loop; should
+        // it ever be, the address-only choice stands.
+        if let Decision::Forward(c) = ctx.router.decide(&meta) {
+            choice = c;
+        }
+    }
+    let sniffed_as = protocol.map(|p| match p {
+        crate::config::SniffProtocol::Tls => "tls",
+        crate::config::SniffProtocol::Http => "http",
+    });
     let outbound = &choice.outbound;
     // Named as configured, groups included: `auto/proxy-b`.
     let route = ctx.router.policy().route(&choice);
     let _ = stream.set_nodelay(true);
     // Boxed so the connect state (a SOCKS5 handshake is large) is freed
     // once connected instead of sizing the task of every long-lived flow.
-    let connected = Box::pin(outbound.connect_tcp(dst, None)).await;
+    let connected = Box::pin(outbound.connect_tcp(dst, host)).await;
     ticket.connected();
     let upstream = match connected {
         Ok(u) => u,
@@ -204,7 +245,7 @@ async fn handle(
                 "connect-failed"
             };
             log_connect_failure(client, dst, &route, &e);
-            debug!(proto = "tcp", %client, %dst, outbound = %route, up_bytes = 0u64, down_bytes = 0u64,
+            debug!(proto = "tcp", %client, %dst, host, sniffed = sniffed_as, outbound = %route, up_bytes = 0u64, down_bytes = 0u64,
                 duration_ms = started.elapsed().as_millis() as u64, end, "flow");
             return reset(stream);
         }
@@ -214,6 +255,8 @@ async fn handle(
         proto = "tcp",
         %client,
         %dst,
+        host,
+        sniffed = sniffed_as,
         outbound = %route,
         up_bytes = outcome.up,
         down_bytes = outcome.down,
@@ -221,6 +264,45 @@ async fn handle(
         end = %outcome.end,
         "flow"
     );
+}
+
+/// Peeks at the client's first bytes (they stay queued for the relay)
+/// until the parsers decide, [`MAX_SNIFF_BYTES`] have been looked at, or
+/// `wait` has passed since the call; None when nothing was recognised in
+/// time (a server-first client sends nothing at all).
+async fn sniff_first_bytes(stream: &TcpStream, wait: Duration) -> Option<Sniffed> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut buf = vec![0u8; SNIFF_FIRST_BUF];
+    let mut seen = 0usize;
+    loop {
+        let peek = stream.async_io(Interest::READABLE, || {
+            let n = sys::peek(stream, &mut buf)?;
+            // Nothing new since the last look: report WouldBlock so tokio
+            // clears the readiness and the wait sleeps until more bytes
+            // (or the FIN) arrive, instead of peeking the same bytes in a
+            // busy loop. (Readiness that arrived meanwhile is kept.)
+            if n == seen && n > 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        let n = match tokio::time::timeout_at(deadline, peek).await {
+            Ok(Ok(n)) if n > 0 => n,
+            // Out of time, closed before sending, or failed: by address.
+            _ => return None,
+        };
+        seen = n;
+        match sniff::sniff_stream(&buf[..n]) {
+            StreamSniff::Done(found) => return found,
+            StreamSniff::NeedMore if n == buf.len() => {
+                if buf.len() >= MAX_SNIFF_BYTES {
+                    return None;
+                }
+                buf.resize((buf.len() * 2).min(MAX_SNIFF_BYTES), 0);
+            }
+            StreamSniff::NeedMore => {}
+        }
+    }
 }
 
 /// Whether a connect failed because this process ran out of descriptors

@@ -102,11 +102,16 @@ impl Outbound {
                 mark,
                 connect_timeout: timeouts.connect,
             }),
-            OutboundKind::Socks5 { server, auth, .. } => Ok(Outbound::Socks5(Socks5Client {
+            OutboundKind::Socks5 {
+                server,
+                auth,
+                send_domain,
+            } => Ok(Outbound::Socks5(Socks5Client {
                 server: *server,
                 auth: auth.clone(),
                 mark,
                 connect_timeout: timeouts.connect,
+                send_domain: *send_domain,
             })),
             OutboundKind::Http {
                 server,
@@ -137,8 +142,9 @@ impl Outbound {
     }
 
     /// Opens a TCP connection to `dst` through this outbound. `host` is the
-    /// flow's host name when one is known (sniffed); outbounds with
-    /// `send_domain` name it to the proxy instead of the address.
+    /// flow's sniffed host name, if any: outbounds that can name a
+    /// destination (SOCKS5 with `send_domain`) send it instead of `dst`;
+    /// the others connect to `dst` (route-only sniffing).
     pub async fn connect_tcp(
         &self,
         dst: SocketAddr,
@@ -160,7 +166,7 @@ impl Outbound {
                 }
             },
             Outbound::Socks5(client) => {
-                let s = client.connect(dst).await?;
+                let s = client.connect_to(client.target(dst, host)).await?;
                 let _ = s.set_nodelay(true);
                 Ok(s)
             }

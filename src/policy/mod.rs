@@ -10,6 +10,7 @@
 
 pub mod rule_set;
 pub mod rules;
+pub mod sniff;
 
 use std::collections::HashMap;
 use std::fmt;

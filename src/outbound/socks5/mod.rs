@@ -57,7 +57,7 @@ pub enum Socks5Error {
     Rejected {
         server: SocketAddr,
         command: &'static str,
-        dst: SocketAddr,
+        dst: Address,
         code: u8,
         meaning: &'static str,
     },
@@ -100,6 +100,9 @@ pub struct Socks5Client {
     pub auth: Option<Credentials>,
     pub mark: u32,
     pub connect_timeout: Duration,
+    /// CONNECT names the flow's sniffed host name (ATYP 3) instead of its
+    /// address, so the server resolves it ([`target`](Self::target)).
+    pub send_domain: bool,
 }
 
 /// A UDP association: datagrams go through `socket` (connected to the
@@ -112,20 +115,39 @@ pub struct UdpAssociation {
 }
 
 impl Socks5Client {
+    /// What a CONNECT for a flow to `dst` names: with `send_domain`, the
+    /// flow's sniffed `host` and the original port, when it is a valid
+    /// host name (checked again here: an invalid name must never reach
+    /// the server, which would fail or resolve it somewhere odd); else
+    /// the address.
+    pub fn target(&self, dst: SocketAddr, host: Option<&str>) -> Address {
+        match host {
+            Some(name) if self.send_domain && crate::policy::sniff::is_host_name(name) => {
+                Address::Domain(name.to_string(), dst.port())
+            }
+            _ => Address::Ip(dst),
+        }
+    }
+
     /// Opens a TCP connection to `dst` through the server.
     pub async fn connect(&self, dst: SocketAddr) -> Result<TcpStream, Socks5Error> {
+        self.connect_to(Address::Ip(dst)).await
+    }
+
+    /// Opens a TCP connection to `target` (an address or a domain).
+    pub async fn connect_to(&self, target: Address) -> Result<TcpStream, Socks5Error> {
         let mut stream = self.open_control().await?;
         let reply = self
             .with_timeout(async {
                 self.negotiate(&mut stream).await?;
-                self.command(&mut stream, proto::CMD_CONNECT, dst).await
+                self.command(&mut stream, proto::CMD_CONNECT, &target).await
             })
             .await?;
         if reply.code != proto::REP_SUCCEEDED {
             return Err(Socks5Error::Rejected {
                 server: self.server,
                 command: "CONNECT",
-                dst,
+                dst: target,
                 code: reply.code,
                 meaning: proto::reply_meaning(reply.code),
             });
@@ -149,7 +171,7 @@ impl Socks5Client {
         let reply = self
             .with_timeout(async {
                 self.negotiate(&mut control).await?;
-                self.command(&mut control, proto::CMD_UDP_ASSOCIATE, from)
+                self.command(&mut control, proto::CMD_UDP_ASSOCIATE, &Address::Ip(from))
                     .await
             })
             .await?;
@@ -275,15 +297,13 @@ impl Socks5Client {
         &self,
         stream: &mut TcpStream,
         cmd: u8,
-        addr: SocketAddr,
+        addr: &Address,
     ) -> Result<proto::Reply, Socks5Error> {
         let server = self.server;
         let io_err = |source| Socks5Error::Io { server, source };
         let proto_err = |source| Socks5Error::Protocol { server, source };
-        stream
-            .write_all(&proto::request(cmd, &addr))
-            .await
-            .map_err(io_err)?;
+        let request = proto::request_to(cmd, addr).map_err(proto_err)?;
+        stream.write_all(&request).await.map_err(io_err)?;
         let mut reply = [0u8; 4 + 1 + 255 + 2];
         stream.read_exact(&mut reply[..5]).await.map_err(io_err)?;
         let head: [u8; 5] = [reply[0], reply[1], reply[2], reply[3], reply[4]];
@@ -316,6 +336,39 @@ pub fn relay_address(bound: SocketAddr, server: SocketAddr) -> Result<SocketAddr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn client(send_domain: bool) -> Socks5Client {
+        Socks5Client {
+            server: "203.0.113.2:1080".parse().unwrap(),
+            auth: None,
+            mark: 0,
+            connect_timeout: Duration::from_secs(1),
+            send_domain,
+        }
+    }
+
+    #[test]
+    fn send_domain_names_only_valid_sniffed_hosts() {
+        let dst: SocketAddr = "198.51.100.10:443".parse().unwrap();
+        let on = client(true);
+        assert_eq!(
+            on.target(dst, Some("via-proxy.example")),
+            Address::Domain("via-proxy.example".into(), 443)
+        );
+        assert_eq!(on.target(dst, None), Address::Ip(dst));
+        for bad in [
+            "198.51.100.10",
+            "Upper.example",
+            "a..b",
+            "x.example.",
+            "a b",
+            "",
+        ] {
+            assert_eq!(on.target(dst, Some(bad)), Address::Ip(dst), "{bad:?}");
+        }
+        let off = client(false);
+        assert_eq!(off.target(dst, Some("via-proxy.example")), Address::Ip(dst));
+    }
 
     #[test]
     fn unspecified_relay_means_the_server_address() {

@@ -25,7 +25,8 @@ pub const REP_SUCCEEDED: u8 = 0x00;
 pub const REP_COMMAND_NOT_SUPPORTED: u8 = 0x07;
 
 /// Largest UDP request header: RSV(2) FRAG(1) ATYP(1) IPv6(16) PORT(2).
-/// (Domain names are never sent by tproxyd, only possibly received.)
+/// (Domain names are never sent in datagrams by tproxyd, only possibly
+/// received; only CONNECT may name a domain, with `send_domain`.)
 pub const MAX_UDP_HEADER: usize = 22;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,6 +47,8 @@ pub enum ProtoError {
     BadDomain,
     #[error("fragmented datagram (FRAG={0}); fragments are not supported and are dropped")]
     Fragmented(u8),
+    #[error("domain name of {0} bytes does not fit a SOCKS5 request (at most 255)")]
+    DomainTooLong(usize),
 }
 
 /// An address as SOCKS5 carries it.
@@ -53,6 +56,15 @@ pub enum ProtoError {
 pub enum Address {
     Ip(SocketAddr),
     Domain(String, u16),
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Address::Ip(a) => write!(f, "{a}"),
+            Address::Domain(name, port) => write!(f, "{name}:{port}"),
+        }
+    }
 }
 
 /// The method-selection message: offer no-auth, and username/password too
@@ -133,6 +145,24 @@ pub fn request(cmd: u8, dst: &SocketAddr) -> Vec<u8> {
     out.extend_from_slice(&[VERSION, cmd, 0x00]);
     put_address(&mut out, dst);
     out
+}
+
+/// A request naming `target`, which may be a domain: ATYP 3, one length
+/// byte, the name, the port. The name is sent as given; callers pass only
+/// validated host names.
+pub fn request_to(cmd: u8, target: &Address) -> Result<Vec<u8>, ProtoError> {
+    match target {
+        Address::Ip(dst) => Ok(request(cmd, dst)),
+        Address::Domain(name, port) => {
+            let len =
+                u8::try_from(name.len()).map_err(|_| ProtoError::DomainTooLong(name.len()))?;
+            let mut out = Vec::with_capacity(7 + name.len());
+            out.extend_from_slice(&[VERSION, cmd, 0x00, ATYP_DOMAIN, len]);
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(&port.to_be_bytes());
+            Ok(out)
+        }
+    }
 }
 
 /// Bytes still to read for a reply, given its first five bytes
@@ -351,6 +381,37 @@ mod tests {
         assert_eq!(
             request(CMD_UDP_ASSOCIATE, &sa("0.0.0.0:0")),
             [0x05, 0x03, 0x00, 0x01, 0, 0, 0, 0, 0, 0]
+        );
+    }
+
+    #[test]
+    fn domain_connect_requests_as_in_rfc1928() {
+        // VER CMD RSV ATYP=3 LEN "a.example" port 443
+        let mut want = vec![0x05, 0x01, 0x00, 0x03, 9];
+        want.extend_from_slice(b"a.example");
+        want.extend_from_slice(&[0x01, 0xBB]);
+        assert_eq!(
+            request_to(CMD_CONNECT, &Address::Domain("a.example".into(), 443)),
+            Ok(want)
+        );
+        assert_eq!(
+            request_to(CMD_CONNECT, &Address::Ip(sa("198.51.100.10:80"))),
+            Ok(request(CMD_CONNECT, &sa("198.51.100.10:80")))
+        );
+        let long = "a".repeat(256);
+        assert_eq!(
+            request_to(CMD_CONNECT, &Address::Domain(long, 1)),
+            Err(ProtoError::DomainTooLong(256))
+        );
+        // What goes out parses back the same (the reply format is shared).
+        let req = request_to(CMD_CONNECT, &Address::Domain("b.example".into(), 8443)).unwrap();
+        assert_eq!(
+            parse_address(&req[3..]),
+            Ok((Address::Domain("b.example".into(), 8443), req.len() - 3))
+        );
+        assert_eq!(
+            Address::Domain("b.example".into(), 8443).to_string(),
+            "b.example:8443"
         );
     }
 

@@ -2000,6 +2000,7 @@ mod tests {
             auth: None,
             mark: 0,
             connect_timeout: Duration::from_secs(2),
+            send_domain: false,
         });
         let relay = relay_through(outbound, 4096, 4096, timeouts(secs(60), secs(10), secs(10)));
         let dst: SocketAddr = "127.0.0.1:9".parse().unwrap();
