@@ -237,9 +237,9 @@ fn http_host_and_tls_sni_pick_the_outbound() {
         );
     }
     for needle in [
-        "host=\"www.via-proxy.example\" sniffed=\"http\" outbound=\"socks5\"",
-        "host=\"a.via-proxy.example\" sniffed=\"tls\" outbound=\"socks5\"",
-        "host=\"elsewhere.example\" sniffed=\"tls\" outbound=\"direct\"",
+        "host=\"www.via-proxy.example\" sniffed=\"http\" outbound=proxy",
+        "host=\"a.via-proxy.example\" sniffed=\"tls\" outbound=proxy",
+        "host=\"elsewhere.example\" sniffed=\"tls\" outbound=direct",
     ] {
         assert!(
             tb.wait_for_log(needle, Duration::from_secs(3)),
