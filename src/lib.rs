@@ -14,6 +14,8 @@
 
 pub mod config;
 pub mod firewall;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod inbound;
 pub mod outbound;
 pub mod ratelimit;
