@@ -15,6 +15,8 @@
 pub mod config;
 pub mod fds;
 pub mod firewall;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod inbound;
 pub mod outbound;
 pub mod policy;

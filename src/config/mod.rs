@@ -547,7 +547,7 @@ impl RawConfig {
     pub fn from_toml(text: &str, path: &str) -> Result<Self, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_string(),
-            message: redact_secrets(e.to_string(), text),
+            message: parse_error_message(&e, text),
         })
     }
 
@@ -829,26 +829,66 @@ pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// Keys whose values must never appear in an error message.
 const SECRET_KEYS: [&str; 1] = ["password"];
 
-/// Replaces, in a parser message, the value of every secret key the file
-/// assigns: the parser quotes the line it stopped at, and that may be the
-/// password's own (an unterminated string, say).
-fn redact_secrets(mut message: String, text: &str) -> String {
-    for line in text.lines() {
-        let Some((key, value)) = line.split_once('=') else {
-            continue;
-        };
-        let key = key
-            .trim()
-            .rsplit('.')
-            .next()
-            .unwrap_or("")
-            .trim_matches('"');
-        let value = value.trim();
-        if SECRET_KEYS.contains(&key) && !value.is_empty() {
-            message = message.replace(value, "<redacted>");
+/// The parser's message for a file that may hold a secret.
+///
+/// The parser's own rendering quotes the line it stopped at, and a secret
+/// can sit on any line in any TOML form: a `password = "..."` line, an
+/// inline table (`outbound = { password = "..." }`), the body of a
+/// multi-line string. So when the file names a secret key, the message
+/// says where (line and column) and what, without the excerpt; and values
+/// of secret keys are redacted from what is left, since a type error
+/// quotes the value ("invalid type: integer `12345678`").
+fn parse_error_message(e: &toml::de::Error, text: &str) -> String {
+    if !SECRET_KEYS.iter().any(|k| text.contains(k)) {
+        return e.to_string();
+    }
+    let mut message = match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+            format!(
+                "TOML parse error at line {line}, column {column}: {}",
+                e.message().trim_end()
+            )
         }
+        None => format!("TOML parse error: {}", e.message().trim_end()),
+    };
+    for value in secret_values(text) {
+        message = message.replace(value, "<redacted>");
     }
     message
+}
+
+/// The values given to secret keys anywhere in `text`, in any form: what
+/// follows `KEY =` (quotes, spacing and dotted prefixes aside) up to its
+/// closing quote, or for a bare value up to a space, `,`, `}`, `]` or `#`.
+fn secret_values(text: &str) -> Vec<&str> {
+    let mut values = Vec::new();
+    for key in SECRET_KEYS {
+        for (at, _) in text.match_indices(key) {
+            let rest = text[at + key.len()..].trim_start_matches(['"', '\'', ' ', '\t']);
+            let Some(rest) = rest.strip_prefix('=') else {
+                continue;
+            };
+            let rest = rest.trim_start_matches([' ', '\t']);
+            let line = rest.lines().next().unwrap_or("");
+            let value = match line.chars().next() {
+                Some(q @ ('"' | '\'')) => {
+                    let body = line.trim_start_matches(q);
+                    body.split(q).next().unwrap_or(body)
+                }
+                _ => line
+                    .split(|c: char| c.is_whitespace() || matches!(c, ',' | '}' | ']' | '#'))
+                    .next()
+                    .unwrap_or(line),
+            };
+            if !value.is_empty() {
+                values.push(value);
+            }
+        }
+    }
+    values
 }
 
 /// Interface names go into rule text: allow only what real names use
@@ -1462,15 +1502,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("hunter2"), "{err}");
-        assert!(
-            err.contains("<redacted>") && err.contains("line 5"),
-            "{err}"
-        );
+        assert!(err.contains("line 5, column"), "{err}");
         // A type error quotes the value too.
         let err = RawConfig::from_toml("[outbound]\npassword = 12345678\n", "t.toml")
             .unwrap_err()
             .to_string();
         assert!(!err.contains("12345678"), "{err}");
+        // A file without a secret keeps the parser's excerpt.
+        let err = RawConfig::from_toml("mark = \"x\"\n", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("mark = \"x\""), "{err}");
+    }
+
+    /// The forms the line-based redaction missed: the excerpt quoted the
+    /// line, and the line held the password. Inputs as the config_toml
+    /// fuzz target's oracle reports them (fuzz/corpus/config_toml/).
+    #[test]
+    fn passwords_in_inline_tables_and_multi_line_strings_stay_hidden() {
+        for text in [
+            "outbound = { type = \"socks5\", password = \"Zx9Sentinel }\n",
+            "outbound = { type = \"socks5\", password = 'Zx9Sentinel' ,, }\n",
+            "[outbound]\npassword = \"\"\"\nZx9Sentinel\n",
+            "outbound.\"password\" = Zx9Sentinel\n",
+            "outbound = { password = 12345678Zx9Sentinel }\n",
+        ] {
+            let err = RawConfig::from_toml(text, "t.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(!err.contains("Zx9Sentinel"), "{text:?}: {err}");
+            assert!(err.contains("line "), "{err}");
+        }
     }
 
     #[test]

@@ -263,29 +263,33 @@ fn bound(proto: &str, port: u16) -> bool {
     [format!("/proc/net/{proto}"), format!("/proc/net/{proto}6")]
         .iter()
         .any(|file| {
-            std::fs::read_to_string(file).is_ok_and(|text| {
-                text.lines().skip(1).any(|l| {
-                    let cols: Vec<&str> = l.split_whitespace().collect();
-                    // local_address is column 1; state 0A is LISTEN for TCP.
-                    cols.get(1).is_some_and(|a| a.ends_with(&want))
-                        && (proto == "udp" || cols.get(3) == Some(&"0A"))
-                })
-            })
+            std::fs::read_to_string(file).is_ok_and(|text| proc_net_binds(&text, proto, &want))
         })
+}
+
+/// Whether a /proc/net/{tcp,udp}[6] listing has a socket whose local
+/// address ends in `want` (`:PORT` in hex), listening if TCP.
+pub(crate) fn proc_net_binds(text: &str, proto: &str, want: &str) -> bool {
+    text.lines().skip(1).any(|l| {
+        let cols: Vec<&str> = l.split_whitespace().collect();
+        // local_address is column 1; state 0A is LISTEN for TCP.
+        cols.get(1).is_some_and(|a| a.ends_with(want))
+            && (proto == "udp" || cols.get(3) == Some(&"0A"))
+    })
 }
 
 /// Where an installed rule sends captured flows of one family: the
 /// address TPROXY names (None: the incoming interface's, so only a
 /// wildcard listener is found) and the port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Target {
-    family: Family,
-    addr: Option<IpAddr>,
-    port: u16,
+pub(crate) struct Target {
+    pub(crate) family: Family,
+    pub(crate) addr: Option<IpAddr>,
+    pub(crate) port: u16,
 }
 
 /// The TPROXY/REDIRECT targets in `nft list table inet tproxyd` output.
-fn nft_targets(listing: &str) -> Vec<Target> {
+pub(crate) fn nft_targets(listing: &str) -> Vec<Target> {
     let mut out = Vec::new();
     for line in listing.lines() {
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -319,7 +323,7 @@ fn nft_targets(listing: &str) -> Vec<Target> {
 }
 
 /// `:1090`, `127.0.0.1:1090`, `[::1]:1090` into address and port.
-fn split_target(text: &str) -> Option<(Option<IpAddr>, u16)> {
+pub(crate) fn split_target(text: &str) -> Option<(Option<IpAddr>, u16)> {
     let (addr, port) = text.rsplit_once(':')?;
     let port = port.parse().ok()?;
     let addr = addr.trim_start_matches('[').trim_end_matches(']');
@@ -331,7 +335,7 @@ fn split_target(text: &str) -> Option<(Option<IpAddr>, u16)> {
 }
 
 /// The TPROXY/REDIRECT targets in `iptables-save` output of one family.
-fn iptables_targets(listing: &str, family: Family) -> Vec<Target> {
+pub(crate) fn iptables_targets(listing: &str, family: Family) -> Vec<Target> {
     let mut out = Vec::new();
     for line in listing.lines() {
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -394,20 +398,24 @@ fn installed_targets(plan: &Plan) -> Option<Vec<Target>> {
 fn listening(proto: &str, port: u16) -> Option<Vec<String>> {
     let flag = if proto == "tcp" { "-ltnH" } else { "-lunH" };
     let out = run_tool("ss", &[flag], None).ok()?;
+    Some(ss_local_addrs(&out, port))
+}
+
+/// The local addresses (port stripped) of the sockets on `port` in `ss -H`
+/// output.
+pub(crate) fn ss_local_addrs(out: &str, port: u16) -> Vec<String> {
     let suffix = format!(":{port}");
-    Some(
-        out.lines()
-            .filter_map(|l| l.split_whitespace().nth(3))
-            .filter_map(|a| a.strip_suffix(&suffix))
-            // A socket bound to a device shows as ADDR%DEV.
-            .map(|a| a.split('%').next().unwrap_or(a).to_string())
-            .collect(),
-    )
+    out.lines()
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .filter_map(|a| a.strip_suffix(&suffix))
+        // A socket bound to a device shows as ADDR%DEV.
+        .map(|a| a.split('%').next().unwrap_or(a).to_string())
+        .collect()
 }
 
 /// Whether TPROXY (or REDIRECT) to `t` finds one of the `sockets` (their
 /// local addresses, port stripped, as [`listening`] gives them).
-fn reaches(t: &Target, sockets: &[String]) -> bool {
+pub(crate) fn reaches(t: &Target, sockets: &[String]) -> bool {
     sockets.iter().any(|s| {
         let s = s.as_str();
         let wildcard = match t.family {

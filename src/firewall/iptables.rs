@@ -266,6 +266,35 @@ fn run(tool: &'static str, args: &[&str], stdin: Option<&str>) -> Result<String,
     })
 }
 
+/// The words of a rule line as iptables-restore splits them: at spaces
+/// and tabs outside double quotes, a quoted word kept whole (iptables-save
+/// quotes a comment with spaces and writes `\"` for a quote in it). An
+/// unterminated quote runs to the end of the line.
+fn restore_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut quoted = false;
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if quoted && matches!(chars.peek(), Some('"' | '\\')) => {
+                word.extend(chars.next());
+            }
+            '"' => quoted = !quoted,
+            ' ' | '\t' if !quoted => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    words
+}
+
 /// The removal transaction for one family, from its `iptables-save -t T`
 /// output: delete tproxyd's jump rules, flush and delete its chains.
 /// None when there is nothing of tproxyd's.
@@ -281,11 +310,12 @@ pub fn removal(save: &str, tbl: &str) -> Option<String> {
         .lines()
         .filter(|l| l.starts_with("-A PREROUTING ") || l.starts_with("-A OUTPUT "))
         .filter(|l| {
-            // The target is after the *last* -j: a comment may contain "-j".
-            let words: Vec<&str> = l.split_whitespace().collect();
+            // The target is after the last -j outside quotes: a comment
+            // may say "-j TPROXYD_PRE", and a rule may have no target.
+            let words = restore_words(l);
             words
                 .iter()
-                .rposition(|w| *w == "-j")
+                .rposition(|w| w == "-j")
                 .and_then(|i| words.get(i + 1))
                 .is_some_and(|t| ours(t))
         })
@@ -465,6 +495,30 @@ COMMIT
         assert_eq!(
             removal("*mangle\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n", "mangle"),
             None
+        );
+    }
+
+    /// Found by the tool_output fuzz target: a rule without a target whose
+    /// comment names a tproxyd chain was taken for tproxyd's jump, so the
+    /// removal deleted another program's rule.
+    #[test]
+    fn removal_reads_the_target_outside_quoted_comments() {
+        let save = "\
+*mangle
+:TPROXYD_PRE - [0:0]
+-A PREROUTING -m comment --comment \"count -j TPROXYD_PRE hits\"
+-A PREROUTING -p tcp -m comment --comment \"mentions -j TPROXYD_PRE in te-mark 0xff -j TPROXYD_OUT
+-A PREROUTING -m comment --comment \"say \\\" -j TPROXYD_PRE\" -j ACCEPT
+-A PREROUTING -m comment --comment \"ours\" -j TPROXYD_PRE
+COMMIT
+";
+        assert_eq!(
+            removal(save, "mangle").unwrap(),
+            "*mangle\n:TPROXYD_PRE - [0:0]\n-D PREROUTING -m comment --comment \"ours\" -j TPROXYD_PRE\n-X TPROXYD_PRE\nCOMMIT\n"
+        );
+        assert_eq!(
+            restore_words("-m comment --comment \"a \\\"b\\\\\" -j\tX"),
+            ["-m", "comment", "--comment", "a \"b\\", "-j", "X"]
         );
     }
 }

@@ -7,7 +7,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
 use crate::config::Credentials;
@@ -138,21 +138,46 @@ impl Socks5Client {
     pub async fn connect_to(&self, target: Address) -> Result<TcpStream, Socks5Error> {
         let mut stream = self.open_control().await?;
         let reply = self
-            .with_timeout(async {
-                self.negotiate(&mut stream).await?;
-                self.command(&mut stream, proto::CMD_CONNECT, &target).await
-            })
+            .with_timeout(self.handshake(&mut stream, proto::CMD_CONNECT, &target))
             .await?;
+        self.connect_outcome(&reply, &target)?;
+        Ok(stream)
+    }
+
+    /// Whether a CONNECT reply grants the connection.
+    pub fn connect_outcome(
+        &self,
+        reply: &proto::Reply,
+        target: &Address,
+    ) -> Result<(), Socks5Error> {
         if reply.code != proto::REP_SUCCEEDED {
             return Err(Socks5Error::Rejected {
                 server: self.server,
                 command: "CONNECT",
-                dst: target,
+                dst: target.clone(),
                 code: reply.code,
                 meaning: proto::reply_meaning(reply.code),
             });
         }
-        Ok(stream)
+        Ok(())
+    }
+
+    /// The relay address a UDP ASSOCIATE reply names, or why there is none.
+    pub fn udp_relay(&self, reply: proto::Reply) -> Result<SocketAddr, Socks5Error> {
+        if reply.code != proto::REP_SUCCEEDED {
+            return Err(Socks5Error::UdpRefused {
+                server: self.server,
+                code: reply.code,
+                meaning: proto::reply_meaning(reply.code),
+            });
+        }
+        match reply.bound {
+            Address::Ip(a) => relay_address(a, self.server),
+            Address::Domain(name, _) => Err(Socks5Error::DomainRelay {
+                server: self.server,
+                name,
+            }),
+        }
     }
 
     /// Opens a UDP association.
@@ -169,28 +194,13 @@ impl Socks5Client {
             IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
         };
         let reply = self
-            .with_timeout(async {
-                self.negotiate(&mut control).await?;
-                self.command(&mut control, proto::CMD_UDP_ASSOCIATE, &Address::Ip(from))
-                    .await
-            })
+            .with_timeout(self.handshake(
+                &mut control,
+                proto::CMD_UDP_ASSOCIATE,
+                &Address::Ip(from),
+            ))
             .await?;
-        if reply.code != proto::REP_SUCCEEDED {
-            return Err(Socks5Error::UdpRefused {
-                server: self.server,
-                code: reply.code,
-                meaning: proto::reply_meaning(reply.code),
-            });
-        }
-        let relay = match reply.bound {
-            Address::Ip(a) => relay_address(a, self.server)?,
-            Address::Domain(name, _) => {
-                return Err(Socks5Error::DomainRelay {
-                    server: self.server,
-                    name,
-                })
-            }
-        };
+        let relay = self.udp_relay(reply)?;
         let io_err = |source| Socks5Error::Io {
             server: self.server,
             source,
@@ -249,7 +259,23 @@ impl Socks5Client {
             }))
     }
 
-    async fn negotiate(&self, stream: &mut TcpStream) -> Result<(), Socks5Error> {
+    /// Method selection, login when asked, then `cmd` for `addr`; returns
+    /// the server's reply. Generic over the stream so that the fuzz target
+    /// can run this very code over bytes in memory.
+    pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: &mut S,
+        cmd: u8,
+        addr: &Address,
+    ) -> Result<proto::Reply, Socks5Error> {
+        self.negotiate(stream).await?;
+        self.command(stream, cmd, addr).await
+    }
+
+    async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: &mut S,
+    ) -> Result<(), Socks5Error> {
         let server = self.server;
         let io_err = |source| Socks5Error::Io { server, source };
         let proto_err = |source| Socks5Error::Protocol { server, source };
@@ -293,9 +319,9 @@ impl Socks5Client {
         }
     }
 
-    async fn command(
+    async fn command<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
-        stream: &mut TcpStream,
+        stream: &mut S,
         cmd: u8,
         addr: &Address,
     ) -> Result<proto::Reply, Socks5Error> {

@@ -1,0 +1,68 @@
+//! Entry points for the fuzz targets in `fuzz/` (not an API).
+//!
+//! The parsers of `ip`/`nft`/`ss` output behind `tproxyd doctor` are
+//! private to their module; these thin wrappers let the fuzz crate call
+//! them without making their types public. Everything else the targets
+//! drive (SOCKS5 `proto` and `Socks5Client::handshake`, the config,
+//! `Cidr`/`PortRange`, `iptables::removal`, `sys::orig_dst_from_cmsgs`)
+//! is public already and is called directly.
+
+use std::net::IpAddr;
+
+use crate::firewall::doctor::{self, Target};
+use crate::firewall::iptables::Family;
+
+/// A capture target as plain values: (is IPv4, address named, port).
+pub type PlainTarget = (bool, Option<IpAddr>, u16);
+
+fn plain(targets: Vec<Target>) -> Vec<PlainTarget> {
+    targets
+        .into_iter()
+        .map(|t| (t.family == Family::V4, t.addr, t.port))
+        .collect()
+}
+
+/// The TPROXY/REDIRECT targets doctor reads from `nft list table` output.
+pub fn nft_targets(listing: &str) -> Vec<PlainTarget> {
+    plain(doctor::nft_targets(listing))
+}
+
+/// The TPROXY/REDIRECT targets doctor reads from `iptables-save` output.
+pub fn iptables_targets(listing: &str, v4: bool) -> Vec<PlainTarget> {
+    let family = if v4 { Family::V4 } else { Family::V6 };
+    plain(doctor::iptables_targets(listing, family))
+}
+
+/// `:P`, `A:P` or `[A]:P` as doctor splits an nft target.
+pub fn split_target(text: &str) -> Option<(Option<IpAddr>, u16)> {
+    doctor::split_target(text)
+}
+
+/// The local addresses doctor reads from `ss -H` output for `port`, and
+/// whether each is reached by a wildcard target of either family.
+pub fn ss_local_addrs(out: &str, port: u16) -> Vec<(String, bool, bool)> {
+    doctor::ss_local_addrs(out, port)
+        .into_iter()
+        .map(|a| {
+            let one = std::slice::from_ref(&a);
+            let reached = |family| {
+                doctor::reaches(
+                    &Target {
+                        family,
+                        addr: None,
+                        port,
+                    },
+                    one,
+                )
+            };
+            let (v4, v6) = (reached(Family::V4), reached(Family::V6));
+            (a, v4, v6)
+        })
+        .collect()
+}
+
+/// Whether doctor finds a socket bound to `port` in a /proc/net listing.
+pub fn proc_net_binds(text: &str, tcp: bool, port: u16) -> bool {
+    let proto = if tcp { "tcp" } else { "udp" };
+    doctor::proc_net_binds(text, proto, &format!(":{port:04X}"))
+}
