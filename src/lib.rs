@@ -23,3 +23,4 @@ pub mod relay;
 pub mod route;
 pub mod server;
 pub mod sys;
+pub mod testbed;
