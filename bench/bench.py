@@ -1,8 +1,9 @@
 #!/usr/bin/python3
 """tproxyd benchmark: tproxyd against plain routing and peer proxies.
 
-Builds a three-namespace topology (the same shape as the end-to-end
-tests), starts the WAN servers once, then measures every configuration in
+Brings up the three-namespace test bed of the end-to-end tests and the
+demo (`tproxyd testbed up`, from src/testbed.rs, which also starts dante),
+starts the other WAN servers once, then measures every configuration in
 rounds, rotating their order each round so slow drifts of the machine hit
 all of them alike. Medians across rounds are reported, with the spread
 (max-min over median) as the noise.
@@ -34,11 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TPROXYD = ROOT / "target/release/tproxyd"
 LOADGEN = ROOT / "target/release/examples/loadgen"
 
-SERVER = "198.51.100.10"
-WAN_HOST = "203.0.113.2"
 RR_PORT = 8000
 IPERF_PORT = 5201
-SOCKS_PORT = 1080
 SS_PORT = 8388
 SS_KEY = "tproxyd-bench"
 # The fastest AEAD cipher shadowsocks-libev has on a CPU with AES-NI; it
@@ -102,9 +100,10 @@ def max_nofile():
 
 
 class Netns:
+    """A namespace of the test bed (which creates and deletes it)."""
+
     def __init__(self, name):
         self.name = name
-        run(["ip", "netns", "add", name])
 
     def cmd(self, *args):
         return ["ip", "netns", "exec", self.name, *map(str, args)]
@@ -125,15 +124,6 @@ class Netns:
             preexec_fn=max_nofile,
         )
 
-    def delete(self):
-        pids = run(["ip", "netns", "pids", self.name], check=False).stdout.split()
-        for pid in pids:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        run(["ip", "netns", "del", self.name], check=False)
-
     def listening(self, proto, port):
         flag = "-Hlnt" if proto == "tcp" else "-Hlnu"
         return bool(self.sh("ss", flag, f"sport = :{port}", check=False).stdout.strip())
@@ -152,13 +142,26 @@ class Bed:
 
     def __init__(self, workdir):
         self.dir = workdir
-        tag = f"tpb{os.getpid()}"
-        self.spaces = []
-        self.lan = self._ns(f"{tag}-lan")
-        self.router = self._ns(f"{tag}-rtr")
-        self.wan = self._ns(f"{tag}-wan")
-        self._topology()
-        self._servers()
+        self.prefix = f"tpb{os.getpid()}"
+        # The bench's sysctls (wide port range, tcp_tw_reuse, backlogs) in
+        # every namespace; dante started in the WAN one, its files here.
+        up = run([TPROXYD, "testbed", "up", "--prefix", self.prefix, "--bench",
+                  "--dante", workdir, "--json"])
+        try:
+            bed = json.loads(up.stdout)
+            names, addrs = bed["namespaces"], bed["addresses"]
+            self.lan = Netns(names["lan"])
+            self.router = Netns(names["router"])
+            self.wan = Netns(names["wan"])
+            self.server = addrs["remote_a_v4"]
+            self.remote_net = addrs["remote_net_v4"]
+            self.wan_host = addrs["wan_v4"]
+            self.lan_if = bed["interfaces"]["router_lan"]
+            self.socks_port = bed["socks_port"]
+            self._servers()
+        except BaseException:
+            self.close()
+            raise
 
     def settle(self, seconds=60):
         """Waits until the flows of the last test are gone from the router
@@ -179,63 +182,17 @@ class Bed:
             time.sleep(0.25)
         log(f"flows still open after {seconds} s; measuring anyway")
 
-    def _ns(self, name):
-        ns = Netns(name)
-        self.spaces.append(ns)
-        return ns
-
     def close(self):
-        for ns in self.spaces:
-            ns.delete()
-
-    def _topology(self):
-        lan, rtr, wan = self.lan, self.router, self.wan
-        for ns in self.spaces:
-            ns.ip("link set lo up")
-            # The connection-rate test opens tens of thousands of flows.
-            # Ephemeral ports start above every port a service here
-            # listens on, so no outgoing flow can take a listener's port.
-            ns.sh("sysctl", "-qw", "net.ipv4.ip_local_port_range=10000 65535")
-            ns.sh("sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1")
-            ns.sh("sysctl", "-qw", "net.core.somaxconn=65535")
-            ns.sh("sysctl", "-qw", "net.ipv4.tcp_max_syn_backlog=65535")
-        lan.ip(f"link add l0 type veth peer name rlan netns {rtr.name}")
-        rtr.ip(f"link add rwan type veth peer name w0 netns {wan.name}")
-        lan.ip("addr add 192.0.2.2/24 dev l0")
-        rtr.ip("addr add 192.0.2.1/24 dev rlan")
-        rtr.ip("addr add 203.0.113.1/24 dev rwan")
-        wan.ip(f"addr add {WAN_HOST}/24 dev w0")
-        wan.ip(f"addr add {SERVER}/32 dev lo")
-        lan.ip("link set l0 up")
-        rtr.ip("link set rlan up")
-        rtr.ip("link set rwan up")
-        wan.ip("link set w0 up")
-        lan.ip("route add default via 192.0.2.1")
-        rtr.ip(f"route add 198.51.100.0/24 via {WAN_HOST}")
-        wan.ip("route add 192.0.2.0/24 via 203.0.113.1")
-        rtr.sh("sysctl", "-qw", "net.ipv4.ip_forward=1")
-        # src_valid_mark=1 silently drops forwarded TPROXY traffic.
-        rtr.sh("sysctl", "-qw", "net.ipv4.conf.all.src_valid_mark=0")
+        """Kills everything in the namespaces and deletes them."""
+        run([TPROXYD, "testbed", "down", "--prefix", self.prefix], check=False)
 
     def _servers(self):
         wan = self.wan
-        wan.spawn(LOADGEN, "serve", "--tcp", f"{SERVER}:{RR_PORT}", "--udp", f"{SERVER}:{RR_PORT}",
+        server = f"{self.server}:{RR_PORT}"
+        wan.spawn(LOADGEN, "serve", "--tcp", server, "--udp", server,
                   log_to=self.dir / "loadgen-serve.log")
         wan.wait_listening("tcp", RR_PORT, "loadgen serve")
-        conf = self.dir / "danted.conf"
-        conf.write_text(
-            f"logoutput: {self.dir / 'danted.log'}\n"
-            f"internal: {WAN_HOST} port = {SOCKS_PORT}\n"
-            f"external: {WAN_HOST}\n"
-            "clientmethod: none\nsocksmethod: none\n"
-            "udp.connectdst: no\n"
-            "user.privileged: root\nuser.unprivileged: nobody\n"
-            "client pass { from: 0.0.0.0/0 to: 0.0.0.0/0 }\n"
-            "socks pass { from: 0.0.0.0/0 to: 0.0.0.0/0 command: connect udpassociate udpreply }\n"
-        )
-        wan.spawn("danted", "-f", conf, "-p", self.dir / "danted.pid", log_to=self.dir / "danted.out")
-        wan.wait_listening("tcp", SOCKS_PORT, "dante")
-        wan.spawn("ss-server", "-s", WAN_HOST, "-p", SS_PORT, "-k", SS_KEY, "-m", SS_METHOD,
+        wan.spawn("ss-server", "-s", self.wan_host, "-p", SS_PORT, "-k", SS_KEY, "-m", SS_METHOD,
                   "-u", "-n", "20000", log_to=self.dir / "ss-server.log")
         wan.wait_listening("tcp", SS_PORT, "ss-server")
 
@@ -292,13 +249,14 @@ class PeerTproxyRules:
         if tcp_redirect:
             lines += [
                 "  chain nat { type nat hook prerouting priority dstnat;",
-                f'    iifname "rlan" ip daddr 198.51.100.0/24 meta l4proto tcp redirect to :{port}',
+                f'    iifname "{self.bed.lan_if}" ip daddr {self.bed.remote_net} meta l4proto tcp '
+                f"redirect to :{port}",
                 "  }",
             ]
         else:
             lines += [
                 "  chain pre { type filter hook prerouting priority mangle;",
-                f'    iifname "rlan" ip daddr 198.51.100.0/24 meta l4proto {{ tcp, udp }} '
+                f'    iifname "{self.bed.lan_if}" ip daddr {self.bed.remote_net} meta l4proto {{ tcp, udp }} '
                 f"tproxy to :{port} meta mark set {PEER_MARK} accept",
                 "  }",
             ]
@@ -328,11 +286,13 @@ class PeerTproxyRules:
 
 class Tproxyd(Config):
     port = 1090
-    upstream = []
+
+    def upstream(self):
+        return []
 
     def start(self):
-        self.proc = self.bed.router.spawn(TPROXYD, "run", *self.upstream, "--lan-interface", "rlan",
-                                          log_to=self.log())
+        self.proc = self.bed.router.spawn(TPROXYD, "run", *self.upstream(), "--lan-interface",
+                                          self.bed.lan_if, log_to=self.log())
         self.bed.router.wait_listening("tcp", self.port, "tproxyd")
         self.bed.router.wait_listening("udp", self.port, "tproxyd")
         # tproxyd installs its rules after binding; give it the moment.
@@ -344,12 +304,17 @@ class Tproxyd(Config):
 
 
 class TproxydDirect(Tproxyd):
-    name, label, upstream = "tproxyd-direct", "tproxyd direct", ["--direct"]
+    name, label = "tproxyd-direct", "tproxyd direct"
+
+    def upstream(self):
+        return ["--direct"]
 
 
 class TproxydSocks(Tproxyd):
     name, label = "tproxyd-socks5", "tproxyd → SOCKS5"
-    upstream = ["--socks5", f"{WAN_HOST}:{SOCKS_PORT}"]
+
+    def upstream(self):
+        return ["--socks5", f"{self.bed.wan_host}:{self.bed.socks_port}"]
 
 
 class Redsocks(PeerTproxyRules, Config):
@@ -361,7 +326,8 @@ class Redsocks(PeerTproxyRules, Config):
         conf.write_text(
             "base { log_debug = off; log_info = off; log = stderr; daemon = off;\n"
             "  redirector = iptables; redsocks_conn_max = 20000; rlimit_nofile = 20000; }\n"
-            f"redsocks {{ local_ip = 0.0.0.0; local_port = {self.port}; ip = {WAN_HOST}; port = {SOCKS_PORT};\n"
+            f"redsocks {{ local_ip = 0.0.0.0; local_port = {self.port}; ip = {self.bed.wan_host}; "
+            f"port = {self.bed.socks_port};\n"
             f"  type = socks5; splice = {'true' if self.splice else 'false'}; }}\n"
         )
         self.proc = self.bed.router.spawn("redsocks", "-c", conf, log_to=self.log())
@@ -384,7 +350,7 @@ class SsRedir(PeerTproxyRules, Config):
 
     def start(self):
         self.proc = self.bed.router.spawn(
-            "ss-redir", "-s", WAN_HOST, "-p", SS_PORT, "-b", "0.0.0.0", "-l", self.port,
+            "ss-redir", "-s", self.bed.wan_host, "-p", SS_PORT, "-b", "0.0.0.0", "-l", self.port,
             "-k", SS_KEY, "-m", SS_METHOD, "-u", "-T", "-n", "20000", log_to=self.log())
         self.bed.router.wait_listening("tcp", self.port, "ss-redir")
         self.install_rules(self.port)
@@ -412,7 +378,7 @@ class V2ray(PeerTproxyRules, Config):
             }],
             "outbounds": [{
                 "protocol": "socks",
-                "settings": {"servers": [{"address": WAN_HOST, "port": SOCKS_PORT}]},
+                "settings": {"servers": [{"address": self.bed.wan_host, "port": self.bed.socks_port}]},
                 "streamSettings": {"sockopt": {"mark": 255}},
             }],
         }, indent=1))
@@ -451,11 +417,11 @@ def loadgen(bed, *args, timeout=120):
 def iperf(bed, *args, seconds):
     """One iperf3 run against a fresh one-shot server (a failed run cannot
     leave a busy server behind for the next configuration)."""
-    server = bed.wan.spawn("iperf3", "-s", "-1", "-B", SERVER, "-p", IPERF_PORT,
+    server = bed.wan.spawn("iperf3", "-s", "-1", "-B", bed.server, "-p", IPERF_PORT,
                            log_to=bed.dir / "iperf3-server.log")
     try:
         bed.wan.wait_listening("tcp", IPERF_PORT, "iperf3 server")
-        r = bed.lan.sh("iperf3", "-c", SERVER, "-p", IPERF_PORT, "-t", seconds, "-J", *args,
+        r = bed.lan.sh("iperf3", "-c", bed.server, "-p", IPERF_PORT, "-t", seconds, "-J", *args,
                        check=False, timeout=seconds + 30)
         data = json.loads(r.stdout) if r.stdout.strip() else {}
         if r.returncode != 0 or "error" in data:
@@ -473,7 +439,7 @@ def measure(bed, cfg, p):
     """All figures of one configuration in one round: {figure: value}."""
     out = {}
     pid = cfg.proc.pid if cfg.proc else None
-    target = f"{SERVER}:{RR_PORT}"
+    target = f"{bed.server}:{RR_PORT}"
 
     def want(key):
         return cfg.supports(key) and chosen(p, key)
@@ -534,7 +500,7 @@ def udp_flood_rss(bed, cfg, p):
     bed.settle()
     cfg.start()
     pid = cfg.proc.pid
-    target = f"{SERVER}:{RR_PORT}"
+    target = f"{bed.server}:{RR_PORT}"
     loadgen(bed, "udp-lat", "--target", target, "--count", 5)
     before = proc_status(pid, "VmRSS")
     loadgen(bed, "udp-flood", "--target", target, "--ports", p.flood)
@@ -555,7 +521,7 @@ def idle_rss_per_connection(bed, cfg, p):
     bed.settle()
     cfg.start()
     pid = cfg.proc.pid
-    target = f"{SERVER}:{RR_PORT}"
+    target = f"{bed.server}:{RR_PORT}"
     count = idle_count(cfg, p)
     loadgen(bed, "tcp-lat", "--target", target, "--count", 5)
     before = proc_status(pid, "VmRSS")

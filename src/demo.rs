@@ -24,8 +24,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use nix::sched::{setns, CloneFlags};
 use nix::sys::signal::{SigSet, Signal};
+use tproxyd::testbed::{self, Bed, Netns};
 
 const PORT: u16 = 1090;
 
@@ -34,10 +34,8 @@ struct Demo {
     dir: PathBuf,
     stop: Arc<AtomicBool>,
     tproxyd: Option<Child>,
-}
-
-fn ns_name(prefix: &str, role: &str) -> String {
-    format!("{prefix}-{role}")
+    /// The namespaces, once built (see `tproxyd::testbed`).
+    bed: Option<Bed>,
 }
 
 fn sh(args: &[&str]) -> Result<String> {
@@ -56,108 +54,28 @@ fn sh(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Removes every namespace whose name starts with `prefix`, killing what
-/// runs inside first. Used at the end, on Ctrl-C and on errors.
-fn teardown(prefix: &str) {
-    for role in ["lan", "rtr", "wan"] {
-        let name = ns_name(prefix, role);
-        if let Ok(pids) = sh(&["ip", "netns", "pids", &name]) {
-            for pid in pids.split_whitespace() {
-                let _ = Command::new("kill").args(["-9", pid]).status();
-            }
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
 impl Demo {
-    fn ns(&self, role: &str) -> String {
-        ns_name(&self.prefix, role)
-    }
-
-    fn ip(&self, role: &str, args: &str) -> Result<()> {
-        let mut cmd: Vec<&str> = vec!["ip", "-n"];
-        let ns = self.ns(role);
-        cmd.push(&ns);
-        cmd.extend(args.split_whitespace());
-        sh(&cmd).map(|_| ())
+    fn ns(&self, role: &str) -> &Netns {
+        let bed = self.bed.as_ref().expect("the test bed is built first");
+        match role {
+            "lan" => &bed.lan,
+            "rtr" => &bed.router,
+            _ => &bed.wan,
+        }
     }
 
     fn exec(&self, role: &str, args: &[&str]) -> Result<String> {
-        let ns = self.ns(role);
-        let mut cmd = vec!["ip", "netns", "exec", &ns];
-        cmd.extend_from_slice(args);
-        sh(&cmd)
+        self.ns(role).exec(args)
     }
 
     /// Runs `f` on a thread inside namespace `role`; sockets it makes
     /// stay in that namespace.
     fn enter<T: Send>(&self, role: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-        let path = format!("/var/run/netns/{}", self.ns(role));
-        thread::scope(|s| {
-            s.spawn(|| {
-                let fd = File::open(&path).with_context(|| format!("open {path}"))?;
-                setns(&fd, CloneFlags::CLONE_NEWNET).context("setns")?;
-                f()
-            })
-            .join()
-            .unwrap_or_else(|_| bail!("a demo thread panicked"))
-        })
+        self.ns(role).enter(f)?
     }
 
-    fn build(&self) -> Result<()> {
-        for role in ["lan", "rtr", "wan"] {
-            sh(&["ip", "netns", "add", &self.ns(role)])?;
-            self.exec(role, &["sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0"])?;
-            self.exec(
-                role,
-                &["sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0"],
-            )?;
-            self.ip(role, "link set lo up")?;
-        }
-        self.ip(
-            "lan",
-            &format!(
-                "link add l0 type veth peer name rlan netns {}",
-                self.ns("rtr")
-            ),
-        )?;
-        self.ip(
-            "rtr",
-            &format!(
-                "link add rwan type veth peer name w0 netns {}",
-                self.ns("wan")
-            ),
-        )?;
-        for (role, cmd) in [
-            ("lan", "addr add 192.0.2.2/24 dev l0"),
-            ("lan", "addr add 2001:db8:1::2/64 dev l0 nodad"),
-            ("rtr", "addr add 192.0.2.1/24 dev rlan"),
-            ("rtr", "addr add 2001:db8:1::1/64 dev rlan nodad"),
-            ("rtr", "addr add 203.0.113.1/24 dev rwan"),
-            ("rtr", "addr add 2001:db8:2::1/64 dev rwan nodad"),
-            ("wan", "addr add 203.0.113.2/24 dev w0"),
-            ("wan", "addr add 2001:db8:2::2/64 dev w0 nodad"),
-            ("wan", "addr add 198.51.100.10/32 dev lo"),
-            ("wan", "addr add 2001:db8:100::10/128 dev lo"),
-            ("lan", "link set l0 up"),
-            ("rtr", "link set rlan up"),
-            ("rtr", "link set rwan up"),
-            ("wan", "link set w0 up"),
-            ("lan", "route add default via 192.0.2.1"),
-            ("lan", "-6 route add default via 2001:db8:1::1"),
-            ("rtr", "route add 198.51.100.0/24 via 203.0.113.2"),
-            ("rtr", "-6 route add 2001:db8:100::/64 via 2001:db8:2::2"),
-            ("wan", "route add 192.0.2.0/24 via 203.0.113.1"),
-            ("wan", "-6 route add 2001:db8:1::/64 via 2001:db8:2::1"),
-        ] {
-            self.ip(role, cmd)?;
-        }
-        self.exec("rtr", &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-        self.exec("rtr", &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+    fn build(&mut self) -> Result<()> {
+        self.bed = Some(Bed::up(&self.prefix, &testbed::Options::default())?);
         Ok(())
     }
 
@@ -167,7 +85,7 @@ impl Demo {
         let (tcp, udp) = self.enter("wan", || {
             let mut tcp = Vec::new();
             let mut udp = Vec::new();
-            for ip in ["198.51.100.10", "2001:db8:100::10"] {
+            for ip in [testbed::REMOTE_A_V4, testbed::REMOTE_A_V6] {
                 let ip: std::net::IpAddr = ip.parse()?;
                 tcp.push(TcpListener::bind(SocketAddr::new(ip, 80))?);
                 udp.push(UdpSocket::bind(SocketAddr::new(ip, 53))?);
@@ -213,17 +131,16 @@ impl Demo {
     fn start_tproxyd(&mut self, backend: &str) -> Result<()> {
         let exe = std::env::current_exe().context("cannot find the tproxyd binary")?;
         let log = File::create(self.dir.join("tproxyd.log"))?;
-        let ns = self.ns("rtr");
         let listen = format!("[::]:{PORT}");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns])
-            .arg(exe)
+        let child = self
+            .ns("rtr")
+            .command(exe)
             .args(["run", "--listen", &listen, "--mode", "tproxy", "--direct"])
             .args([
                 "--firewall",
                 backend,
                 "--lan-interface",
-                "rlan",
+                testbed::ROUTER_LAN_IF,
                 "--verbose",
             ])
             .stdin(Stdio::null())
@@ -439,7 +356,7 @@ pub fn run(hold: bool) -> Result<()> {
                 interrupted.store(true, Ordering::Relaxed);
                 if !hold_mode {
                     println!("\ninterrupted: removing the demo's namespaces");
-                    teardown(&prefix);
+                    let _ = testbed::teardown(&prefix);
                     std::process::exit(130);
                 }
             }
@@ -452,6 +369,7 @@ pub fn run(hold: bool) -> Result<()> {
         dir: dir.clone(),
         stop: Arc::new(AtomicBool::new(false)),
         tproxyd: None,
+        bed: None,
     };
     let result = scenario(&mut demo, hold, &interrupted);
     demo.stop.store(true, Ordering::Relaxed);
@@ -459,11 +377,13 @@ pub fn run(hold: bool) -> Result<()> {
         let _ = c.kill();
         let _ = c.wait();
     }
-    teardown(&prefix);
+    let down = match demo.bed.take() {
+        Some(bed) => bed.down(),
+        None => testbed::teardown(&prefix),
+    };
     let _ = std::fs::remove_dir_all(&dir);
-    let leftover = sh(&["ip", "netns", "list"]).unwrap_or_default();
-    if leftover.contains(&prefix) {
-        bail!("could not remove every demo namespace: {leftover}");
+    if let Err(e) = down {
+        bail!("could not remove every demo namespace: {e:#}");
     }
     println!("6. namespaces removed; nothing was changed outside them");
     result

@@ -25,3 +25,4 @@ pub mod relay;
 pub mod route;
 pub mod server;
 pub mod sys;
+pub mod testbed;

@@ -52,6 +52,13 @@ enum Command {
         #[arg(long)]
         hold: bool,
     },
+    /// Build or remove the LAN/router/WAN namespaces of the tests and the
+    /// benchmark (as root); for bench/bench.py.
+    #[command(hide = true)]
+    Testbed {
+        #[command(subcommand)]
+        action: TestbedAction,
+    },
     /// Check the system for what tproxyd needs (kernel support, sysctls,
     /// rules, routes, listener); exit 1 if anything FAILs.
     Doctor {
@@ -66,6 +73,73 @@ enum Command {
         #[command(flatten)]
         args: RunArgs,
     },
+}
+
+#[derive(Subcommand)]
+enum TestbedAction {
+    /// Build PREFIX-lan, PREFIX-rtr and PREFIX-wan and leave them up.
+    Up {
+        #[arg(long)]
+        prefix: String,
+        /// Sysctls for connection-rate loads in every namespace (wide port
+        /// range, tcp_tw_reuse, large backlogs).
+        #[arg(long)]
+        bench: bool,
+        /// Also start dante in the WAN namespace, its files in DIR, and
+        /// wait until it listens.
+        #[arg(long, value_name = "DIR")]
+        dante: Option<PathBuf>,
+        /// Print the namespaces and addresses as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Kill what runs in the bed's namespaces and delete them.
+    Down {
+        #[arg(long)]
+        prefix: String,
+    },
+}
+
+fn testbed(action: TestbedAction) -> anyhow::Result<ExitCode> {
+    use tproxyd::testbed::{self, Bed, Options};
+    match action {
+        TestbedAction::Up {
+            prefix,
+            bench,
+            dante,
+            json,
+        } => {
+            let bed = Bed::up(&prefix, &Options { bench })?;
+            if let Some(dir) = dante {
+                std::fs::create_dir_all(&dir)?;
+                // Runs on in the namespace after we exit; `down` kills it.
+                testbed::spawn_dante(&bed.wan, &dir, false)?;
+                let socks = testbed::socks_v4();
+                if !bed
+                    .wan
+                    .wait_tcp(socks, std::time::Duration::from_secs(10))?
+                {
+                    anyhow::bail!(
+                        "dante did not start listening on {socks}; see {}",
+                        dir.display()
+                    );
+                }
+            }
+            if json {
+                println!("{}", bed.json());
+            } else {
+                println!(
+                    "test bed up: {} {} {}",
+                    bed.lan.name(),
+                    bed.router.name(),
+                    bed.wan.name()
+                );
+            }
+            bed.keep();
+        }
+        TestbedAction::Down { prefix } => testbed::teardown(&prefix)?,
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -473,6 +547,7 @@ fn main() -> ExitCode {
         Command::Rules { action, args } => rules(action, args),
         Command::Doctor { args } => doctor(args),
         Command::Demo { hold } => demo::run(hold).map(|()| ExitCode::SUCCESS),
+        Command::Testbed { action } => testbed(action),
         Command::Check { config } => {
             match RawConfig::load(&config).and_then(|raw| raw.validate(&env_var)) {
                 // Rule-set files and regexes are only read by building the

@@ -1,4 +1,6 @@
-//! The end-to-end test bed: three network namespaces joined by veth pairs.
+//! The end-to-end test bed: three network namespaces joined by veth pairs,
+//! built by `tproxyd::testbed` (shared with the demo and the benchmark),
+//! with the tests' servers, dante and tproxyd on top.
 //!
 //! ```text
 //!  lan                router (tproxyd + rules)           wan
@@ -19,7 +21,6 @@
 
 #![allow(dead_code)]
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -29,20 +30,20 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nix::sched::{setns, CloneFlags};
+use tproxyd::testbed;
 
-pub const LAN_V4: &str = "192.0.2.2";
-pub const LAN_V6: &str = "2001:db8:1::2";
-pub const ROUTER_WAN_V4: &str = "203.0.113.1";
-pub const ROUTER_WAN_V6: &str = "2001:db8:2::1";
-pub const SOCKS_V4: &str = "203.0.113.2";
-pub const SOCKS_V6: &str = "2001:db8:2::2";
+pub const LAN_V4: &str = testbed::LAN_V4;
+pub const LAN_V6: &str = testbed::LAN_V6;
+pub const ROUTER_WAN_V4: &str = testbed::ROUTER_WAN_V4;
+pub const ROUTER_WAN_V6: &str = testbed::ROUTER_WAN_V6;
+pub const SOCKS_V4: &str = testbed::SOCKS_V4;
+pub const SOCKS_V6: &str = testbed::SOCKS_V6;
 /// Remote A: the servers every check talks to.
-pub const REMOTE_A_V4: &str = "198.51.100.10";
-pub const REMOTE_A_V6: &str = "2001:db8:100::10";
+pub const REMOTE_A_V4: &str = testbed::REMOTE_A_V4;
+pub const REMOTE_A_V6: &str = testbed::REMOTE_A_V6;
 /// Remote B: the second host of the full-cone check.
-pub const REMOTE_B_V4: &str = "198.51.100.11";
-pub const REMOTE_B_V6: &str = "2001:db8:100::11";
+pub const REMOTE_B_V4: &str = testbed::REMOTE_B_V4;
+pub const REMOTE_B_V6: &str = testbed::REMOTE_B_V6;
 
 /// TCP: sends "peer=ADDR\n", then echoes until EOF.
 pub const ECHO_PORT: u16 = 7;
@@ -59,7 +60,7 @@ pub const UDP_MAX: usize = 65_507;
 /// UDP: the same echo on port 53 of remote A, for DNS-only capture.
 pub const DNS_PORT: u16 = 53;
 pub const PROXY_PORT: u16 = 1090;
-pub const SOCKS_PORT: u16 = 1080;
+pub const SOCKS_PORT: u16 = testbed::SOCKS_PORT;
 /// Nothing listens here: an upstream that is down.
 pub const DEAD_PORT: u16 = 1081;
 
@@ -146,126 +147,67 @@ pub fn can_run() -> bool {
     false
 }
 
-fn run(cmd: &mut Command) {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn run_with_stdin(cmd: &mut Command, input: &str) {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\ninput:\n{input}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// One network namespace made by this test.
+/// One network namespace, with helpers that panic on failure (the
+/// library's `tproxyd::testbed::Netns` returns errors instead).
 pub struct Netns {
     pub name: String,
+    inner: testbed::Netns,
 }
 
 impl Netns {
+    /// Creates a namespace that is deleted (after killing what runs in
+    /// it) when this value is dropped.
     pub fn create(name: String) -> Netns {
-        run(Command::new("ip").args(["netns", "add", &name]));
-        Netns { name }
+        let inner = testbed::Netns::create(&name).unwrap_or_else(|e| panic!("{e:#}"));
+        Netns { name, inner }
+    }
+
+    /// A handle to a namespace of a `testbed::Bed`, which deletes it.
+    fn of(ns: &testbed::Netns) -> Netns {
+        Netns {
+            name: ns.name().to_string(),
+            inner: testbed::Netns::named(ns.name()),
+        }
     }
 
     /// `ip -n NAME ARGS...`
     pub fn ip(&self, args: &str) {
-        let mut cmd = Command::new("ip");
-        cmd.args(["-n", &self.name]).args(args.split_whitespace());
-        run(&mut cmd);
+        self.inner.ip(args).unwrap_or_else(|e| panic!("{e:#}"));
     }
 
     /// Runs a command inside the namespace.
     pub fn exec(&self, args: &[&str]) {
-        run(Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .args(args));
+        self.inner.exec(args).unwrap_or_else(|e| panic!("{e:#}"));
     }
 
     pub fn exec_output(&self, args: &[&str]) -> String {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .args(args)
+        let out = self
+            .inner
+            .command(args[0])
+            .args(&args[1..])
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     pub fn nft(&self, ruleset: &str) {
-        run_with_stdin(
-            Command::new("ip").args(["netns", "exec", &self.name, "nft", "-f", "-"]),
-            ruleset,
-        );
+        self.inner.nft(ruleset).unwrap_or_else(|e| panic!("{e:#}"));
     }
 
     pub fn sysctl(&self, setting: &str) {
-        self.exec(&["sysctl", "-qw", setting]);
+        self.inner
+            .sysctl(setting)
+            .unwrap_or_else(|e| panic!("{e:#}"));
     }
 
     /// Runs `f` on a thread that has entered this namespace.
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/var/run/netns/{}", self.name);
-        thread::scope(|s| {
-            s.spawn(|| {
-                let fd = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-                setns(&fd, CloneFlags::CLONE_NEWNET).expect("setns");
-                f()
-            })
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p))
-        })
+        self.inner.enter(f).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// Processes whose network namespace is this one.
     pub fn pids(&self) -> Vec<String> {
-        Command::new("ip")
-            .args(["netns", "pids", &self.name])
-            .output()
-            .map(|out| {
-                String::from_utf8_lossy(&out.stdout)
-                    .split_whitespace()
-                    .map(str::to_string)
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    fn kill_all(&self) {
-        for pid in self.pids() {
-            let _ = Command::new("kill").args(["-9", &pid]).status();
-        }
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        self.kill_all();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        self.inner.pids().iter().map(u32::to_string).collect()
     }
 }
 
@@ -273,6 +215,7 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// A whole test bed: namespaces, servers, dante and (once started) tproxyd.
 pub struct Testbed {
+    /// Handles to the namespaces of `bed`.
     pub lan: Netns,
     pub router: Netns,
     pub wan: Netns,
@@ -287,6 +230,8 @@ pub struct Testbed {
     /// A command tproxyd runs under (e.g. `setpriv ...`); empty: none.
     tproxyd_prefix: Vec<String>,
     starts: usize,
+    /// Dropped last: kills what is left inside and deletes the namespaces.
+    bed: testbed::Bed,
 }
 
 pub struct Options {
@@ -324,10 +269,12 @@ impl Testbed {
         let id = format!("tpd{}x{n}", std::process::id());
         let dir = std::env::temp_dir().join(format!("tproxyd-e2e-{id}"));
         std::fs::create_dir_all(&dir).unwrap();
+        let bed =
+            testbed::Bed::up(&id, &testbed::Options::default()).unwrap_or_else(|e| panic!("{e:#}"));
         let mut tb = Testbed {
-            lan: Netns::create(format!("{id}-lan")),
-            router: Netns::create(format!("{id}-rtr")),
-            wan: Netns::create(format!("{id}-wan")),
+            lan: Netns::of(&bed.lan),
+            router: Netns::of(&bed.router),
+            wan: Netns::of(&bed.wan),
             dir,
             stop: Arc::new(AtomicBool::new(false)),
             tproxyd: None,
@@ -337,8 +284,8 @@ impl Testbed {
             tproxyd_env: Vec::new(),
             tproxyd_prefix: Vec::new(),
             starts: 0,
+            bed,
         };
-        tb.build_topology();
         tb.start_servers();
         let auth = matches!(
             opts.upstream,
@@ -414,57 +361,6 @@ impl Testbed {
         out
     }
 
-    fn build_topology(&self) {
-        for ns in [&self.lan, &self.router, &self.wan] {
-            // Without this, IPv6 addresses stay "tentative" for ~2 s.
-            ns.sysctl("net.ipv6.conf.all.accept_dad=0");
-            ns.sysctl("net.ipv6.conf.default.accept_dad=0");
-            ns.ip("link set lo up");
-        }
-        let (lan, router, wan) = (&self.lan, &self.router, &self.wan);
-        lan.ip(&format!(
-            "link add l0 type veth peer name rlan netns {}",
-            router.name
-        ));
-        router.ip(&format!(
-            "link add rwan type veth peer name w0 netns {}",
-            wan.name
-        ));
-
-        lan.ip("addr add 192.0.2.2/24 dev l0");
-        lan.ip("addr add 2001:db8:1::2/64 dev l0 nodad");
-        router.ip("addr add 192.0.2.1/24 dev rlan");
-        router.ip("addr add 2001:db8:1::1/64 dev rlan nodad");
-        router.ip("addr add 203.0.113.1/24 dev rwan");
-        router.ip("addr add 2001:db8:2::1/64 dev rwan nodad");
-        wan.ip("addr add 203.0.113.2/24 dev w0");
-        wan.ip("addr add 2001:db8:2::2/64 dev w0 nodad");
-        for a in [
-            "198.51.100.10/32",
-            "198.51.100.11/32",
-            "2001:db8:100::10/128",
-            "2001:db8:100::11/128",
-        ] {
-            wan.ip(&format!("addr add {a} dev lo"));
-        }
-        lan.ip("link set l0 up");
-        router.ip("link set rlan up");
-        router.ip("link set rwan up");
-        wan.ip("link set w0 up");
-
-        lan.ip("route add default via 192.0.2.1");
-        lan.ip("-6 route add default via 2001:db8:1::1");
-        router.ip("route add 198.51.100.0/24 via 203.0.113.2");
-        router.ip("-6 route add 2001:db8:100::/64 via 2001:db8:2::2");
-        wan.ip("route add 192.0.2.0/24 via 203.0.113.1");
-        wan.ip("-6 route add 2001:db8:1::/64 via 2001:db8:2::1");
-
-        router.sysctl("net.ipv4.ip_forward=1");
-        router.sysctl("net.ipv6.conf.all.forwarding=1");
-        // src_valid_mark=1 silently drops forwarded IPv4 TPROXY traffic.
-        router.sysctl("net.ipv4.conf.all.src_valid_mark=0");
-    }
-
     fn install_rules(&self, mode: Mode) {
         let r = &self.router;
         match mode {
@@ -502,42 +398,8 @@ impl Testbed {
     }
 
     fn start_dante(&mut self, auth: bool) {
-        let conf = self.dir.join("danted.conf");
-        let log = self.dir.join("danted.log");
-        let method = if auth { "username" } else { "none" };
-        std::fs::write(
-            &conf,
-            format!(
-                "logoutput: {log}
-internal: {SOCKS_V4} port = {SOCKS_PORT}
-internal: {SOCKS_V6} port = {SOCKS_PORT}
-external: {SOCKS_V4}
-external: {SOCKS_V6}
-clientmethod: none
-# Full cone: by default dante connects its UDP socket to the first
-# destination, and the kernel then drops replies from any other remote.
-udp.connectdst: no
-socksmethod: {method}
-user.privileged: root
-user.unprivileged: nobody
-client pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 }}
-client pass {{ from: ::/0 to: ::/0 }}
-{socks_rules}",
-                log = log.display(),
-                socks_rules = socks_rules(),
-            ),
-        )
-        .unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.wan.name, "danted", "-f"])
-            .arg(&conf)
-            .arg("-p")
-            .arg(self.dir.join("danted.pid"))
-            .stdin(Stdio::null())
-            .stdout(File::create(self.dir.join("danted.out")).unwrap())
-            .stderr(File::create(self.dir.join("danted.err")).unwrap())
-            .spawn()
-            .expect("start danted");
+        let child = testbed::spawn_dante(&self.bed.wan, &self.dir, auth)
+            .unwrap_or_else(|e| panic!("{e:#}"));
         self.dante = Some(child);
         let socks = addr(SOCKS_V4, SOCKS_PORT);
         let up = self.wan.enter(|| {
@@ -806,20 +668,6 @@ client pass {{ from: ::/0 to: ::/0 }}
     }
 }
 
-/// dante matches rules per address family: a v4 client asking for a v6
-/// target (and every other mix) needs its own rule.
-fn socks_rules() -> String {
-    let mut rules = String::new();
-    for from in ["0.0.0.0/0", "::/0"] {
-        for to in ["0.0.0.0/0", "::/0"] {
-            rules.push_str(&format!(
-                "socks pass {{ from: {from} to: {to} command: connect udpassociate udpreply }}\n"
-            ));
-        }
-    }
-    rules
-}
-
 /// "counter packets 4 bytes 216" -> "counter"; "[4:216]" -> "[0:0]".
 fn strip_counters(line: &str) -> String {
     let words: Vec<&str> = line.split(' ').collect();
@@ -872,8 +720,8 @@ impl Drop for Testbed {
             let _ = c.kill();
             let _ = c.wait();
         }
-        // The Netns fields are dropped next: they kill what is left inside
-        // and delete the namespaces.
+        // The bed is dropped next: it kills what is left inside and
+        // deletes the namespaces.
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
