@@ -9,7 +9,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tproxyd::config::{self, Backend, Mode, OutboundConfig, RawConfig};
+use tproxyd::config::{self, Backend, Mode, OutboundKind, RawConfig};
 
 const SECRET: &str = "Zx9Sentinel";
 
@@ -87,9 +87,22 @@ fuzz_target!(|data: &[u8]| {
             assert!(l.udp_sessions_per_client <= l.udp_sessions);
             assert!(l.tcp_connecting_per_client <= l.tcp_flows);
             assert!((1..=config::MAX_THREADS).contains(&l.threads));
-            if let OutboundConfig::Socks5 { auth: Some(c), .. } = &cfg.outbound {
-                assert!((1..=255).contains(&c.username.len()));
-                assert!((1..=255).contains(&c.password.len()));
+            for o in &cfg.outbounds {
+                if let OutboundKind::Socks5 { auth: Some(c), .. } = &o.kind {
+                    assert!((1..=255).contains(&c.username.len()));
+                    assert!((1..=255).contains(&c.password.len()));
+                }
+            }
+            // Every name a rule, a group or route.final uses exists.
+            let known = |n: &str| cfg.outbounds.iter().any(|o| o.name == n);
+            assert!(known(&cfg.route.final_outbound));
+            for r in &cfg.route.rules {
+                assert!(known(&r.outbound));
+            }
+            for o in &cfg.outbounds {
+                for m in o.kind.members() {
+                    assert!(known(m));
+                }
             }
             let fw = &cfg.firewall;
             if fw.backend != Backend::None {

@@ -105,11 +105,24 @@ fuzz_target!(|data: &[u8]| {
         }),
         mark: 0,
         connect_timeout: Duration::from_secs(1),
+        send_domain: false,
     };
-    let (cmd, dst): (u8, SocketAddr) = if udp {
-        (proto::CMD_UDP_ASSOCIATE, "0.0.0.0:0".parse().unwrap())
+    // CONNECT names an address, or (send_domain) a host name.
+    let (cmd, dst): (u8, Address) = if udp {
+        (
+            proto::CMD_UDP_ASSOCIATE,
+            Address::Ip("0.0.0.0:0".parse().unwrap()),
+        )
+    } else if opts & 0x40 != 0 {
+        (
+            proto::CMD_CONNECT,
+            Address::Domain("named.example".into(), 443),
+        )
     } else {
-        (proto::CMD_CONNECT, "198.51.100.10:80".parse().unwrap())
+        (
+            proto::CMD_CONNECT,
+            Address::Ip("198.51.100.10:80".parse().unwrap()),
+        )
     };
     let mut stream = Scripted {
         input,
@@ -119,7 +132,7 @@ fuzz_target!(|data: &[u8]| {
     };
     // The stream is always ready, so one poll runs the handshake to its end.
     let result = {
-        let mut fut = pin!(client.handshake(&mut stream, cmd, dst));
+        let mut fut = pin!(client.handshake(&mut stream, cmd, &dst));
         match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(r) => r,
             Poll::Pending => panic!("handshake pending on a stream that is always ready"),
@@ -129,7 +142,9 @@ fuzz_target!(|data: &[u8]| {
     // What the client sent starts with its greeting, then the login (if
     // the server chose it), then the request.
     assert!(stream.written.starts_with(proto::greeting(with_auth)));
-    let request = proto::request(cmd, &dst);
+    let Ok(request) = proto::request_to(cmd, &dst) else {
+        panic!("a request for {dst:?} must encode");
+    };
     match &result {
         Ok(reply) => {
             assert!(stream.written.ends_with(&request));
@@ -161,7 +176,7 @@ fuzz_target!(|data: &[u8]| {
                     ),
                 }
             } else {
-                let granted = client.connect_outcome(reply, dst).is_ok();
+                let granted = client.connect_outcome(reply, &dst).is_ok();
                 assert_eq!(granted, reply.code == proto::REP_SUCCEEDED);
             }
         }
