@@ -400,7 +400,7 @@ fn run(args: RunArgs, user: Option<String>) -> anyhow::Result<ExitCode> {
     if cfg.mode == Mode::Redirect {
         tracing::info!("mode redirect serves TCP only; UDP needs --mode tproxy");
     }
-    let plan = Plan::from_config(&cfg);
+    let plan = Plan::from_config(&cfg).load_bypass_sets(&cfg)?;
     let fail_closed = cfg.firewall.fail_closed;
     let threads = cfg.limits.threads;
     let keep = tproxyd::server::capabilities_needed(&cfg);
@@ -506,6 +506,12 @@ fn rules(action: RulesAction, args: RunArgs) -> anyhow::Result<ExitCode> {
         Err(code) => return Ok(code),
     };
     let plan = Plan::from_config(&cfg);
+    // Removing needs no rule-set file: a missing one must not keep the
+    // rules in place.
+    let plan = match action {
+        RulesAction::Remove => plan,
+        _ => plan.load_bypass_sets(&cfg)?,
+    };
     match action {
         RulesAction::Print => print!("{}", plan.describe()),
         RulesAction::Apply => {

@@ -224,3 +224,33 @@ fn marks_on_the_command_line_may_be_hex() {
     assert_ne!(o.status.code(), Some(0));
     assert!(stderr(&o).contains("not a 32-bit mark"), "{}", stderr(&o));
 }
+
+/// The router example in the README is a working config: `check` accepts
+/// it once its two list files exist (paths moved to a temp dir).
+#[test]
+fn the_readme_router_example_passes_check() {
+    let readme = include_str!("../README.md");
+    let start = readme
+        .find("### A router example")
+        .expect("README has a router example");
+    let block = &readme[start..];
+    let toml_start = block.find("```toml\n").expect("a toml block") + "```toml\n".len();
+    let toml_end = toml_start + block[toml_start..].find("```").expect("block end");
+    let dir = std::env::temp_dir().join(format!("tproxyd-readme-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let chnroute = dir.join("chnroute.txt");
+    let chnlist = dir.join("chnlist.conf");
+    std::fs::write(&chnroute, "1.0.1.0/24\n1.0.2.0/23\n").unwrap();
+    std::fs::write(&chnlist, "server=/baidu.com/114.114.114.114\n").unwrap();
+    let text = block[toml_start..toml_end]
+        .replace("/etc/tproxyd/chnroute.txt", &chnroute.display().to_string())
+        .replace(
+            "/etc/tproxyd/accelerated-domains.china.conf",
+            &chnlist.display().to_string(),
+        );
+    let file = dir.join("router.toml");
+    std::fs::write(&file, text).unwrap();
+    let o = run(&["check", "-c", file.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let _ = std::fs::remove_dir_all(&dir);
+}

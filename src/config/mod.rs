@@ -290,6 +290,9 @@ pub struct FirewallConfig {
     pub rule_priority: u32,
     /// Keep the rules (dropping captured traffic) while tproxyd is down.
     pub fail_closed: bool,
+    /// Rule sets whose prefixes the kernel skips itself (nftables sets):
+    /// flows a leading direct rule would send direct never reach tproxyd.
+    pub bypass_rule_sets: Vec<String>,
 }
 
 pub const DEFAULT_ROUTE_MARK: u32 = 0x1090;
@@ -409,6 +412,7 @@ pub struct RawFirewall {
     pub route_table: Option<u32>,
     pub rule_priority: Option<u32>,
     pub fail_closed: Option<bool>,
+    pub bypass_rule_sets: Option<Vec<String>>,
 }
 
 /// Username and password as a proxy outbound takes them; the password may
@@ -784,6 +788,7 @@ impl RawConfig {
         }
 
         let firewall = self.firewall.validate(mark, mode, tcp, udp, &mut issue);
+        check_bypass_rule_sets(&firewall, &outbounds, &route, &mut issue);
         // REDIRECT rewrites the destination to the address of the interface
         // the packet came in on: only a wildcard listener is found there.
         if let Some(a) = listen {
@@ -819,6 +824,95 @@ impl RawConfig {
                 firewall,
             }),
             _ => Err(ConfigError::Invalid(issues)),
+        }
+    }
+}
+
+/// Whether `rule` only looks at the destination address (and port and
+/// transport), which is all the kernel's bypass can see.
+fn address_only(rule: &Rule) -> bool {
+    rule.src.is_empty()
+        && rule.domain.is_empty()
+        && rule.domain_suffix.is_empty()
+        && rule.domain_keyword.is_empty()
+        && rule.domain_regex.is_empty()
+        && rule.protocol.is_empty()
+}
+
+/// `firewall.bypass_rule_sets`: the kernel may skip a set's prefixes only
+/// where tproxyd would have sent those flows direct anyway. That holds
+/// when a rule naming the set goes to a `direct` outbound, looks at the
+/// address only (and port and transport, which the kernel rule repeats),
+/// and every rule before it is such a rule too: no earlier rule could
+/// have sent one of those flows elsewhere (by its name, say).
+fn check_bypass_rule_sets(
+    fw: &FirewallConfig,
+    outbounds: &[OutboundConfig],
+    route: &RouteConfig,
+    issue: &mut dyn FnMut(&str, String),
+) {
+    let key = "firewall.bypass_rule_sets";
+    let is_direct = |name: &str| {
+        outbounds
+            .iter()
+            .any(|o| o.name == name && o.kind == OutboundKind::Direct)
+    };
+    for name in &fw.bypass_rule_sets {
+        let Some(set) = route.rule_sets.iter().find(|s| &s.name == name) else {
+            issue(key, format!("{name:?} is not a route.rule_sets name"));
+            continue;
+        };
+        if !matches!(set.format, RuleSetFormat::Cidr | RuleSetFormat::Geoip) {
+            issue(
+                key,
+                format!("{name:?}: only cidr and geoip sets hold addresses the kernel can skip"),
+            );
+            continue;
+        }
+        if fw.backend != Backend::Nftables {
+            issue(
+                key,
+                "needs backend = \"nftables\" (its sets take thousands of prefixes in one \
+                 transaction; iptables would need a rule each)"
+                    .into(),
+            );
+            continue;
+        }
+        let Some(at) = route.rules.iter().position(|r| r.rule_set.contains(name)) else {
+            issue(
+                key,
+                format!("{name:?} is not used by any rule: the kernel skips only what a direct rule sends direct"),
+            );
+            continue;
+        };
+        let rule = &route.rules[at];
+        let sets_are_addresses = rule.rule_set.iter().all(|n| {
+            route.rule_sets.iter().any(|s| {
+                &s.name == n && matches!(s.format, RuleSetFormat::Cidr | RuleSetFormat::Geoip)
+            })
+        });
+        if !is_direct(&rule.outbound) || !address_only(rule) || !sets_are_addresses {
+            issue(
+                key,
+                format!(
+                    "{name:?}: its first rule (route.rules[{at}]) must send to a direct outbound \
+                     and match by destination only (dst, rule sets of addresses, dst_port, network)"
+                ),
+            );
+            continue;
+        }
+        if let Some(j) = route.rules[..at]
+            .iter()
+            .position(|r| !is_direct(&r.outbound) || !address_only(r))
+        {
+            issue(
+                key,
+                format!(
+                    "{name:?}: route.rules[{j}] comes before its rule (route.rules[{at}]) and could \
+                     send some of its flows elsewhere, which the kernel cannot see; put the rule \
+                     using {name:?} above it"
+                ),
+            );
         }
     }
 }
@@ -989,6 +1083,7 @@ impl RawFirewall {
             route_table,
             rule_priority,
             fail_closed,
+            bypass_rule_sets: self.bypass_rule_sets.clone().unwrap_or_default(),
         }
     }
 }
@@ -1463,6 +1558,60 @@ mod tests {
             keys,
             ["udp", "mark", "outbound.password", "timeouts.connect"]
         );
+    }
+
+    #[test]
+    fn the_kernel_may_only_skip_sets_a_leading_direct_rule_sends_direct() {
+        let with = |rules: &str, backend: &str| {
+            format!(
+                "[[outbounds]]\nname = \"proxy\"\ntype = \"socks5\"\nserver = \"203.0.113.2:1080\"\n\
+                 [[outbounds]]\nname = \"direct\"\ntype = \"direct\"\n\
+                 [route]\nfinal = \"proxy\"\n\
+                 [[route.rule_sets]]\nname = \"cn\"\nformat = \"cidr\"\npath = \"/x\"\n\
+                 [[route.rule_sets]]\nname = \"names\"\nformat = \"domains\"\npath = \"/y\"\n\
+                 {rules}\
+                 [firewall]\nbackend = \"{backend}\"\nlan_interfaces = [\"eth1\"]\nbypass_rule_sets = [\"cn\"]\n"
+            )
+        };
+        let issues =
+            |text: String| match RawConfig::from_toml(&text, "t").unwrap().validate(&no_env) {
+                Ok(_) => vec![],
+                Err(ConfigError::Invalid(v)) => v.into_iter().map(|i| i.message).collect(),
+                Err(e) => panic!("{e}"),
+            };
+        let direct_cn =
+            "[[route.rules]]\nrule_set = [\"cn\"]\ndst_port = [\"443\"]\noutbound = \"direct\"\n";
+        assert!(issues(with(direct_cn, "nftables")).is_empty());
+        // Behind a rule that could send some of those flows to the proxy.
+        let after_domain = format!(
+            "[[route.rules]]\ndomain_suffix = [\"a.example\"]\noutbound = \"proxy\"\n{direct_cn}"
+        );
+        let got = issues(with(&after_domain, "nftables"));
+        assert!(
+            got.len() == 1 && got[0].contains("route.rules[0] comes before"),
+            "{got:?}"
+        );
+        // To the proxy, or by name as well, or on the iptables backend.
+        for (rules, backend, says) in [
+            (
+                "[[route.rules]]\nrule_set = [\"cn\"]\noutbound = \"proxy\"\n",
+                "nftables",
+                "direct outbound",
+            ),
+            (
+                "[[route.rules]]\nrule_set = [\"cn\", \"names\"]\noutbound = \"direct\"\n",
+                "nftables",
+                "destination only",
+            ),
+            (direct_cn, "iptables", "nftables"),
+            ("", "nftables", "not used by any rule"),
+        ] {
+            let got = issues(with(rules, backend));
+            assert!(
+                got.len() == 1 && got[0].contains(says),
+                "{rules:?}: {got:?}"
+            );
+        }
     }
 
     #[test]

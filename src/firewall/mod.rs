@@ -110,6 +110,8 @@ pub enum FirewallError {
     Tool { tool: &'static str, detail: String },
     #[error("{tool} refused the rules: {detail}")]
     Rejected { tool: &'static str, detail: String },
+    #[error("firewall.bypass_rule_sets: rule set {name:?}: {message}")]
+    RuleSet { name: String, message: String },
     #[error("policy routing over netlink failed ({what}): {detail}")]
     Netlink { what: String, detail: String },
 }
@@ -138,6 +140,20 @@ pub struct Plan {
     pub udp_ports: Vec<String>,
     pub proxy_local: bool,
     pub fail_closed: bool,
+    /// Rule sets the kernel skips itself (`firewall.bypass_rule_sets`),
+    /// filled by [`Plan::load_bypass_sets`].
+    pub bypass_sets: Vec<BypassSet>,
+}
+
+/// One rule set's prefixes for the kernel to skip, with the transport and
+/// ports of the direct rule that uses it (the kernel rule repeats them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BypassSet {
+    pub name: String,
+    pub v4: Vec<String>,
+    pub v6: Vec<String>,
+    pub network: Option<crate::config::Network>,
+    pub ports: Vec<String>,
 }
 
 impl Plan {
@@ -182,7 +198,40 @@ impl Plan {
             udp_ports: fw.udp_ports.iter().map(|p| p.to_string()).collect(),
             proxy_local: fw.proxy_local,
             fail_closed: fw.fail_closed,
+            bypass_sets: Vec::new(),
         }
+    }
+
+    /// Reads the rule sets named by `firewall.bypass_rule_sets` (validation
+    /// made sure each is an address set used by a leading direct rule).
+    pub fn load_bypass_sets(mut self, cfg: &Config) -> Result<Plan, FirewallError> {
+        for name in &cfg.firewall.bypass_rule_sets {
+            let (Some(set), Some(rule)) = (
+                cfg.route.rule_sets.iter().find(|s| &s.name == name),
+                cfg.route.rules.iter().find(|r| r.rule_set.contains(name)),
+            ) else {
+                continue;
+            };
+            let prefixes = match crate::policy::rule_set::RuleSet::load(set) {
+                Ok(crate::policy::rule_set::RuleSet::Prefixes(p)) => p,
+                Ok(_) => Vec::new(),
+                Err(message) => {
+                    return Err(FirewallError::RuleSet {
+                        name: name.clone(),
+                        message,
+                    })
+                }
+            };
+            let (v4, v6) = merged_prefixes(&prefixes);
+            self.bypass_sets.push(BypassSet {
+                name: name.clone(),
+                v4,
+                v6,
+                network: rule.network,
+                ports: rule.dst_port.iter().map(|p| p.to_string()).collect(),
+            });
+        }
+        Ok(self)
     }
 
     /// Policy routes are only needed for TPROXY (and for REDIRECT nothing
@@ -225,6 +274,41 @@ impl Plan {
         }
         out
     }
+}
+
+/// The same addresses as `list` in the fewest prefixes, per family, as
+/// text: overlapping and adjacent prefixes merged (nft refuses overlaps in
+/// an interval set). Sorting ranges keeps this O(n log n) for the tens of
+/// thousands of prefixes a country list holds.
+fn merged_prefixes(list: &[cidr::Cidr]) -> (Vec<String>, Vec<String>) {
+    use crate::policy::rule_set::cidr::{prefixes_of_range, range_of};
+    let mut out = (Vec::new(), Vec::new());
+    for v4 in [true, false] {
+        let mut ranges: Vec<(u128, u128)> = list
+            .iter()
+            .filter(|c| c.is_ipv4() == v4)
+            .map(range_of)
+            .collect();
+        ranges.sort_unstable();
+        let mut merged: Vec<(u128, u128)> = Vec::with_capacity(ranges.len());
+        for (lo, hi) in ranges {
+            match merged.last_mut() {
+                Some(last) if lo <= last.1.saturating_add(1) => last.1 = last.1.max(hi),
+                _ => merged.push((lo, hi)),
+            }
+        }
+        let mut prefixes = Vec::new();
+        for (lo, hi) in merged {
+            prefixes_of_range(lo, hi, v4, &mut prefixes);
+        }
+        let text = prefixes.iter().map(|c| c.to_string()).collect();
+        if v4 {
+            out.0 = text;
+        } else {
+            out.1 = text;
+        }
+    }
+    out
 }
 
 /// Installs the rules and routes, replacing any leftovers of an earlier
@@ -332,6 +416,24 @@ pub(crate) mod tests {
             plan.bypass_v4
         );
         assert!(plan.bypass_v4.contains(&"10.0.0.0/8".to_string()));
+    }
+
+    #[test]
+    fn bypass_prefixes_are_merged_in_order_without_overlaps() {
+        let list: Vec<cidr::Cidr> = [
+            "10.0.1.0/24",
+            "10.0.0.0/24",
+            "10.0.0.128/25",
+            "2001:db8::/33",
+            "2001:db8:8000::/33",
+            "192.0.2.7",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        let (v4, v6) = merged_prefixes(&list);
+        assert_eq!(v4, ["10.0.0.0/23", "192.0.2.7/32"]);
+        assert_eq!(v6, ["2001:db8::/32"]);
     }
 
     #[test]

@@ -109,6 +109,27 @@ fn common_filters(out: &mut String, plan: &Plan, prerouting: bool) {
     );
     let _ = writeln!(out, "\t\tip daddr @bypass_v4 return");
     let _ = writeln!(out, "\t\tip6 daddr @bypass_v6 return");
+    // Rule sets a leading direct rule sends direct: skipped here, so their
+    // flows are routed at the kernel's speed and never reach tproxyd. The
+    // direct rule's transport and ports are repeated.
+    for (i, set) in plan.bypass_sets.iter().enumerate() {
+        let l4 = match (set.network, set.ports.is_empty()) {
+            (Some(crate::config::Network::Tcp), true) => "meta l4proto tcp ".to_string(),
+            (Some(crate::config::Network::Udp), true) => "meta l4proto udp ".to_string(),
+            (Some(crate::config::Network::Tcp), false) => dport_match("tcp", &set.ports),
+            (Some(crate::config::Network::Udp), false) => dport_match("udp", &set.ports),
+            (None, true) => String::new(),
+            (None, false) => format!(
+                "meta l4proto {{ tcp, udp }} th dport {{ {} }} ",
+                set.ports.join(", ")
+            ),
+        };
+        for (fam, suffix, elems) in [("ip", "v4", &set.v4), ("ip6", "v6", &set.v6)] {
+            if !elems.is_empty() {
+                let _ = writeln!(out, "\t\t{l4}{fam} daddr @rule_set_{i}_{suffix} return");
+            }
+        }
+    }
 }
 
 /// The whole table, as `nft -f` reads it.
@@ -129,6 +150,20 @@ pub fn render(plan: &Plan) -> String {
             let _ = writeln!(out, "\t\telements = {{ {} }}", elems.join(", "));
         }
         let _ = writeln!(out, "\t}}");
+    }
+    // One pair of interval sets per bypassed rule set, named by position
+    // (rule-set names are the user's text and stay out of the ruleset).
+    for (i, set) in plan.bypass_sets.iter().enumerate() {
+        for (suffix, ty, elems) in [("v4", "ipv4_addr", &set.v4), ("v6", "ipv6_addr", &set.v6)] {
+            if elems.is_empty() {
+                continue;
+            }
+            let _ = writeln!(
+                out,
+                "\tset rule_set_{i}_{suffix} {{\n\t\ttype {ty}\n\t\tflags interval\n\t\telements = {{ {} }}\n\t}}",
+                elems.join(", ")
+            );
+        }
     }
     let port = plan.listen_port;
     let rmark = plan.route_mark;
