@@ -66,3 +66,9 @@ pub fn proc_net_binds(text: &str, tcp: bool, port: u16) -> bool {
     let proto = if tcp { "tcp" } else { "udp" };
     doctor::proc_net_binds(text, proto, &format!(":{port:04X}"))
 }
+
+/// A rule line split into words as iptables-restore splits it (quotes
+/// kept together): the reading `iptables::removal` relies on.
+pub fn iptables_words(line: &str) -> Vec<String> {
+    crate::firewall::iptables::restore_words(line)
+}

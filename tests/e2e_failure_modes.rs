@@ -7,36 +7,11 @@
 mod common;
 
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
 const WAIT: Duration = Duration::from_secs(5);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Backend {
-    Nftables,
-    Iptables,
-}
-
-fn own_bed(backend: Backend, mode: Mode, top: &str, firewall: &str) -> Option<Testbed> {
-    let backend_line = match backend {
-        Backend::Nftables => "backend = \"nftables\"\n",
-        Backend::Iptables => "backend = \"iptables\"\n",
-    };
-    can_run().then(|| {
-        Testbed::start(Options {
-            mode,
-            upstream: Upstream::Socks,
-            extra_args: vec![],
-            own_rules: Some(OwnRules {
-                top: top.into(),
-                firewall: format!("{backend_line}{firewall}"),
-            }),
-        })
-    })
-}
 
 fn lan_ip(fam: Family) -> IpAddr {
     fam.lan_any().ip()
@@ -346,42 +321,6 @@ fn iptables_redirect_router_local_passes_the_guard() {
     redirect_router_local_passes_the_guard(Backend::Iptables);
 }
 
-/// Runs tproxyd in the router namespace under `prefix` with the bed's
-/// arguments, and returns its exit status and stderr; fails the test if
-/// it has not exited within 10 s.
-fn run_to_exit(tb: &Testbed, prefix: &[&str], args: &[String]) -> (bool, String) {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &tb.router.name])
-        .args(prefix)
-        .arg(env!("CARGO_BIN_EXE_tproxyd"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            use std::io::Read as _;
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
-            return (status.success(), err);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("tproxyd {args:?} under {prefix:?} did not exit: it started as if nothing were missing");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn setpriv(caps: &str) -> Vec<String> {
     [
         "setpriv",
@@ -415,7 +354,7 @@ fn udp_needs_cap_net_bind_service_and_works_with_it() {
     let args = tb.tproxyd_args();
     let only_admin = setpriv("+net_admin");
     let prefix: Vec<&str> = only_admin.iter().map(String::as_str).collect();
-    let (ok, err) = run_to_exit(&tb, &prefix, &args);
+    let (ok, err) = tb.run_to_exit(&prefix, &args);
     assert!(!ok, "{err}");
     assert!(err.contains("CAP_NET_BIND_SERVICE"), "{err}");
     assert!(
@@ -480,7 +419,7 @@ fn bad_start_up_values_exit_at_once_with_a_clear_message() {
     ];
     for (extra, needle) in cases {
         let args: Vec<String> = base.iter().chain(extra).map(|s| s.to_string()).collect();
-        let (ok, err) = run_to_exit(&tb, &[], &args);
+        let (ok, err) = tb.run_to_exit(&[], &args);
         assert!(!ok, "{extra:?}: {err}");
         assert!(err.contains(needle), "{extra:?}: {err}");
         assert!(!err.contains("panicked"), "{extra:?}: {err}");

@@ -12,31 +12,6 @@ use common::*;
 
 const WAIT: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Backend {
-    Nftables,
-    Iptables,
-}
-
-fn own_bed(backend: Backend, mode: Mode, top: &str, firewall: &str) -> Option<Testbed> {
-    let backend_line = match backend {
-        Backend::Nftables => "backend = \"nftables\"\n",
-        Backend::Iptables => "backend = \"iptables\"\n",
-    };
-    let firewall = format!("{backend_line}{firewall}");
-    can_run().then(|| {
-        Testbed::start(Options {
-            mode,
-            upstream: Upstream::Socks,
-            extra_args: vec![],
-            own_rules: Some(OwnRules {
-                top: top.into(),
-                firewall,
-            }),
-        })
-    })
-}
-
 fn lan_ip(fam: Family) -> IpAddr {
     fam.lan_any().ip()
 }

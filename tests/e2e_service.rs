@@ -5,10 +5,9 @@
 
 mod common;
 
-use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -86,12 +85,6 @@ fn assert_carries_everything(tb: &Testbed) {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Backend {
-    Nftables,
-    Iptables,
-}
-
 /// Started as root with a user (from the config file, or from `--user`),
 /// tproxyd installs its rules, becomes that user, carries everything, and
 /// at SIGTERM removes its rules as that user: nft, iptables-restore and
@@ -164,39 +157,6 @@ fn iptables_runs_as_its_user_and_removes_its_rules() {
     runs_as_its_user_and_removes_its_rules(Backend::Iptables, true);
 }
 
-/// Runs tproxyd in the router namespace to its exit (10 s at most) and
-/// returns whether it succeeded, and its stderr.
-fn run_to_exit(tb: &Testbed, args: &[String]) -> (bool, String) {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &tb.router.name])
-        .arg(env!("CARGO_BIN_EXE_tproxyd"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
-            return (status.success(), err);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("tproxyd {args:?} did not exit");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// A user that does not exist stops tproxyd before it binds or installs
 /// anything, with a message that says what to do.
 #[test]
@@ -217,7 +177,7 @@ fn an_unknown_user_is_refused_before_anything_is_installed() {
     assert_eq!(tb.snapshot(), tb.baseline);
     let mut args = tb.tproxyd_args();
     args.extend(["--user".into(), "no-such-user-tpd".into()]);
-    let (ok, err) = run_to_exit(&tb, &args);
+    let (ok, err) = tb.run_to_exit(&[], &args);
     assert!(!ok, "{err}");
     assert!(
         err.contains("user \"no-such-user-tpd\" is not in /etc/passwd"),

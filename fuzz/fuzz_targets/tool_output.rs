@@ -12,34 +12,6 @@ use tproxyd::fuzzing;
 
 const OURS: [&str; 4] = [PRE, TAKE, OUT, GUARD];
 
-/// Words as iptables-restore splits a rule line: on space and tab, with
-/// "double quotes" keeping a word together, \" and \\ escaped in them
-/// (the oracle; removal must agree with it).
-fn restore_words(line: &str) -> Vec<String> {
-    let mut words = Vec::new();
-    let mut word = String::new();
-    let mut quoted = false;
-    let mut chars = line.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' if quoted && matches!(chars.peek(), Some('"' | '\\')) => {
-                word.extend(chars.next());
-            }
-            '"' => quoted = !quoted,
-            ' ' | '\t' if !quoted => {
-                if !word.is_empty() {
-                    words.push(std::mem::take(&mut word));
-                }
-            }
-            c => word.push(c),
-        }
-    }
-    if !word.is_empty() {
-        words.push(word);
-    }
-    words
-}
-
 fn check_removal(save: &str) {
     let Some(tx) = removal(save, "mangle") else {
         return;
@@ -60,7 +32,7 @@ fn check_removal(save: &str) {
             assert!(rest.starts_with("PREROUTING ") || rest.starts_with("OUTPUT "));
             // ... and whose target, as iptables itself reads the line, is
             // one of tproxyd's chains: never someone else's rule.
-            let words = restore_words(l);
+            let words = tproxyd::fuzzing::iptables_words(l);
             let target = words
                 .iter()
                 .rposition(|w| w == "-j")

@@ -270,7 +270,7 @@ fn run(tool: &'static str, args: &[&str], stdin: Option<&str>) -> Result<String,
 /// and tabs outside double quotes, a quoted word kept whole (iptables-save
 /// quotes a comment with spaces and writes `\"` for a quote in it). An
 /// unterminated quote runs to the end of the line.
-fn restore_words(line: &str) -> Vec<String> {
+pub(crate) fn restore_words(line: &str) -> Vec<String> {
     let mut words = Vec::new();
     let mut word = String::new();
     let mut quoted = false;

@@ -962,3 +962,73 @@ impl Testbed {
         self.spawn_tproxyd();
     }
 }
+
+/// The firewall backend of a tproxyd that installs its own rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Nftables,
+    Iptables,
+}
+
+impl Backend {
+    /// The name as `[firewall] backend` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Nftables => "nftables",
+            Backend::Iptables => "iptables",
+        }
+    }
+}
+
+/// A bed whose tproxyd (dante upstream) installs its own rules with
+/// `backend`, from `top` keys and the `[firewall]` body; None when the
+/// bed cannot run here (and CI is not set).
+pub fn own_bed(backend: Backend, mode: Mode, top: &str, firewall: &str) -> Option<Testbed> {
+    let firewall = format!("backend = \"{}\"\n{firewall}", backend.name());
+    can_run().then(|| {
+        Testbed::start(Options {
+            mode,
+            upstream: Upstream::Socks,
+            extra_args: vec![],
+            own_rules: Some(OwnRules {
+                top: top.into(),
+                firewall,
+            }),
+        })
+    })
+}
+
+impl Testbed {
+    /// Runs tproxyd with `args` in the router namespace under `prefix` (a
+    /// command that execs the rest, such as setpriv; may be empty) to its
+    /// exit, and returns whether it succeeded and its stderr. A tproxyd
+    /// still running after 10 s fails the test: it was meant to refuse.
+    pub fn run_to_exit(&self, prefix: &[&str], args: &[String]) -> (bool, String) {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.router.name])
+            .args(prefix)
+            .arg(env!("CARGO_BIN_EXE_tproxyd"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                if let Some(mut pipe) = child.stderr.take() {
+                    pipe.read_to_string(&mut err).unwrap();
+                }
+                return (status.success(), err);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("tproxyd {args:?} under {prefix:?} did not exit within 10 s");
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
