@@ -245,21 +245,6 @@ fn two_hundred_client_ports_direct_v6() {
     check_many_ports(Upstream::Direct, Family::V6);
 }
 
-/// Established TCP connections from the router to dante's port: the
-/// control connections of UDP associations (TCP flows are not open here).
-fn control_connections(tb: &Testbed) -> usize {
-    tb.router
-        .exec_output(&[
-            "ss",
-            "-Htn",
-            "state",
-            "established",
-            &format!("( dport = :{SOCKS_PORT} )"),
-        ])
-        .lines()
-        .count()
-}
-
 #[test]
 fn idle_udp_session_expires_and_closes_its_association() {
     if !can_run() {
@@ -278,7 +263,7 @@ fn idle_udp_session_expires_and_closes_its_association() {
         assert_eq!(from, dst);
     });
     assert_eq!(
-        control_connections(&tb),
+        tb.socks_control_connections(),
         1,
         "one association while the session lives"
     );
@@ -288,7 +273,8 @@ fn idle_udp_session_expires_and_closes_its_association() {
         tb.tproxyd_log()
     );
     assert!(
-        wait_until(Duration::from_secs(3), || control_connections(&tb) == 0),
+        wait_until(Duration::from_secs(3), || tb.socks_control_connections()
+            == 0),
         "the association's control connection outlived its session"
     );
 }

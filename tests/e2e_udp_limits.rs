@@ -115,21 +115,6 @@ fn a_port_flood_from_one_host_leaves_room_for_another_hosts_dns() {
     );
 }
 
-/// Established TCP connections from the router to dante's port: the
-/// control connections of UDP associations.
-fn control_connections(tb: &Testbed) -> usize {
-    tb.router
-        .exec_output(&[
-            "ss",
-            "-Htn",
-            "state",
-            "established",
-            &format!("( dport = :{SOCKS_PORT} )"),
-        ])
-        .lines()
-        .count()
-}
-
 /// A DNS exchange through SOCKS5 with udp_dns_idle = 2 s and udp_idle =
 /// 60 s: the session and its association end about 2 s after the answer,
 /// not a minute later.
@@ -144,7 +129,7 @@ fn a_dns_session_ends_after_the_dns_idle_timeout() {
         .expect("no DNS answer");
     assert_eq!((from, peer.ip()), (dns, Family::V4.hop(Upstream::Socks)));
     assert_eq!(
-        control_connections(&tb),
+        tb.socks_control_connections(),
         1,
         "one association while the session lives"
     );
@@ -154,7 +139,8 @@ fn a_dns_session_ends_after_the_dns_idle_timeout() {
         tb.tproxyd_log()
     );
     assert!(
-        wait_until(Duration::from_secs(3), || control_connections(&tb) == 0),
+        wait_until(Duration::from_secs(3), || tb.socks_control_connections()
+            == 0),
         "the association's control connection outlived its session"
     );
 }

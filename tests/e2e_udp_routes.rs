@@ -40,21 +40,6 @@ lan_interfaces = [\"rlan\"]
     )
 }
 
-/// Established TCP connections from the router to dante's port: the
-/// control connections of UDP associations (no TCP flow runs here).
-fn control_connections(tb: &Testbed) -> usize {
-    tb.router
-        .exec_output(&[
-            "ss",
-            "-Htn",
-            "state",
-            "established",
-            &format!("( dport = :{SOCKS_PORT} )"),
-        ])
-        .lines()
-        .count()
-}
-
 /// Sends `payload` to `dst`; returns (reply source, hop the server saw).
 fn exchange(s: &UdpSocket, dst: SocketAddr, payload: &[u8]) -> (SocketAddr, SocketAddr) {
     s.send_to(payload, dst).unwrap();
@@ -116,7 +101,7 @@ fn one_client_port_uses_the_proxy_and_direct_at_once_full_cone() {
         sockets.push(s);
     }
     // One association per client port, the direct upstreams beside them.
-    assert_eq!(control_connections(&tb), 2, "{}", tb.tproxyd_log());
+    assert_eq!(tb.socks_control_connections(), 2, "{}", tb.tproxyd_log());
     let log = tb.tproxyd_log();
     assert_eq!(
         log.matches("session adds an upstream").count(),

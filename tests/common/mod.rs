@@ -1032,3 +1032,20 @@ impl Testbed {
         }
     }
 }
+
+impl Testbed {
+    /// Established TCP connections from the router to dante's port: the
+    /// control connections of UDP associations (when no TCP flow runs).
+    pub fn socks_control_connections(&self) -> usize {
+        self.router
+            .exec_output(&[
+                "ss",
+                "-Htn",
+                "state",
+                "established",
+                &format!("( dport = :{SOCKS_PORT} )"),
+            ])
+            .lines()
+            .count()
+    }
+}
