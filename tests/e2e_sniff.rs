@@ -492,3 +492,60 @@ fn measure_time_to_first_byte_with_and_without_sniffing() {
         report.join("\n  ")
     );
 }
+
+/// Real clients: curl's own HTTP request and its own TLS ClientHello
+/// (OpenSSL's, with whatever extensions this curl sends), IPv4 and IPv6,
+/// are routed by name. The echo server is not an HTTP or TLS server, so
+/// curl's exchange itself fails; what counts is where the flow went: the
+/// server's `peer=` line (HTTP, read with --http0.9) and tproxyd's flow
+/// line (TLS).
+#[test]
+fn curl_http_and_tls_are_routed_by_name() {
+    let Some(tb) = bed() else { return };
+    for fam in [Family::V4, Family::V6] {
+        let ip = fam.remote_a(ECHO_PORT).ip();
+        let literal = match ip {
+            std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+            v4 => v4.to_string(),
+        };
+        for (host, hop) in [
+            ("www.via-proxy.example", fam.hop(Upstream::Socks)),
+            ("elsewhere.example", fam.hop(Upstream::Direct)),
+        ] {
+            let resolve = format!("{host}:{ECHO_PORT}:{literal}");
+            let out = tb.lan.exec_output(&[
+                "curl",
+                "-s",
+                "--http0.9",
+                // The echo server waits for more: curl stops at the limit.
+                "--max-time",
+                "2",
+                "--resolve",
+                &resolve,
+                &format!("http://{host}:{ECHO_PORT}/curl"),
+            ]);
+            let (peer, _) = peer_line(out.as_bytes());
+            assert_eq!(peer.ip(), hop, "{fam:?} curl http {host}: {out}");
+
+            // TLS: the handshake fails against an echo server; the flow
+            // line says which name tproxyd read and where it sent it.
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "exec", &tb.lan.name, "curl", "-s", "-k"])
+                .args(["--max-time", "2", "--resolve", &resolve])
+                .arg(format!("https://{host}:{ECHO_PORT}/curl"))
+                .output();
+            let route = if host.starts_with("www.via") {
+                "proxy"
+            } else {
+                "direct"
+            };
+            let dst = fam.remote_a(ECHO_PORT);
+            let needle = format!("dst={dst} host=\"{host}\" sniffed=\"tls\" outbound={route}");
+            assert!(
+                tb.wait_for_log(&needle, Duration::from_secs(5)),
+                "{fam:?}: no flow line with {needle}:\n{}",
+                tb.tproxyd_log()
+            );
+        }
+    }
+}
