@@ -42,6 +42,12 @@ SS_KEY = "tproxyd-bench"
 # The fastest AEAD cipher shadowsocks-libev has on a CPU with AES-NI; it
 # has no "none" cipher, so ss-redir's figures include encryption.
 SS_METHOD = "aes-128-gcm"
+# The server name of the TLS exchanges (crr_tls, tls_p50): no rule of
+# tproxyd-rules matches it, so its lookup tries every label and fails.
+TLS_SNI = "www.tproxyd-bench.com"
+# tproxyd-rules' rule sets, as issue 9 sizes them.
+RULE_DOMAINS = 100_000
+RULE_PREFIXES = 10_000
 # Mark and table the peers' TPROXY rules use (tproxyd installs its own).
 PEER_MARK = 1
 PEER_TABLE = 100
@@ -52,25 +58,32 @@ FIGURES = [
     ("tcp1", "TCP bulk, 1 stream", "Gbit/s", "higher", {"tcp"}),
     ("tcp8", "TCP bulk, 8 streams", "Gbit/s", "higher", {"tcp"}),
     ("crr", "New TCP connections (64 clients)", "conn/s", "higher", {"tcp"}),
+    ("crr_tls", "New TCP connections, TLS ClientHello first (64 clients)", "conn/s", "higher", {"tcp"}),
+    ("cpu_per_conn", "Proxy CPU per new TCP connection", "µs", "lower", {"tcp", "proxy"}),
+    ("cpu_per_tls_conn", "Proxy CPU per new TCP connection, TLS first", "µs", "lower", {"tcp", "proxy"}),
     ("udp_rr", "UDP request/response (64 ports)", "exchanges/s", "higher", {"udp"}),
     ("udp_bulk", "UDP bulk upload received", "Mbit/s", "higher", {"udp"}),
     ("udp_loss", "UDP bulk loss", "%", "lower", {"udp"}),
     ("udp_down", "UDP bulk download received", "Mbit/s", "higher", {"udp"}),
     ("tcp_p50", "TCP exchange latency p50", "µs", "lower", {"tcp"}),
     ("tcp_p99", "TCP exchange latency p99", "µs", "lower", {"tcp"}),
+    ("tls_p50", "TLS ClientHello exchange latency p50", "µs", "lower", {"tcp"}),
+    ("tls_p99", "TLS ClientHello exchange latency p99", "µs", "lower", {"tcp"}),
     ("udp_p50", "UDP exchange latency p50", "µs", "lower", {"udp"}),
     ("udp_p99", "UDP exchange latency p99", "µs", "lower", {"udp"}),
     ("cpu_per_gib", "Proxy CPU per GiB (TCP bulk)", "s/GiB", "lower", {"tcp", "proxy"}),
     ("peak_rss", "Proxy peak RSS", "MiB", "lower", {"proxy"}),
+    ("rss", "Proxy RSS after the tests", "MiB", "lower", {"proxy"}),
     ("idle_rss", "RSS per idle TCP connection", "KiB", "lower", {"tcp", "proxy"}),
     ("flood_rss", "RSS growth after a flood of new UDP client ports", "MiB", "lower", {"udp", "proxy"}),
 ]
 FIGURE = {f[0]: f for f in FIGURES}
 # Latency figures are compared by what the proxy adds to plain routing.
-ADDED = {"tcp_p50", "tcp_p99", "udp_p50", "udp_p99"}
+ADDED = {"tcp_p50", "tcp_p99", "tls_p50", "tls_p99", "udp_p50", "udp_p99"}
 # Figures measured together with another: --figures names the first.
-MEASURED_WITH = {"tcp_p99": "tcp_p50", "udp_p99": "udp_p50", "udp_loss": "udp_bulk",
-                 "tcp8": "tcp1", "cpu_per_gib": "tcp1"}
+MEASURED_WITH = {"tcp_p99": "tcp_p50", "tls_p99": "tls_p50", "udp_p99": "udp_p50",
+                 "udp_loss": "udp_bulk", "tcp8": "tcp1", "cpu_per_gib": "tcp1", "rss": "peak_rss",
+                 "cpu_per_conn": "crr", "cpu_per_tls_conn": "crr_tls"}
 
 
 def chosen(p, key):
@@ -290,9 +303,11 @@ class Tproxyd(Config):
     def upstream(self):
         return []
 
+    def args(self):
+        return [*self.upstream(), "--lan-interface", self.bed.lan_if]
+
     def start(self):
-        self.proc = self.bed.router.spawn(TPROXYD, "run", *self.upstream(), "--lan-interface",
-                                          self.bed.lan_if, log_to=self.log())
+        self.proc = self.bed.router.spawn(TPROXYD, "run", *self.args(), log_to=self.log())
         self.bed.router.wait_listening("tcp", self.port, "tproxyd")
         self.bed.router.wait_listening("udp", self.port, "tproxyd")
         # tproxyd installs its rules after binding; give it the moment.
@@ -315,6 +330,120 @@ class TproxydSocks(Tproxyd):
 
     def upstream(self):
         return ["--socks5", f"{self.bed.wan_host}:{self.bed.socks_port}"]
+
+
+class TproxydRules(Tproxyd):
+    """tproxyd direct with issue 9's load of rules: 100,000 domain suffixes
+    and 10,000 prefixes in rule sets, plus a few plain rules, all sending
+    their matches to a SOCKS5 outbound (dante). No rule matches the bench's
+    flows (their address, nor the TLS exchanges' name), so every flow is
+    looked up in full and goes to final = direct: compared with
+    tproxyd-direct, the difference is the rules' cost. Domain rules make
+    tproxyd sniff each new TCP flow's first bytes; the bench's clients
+    send first, so the sniff must not wait."""
+
+    name, label = "tproxyd-rules", "tproxyd direct + 110k rules"
+
+    def args(self):
+        domains = self.bed.dir / "rules-domains.txt"
+        cidr = self.bed.dir / "rules-cidr.txt"
+        domains.write_text(rule_domains())
+        cidr.write_text(rule_prefixes(self.bed))
+        conf = self.bed.dir / "tproxyd-rules.toml"
+        conf.write_text(f"""listen = "[::]:{self.port}"
+
+[[outbounds]]
+name = "direct"
+type = "direct"
+
+[[outbounds]]
+name = "proxy"
+type = "socks5"
+server = "{self.bed.wan_host}:{self.bed.socks_port}"
+
+[route]
+final = "direct"
+
+[[route.rule_sets]]
+name = "bench-domains"
+format = "domains"
+path = "{domains}"
+
+[[route.rule_sets]]
+name = "bench-cidr"
+format = "cidr"
+path = "{cidr}"
+
+[[route.rules]]
+domain_suffix = ["via-proxy.example", "proxied.example.org"]
+outbound = "proxy"
+
+[[route.rules]]
+rule_set = ["bench-domains"]
+outbound = "proxy"
+
+[[route.rules]]
+rule_set = ["bench-cidr"]
+outbound = "proxy"
+
+[[route.rules]]
+domain_keyword = ["tracker"]
+outbound = "proxy"
+
+[[route.rules]]
+network = "udp"
+dst_port = ["443"]
+outbound = "proxy"
+
+[firewall]
+lan_interfaces = ["{self.bed.lan_if}"]
+""")
+        return ["-c", conf]
+
+
+class XorShift:
+    """A small deterministic generator (as bench/rules.rs), so every run
+    loads the same rules."""
+
+    def __init__(self, seed):
+        self.x = seed
+
+    def next(self):
+        x = self.x
+        x ^= (x << 13) & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 7
+        x ^= (x << 17) & 0xFFFFFFFFFFFFFFFF
+        self.x = x
+        return x
+
+
+def rule_domains():
+    """RULE_DOMAINS suffixes of two or three labels, shaped like the
+    published lists; none is TLS_SNI or a suffix of it."""
+    tlds = ["com", "net", "org", "cn", "io", "co.uk", "de", "jp"]
+    lines = [f"s{i:x}.example{i % 97}.{tlds[i % len(tlds)]}" for i in range(RULE_DOMAINS)]
+    sni_suffixes = {TLS_SNI.split(".", k)[-1] for k in range(TLS_SNI.count(".") + 1)}
+    assert not sni_suffixes & set(lines)
+    return "\n".join(lines) + "\n"
+
+
+def rule_prefixes(bed):
+    """RULE_PREFIXES IPv4 prefixes, /16 to /24, in 1.0.0.0-223.255.255.255,
+    none covering an address of the bed (the target, the hops)."""
+    import ipaddress
+
+    avoid = [ipaddress.ip_address(a) for a in (bed.server, bed.wan_host)]
+    avoid.append(ipaddress.ip_network(bed.remote_net, strict=False))
+    rng = XorShift(0x9E3779B97F4A7C15)
+    out = set()
+    while len(out) < RULE_PREFIXES:
+        addr = rng.next() % (223 << 24) + (1 << 24)
+        net = ipaddress.ip_network((addr, 16 + rng.next() % 9), strict=False)
+        if any((a in net) if not isinstance(a, ipaddress.IPv4Network) else net.overlaps(a)
+               for a in avoid):
+            continue
+        out.add(str(net))
+    return "\n".join(sorted(out)) + "\n"
 
 
 class Redsocks(PeerTproxyRules, Config):
@@ -388,8 +517,7 @@ class V2ray(PeerTproxyRules, Config):
 
 
 
-CONFIGS = [Plain, TproxydDirect, TproxydSocks, Redsocks, RedsocksSplice, SsRedir, V2ray]
-TPROXYD_CONFIGS = {"tproxyd-direct", "tproxyd-socks5"}
+CONFIGS = [Plain, TproxydDirect, TproxydRules, TproxydSocks, Redsocks, RedsocksSplice, SsRedir, V2ray]
 
 
 # ---------------------------------------------------------------- measurements
@@ -452,13 +580,26 @@ def measure(bed, cfg, p):
     if want("tcp_p50"):
         lat = loadgen(bed, "tcp-lat", "--target", target, "--count", p.lat_count)
         out["tcp_p50"], out["tcp_p99"] = lat["p50_us"], lat["p99_us"]
+    if want("tls_p50"):
+        lat = loadgen(bed, "tcp-lat", "--target", target, "--count", p.lat_count, "--tls", TLS_SNI)
+        out["tls_p50"], out["tls_p99"] = lat["p50_us"], lat["p99_us"]
     if want("udp_p50"):
         lat = loadgen(bed, "udp-lat", "--target", target, "--count", p.lat_count)
         out["udp_p50"], out["udp_p99"] = lat["p50_us"], lat["p99_us"]
 
-    if want("crr"):
-        crr = loadgen(bed, "tcp-crr", "--target", target, "--concurrency", 64, "--seconds", p.seconds)
-        out["crr"] = crr["conns_per_s"]
+    # The connection rate, and the proxy's CPU time per connection: on
+    # shared cores the rate follows the neighbours' load, the CPU time
+    # much less so.
+    for key, cpu_key, extra in (("crr", "cpu_per_conn", []),
+                                ("crr_tls", "cpu_per_tls_conn", ["--tls", TLS_SNI])):
+        if not want(key):
+            continue
+        cpu0 = cpu_seconds(pid) if pid else 0
+        crr = loadgen(bed, "tcp-crr", "--target", target, "--concurrency", 64, "--seconds", p.seconds,
+                      *extra)
+        out[key] = crr["conns_per_s"]
+        if pid and crr["conns"]:
+            out[cpu_key] = (cpu_seconds(pid) - cpu0) / crr["conns"] * 1e6
     if want("udp_rr"):
         rr = loadgen(bed, "udp-rr", "--target", target, "--sockets", 64, "--seconds", p.seconds)
         out["udp_rr"] = rr["exchanges_per_s"]
@@ -486,6 +627,7 @@ def measure(bed, cfg, p):
             out["cpu_per_gib"] = (cpu_seconds(pid) - cpu0) / (moved / 2**30)
     if pid:
         out["peak_rss"] = proc_status(pid, "VmHWM") / 1024
+        out["rss"] = proc_status(pid, "VmRSS") / 1024
     if want("idle_rss"):
         out["idle_rss"] = idle_rss_per_connection(bed, cfg, p)
     if want("flood_rss"):
@@ -692,7 +834,8 @@ def report(table, p, info, samples):
         "or has no process of its own to measure.",
         "",
     ]
-    names = [c.name for c in CONFIGS]
+    # The configurations this run measured (all of them in a full run).
+    names = [c.name for c in CONFIGS if c.name in samples]
     labels = {c.name: c.label for c in CONFIGS}
     lines.append("| figure | " + " | ".join(labels[n] for n in names) + " |")
     lines.append("|---|" + "---|" * len(names))
@@ -708,6 +851,10 @@ def report(table, p, info, samples):
         arrow = "↑" if better == "higher" else "↓"
         lines.append(f"| {title} ({unit}) {arrow} | " + " | ".join(cells) + " |")
 
+    lines += rules_section(table, samples)
+    if not any(n in table for n in ["plain", *PEERS]):
+        # A subset without plain routing and peers: nothing to compare with.
+        return "\n".join(lines + failed_runs(samples) + [""])
     lines += [
         "",
         "## Ratios",
@@ -741,12 +888,78 @@ def report(table, p, info, samples):
             f"{labels.get(speer, '—') if speer else '—'} | {mark(ssocks, 1.3)} | {mark(direct, 1.3)} |"
         )
     lines += ["", "## Reading these figures", ""] + [f"- {n}" for n in NOTES]
-    failures = [(cfg, r["error"]) for cfg, rounds in samples.items() for r in rounds if "error" in r]
-    if failures:
-        lines += ["", "## Runs that failed", ""]
-        lines += [f"- {cfg}: {err}" for cfg, err in failures]
+    lines += failed_runs(samples)
     lines += ["", "![ratios](ratios.png)", ""]
     return "\n".join(lines)
+
+
+def failed_runs(samples):
+    failures = [(cfg, r["error"]) for cfg, rounds in samples.items() for r in rounds if "error" in r]
+    if not failures:
+        return []
+    return ["", "## Runs that failed", ""] + [f"- {cfg}: {err}" for cfg, err in failures]
+
+
+def paired(samples, a, b, key):
+    """Per-round ratios a/b of one figure: rounds measure the two back to
+    back, so a drift of the machine cancels within a pair."""
+    return [ra[key] / rb[key] for ra, rb in zip(samples.get(a, []), samples.get(b, []))
+            if key in ra and key in rb and rb[key]]
+
+
+def rules_section(table, samples, a="tproxyd-rules", b="tproxyd-direct"):
+    """Issue 9's figures: what 110k rules cost tproxyd direct."""
+    if a not in table or b not in table:
+        return []
+    ta, tb = table[a], table[b]
+    lines = ["", "## The rules' cost (issue 9)", "",
+             f"{a} against {b}: the same relay, plus {RULE_DOMAINS:,} domain suffixes and "
+             f"{RULE_PREFIXES:,} prefixes in rule sets and five plain rules, none matching the "
+             f"bench's flows (every flow is looked up in full and goes to final = direct). "
+             f"Domain rules make tproxyd sniff each new TCP flow's first bytes; the clients send "
+             f"first (a 64-byte request, or a 517-byte TLS ClientHello naming {TLS_SNI}). "
+             f"Ratios are of the medians (\"paired\": the median and range of the per-round "
+             f"ratios, each round measuring both back to back). Target: new connections "
+             f"≥ 0.95× without rules.", ""]
+    summary = []
+    for key, what in (("crr", "crr"), ("crr_tls", "TLS crr")):
+        if key in ta and key in tb:
+            r = ta[key][0] / tb[key][0]
+            pr = paired(samples, a, b, key)
+            span = f", paired {statistics.median(pr):.3f} [{min(pr):.3f}–{max(pr):.3f}]" if pr else ""
+            lines.append(f"- {FIGURE[key][1]}: {fmt(ta[key][0])} ±{ta[key][1]:.0f}% against "
+                         f"{fmt(tb[key][0])} ±{tb[key][1]:.0f}% conn/s: **{r:.3f}×** {b}{span} "
+                         f"{'✅' if r >= 0.95 else '❌'}")
+            summary.append(f"{what} {r:.2f}× {b}")
+    for key in ("cpu_per_conn", "cpu_per_tls_conn"):
+        if key in ta and key in tb:
+            d = ta[key][0] - tb[key][0]
+            pr = paired(samples, a, b, key)
+            span = f", paired {statistics.median(pr):.3f}× [{min(pr):.3f}–{max(pr):.3f}]" if pr else ""
+            lines.append(f"- {FIGURE[key][1]}: {fmt(ta[key][0])} ±{ta[key][1]:.0f}% against "
+                         f"{fmt(tb[key][0])} ±{tb[key][1]:.0f}% µs: the rules add **{d:+.1f} µs** "
+                         f"({ta[key][0] / tb[key][0]:.3f}×{span})")
+            summary.append(f"CPU/conn {'TLS ' if 'tls' in key else ''}{d:+.1f} µs")
+    for key in ("tcp_p50", "tcp_p99", "tls_p50", "tls_p99"):
+        if key in ta and key in tb:
+            d = ta[key][0] - tb[key][0]
+            pd = [ra[key] - rb[key] for ra, rb in zip(samples[a], samples[b])
+                  if key in ra and key in rb]
+            span = f"; paired {statistics.median(pd):+.1f} [{min(pd):+.0f}…{max(pd):+.0f}]" if pd else ""
+            lines.append(f"- {FIGURE[key][1]}: {fmt(ta[key][0])} ±{ta[key][1]:.0f}% against "
+                         f"{fmt(tb[key][0])} ±{tb[key][1]:.0f}% µs: the rules add **{d:+.1f} µs** "
+                         f"({ta[key][0] / tb[key][0]:.3f}×{span})")
+            if key.startswith("tls"):
+                summary.append(f"TLS {key[4:]} {d:+.0f} µs")
+    for key, what in (("peak_rss", "peak RSS"), ("rss", "RSS after the tests")):
+        if key in ta and key in tb:
+            d = ta[key][0] - tb[key][0]
+            lines.append(f"- {FIGURE[key][1]}: {fmt(ta[key][0])} against {fmt(tb[key][0])} MiB: "
+                         f"the rules add **{d:+.1f} MiB**")
+            summary.append(f"{d:+.1f} MiB {what}")
+    if summary:
+        lines += ["", "rules: " + ", ".join(summary)]
+    return lines
 
 
 def chart(table, path):
@@ -804,6 +1017,10 @@ def main():
                          "(tcp_p50 brings tcp_p99, udp_bulk udp_loss, tcp1 tcp8 and cpu_per_gib); "
                          "default: all. For quick comparisons while developing.")
     ap.add_argument("--out", type=Path, default=ROOT / "bench", help="where RESULTS.md and the chart go")
+    ap.add_argument("--report", type=Path,
+                    help="write the Markdown report here and the samples next to it (same name, "
+                         ".json), without the chart, instead of OUT/RESULTS.md, results.json and "
+                         "ratios.png: for a subset that must not replace the full run's files")
     ap.add_argument("--from-json", type=Path,
                     help="write RESULTS.md and the chart again from an earlier results.json, measuring nothing")
     ap.add_argument("--smoke", action="store_true",
@@ -862,13 +1079,19 @@ def main():
     finally:
         bed.close()
     table = summarize(samples)
-    p.out.mkdir(parents=True, exist_ok=True)
     params = {k: getattr(p, k) for k in ("rounds", "seconds", "idle", "nofile", "udp_rate", "flood")}
-    (p.out / "results.json").write_text(
-        json.dumps({"machine": info, "params": params, "samples": samples}, indent=1) + "\n")
-    (p.out / "RESULTS.md").write_text(report(table, p, info, samples))
-    chart(table, p.out / "ratios.png")
-    log(f"wrote {p.out / 'RESULTS.md'} and {p.out / 'ratios.png'}; logs in {workdir}")
+    saved = json.dumps({"machine": info, "params": params, "samples": samples}, indent=1) + "\n"
+    if p.report:
+        p.report.parent.mkdir(parents=True, exist_ok=True)
+        p.report.with_suffix(".json").write_text(saved)
+        p.report.write_text(report(table, p, info, samples))
+        log(f"wrote {p.report} and {p.report.with_suffix('.json')}; logs in {workdir}")
+    else:
+        p.out.mkdir(parents=True, exist_ok=True)
+        (p.out / "results.json").write_text(saved)
+        (p.out / "RESULTS.md").write_text(report(table, p, info, samples))
+        chart(table, p.out / "ratios.png")
+        log(f"wrote {p.out / 'RESULTS.md'} and {p.out / 'ratios.png'}; logs in {workdir}")
     missing = [
         f"{c.name}: {key}"
         for c in wanted

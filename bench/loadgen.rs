@@ -5,8 +5,8 @@
 //!
 //! ```text
 //! loadgen serve    --tcp ADDR --udp ADDR        (on the WAN side)
-//! loadgen tcp-crr  --target ADDR --concurrency C --seconds S
-//! loadgen tcp-lat  --target ADDR --count N
+//! loadgen tcp-crr  --target ADDR --concurrency C --seconds S [--tls NAME]
+//! loadgen tcp-lat  --target ADDR --count N [--tls NAME]
 //! loadgen udp-rr   --target ADDR --sockets K --seconds S
 //! loadgen udp-lat  --target ADDR --count N
 //! loadgen hold     --target ADDR --count N     (keeps N idle flows open)
@@ -20,6 +20,10 @@
 //! The TCP exchange is HTTP/1.0-shaped: a 64-byte request, a 64-byte
 //! answer, then the server closes. The server closing first keeps
 //! TIME_WAIT off the client's and the proxy's port ranges.
+//!
+//! With `--tls NAME` the request is instead a TLS ClientHello naming NAME
+//! (517 bytes, the classic size of a browser's), echoed and closed the
+//! same way: the exchange a proxy that routes by SNI has to sniff.
 
 use std::io::{self, BufRead, Write};
 use std::net::SocketAddr;
@@ -37,6 +41,12 @@ const CLOSE_AFTER: u8 = b'C';
 /// closes it.
 const KEEP_OPEN: u8 = b'K';
 const UDP_TIMEOUT: Duration = Duration::from_millis(200);
+/// A TLS record's header: type, version, length. A request whose first
+/// byte is [`TLS_HANDSHAKE`] is one record long.
+const TLS_HEADER: usize = 5;
+const TLS_HANDSHAKE: u8 = 22;
+/// The ClientHello record's length on the wire, padded to it.
+const CLIENT_HELLO_LEN: usize = 517;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -61,6 +71,13 @@ fn run() -> Result<()> {
     };
     let addr = |name: &str| -> Result<SocketAddr> { Ok(flag(name)?.parse()?) };
     let number = |name: &str| -> Result<u64> { Ok(flag(name)?.parse()?) };
+    // What each TCP exchange sends: the plain request, or a ClientHello.
+    let request = || -> Result<Vec<u8>> {
+        match args.iter().position(|a| a == "--tls") {
+            Some(_) => client_hello(&flag("--tls")?),
+            None => Ok(plain_request(CLOSE_AFTER)),
+        }
+    };
     raise_nofile_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -73,10 +90,11 @@ fn run() -> Result<()> {
                     addr("--target")?,
                     number("--concurrency")?,
                     secs(number("--seconds")?),
+                    Arc::new(request()?),
                 )
                 .await
             }
-            "tcp-lat" => tcp_lat(addr("--target")?, number("--count")?).await,
+            "tcp-lat" => tcp_lat(addr("--target")?, number("--count")?, &request()?).await,
             "udp-rr" => {
                 udp_rr(
                     addr("--target")?,
@@ -95,6 +113,56 @@ fn run() -> Result<()> {
 
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
+}
+
+/// The plain request: its first byte says what the server does after
+/// answering.
+fn plain_request(kind: u8) -> Vec<u8> {
+    let mut request = vec![b'.'; MESSAGE];
+    request[0] = kind;
+    request
+}
+
+/// A TLS 1.3-shaped ClientHello record naming `name`, padded (RFC 7685)
+/// to [`CLIENT_HELLO_LEN`] bytes.
+fn client_hello(name: &str) -> Result<Vec<u8>> {
+    fn u16_be(v: usize) -> [u8; 2] {
+        (v as u16).to_be_bytes()
+    }
+    let host = name.as_bytes();
+    let mut sni = Vec::new();
+    sni.extend(u16_be(host.len() + 3)); // server_name_list
+    sni.push(0); // host_name
+    sni.extend(u16_be(host.len()));
+    sni.extend(host);
+    let mut extensions = Vec::new();
+    extensions.extend([0, 0]); // server_name
+    extensions.extend(u16_be(sni.len()));
+    extensions.extend(&sni);
+    extensions.extend([0, 43, 0, 3, 2, 3, 4]); // supported_versions: TLS 1.3
+    let mut body = vec![3, 3]; // legacy_version
+    body.extend((0..32u8).map(|i| i.wrapping_mul(37))); // random
+    body.push(32); // legacy_session_id
+    body.extend((0..32u8).map(|i| i.wrapping_mul(11)));
+    body.extend([0, 6, 0x13, 0x01, 0x13, 0x02, 0x13, 0x03]); // cipher_suites
+    body.extend([1, 0]); // legacy_compression_methods: null
+                         // Everything but the padding extension's body, counted from the record.
+    let unpadded = TLS_HEADER + 4 + body.len() + 2 + extensions.len() + 4;
+    let pad = CLIENT_HELLO_LEN
+        .checked_sub(unpadded)
+        .ok_or("--tls: name too long")?;
+    extensions.extend([0, 21]); // padding
+    extensions.extend(u16_be(pad));
+    extensions.resize(extensions.len() + pad, 0);
+    body.extend(u16_be(extensions.len()));
+    body.extend(&extensions);
+    let mut record = vec![TLS_HANDSHAKE, 3, 1];
+    record.extend(u16_be(body.len() + 4));
+    record.push(1); // client_hello
+    record.extend(&(body.len() as u32).to_be_bytes()[1..]);
+    record.extend(&body);
+    debug_assert_eq!(record.len(), CLIENT_HELLO_LEN);
+    Ok(record)
 }
 
 fn raise_nofile_limit() {
@@ -126,8 +194,18 @@ async fn serve(tcp: SocketAddr, udp: SocketAddr) -> Result<()> {
         };
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
-            let mut request = [0u8; MESSAGE];
-            if stream.read_exact(&mut request).await.is_err() {
+            let mut request = vec![0u8; MESSAGE];
+            if stream.read_exact(&mut request[..TLS_HEADER]).await.is_err() {
+                return;
+            }
+            // A ClientHello is one record; anything else a plain request.
+            let len = if request[0] == TLS_HANDSHAKE {
+                TLS_HEADER + usize::from(u16::from_be_bytes([request[3], request[4]]))
+            } else {
+                MESSAGE
+            };
+            request.resize(len, 0);
+            if stream.read_exact(&mut request[TLS_HEADER..]).await.is_err() {
                 return;
             }
             if stream.write_all(&request).await.is_err() {
@@ -147,24 +225,23 @@ const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One request/answer over a new connection; returns the open connection
 /// when the server keeps it.
-async fn exchange(target: SocketAddr, kind: u8) -> Result<TcpStream> {
-    tokio::time::timeout(EXCHANGE_TIMEOUT, exchange_once(target, kind))
+async fn exchange(target: SocketAddr, request: &[u8]) -> Result<TcpStream> {
+    tokio::time::timeout(EXCHANGE_TIMEOUT, exchange_once(target, request))
         .await
         .map_err(|_| format!("no answer from {target} within {EXCHANGE_TIMEOUT:?}"))?
 }
 
-async fn exchange_once(target: SocketAddr, kind: u8) -> Result<TcpStream> {
+async fn exchange_once(target: SocketAddr, request: &[u8]) -> Result<TcpStream> {
     let mut stream = TcpStream::connect(target).await?;
     stream.set_nodelay(true)?;
-    let mut request = [b'.'; MESSAGE];
-    request[0] = kind;
-    stream.write_all(&request).await?;
-    let mut answer = [0u8; MESSAGE];
-    stream.read_exact(&mut answer).await?;
+    stream.write_all(request).await?;
+    let mut answer = [0u8; CLIENT_HELLO_LEN];
+    let answer = &mut answer[..request.len()];
+    stream.read_exact(answer).await?;
     if answer != request {
         return Err("answer differs from request".into());
     }
-    if kind == CLOSE_AFTER {
+    if request[0] != KEEP_OPEN {
         // Wait for the server's FIN so the exchange is complete.
         let mut rest = [0u8; 1];
         if stream.read(&mut rest).await? != 0 {
@@ -174,7 +251,12 @@ async fn exchange_once(target: SocketAddr, kind: u8) -> Result<TcpStream> {
     Ok(stream)
 }
 
-async fn tcp_crr(target: SocketAddr, concurrency: u64, seconds: Duration) -> Result<()> {
+async fn tcp_crr(
+    target: SocketAddr,
+    concurrency: u64,
+    seconds: Duration,
+    request: Arc<Vec<u8>>,
+) -> Result<()> {
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -182,9 +264,10 @@ async fn tcp_crr(target: SocketAddr, concurrency: u64, seconds: Duration) -> Res
     let mut workers = Vec::new();
     for _ in 0..concurrency {
         let (done, errors, stop) = (done.clone(), errors.clone(), stop.clone());
+        let request = request.clone();
         workers.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                match exchange(target, CLOSE_AFTER).await {
+                match exchange(target, &request).await {
                     Ok(_) => done.fetch_add(1, Ordering::Relaxed),
                     Err(_) => errors.fetch_add(1, Ordering::Relaxed),
                 };
@@ -198,7 +281,7 @@ async fn tcp_crr(target: SocketAddr, concurrency: u64, seconds: Duration) -> Res
         let _ = tokio::time::timeout(Duration::from_secs(5), w).await;
     }
     println!(
-        "{{\"conns_per_s\": {:.1}, \"errors\": {}}}",
+        "{{\"conns_per_s\": {:.1}, \"conns\": {count}, \"errors\": {}}}",
         count as f64 / elapsed.as_secs_f64(),
         errors.load(Ordering::Relaxed)
     );
@@ -218,12 +301,12 @@ fn percentiles(mut samples: Vec<Duration>) -> Result<(f64, f64)> {
     Ok((at(0.50), at(0.99)))
 }
 
-async fn tcp_lat(target: SocketAddr, count: u64) -> Result<()> {
+async fn tcp_lat(target: SocketAddr, count: u64, request: &[u8]) -> Result<()> {
     let mut samples = Vec::new();
     let mut errors = 0u64;
     for _ in 0..count {
         let t = Instant::now();
-        match exchange(target, CLOSE_AFTER).await {
+        match exchange(target, request).await {
             Ok(_) => samples.push(t.elapsed()),
             Err(_) => errors += 1,
         }
@@ -315,13 +398,17 @@ async fn hold(target: SocketAddr, count: u64) -> Result<()> {
     // Open in waves so the proxy and the server see a realistic accept
     // backlog instead of one burst of thousands of SYNs.
     const WAVE: u64 = 200;
+    let request = Arc::new(plain_request(KEEP_OPEN));
     let mut open = Vec::with_capacity(count as usize);
     let mut failed = 0u64;
     let mut started = 0u64;
     while started < count {
         let wave = WAVE.min(count - started);
         let attempts: Vec<_> = (0..wave)
-            .map(|_| tokio::spawn(exchange(target, KEEP_OPEN)))
+            .map(|_| {
+                let request = request.clone();
+                tokio::spawn(async move { exchange(target, &request).await })
+            })
             .collect();
         for attempt in attempts {
             match attempt.await {
@@ -372,4 +459,32 @@ async fn udp_flood(target: SocketAddr, ports: u64) -> Result<()> {
     }
     println!("{{\"sent\": {sent}}}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tproxyd::config::SniffProtocol;
+    use tproxyd::policy::sniff::{sniff_stream, Sniffed, StreamSniff};
+
+    #[test]
+    fn the_client_hello_is_sniffed_as_tls_with_its_name() {
+        let hello = client_hello("www.tproxyd-bench.com").unwrap();
+        assert_eq!(hello.len(), CLIENT_HELLO_LEN);
+        assert_eq!(
+            sniff_stream(&hello),
+            StreamSniff::Done(Some(Sniffed {
+                protocol: SniffProtocol::Tls,
+                host: Some("www.tproxyd-bench.com".into()),
+            }))
+        );
+    }
+
+    #[test]
+    fn the_plain_request_is_recognised_as_neither_at_once() {
+        assert_eq!(
+            sniff_stream(&plain_request(CLOSE_AFTER)),
+            StreamSniff::Done(None)
+        );
+    }
 }
