@@ -281,15 +281,10 @@ impl Plan {
 /// an interval set). Sorting ranges keeps this O(n log n) for the tens of
 /// thousands of prefixes a country list holds.
 fn merged_prefixes(list: &[cidr::Cidr]) -> (Vec<String>, Vec<String>) {
-    use crate::policy::rule_set::cidr::{prefixes_of_range, range_of};
+    use crate::policy::rule_set::cidr::{prefixes_of_range, sorted_ranges};
     let mut out = (Vec::new(), Vec::new());
     for v4 in [true, false] {
-        let mut ranges: Vec<(u128, u128)> = list
-            .iter()
-            .filter(|c| c.is_ipv4() == v4)
-            .map(range_of)
-            .collect();
-        ranges.sort_unstable();
+        let ranges = sorted_ranges(list, v4);
         let mut merged: Vec<(u128, u128)> = Vec::with_capacity(ranges.len());
         for (lo, hi) in ranges {
             match merged.last_mut() {

@@ -32,6 +32,18 @@ pub fn range_of(c: &Cidr) -> (u128, u128) {
     (value, value | span)
 }
 
+/// The address ranges of one family's prefixes in `list` (IPv4 when
+/// `v4`), sorted by their first address.
+pub fn sorted_ranges(list: &[Cidr], v4: bool) -> Vec<(u128, u128)> {
+    let mut ranges: Vec<(u128, u128)> = list
+        .iter()
+        .filter(|c| c.is_ipv4() == v4)
+        .map(range_of)
+        .collect();
+    ranges.sort_unstable();
+    ranges
+}
+
 /// The fewest prefixes that cover exactly `lo..=hi` (IPv4 when `v4`).
 pub fn prefixes_of_range(mut lo: u128, hi: u128, v4: bool, out: &mut Vec<Cidr>) {
     let bits: u32 = if v4 { 32 } else { 128 };
@@ -73,12 +85,7 @@ pub fn complement(list: &[Cidr]) -> Vec<Cidr> {
     let mut out = Vec::new();
     for v4 in [true, false] {
         let max: u128 = if v4 { u128::from(u32::MAX) } else { u128::MAX };
-        let mut ranges: Vec<(u128, u128)> = list
-            .iter()
-            .filter(|c| c.is_ipv4() == v4)
-            .map(range_of)
-            .collect();
-        ranges.sort_unstable();
+        let ranges = sorted_ranges(list, v4);
         // `next` is the first address not yet covered; None past the end.
         let mut next = Some(0u128);
         for (lo, hi) in ranges {
