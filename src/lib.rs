@@ -21,6 +21,7 @@ pub mod inbound;
 pub mod outbound;
 pub mod policy;
 pub mod ratelimit;
+pub mod registry;
 pub mod relay;
 pub mod route;
 pub mod server;

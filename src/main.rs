@@ -14,7 +14,7 @@ use tproxyd::config::{de, Backend, Config, ConfigError, Mode, RawConfig, RawOutb
 use tproxyd::firewall::cidr::Cidr;
 use tproxyd::firewall::{self, Plan};
 use tproxyd::policy::Policy;
-use tproxyd::server::Server;
+use tproxyd::server::{RulesAtStop, Server};
 
 #[derive(Parser)]
 #[command(
@@ -337,14 +337,17 @@ fn init_logging(verbose: bool) {
         .init();
 }
 
-/// Waits for SIGTERM or SIGINT (Ctrl-C). SIGHUP is caught and logged:
-/// its default action would kill tproxyd without removing its rules, and
-/// with nftables captured traffic would then leak out directly.
+/// Waits for SIGTERM or SIGINT (Ctrl-C); SIGHUP asks for a reload
+/// through `reload` (its default action would kill tproxyd without
+/// removing its rules, and with nftables captured traffic would then leak
+/// out directly).
 ///
 /// The handlers are installed when this is called, not when the future is
 /// first polled, so that no signal in between can kill tproxyd with its
 /// rules in place. Must be called inside the runtime.
-fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+fn stop_signal(
+    reload: tokio::sync::mpsc::Sender<()>,
+) -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("cannot catch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot catch SIGINT")?;
@@ -354,10 +357,11 @@ fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
             tokio::select! {
                 _ = term.recv() => return,
                 _ = int.recv() => return,
-                _ = hup.recv() => tracing::warn!(
-                    "SIGHUP received: reloading the configuration is not supported yet; tproxyd \
-                     keeps running unchanged (restart it to apply a new configuration)"
-                ),
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP received: reloading the configuration");
+                    // One waiting is enough: it reads the file as it is then.
+                    let _ = reload.try_send(());
+                }
             }
         }
     })
@@ -401,26 +405,35 @@ fn run(args: RunArgs, user: Option<String>) -> anyhow::Result<ExitCode> {
         tracing::info!("mode redirect serves TCP only; UDP needs --mode tproxy");
     }
     let plan = Plan::from_config(&cfg).load_bypass_sets(&cfg)?;
-    let fail_closed = cfg.firewall.fail_closed;
     let threads = cfg.limits.threads;
     let keep = tproxyd::server::capabilities_needed(&cfg);
+    // A reload reads the same file with the same flags over it.
+    let reload_user = cfg.user.clone();
+    let loader: tproxyd::server::Loader = Box::new(move || {
+        let mut cfg = load(&args).map_err(|e| e.to_string())?;
+        if reload_user.is_some() {
+            cfg.user = reload_user.clone();
+        }
+        Ok(cfg)
+    });
     // Listeners first: rules must never point at a port nobody serves.
-    let server = Server::bind(cfg)?;
+    let mut server = Server::bind(cfg)?.with_loader(loader);
     // From here until the relay's runtime has its handlers in place, a stop
     // signal waits, blocked, instead of killing tproxyd with its rules
     // installed. The handlers can only come after the user switch (which
     // needs a single thread, and the relay's runtime starts threads); a
     // signal sent in between is delivered then, not lost.
     tproxyd::sys::block_termination_signals().context("cannot block SIGINT/SIGTERM")?;
+    let backend = plan.backend;
     single_thread_runtime()?
-        .block_on(firewall::apply(&plan))
+        .block_on(server.install_rules(plan))
         .context("cannot install the firewall rules")?;
-    if plan.backend != Backend::None {
-        tracing::info!(backend = %plan.backend, "firewall rules and policy routes installed");
+    if backend != Backend::None {
+        tracing::info!(%backend, "firewall rules and policy routes installed");
     }
-    let undo = |plan: &Plan| {
+    let undo = |server: &mut Server| {
         if let Err(e) = single_thread_runtime().and_then(|rt| {
-            rt.block_on(firewall::remove(plan))
+            rt.block_on(server.remove_rules())
                 .context("cannot remove the firewall rules")
         }) {
             tracing::error!("{e:#}");
@@ -428,7 +441,7 @@ fn run(args: RunArgs, user: Option<String>) -> anyhow::Result<ExitCode> {
     };
     if let Some(account) = &account {
         if let Err(e) = tproxyd::sys::switch_user(account, keep) {
-            undo(&plan);
+            undo(&mut server);
             return Err(e.into());
         }
         tracing::info!(
@@ -441,32 +454,30 @@ fn run(args: RunArgs, user: Option<String>) -> anyhow::Result<ExitCode> {
     let runtime = match runtime(threads) {
         Ok(rt) => rt,
         Err(e) => {
-            undo(&plan);
+            undo(&mut server);
             return Err(e);
         }
     };
-    runtime.block_on(async {
-        let served = async {
-            let stop = stop_signal()?;
-            tproxyd::sys::unblock_termination_signals()
-                .context("cannot unblock SIGINT/SIGTERM")?;
-            log_capture_caveats(&plan, server.config().listen);
-            server.run(stop).await?;
-            anyhow::Ok(())
-        }
-        .await;
-        if fail_closed {
-            tracing::info!("fail_closed: rules kept; captured traffic is dropped until tproxyd runs again or `tproxyd rules remove`");
-        } else {
-            firewall::remove(&plan)
-                .await
-                .context("cannot remove the firewall rules")?;
-            if plan.backend != Backend::None {
-                tracing::info!("firewall rules and policy routes removed");
+    let at_stop = runtime.block_on(async {
+        let (reload, reloads) = tokio::sync::mpsc::channel(1);
+        let stop = match stop_signal(reload) {
+            Ok(stop) => stop,
+            Err(e) => {
+                let _ = server.remove_rules().await;
+                return Err(e);
             }
+        };
+        tproxyd::sys::unblock_termination_signals().context("cannot unblock SIGINT/SIGTERM")?;
+        if let Some(plan) = server.plan() {
+            log_capture_caveats(plan, server.config().listen);
         }
-        served
+        Ok(server.run(stop, reloads).await?)
     })?;
+    match at_stop {
+        RulesAtStop::Kept => tracing::info!("fail_closed: rules kept; captured traffic is dropped until tproxyd runs again or `tproxyd rules remove`"),
+        RulesAtStop::Removed => tracing::info!("firewall rules and policy routes removed"),
+        RulesAtStop::None => {}
+    }
     Ok(ExitCode::SUCCESS)
 }
 

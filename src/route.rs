@@ -8,6 +8,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+
 use crate::policy::{Choice, FlowMeta, Policy};
 use crate::sys;
 
@@ -20,30 +22,52 @@ pub enum Decision {
     RefuseLoop,
 }
 
+/// The loop check and the current policy. Clones share the policy: a
+/// reload swaps it for all of them at once, and each new flow reads it
+/// once (one atomic load), while flows already decided keep what they
+/// were given.
 #[derive(Debug, Clone)]
 pub struct Router {
     listen: SocketAddr,
-    policy: Arc<Policy>,
+    policy: Arc<ArcSwap<Policy>>,
 }
 
 impl Router {
     pub fn new(listen: SocketAddr, policy: Policy) -> Self {
         Router {
             listen: sys::normalize(listen),
-            policy: Arc::new(policy),
+            policy: Arc::new(ArcSwap::from_pointee(policy)),
         }
     }
 
+    /// Decides with the policy of the moment.
     pub fn decide(&self, flow: &FlowMeta<'_>) -> Decision {
+        self.decide_with(&self.policy.load(), flow)
+    }
+
+    /// Decides with `policy` (one a flow loaded once and decides with
+    /// twice: before and after sniffing).
+    pub fn decide_with(&self, policy: &Policy, flow: &FlowMeta<'_>) -> Decision {
         if self.is_listener(flow.dst) {
             Decision::RefuseLoop
         } else {
-            Decision::Forward(self.policy.decide(flow))
+            Decision::Forward(policy.decide(flow))
         }
     }
 
-    pub fn policy(&self) -> &Policy {
-        &self.policy
+    /// The policy of the moment, held for as long as the caller keeps it.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
+    }
+
+    /// The policy of the moment, for a short look (no reference count).
+    pub fn current(&self) -> arc_swap::Guard<Arc<Policy>> {
+        self.policy.load()
+    }
+
+    /// Makes `policy` the one every new flow reads.
+    pub fn set_policy(&self, policy: Arc<Policy>) {
+        self.policy.store(policy);
     }
 
     /// Whether `dst` is the listener itself: its port, and either its

@@ -142,6 +142,16 @@ pub enum SniffProtocol {
     Http,
 }
 
+impl SniffProtocol {
+    /// As written in the config and shown in logs and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SniffProtocol::Tls => "tls",
+            SniffProtocol::Http => "http",
+        }
+    }
+}
+
 /// One routing rule: every key given must match (AND); the first rule
 /// that matches names the outbound.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]

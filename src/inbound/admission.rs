@@ -26,8 +26,9 @@ pub enum Refusal {
 /// The counts behind the limits, shared by the accept loop and the flows.
 #[derive(Debug)]
 pub struct Admission {
-    max_flows: usize,
-    max_connecting_per_client: usize,
+    // Atomics: a reload changes them while connections are admitted.
+    max_flows: AtomicUsize,
+    max_connecting_per_client: AtomicUsize,
     flows: AtomicUsize,
     /// Connects in progress per client address. A mutex taken twice per
     /// flow (admit, connected), never per byte; entries at zero are
@@ -38,11 +39,19 @@ pub struct Admission {
 impl Admission {
     pub fn new(max_flows: usize, max_connecting_per_client: usize) -> Arc<Admission> {
         Arc::new(Admission {
-            max_flows,
-            max_connecting_per_client,
+            max_flows: AtomicUsize::new(max_flows),
+            max_connecting_per_client: AtomicUsize::new(max_connecting_per_client),
             flows: AtomicUsize::new(0),
             connecting: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// New limits (a reload): they apply to the next connection; flows
+    /// already over them go on.
+    pub fn set_limits(&self, max_flows: usize, max_connecting_per_client: usize) {
+        self.max_flows.store(max_flows, Ordering::Relaxed);
+        self.max_connecting_per_client
+            .store(max_connecting_per_client, Ordering::Relaxed);
     }
 
     /// Open flows now.
@@ -66,11 +75,10 @@ impl Admission {
     /// would break. The ticket holds its places until dropped; the
     /// connect place goes back earlier, by [`Ticket::connected`].
     pub fn admit(self: &Arc<Self>, client: IpAddr) -> Result<Ticket, Refusal> {
-        if self.flows.fetch_add(1, Ordering::Relaxed) >= self.max_flows {
+        let max_flows = self.max_flows.load(Ordering::Relaxed);
+        if self.flows.fetch_add(1, Ordering::Relaxed) >= max_flows {
             self.flows.fetch_sub(1, Ordering::Relaxed);
-            return Err(Refusal::Flows {
-                limit: self.max_flows,
-            });
+            return Err(Refusal::Flows { limit: max_flows });
         }
         // From here the flow place is the ticket's; a refusal below
         // drops it and gives the place back.
@@ -81,12 +89,13 @@ impl Admission {
         };
         let mut map = self.lock();
         let n = map.entry(client).or_insert(0);
-        if *n >= self.max_connecting_per_client {
+        let max_connecting = self.max_connecting_per_client.load(Ordering::Relaxed);
+        if *n >= max_connecting {
             if *n == 0 {
                 map.remove(&client);
             }
             return Err(Refusal::ConnectingPerClient {
-                limit: self.max_connecting_per_client,
+                limit: max_connecting,
             });
         }
         *n += 1;

@@ -5,7 +5,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::{TcpListener, TcpStream};
@@ -21,7 +21,8 @@ use crate::outbound::OutboundError;
 use crate::policy::sniff::{self, Sniffed, StreamSniff, MAX_SNIFF_BYTES};
 use crate::policy::FlowMeta;
 use crate::ratelimit::{RateLimit, WARN_INTERVAL};
-use crate::relay::tcp::{relay, release_spare_pipes};
+use crate::registry::{EndReason, FlowStart, Registry};
+use crate::relay::tcp::{relay, release_spare_pipes, End};
 use crate::route::{Decision, Router};
 use crate::sys;
 
@@ -30,8 +31,11 @@ use crate::sys;
 pub struct TcpContext {
     pub mode: Mode,
     pub router: Router,
-    pub idle: Duration,
+    /// The idle timeout in milliseconds: a reload changes it for flows
+    /// that start from then on.
+    pub idle_ms: std::sync::atomic::AtomicU64,
     pub admission: Arc<Admission>,
+    pub registry: Arc<Registry>,
 }
 
 // Every warning below can repeat per connection: a flood must not write
@@ -181,7 +185,6 @@ async fn handle(
     mut ticket: Ticket,
     _held: fds::Held,
 ) {
-    let started = Instant::now();
     let dst = match original_destination(&stream, ctx.mode) {
         Ok(d) => d,
         Err(e) => {
@@ -192,9 +195,12 @@ async fn handle(
         }
     };
     let addresses = FlowMeta::addresses(Network::Tcp, client, dst);
+    // One policy for the whole decision, read once: a reload meanwhile
+    // applies to the next flow, never to half of this one.
+    let policy = ctx.router.policy();
     // The loop check first: a flow to ourselves is refused before anyone
     // waits for its bytes.
-    let mut choice = match ctx.router.decide(&addresses) {
+    let mut choice = match ctx.router.decide_with(&policy, &addresses) {
         Decision::Forward(choice) => choice,
         Decision::RefuseLoop => {
             if let Some(held_back) = LOOP.check() {
@@ -205,7 +211,7 @@ async fn handle(
     };
     // Only when some rule looks at names or protocols: otherwise a flow
     // never waits for its first bytes.
-    let sniffed = if ctx.router.policy().wants_sniffing() && !sniff::skip_port(dst.port()) {
+    let sniffed = if policy.wants_sniffing() && !sniff::skip_port(dst.port()) {
         sniff_first_bytes(&stream, SNIFF_WAIT).await
     } else {
         None
@@ -220,50 +226,52 @@ async fn handle(
         };
         // The destination is unchanged, so this cannot be the loop; should
         // it ever be, the address-only choice stands.
-        if let Decision::Forward(c) = ctx.router.decide(&meta) {
+        if let Decision::Forward(c) = ctx.router.decide_with(&policy, &meta) {
             choice = c;
         }
     }
-    let sniffed_as = protocol.map(|p| match p {
-        crate::config::SniffProtocol::Tls => "tls",
-        crate::config::SniffProtocol::Http => "http",
+    let flow = ctx.registry.open(FlowStart {
+        network: Network::Tcp,
+        client,
+        dst,
+        host: host.map(str::to_owned),
+        sniffed: protocol,
+        rule: Arc::clone(policy.rule_label(choice.rule)),
+        chain: policy.chain_names(&choice),
     });
     let outbound = &choice.outbound;
-    // Named as configured, groups included: `auto/proxy-b`.
-    let route = ctx.router.policy().route(&choice);
     let _ = stream.set_nodelay(true);
     // Boxed so the connect state (a SOCKS5 handshake is large) is freed
     // once connected instead of sizing the task of every long-lived flow.
-    let connected = Box::pin(outbound.connect_tcp(dst, host)).await;
+    let connected = tokio::select! {
+        c = Box::pin(outbound.connect_tcp(dst, host)) => c,
+        reason = flow.flow().close_requested() => {
+            flow.end(reason, None);
+            return reset(stream);
+        }
+    };
     ticket.connected();
     let upstream = match connected {
         Ok(u) => u,
         Err(e) => {
-            let end = if matches!(e, OutboundError::Blocked) {
-                "blocked"
-            } else {
-                "connect-failed"
-            };
-            log_connect_failure(client, dst, &route, &e);
-            debug!(proto = "tcp", %client, %dst, host, sniffed = sniffed_as, outbound = %route, up_bytes = 0u64, down_bytes = 0u64,
-                duration_ms = started.elapsed().as_millis() as u64, end, "flow");
+            log_connect_failure(client, dst, &policy.route(&choice), &e);
+            flow.end(e.end_reason(), Some(&e.to_string()));
             return reset(stream);
         }
     };
-    let outcome = relay(stream, upstream, ctx.idle).await;
-    debug!(
-        proto = "tcp",
-        %client,
-        %dst,
-        host,
-        sniffed = sniffed_as,
-        outbound = %route,
-        up_bytes = outcome.up,
-        down_bytes = outcome.down,
-        duration_ms = started.elapsed().as_millis() as u64,
-        end = %outcome.end,
-        "flow"
-    );
+    drop(policy);
+    let idle = Duration::from_millis(ctx.idle_ms.load(std::sync::atomic::Ordering::Relaxed));
+    // Closed from outside: the relay is dropped, which resets both sides.
+    let (reason, detail) = tokio::select! {
+        outcome = relay(stream, upstream, idle, flow.traffic()) => match outcome.end {
+            End::Closed => (EndReason::Closed, None),
+            End::Idle => (EndReason::Idle, None),
+            End::ClientError(e) => (EndReason::ClientError, Some(e)),
+            End::UpstreamError(e) => (EndReason::UpstreamError, Some(e)),
+        },
+        reason = flow.flow().close_requested() => (reason, None),
+    };
+    flow.end(reason, detail.as_deref());
 }
 
 /// Peeks at the client's first bytes (they stay queued for the relay)

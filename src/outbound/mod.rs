@@ -17,6 +17,7 @@ use tokio::io::Interest;
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 
 use crate::config::{OutboundKind, Timeouts};
+use crate::registry::EndReason;
 use crate::sys;
 use group::{Group, GroupError};
 use http::{HttpClient, HttpError};
@@ -51,6 +52,22 @@ impl OutboundError {
     /// nothing about the upstream's health and must not trigger back-off.
     pub fn is_refusal(&self) -> bool {
         matches!(self, OutboundError::Blocked | OutboundError::TcpOnly { .. })
+    }
+
+    /// Why a flow that failed to connect ended, as the registry counts it:
+    /// the destination said no, something took too long, or the proxy
+    /// itself failed.
+    pub fn end_reason(&self) -> EndReason {
+        match self {
+            OutboundError::Blocked | OutboundError::TcpOnly { .. } => EndReason::Blocked,
+            OutboundError::ConnectTimeout { .. }
+            | OutboundError::Socks5(Socks5Error::Timeout { .. }) => EndReason::ConnectTimeout,
+            OutboundError::Connect { .. } | OutboundError::Socks5(Socks5Error::Rejected { .. }) => {
+                EndReason::UpstreamRefused
+            }
+            OutboundError::Http(h) if h.is_destination_failure() => EndReason::UpstreamRefused,
+            _ => EndReason::ProxyFailed,
+        }
     }
 }
 

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use crate::config::{Config, Network, OutboundConfig, OutboundKind, SniffProtocol};
 use crate::outbound::group::{Group, GroupKind, Member};
 use crate::outbound::{BuildError, Outbound};
+pub use crate::registry::RuleLabel;
 use rules::Rules;
 
 /// What the policy knows about a flow when it decides.
@@ -64,8 +65,15 @@ pub enum PolicyError {
 /// One outbound the policy can choose, with the name the config gave it.
 #[derive(Debug)]
 pub struct Named {
-    pub name: String,
+    pub name: Arc<str>,
     pub outbound: Arc<Outbound>,
+    /// Stays the same across reloads while the outbound is kept: what the
+    /// UDP relay knows an outbound by (a session's upstreams, back-off).
+    pub key: u32,
+    /// The config it was built from: a reload keeps this outbound (its
+    /// connections, a selector's choice, a failover's health) when the
+    /// new config describes it the same way.
+    config: Option<(OutboundConfig, crate::config::Timeouts)>,
 }
 
 /// Where a decision sends a flow.
@@ -76,6 +84,8 @@ pub struct Choice {
     pub outbound: Arc<Outbound>,
     /// Index of `outbound` among the policy's outbounds (for its name).
     pub index: usize,
+    /// `outbound`'s [`Named::key`].
+    pub key: u32,
     /// The groups passed on the way, outermost (the rule's target) first;
     /// empty when the rule named `outbound` itself.
     pub chain: Chain,
@@ -136,18 +146,28 @@ pub struct Policy {
     rules: Rules,
     /// Outbound index of each rule, in rule order.
     rule_targets: Vec<usize>,
+    /// Each rule as the API shows it, in rule order; then `route.final`.
+    rule_labels: Vec<Arc<RuleLabel>>,
     final_index: usize,
 }
 
 impl Policy {
     pub fn from_config(cfg: &Config) -> Result<Policy, PolicyError> {
+        Policy::from_config_keeping(cfg, None)
+    }
+
+    /// Builds the policy for `cfg`, keeping from `old` every outbound the
+    /// new config describes exactly as before (and, for a group, whose
+    /// members are all kept too): a reload then leaves their state alone,
+    /// a selector's choice and a failover's health included.
+    pub fn from_config_keeping(cfg: &Config, old: Option<&Policy>) -> Result<Policy, PolicyError> {
         let index_of: HashMap<&str, usize> = cfg
             .outbounds
             .iter()
             .enumerate()
             .map(|(i, o)| (o.name.as_str(), i))
             .collect();
-        let outbounds = build_outbounds(cfg, &index_of)?;
+        let outbounds = build_outbounds(cfg, &index_of, old)?;
         // Validation guarantees every name below exists.
         let lookup = |name: &str| index_of.get(name).copied().unwrap_or(0);
         let rules = Rules::build(&cfg.route)?;
@@ -157,11 +177,20 @@ impl Policy {
             .iter()
             .map(|r| lookup(&r.outbound))
             .collect();
+        let mut rule_labels: Vec<Arc<RuleLabel>> = cfg
+            .route
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Arc::new(rule_label(i, r)))
+            .collect();
+        rule_labels.push(Arc::new(final_label()));
         Ok(Policy {
             final_index: lookup(&cfg.route.final_outbound),
             outbounds,
             rules,
             rule_targets,
+            rule_labels,
         })
     }
 
@@ -176,11 +205,14 @@ impl Policy {
     pub fn single(outbound: Outbound) -> Policy {
         Policy {
             outbounds: vec![Named {
-                name: outbound.name().to_string(),
+                name: Arc::from(outbound.name()),
                 outbound: Arc::new(outbound),
+                key: new_key(),
+                config: None,
             }],
             rules: Rules::default(),
             rule_targets: Vec::new(),
+            rule_labels: vec![Arc::new(final_label())],
             final_index: 0,
         }
     }
@@ -191,8 +223,10 @@ impl Policy {
         let rule = self.rules.first_match(flow);
         let target = rule.map_or(self.final_index, |r| self.rule_targets[r]);
         let (index, chain) = self.resolve(target);
+        let named = &self.outbounds[index];
         Choice {
-            outbound: Arc::clone(&self.outbounds[index].outbound),
+            outbound: Arc::clone(&named.outbound),
+            key: named.key,
             index,
             chain,
             rule,
@@ -229,7 +263,7 @@ impl Policy {
     /// The group named `name`, for changing a selector at run time.
     pub fn group(&self, name: &str) -> Option<&Group> {
         self.outbounds.iter().find_map(|n| match &*n.outbound {
-            Outbound::Group(g) if n.name == name => Some(g),
+            Outbound::Group(g) if &*n.name == name => Some(g),
             _ => None,
         })
     }
@@ -246,7 +280,129 @@ impl Policy {
 
     /// The name of outbound `index` (from a [`Choice`]).
     pub fn name(&self, index: usize) -> &str {
-        self.outbounds.get(index).map_or("?", |n| n.name.as_str())
+        self.outbounds.get(index).map_or("?", |n| &*n.name)
+    }
+
+    /// The rule of a choice as the API shows it.
+    pub fn rule_label(&self, rule: Option<usize>) -> &Arc<RuleLabel> {
+        let last = self.rule_labels.len() - 1;
+        &self.rule_labels[rule.map_or(last, |r| r.min(last))]
+    }
+
+    /// Every rule as the API shows it, then final.
+    pub fn rule_labels(&self) -> &[Arc<RuleLabel>] {
+        &self.rule_labels
+    }
+
+    /// The outbound each rule sends to, by name, in rule order; then final.
+    pub fn rule_target_names(&self) -> impl Iterator<Item = &str> + '_ {
+        self.rule_targets
+            .iter()
+            .chain(std::iter::once(&self.final_index))
+            .map(|&i| self.name(i))
+    }
+
+    /// A choice's outbound, then the groups it was reached through,
+    /// innermost first: the Clash API's `chains`.
+    pub fn chain_names(&self, choice: &Choice) -> Vec<Arc<str>> {
+        let mut names = Vec::with_capacity(1 + choice.chain.len as usize);
+        if let Some(n) = self.outbounds.get(choice.index) {
+            names.push(Arc::clone(&n.name));
+        }
+        let groups: Vec<usize> = choice.chain.iter().collect();
+        for g in groups.into_iter().rev() {
+            if let Some(n) = self.outbounds.get(g) {
+                names.push(Arc::clone(&n.name));
+            }
+        }
+        names
+    }
+}
+
+/// A key no outbound has had: keys are never reused, so a UDP session's
+/// upstream is never mistaken for another outbound's after a reload.
+fn new_key() -> u32 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+fn final_label() -> RuleLabel {
+    RuleLabel {
+        index: None,
+        kind: "Match",
+        payload: String::new(),
+    }
+}
+
+/// A rule in the Clash API's words: its one key's kind and values, or
+/// `AND` with every key when it has several.
+fn rule_label(index: usize, r: &crate::config::Rule) -> RuleLabel {
+    fn join<T: fmt::Display>(v: &[T]) -> String {
+        v.iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+    let mut parts: Vec<(&'static str, String)> = Vec::new();
+    if let Some(n) = r.network {
+        parts.push((
+            "Network",
+            match n {
+                Network::Tcp => "tcp".into(),
+                Network::Udp => "udp".into(),
+            },
+        ));
+    }
+    if !r.dst.is_empty() {
+        parts.push(("IPCIDR", join(&r.dst)));
+    }
+    if !r.src.is_empty() {
+        parts.push(("SrcIPCIDR", join(&r.src)));
+    }
+    if !r.dst_port.is_empty() {
+        parts.push(("DstPort", join(&r.dst_port)));
+    }
+    if !r.domain.is_empty() {
+        parts.push(("Domain", r.domain.join(",")));
+    }
+    if !r.domain_suffix.is_empty() {
+        parts.push(("DomainSuffix", r.domain_suffix.join(",")));
+    }
+    if !r.domain_keyword.is_empty() {
+        parts.push(("DomainKeyword", r.domain_keyword.join(",")));
+    }
+    if !r.domain_regex.is_empty() {
+        parts.push(("DomainRegex", r.domain_regex.join(",")));
+    }
+    if !r.rule_set.is_empty() {
+        parts.push(("RuleSet", r.rule_set.join(",")));
+    }
+    if !r.protocol.is_empty() {
+        parts.push((
+            "Protocol",
+            r.protocol
+                .iter()
+                .map(|p| p.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+        ));
+    }
+    let (kind, payload) = match parts.len() {
+        0 => ("Match", String::new()),
+        1 => parts.remove(0),
+        _ => (
+            "AND",
+            parts
+                .iter()
+                .map(|(k, v)| format!("({k},{v})"))
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+    };
+    RuleLabel {
+        index: Some(index),
+        kind,
+        payload,
     }
 }
 
@@ -257,17 +413,39 @@ impl Policy {
 fn build_outbounds(
     cfg: &Config,
     index_of: &HashMap<&str, usize>,
+    old: Option<&Policy>,
 ) -> Result<Vec<Named>, PolicyError> {
+    // An outbound from `old` stays when its config is the same, and for a
+    // group when every member stays too (members are fixed in a group).
+    let kept = |o: &OutboundConfig| -> Option<(Arc<Outbound>, u32)> {
+        old?.outbounds
+            .iter()
+            .find(|n| {
+                n.config
+                    .as_ref()
+                    .is_some_and(|(c, t)| c == o && *t == cfg.timeouts)
+            })
+            .map(|n| (Arc::clone(&n.outbound), n.key))
+    };
+    let mut keys: Vec<u32> = vec![0; cfg.outbounds.len()];
     let error = |o: &OutboundConfig, source| PolicyError::Outbound {
         name: o.name.clone(),
         source,
     };
     let mut built: Vec<Option<Arc<Outbound>>> = vec![None; cfg.outbounds.len()];
-    for (slot, o) in built.iter_mut().zip(&cfg.outbounds) {
+    let mut reused = vec![false; cfg.outbounds.len()];
+    for (i, o) in cfg.outbounds.iter().enumerate() {
         if o.kind.members().is_empty() {
+            if let Some((outbound, key)) = kept(o) {
+                built[i] = Some(outbound);
+                keys[i] = key;
+                reused[i] = true;
+                continue;
+            }
             let outbound =
                 Outbound::from_kind(&o.kind, cfg.mark, &cfg.timeouts).map_err(|e| error(o, e))?;
-            *slot = Some(Arc::new(outbound));
+            built[i] = Some(Arc::new(outbound));
+            keys[i] = new_key();
         }
     }
     loop {
@@ -295,6 +473,15 @@ fn build_outbounds(
                 waiting = Some(o);
                 continue;
             }
+            if members.iter().all(|m| reused[m.index]) {
+                if let Some((outbound, key)) = kept(o) {
+                    built[i] = Some(outbound);
+                    keys[i] = key;
+                    reused[i] = true;
+                    progress = true;
+                    continue;
+                }
+            }
             let (kind, initial) = match &o.kind {
                 OutboundKind::Selector { members, default } => (
                     GroupKind::Selector,
@@ -311,6 +498,7 @@ fn build_outbounds(
             let group = Group::new(o.name.clone(), kind, members, initial)
                 .map_err(|e| error(o, e.into()))?;
             built[i] = Some(Arc::new(Outbound::Group(group)));
+            keys[i] = new_key();
             progress = true;
         }
         match waiting {
@@ -323,10 +511,13 @@ fn build_outbounds(
         .outbounds
         .iter()
         .zip(built)
-        .filter_map(|(o, b)| {
+        .zip(keys)
+        .filter_map(|((o, b), key)| {
             b.map(|outbound| Named {
-                name: o.name.clone(),
+                name: Arc::from(o.name.as_str()),
                 outbound,
+                key,
+                config: Some((o.clone(), cfg.timeouts)),
             })
         })
         .collect())

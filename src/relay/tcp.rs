@@ -19,6 +19,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use crate::fds;
+use crate::registry::Traffic;
 use crate::relay::spares::Spares;
 use crate::sys;
 
@@ -57,12 +58,11 @@ pub struct Outcome {
     pub end: End,
 }
 
-/// Progress shared by the two directions and the idle watchdog.
+/// Progress shared by the two directions and the idle watchdog; the
+/// bytes are counted in the flow's [`Traffic`], which the registry reads.
 struct Meter {
     start: Instant,
     last_activity_ms: AtomicU64,
-    up: AtomicU64,
-    down: AtomicU64,
 }
 
 impl Meter {
@@ -70,8 +70,6 @@ impl Meter {
         Meter {
             start: Instant::now(),
             last_activity_ms: AtomicU64::new(0),
-            up: AtomicU64::new(0),
-            down: AtomicU64::new(0),
         }
     }
 
@@ -333,9 +331,16 @@ impl Drop for ResetIfCut<'_> {
     }
 }
 
-/// Relays until both directions end, one side fails, or the flow idles.
-/// Dropped midway (tproxyd stopping), it resets both sides.
-pub async fn relay(client: TcpStream, upstream: TcpStream, idle: Duration) -> Outcome {
+/// Relays until both directions end, one side fails, or the flow idles,
+/// counting bytes in `traffic` as they go. Dropped midway (tproxyd
+/// stopping, the flow closed from the API), it resets both sides.
+pub async fn relay(
+    client: TcpStream,
+    upstream: TcpStream,
+    idle: Duration,
+    traffic: &Traffic,
+) -> Outcome {
+    let before = traffic.get();
     let mut cut = ResetIfCut {
         sockets: [&client, &upstream],
         ended: false,
@@ -347,8 +352,8 @@ pub async fn relay(client: TcpStream, upstream: TcpStream, idle: Duration) -> Ou
     tokio::pin!(watchdog);
     let end = std::future::poll_fn(|cx| {
         for (dir, from, to, counter) in [
-            (&mut up, &client, &upstream, &meter.up),
-            (&mut down, &upstream, &client, &meter.down),
+            (&mut up, &client, &upstream, &traffic.up),
+            (&mut down, &upstream, &client, &traffic.down),
         ] {
             if !dir.done {
                 let ends = Ends {
@@ -379,9 +384,10 @@ pub async fn relay(client: TcpStream, upstream: TcpStream, idle: Duration) -> Ou
         // Tell the client the truth: the far side is gone, not finished.
         let _ = sys::set_reset_on_close(&client);
     }
+    let after = traffic.get();
     Outcome {
-        up: meter.up.load(Ordering::Relaxed),
-        down: meter.down.load(Ordering::Relaxed),
+        up: after.0 - before.0,
+        down: after.1 - before.1,
         end,
     }
 }
@@ -423,7 +429,15 @@ mod tests {
         // user <-> client_side [relay] upstream_side <-> server
         let (mut user, client_side) = pair().await;
         let (upstream_side, mut server) = pair().await;
-        let relay = tokio::spawn(relay(client_side, upstream_side, Duration::from_secs(5)));
+        let relay = tokio::spawn(async move {
+            relay(
+                client_side,
+                upstream_side,
+                Duration::from_secs(5),
+                &Traffic::default(),
+            )
+            .await
+        });
 
         user.write_all(b"request").await.unwrap();
         user.shutdown().await.unwrap();
@@ -453,7 +467,13 @@ mod tests {
     async fn idle_flows_are_closed() {
         let (mut user, client_side) = pair().await;
         let (upstream_side, _server) = pair().await;
-        let outcome = relay(client_side, upstream_side, Duration::from_millis(200)).await;
+        let outcome = relay(
+            client_side,
+            upstream_side,
+            Duration::from_millis(200),
+            &Traffic::default(),
+        )
+        .await;
         assert_eq!(outcome.end, End::Idle);
         let mut buf = [0u8; 1];
         assert_eq!(
@@ -467,7 +487,15 @@ mod tests {
     async fn upstream_reset_resets_the_client() {
         let (mut user, client_side) = pair().await;
         let (upstream_side, server) = pair().await;
-        let relay = tokio::spawn(relay(client_side, upstream_side, Duration::from_secs(5)));
+        let relay = tokio::spawn(async move {
+            relay(
+                client_side,
+                upstream_side,
+                Duration::from_secs(5),
+                &Traffic::default(),
+            )
+            .await
+        });
         sys::set_reset_on_close(&server).unwrap();
         drop(server);
         let outcome = relay.await.unwrap();
@@ -490,13 +518,14 @@ mod tests {
             user
         });
         let meter = Meter::new();
+        let traffic = Traffic::default();
         let mut dir = OneWay::new(Side::Client);
         dir.copy = Some(CopyState::default());
         let ends = Ends {
             from: &client_side,
             to: &upstream_side,
             meter: &meter,
-            counter: &meter.up,
+            counter: &traffic.up,
         };
         let copy = std::future::poll_fn(|cx| dir.poll(cx, &ends));
         let mut got = Vec::new();
@@ -504,7 +533,7 @@ mod tests {
         assert!(copied.is_ok());
         read.unwrap();
         assert_eq!(got, payload, "all bytes, in order, then EOF");
-        assert_eq!(meter.up.load(Ordering::Relaxed), payload.len() as u64);
+        assert_eq!(traffic.get().0, payload.len() as u64);
         writer.await.unwrap();
     }
 }

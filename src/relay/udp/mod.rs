@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use tokio::sync::{Notify, Semaphore};
 use tracing::{debug, info, warn};
 
@@ -33,6 +34,7 @@ use crate::outbound::{Outbound, OutboundError, UdpRecv, UdpUpstream, UDP_HEADROO
 use crate::policy::Policy;
 use crate::policy::{Choice, FlowMeta};
 use crate::ratelimit::RateLimit;
+use crate::registry::{EndReason, Flow, FlowGuard, FlowStart, Registry};
 use crate::relay::spares::Spares;
 use crate::route::{Decision, Router};
 use crate::sys;
@@ -108,8 +110,9 @@ enum Refused {
 /// queue remains for the start (a SOCKS5 handshake in progress) and for
 /// a full socket buffer.
 struct Leg {
-    /// The outbound's index in the policy ([`crate::policy::Choice::index`]).
-    outbound: usize,
+    /// The outbound's key ([`crate::policy::Choice::key`]): stable across
+    /// reloads, so a session keeps its upstream while its outbound stays.
+    outbound: u32,
     upstream: OnceLock<Arc<UdpUpstream>>,
     /// Datagrams handed to the queue and not yet sent by the task; while
     /// any are, the inbound queues too, so datagrams keep their order.
@@ -121,7 +124,7 @@ struct Leg {
 }
 
 impl Leg {
-    fn new(outbound: usize) -> Self {
+    fn new(outbound: u32) -> Self {
         Leg {
             outbound,
             upstream: OnceLock::new(),
@@ -207,12 +210,14 @@ struct SessionShared {
     replied: AtomicBool,
     /// Wakes the session's task to end it: it was evicted from the table.
     evicted: Notify,
-    up_bytes: AtomicU64,
+    /// The session in the registry: its byte counters, and a close asked
+    /// for from the API.
+    flow: Arc<Flow>,
     up_datagrams: AtomicU64,
 }
 
 impl SessionShared {
-    fn new(outbound: usize) -> Self {
+    fn new(outbound: u32, flow: Arc<Flow>) -> Self {
         SessionShared {
             first: Leg::new(outbound),
             extra: Mutex::new(Some(Vec::new())),
@@ -221,7 +226,7 @@ impl SessionShared {
             last_was_dns: AtomicBool::new(false),
             replied: AtomicBool::new(false),
             evicted: Notify::new(),
-            up_bytes: AtomicU64::new(0),
+            flow,
             up_datagrams: AtomicU64::new(0),
         }
     }
@@ -232,7 +237,7 @@ impl SessionShared {
     }
 
     /// The extra leg for `outbound`, if the session has one.
-    fn extra_leg(&self, outbound: usize) -> Option<Arc<Leg>> {
+    fn extra_leg(&self, outbound: u32) -> Option<Arc<Leg>> {
         lock(&self.extra)
             .as_ref()?
             .iter()
@@ -243,7 +248,7 @@ impl SessionShared {
     /// The open upstream for `outbound`, when the inbound may send on it
     /// directly. The first leg costs no lock; another takes the extra
     /// legs' (uncontended) lock.
-    fn ready(&self, outbound: usize) -> Option<Arc<UdpUpstream>> {
+    fn ready(&self, outbound: u32) -> Option<Arc<UdpUpstream>> {
         if self.first.outbound == outbound {
             return self.first.ready();
         }
@@ -285,7 +290,7 @@ impl SessionShared {
     }
 
     fn sent_up_many(&self, bytes: usize, datagrams: usize, dst: SocketAddr) {
-        self.up_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.flow.traffic.add_up(bytes as u64);
         self.up_datagrams
             .fetch_add(datagrams as u64, Ordering::Relaxed);
         self.last_was_dns.store(dst.port() == 53, Ordering::Relaxed);
@@ -458,18 +463,19 @@ fn deadline_in(wait: Duration) -> tokio::time::Instant {
 /// The session table and the reply sockets of one UDP listener.
 pub struct UdpRelay {
     router: Router,
-    timeouts: Timeouts,
-    limits: Limits,
-    /// The shortest of the UDP idle timeouts: the longest a session's task
-    /// sleeps before it looks again which timeout applies.
-    idle_check: Duration,
+    /// Swapped whole by a reload; read when a session looks at its idle
+    /// time or a new session needs room, never per datagram.
+    timeouts: ArcSwap<Timeouts>,
+    limits: ArcSwap<Limits>,
     table: Mutex<Table>,
     next_id: AtomicU64,
     pub replies: ReplySockets,
     pub stats: UdpStats,
-    /// Per outbound of the policy, by index: one outbound that cannot
-    /// open sessions must not hold back the others.
-    outbounds: Box<[OutboundState]>,
+    /// Per outbound, by key: one outbound that cannot open sessions must
+    /// not hold back the others. Looked up when a session or leg opens,
+    /// never per datagram; outbounds a reload dropped are forgotten then.
+    outbounds: Mutex<HashMap<u32, Arc<OutboundState>>>,
+    registry: Arc<Registry>,
     warnings: Warnings,
 }
 
@@ -506,38 +512,60 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl UdpRelay {
-    pub fn new(router: Router, timeouts: Timeouts, limits: Limits, mark: u32) -> Arc<Self> {
-        let idle_check = timeouts
-            .udp_idle
-            .min(timeouts.udp_dns_idle)
-            .min(timeouts.udp_unreplied)
-            .max(MIN_IDLE_CHECK);
-        // At least one, so `outbound_state` always has one to give.
-        let outbounds = (0..router.policy().outbounds().len().max(1))
-            .map(|_| OutboundState {
-                backoff: Backoff::new(),
-                opening: Semaphore::new(OPENING_AT_ONCE),
-            })
-            .collect();
+    pub fn new(
+        router: Router,
+        timeouts: Timeouts,
+        limits: Limits,
+        mark: u32,
+        registry: Arc<Registry>,
+    ) -> Arc<Self> {
         Arc::new(UdpRelay {
             router,
-            timeouts,
-            limits,
-            idle_check,
+            timeouts: ArcSwap::from_pointee(timeouts),
+            limits: ArcSwap::from_pointee(limits),
             table: Mutex::new(Table::default()),
             next_id: AtomicU64::new(1),
             replies: ReplySockets::new(limits.udp_reply_sockets, mark),
             stats: UdpStats::default(),
-            outbounds,
+            outbounds: Mutex::default(),
+            registry,
             warnings: Warnings::default(),
         })
     }
 
-    /// The back-off and opening slots of outbound `index`. The policy is
-    /// fixed for the relay's life, so every index it gives is in range;
-    /// should one not be, the last outbound's state stands in.
-    fn outbound_state(&self, index: usize) -> &OutboundState {
-        &self.outbounds[index.min(self.outbounds.len() - 1)]
+    /// The back-off and opening slots of the outbound with `key`.
+    fn outbound_state(&self, key: u32) -> Arc<OutboundState> {
+        Arc::clone(lock(&self.outbounds).entry(key).or_insert_with(|| {
+            Arc::new(OutboundState {
+                backoff: Backoff::new(),
+                opening: Semaphore::new(OPENING_AT_ONCE),
+            })
+        }))
+    }
+
+    /// A reload's timeouts and limits, for sessions from now on (the
+    /// session table's size and each session's idle time included).
+    pub fn set_timeouts_and_limits(&self, timeouts: Timeouts, limits: Limits) {
+        self.timeouts.store(Arc::new(timeouts));
+        self.limits.store(Arc::new(limits));
+    }
+
+    /// The shortest of the UDP idle timeouts: the longest a session's task
+    /// sleeps before it looks again which timeout applies.
+    fn idle_check(&self) -> Duration {
+        let t = self.timeouts.load();
+        t.udp_idle
+            .min(t.udp_dns_idle)
+            .min(t.udp_unreplied)
+            .max(MIN_IDLE_CHECK)
+    }
+
+    /// After a reload: forgets the state of outbounds the policy no longer
+    /// has (sessions still on them keep their own upstreams).
+    pub fn retain_outbounds(&self, policy: &crate::policy::Policy) {
+        let keys: std::collections::HashSet<u32> =
+            policy.outbounds().iter().map(|n| n.key).collect();
+        lock(&self.outbounds).retain(|k, _| keys.contains(k));
     }
 
     pub fn session_count(&self) -> usize {
@@ -578,9 +606,10 @@ impl UdpRelay {
     /// sends it through the upstream of the outbound they pick, opening
     /// that upstream when the session has none for it yet.
     pub fn dispatch(self: &Arc<Self>, client: SocketAddr, dst: SocketAddr, buf: &mut [u8]) {
+        let policy = self.router.current();
         let choice = match self
             .router
-            .decide(&FlowMeta::addresses(Network::Udp, client, dst))
+            .decide_with(&policy, &FlowMeta::addresses(Network::Udp, client, dst))
         {
             Decision::Forward(choice) => choice,
             Decision::RefuseLoop => {
@@ -597,7 +626,7 @@ impl UdpRelay {
             return self.refuse(client, dst, choice.outbound.name(), &refusal);
         }
         let len = buf.len() - UDP_HEADROOM;
-        if let Some((upstream, shared)) = self.ready_upstream(client, choice.index) {
+        if let Some((upstream, shared)) = self.ready_upstream(client, choice.key) {
             match upstream.try_send(buf, dst) {
                 Ok(()) => return shared.sent_up(len, dst),
                 // The socket buffer is full: the task waits for room.
@@ -618,12 +647,12 @@ impl UdpRelay {
         let mut reused = None;
         if let Some(entry) = table.sessions.get(&client) {
             let (id, shared) = (entry.id, Arc::clone(&entry.shared));
-            let extra = if shared.first.outbound == choice.index {
+            let extra = if shared.first.outbound == choice.key {
                 None
             } else {
-                shared.extra_leg(choice.index)
+                shared.extra_leg(choice.key)
             };
-            let fresh_leg = if shared.first.outbound == choice.index || extra.is_some() {
+            let fresh_leg = if shared.first.outbound == choice.key || extra.is_some() {
                 let leg = extra.as_deref().unwrap_or(&shared.first);
                 match leg.enqueue(packet()) {
                     Ok(()) => {
@@ -681,7 +710,8 @@ impl UdpRelay {
         }
 
         // A new session. The outbound failed a moment ago: fail fast.
-        let backoff = &self.outbound_state(choice.index).backoff;
+        let state = self.outbound_state(choice.key);
+        let backoff = &state.backoff;
         let permit = match backoff.admit(Instant::now()) {
             Ok(permit) => permit,
             Err(refusal) => {
@@ -695,7 +725,16 @@ impl UdpRelay {
             backoff.release(permit);
             return;
         }
-        let shared = Arc::new(SessionShared::new(choice.index));
+        let flow = self.registry.open(FlowStart {
+            network: Network::Udp,
+            client,
+            dst,
+            host: None,
+            sniffed: None,
+            rule: Arc::clone(policy.rule_label(choice.rule)),
+            chain: policy.chain_names(&choice),
+        });
+        let shared = Arc::new(SessionShared::new(choice.key, Arc::clone(flow.flow())));
         // A fresh queue is open and empty: it takes the packet.
         let _ = shared.first.enqueue(reused.unwrap_or_else(packet));
         self.stats.datagrams_queued.fetch_add(1, Ordering::Relaxed);
@@ -708,7 +747,14 @@ impl UdpRelay {
             },
         );
         drop(table);
-        tokio::spawn(Arc::clone(self).run_session(id, client, choice.outbound, shared, permit));
+        tokio::spawn(Arc::clone(self).run_session(
+            id,
+            client,
+            choice.outbound,
+            shared,
+            permit,
+            flow,
+        ));
     }
 
     /// Adds a leg for `choice`'s outbound to an established session, with
@@ -724,7 +770,8 @@ impl UdpRelay {
         choice: &Choice,
         packet: Box<Packet>,
     ) -> Result<Option<(Arc<Leg>, Permit)>, Box<Packet>> {
-        let backoff = &self.outbound_state(choice.index).backoff;
+        let state = self.outbound_state(choice.key);
+        let backoff = &state.backoff;
         let permit = match backoff.admit(Instant::now()) {
             Ok(permit) => permit,
             Err(refusal) => {
@@ -732,7 +779,7 @@ impl UdpRelay {
                 return Ok(None);
             }
         };
-        let leg = Arc::new(Leg::new(choice.index));
+        let leg = Arc::new(Leg::new(choice.key));
         if !shared.add_leg(Arc::clone(&leg)) {
             backoff.release(permit);
             return Err(packet);
@@ -799,7 +846,8 @@ impl UdpRelay {
     /// warns) when no room can be made.
     fn make_room(&self, table: &mut Table, client: SocketAddr) -> bool {
         let ip = client.ip();
-        let per_client = self.limits.udp_sessions_per_client;
+        let limits = **self.limits.load();
+        let per_client = limits.udp_sessions_per_client;
         if table.count_of(ip) >= per_client {
             let Some(victim) = table.oldest_unreplied_of(ip) else {
                 let refused = self
@@ -825,7 +873,7 @@ impl UdpRelay {
             }
             self.evict(table, victim);
         }
-        if table.sessions.len() >= self.limits.udp_sessions {
+        if table.sessions.len() >= limits.udp_sessions {
             let Some(victim) = table.oldest_unreplied() else {
                 let refused = self
                     .stats
@@ -834,7 +882,7 @@ impl UdpRelay {
                     + 1;
                 if let Some(n) = self.warnings.table_full.check() {
                     warn!(
-                        %client, limit = self.limits.udp_sessions, refused,
+                        %client, limit = limits.udp_sessions, refused,
                         "UDP session table full of answered sessions; new clients are refused until sessions expire (raise limits.udp_sessions if this is normal load){}",
                         held_back(n)
                     );
@@ -843,7 +891,7 @@ impl UdpRelay {
             };
             if let Some(n) = self.warnings.evicting.check() {
                 warn!(
-                    %client, limit = self.limits.udp_sessions, evicted = %victim,
+                    %client, limit = limits.udp_sessions, evicted = %victim,
                     "UDP session table full; the oldest unanswered session of the busiest client is closed to make room (limits.udp_sessions){}",
                     held_back(n)
                 );
@@ -887,12 +935,12 @@ impl UdpRelay {
             .router
             .decide(&FlowMeta::addresses(Network::Udp, client, dst))
         {
-            Decision::Forward(choice) => Some(choice.index),
+            Decision::Forward(choice) => Some(choice.key),
             Decision::RefuseLoop => None,
         };
         if count > 1 && !SEGMENTS_REFUSED.load(Ordering::Relaxed) {
             if let Some((upstream, shared)) =
-                outbound.and_then(|index| self.ready_upstream(client, index))
+                outbound.and_then(|key| self.ready_upstream(client, key))
             {
                 match upstream.try_send_segments(&run[UDP_HEADROOM..], segment, dst, scratch) {
                     Ok(()) => {
@@ -925,13 +973,13 @@ impl UdpRelay {
     fn ready_upstream(
         &self,
         client: SocketAddr,
-        index: usize,
+        key: u32,
     ) -> Option<(Arc<UdpUpstream>, Arc<SessionShared>)> {
         let shared = lock(&self.table)
             .sessions
             .get(&client)
             .map(|entry| Arc::clone(&entry.shared))?;
-        let upstream = shared.ready(index)?;
+        let upstream = shared.ready(key)?;
         Some((upstream, shared))
     }
 
@@ -1024,15 +1072,16 @@ impl UdpRelay {
     /// while its last datagram went to port 53, and never more than
     /// `udp_unreplied` while nothing ever came back.
     fn idle_for(&self, shared: &SessionShared) -> Duration {
+        let t = self.timeouts.load();
         let timeout = if shared.last_was_dns.load(Ordering::Relaxed) {
-            self.timeouts.udp_dns_idle
+            t.udp_dns_idle
         } else {
-            self.timeouts.udp_idle
+            t.udp_idle
         };
         if shared.replied.load(Ordering::Relaxed) {
             timeout
         } else {
-            timeout.min(self.timeouts.udp_unreplied)
+            timeout.min(t.udp_unreplied)
         }
     }
 
@@ -1050,7 +1099,7 @@ impl UdpRelay {
         if idle >= timeout {
             return None;
         }
-        Some((timeout - idle).min(self.idle_check))
+        Some((timeout - idle).min(self.idle_check()))
     }
 
     /// Opens an upstream through outbound `index`, at most
@@ -1063,11 +1112,11 @@ impl UdpRelay {
     /// worth of dials, however busy the machine.
     async fn open_upstream(
         &self,
-        index: usize,
+        key: u32,
         outbound: &Outbound,
         permit: Permit,
     ) -> Result<UdpUpstream, OpenFailure> {
-        let state = self.outbound_state(index);
+        let state = self.outbound_state(key);
         // The semaphore is never closed; should it be, open anyway.
         let _slot = state.opening.acquire().await.ok();
         if permit == Permit::Free && state.backoff.failing() {
@@ -1134,7 +1183,10 @@ impl UdpRelay {
         let mut served = Served::default();
         let stopped = async {
             if main {
-                shared.evicted.notified().await;
+                tokio::select! {
+                    () = shared.evicted.notified() => {}
+                    _ = shared.flow.close_requested() => {}
+                }
             } else {
                 // Wake-ups for datagrams queued meanwhile come here too;
                 // they are sent once the upstream is open.
@@ -1199,7 +1251,7 @@ impl UdpRelay {
                 debug!(proto = "udp", %client, outbound = name, "session open");
                 let upstream = Arc::new(upstream);
                 let _ = leg.upstream.set(Arc::clone(&upstream));
-                let deadline = tokio::time::sleep_until(deadline_in(self.idle_check));
+                let deadline = tokio::time::sleep_until(deadline_in(self.idle_check()));
                 tokio::pin!(deadline);
                 // What was queued while the upstream opened (an extra
                 // leg's wake-ups for it went to the wait above).
@@ -1230,6 +1282,7 @@ impl UdpRelay {
                             let (bytes, datagrams) =
                                 Box::pin(self.forward_replies(&upstream, id, client, shared)).await;
                             served.down_bytes += bytes;
+                            shared.flow.traffic.add_down(bytes);
                             served.down_datagrams += datagrams;
                         }
                         reason = upstream.closed() => {
@@ -1241,6 +1294,7 @@ impl UdpRelay {
                             break reason;
                         }
                         () = shared.evicted.notified(), if main => break "evicted".to_string(),
+                        _ = shared.flow.close_requested(), if main => break "closed-by-api".to_string(),
                         _ = &mut deadline, if main => match self.idle_wait(shared) {
                             None => break "idle-timeout".to_string(),
                             // Datagrams the inbound sent itself count as
@@ -1277,8 +1331,8 @@ impl UdpRelay {
         outbound: Arc<Outbound>,
         shared: Arc<SessionShared>,
         permit: Permit,
+        flow: FlowGuard,
     ) {
-        let started = Instant::now();
         let served = self
             .serve_leg(id, client, &outbound, &shared, &shared.first, permit, true)
             .await;
@@ -1292,23 +1346,11 @@ impl UdpRelay {
                 .fetch_add(left as u64, Ordering::Relaxed);
         }
         self.close_leg(client, &shared.first);
-        let up_bytes = shared.up_bytes.load(Ordering::Relaxed);
-        let up_n = shared.up_datagrams.load(Ordering::Relaxed);
-
         lock(&self.table).remove_if(client, id);
         // The upstream socket (and a SOCKS5 association's control
         // connection) closes as this task ends: the table no longer holds
         // `shared`, and the inbound holds it only during a send.
-        debug!(
-            proto = "udp",
-            %client,
-            dst = %served.first_dst.map(|d| d.to_string()).unwrap_or_else(|| "-".into()),
-            outbound = outbound.name(),
-            up_bytes, down_bytes = served.down_bytes, up_datagrams = up_n, down_datagrams = served.down_datagrams,
-            duration_ms = started.elapsed().as_millis() as u64,
-            end = %served.end,
-            "flow"
-        );
+        flow.end(session_end_reason(&served.end), Some(&served.end));
     }
 
     /// The task of a session's extra leg (a second outbound's upstream).
@@ -1339,6 +1381,19 @@ impl UdpRelay {
             end = %served.end,
             "flow leg"
         );
+    }
+}
+
+/// The registry's reason for how a session's first leg ended.
+fn session_end_reason(end: &str) -> EndReason {
+    match end {
+        "evicted" => EndReason::Evicted,
+        "idle-timeout" => EndReason::Idle,
+        "closed-by-api" => EndReason::ClosedByApi,
+        "backing-off" => EndReason::OpenFailed,
+        e if e.starts_with("open-failed") => EndReason::OpenFailed,
+        e if e.starts_with("refused") => EndReason::Blocked,
+        _ => EndReason::UpstreamError,
     }
 }
 
@@ -1401,7 +1456,7 @@ mod tests {
             tcp_connecting_per_client: 16,
         };
         let router = Router::new("127.0.0.1:1090".parse().unwrap(), Policy::single(outbound));
-        UdpRelay::new(router, timeouts, limits, 0)
+        UdpRelay::new(router, timeouts, limits, 0, Arc::new(Registry::new()))
     }
 
     /// A relay whose policy has outbounds `a` (direct, `route.final`) and
@@ -1436,7 +1491,7 @@ mod tests {
             "127.0.0.1:1090".parse().unwrap(),
             Policy::from_config(&cfg).unwrap(),
         );
-        UdpRelay::new(router, timeouts, limits, 0)
+        UdpRelay::new(router, timeouts, limits, 0, Arc::new(Registry::new()))
     }
 
     /// A remote for full-cone checks: it listens on `listen_ip` and echoes
@@ -1498,6 +1553,27 @@ mod tests {
         false
     }
 
+    /// The policy index of the outbound with `key`.
+    fn index_of_key(relay: &UdpRelay, key: u32) -> usize {
+        let policy = relay.router.policy();
+        policy
+            .outbounds()
+            .iter()
+            .position(|n| n.key == key)
+            .expect("a key of the policy")
+    }
+
+    /// The key of the policy's outbound `index`.
+    fn key_at(relay: &UdpRelay, index: usize) -> u32 {
+        relay.router.policy().outbounds()[index].key
+    }
+
+    /// The back-off state of the policy's outbound `index`.
+    fn state_at(relay: &UdpRelay, index: usize) -> Arc<OutboundState> {
+        let key = relay.router.policy().outbounds()[index].key;
+        relay.outbound_state(key)
+    }
+
     /// The session of `client`'s upstreams, by outbound index: the first
     /// leg's and the extra legs'.
     fn upstreams_of(relay: &UdpRelay, client: SocketAddr) -> Vec<(usize, Arc<UdpUpstream>)> {
@@ -1509,7 +1585,12 @@ mod tests {
         let extra = lock(&shared.extra).clone().unwrap_or_default();
         std::iter::once(&shared.first)
             .chain(extra.iter().map(|l| &**l))
-            .filter_map(|leg| Some((leg.outbound, Arc::clone(leg.upstream.get()?))))
+            .filter_map(|leg| {
+                Some((
+                    index_of_key(relay, leg.outbound),
+                    Arc::clone(leg.upstream.get()?),
+                ))
+            })
             .collect()
     }
 
@@ -1707,13 +1788,13 @@ mod tests {
         let mut buf = [0u8; 8];
         sink.recv(&mut buf).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while relay.ready_upstream(first, 0).is_none() {
+        while relay.ready_upstream(first, key_at(&relay, 0)).is_none() {
             assert!(Instant::now() < deadline, "the session never opened");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         // Weak: this test must not keep the session's state alive itself.
         let (upstream, shared) = relay
-            .ready_upstream(first, 0)
+            .ready_upstream(first, key_at(&relay, 0))
             .map(|(u, s)| (Arc::downgrade(&u), Arc::downgrade(&s)))
             .expect("session open");
         relay.dispatch(port([127, 0, 0, 1], 2), dst, &mut framed(b"2"));
@@ -1779,7 +1860,7 @@ mod tests {
         let sessions = lock(&relay.table);
         let shared = &sessions.sessions[&client].shared;
         assert_eq!(shared.up_datagrams.load(Ordering::Relaxed), 200);
-        assert_eq!(shared.up_bytes.load(Ordering::Relaxed), 800);
+        assert_eq!(shared.flow.traffic.get().0, 800);
     }
 
     /// A run the kernel will not segment (here: more segments than it
@@ -1795,7 +1876,7 @@ mod tests {
         let n = sink.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"open");
         let deadline = Instant::now() + Duration::from_secs(5);
-        while relay.ready_upstream(client, 0).is_none() {
+        while relay.ready_upstream(client, key_at(&relay, 0)).is_none() {
             assert!(Instant::now() < deadline, "the session never opened");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -1883,14 +1964,28 @@ mod tests {
     #[tokio::test]
     async fn dns_and_unanswered_sessions_idle_out_sooner() {
         let relay = relay_for(1, 1, timeouts(secs(60), secs(10), secs(20)));
-        let shared = SessionShared::new(0);
+        let registry = Arc::new(Registry::new());
+        let guard = registry.open(crate::registry::FlowStart {
+            network: Network::Udp,
+            client: "192.0.2.2:1".parse().unwrap(),
+            dst: "198.51.100.1:53".parse().unwrap(),
+            host: None,
+            sniffed: None,
+            rule: Arc::new(crate::registry::RuleLabel {
+                index: None,
+                kind: "Match",
+                payload: String::new(),
+            }),
+            chain: vec![Arc::from("direct")],
+        });
+        let shared = SessionShared::new(0, Arc::clone(guard.flow()));
         shared.sent_up(1, "198.51.100.1:53".parse().unwrap());
         assert_eq!(relay.idle_for(&shared), secs(10));
         shared.sent_up(1, "198.51.100.1:443".parse().unwrap());
         assert_eq!(relay.idle_for(&shared), secs(20), "never answered");
         shared.replied.store(true, Ordering::Relaxed);
         assert_eq!(relay.idle_for(&shared), secs(60));
-        assert_eq!(relay.idle_check, secs(10));
+        assert_eq!(relay.idle_check(), secs(10));
     }
 
     /// Waits until `client` has no session; false after `within`.
@@ -1921,7 +2016,10 @@ mod tests {
         sink.recv(&mut buf).unwrap();
         // Longer than the DNS timeout: a non-DNS session is still there.
         tokio::time::sleep(Duration::from_millis(600)).await;
-        assert!(relay.ready_upstream(client, 0).is_some(), "ended too soon");
+        assert!(
+            relay.ready_upstream(client, key_at(&relay, 0)).is_some(),
+            "ended too soon"
+        );
         // Nothing listens on that port; the datagram only has to leave.
         relay.dispatch(client, "127.0.0.1:53".parse().unwrap(), &mut framed(b"q"));
         assert!(
@@ -2021,7 +2119,7 @@ mod tests {
         let dropped = stats.datagrams_dropped_backoff.load(Ordering::Relaxed)
             + stats.datagrams_dropped_queue.load(Ordering::Relaxed);
         assert_eq!(dropped, 1000, "every datagram counted");
-        assert!(relay.outbound_state(0).backoff.failing());
+        assert!(state_at(&relay, 0).backoff.failing());
     }
 
     /// One client port talks to two remotes whose destinations the rules
@@ -2123,9 +2221,9 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert!(relay.outbound_state(1).backoff.failing());
+        assert!(state_at(&relay, 1).backoff.failing());
         assert!(
-            !relay.outbound_state(0).backoff.failing(),
+            !state_at(&relay, 0).backoff.failing(),
             "back-off is per outbound"
         );
         // The failed leg is gone; while b backs off, its datagrams are
@@ -2234,7 +2332,7 @@ mod tests {
             let_sessions_run().await;
             assert_eq!(relay.session_count(), 0);
             assert_eq!(relay.stats.datagrams_refused.load(Ordering::Relaxed), 10);
-            assert!(!relay.outbound_state(0).backoff.failing());
+            assert!(!state_at(&relay, 0).backoff.failing());
             assert_eq!(relay.stats.sessions_open_failed.load(Ordering::Relaxed), 0);
         }
     }

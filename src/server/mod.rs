@@ -8,6 +8,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,14 +18,18 @@ use tracing::{info, warn};
 use crate::config::OutboundKind;
 use crate::config::{Config, Mode};
 use crate::fds;
+use crate::firewall::{self, FirewallError, Plan};
 use crate::inbound;
 use crate::inbound::admission::Admission;
 use crate::inbound::tcp::TcpContext;
-use crate::outbound::group;
 use crate::policy::Policy;
+use crate::registry::Registry;
 use crate::relay::udp::UdpRelay;
 use crate::route::Router;
 use crate::sys;
+
+mod live;
+pub use live::{restart_only_changes, Live, Loader, ReloadError, ReloadReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -71,6 +76,8 @@ pub enum StartError {
     Policy(#[from] crate::policy::PolicyError),
     #[error("cannot register the listener with the runtime: {0}")]
     Runtime(io::Error),
+    #[error("cannot remove the firewall rules: {0}")]
+    RemoveRules(FirewallError),
 }
 
 fn bind_error(proto: &'static str, addr: SocketAddr, source: io::Error) -> StartError {
@@ -143,10 +150,28 @@ pub fn capabilities_needed(cfg: &Config) -> sys::CapSet {
 }
 
 /// Listeners bound and ready to serve.
+///
+/// The server owns its whole life: [`bind`](Server::bind) the listeners,
+/// [`install_rules`](Server::install_rules) (rules must never point at a
+/// port nobody serves), then [`run`](Server::run): serve, and on the stop
+/// drain the flows and remove the rules. The binary only puts the user
+/// switch between the rules and the serving, where it must be.
 pub struct Server {
     cfg: Config,
     tcp: Option<std::net::TcpListener>,
     udp: Option<std::net::UdpSocket>,
+    plan: Option<Plan>,
+    loader: Option<Loader>,
+}
+
+/// What the server's life ends with, for the caller's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RulesAtStop {
+    /// No rules were installed (backend none, or none asked for).
+    None,
+    Removed,
+    /// `fail_closed`: kept, captured traffic is dropped until a restart.
+    Kept,
 }
 
 impl Server {
@@ -198,21 +223,86 @@ impl Server {
         } else {
             None
         };
-        Ok(Server { cfg, tcp, udp })
+        Ok(Server {
+            cfg,
+            tcp,
+            udp,
+            plan: None,
+            loader: None,
+        })
     }
 
     pub fn config(&self) -> &Config {
         &self.cfg
     }
 
-    /// Serves until `shutdown` resolves. Must run inside a Tokio runtime.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    /// How a reload (SIGHUP, the API) reads the configuration again.
+    pub fn with_loader(mut self, loader: Loader) -> Self {
+        self.loader = Some(loader);
+        self
+    }
+
+    /// Installs `plan`'s rules and routes; the server removes them when
+    /// it stops (unless `fail_closed`) and replaces them on reload. On
+    /// failure nothing is left installed.
+    pub async fn install_rules(&mut self, plan: Plan) -> Result<(), FirewallError> {
+        firewall::apply(&plan).await?;
+        self.plan = Some(plan);
+        Ok(())
+    }
+
+    /// The rules installed now, if any.
+    pub fn plan(&self) -> Option<&Plan> {
+        self.plan.as_ref()
+    }
+
+    /// Removes the installed rules, for a start that fails after
+    /// [`install_rules`](Server::install_rules) (the user switch).
+    pub async fn remove_rules(&mut self) -> Result<(), FirewallError> {
+        match self.plan.take() {
+            Some(plan) => firewall::remove(&plan).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Serves until `shutdown` resolves, reloading on each message from
+    /// `reloads`; then drains the flows and removes the rules. Must run
+    /// inside a Tokio runtime.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()>,
+        reloads: tokio::sync::mpsc::Receiver<()>,
+    ) -> Result<RulesAtStop, StartError> {
+        self.run_with(shutdown, reloads, |_| {}).await
+    }
+
+    /// [`run`](Server::run), handing the running server's shared state to
+    /// `started` once it serves (the tests steer it through that).
+    pub async fn run_with(
+        self,
+        shutdown: impl Future<Output = ()>,
+        mut reloads: tokio::sync::mpsc::Receiver<()>,
+        started: impl FnOnce(Arc<Live>),
+    ) -> Result<RulesAtStop, StartError> {
+        // Whatever fails before serving takes the rules away with it:
+        // they would capture traffic into a listener that never serves.
+        let policy = match Policy::from_config(&self.cfg) {
+            Ok(p) => p,
+            Err(e) => {
+                if let Some(plan) = &self.plan {
+                    let _ = firewall::remove(plan).await;
+                }
+                return Err(StartError::Policy(e));
+            }
+        };
         let cfg = self.cfg;
-        let policy = Policy::from_config(&cfg).map_err(StartError::Policy)?;
         let router = Router::new(cfg.listen, policy);
+        let registry = Arc::new(Registry::new());
         let mut tasks = tokio::task::JoinSet::new();
         let (stop_tcp, tcp_stop) = tokio::sync::watch::channel(false);
         let mut tcp_task = None;
+        let mut tcp_ctx = None;
+        let mut udp_relay = None;
 
         if let Some(l) = self.tcp {
             let listener = TcpListener::from_std(l).map_err(StartError::Runtime)?;
@@ -220,17 +310,27 @@ impl Server {
             let ctx = Arc::new(TcpContext {
                 mode: cfg.mode,
                 router: router.clone(),
-                idle: cfg.timeouts.tcp_idle,
+                idle_ms: AtomicU64::new(
+                    cfg.timeouts.tcp_idle.as_millis().min(u64::MAX as u128) as u64
+                ),
                 admission: Admission::new(
                     cfg.limits.tcp_flows,
                     cfg.limits.tcp_connecting_per_client,
                 ),
+                registry: Arc::clone(&registry),
             });
+            tcp_ctx = Some(Arc::clone(&ctx));
             tcp_task = Some(tokio::spawn(inbound::tcp::serve(listener, ctx, tcp_stop)));
         }
         if let Some(s) = self.udp {
             let socket = UdpSocket::from_std(s).map_err(StartError::Runtime)?;
-            let relay = UdpRelay::new(router.clone(), cfg.timeouts, cfg.limits, cfg.mark);
+            let relay = UdpRelay::new(
+                router.clone(),
+                cfg.timeouts,
+                cfg.limits,
+                cfg.mark,
+                Arc::clone(&registry),
+            );
             let sweeper = Arc::clone(&relay);
             let idle = cfg.timeouts.udp_idle;
             tasks.spawn(async move {
@@ -240,8 +340,19 @@ impl Server {
                     sweeper.replies.expire(idle);
                 }
             });
+            udp_relay = Some(Arc::clone(&relay));
             tasks.spawn(inbound::udp::serve(socket, relay));
         }
+        // Byte totals and the rate, once a second (the metrics and the
+        // API's traffic stream read them).
+        let ticking = Arc::clone(&registry);
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                ticking.tick();
+            }
+        });
 
         let protocols = match (cfg.tcp, cfg.udp) {
             (true, true) => "tcp+udp",
@@ -253,7 +364,8 @@ impl Server {
 
         // An unreachable upstream at start is worth a warning, not a refusal
         // to start: flows fail fast (reset) until it is back.
-        for named in router.policy().outbounds() {
+        let policy = router.policy();
+        for named in policy.outbounds() {
             let probe = Arc::clone(&named.outbound);
             let name = named.name.clone();
             tasks.spawn(async move {
@@ -261,17 +373,37 @@ impl Server {
                     warn!(outbound = %name, "upstream not reachable at start: {e}; flows through it will be reset until it is back");
                 }
             });
-            // Failover groups check their members for as long as the
-            // server runs; `abort_all` below ends them with it.
-            if let Some(watch) = group::failover_watch(Arc::clone(&named.outbound)) {
-                tasks.spawn(watch);
+        }
+        let fail_closed = cfg.firewall.fail_closed;
+        let live = Arc::new(Live::new(
+            Arc::clone(&registry),
+            router.clone(),
+            cfg,
+            tcp_ctx,
+            udp_relay,
+            self.plan,
+            self.loader,
+        ));
+        // Failover groups check their members for as long as the server
+        // runs; a reload restarts them for its policy.
+        live.start_health_checks(&policy);
+        drop(policy);
+        started(Arc::clone(&live));
+
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                Some(()) = reloads.recv() => {
+                    if let Err(e) = live.reload().await {
+                        warn!("{e}");
+                    }
+                }
             }
         }
-
-        shutdown.await;
         info!("tproxyd stopping");
-        // TCP flows are reset before returning, so that the caller removes
-        // the rules only when no socket still needs them.
+        // TCP flows are reset before the rules go, so that no socket still
+        // needs them once they are removed.
         let _ = stop_tcp.send(true);
         if let Some(task) = tcp_task {
             if tokio::time::timeout(Duration::from_secs(5), task)
@@ -282,7 +414,20 @@ impl Server {
             }
         }
         tasks.abort_all();
-        Ok(())
+        live.stop_health_checks();
+        let plan = live.plan();
+        let rules = match plan {
+            None => RulesAtStop::None,
+            Some(p) if p.backend == crate::config::Backend::None => RulesAtStop::None,
+            Some(_) if fail_closed => RulesAtStop::Kept,
+            Some(p) => {
+                firewall::remove(&p)
+                    .await
+                    .map_err(StartError::RemoveRules)?;
+                RulesAtStop::Removed
+            }
+        };
+        Ok(rules)
     }
 }
 

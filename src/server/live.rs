@@ -1,0 +1,320 @@
+//! What a running server shares with whoever steers it (the API, SIGHUP):
+//! the registry of flows, the policy new flows read, the configuration it
+//! came from, and the reload that replaces them.
+//!
+//! A reload builds everything new before it changes anything: a file that
+//! fails validation, a rule set that cannot be read or firewall rules the
+//! kernel refuses leave the running configuration exactly as it was.
+//! Then the policy is swapped in one atomic store: flows already decided
+//! keep the outbound they have, new flows read the new policy.
+
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::firewall::{self, Plan};
+use crate::inbound::tcp::TcpContext;
+use crate::outbound::group;
+use crate::policy::Policy;
+use crate::registry::Registry;
+use crate::relay::udp::UdpRelay;
+use crate::route::Router;
+
+/// Reads the configuration again: the file and the command-line flags
+/// over it, validated. The error text names every problem.
+pub type Loader = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("reload refused, the running configuration is unchanged: {0}")]
+    Invalid(String),
+    #[error(
+        "reload refused, the running configuration is unchanged: {} can only change with a restart ({})",
+        keys.join(", "), "stop tproxyd and start it again"
+    )]
+    NeedsRestart { keys: Vec<&'static str> },
+    #[error("reload refused, the running configuration is unchanged: {0}")]
+    Policy(#[from] crate::policy::PolicyError),
+    #[error("reload refused, the running configuration is unchanged: {0}")]
+    Firewall(#[from] firewall::FirewallError),
+    #[error("reload is not available: tproxyd was started without a way to read its configuration again")]
+    NoLoader,
+}
+
+/// What a reload changed, for the log and the API.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Top-level parts that differ from before (`route`, `outbounds`,
+    /// `timeouts`, `limits`, `firewall`).
+    pub changed: Vec<&'static str>,
+    /// Outbounds kept as they were (their state, a selector's choice
+    /// included), and those built anew.
+    pub kept: usize,
+    pub built: usize,
+}
+
+impl fmt::Display for ReloadReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.changed.is_empty() {
+            return f.write_str("nothing changed");
+        }
+        write!(
+            f,
+            "changed: {}; outbounds kept: {}, built: {}",
+            self.changed.join(", "),
+            self.kept,
+            self.built
+        )
+    }
+}
+
+/// The keys a running server cannot change: its sockets, threads and
+/// identity, and the routing marks its installed rules carry.
+pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    let mut check = |differs: bool, key: &'static str| {
+        if differs {
+            keys.push(key);
+        }
+    };
+    check(old.listen != new.listen, "listen");
+    check(old.mode != new.mode, "mode");
+    check(old.mark != new.mark, "mark");
+    check(old.tcp != new.tcp || old.udp != new.udp, "tcp/udp");
+    check(old.user != new.user, "user");
+    check(old.limits.threads != new.limits.threads, "limits.threads");
+    check(
+        old.limits.udp_reply_sockets != new.limits.udp_reply_sockets,
+        "limits.udp_reply_sockets",
+    );
+    check(
+        old.firewall.backend != new.firewall.backend,
+        "firewall.backend",
+    );
+    check(
+        old.firewall.route_mark != new.firewall.route_mark
+            || old.firewall.route_table != new.firewall.route_table
+            || old.firewall.rule_priority != new.firewall.rule_priority,
+        "firewall.route_mark/route_table/rule_priority",
+    );
+    keys
+}
+
+/// The running server's shared state.
+pub struct Live {
+    pub registry: Arc<Registry>,
+    pub router: Router,
+    config: Mutex<Arc<Config>>,
+    tcp: Option<Arc<TcpContext>>,
+    udp: Option<Arc<UdpRelay>>,
+    /// The rules installed now; None when the server installs none.
+    plan: Mutex<Option<Plan>>,
+    loader: Option<Loader>,
+    /// One reload at a time: two at once could install rules out of order.
+    reloading: tokio::sync::Mutex<()>,
+    /// Failover groups' health checks, for the policy of the moment.
+    health: Mutex<JoinSet<()>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Live {
+    pub(super) fn new(
+        registry: Arc<Registry>,
+        router: Router,
+        config: Config,
+        tcp: Option<Arc<TcpContext>>,
+        udp: Option<Arc<UdpRelay>>,
+        plan: Option<Plan>,
+        loader: Option<Loader>,
+    ) -> Live {
+        Live {
+            registry,
+            router,
+            config: Mutex::new(Arc::new(config)),
+            tcp,
+            udp,
+            plan: Mutex::new(plan),
+            loader,
+            reloading: tokio::sync::Mutex::new(()),
+            health: Mutex::new(JoinSet::new()),
+        }
+    }
+
+    /// The configuration now running.
+    pub fn config(&self) -> Arc<Config> {
+        Arc::clone(&lock(&self.config))
+    }
+
+    /// The firewall plan installed now (what the stop removes).
+    pub fn plan(&self) -> Option<Plan> {
+        lock(&self.plan).clone()
+    }
+
+    /// The UDP relay, when the server serves UDP.
+    pub fn udp(&self) -> Option<&Arc<UdpRelay>> {
+        self.udp.as_ref()
+    }
+
+    /// (Re)starts the health checks of the policy's failover groups and
+    /// ends those of the policy before. Must run inside the runtime.
+    pub(super) fn start_health_checks(&self, policy: &Policy) {
+        let mut health = lock(&self.health);
+        health.abort_all();
+        for named in policy.outbounds() {
+            if let Some(watch) = group::failover_watch(Arc::clone(&named.outbound)) {
+                health.spawn(watch);
+            }
+        }
+    }
+
+    pub(super) fn stop_health_checks(&self) {
+        lock(&self.health).abort_all();
+    }
+
+    /// Reads the configuration again and applies it, or refuses it and
+    /// changes nothing. Flows already running keep going on the outbound
+    /// they have.
+    pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
+        let _one = self.reloading.lock().await;
+        let loader = self.loader.as_ref().ok_or(ReloadError::NoLoader)?;
+        let new = loader().map_err(ReloadError::Invalid)?;
+        let old = self.config();
+        let restart = restart_only_changes(&old, &new);
+        if !restart.is_empty() {
+            return Err(ReloadError::NeedsRestart { keys: restart });
+        }
+        let current = self.router.policy();
+        let policy = Policy::from_config_keeping(&new, Some(&current))?;
+        let kept = policy
+            .outbounds()
+            .iter()
+            .filter(|n| current.outbounds().iter().any(|o| o.key == n.key))
+            .count();
+        let report = ReloadReport {
+            changed: changed_parts(&old, &new),
+            kept,
+            built: policy.outbounds().len() - kept,
+        };
+
+        // The firewall first: if the kernel refuses the new rules, nothing
+        // else has changed yet. The tools run on a blocking thread, never
+        // on a relay thread.
+        let installed = self.plan();
+        if let Some(installed) = installed {
+            let next = Plan::from_config(&new).load_bypass_sets(&new)?;
+            if next != installed {
+                let to_apply = next.clone();
+                let runtime = tokio::runtime::Handle::current();
+                let applied = tokio::task::spawn_blocking(move || {
+                    runtime.block_on(firewall::apply(&to_apply))
+                })
+                .await;
+                match applied {
+                    Ok(Ok(())) => *lock(&self.plan) = Some(next),
+                    Ok(Err(e)) => {
+                        // Put back what ran before; should that fail too,
+                        // say so: the capture may now be incomplete.
+                        let back = installed.clone();
+                        let runtime = tokio::runtime::Handle::current();
+                        let restored = tokio::task::spawn_blocking(move || {
+                            runtime.block_on(firewall::apply(&back))
+                        })
+                        .await;
+                        if !matches!(restored, Ok(Ok(()))) {
+                            warn!("the firewall rules could not be put back as they were after a failed reload; run `tproxyd doctor`");
+                        }
+                        return Err(e.into());
+                    }
+                    Err(join) => {
+                        return Err(ReloadError::Invalid(format!(
+                            "applying the firewall rules failed: {join}"
+                        )))
+                    }
+                }
+            }
+        }
+
+        let policy = Arc::new(policy);
+        if let Some(udp) = &self.udp {
+            udp.set_timeouts_and_limits(new.timeouts, new.limits);
+        }
+        if let Some(tcp) = &self.tcp {
+            tcp.idle_ms.store(
+                new.timeouts.tcp_idle.as_millis().min(u64::MAX as u128) as u64,
+                Ordering::Relaxed,
+            );
+            tcp.admission
+                .set_limits(new.limits.tcp_flows, new.limits.tcp_connecting_per_client);
+        }
+        self.router.set_policy(Arc::clone(&policy));
+        if let Some(udp) = &self.udp {
+            udp.retain_outbounds(&policy);
+        }
+        self.start_health_checks(&policy);
+        *lock(&self.config) = Arc::new(new);
+        info!("configuration reloaded: {report}");
+        Ok(report)
+    }
+}
+
+fn changed_parts(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut parts = Vec::new();
+    if old.outbounds != new.outbounds {
+        parts.push("outbounds");
+    }
+    if old.route != new.route {
+        parts.push("route");
+    }
+    if old.timeouts != new.timeouts {
+        parts.push("timeouts");
+    }
+    if old.limits != new.limits {
+        parts.push("limits");
+    }
+    if old.firewall != new.firewall {
+        parts.push("firewall");
+    }
+    parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RawConfig;
+
+    fn config(extra: &str) -> Config {
+        RawConfig::from_toml(
+            &format!("[outbound]\ntype = \"direct\"\n[firewall]\nbackend = \"none\"\n{extra}"),
+            "t",
+        )
+        .unwrap()
+        .validate(&|_| None)
+        .unwrap()
+    }
+
+    #[test]
+    fn listen_mode_mark_and_threads_need_a_restart() {
+        let old = config("");
+        let mut new = old.clone();
+        assert!(restart_only_changes(&old, &new).is_empty());
+        new.listen = "127.0.0.1:1".parse().unwrap();
+        new.mark = old.mark + 1;
+        new.limits.threads = old.limits.threads + 1;
+        assert_eq!(
+            restart_only_changes(&old, &new),
+            ["listen", "mark", "limits.threads"]
+        );
+        let mut rules_only = old.clone();
+        rules_only.timeouts.tcp_idle *= 2;
+        rules_only.limits.tcp_flows += 1;
+        assert!(restart_only_changes(&old, &rules_only).is_empty());
+        assert_eq!(changed_parts(&old, &rules_only), ["timeouts", "limits"]);
+    }
+}
