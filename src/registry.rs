@@ -493,7 +493,6 @@ impl FlowGuard {
         let (up, down) = f.traffic.get();
         let route = RouteText(&f.start.chain);
         debug!(
-            id = f.id,
             proto = match f.start.network {
                 Network::Tcp => "tcp",
                 Network::Udp => "udp",
@@ -508,6 +507,7 @@ impl FlowGuard {
             duration_ms = f.age().as_millis() as u64,
             end = %reason,
             detail,
+            id = f.id,
             "flow"
         );
     }

@@ -75,10 +75,7 @@ fn demo_shows_every_flow_through_tproxyd_and_leaves_nothing() {
             "{line}"
         );
     }
-    assert!(
-        text.contains("flow proto=\"tcp\" client=192.0.2.2"),
-        "{text}"
-    );
+    assert!(text.contains("proto=\"tcp\" client=192.0.2.2"), "{text}");
     assert!(
         text.contains("no tproxyd table, chain or ip rule is left"),
         "{text}"
