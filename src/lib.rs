@@ -12,6 +12,7 @@
 //! [`sys`] holds every raw system call behind safe functions; [`config`]
 //! reads and validates settings; [`server`] binds and runs an instance.
 
+pub mod api;
 pub mod config;
 pub mod fds;
 pub mod firewall;

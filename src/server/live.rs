@@ -152,6 +152,26 @@ impl Live {
         }
     }
 
+    /// A server's shared state without its sockets: no flow arrives, but
+    /// the policy, the registry and reload work (the API's tests).
+    #[cfg(test)]
+    pub(crate) fn detached(
+        config: Config,
+        loader: Option<Loader>,
+    ) -> Result<Live, crate::policy::PolicyError> {
+        let policy = Policy::from_config(&config)?;
+        let router = Router::new(config.listen, policy);
+        Ok(Live::new(
+            Arc::new(Registry::new()),
+            router,
+            config,
+            None,
+            None,
+            None,
+            loader,
+        ))
+    }
+
     /// The configuration now running.
     pub fn config(&self) -> Arc<Config> {
         Arc::clone(&lock(&self.config))
