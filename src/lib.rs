@@ -14,6 +14,7 @@
 //! to the removal of its rules, and reloads it; [`registry`] lists its
 //! live flows for the logs, the API and the metrics.
 
+pub mod api;
 pub mod config;
 pub mod fds;
 pub mod firewall;
