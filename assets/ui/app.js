@@ -26,7 +26,8 @@
     const m = Math.floor(s / 60); s %= 60;
     if (m < 60) return m + 'm' + String(s).padStart(2, '0') + 's';
     const h = Math.floor(m / 60);
-    return h + 'h' + String(m % 60).padStart(2, '0') + 'm';
+    if (h < 24) return h + 'h' + String(m % 60).padStart(2, '0') + 'm';
+    return Math.floor(h / 24) + 'd' + String(h % 24).padStart(2, '0') + 'h';
   }
 
   // "[v6]:port" like a socket address, so the same text works for both
