@@ -235,11 +235,15 @@
     }
   }
 
-  // 1, 2 or 5 times a power of ten: round tops for the scale.
+  // A round top for the scale in the unit the labels use (1, 2, 5 or 10
+  // KiB/s, MiB/s, ...), so the grid lines read as round numbers.
   function niceCeil(v) {
-    const p = Math.pow(10, Math.floor(Math.log10(v)));
-    for (const m of [1, 2, 5, 10]) if (m * p >= v) return m * p;
-    return 10 * p;
+    let unit = 1;
+    while (v >= unit * 1024) unit *= 1024;
+    const x = v / unit;
+    const p = Math.pow(10, Math.floor(Math.log10(x)));
+    for (const m of [1, 2, 4, 5, 8, 10]) if (m * p >= x) return m * p * unit;
+    return 10 * p * unit;
   }
 
   window.addEventListener('resize', drawChart);
