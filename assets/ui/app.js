@@ -75,12 +75,13 @@
 
   function askSecret(error) {
     const dlg = $('auth');
+    setStatus('needs the API secret', 'bad');
+    // Polls keep failing while the dialog is up: leave what is being
+    // typed alone.
+    if (dlg.open) return;
     $('auth-error').textContent = error || '';
     $('secret').value = '';
-    setStatus('needs the API secret', 'bad');
-    if (!dlg.open) {
-      if (dlg.showModal) dlg.showModal(); else dlg.setAttribute('open', '');
-    }
+    if (dlg.showModal) dlg.showModal(); else dlg.setAttribute('open', '');
     $('secret').focus();
   }
 
