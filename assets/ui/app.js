@@ -518,7 +518,9 @@
       btn.disabled = true;
       delay.textContent = '…';
       try {
-        const q = new URLSearchParams({ timeout: '5000', url: 'http://www.gstatic.com/generate_204' });
+        // tproxyd times the outbound's own probe (for a proxy, its
+        // handshake); it fetches no URL, so none is named.
+        const q = new URLSearchParams({ timeout: '5000' });
         const r = await api('GET', '/proxies/' + encodeURIComponent(name) + '/delay?' + q);
         delay.textContent = r && r.delay ? r.delay + ' ms' : 'timeout';
       } catch (e) {
