@@ -33,6 +33,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TPROXYD = ROOT / "target/release/tproxyd"
+# An earlier build of tproxyd (bench/run --baseline REV builds it): the
+# "tproxyd-baseline" configuration runs it, so a change's cost is measured
+# against the release before it, round by round.
+BASELINE = ROOT / "target/baseline/release/tproxyd"
 LOADGEN = ROOT / "target/release/examples/loadgen"
 
 RR_PORT = 8000
@@ -325,6 +329,26 @@ class TproxydDirect(Tproxyd):
         return ["--direct"]
 
 
+class TproxydBaseline(TproxydDirect):
+    """tproxyd direct as built from an earlier commit (bench/run --baseline
+    REV): the same flows through the release before, for the cost of what
+    changed since (issue 11: the flow registry and its counters)."""
+
+    name, label = "tproxyd-baseline", "tproxyd direct (baseline build)"
+
+    def start(self):
+        if not BASELINE.exists():
+            raise BenchError(f"{BASELINE} is missing: run bench/run --baseline REV")
+        self.proc = self.bed.router.spawn(BASELINE, "run", *self.args(), log_to=self.log())
+        self.bed.router.wait_listening("tcp", self.port, "tproxyd")
+        self.bed.router.wait_listening("udp", self.port, "tproxyd")
+        deadline = time.time() + 10
+        while "tproxyd" not in self.bed.router.sh("nft", "list", "tables").stdout:
+            if time.time() > deadline:
+                raise BenchError("tproxyd (baseline) did not install its rules")
+            time.sleep(0.05)
+
+
 class TproxydSocks(Tproxyd):
     name, label = "tproxyd-socks5", "tproxyd → SOCKS5"
 
@@ -518,6 +542,9 @@ class V2ray(PeerTproxyRules, Config):
 
 
 CONFIGS = [Plain, TproxydDirect, TproxydRules, TproxydSocks, Redsocks, RedsocksSplice, SsRedir, V2ray]
+# Only when asked for by name (--only ...,tproxyd-baseline): it needs a
+# second build.
+OPTIONAL_CONFIGS = [TproxydBaseline]
 
 
 # ---------------------------------------------------------------- measurements
@@ -852,6 +879,7 @@ def report(table, p, info, samples):
         lines.append(f"| {title} ({unit}) {arrow} | " + " | ".join(cells) + " |")
 
     lines += rules_section(table, samples)
+    lines += baseline_section(table, samples)
     if not any(n in table for n in ["plain", *PEERS]):
         # A subset without plain routing and peers: nothing to compare with.
         return "\n".join(lines + failed_runs(samples) + [""])
@@ -962,6 +990,35 @@ def rules_section(table, samples, a="tproxyd-rules", b="tproxyd-direct"):
     return lines
 
 
+def baseline_section(table, samples, a="tproxyd-direct", b="tproxyd-baseline"):
+    """Issue 11's figures: this build against an earlier one, same flows."""
+    if a not in table or b not in table:
+        return []
+    ta, tb = table[a], table[b]
+    lines = ["", "## Against the baseline build (issue 11)", "",
+             f"{a} (this build: every flow in the registry, byte counters, the policy behind "
+             f"an atomic swap) against {b} (the build before them), both direct, measured back "
+             f"to back in each round. Ratios of the medians; \"paired\": median and range of the "
+             f"per-round ratios. Target: ≥ 0.97× (the registry costs at most 3%).", ""]
+    summary = []
+    for key in ("tcp1", "tcp8", "crr", "crr_tls", "udp_rr"):
+        if key in ta and key in tb:
+            r = ta[key][0] / tb[key][0]
+            pr = paired(samples, a, b, key)
+            span = f", paired {statistics.median(pr):.3f} [{min(pr):.3f}–{max(pr):.3f}]" if pr else ""
+            lines.append(f"- {FIGURE[key][1]}: {fmt(ta[key][0])} ±{ta[key][1]:.0f}% against "
+                         f"{fmt(tb[key][0])} ±{tb[key][1]:.0f}%: **{r:.3f}×**{span} "
+                         f"{'✅' if r >= 0.97 else '❌'}")
+            summary.append(f"{key} {r:.3f}×")
+    for key in ("cpu_per_conn", "cpu_per_gib"):
+        if key in ta and key in tb:
+            lines.append(f"- {FIGURE[key][1]}: {fmt(ta[key][0])} against {fmt(tb[key][0])}: "
+                         f"{ta[key][0] / tb[key][0]:.3f}×")
+    if summary:
+        lines += ["", "baseline: " + ", ".join(summary)]
+    return lines
+
+
 def chart(table, path):
     import matplotlib
 
@@ -1053,6 +1110,7 @@ def main():
         if cls.proxy and idle_count(cls, p) < p.idle:
             log(f"descriptor limit {p.nofile}: {cls.name} holds {idle_count(cls, p)} idle connections, not {p.idle}")
     wanted = [c for c in CONFIGS if not p.only or c.name in p.only.split(",")]
+    wanted += [c for c in OPTIONAL_CONFIGS if p.only and c.name in p.only.split(",")]
     workdir = Path(tempfile.mkdtemp(prefix="tproxyd-bench-"))
     info = machine()
     info["date"] = datetime.date.today().isoformat()

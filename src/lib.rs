@@ -10,8 +10,11 @@
 //! ```
 //!
 //! [`sys`] holds every raw system call behind safe functions; [`config`]
-//! reads and validates settings; [`server`] binds and runs an instance.
+//! reads and validates settings; [`server`] runs an instance from binding
+//! to the removal of its rules, and reloads it; [`registry`] lists its
+//! live flows for the logs, the API and the metrics.
 
+pub mod api;
 pub mod config;
 pub mod fds;
 pub mod firewall;

@@ -329,11 +329,20 @@ fn init_logging(verbose: bool) {
     } else {
         tracing::Level::INFO
     };
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .with_target(false)
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    // The API's /logs stream sees what stderr sees, at the same level:
+    // asking it for debug lines does not make the data path log more.
+    tproxyd::api::logs::hub().set_level(level);
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::filter::LevelFilter::from_level(level))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(false)
+                .with_target(false),
+        )
+        .with(tproxyd::api::logs::Layer)
         .init();
 }
 

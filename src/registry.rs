@@ -234,6 +234,36 @@ pub struct Totals {
     /// All bytes, every outbound: what `/traffic` differences.
     pub up: u64,
     pub down: u64,
+    /// outbound → how long its TCP connects took (those that succeeded).
+    pub connect_times: HashMap<Arc<str>, ConnectTimes>,
+}
+
+/// Upper bounds of the connect-time buckets, in seconds: from a LAN hop
+/// (under a millisecond) to the default connect timeout (10 s).
+pub const CONNECT_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// A histogram of connect times: a count per bucket of
+/// [`CONNECT_BUCKETS`] (not cumulative), then the ones above the last.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ConnectTimes {
+    pub buckets: [u64; CONNECT_BUCKETS.len() + 1],
+    pub sum_secs: f64,
+    pub count: u64,
+}
+
+impl ConnectTimes {
+    fn observe(&mut self, took: Duration) {
+        let secs = took.as_secs_f64();
+        let i = CONNECT_BUCKETS
+            .iter()
+            .position(|&le| secs <= le)
+            .unwrap_or(CONNECT_BUCKETS.len());
+        self.buckets[i] += 1;
+        self.sum_secs += secs;
+        self.count += 1;
+    }
 }
 
 /// Bytes per second over the last tick, and the totals at it.
@@ -407,6 +437,20 @@ impl Registry {
         *last = (Instant::now(), up_total, down_total);
         *lock(&self.rate) = rate;
         rate
+    }
+
+    /// Records how long a connect through `outbound` took, once per flow
+    /// when it connects (one lock, like [`Registry::open`]).
+    pub fn record_connect(&self, outbound: &Arc<str>, took: Duration) {
+        let mut t = lock(&self.totals);
+        match t.connect_times.get_mut(outbound) {
+            Some(h) => h.observe(took),
+            None => {
+                let mut h = ConnectTimes::default();
+                h.observe(took);
+                t.connect_times.insert(Arc::clone(outbound), h);
+            }
+        }
     }
 
     /// The rate the last tick measured.
@@ -599,6 +643,22 @@ mod tests {
         a.end(EndReason::Idle, None);
         assert_eq!(r.totals().up, 16);
         assert_eq!(r.tick().up_total, 16);
+    }
+
+    #[test]
+    fn connect_times_fall_in_their_buckets() {
+        let r = Registry::new();
+        let proxy: Arc<str> = Arc::from("proxy");
+        r.record_connect(&proxy, Duration::from_micros(500));
+        r.record_connect(&proxy, Duration::from_millis(30));
+        r.record_connect(&proxy, Duration::from_secs(20));
+        let t = r.totals();
+        let h = &t.connect_times[&proxy];
+        assert_eq!(h.count, 3);
+        assert_eq!(h.buckets[0], 1);
+        assert_eq!(h.buckets[5], 1); // 30 ms: <= 0.05 s
+        assert_eq!(h.buckets[CONNECT_BUCKETS.len()], 1);
+        assert!((h.sum_secs - 20.0305).abs() < 1e-9);
     }
 
     #[tokio::test]

@@ -326,7 +326,45 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub firewall: FirewallConfig,
+    /// The API, metrics and dashboard listener; None: not served.
+    pub api: Option<ApiConfig>,
 }
+
+/// `[api]`: one listener for the Clash-compatible API, `/metrics` and
+/// the dashboard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+    /// The Bearer token every request must carry; None: no auth (allowed
+    /// on a loopback address only).
+    pub secret: Option<Secret>,
+}
+
+/// A token that must never reach a log line or a debug dump.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The value itself, for comparing a request's token against it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Where the API listens when `[api]` is present without `listen`:
+/// loopback, so nothing outside the box reaches it unless asked for.
+pub const DEFAULT_API_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9090);
 
 pub const DEFAULT_LISTEN: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), 1090);
@@ -388,6 +426,15 @@ pub struct RawConfig {
     pub limits: RawLimits,
     #[serde(default)]
     pub firewall: RawFirewall,
+    pub api: Option<RawApi>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApi {
+    #[serde(default, deserialize_with = "de::opt_socket_addr")]
+    pub listen: Option<SocketAddr>,
+    pub secret: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -819,6 +866,8 @@ impl RawConfig {
             }
         }
 
+        let api = self.api.as_ref().map(|raw| validate_api(raw, &mut issue));
+
         match listen {
             Some(listen) if issues.is_empty() => Ok(Config {
                 listen,
@@ -832,10 +881,46 @@ impl RawConfig {
                 timeouts,
                 limits,
                 firewall,
+                api,
             }),
             _ => Err(ConfigError::Invalid(issues)),
         }
     }
+}
+
+/// `[api]`: a listener anyone else can reach must ask for a token, since
+/// the API closes flows, switches upstreams and reloads the rules.
+fn validate_api(raw: &RawApi, issue: &mut dyn FnMut(&str, String)) -> ApiConfig {
+    let listen = raw.listen.unwrap_or(DEFAULT_API_LISTEN);
+    // An empty secret is no secret (as in mihomo): no auth at all.
+    let secret = raw
+        .secret
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .map(Secret::new);
+    if secret.is_none() && !listen.ip().is_loopback() {
+        issue(
+            "api.secret",
+            format!(
+                "is required when api.listen ({listen}) is not a loopback address: whoever \
+                 reaches it could close flows, switch upstreams and reload the rules. Set \
+                 api.secret = \"<a long random string>\" (dashboards send it as the Bearer \
+                 token), or listen on loopback (api.listen = \"127.0.0.1:{}\")",
+                listen.port()
+            ),
+        );
+    }
+    if raw
+        .secret
+        .as_deref()
+        .is_some_and(|s| s.chars().any(char::is_control))
+    {
+        issue(
+            "api.secret",
+            "must not contain control characters: an HTTP header cannot carry them".into(),
+        );
+    }
+    ApiConfig { listen, secret }
 }
 
 /// Whether `rule` only looks at the destination address (and port and
@@ -931,7 +1016,7 @@ fn check_bypass_rule_sets(
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// Keys whose values must never appear in an error message.
-const SECRET_KEYS: [&str; 1] = ["password"];
+const SECRET_KEYS: [&str; 2] = ["password", "secret"];
 
 /// The parser's message for a file that may hold a secret.
 ///
@@ -1672,6 +1757,67 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("mark = \"x\""), "{err}");
+    }
+
+    #[test]
+    fn api_listens_on_loopback_by_default_and_elsewhere_only_with_a_secret() {
+        let base = "[outbound]\ntype = \"direct\"\n[firewall]\nbackend = \"none\"\n";
+        let cfg = RawConfig::from_toml(&format!("{base}[api]\n"), "t")
+            .unwrap()
+            .validate(&|_| None)
+            .unwrap();
+        let api = cfg.api.expect("[api] present");
+        assert_eq!(api.listen, DEFAULT_API_LISTEN);
+        assert_eq!(api.secret, None);
+        let none = RawConfig::from_toml(base, "t")
+            .unwrap()
+            .validate(&|_| None)
+            .unwrap();
+        assert!(none.api.is_none());
+
+        for listen in ["0.0.0.0:9090", "[::]:9090", "192.0.2.1:9090"] {
+            for secret in ["", "secret = \"\"\n"] {
+                let text = format!("{base}[api]\nlisten = \"{listen}\"\n{secret}");
+                let err = RawConfig::from_toml(&text, "t")
+                    .unwrap()
+                    .validate(&|_| None)
+                    .unwrap_err();
+                let ConfigError::Invalid(issues) = err else {
+                    panic!("{err}")
+                };
+                assert_eq!(issues.len(), 1, "{issues:?}");
+                assert_eq!(issues[0].key, "api.secret");
+                assert!(issues[0].message.contains("not a loopback address"));
+                assert!(issues[0].message.contains("127.0.0.1:9090"));
+            }
+            let text = format!("{base}[api]\nlisten = \"{listen}\"\nsecret = \"s3cr3t-value\"\n");
+            let cfg = RawConfig::from_toml(&text, "t")
+                .unwrap()
+                .validate(&|_| None)
+                .unwrap();
+            let api = cfg.api.as_ref().unwrap();
+            assert_eq!(
+                api.secret.as_ref().map(Secret::expose),
+                Some("s3cr3t-value")
+            );
+            // Never in a debug dump of the config.
+            assert!(!format!("{cfg:?}").contains("s3cr3t"));
+        }
+        let err = RawConfig::from_toml(&format!("{base}[api]\nport = 1\n"), "t").unwrap_err();
+        assert!(err.to_string().contains("port"), "{err}");
+    }
+
+    #[test]
+    fn a_parse_error_near_the_api_secret_does_not_show_it() {
+        let text = "[api]\nsecret = \"Zx9ApiSentinel\nlisten = 1\n";
+        let err = RawConfig::from_toml(text, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("Zx9ApiSentinel"), "{err}");
+        let err = RawConfig::from_toml("[api]\nsecret = 12345678\n", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("12345678"), "{err}");
     }
 
     /// The forms the line-based redaction missed: the excerpt quoted the

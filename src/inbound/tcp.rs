@@ -243,6 +243,7 @@ async fn handle(
     let _ = stream.set_nodelay(true);
     // Boxed so the connect state (a SOCKS5 handshake is large) is freed
     // once connected instead of sizing the task of every long-lived flow.
+    let connecting = std::time::Instant::now();
     let connected = tokio::select! {
         c = Box::pin(outbound.connect_tcp(dst, host)) => c,
         reason = flow.flow().close_requested() => {
@@ -252,7 +253,13 @@ async fn handle(
     };
     ticket.connected();
     let upstream = match connected {
-        Ok(u) => u,
+        Ok(u) => {
+            // The connect-time histogram (metrics): once per flow.
+            if let Some(outbound) = flow.flow().start.chain.first() {
+                ctx.registry.record_connect(outbound, connecting.elapsed());
+            }
+            u
+        }
         Err(e) => {
             log_connect_failure(client, dst, &policy.route(&choice), &e);
             flow.end(e.end_reason(), Some(&e.to_string()));

@@ -12,7 +12,7 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,6 +62,28 @@ pub struct Group {
     members: Vec<Member>,
     /// Position in `members` of the member new flows go to.
     selected: AtomicUsize,
+    /// What the last health check said of each member, for the API and
+    /// the metrics (failover groups only; selectors are never checked).
+    health: Vec<MemberHealth>,
+}
+
+/// A member's last health check: not yet (0), up or down, and how long
+/// the check took.
+#[derive(Debug, Default)]
+struct MemberHealth {
+    state: AtomicU8,
+    delay_ms: AtomicU32,
+}
+
+const HEALTH_UP: u8 = 1;
+const HEALTH_DOWN: u8 = 2;
+
+/// A member's last health check as the API shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckedHealth {
+    pub up: bool,
+    /// How long the check took, when it passed.
+    pub delay_ms: Option<u32>,
 }
 
 impl fmt::Debug for Group {
@@ -91,11 +113,13 @@ impl Group {
             return Err(GroupError::Empty { group: name });
         }
         let initial = if initial < members.len() { initial } else { 0 };
+        let health = members.iter().map(|_| MemberHealth::default()).collect();
         Ok(Group {
             name,
             kind,
             members,
             selected: AtomicUsize::new(initial),
+            health,
         })
     }
 
@@ -111,7 +135,33 @@ impl Group {
         self.members.get(i).unwrap_or(&self.members[0])
     }
 
-    /// Chooses the member of a selector by name (for the API to come).
+    /// What the last health check said of member `i`; None before the
+    /// first check (and always for a selector).
+    pub fn health(&self, i: usize) -> Option<CheckedHealth> {
+        let h = self.health.get(i)?;
+        match h.state.load(Ordering::Relaxed) {
+            HEALTH_UP => Some(CheckedHealth {
+                up: true,
+                delay_ms: Some(h.delay_ms.load(Ordering::Relaxed)),
+            }),
+            HEALTH_DOWN => Some(CheckedHealth {
+                up: false,
+                delay_ms: None,
+            }),
+            _ => None,
+        }
+    }
+
+    fn record_health(&self, i: usize, up: bool, took: Duration) {
+        if let Some(h) = self.health.get(i) {
+            let ms = u32::try_from(took.as_millis()).unwrap_or(u32::MAX);
+            h.delay_ms.store(ms, Ordering::Relaxed);
+            h.state
+                .store(if up { HEALTH_UP } else { HEALTH_DOWN }, Ordering::Relaxed);
+        }
+    }
+
+    /// Chooses the member of a selector by name (from the API).
     pub fn select(&self, member: &str) -> Result<(), GroupError> {
         if self.kind != GroupKind::Selector {
             return Err(GroupError::NotSelector {
@@ -301,10 +351,13 @@ pub fn failover_watch(outbound: Arc<Outbound>) -> Option<impl Future<Output = ()
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let checks = group.members.iter().map(|m| async move {
+            let checks = group.members.iter().enumerate().map(|(i, m)| async move {
                 // A member that is itself a group is as healthy as the
                 // member it stands for now.
-                leaf(&m.outbound).probe().await.map_err(|e| e.to_string())
+                let started = std::time::Instant::now();
+                let result = leaf(&m.outbound).probe().await.map_err(|e| e.to_string());
+                group.record_health(i, result.is_ok(), started.elapsed());
+                result
             });
             let results = futures_util::future::join_all(checks).await;
             for event in group.apply(&mut state, results) {
@@ -359,6 +412,29 @@ mod tests {
             .iter()
             .map(|e| (e.warn, e.message.as_str()))
             .collect()
+    }
+
+    #[test]
+    fn the_last_health_check_of_each_member_is_kept() {
+        let (g, _) = failover(&["a", "b"]);
+        assert_eq!(g.health(0), None);
+        g.record_health(0, true, Duration::from_millis(12));
+        g.record_health(1, false, Duration::from_secs(3));
+        assert_eq!(
+            g.health(0),
+            Some(CheckedHealth {
+                up: true,
+                delay_ms: Some(12)
+            })
+        );
+        assert_eq!(
+            g.health(1),
+            Some(CheckedHealth {
+                up: false,
+                delay_ms: None
+            })
+        );
+        assert_eq!(g.health(2), None);
     }
 
     #[test]

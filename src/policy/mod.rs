@@ -626,4 +626,45 @@ final = "pick"
         let c = p.decide(&flow("203.0.113.50:443"));
         assert_eq!(p.route(&c).to_string(), "pick/b");
     }
+
+    #[test]
+    fn a_reload_keeps_unchanged_outbounds_and_a_selectors_choice() {
+        let parse = |text: &str| {
+            RawConfig::from_toml(&format!("{text}\n[firewall]\nbackend = \"none\"\n"), "t")
+                .unwrap()
+                .validate(&|_| None)
+                .unwrap()
+        };
+        let old_cfg = parse(NESTED);
+        let old = Policy::from_config(&old_cfg).unwrap();
+        old.group("pick").unwrap().select("direct").unwrap();
+
+        // Only a rule changes: every outbound is kept, the choice too.
+        let same = parse(&NESTED.replace("198.51.100.0/24", "198.51.100.0/25"));
+        let new = Policy::from_config_keeping(&same, Some(&old)).unwrap();
+        for (a, b) in old.outbounds().iter().zip(new.outbounds()) {
+            assert_eq!(a.key, b.key, "{}", a.name);
+            assert!(Arc::ptr_eq(&a.outbound, &b.outbound), "{}", a.name);
+        }
+        assert_eq!(
+            new.route(&new.decide(&flow("203.0.113.50:443")))
+                .to_string(),
+            "pick/direct"
+        );
+        assert_eq!(new.rule_labels()[0].kind, "IPCIDR");
+        assert_eq!(new.rule_labels()[0].payload, "198.51.100.0/25");
+
+        // A member's server changes: it is built anew, and so are the
+        // groups that hold it; the others are kept.
+        let moved = parse(&NESTED.replace("203.0.113.3:3128", "203.0.113.9:3128"));
+        let new = Policy::from_config_keeping(&moved, Some(&old)).unwrap();
+        let key =
+            |p: &Policy, name: &str| p.outbounds().iter().find(|n| &*n.name == name).unwrap().key;
+        for kept in ["proxy-a", "direct", "stop"] {
+            assert_eq!(key(&old, kept), key(&new, kept), "{kept} kept");
+        }
+        for built in ["proxy-b", "auto", "pick"] {
+            assert_ne!(key(&old, built), key(&new, built), "{built} rebuilt");
+        }
+    }
 }

@@ -82,6 +82,11 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         }
     };
     check(old.listen != new.listen, "listen");
+    // The API's own socket; its secret is read per request and may change.
+    check(
+        old.api.as_ref().map(|a| a.listen) != new.api.as_ref().map(|a| a.listen),
+        "api.listen",
+    );
     check(old.mode != new.mode, "mode");
     check(old.mark != new.mark, "mark");
     check(old.tcp != new.tcp || old.udp != new.udp, "tcp/udp");
@@ -145,6 +150,26 @@ impl Live {
             reloading: tokio::sync::Mutex::new(()),
             health: Mutex::new(JoinSet::new()),
         }
+    }
+
+    /// A server's shared state without its sockets: no flow arrives, but
+    /// the policy, the registry and reload work (the API's tests).
+    #[cfg(test)]
+    pub(crate) fn detached(
+        config: Config,
+        loader: Option<Loader>,
+    ) -> Result<Live, crate::policy::PolicyError> {
+        let policy = Policy::from_config(&config)?;
+        let router = Router::new(config.listen, policy);
+        Ok(Live::new(
+            Arc::new(Registry::new()),
+            router,
+            config,
+            None,
+            None,
+            None,
+            loader,
+        ))
     }
 
     /// The configuration now running.
@@ -311,6 +336,17 @@ mod tests {
             restart_only_changes(&old, &new),
             ["listen", "mark", "limits.threads"]
         );
+        let mut api = old.clone();
+        api.api = Some(crate::config::ApiConfig {
+            listen: crate::config::DEFAULT_API_LISTEN,
+            secret: None,
+        });
+        assert_eq!(restart_only_changes(&old, &api), ["api.listen"]);
+        let mut secret = api.clone();
+        if let Some(a) = secret.api.as_mut() {
+            a.secret = Some(crate::config::Secret::new("new"));
+        }
+        assert!(restart_only_changes(&api, &secret).is_empty());
         let mut rules_only = old.clone();
         rules_only.timeouts.tcp_idle *= 2;
         rules_only.limits.tcp_flows += 1;

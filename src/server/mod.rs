@@ -72,6 +72,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: io::Error,
     },
+    #[error("cannot listen on {addr} for the API (api.listen): {source}")]
+    ApiBind { addr: SocketAddr, source: io::Error },
     #[error("{0}")]
     Policy(#[from] crate::policy::PolicyError),
     #[error("cannot register the listener with the runtime: {0}")]
@@ -160,6 +162,8 @@ pub struct Server {
     cfg: Config,
     tcp: Option<std::net::TcpListener>,
     udp: Option<std::net::UdpSocket>,
+    /// The API's listener (`[api]`).
+    api: Option<std::net::TcpListener>,
     plan: Option<Plan>,
     loader: Option<Loader>,
 }
@@ -223,10 +227,22 @@ impl Server {
         } else {
             None
         };
+        // Bound with the others, before any rule is installed: a port
+        // already taken ends the start here, with nothing to undo.
+        let api = match &cfg.api {
+            Some(api) => Some(std::net::TcpListener::bind(api.listen).map_err(|source| {
+                StartError::ApiBind {
+                    addr: api.listen,
+                    source,
+                }
+            })?),
+            None => None,
+        };
         Ok(Server {
             cfg,
             tcp,
             udp,
+            api,
             plan: None,
             loader: None,
         })
@@ -388,6 +404,17 @@ impl Server {
         // runs; a reload restarts them for its policy.
         live.start_health_checks(&policy);
         drop(policy);
+        // The API stops with the server: the accept loop is aborted with
+        // the other tasks, and its streams end when `api_stop` turns.
+        let (api_stop, api_stopped) = tokio::sync::watch::channel(false);
+        if let Some(listener) = self.api {
+            let serving = crate::api::serve(listener, Arc::clone(&live), api_stopped);
+            tasks.spawn(async move {
+                if let Err(e) = serving.await {
+                    warn!("{e}");
+                }
+            });
+        }
         started(Arc::clone(&live));
 
         tokio::pin!(shutdown);
@@ -402,6 +429,7 @@ impl Server {
             }
         }
         info!("tproxyd stopping");
+        let _ = api_stop.send(true);
         // TCP flows are reset before the rules go, so that no socket still
         // needs them once they are removed.
         let _ = stop_tcp.send(true);
