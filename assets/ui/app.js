@@ -225,7 +225,13 @@
       samples.forEach((s, i) => (i ? g.lineTo(xOf(i), yOf(s[key])) : g.moveTo(xOf(i), yOf(s[key]))));
       g.strokeStyle = color;
       g.lineWidth = 2;
+      // Up is dashed: with equal rates (an echo) both lines stay visible.
+      g.setLineDash(key === 'up' ? [6, 4] : []);
       g.stroke();
+      g.setLineDash([]);
+      // Only the download area is filled: two fills over each other
+      // would muddy both colours.
+      if (key !== 'down') continue;
       g.lineTo(xOf(samples.length - 1), yOf(0));
       g.lineTo(xOf(0), yOf(0));
       g.closePath();
@@ -581,6 +587,7 @@
     // Stay at the bottom only if the reader already was there.
     const atBottom = ol.scrollTop + ol.clientHeight >= ol.scrollHeight - 4;
     ol.appendChild(li);
+    $('log-empty').hidden = true;
     while (ol.children.length > MAX_LOG) ol.firstChild.remove();
     if (atBottom) ol.scrollTop = ol.scrollHeight;
   }
@@ -590,7 +597,10 @@
     ev.target.setAttribute('aria-pressed', String(logPaused));
     ev.target.textContent = logPaused ? 'Resume' : 'Pause';
   });
-  $('log-clear').addEventListener('click', () => { $('log-lines').textContent = ''; });
+  $('log-clear').addEventListener('click', () => {
+    $('log-lines').textContent = '';
+    $('log-empty').hidden = false;
+  });
 
   // ---- theme --------------------------------------------------------------
 
