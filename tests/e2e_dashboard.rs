@@ -250,7 +250,7 @@ impl<'a> Browser<'a> {
             "--disable-background-networking",
             "--disable-component-update",
             "--disable-sync",
-            "--window-size=1280,1000",
+            "--window-size=1280,1100",
             &format!("--user-data-dir={}", profile.display()),
         ];
         let caps = json!({"capabilities": {"alwaysMatch": {
@@ -333,6 +333,17 @@ impl<'a> Browser<'a> {
                 self.console()
             )
         })
+    }
+
+    /// Waits until the first element matching `css` shows `needle`.
+    fn wait_for_text(&self, css: &str, needle: &str) {
+        let element = self.wait_for(css, Duration::from_secs(10));
+        let mut last = String::new();
+        let found = wait_until(Duration::from_secs(10), || {
+            last = self.text(&element);
+            last.contains(needle)
+        });
+        assert!(found, "{css} does not show {needle:?}; it shows:\n{last}");
     }
 
     fn child(&self, element: &str, css: &str) -> String {
@@ -587,6 +598,17 @@ fn the_dashboard_shows_a_live_flow_and_its_close_button_resets_it() {
     browser.wait_for("#groups select#group-select", Duration::from_secs(10));
     browser.wait_for("#rule-rows tr", Duration::from_secs(10));
 
+    // The log tail, at debug (tproxyd runs with --verbose): a short flow
+    // that ends is logged, and the page shows the line.
+    browser.click(&browser.wait_for("#log-level option[value=\"debug\"]", Duration::from_secs(5)));
+    let short = tcp_echo(&tb.lan, Family::V6.remote_a(ECHO_PORT));
+    assert_eq!(
+        short.ip(),
+        Family::V6.hop(Upstream::Direct),
+        "final is direct"
+    );
+    browser.wait_for_text("#log-lines", &format!("dst={kept_dst} outbound=direct"));
+
     if let Some(path) = std::env::var_os("TPROXYD_SCREENSHOT") {
         // Some seconds of traffic on the chart first.
         thread::sleep(Duration::from_secs(8));
@@ -609,6 +631,7 @@ fn the_dashboard_shows_a_live_flow_and_its_close_button_resets_it() {
     );
     eprintln!("reset {:?} after the click", clicked.elapsed());
 
+    browser.wait_for_text("#log-lines", "closed-by-api");
     let gone = wait_until(Duration::from_secs(10), || {
         browser.find_all(&row_css).is_empty()
     });
