@@ -140,6 +140,19 @@ pub enum Network {
 pub enum SniffProtocol {
     Tls,
     Http,
+    /// A QUIC Initial (UDP); its name is the TLS SNI inside.
+    Quic,
+}
+
+impl SniffProtocol {
+    /// As the config and the logs write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            SniffProtocol::Tls => "tls",
+            SniffProtocol::Http => "http",
+            SniffProtocol::Quic => "quic",
+        }
+    }
 }
 
 /// One routing rule: every key given must match (AND); the first rule

@@ -224,10 +224,7 @@ async fn handle(
             choice = c;
         }
     }
-    let sniffed_as = protocol.map(|p| match p {
-        crate::config::SniffProtocol::Tls => "tls",
-        crate::config::SniffProtocol::Http => "http",
-    });
+    let sniffed_as = protocol.map(|p| p.name());
     let outbound = &choice.outbound;
     // Named as configured, groups included: `auto/proxy-b`.
     let route = ctx.router.policy().route(&choice);
