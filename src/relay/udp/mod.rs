@@ -38,10 +38,12 @@ use crate::route::{Decision, Router};
 use crate::sys;
 
 mod backoff;
+mod hold;
 mod replies;
 mod runs;
 
 use backoff::{Backoff, Permit, Refusal};
+pub use hold::HoldStats;
 pub use replies::ReplySockets;
 use runs::{refuse_segments, SEGMENTS_REFUSED};
 pub use runs::{runnable, Run};
@@ -209,6 +211,8 @@ struct SessionShared {
     evicted: Notify,
     up_bytes: AtomicU64,
     up_datagrams: AtomicU64,
+    /// The route of a QUIC flow sniffed by name (see `hold.rs`).
+    pin: OnceLock<hold::Pin>,
 }
 
 impl SessionShared {
@@ -223,6 +227,7 @@ impl SessionShared {
             evicted: Notify::new(),
             up_bytes: AtomicU64::new(0),
             up_datagrams: AtomicU64::new(0),
+            pin: OnceLock::new(),
         }
     }
 
@@ -471,6 +476,8 @@ pub struct UdpRelay {
     /// open sessions must not hold back the others.
     outbounds: Box<[OutboundState]>,
     warnings: Warnings,
+    /// New QUIC flows waiting for their name (see `hold.rs`).
+    holds: hold::Holds,
 }
 
 /// What the relay keeps per outbound.
@@ -520,7 +527,6 @@ impl UdpRelay {
             })
             .collect();
         Arc::new(UdpRelay {
-            router,
             timeouts,
             limits,
             idle_check,
@@ -530,6 +536,8 @@ impl UdpRelay {
             stats: UdpStats::default(),
             outbounds,
             warnings: Warnings::default(),
+            holds: hold::Holds::new(router.policy().wants_sniffing()),
+            router,
         })
     }
 
@@ -578,10 +586,12 @@ impl UdpRelay {
     /// sends it through the upstream of the outbound they pick, opening
     /// that upstream when the session has none for it yet.
     pub fn dispatch(self: &Arc<Self>, client: SocketAddr, dst: SocketAddr, buf: &mut [u8]) {
-        let choice = match self
-            .router
-            .decide(&FlowMeta::addresses(Network::Udp, client, dst))
-        {
+        // A new flow starting with a QUIC Initial may wait for its name.
+        if self.holds.enabled() && hold::intercept(self, client, dst, buf) {
+            return;
+        }
+        let session = self.session_of(client);
+        let choice = match self.route_of(session.as_deref(), client, dst) {
             Decision::Forward(choice) => choice,
             Decision::RefuseLoop => {
                 if let Some(n) = self.warnings.refused_loop.check() {
@@ -590,14 +600,52 @@ impl UdpRelay {
                 return;
             }
         };
-        // Before the session lookup: a block rule must hold even for a
+        self.forward(client, dst, buf, choice, session)
+    }
+
+    /// `client`'s session, if it has one.
+    fn session_of(&self, client: SocketAddr) -> Option<Arc<SessionShared>> {
+        lock(&self.table)
+            .sessions
+            .get(&client)
+            .map(|entry| Arc::clone(&entry.shared))
+    }
+
+    /// The route of a datagram: where its session pinned a sniffed flow to
+    /// `dst`, else the rules by address.
+    fn route_of(
+        &self,
+        session: Option<&SessionShared>,
+        client: SocketAddr,
+        dst: SocketAddr,
+    ) -> Decision {
+        match session.and_then(|s| s.pin.get()).filter(|p| p.dst == dst) {
+            Some(pin) => Decision::Forward(pin.choice.clone()),
+            None => self
+                .router
+                .decide(&FlowMeta::addresses(Network::Udp, client, dst)),
+        }
+    }
+
+    /// Sends a datagram the way `choice` says, through `session` (the
+    /// client's, looked up by the caller) or a new one.
+    fn forward(
+        self: &Arc<Self>,
+        client: SocketAddr,
+        dst: SocketAddr,
+        buf: &mut [u8],
+        choice: Choice,
+        session: Option<Arc<SessionShared>>,
+    ) {
+        // Before the session is used: a block rule must hold even for a
         // client whose session another rule opened. No session, no
         // back-off: the configuration refused it, no upstream failed.
         if let Some(refusal) = choice.outbound.udp_refusal() {
             return self.refuse(client, dst, choice.outbound.name(), &refusal);
         }
         let len = buf.len() - UDP_HEADROOM;
-        if let Some((upstream, shared)) = self.ready_upstream(client, choice.index) {
+        let ready = session.and_then(|shared| Some((shared.ready(choice.index)?, shared)));
+        if let Some((upstream, shared)) = ready {
             match upstream.try_send(buf, dst) {
                 Ok(()) => return shared.sent_up(len, dst),
                 // The socket buffer is full: the task waits for room.
@@ -883,17 +931,16 @@ impl UdpRelay {
         }
         let count = bytes.div_ceil(segment);
         // The whole run goes to one destination, so one decision routes it.
-        let outbound = match self
-            .router
-            .decide(&FlowMeta::addresses(Network::Udp, client, dst))
-        {
+        let session = self.session_of(client);
+        let outbound = match self.route_of(session.as_deref(), client, dst) {
             Decision::Forward(choice) => Some(choice.index),
             Decision::RefuseLoop => None,
         };
         if count > 1 && !SEGMENTS_REFUSED.load(Ordering::Relaxed) {
-            if let Some((upstream, shared)) =
-                outbound.and_then(|index| self.ready_upstream(client, index))
-            {
+            let ready = session
+                .zip(outbound)
+                .and_then(|(shared, index)| Some((shared.ready(index)?, shared)));
+            if let Some((upstream, shared)) = ready {
                 match upstream.try_send_segments(&run[UDP_HEADROOM..], segment, dst, scratch) {
                     Ok(()) => {
                         self.stats
@@ -922,6 +969,7 @@ impl UdpRelay {
     /// when the inbound may send on it directly: open, and nothing queued
     /// that must go first. No allocation: two reference counts and, for a
     /// session's second outbound, one uncontended lock more.
+    #[cfg(test)]
     fn ready_upstream(
         &self,
         client: SocketAddr,
