@@ -53,6 +53,22 @@ pub const HOLD_BYTES: usize = 16 * 1024;
 /// 256 × 16 KiB.
 pub const MAX_HOLDS: usize = 256;
 
+/// How long a flow whose name a rule refuses (`block`) stays refused. It
+/// opens no session to pin the route on, and its client retransmits
+/// Initials (some only PING and PADDING, with no name to read) for as
+/// long as its handshake timeout: sniffed again, those would go by
+/// address and reach the server.
+pub const REFUSED_MEMORY: Duration = Duration::from_secs(30);
+/// Most refused flows remembered at once.
+pub const MAX_REFUSED: usize = 1024;
+
+/// A refused flow's route, until `until`.
+struct Refused {
+    dst: SocketAddr,
+    choice: Choice,
+    until: Instant,
+}
+
 /// The route a sniffed QUIC flow keeps: the session's later datagrams to
 /// `dst` go where its held ones went, whatever their address says.
 #[derive(Debug)]
@@ -99,6 +115,8 @@ pub(super) struct Holds {
     /// this is not zero or the datagram is an Initial.
     held: AtomicUsize,
     map: Mutex<HashMap<SocketAddr, Hold>>,
+    /// Flows whose name a rule refused, by client (taken after `map`).
+    refused: Mutex<HashMap<SocketAddr, Refused>>,
     next_id: AtomicU64,
     pub stats: HoldStats,
 }
@@ -113,6 +131,35 @@ impl Holds {
 
     pub fn enabled(&self) -> bool {
         self.enabled
+    }
+
+    /// The route a client's flow to `dst` was refused by, a moment ago.
+    fn refused_route(&self, client: SocketAddr, dst: SocketAddr) -> Option<Choice> {
+        let mut refused = lock(&self.refused);
+        let r = refused.get(&client)?;
+        if r.until <= Instant::now() {
+            refused.remove(&client);
+            return None;
+        }
+        (r.dst == dst).then(|| r.choice.clone())
+    }
+
+    fn remember_refused(&self, client: SocketAddr, dst: SocketAddr, choice: &Choice) {
+        let mut refused = lock(&self.refused);
+        let now = Instant::now();
+        if refused.len() >= MAX_REFUSED {
+            refused.retain(|_, r| r.until > now);
+        }
+        if refused.len() < MAX_REFUSED || refused.contains_key(&client) {
+            refused.insert(
+                client,
+                Refused {
+                    dst,
+                    choice: choice.clone(),
+                    until: now + REFUSED_MEMORY,
+                },
+            );
+        }
     }
 
     /// Held flows now.
@@ -171,6 +218,11 @@ pub(super) fn intercept(
     // already, and its Initials are retransmissions.
     if !initial || lock(&relay.table).sessions.contains_key(&client) {
         return false;
+    }
+    // A retransmission of a flow refused by its name stays refused.
+    if let Some(choice) = holds.refused_route(client, dst) {
+        relay.forward(client, dst, buf, choice, None);
+        return true;
     }
     let mut sniff = QuicSniff::new();
     let payload = &buf[UDP_HEADROOM..];
@@ -286,6 +338,9 @@ fn route<'a>(
         // The listener itself: `dispatch` would refuse every datagram.
         Decision::RefuseLoop => return,
     };
+    if choice.outbound.udp_refusal().is_some() {
+        relay.holds.remember_refused(client, dst, &choice);
+    }
     let mut held = 0usize;
     for (i, buf) in datagrams.enumerate() {
         relay.forward(client, dst, buf, choice.clone(), relay.session_of(client));
@@ -518,6 +573,20 @@ mod tests {
         assert!(sink.recv(&mut [0u8; 64]).is_err(), "a blocked flow leaked");
         assert!(relay.session_of(client).is_none());
         assert_eq!(relay.stats.datagrams_refused.load(Ordering::Relaxed), 2);
+        // The client's retransmission, here a PING-only Initial with no
+        // name to read: refused as its flow was, not sent by address.
+        let ping = seal_initial(Version::V1, &DCID, b"", 3, 2, &[0x01], 1250);
+        relay.dispatch(client, dst, &mut framed(&ping));
+        assert!(
+            sink.recv(&mut [0u8; 64]).is_err(),
+            "a retransmission leaked"
+        );
+        assert_eq!(relay.stats.datagrams_refused.load(Ordering::Relaxed), 3);
+        assert_eq!(relay.holds.len(), 0);
+        // Another client port is a new flow, sniffed anew.
+        let other: SocketAddr = "127.0.0.1:5099".parse().unwrap();
+        relay.dispatch(other, dst, &mut framed(&ping));
+        assert_eq!(relay.holds.len(), 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
