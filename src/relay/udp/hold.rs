@@ -230,11 +230,7 @@ pub(super) fn intercept(
         // Not an Initial that opens: the usual path, by address.
         QuicAnswer::NotQuic => false,
         // The whole ClientHello in one datagram: routed now, never held.
-        answer @ QuicAnswer::Done(_) => {
-            let sniffed = match answer {
-                QuicAnswer::Done(s) => s,
-                _ => None,
-            };
+        QuicAnswer::Done(sniffed) => {
             route(
                 relay,
                 client,
