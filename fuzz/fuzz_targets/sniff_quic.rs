@@ -36,13 +36,25 @@ fuzz_target!(|data: &[u8]| {
     let datagrams: Vec<Vec<u8>> = if mode & 1 == 0 {
         pieces(rest).into_iter().map(<[u8]>::to_vec).collect()
     } else {
-        let version = if mode & 2 == 0 { Version::V1 } else { Version::V2 };
+        let version = if mode & 2 == 0 {
+            Version::V1
+        } else {
+            Version::V2
+        };
         pieces(rest)
             .into_iter()
             .enumerate()
             .map(|(i, frames)| {
                 let pn_len = usize::from(mode >> 2 & 3) + 1;
-                seal_initial(version, &DCID, b"", i as u64 + u64::from(mode >> 4), pn_len, frames, 1200)
+                seal_initial(
+                    version,
+                    &DCID,
+                    b"",
+                    i as u64 + u64::from(mode >> 4),
+                    pn_len,
+                    frames,
+                    1200,
+                )
             })
             .collect()
     };
