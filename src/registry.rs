@@ -544,7 +544,7 @@ impl FlowGuard {
             client = %f.start.client,
             dst = %f.start.dst,
             host = f.start.host.as_deref(),
-            sniffed = f.start.sniffed.map(|p| p.as_str()),
+            sniffed = f.start.sniffed.map(|p| p.name()),
             outbound = %route,
             up_bytes = up,
             down_bytes = down,

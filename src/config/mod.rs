@@ -140,14 +140,17 @@ pub enum Network {
 pub enum SniffProtocol {
     Tls,
     Http,
+    /// A QUIC Initial (UDP); its name is the TLS SNI inside.
+    Quic,
 }
 
 impl SniffProtocol {
-    /// As written in the config and shown in logs and the API.
-    pub fn as_str(self) -> &'static str {
+    /// As the config and the logs write it.
+    pub fn name(self) -> &'static str {
         match self {
             SniffProtocol::Tls => "tls",
             SniffProtocol::Http => "http",
+            SniffProtocol::Quic => "quic",
         }
     }
 }

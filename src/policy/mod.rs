@@ -382,7 +382,7 @@ fn rule_label(index: usize, r: &crate::config::Rule) -> RuleLabel {
             "Protocol",
             r.protocol
                 .iter()
-                .map(|p| p.as_str())
+                .map(|p| p.name())
                 .collect::<Vec<_>>()
                 .join(","),
         ));

@@ -59,6 +59,7 @@ fn protocol_bit(p: SniffProtocol) -> u8 {
     match p {
         SniffProtocol::Tls => 1,
         SniffProtocol::Http => 2,
+        SniffProtocol::Quic => 4,
     }
 }
 

@@ -182,6 +182,18 @@ fn network_protocol_and_overlapping_port_ranges() {
         Some(2)
     );
     assert!(r.wants_sniffing());
+    // protocol = "quic" with network and port: the rule that blocks
+    // HTTP/3 so browsers fall back to TCP.
+    let q = rules(
+        "[[route.rules]]\nprotocol = [\"quic\"]\nnetwork = \"udp\"\ndst_port = [\"443\"]\noutbound = \"a\"\n",
+    );
+    let mut f = flow(Network::Udp, "192.0.2.1:443", None);
+    assert_eq!(q.first_match(&f), None);
+    f.protocol = Some(SniffProtocol::Quic);
+    assert_eq!(q.first_match(&f), Some(0));
+    f.protocol = Some(SniffProtocol::Tls);
+    assert_eq!(q.first_match(&f), None);
+    assert!(q.wants_sniffing());
     let plain = rules("[[route.rules]]\ndst = [\"10.0.0.0/8\"]\noutbound = \"b\"\n");
     assert!(!plain.wants_sniffing());
 }
@@ -503,7 +515,11 @@ fn port_strategy() -> impl Strategy<Value = PortRange> {
 }
 
 fn protocol_strategy() -> impl Strategy<Value = SniffProtocol> {
-    prop_oneof![Just(SniffProtocol::Tls), Just(SniffProtocol::Http)]
+    prop_oneof![
+        Just(SniffProtocol::Tls),
+        Just(SniffProtocol::Http),
+        Just(SniffProtocol::Quic)
+    ]
 }
 
 fn network_strategy() -> impl Strategy<Value = Network> {

@@ -280,7 +280,7 @@ impl Live {
         }
         self.router.set_policy(Arc::clone(&policy));
         if let Some(udp) = &self.udp {
-            udp.retain_outbounds(&policy);
+            udp.policy_changed(&policy);
         }
         self.start_health_checks(&policy);
         *lock(&self.config) = Arc::new(new);

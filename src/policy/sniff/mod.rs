@@ -7,14 +7,17 @@
 //! or the bytes are not its protocol. Parsers are restartable (each call
 //! starts over) so the caller can simply peek again after more bytes
 //! arrive; the inputs are small (bounded by [`MAX_SNIFF_BYTES`]), so the
-//! repeated work does not matter. A datagram sniffer (QUIC Initial) would
-//! sit beside these with the same answer type, fed the first datagrams.
+//! repeated work does not matter. The datagram sniffer (`quic.rs`, QUIC
+//! Initial) is stateful instead: a datagram is read once, so it keeps the
+//! CRYPTO bytes of the first datagrams itself, and hands the reassembled
+//! ClientHello to the same TLS parser.
 //!
 //! The name found is only used to route (route-only): the flow still goes
 //! to the address the client chose. See `tls.rs` for why an SNI is no
 //! proof of the destination.
 
 pub mod http;
+pub mod quic;
 pub mod tls;
 
 use crate::config::SniffProtocol;

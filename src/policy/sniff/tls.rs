@@ -33,6 +33,27 @@ pub fn sniff(bytes: &[u8]) -> Sniff {
     }
 }
 
+/// Sniffs `message`, a bare handshake stream without the record layer, as
+/// QUIC carries it in CRYPTO frames (RFC 9001 4.1): the ClientHello's
+/// 4-byte header and body, possibly followed by more.
+pub fn sniff_handshake(message: &[u8]) -> Sniff {
+    match message {
+        [] => return Sniff::NeedMore,
+        [t, ..] if *t != HANDSHAKE_CLIENT_HELLO => return Sniff::NotThis,
+        _ if message.len() < 4 => return Sniff::NeedMore,
+        _ => {}
+    }
+    let body_len =
+        usize::from(message[1]) << 16 | usize::from(message[2]) << 8 | usize::from(message[3]);
+    if body_len > MAX_SNIFF_BYTES {
+        return Sniff::NotThis;
+    }
+    match message.get(4..4 + body_len) {
+        Some(body) => parse_client_hello(body),
+        None => Sniff::NeedMore,
+    }
+}
+
 enum Reassembly {
     /// The ClientHello body (after its 4-byte handshake header).
     Complete(Vec<u8>),
@@ -313,6 +334,20 @@ pub(crate) mod tests {
         // Tiny records: the handshake header itself is split.
         assert_eq!(sniff(&records(&hello, 1)), found("pq.example"));
         assert_eq!(sniff(&records(&hello, 3)), found("pq.example"));
+    }
+
+    #[test]
+    fn a_bare_handshake_stream_as_quic_carries_it() {
+        let hello = client_hello(Some("q.example"), 1216);
+        assert_eq!(sniff_handshake(&hello), found("q.example"));
+        for n in 0..hello.len() {
+            assert_eq!(sniff_handshake(&hello[..n]), Sniff::NeedMore, "prefix {n}");
+        }
+        let mut more = hello.clone();
+        more.extend(b"\x0bsomething else");
+        assert_eq!(sniff_handshake(&more), found("q.example"));
+        assert_eq!(sniff_handshake(b"\x02\x00\x00\x01"), Sniff::NotThis);
+        assert_eq!(sniff_handshake(b"\x01\x01\x00\x01"), Sniff::NotThis);
     }
 
     #[test]

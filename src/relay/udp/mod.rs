@@ -30,6 +30,7 @@ use tracing::{debug, info, warn};
 use crate::config::Network;
 use crate::config::{Limits, Timeouts};
 use crate::outbound::{Outbound, OutboundError, UdpRecv, UdpUpstream, UDP_HEADROOM};
+use crate::policy::sniff::Sniffed;
 #[cfg(test)]
 use crate::policy::Policy;
 use crate::policy::{Choice, FlowMeta};
@@ -40,10 +41,12 @@ use crate::route::{Decision, Router};
 use crate::sys;
 
 mod backoff;
+mod hold;
 mod replies;
 mod runs;
 
 use backoff::{Backoff, Permit, Refusal};
+pub use hold::HoldStats;
 pub use replies::ReplySockets;
 use runs::{refuse_segments, SEGMENTS_REFUSED};
 pub use runs::{runnable, Run};
@@ -214,6 +217,8 @@ struct SessionShared {
     /// for from the API.
     flow: Arc<Flow>,
     up_datagrams: AtomicU64,
+    /// The route of a QUIC flow sniffed by name (see `hold.rs`).
+    pin: OnceLock<hold::Pin>,
 }
 
 impl SessionShared {
@@ -228,6 +233,7 @@ impl SessionShared {
             evicted: Notify::new(),
             flow,
             up_datagrams: AtomicU64::new(0),
+            pin: OnceLock::new(),
         }
     }
 
@@ -477,6 +483,8 @@ pub struct UdpRelay {
     outbounds: Mutex<HashMap<u32, Arc<OutboundState>>>,
     registry: Arc<Registry>,
     warnings: Warnings,
+    /// New QUIC flows waiting for their name (see `hold.rs`).
+    holds: hold::Holds,
 }
 
 /// What the relay keeps per outbound.
@@ -520,7 +528,6 @@ impl UdpRelay {
         registry: Arc<Registry>,
     ) -> Arc<Self> {
         Arc::new(UdpRelay {
-            router,
             timeouts: ArcSwap::from_pointee(timeouts),
             limits: ArcSwap::from_pointee(limits),
             table: Mutex::new(Table::default()),
@@ -530,6 +537,8 @@ impl UdpRelay {
             outbounds: Mutex::default(),
             registry,
             warnings: Warnings::default(),
+            holds: hold::Holds::new(router.policy().wants_sniffing()),
+            router,
         })
     }
 
@@ -561,8 +570,10 @@ impl UdpRelay {
     }
 
     /// After a reload: forgets the state of outbounds the policy no longer
-    /// has (sessions still on them keep their own upstreams).
-    pub fn retain_outbounds(&self, policy: &crate::policy::Policy) {
+    /// has (sessions still on them keep their own upstreams), and holds
+    /// new QUIC flows for their name only if the new rules look at names.
+    pub fn policy_changed(&self, policy: &crate::policy::Policy) {
+        self.holds.set_enabled(policy.wants_sniffing());
         let keys: std::collections::HashSet<u32> =
             policy.outbounds().iter().map(|n| n.key).collect();
         lock(&self.outbounds).retain(|k, _| keys.contains(k));
@@ -606,11 +617,12 @@ impl UdpRelay {
     /// sends it through the upstream of the outbound they pick, opening
     /// that upstream when the session has none for it yet.
     pub fn dispatch(self: &Arc<Self>, client: SocketAddr, dst: SocketAddr, buf: &mut [u8]) {
-        let policy = self.router.current();
-        let choice = match self
-            .router
-            .decide_with(&policy, &FlowMeta::addresses(Network::Udp, client, dst))
-        {
+        // A new flow starting with a QUIC Initial may wait for its name.
+        if self.holds.enabled() && hold::intercept(self, client, dst, buf) {
+            return;
+        }
+        let session = self.session_of(client);
+        let choice = match self.route_of(session.as_deref(), client, dst) {
             Decision::Forward(choice) => choice,
             Decision::RefuseLoop => {
                 if let Some(n) = self.warnings.refused_loop.check() {
@@ -619,14 +631,53 @@ impl UdpRelay {
                 return;
             }
         };
-        // Before the session lookup: a block rule must hold even for a
+        self.forward(client, dst, buf, choice, session, None)
+    }
+
+    /// `client`'s session, if it has one.
+    fn session_of(&self, client: SocketAddr) -> Option<Arc<SessionShared>> {
+        lock(&self.table)
+            .sessions
+            .get(&client)
+            .map(|entry| Arc::clone(&entry.shared))
+    }
+
+    /// The route of a datagram: where its session pinned a sniffed flow to
+    /// `dst`, else the rules by address.
+    fn route_of(
+        &self,
+        session: Option<&SessionShared>,
+        client: SocketAddr,
+        dst: SocketAddr,
+    ) -> Decision {
+        match session.and_then(|s| s.pin.get()).filter(|p| p.dst == dst) {
+            Some(pin) => Decision::Forward(pin.choice.clone()),
+            None => self
+                .router
+                .decide(&FlowMeta::addresses(Network::Udp, client, dst)),
+        }
+    }
+
+    /// Sends a datagram the way `choice` says, through `session` (the
+    /// client's, looked up by the caller) or a new one.
+    fn forward(
+        self: &Arc<Self>,
+        client: SocketAddr,
+        dst: SocketAddr,
+        buf: &mut [u8],
+        choice: Choice,
+        session: Option<Arc<SessionShared>>,
+        sniffed: Option<&Sniffed>,
+    ) {
+        // Before the session is used: a block rule must hold even for a
         // client whose session another rule opened. No session, no
         // back-off: the configuration refused it, no upstream failed.
         if let Some(refusal) = choice.outbound.udp_refusal() {
             return self.refuse(client, dst, choice.outbound.name(), &refusal);
         }
         let len = buf.len() - UDP_HEADROOM;
-        if let Some((upstream, shared)) = self.ready_upstream(client, choice.key) {
+        let ready = session.and_then(|shared| Some((shared.ready(choice.key)?, shared)));
+        if let Some((upstream, shared)) = ready {
             match upstream.try_send(buf, dst) {
                 Ok(()) => return shared.sent_up(len, dst),
                 // The socket buffer is full: the task waits for room.
@@ -725,12 +776,16 @@ impl UdpRelay {
             backoff.release(permit);
             return;
         }
+        // The labels from the policy of the moment: the choice is that
+        // policy's, or a pin's from the session before, which this client
+        // no longer has.
+        let policy = self.router.current();
         let flow = self.registry.open(FlowStart {
             network: Network::Udp,
             client,
             dst,
-            host: None,
-            sniffed: None,
+            host: sniffed.and_then(|s| s.host.clone()),
+            sniffed: sniffed.map(|s| s.protocol),
             rule: Arc::clone(policy.rule_label(choice.rule)),
             chain: policy.chain_names(&choice),
         });
@@ -931,17 +986,16 @@ impl UdpRelay {
         }
         let count = bytes.div_ceil(segment);
         // The whole run goes to one destination, so one decision routes it.
-        let outbound = match self
-            .router
-            .decide(&FlowMeta::addresses(Network::Udp, client, dst))
-        {
+        let session = self.session_of(client);
+        let outbound = match self.route_of(session.as_deref(), client, dst) {
             Decision::Forward(choice) => Some(choice.key),
             Decision::RefuseLoop => None,
         };
         if count > 1 && !SEGMENTS_REFUSED.load(Ordering::Relaxed) {
-            if let Some((upstream, shared)) =
-                outbound.and_then(|key| self.ready_upstream(client, key))
-            {
+            let ready = session
+                .zip(outbound)
+                .and_then(|(shared, key)| Some((shared.ready(key)?, shared)));
+            if let Some((upstream, shared)) = ready {
                 match upstream.try_send_segments(&run[UDP_HEADROOM..], segment, dst, scratch) {
                     Ok(()) => {
                         self.stats
@@ -970,6 +1024,7 @@ impl UdpRelay {
     /// when the inbound may send on it directly: open, and nothing queued
     /// that must go first. No allocation: two reference counts and, for a
     /// session's second outbound, one uncontended lock more.
+    #[cfg(test)]
     fn ready_upstream(
         &self,
         client: SocketAddr,
