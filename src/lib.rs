@@ -13,6 +13,7 @@
 //! reads and validates settings; [`server`] binds and runs an instance.
 
 pub mod config;
+pub mod dns;
 pub mod fds;
 pub mod firewall;
 #[doc(hidden)]
