@@ -106,6 +106,7 @@ impl Outbound {
                 server,
                 auth,
                 send_domain,
+                ..
             } => Ok(Outbound::Socks5(Socks5Client {
                 server: *server,
                 auth: auth.clone(),
