@@ -16,6 +16,7 @@ use tracing::{info, warn};
 
 use crate::config::OutboundKind;
 use crate::config::{Config, Mode};
+use crate::dns::Dns;
 use crate::fds;
 use crate::inbound;
 use crate::inbound::admission::Admission;
@@ -209,7 +210,8 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
         let cfg = self.cfg;
         let policy = Policy::from_config(&cfg).map_err(StartError::Policy)?;
-        let router = Router::new(cfg.listen, policy);
+        let dns = Arc::new(Dns::new(&cfg, &policy));
+        let router = Router::new(cfg.listen, policy).with_dns(Arc::clone(&dns));
         let mut tasks = tokio::task::JoinSet::new();
         let (stop_tcp, tcp_stop) = tokio::sync::watch::channel(false);
         let mut tcp_task = None;
@@ -241,6 +243,14 @@ impl Server {
                 }
             });
             tasks.spawn(inbound::udp::serve(socket, relay));
+            for (index, named) in router.policy().outbounds().iter().enumerate() {
+                let probe = Arc::clone(&dns).probe_udp(
+                    index,
+                    named.name.clone(),
+                    Arc::clone(&named.outbound),
+                );
+                tasks.spawn(probe);
+            }
         }
 
         let protocols = match (cfg.tcp, cfg.udp) {

@@ -38,6 +38,7 @@ use crate::route::{Decision, Router};
 use crate::sys;
 
 mod backoff;
+mod dns;
 mod replies;
 mod runs;
 
@@ -577,7 +578,11 @@ impl UdpRelay {
     /// The rules decide per datagram, by its destination: the session
     /// sends it through the upstream of the outbound they pick, opening
     /// that upstream when the session has none for it yet.
-    pub fn dispatch(self: &Arc<Self>, client: SocketAddr, dst: SocketAddr, buf: &mut [u8]) {
+    pub fn dispatch(self: &Arc<Self>, client: SocketAddr, asked: SocketAddr, buf: &mut [u8]) {
+        // DNS may be answered here or sent to `[dns] server` (dns.rs).
+        let Some(dst) = self.dns_query(client, asked, buf) else {
+            return;
+        };
         let choice = match self
             .router
             .decide(&FlowMeta::addresses(Network::Udp, client, dst))
@@ -595,6 +600,9 @@ impl UdpRelay {
         // back-off: the configuration refused it, no upstream failed.
         if let Some(refusal) = choice.outbound.udp_refusal() {
             return self.refuse(client, dst, choice.outbound.name(), &refusal);
+        }
+        if self.dns_over_tcp(client, asked, dst, &choice, buf) {
+            return;
         }
         let len = buf.len() - UDP_HEADROOM;
         if let Some((upstream, shared)) = self.ready_upstream(client, choice.index) {
@@ -882,6 +890,8 @@ impl UdpRelay {
             return;
         }
         let count = bytes.div_ceil(segment);
+        // DNS is looked at query by query (dns.rs); a run never skips it.
+        let dns = dst.port() == crate::dns::PORT && self.router.dns().is_some();
         // The whole run goes to one destination, so one decision routes it.
         let outbound = match self
             .router
@@ -890,7 +900,7 @@ impl UdpRelay {
             Decision::Forward(choice) => Some(choice.index),
             Decision::RefuseLoop => None,
         };
-        if count > 1 && !SEGMENTS_REFUSED.load(Ordering::Relaxed) {
+        if count > 1 && !dns && !SEGMENTS_REFUSED.load(Ordering::Relaxed) {
             if let Some((upstream, shared)) =
                 outbound.and_then(|index| self.ready_upstream(client, index))
             {
@@ -970,6 +980,7 @@ impl UdpRelay {
                         lock(&self.table).replied(client, id);
                     }
                     let payload = &buf[start..end];
+                    let from = self.dns_reply(client, from, payload);
                     if run.extends(from, payload.len()) {
                         run.push(payload);
                         continue;
@@ -1086,6 +1097,7 @@ impl UdpRelay {
                 Err(OpenFailure::Refused(e))
             }
             Err(e) => {
+                self.dns_open_failed(index, outbound.name(), &e);
                 let error = e.to_string();
                 let backing_off = state.backoff.failed(permit, Instant::now(), &error);
                 Err(OpenFailure::Failed { error, backing_off })
