@@ -24,7 +24,7 @@ pub mod tcp;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,14 @@ use tcp::{ExchangeError, Pools};
 
 /// The DNS port: only datagrams to it are looked at.
 pub const PORT: u16 = 53;
+
+// What is known of a SOCKS5 outbound's UDP. Until an association has
+// worked, DNS goes over TCP: CONNECT works on every SOCKS5 server, and a
+// query sent as UDP to one that refuses is lost (the client asks again
+// only after seconds). The start-up probe settles it at once.
+const UDP_UNKNOWN: u8 = 0;
+const UDP_WORKS: u8 = 1;
+const UDP_REFUSED: u8 = 2;
 
 /// Hijacked queries waiting for their answer, remembered by (client, id)
 /// to answer from the address asked; bounded, and forgotten after this.
@@ -74,8 +82,8 @@ pub struct Dns {
     names: Option<Names>,
     /// Per outbound (the policy's index): configured `dns_over_tcp`.
     over_tcp: Box<[bool]>,
-    /// Per outbound: its SOCKS5 server refused UDP ASSOCIATE.
-    udp_refused: Box<[AtomicBool]>,
+    /// Per outbound: what its SOCKS5 server did with UDP ASSOCIATE.
+    udp: Box<[AtomicU8]>,
     hijacked: Mutex<HashMap<(SocketAddr, u16), (SocketAddr, Instant)>>,
     pools: Pools,
     pub stats: DnsStats,
@@ -122,7 +130,7 @@ impl Dns {
                 .wants_domains()
                 .then(|| Names::new(names::DEFAULT_CAPACITY)),
             over_tcp,
-            udp_refused: (0..count).map(|_| AtomicBool::new(false)).collect(),
+            udp: (0..count).map(|_| AtomicU8::new(UDP_UNKNOWN)).collect(),
             hijacked: Mutex::new(HashMap::new()),
             pools: Pools::default(),
             stats: DnsStats::default(),
@@ -206,37 +214,49 @@ impl Dns {
         matches!(outbound, Outbound::Socks5(_))
             && (self.over_tcp.get(index).copied().unwrap_or(false)
                 || self
-                    .udp_refused
+                    .udp
                     .get(index)
-                    .is_some_and(|r| r.load(Ordering::Relaxed)))
+                    .is_none_or(|u| u.load(Ordering::Relaxed) != UDP_WORKS))
     }
 
-    /// Notes that outbound `index` failed to open UDP with `e`: when its
-    /// server refused UDP ASSOCIATE, DNS through it goes over TCP from now
-    /// on (until restart: a server's configuration rarely grows UDP).
-    pub fn udp_failed(&self, index: usize, name: &str, e: &OutboundError) {
-        if !matches!(e, OutboundError::Socks5(Socks5Error::UdpRefused { .. })) {
+    /// Notes how opening UDP through outbound `index` went: an association
+    /// that works sends its DNS as UDP; a server that refused UDP ASSOCIATE
+    /// gets DNS over TCP from now on (until restart: a server's
+    /// configuration rarely grows UDP). Other failures (the server down)
+    /// say nothing about UDP.
+    pub fn udp_opened(&self, index: usize, name: &str, result: Result<(), &OutboundError>) {
+        let Some(state) = self.udp.get(index) else {
             return;
-        }
-        if let Some(flag) = self.udp_refused.get(index) {
-            if !flag.swap(true, Ordering::Relaxed) {
-                info!(outbound = name, "the SOCKS5 server refuses UDP ASSOCIATE; DNS through it goes as DNS over TCP (CONNECT to the resolver) from now on");
+        };
+        match result {
+            Ok(()) => {
+                if state.load(Ordering::Relaxed) == UDP_UNKNOWN {
+                    state.store(UDP_WORKS, Ordering::Relaxed);
+                    debug!(
+                        outbound = name,
+                        "the SOCKS5 server takes UDP ASSOCIATE; DNS through it goes as UDP"
+                    );
+                }
             }
+            Err(OutboundError::Socks5(Socks5Error::UdpRefused { .. })) => {
+                if state.swap(UDP_REFUSED, Ordering::Relaxed) != UDP_REFUSED {
+                    info!(outbound = name, "the SOCKS5 server refuses UDP ASSOCIATE; DNS through it goes as DNS over TCP (CONNECT to the resolver) from now on");
+                }
+            }
+            Err(_) => {}
         }
     }
 
     /// At start: asks each SOCKS5 outbound that may carry UDP DNS for a
-    /// UDP association once, so the first query after start already knows
-    /// whether it must go over TCP (otherwise it would be lost to the
-    /// refusal, and the client would wait seconds to ask again).
+    /// UDP association once, so DNS through a server that takes UDP goes
+    /// as UDP from the start (until then it goes over TCP).
     pub async fn probe_udp(self: Arc<Self>, index: usize, name: String, outbound: Arc<Outbound>) {
-        if !matches!(*outbound, Outbound::Socks5(_)) || self.wants_tcp(index, &outbound) {
+        let configured_tcp = self.over_tcp.get(index).copied().unwrap_or(false);
+        if !matches!(*outbound, Outbound::Socks5(_)) || configured_tcp {
             return;
         }
-        match outbound.open_udp().await {
-            Ok(_) => debug!(outbound = %name, "the SOCKS5 server takes UDP ASSOCIATE"),
-            Err(e) => self.udp_failed(index, &name, &e),
-        }
+        let result = outbound.open_udp().await.map(drop);
+        self.udp_opened(index, &name, result.as_ref().map(|_| ()));
     }
 
     /// Sends `query` as DNS over TCP to `resolver` through outbound
@@ -392,6 +412,9 @@ mod tests {
             .unwrap()
         };
         let proxy = socks(1080);
+        // Unknown yet: TCP, which every SOCKS5 server carries.
+        assert!(d.wants_tcp(0, &proxy));
+        d.udp_opened(0, "proxy", Ok(()));
         assert!(!d.wants_tcp(0, &proxy));
         assert!(d.wants_tcp(1, &proxy));
         let direct = Outbound::Direct {
@@ -405,14 +428,17 @@ mod tests {
             server: sa("203.0.113.2:1080"),
             secs: 1,
         });
-        d.udp_failed(0, "proxy", &down);
+        d.udp_opened(0, "proxy", Err(&down));
         assert!(!d.wants_tcp(0, &proxy));
         let refused = OutboundError::Socks5(Socks5Error::UdpRefused {
             server: sa("203.0.113.2:1080"),
             code: 7,
             meaning: "command not supported",
         });
-        d.udp_failed(0, "proxy", &refused);
+        d.udp_opened(0, "proxy", Err(&refused));
+        assert!(d.wants_tcp(0, &proxy));
+        // Refused stays refused.
+        d.udp_opened(0, "proxy", Ok(()));
         assert!(d.wants_tcp(0, &proxy));
     }
 }

@@ -80,11 +80,16 @@ impl UdpRelay {
         }
     }
 
-    /// An upstream failed to open: a SOCKS5 server that refuses UDP
-    /// ASSOCIATE sends DNS over TCP from now on.
-    pub(super) fn dns_open_failed(&self, index: usize, name: &str, e: &OutboundError) {
+    /// How opening an upstream went: a SOCKS5 server that takes UDP
+    /// carries DNS as UDP, one that refuses UDP ASSOCIATE as DNS over TCP.
+    pub(super) fn dns_udp_opened(
+        &self,
+        index: usize,
+        name: &str,
+        result: Result<(), &OutboundError>,
+    ) {
         if let Some(dns) = self.router.dns() {
-            dns.udp_failed(index, name, e);
+            dns.udp_opened(index, name, result);
         }
     }
 }

@@ -1087,6 +1087,7 @@ impl UdpRelay {
         match outbound.open_udp().await {
             Ok(upstream) => {
                 state.backoff.opened(permit);
+                self.dns_udp_opened(index, outbound.name(), Ok(()));
                 Ok(upstream)
             }
             // Not an upstream failure: no back-off. `dispatch` refuses
@@ -1097,7 +1098,7 @@ impl UdpRelay {
                 Err(OpenFailure::Refused(e))
             }
             Err(e) => {
-                self.dns_open_failed(index, outbound.name(), &e);
+                self.dns_udp_opened(index, outbound.name(), Err(&e));
                 let error = e.to_string();
                 let backing_off = state.backoff.failed(permit, Instant::now(), &error);
                 Err(OpenFailure::Failed { error, backing_off })
