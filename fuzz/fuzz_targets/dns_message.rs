@@ -8,7 +8,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use tproxyd::dns::message::{
-    answers, empty_answer, id, learn, question, servfail, set_id, Header,
+    answers, empty_answer, id, learn, question, servfail, set_id, Header, Question,
 };
 use tproxyd::policy::sniff::is_host_name;
 
@@ -23,7 +23,12 @@ fuzz_target!(|data: &[u8]| {
         assert!(h.is_response());
         assert_eq!((h.qdcount, h.ancount, h.nscount, h.arcount), (1, 0, 0, 0));
         assert_eq!(Some(h.id), id(data));
-        assert_eq!(question(&reply).ok(), question(data).ok());
+        // The same question (written out uncompressed: its end may move).
+        let same = |q: Question| (q.name, q.qtype, q.qclass);
+        assert_eq!(
+            question(&reply).ok().map(same),
+            question(data).ok().map(same)
+        );
         assert!(learn(&reply).is_empty());
     }
     let mut copy = data.to_vec();

@@ -155,6 +155,30 @@ pub fn skip_name(msg: &[u8], at: usize) -> Result<usize, DnsError> {
 /// compressors write, and it makes every chain of pointers end.
 pub fn read_name(msg: &[u8], at: usize) -> Result<(Vec<u8>, usize), DnsError> {
     let mut out = Vec::new();
+    let end = walk_name(msg, at, |label| {
+        if !out.is_empty() {
+            out.push(b'.');
+        }
+        out.extend_from_slice(label);
+    })?;
+    Ok((out, end))
+}
+
+/// The name starting at `at` written out uncompressed (length-prefixed
+/// labels and the root), pointers followed; returns where it ends in `msg`.
+fn copy_name(msg: &[u8], at: usize, out: &mut Vec<u8>) -> Result<usize, DnsError> {
+    let end = walk_name(msg, at, |label| {
+        out.push(label.len() as u8);
+        out.extend_from_slice(label);
+    })?;
+    out.push(0);
+    Ok(end)
+}
+
+/// Calls `label` for each label of the name at `at`, following pointers
+/// (see [`read_name`]), and returns the offset after the name where it
+/// stands.
+fn walk_name(msg: &[u8], at: usize, mut label: impl FnMut(&[u8])) -> Result<usize, DnsError> {
     let mut pos = at;
     let mut end = None;
     let mut wire = 0usize;
@@ -163,7 +187,7 @@ pub fn read_name(msg: &[u8], at: usize) -> Result<(Vec<u8>, usize), DnsError> {
         let len = msg[pos];
         match len & 0xc0 {
             0x00 if len == 0 => {
-                return Ok((out, end.unwrap_or(pos + 1)));
+                return Ok(end.unwrap_or(pos + 1));
             }
             0x00 => {
                 let label_end = pos + 1 + len as usize;
@@ -172,10 +196,7 @@ pub fn read_name(msg: &[u8], at: usize) -> Result<(Vec<u8>, usize), DnsError> {
                 if wire > MAX_NAME_WIRE {
                     return Err(DnsError::NameTooLong);
                 }
-                if !out.is_empty() {
-                    out.push(b'.');
-                }
-                out.extend_from_slice(&msg[pos + 1..label_end]);
+                label(&msg[pos + 1..label_end]);
                 pos = label_end;
             }
             0xc0 => {
@@ -376,9 +397,12 @@ pub fn reply_without_records(query: &[u8], rcode: u8) -> Result<Vec<u8>, DnsErro
     let flags = 0x8000 | (header.flags & 0x7900) | 0x0080 | u16::from(rcode & 0xf);
     out.extend_from_slice(&flags.to_be_bytes());
     out.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
-    // Copied as written: a pointer inside it points into the header or
-    // the question itself, which sit at the same offsets in the reply.
-    out.extend_from_slice(&query[HEADER_LEN..q.end]);
+    // Written out uncompressed, not copied: a pointer in the query's name
+    // may point into the header, whose bytes differ in the reply (found by
+    // the fuzzer: the echoed question then read as another name).
+    copy_name(query, HEADER_LEN, &mut out)?;
+    out.extend_from_slice(&q.qtype.to_be_bytes());
+    out.extend_from_slice(&q.qclass.to_be_bytes());
     Ok(out)
 }
 
@@ -569,6 +593,24 @@ mod tests {
         assert!(matches!(question(&f), Err(DnsError::BadPointer { .. })));
     }
 
+    /// The fuzzer's find: a question whose name points into the header
+    /// was echoed byte for byte, and in the reply's header (other flags
+    /// and counts) the pointer read another name.
+    #[test]
+    fn a_question_pointing_into_the_header_is_echoed_as_the_same_name() {
+        let input = include_bytes!("../../fuzz/corpus/dns_message/question-points-into-header");
+        let q = question(input).unwrap();
+        for reply in [empty_answer(input).unwrap(), servfail(input).unwrap()] {
+            assert_eq!(
+                question(&reply).unwrap(),
+                Question {
+                    end: reply.len(),
+                    ..q.clone()
+                }
+            );
+        }
+    }
+
     #[test]
     fn set_id_rewrites_only_the_id() {
         let mut q = query(1, "a.example", TYPE_A);
@@ -643,7 +685,8 @@ mod tests {
             }
             let _ = answers(&r);
             if let Ok(reply) = empty_answer(&r) {
-                prop_assert_eq!(question(&reply).ok(), question(&r).ok());
+                let same = |q: Question| (q.name, q.qtype, q.qclass);
+                prop_assert_eq!(question(&reply).ok().map(same), question(&r).ok().map(same));
             }
         }
 
