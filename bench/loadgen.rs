@@ -11,6 +11,9 @@
 //! loadgen udp-lat  --target ADDR --count N
 //! loadgen hold     --target ADDR --count N     (keeps N idle flows open)
 //! loadgen udp-flood --target ADDR --ports N    (one datagram from each of N new ports)
+//! loadgen dns-serve --addr ADDR                 (a DNS server, UDP and TCP; every A is ADDR's IP)
+//! loadgen dns-load --target ADDR --rate R --seconds S --sockets K
+//!                                              (R queries/s, open loop, from K ports)
 //! ```
 //!
 //! Each client mode prints one JSON object on stdout. `hold` prints its
@@ -106,6 +109,16 @@ fn run() -> Result<()> {
             "udp-lat" => udp_lat(addr("--target")?, number("--count")?).await,
             "hold" => hold(addr("--target")?, number("--count")?).await,
             "udp-flood" => udp_flood(addr("--target")?, number("--ports")?).await,
+            "dns-serve" => dns_serve(addr("--addr")?).await,
+            "dns-load" => {
+                dns_load(
+                    addr("--target")?,
+                    number("--rate")?,
+                    secs(number("--seconds")?),
+                    number("--sockets")?,
+                )
+                .await
+            }
             other => Err(format!("unknown mode {other}").into()),
         }
     })
@@ -458,6 +471,172 @@ async fn udp_flood(target: SocketAddr, ports: u64) -> Result<()> {
         }
     }
     println!("{{\"sent\": {sent}}}");
+    Ok(())
+}
+
+/// The answer to a DNS query: the question echoed, one A record with
+/// `ip` (none for other types), no additional section (the query's EDNS
+/// record is dropped). None for what is not a query.
+fn dns_answer(query: &[u8], ip: std::net::Ipv4Addr) -> Option<Vec<u8>> {
+    if query.len() < 12 || query[2] & 0x80 != 0 {
+        return None;
+    }
+    let mut at = 12;
+    loop {
+        let len = *query.get(at)? as usize;
+        at += 1 + len;
+        if len == 0 {
+            break;
+        }
+    }
+    let end = at + 4;
+    let qtype = u16::from_be_bytes([*query.get(at)?, *query.get(at + 1)?]);
+    let mut reply = query.get(..end)?.to_vec();
+    reply[2] = 0x84 | (query[2] & 1);
+    reply[3] = 0x80;
+    reply[4..12].copy_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
+    if qtype == 1 {
+        reply[7] = 1;
+        reply.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0x0e, 0x10, 0, 4]);
+        reply.extend_from_slice(&ip.octets());
+    }
+    Some(reply)
+}
+
+/// A DNS server on `addr`, UDP and TCP (RFC 7766 framing, pipelined
+/// queries answered in order): the benchmark's resolver.
+async fn dns_serve(addr: SocketAddr) -> Result<()> {
+    let std::net::IpAddr::V4(ip) = addr.ip() else {
+        return Err("dns-serve needs an IPv4 address".into());
+    };
+    let udp = UdpSocket::bind(addr).await?;
+    let tcp = TcpListener::bind(addr).await?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = tcp.accept().await else {
+                continue;
+            };
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let (mut rd, mut wr) = s.split();
+                let mut rd = tokio::io::BufReader::new(&mut rd);
+                loop {
+                    let mut len = [0u8; 2];
+                    if rd.read_exact(&mut len).await.is_err() {
+                        return;
+                    }
+                    let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
+                    if rd.read_exact(&mut q).await.is_err() {
+                        return;
+                    }
+                    if let Some(a) = dns_answer(&q, ip) {
+                        let mut out = (a.len() as u16).to_be_bytes().to_vec();
+                        out.extend_from_slice(&a);
+                        if wr.write_all(&out).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (n, peer) = udp.recv_from(&mut buf).await?;
+        if let Some(a) = dns_answer(&buf[..n], ip) {
+            let _ = udp.send_to(&a, peer).await;
+        }
+    }
+}
+
+/// Sends `rate` DNS queries a second for `seconds`, open loop (on a
+/// schedule, whatever the answers do), spread over `sockets` ports, and
+/// waits up to 3 s for the last answers. Prints how many were sent,
+/// answered and lost, and the latency of the answered ones.
+async fn dns_load(target: SocketAddr, rate: u64, seconds: Duration, sockets: u64) -> Result<()> {
+    let bind: SocketAddr = if target.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let total = rate * seconds.as_secs();
+    let mut socks = Vec::new();
+    for _ in 0..sockets.max(1) {
+        let s = UdpSocket::bind(bind).await?;
+        s.connect(target).await?;
+        socks.push(Arc::new(s));
+    }
+    // Send time by query number; the id and the socket name the query.
+    let sent_at: Arc<std::sync::Mutex<Vec<Option<Instant>>>> =
+        Arc::new(std::sync::Mutex::new(vec![None; total as usize]));
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut readers = Vec::new();
+    let k = socks.len() as u64;
+    for (i, s) in socks.iter().enumerate() {
+        let (s, sent_at, latencies) = (Arc::clone(s), Arc::clone(&sent_at), Arc::clone(&latencies));
+        readers.push(tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            let mut seen = std::collections::HashSet::new();
+            loop {
+                let Ok(n) = s.recv(&mut buf).await else {
+                    continue;
+                };
+                if n < 12 {
+                    continue;
+                }
+                // Query number = id * sockets + socket index.
+                let id = u64::from(u16::from_be_bytes([buf[0], buf[1]]));
+                let q = id * k + i as u64;
+                let at = sent_at.lock().map(|v| v.get(q as usize).copied().flatten());
+                if let Ok(Some(at)) = at {
+                    if seen.insert(q) {
+                        latencies.lock().map(|mut l| l.push(at.elapsed())).ok();
+                    }
+                }
+            }
+        }));
+    }
+    if total / k > u64::from(u16::MAX) {
+        return Err("more queries per socket than DNS ids: add --sockets".into());
+    }
+    let start = Instant::now();
+    let interval = Duration::from_secs(1).as_nanos() as u64 / rate.max(1);
+    for q in 0..total {
+        let due = start + Duration::from_nanos(q * interval);
+        tokio::time::sleep_until(due.into()).await;
+        let (id, i) = ((q / k) as u16, (q % k) as usize);
+        let mut query = id.to_be_bytes().to_vec();
+        query.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+        let name = format!("q{q}");
+        query.push(name.len() as u8);
+        query.extend_from_slice(name.as_bytes());
+        query.extend_from_slice(b"\x05bench\x07example\x00\x00\x01\x00\x01");
+        if let Ok(mut v) = sent_at.lock() {
+            v[q as usize] = Some(Instant::now());
+        }
+        socks[i].send(&query).await?;
+    }
+    let send_secs = start.elapsed().as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        if latencies.lock().map(|l| l.len() as u64).unwrap_or(0) >= total {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for r in readers {
+        r.abort();
+    }
+    let samples = latencies.lock().map(|l| l.clone()).unwrap_or_default();
+    let answered = samples.len() as u64;
+    let max = samples.iter().max().copied().unwrap_or_default();
+    let (p50, p99) = percentiles(samples)?;
+    println!(
+        "{{\"sent\": {total}, \"answered\": {answered}, \"lost\": {}, \"rate\": {:.1}, \"p50_us\": {p50:.1}, \"p99_us\": {p99:.1}, \"max_us\": {:.1}}}",
+        total - answered,
+        total as f64 / send_secs,
+        max.as_secs_f64() * 1e6
+    );
     Ok(())
 }
 

@@ -16,6 +16,7 @@
 
 pub mod api;
 pub mod config;
+pub mod dns;
 pub mod fds;
 pub mod firewall;
 #[doc(hidden)]

@@ -252,6 +252,7 @@ impl RunArgs {
                 password: self.password.clone(),
                 password_env: None,
                 send_domain: false,
+                dns_over_tcp: false,
             });
         }
         raw.timeouts.udp_idle = self.udp_timeout;

@@ -3,13 +3,16 @@
 //!
 //! Every flow first passes the loop check (a flow to tproxyd's own
 //! listener is refused, whatever the rules say); then the policy's rules
-//! pick the outbound.
+//! pick the outbound. A flow that carries no name of its own is given the
+//! name last learned for its destination from a DNS answer, when some
+//! rule looks at names (route only: the destination stays as it is).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::dns::Dns;
 use crate::policy::{Choice, FlowMeta, Policy};
 use crate::sys;
 
@@ -30,6 +33,7 @@ pub enum Decision {
 pub struct Router {
     listen: SocketAddr,
     policy: Arc<ArcSwap<Policy>>,
+    dns: Option<Arc<Dns>>,
 }
 
 impl Router {
@@ -37,7 +41,19 @@ impl Router {
         Router {
             listen: sys::normalize(listen),
             policy: Arc::new(ArcSwap::from_pointee(policy)),
+            dns: None,
         }
+    }
+
+    /// The router with DNS handling: learned names for the decisions, and
+    /// the UDP relay's hooks for port 53.
+    pub fn with_dns(mut self, dns: Arc<Dns>) -> Self {
+        self.dns = Some(dns);
+        self
+    }
+
+    pub fn dns(&self) -> Option<&Arc<Dns>> {
+        self.dns.as_ref()
     }
 
     /// Decides with the policy of the moment.
@@ -49,10 +65,24 @@ impl Router {
     /// twice: before and after sniffing).
     pub fn decide_with(&self, policy: &Policy, flow: &FlowMeta<'_>) -> Decision {
         if self.is_listener(flow.dst) {
-            Decision::RefuseLoop
-        } else {
-            Decision::Forward(policy.decide(flow))
+            return Decision::RefuseLoop;
         }
+        // Names are kept only when a rule looks at them, so this lookup is
+        // skipped (None at once) otherwise.
+        if flow.domain.is_none() {
+            if let Some(name) = self
+                .dns
+                .as_ref()
+                .and_then(|d| d.learned_name(flow.dst.ip()))
+            {
+                let named = FlowMeta {
+                    domain: Some(&name),
+                    ..*flow
+                };
+                return Decision::Forward(policy.decide(&named));
+            }
+        }
+        Decision::Forward(policy.decide(flow))
     }
 
     /// The policy of the moment, held for as long as the caller keeps it.
@@ -135,5 +165,52 @@ mod tests {
             decide(&specific, Network::Tcp, "127.0.0.2:1090"),
             Decision::Forward(_)
         ));
+    }
+
+    /// A flow without a name of its own takes the one learned from a DNS
+    /// answer for its destination; a sniffed name still comes first.
+    #[test]
+    fn learned_names_feed_domain_rules() {
+        use crate::dns::message::build::{query, response, Answer};
+        use crate::dns::message::TYPE_A;
+        use crate::dns::Dns;
+        let text = "[[outbounds]]\nname = \"proxy\"\ntype = \"socks5\"\nserver = \"203.0.113.2:1080\"\n\
+                    [[outbounds]]\nname = \"direct\"\ntype = \"direct\"\n\
+                    [route]\nfinal = \"direct\"\n\
+                    [[route.rules]]\ndomain_suffix = [\"via-proxy.example\"]\noutbound = \"proxy\"\n\
+                    [firewall]\nbackend = \"none\"\n";
+        let cfg = RawConfig::from_toml(text, "t")
+            .unwrap()
+            .validate(&|_| None)
+            .unwrap();
+        let policy = Policy::from_config(&cfg).unwrap();
+        let dns = Arc::new(Dns::new(&cfg, &policy));
+        let r = Router::new(cfg.listen, policy).with_dns(Arc::clone(&dns));
+        let name = |d: Decision| match d {
+            Decision::Forward(c) => r.policy().name(c.index).to_string(),
+            Decision::RefuseLoop => "loop".into(),
+        };
+        assert_eq!(name(decide(&r, Network::Tcp, "198.51.100.7:22")), "direct");
+        let q = query(1, "ssh.via-proxy.example", TYPE_A);
+        let answer = response(&q, &[Answer::A(None, "198.51.100.7".parse().unwrap(), 300)]);
+        dns.on_reply(
+            "192.0.2.2:5353".parse().unwrap(),
+            "198.51.100.10:53".parse().unwrap(),
+            &answer,
+        );
+        assert_eq!(name(decide(&r, Network::Tcp, "198.51.100.7:22")), "proxy");
+        assert_eq!(name(decide(&r, Network::Udp, "198.51.100.7:4000")), "proxy");
+        // Another address is not touched.
+        assert_eq!(name(decide(&r, Network::Tcp, "198.51.100.8:22")), "direct");
+        // A sniffed name wins over the learned one.
+        let sniffed = FlowMeta {
+            domain: Some("other.example"),
+            ..FlowMeta::addresses(
+                Network::Tcp,
+                "192.0.2.2:40000".parse().unwrap(),
+                "198.51.100.7:443".parse().unwrap(),
+            )
+        };
+        assert_eq!(name(r.decide(&sniffed)), "direct");
     }
 }

@@ -467,6 +467,13 @@ pub fn teardown(prefix: &str) -> Result<()> {
 /// families, logging to `log`; `auth` asks clients for username/password
 /// (checked against the system's users).
 pub fn dante_config(log: &Path, auth: bool) -> String {
+    dante_config_with(log, auth, true)
+}
+
+/// [`dante_config`], with UDP ASSOCIATE allowed or not: many SOCKS5
+/// servers carry no UDP, and DNS must still get through them (as DNS over
+/// TCP, see `crate::dns`).
+pub fn dante_config_with(log: &Path, auth: bool, udp: bool) -> String {
     let method = if auth { "username" } else { "none" };
     let mut conf = format!(
         "logoutput: {log}
@@ -488,10 +495,15 @@ client pass {{ from: ::/0 to: ::/0 }}
     );
     // dante matches rules per address family: a v4 client asking for a v6
     // target (and every other mix) needs its own rule.
+    let commands = if udp {
+        "connect udpassociate udpreply"
+    } else {
+        "connect"
+    };
     for from in ["0.0.0.0/0", "::/0"] {
         for to in ["0.0.0.0/0", "::/0"] {
             conf.push_str(&format!(
-                "socks pass {{ from: {from} to: {to} command: connect udpassociate udpreply }}\n"
+                "socks pass {{ from: {from} to: {to} command: {commands} }}\n"
             ));
         }
     }
@@ -502,8 +514,13 @@ client pass {{ from: ::/0 to: ::/0 }}
 /// (danted.conf, danted.log, danted.pid, danted.out, danted.err). Does not
 /// wait: see [`Netns::wait_tcp`] on `SOCKS_V4:SOCKS_PORT`.
 pub fn spawn_dante(wan: &Netns, dir: &Path, auth: bool) -> Result<Child> {
+    spawn_dante_with(wan, dir, auth, true)
+}
+
+/// [`spawn_dante`] with [`dante_config_with`]'s `udp`.
+pub fn spawn_dante_with(wan: &Netns, dir: &Path, auth: bool, udp: bool) -> Result<Child> {
     let conf = dir.join("danted.conf");
-    std::fs::write(&conf, dante_config(&dir.join("danted.log"), auth))
+    std::fs::write(&conf, dante_config_with(&dir.join("danted.log"), auth, udp))
         .with_context(|| format!("write {}", conf.display()))?;
     wan.command("danted")
         .arg("-f")

@@ -93,6 +93,12 @@ pub fn server<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
         .map_err(|e| de::Error::custom(format!("server: {e}")))
 }
 
+/// An outbound's `dns_over_tcp`: named in the message for the same reason
+/// as [`server`].
+pub fn dns_over_tcp<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    bool::deserialize(d).map_err(|e| de::Error::custom(format!("dns_over_tcp: {e}")))
+}
+
 /// An optional `IP:PORT` field.
 pub fn opt_socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
     socket_addr(d).map(Some)

@@ -123,6 +123,7 @@ impl Outbound {
                 server,
                 auth,
                 send_domain,
+                ..
             } => Ok(Outbound::Socks5(Socks5Client {
                 server: *server,
                 auth: auth.clone(),

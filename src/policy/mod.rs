@@ -30,7 +30,8 @@ pub struct FlowMeta<'a> {
     pub src: SocketAddr,
     pub dst: SocketAddr,
     /// The host name sniffed from the flow's first bytes (TLS SNI, HTTP
-    /// Host), lowercased; None when there was none.
+    /// Host), lowercased; None when there was none (the router then looks
+    /// for a name learned from DNS answers, see `Router::decide`).
     pub domain: Option<&'a str>,
     pub protocol: Option<SniffProtocol>,
 }
@@ -272,6 +273,12 @@ impl Policy {
     /// does, flows need not wait for their first bytes.
     pub fn wants_sniffing(&self) -> bool {
         self.rules.wants_sniffing()
+    }
+
+    /// Whether any rule looks at the flow's name: only then are names
+    /// learned from DNS answers kept and looked up (see `crate::dns`).
+    pub fn wants_domains(&self) -> bool {
+        self.rules.wants_domains()
     }
 
     pub fn outbounds(&self) -> &[Named] {

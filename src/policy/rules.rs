@@ -654,6 +654,12 @@ impl Rules {
         self.sniffing
     }
 
+    /// Whether any rule looks at the flow's name (a domain key or a rule
+    /// set of names).
+    pub fn wants_domains(&self) -> bool {
+        self.used & DOMAIN != 0
+    }
+
     pub fn len(&self) -> usize {
         self.info.len()
     }

@@ -278,6 +278,9 @@ impl Live {
             tcp.admission
                 .set_limits(new.limits.tcp_flows, new.limits.tcp_connecting_per_client);
         }
+        if let Some(dns) = self.router.dns() {
+            dns.reconfigure(&new, &policy);
+        }
         self.router.set_policy(Arc::clone(&policy));
         if let Some(udp) = &self.udp {
             udp.policy_changed(&policy);
@@ -305,6 +308,9 @@ fn changed_parts(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if old.firewall != new.firewall {
         parts.push("firewall");
+    }
+    if old.dns != new.dns {
+        parts.push("dns");
     }
     parts
 }

@@ -17,6 +17,7 @@ use tracing::{info, warn};
 
 use crate::config::OutboundKind;
 use crate::config::{Config, Mode};
+use crate::dns::Dns;
 use crate::fds;
 use crate::firewall::{self, FirewallError, Plan};
 use crate::inbound;
@@ -312,7 +313,8 @@ impl Server {
             }
         };
         let cfg = self.cfg;
-        let router = Router::new(cfg.listen, policy);
+        let dns = Arc::new(Dns::new(&cfg, &policy));
+        let router = Router::new(cfg.listen, policy).with_dns(Arc::clone(&dns));
         let registry = Arc::new(Registry::new());
         let mut tasks = tokio::task::JoinSet::new();
         let (stop_tcp, tcp_stop) = tokio::sync::watch::channel(false);
@@ -358,6 +360,14 @@ impl Server {
             });
             udp_relay = Some(Arc::clone(&relay));
             tasks.spawn(inbound::udp::serve(socket, relay));
+            for named in router.policy().outbounds() {
+                let probe = Arc::clone(&dns).probe_udp(
+                    named.key,
+                    named.name.to_string(),
+                    Arc::clone(&named.outbound),
+                );
+                tasks.spawn(probe);
+            }
         }
         // Byte totals and the rate, once a second (the metrics and the
         // API's traffic stream read them).

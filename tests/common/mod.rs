@@ -32,6 +32,8 @@ use std::time::{Duration, Instant};
 
 use tproxyd::testbed;
 
+pub mod dns_server;
+
 pub const LAN_V4: &str = testbed::LAN_V4;
 pub const LAN_V6: &str = testbed::LAN_V6;
 pub const ROUTER_WAN_V4: &str = testbed::ROUTER_WAN_V4;
@@ -398,7 +400,11 @@ impl Testbed {
     }
 
     fn start_dante(&mut self, auth: bool) {
-        let child = testbed::spawn_dante(&self.bed.wan, &self.dir, auth)
+        self.start_dante_with(auth, true);
+    }
+
+    fn start_dante_with(&mut self, auth: bool, udp: bool) {
+        let child = testbed::spawn_dante_with(&self.bed.wan, &self.dir, auth, udp)
             .unwrap_or_else(|e| panic!("{e:#}"));
         self.dante = Some(child);
         let socks = addr(SOCKS_V4, SOCKS_PORT);
@@ -932,6 +938,13 @@ impl Testbed {
     pub fn restart_dante(&mut self) {
         assert!(self.dante.is_none(), "dante already running");
         self.start_dante(false);
+    }
+
+    /// Replaces dante with one that refuses UDP ASSOCIATE (CONNECT only,
+    /// no authentication), as many SOCKS5 servers do.
+    pub fn restart_dante_without_udp(&mut self) {
+        self.stop_dante();
+        self.start_dante_with(false, false);
     }
 }
 

@@ -41,6 +41,7 @@ use crate::route::{Decision, Router};
 use crate::sys;
 
 mod backoff;
+mod dns;
 mod hold;
 mod replies;
 mod runs;
@@ -616,11 +617,15 @@ impl UdpRelay {
     /// The rules decide per datagram, by its destination: the session
     /// sends it through the upstream of the outbound they pick, opening
     /// that upstream when the session has none for it yet.
-    pub fn dispatch(self: &Arc<Self>, client: SocketAddr, dst: SocketAddr, buf: &mut [u8]) {
+    pub fn dispatch(self: &Arc<Self>, client: SocketAddr, asked: SocketAddr, buf: &mut [u8]) {
         // A new flow starting with a QUIC Initial may wait for its name.
-        if self.holds.enabled() && hold::intercept(self, client, dst, buf) {
+        if self.holds.enabled() && hold::intercept(self, client, asked, buf) {
             return;
         }
+        // DNS may be answered here or sent to `[dns] server` (dns.rs).
+        let Some(dst) = self.dns_query(client, asked, buf) else {
+            return;
+        };
         let session = self.session_of(client);
         let choice = match self.route_of(session.as_deref(), client, dst) {
             Decision::Forward(choice) => choice,
@@ -631,6 +636,13 @@ impl UdpRelay {
                 return;
             }
         };
+        // DNS through an outbound that carries it over TCP (dns.rs); a
+        // refusing outbound (block) is left to `forward`.
+        if choice.outbound.udp_refusal().is_none()
+            && self.dns_over_tcp(client, asked, dst, &choice, buf)
+        {
+            return;
+        }
         self.forward(client, dst, buf, choice, session, None)
     }
 
@@ -985,13 +997,15 @@ impl UdpRelay {
             return;
         }
         let count = bytes.div_ceil(segment);
+        // DNS is looked at query by query (dns.rs); a run never skips it.
+        let dns = dst.port() == crate::dns::PORT && self.router.dns().is_some();
         // The whole run goes to one destination, so one decision routes it.
         let session = self.session_of(client);
         let outbound = match self.route_of(session.as_deref(), client, dst) {
             Decision::Forward(choice) => Some(choice.key),
             Decision::RefuseLoop => None,
         };
-        if count > 1 && !SEGMENTS_REFUSED.load(Ordering::Relaxed) {
+        if count > 1 && !dns && !SEGMENTS_REFUSED.load(Ordering::Relaxed) {
             let ready = session
                 .zip(outbound)
                 .and_then(|(shared, key)| Some((shared.ready(key)?, shared)));
@@ -1073,6 +1087,7 @@ impl UdpRelay {
                         lock(&self.table).replied(client, id);
                     }
                     let payload = &buf[start..end];
+                    let from = self.dns_reply(client, from, payload);
                     if run.extends(from, payload.len()) {
                         run.push(payload);
                         continue;
@@ -1180,6 +1195,7 @@ impl UdpRelay {
         match outbound.open_udp().await {
             Ok(upstream) => {
                 state.backoff.opened(permit);
+                self.dns_udp_opened(key, outbound.name(), Ok(()));
                 Ok(upstream)
             }
             // Not an upstream failure: no back-off. `dispatch` refuses
@@ -1190,6 +1206,7 @@ impl UdpRelay {
                 Err(OpenFailure::Refused(e))
             }
             Err(e) => {
+                self.dns_udp_opened(key, outbound.name(), Err(&e));
                 let error = e.to_string();
                 let backing_off = state.backoff.failed(permit, Instant::now(), &error);
                 Err(OpenFailure::Failed { error, backing_off })

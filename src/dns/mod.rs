@@ -1,0 +1,476 @@
+//! DNS that passes through tproxyd: the captured UDP port-53 datagrams
+//! and their answers.
+//!
+//! - **Hijack** (`[dns] server`): every query goes to one resolver,
+//!   whatever address the client asked; the answer comes back from the
+//!   address it asked (the UDP relay's reply path, see
+//!   [`Dns::on_reply`]).
+//! - **AAAA filter** (`[dns] filter_aaaa`): AAAA questions are answered
+//!   here with NOERROR and no records ("no data"), for IPv4-only
+//!   upstreams. Not NXDOMAIN: that would say the name has no A either.
+//! - **DNS over TCP** ([`tcp`]): queries whose outbound is a SOCKS5
+//!   server that refused UDP ASSOCIATE, or one with `dns_over_tcp = true`,
+//!   go as DNS over TCP through CONNECT, pooled and pipelined.
+//! - **Learned names** ([`names`]): answers teach address → name, which
+//!   domain rules use for flows that carry no name of their own (route
+//!   only: the destination stays the address the client chose).
+//!
+//! The UDP relay calls in at three points (`relay/udp/dns.rs`): before a
+//! query's route decision, after it, and for every reply from port 53.
+
+pub mod message;
+pub mod names;
+pub mod tcp;
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, OutboundKind};
+use crate::outbound::socks5::Socks5Error;
+use crate::outbound::{Outbound, OutboundError};
+use crate::policy::Policy;
+use crate::ratelimit::RateLimit;
+use names::Names;
+use tcp::{ExchangeError, Pools};
+
+/// The DNS port: only datagrams to it are looked at.
+pub const PORT: u16 = 53;
+
+// What is known of a SOCKS5 outbound's UDP. Until an association has
+// worked, DNS goes over TCP: CONNECT works on every SOCKS5 server, and a
+// query sent as UDP to one that refuses is lost (the client asks again
+// only after seconds). The start-up probe settles it at once.
+const UDP_UNKNOWN: u8 = 0;
+const UDP_WORKS: u8 = 1;
+const UDP_REFUSED: u8 = 2;
+
+/// Hijacked queries waiting for their answer, remembered by (client, id)
+/// to answer from the address asked; bounded, and forgotten after this.
+const HIJACK_CAP: usize = 16_384;
+const HIJACK_KEEP: Duration = Duration::from_secs(10);
+
+/// What to do with a query before the route decision.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Query {
+    /// Route and send it to this address (the one asked, or `[dns] server`).
+    Forward(SocketAddr),
+    /// Answered here: send this back to the client from the address asked.
+    Answer(Vec<u8>),
+}
+
+/// Counters (for the log and the tests).
+#[derive(Debug, Default)]
+pub struct DnsStats {
+    pub aaaa_filtered: AtomicU64,
+    pub hijacked: AtomicU64,
+    pub tcp_queries: AtomicU64,
+    pub tcp_answered: AtomicU64,
+    pub tcp_servfail: AtomicU64,
+    pub names_learned: AtomicU64,
+}
+
+/// What the configuration says; a reload replaces it whole.
+#[derive(Debug, Default)]
+struct Settings {
+    server: Option<SocketAddr>,
+    filter_aaaa: bool,
+    /// Whether some rule looks at domains: otherwise nothing is learned
+    /// and nothing looked up.
+    learn: bool,
+    /// Outbounds (by key) configured with `dns_over_tcp`.
+    over_tcp: HashSet<u32>,
+}
+
+impl Settings {
+    fn new(cfg: &Config, policy: &Policy) -> Settings {
+        // The policy's outbounds are the config's, in its order.
+        let over_tcp = cfg
+            .outbounds
+            .iter()
+            .zip(policy.outbounds())
+            .filter(|(o, n)| {
+                o.name == *n.name
+                    && matches!(
+                        o.kind,
+                        OutboundKind::Socks5 {
+                            dns_over_tcp: true,
+                            ..
+                        }
+                    )
+            })
+            .map(|(_, n)| n.key)
+            .collect();
+        Settings {
+            server: cfg.dns.server,
+            filter_aaaa: cfg.dns.filter_aaaa,
+            learn: policy.wants_domains(),
+            over_tcp,
+        }
+    }
+}
+
+pub struct Dns {
+    settings: ArcSwap<Settings>,
+    /// Learned names; empty while no rule looks at domains.
+    names: Names,
+    /// Per outbound (by key): what its SOCKS5 server did with UDP
+    /// ASSOCIATE. Looked at per query, not per datagram of other flows.
+    udp: Mutex<HashMap<u32, u8>>,
+    hijacked: Mutex<HashMap<(SocketAddr, u16), (SocketAddr, Instant)>>,
+    pools: Pools,
+    pub stats: DnsStats,
+    servfail_warning: RateLimit,
+}
+
+impl std::fmt::Debug for Dns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dns")
+            .field("settings", &self.settings.load())
+            .field("names", &self.names)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Dns {
+    /// From the config and the policy built from it.
+    pub fn new(cfg: &Config, policy: &Policy) -> Dns {
+        Dns {
+            settings: ArcSwap::from_pointee(Settings::new(cfg, policy)),
+            names: Names::new(names::DEFAULT_CAPACITY),
+            udp: Mutex::new(HashMap::new()),
+            hijacked: Mutex::new(HashMap::new()),
+            pools: Pools::default(),
+            stats: DnsStats::default(),
+            servfail_warning: RateLimit::default(),
+        }
+    }
+
+    /// A reload: the new `[dns]` keys and rules apply to the next query;
+    /// what is known of outbounds the policy kept stays, the rest goes.
+    pub fn reconfigure(&self, cfg: &Config, policy: &Policy) {
+        let settings = Settings::new(cfg, policy);
+        if !settings.learn {
+            self.names.clear();
+        }
+        self.settings.store(Arc::new(settings));
+        let keys: HashSet<u32> = policy.outbounds().iter().map(|n| n.key).collect();
+        lock(&self.udp).retain(|k, _| keys.contains(k));
+        self.pools.retain(|k| keys.contains(&k));
+    }
+
+    /// The name last learned for `ip`, while its TTL lasts; None when
+    /// names are not kept (no rule looks at domains).
+    pub fn learned_name(&self, ip: IpAddr) -> Option<Arc<str>> {
+        if !self.settings.load().learn {
+            return None;
+        }
+        self.names.lookup(ip, Instant::now())
+    }
+
+    /// The learned names, when they are kept (some rule looks at domains).
+    pub fn names(&self) -> Option<&Names> {
+        self.settings.load().learn.then_some(&self.names)
+    }
+
+    /// Learns from an answer passing through, when names are kept.
+    fn learn(&self, answer: &[u8]) {
+        let Some(names) = self.names() else { return };
+        let now = Instant::now();
+        for l in message::learn(answer) {
+            names.learn(l.addr, &l.name, l.ttl, now);
+            self.stats.names_learned.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A query from `client` to `dst` (port 53), before the route decision.
+    pub fn on_query(&self, client: SocketAddr, dst: SocketAddr, query: &[u8]) -> Query {
+        let settings = self.settings.load();
+        if settings.filter_aaaa {
+            if let Some(answer) = filtered_aaaa(query) {
+                self.stats.aaaa_filtered.fetch_add(1, Ordering::Relaxed);
+                return Query::Answer(answer);
+            }
+        }
+        match settings.server {
+            Some(server) if server != dst => {
+                if let Some(id) = message::id(query) {
+                    self.remember_hijack(client, id, dst);
+                }
+                self.stats.hijacked.fetch_add(1, Ordering::Relaxed);
+                Query::Forward(server)
+            }
+            _ => Query::Forward(dst),
+        }
+    }
+
+    fn remember_hijack(&self, client: SocketAddr, id: u16, asked: SocketAddr) {
+        let mut map = lock(&self.hijacked);
+        if map.len() >= HIJACK_CAP {
+            let now = Instant::now();
+            map.retain(|_, (_, at)| now.duration_since(*at) < HIJACK_KEEP);
+        }
+        // Still full of fresh entries (a flood): this answer will come
+        // from the resolver's address, which the client drops, as it
+        // would a lost datagram.
+        if map.len() < HIJACK_CAP {
+            map.insert((client, id), (asked, Instant::now()));
+        }
+    }
+
+    /// A reply from `from` (port 53) on its way to `client` through a UDP
+    /// session: learns from it, and returns the address to send it from
+    /// (the one the client asked, for a hijacked query).
+    pub fn on_reply(&self, client: SocketAddr, from: SocketAddr, reply: &[u8]) -> SocketAddr {
+        self.learn(reply);
+        if self.settings.load().server != Some(from) {
+            return from;
+        }
+        let Some(id) = message::id(reply) else {
+            return from;
+        };
+        lock(&self.hijacked)
+            .remove(&(client, id))
+            .map_or(from, |(asked, _)| asked)
+    }
+
+    /// Whether a query through `outbound` (its key `key`) goes as DNS
+    /// over TCP.
+    pub fn wants_tcp(&self, key: u32, outbound: &Outbound) -> bool {
+        matches!(outbound, Outbound::Socks5(_))
+            && (self.settings.load().over_tcp.contains(&key)
+                || lock(&self.udp).get(&key).copied().unwrap_or(UDP_UNKNOWN) != UDP_WORKS)
+    }
+
+    /// Notes how opening UDP through outbound `key` went: an association
+    /// that works sends its DNS as UDP; a server that refused UDP ASSOCIATE
+    /// gets DNS over TCP from now on (until restart: a server's
+    /// configuration rarely grows UDP). Other failures (the server down)
+    /// say nothing about UDP.
+    pub fn udp_opened(&self, key: u32, name: &str, result: Result<(), &OutboundError>) {
+        let mut udp = lock(&self.udp);
+        let state = udp.entry(key).or_insert(UDP_UNKNOWN);
+        match result {
+            Ok(()) => {
+                if *state == UDP_UNKNOWN {
+                    *state = UDP_WORKS;
+                    debug!(
+                        outbound = name,
+                        "the SOCKS5 server takes UDP ASSOCIATE; DNS through it goes as UDP"
+                    );
+                }
+            }
+            Err(OutboundError::Socks5(Socks5Error::UdpRefused { .. })) => {
+                if std::mem::replace(state, UDP_REFUSED) != UDP_REFUSED {
+                    info!(outbound = name, "the SOCKS5 server refuses UDP ASSOCIATE; DNS through it goes as DNS over TCP (CONNECT to the resolver) from now on");
+                }
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// At start: asks each SOCKS5 outbound that may carry UDP DNS for a
+    /// UDP association once, so DNS through a server that takes UDP goes
+    /// as UDP from the start (until then it goes over TCP).
+    pub async fn probe_udp(self: Arc<Self>, key: u32, name: String, outbound: Arc<Outbound>) {
+        let configured_tcp = self.settings.load().over_tcp.contains(&key);
+        if !matches!(*outbound, Outbound::Socks5(_)) || configured_tcp {
+            return;
+        }
+        let result = outbound.open_udp().await.map(drop);
+        self.udp_opened(key, &name, result.as_ref().map(|_| ()));
+    }
+
+    /// Sends `query` as DNS over TCP to `resolver` through outbound
+    /// `key` and returns the answer (names learned from it), or SERVFAIL
+    /// when none came. None only for a datagram that is no DNS query
+    /// (nothing to answer).
+    pub async fn exchange_tcp(
+        &self,
+        key: u32,
+        outbound: &Arc<Outbound>,
+        resolver: SocketAddr,
+        query: &[u8],
+    ) -> Option<Vec<u8>> {
+        message::Header::parse(query).ok()?;
+        self.stats.tcp_queries.fetch_add(1, Ordering::Relaxed);
+        let pool = self.pools.get(key, outbound, resolver);
+        match pool.exchange(query).await {
+            Ok(answer) => {
+                self.stats.tcp_answered.fetch_add(1, Ordering::Relaxed);
+                self.learn(&answer);
+                Some(answer)
+            }
+            Err(ExchangeError::Malformed) => None,
+            Err(e) => {
+                self.stats.tcp_servfail.fetch_add(1, Ordering::Relaxed);
+                if let Some(n) = self.servfail_warning.check() {
+                    warn!(%resolver, outbound = outbound.name(), "DNS over TCP: {e}; answered SERVFAIL{}", crate::relay::udp::held_back(n));
+                }
+                message::servfail(query).ok()
+            }
+        }
+    }
+
+    /// The DNS-over-TCP pools (for tests).
+    pub fn pools(&self) -> &Pools {
+        &self.pools
+    }
+}
+
+/// The local answer to an AAAA question, or None for anything else.
+fn filtered_aaaa(query: &[u8]) -> Option<Vec<u8>> {
+    let header = message::Header::parse(query).ok()?;
+    if header.is_response() || header.opcode() != 0 {
+        return None;
+    }
+    let q = message::question(query).ok()?;
+    if q.qtype != message::TYPE_AAAA {
+        return None;
+    }
+    message::empty_answer(query).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::message::build::{query, response, Answer};
+    use super::message::{Header, TYPE_A, TYPE_AAAA};
+    use super::*;
+    use crate::config::RawConfig;
+    use std::net::Ipv4Addr;
+
+    fn dns(extra: &str) -> Dns {
+        let text = format!(
+            "[[outbounds]]\nname = \"proxy\"\ntype = \"socks5\"\nserver = \"203.0.113.2:1080\"\n\
+             [[outbounds]]\nname = \"tcp\"\ntype = \"socks5\"\nserver = \"203.0.113.3:1080\"\ndns_over_tcp = true\n\
+             [[outbounds]]\nname = \"direct\"\ntype = \"direct\"\n\
+             [route]\nfinal = \"proxy\"\n{extra}\n[firewall]\nbackend = \"none\"\n"
+        );
+        let cfg = RawConfig::from_toml(&text, "t")
+            .unwrap()
+            .validate(&|_| None)
+            .unwrap();
+        let policy = Policy::from_config(&cfg).unwrap();
+        Dns::new(&cfg, &policy)
+    }
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn aaaa_is_answered_here_only_when_filtered() {
+        let client = sa("192.0.2.2:5000");
+        let dst = sa("198.51.100.10:53");
+        let q6 = query(3, "a.example", TYPE_AAAA);
+        let q4 = query(4, "a.example", TYPE_A);
+        let off = dns("");
+        assert_eq!(off.on_query(client, dst, &q6), Query::Forward(dst));
+        let on = dns("[dns]\nfilter_aaaa = true\n");
+        let Query::Answer(a) = on.on_query(client, dst, &q6) else {
+            panic!("AAAA not answered");
+        };
+        let h = Header::parse(&a).unwrap();
+        assert_eq!((h.id, h.rcode(), h.ancount), (3, 0, 0));
+        assert_eq!(on.on_query(client, dst, &q4), Query::Forward(dst));
+        // Not a query: forwarded as it is.
+        assert_eq!(on.on_query(client, dst, b"junk"), Query::Forward(dst));
+    }
+
+    #[test]
+    fn hijacked_answers_come_back_from_the_address_asked() {
+        let d = dns("[dns]\nserver = \"198.51.100.53:53\"\n");
+        let server = sa("198.51.100.53:53");
+        let client = sa("192.0.2.2:5000");
+        let asked = sa("8.8.8.8:53");
+        let q = query(77, "a.example", TYPE_A);
+        assert_eq!(d.on_query(client, asked, &q), Query::Forward(server));
+        let r = response(&q, &[Answer::A(None, Ipv4Addr::new(198, 51, 100, 7), 60)]);
+        assert_eq!(d.on_reply(client, server, &r), asked);
+        // Once: a second copy has no query waiting.
+        assert_eq!(d.on_reply(client, server, &r), server);
+        // Asking the server itself needs no mapping.
+        assert_eq!(d.on_query(client, server, &q), Query::Forward(server));
+        // Other remotes' replies pass as they are.
+        assert_eq!(d.on_reply(client, asked, &r), asked);
+    }
+
+    #[test]
+    fn names_are_learned_only_when_a_rule_looks_at_domains() {
+        let q = query(1, "learned.example", TYPE_A);
+        let r = response(&q, &[Answer::A(None, Ipv4Addr::new(198, 51, 100, 7), 60)]);
+        let ip: IpAddr = "198.51.100.7".parse().unwrap();
+        let client = sa("192.0.2.2:5000");
+        let from = sa("198.51.100.10:53");
+        let plain = dns("");
+        assert!(plain.names().is_none());
+        plain.on_reply(client, from, &r);
+        assert_eq!(plain.learned_name(ip), None);
+        let ruled = dns("[[route.rules]]\ndomain_suffix = [\"example\"]\noutbound = \"direct\"\n");
+        ruled.on_reply(client, from, &r);
+        assert_eq!(ruled.learned_name(ip).as_deref(), Some("learned.example"));
+    }
+
+    #[test]
+    fn tcp_is_for_socks5_that_asks_for_it_or_refused_udp() {
+        let d = dns("");
+        let socks = |port| {
+            Outbound::from_kind(
+                &OutboundKind::Socks5 {
+                    server: sa(&format!("203.0.113.2:{port}")),
+                    auth: None,
+                    send_domain: false,
+                    dns_over_tcp: false,
+                },
+                1,
+                &crate::config::Timeouts {
+                    connect: Duration::from_secs(1),
+                    tcp_idle: Duration::from_secs(1),
+                    udp_idle: Duration::from_secs(1),
+                    udp_dns_idle: Duration::from_secs(1),
+                    udp_unreplied: Duration::from_secs(1),
+                },
+            )
+            .unwrap()
+        };
+        let proxy = socks(1080);
+        // Unknown yet: TCP, which every SOCKS5 server carries.
+        assert!(d.wants_tcp(0, &proxy));
+        d.udp_opened(0, "proxy", Ok(()));
+        assert!(!d.wants_tcp(0, &proxy));
+        assert!(d.wants_tcp(1, &proxy));
+        let direct = Outbound::Direct {
+            mark: 1,
+            connect_timeout: Duration::from_secs(1),
+        };
+        assert!(!d.wants_tcp(2, &direct));
+        // Refused UDP ASSOCIATE: from now on over TCP; other failures
+        // (the server down) change nothing.
+        let down = OutboundError::Socks5(Socks5Error::Timeout {
+            server: sa("203.0.113.2:1080"),
+            secs: 1,
+        });
+        d.udp_opened(0, "proxy", Err(&down));
+        assert!(!d.wants_tcp(0, &proxy));
+        let refused = OutboundError::Socks5(Socks5Error::UdpRefused {
+            server: sa("203.0.113.2:1080"),
+            code: 7,
+            meaning: "command not supported",
+        });
+        d.udp_opened(0, "proxy", Err(&refused));
+        assert!(d.wants_tcp(0, &proxy));
+        // Refused stays refused.
+        d.udp_opened(0, "proxy", Ok(()));
+        assert!(d.wants_tcp(0, &proxy));
+    }
+}
