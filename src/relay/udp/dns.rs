@@ -6,9 +6,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use super::{UdpRelay, UDP_HEADROOM};
-use crate::dns::{Query, PORT};
+use crate::dns::{message, Query, PORT};
 use crate::outbound::OutboundError;
 use crate::policy::Choice;
+
+/// A DNS query with its question: what DNS over TCP can carry.
+fn is_dns_query(payload: &[u8]) -> bool {
+    message::Header::parse(payload).is_ok_and(|h| !h.is_response() && h.qdcount == 1)
+        && message::question(payload).is_ok()
+}
 
 impl UdpRelay {
     /// Before the route decision: the destination to route and send a
@@ -52,6 +58,12 @@ impl UdpRelay {
         if !dns.wants_tcp(choice.key, &choice.outbound) {
             return false;
         }
+        // Only a DNS query can go as DNS over TCP: anything else sent to
+        // port 53 (another protocol, a malformed query) is relayed as the
+        // UDP it is, never dropped here.
+        if !is_dns_query(&buf[UDP_HEADROOM..]) {
+            return false;
+        }
         let (relay, dns) = (Arc::clone(self), Arc::clone(dns));
         let (key, outbound) = (choice.key, Arc::clone(&choice.outbound));
         let query = buf[UDP_HEADROOM..].to_vec();
@@ -86,5 +98,21 @@ impl UdpRelay {
         if let Some(dns) = self.router.dns() {
             dns.udp_opened(key, name, result);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_dns_queries_are_taken_for_dns_over_tcp() {
+        assert!(is_dns_query(&message::build::query(7, "example.com", 1)));
+        for other in [&b"udp echo me"[..], b"", &[0u8; 12]] {
+            assert!(!is_dns_query(other), "{other:?}");
+        }
+        let query = message::build::query(7, "example.com", 1);
+        let answer = message::build::response(&query, &[]);
+        assert!(!is_dns_query(&answer), "an answer is no query");
     }
 }
