@@ -172,11 +172,6 @@ pub struct Flow {
 }
 
 impl Flow {
-    /// The outbound that carries the flow (`chains[0]`).
-    pub fn outbound(&self) -> &str {
-        self.start.chain.first().map_or("?", |s| s)
-    }
-
     pub fn age(&self) -> Duration {
         self.started.elapsed()
     }
@@ -266,6 +261,16 @@ impl ConnectTimes {
     }
 }
 
+impl Totals {
+    fn add_bytes(&mut self, outbound: Arc<str>, up: u64, down: u64) {
+        let entry = self.bytes.entry(outbound).or_default();
+        entry.0 += up;
+        entry.1 += down;
+        self.up += up;
+        self.down += down;
+    }
+}
+
 /// Bytes per second over the last tick, and the totals at it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Rate {
@@ -324,12 +329,9 @@ impl Registry {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         {
             let mut t = lock(&self.totals);
-            let outbound = start
-                .chain
-                .first()
-                .cloned()
-                .unwrap_or_else(|| Arc::from("?"));
-            *t.opened.entry((start.network, outbound)).or_default() += 1;
+            *t.opened
+                .entry((start.network, chain_head(&start)))
+                .or_default() += 1;
             *t.rule_hits.entry(start.rule.index).or_default() += 1;
         }
         let flow = Arc::new(Flow {
@@ -412,20 +414,7 @@ impl Registry {
     /// Brings the byte totals up to date with the live flows and records
     /// the rate since the last tick. The server calls it once a second.
     pub fn tick(&self) -> Rate {
-        let flows = self.snapshot();
-        let mut t = lock(&self.totals);
-        for f in &flows {
-            let (up, down) = f.take_unreported();
-            if up > 0 || down > 0 {
-                let entry = t.bytes.entry(chain_head(&f.start)).or_default();
-                entry.0 += up;
-                entry.1 += down;
-                t.up += up;
-                t.down += down;
-            }
-        }
-        let (up_total, down_total) = (t.up, t.down);
-        drop(t);
+        let (up_total, down_total) = self.account_live_bytes();
         let mut last = lock(&self.last_tick);
         let secs = last.0.elapsed().as_secs_f64().max(0.001);
         let rate = Rate {
@@ -461,21 +450,20 @@ impl Registry {
     /// A copy of the totals as of now: live flows' bytes since the last
     /// tick are added first, so the counts only grow and never lag.
     pub fn totals(&self) -> Totals {
-        self.tick_bytes_only();
+        self.account_live_bytes();
         lock(&self.totals).clone()
     }
 
-    fn tick_bytes_only(&self) {
+    /// Adds the live flows' bytes not yet counted to the totals; returns
+    /// the totals of all bytes (up, down) after it.
+    fn account_live_bytes(&self) -> (u64, u64) {
         let flows = self.snapshot();
         let mut t = lock(&self.totals);
         for f in &flows {
             let (up, down) = f.take_unreported();
-            let entry = t.bytes.entry(chain_head(&f.start)).or_default();
-            entry.0 += up;
-            entry.1 += down;
-            t.up += up;
-            t.down += down;
+            t.add_bytes(chain_head(&f.start), up, down);
         }
+        (t.up, t.down)
     }
 
     fn end(&self, flow: &Flow, reason: EndReason) {
@@ -483,17 +471,14 @@ impl Registry {
         let (up, down) = flow.take_unreported();
         let outbound = chain_head(&flow.start);
         let mut t = lock(&self.totals);
-        let entry = t.bytes.entry(Arc::clone(&outbound)).or_default();
-        entry.0 += up;
-        entry.1 += down;
-        t.up += up;
-        t.down += down;
+        t.add_bytes(Arc::clone(&outbound), up, down);
         *t.closed
             .entry((flow.start.network, outbound, reason))
             .or_default() += 1;
     }
 }
 
+/// The outbound that carries a flow (`chains[0]`), the totals' key.
 fn chain_head(start: &FlowStart) -> Arc<str> {
     start
         .chain
