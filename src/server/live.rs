@@ -235,33 +235,17 @@ impl Live {
         if let Some(installed) = installed {
             let next = Plan::from_config(&new).load_bypass_sets(&new)?;
             if next != installed {
-                let to_apply = next.clone();
-                let runtime = tokio::runtime::Handle::current();
-                let applied = tokio::task::spawn_blocking(move || {
-                    runtime.block_on(firewall::apply(&to_apply))
-                })
-                .await;
-                match applied {
-                    Ok(Ok(())) => *lock(&self.plan) = Some(next),
-                    Ok(Err(e)) => {
+                match apply_off_thread(next.clone()).await {
+                    Ok(()) => *lock(&self.plan) = Some(next),
+                    Err(e @ ReloadError::Firewall(_)) => {
                         // Put back what ran before; should that fail too,
                         // say so: the capture may now be incomplete.
-                        let back = installed.clone();
-                        let runtime = tokio::runtime::Handle::current();
-                        let restored = tokio::task::spawn_blocking(move || {
-                            runtime.block_on(firewall::apply(&back))
-                        })
-                        .await;
-                        if !matches!(restored, Ok(Ok(()))) {
+                        if apply_off_thread(installed).await.is_err() {
                             warn!("the firewall rules could not be put back as they were after a failed reload; run `tproxyd doctor`");
                         }
-                        return Err(e.into());
+                        return Err(e);
                     }
-                    Err(join) => {
-                        return Err(ReloadError::Invalid(format!(
-                            "applying the firewall rules failed: {join}"
-                        )))
-                    }
+                    Err(e) => return Err(e),
                 }
             }
         }
@@ -289,6 +273,18 @@ impl Live {
         *lock(&self.config) = Arc::new(new);
         info!("configuration reloaded: {report}");
         Ok(report)
+    }
+}
+
+/// Applies `plan` on a blocking thread: the firewall tools must never run
+/// on a relay thread.
+async fn apply_off_thread(plan: Plan) -> Result<(), ReloadError> {
+    let runtime = tokio::runtime::Handle::current();
+    match tokio::task::spawn_blocking(move || runtime.block_on(firewall::apply(&plan))).await {
+        Ok(applied) => applied.map_err(ReloadError::from),
+        Err(join) => Err(ReloadError::Invalid(format!(
+            "applying the firewall rules failed: {join}"
+        ))),
     }
 }
 
