@@ -310,8 +310,13 @@ class Tproxyd(Config):
     def args(self):
         return [*self.upstream(), "--lan-interface", self.bed.lan_if]
 
+    # The build that runs (TproxydBaseline runs another).
+    binary = TPROXYD
+
     def start(self):
-        self.proc = self.bed.router.spawn(TPROXYD, "run", *self.args(), log_to=self.log())
+        if not self.binary.exists():
+            raise BenchError(f"{self.binary} is missing: run bench/run (--baseline REV for the baseline)")
+        self.proc = self.bed.router.spawn(self.binary, "run", *self.args(), log_to=self.log())
         self.bed.router.wait_listening("tcp", self.port, "tproxyd")
         self.bed.router.wait_listening("udp", self.port, "tproxyd")
         # tproxyd installs its rules after binding; give it the moment.
@@ -335,18 +340,7 @@ class TproxydBaseline(TproxydDirect):
     changed since (issue 11: the flow registry and its counters)."""
 
     name, label = "tproxyd-baseline", "tproxyd direct (baseline build)"
-
-    def start(self):
-        if not BASELINE.exists():
-            raise BenchError(f"{BASELINE} is missing: run bench/run --baseline REV")
-        self.proc = self.bed.router.spawn(BASELINE, "run", *self.args(), log_to=self.log())
-        self.bed.router.wait_listening("tcp", self.port, "tproxyd")
-        self.bed.router.wait_listening("udp", self.port, "tproxyd")
-        deadline = time.time() + 10
-        while "tproxyd" not in self.bed.router.sh("nft", "list", "tables").stdout:
-            if time.time() > deadline:
-                raise BenchError("tproxyd (baseline) did not install its rules")
-            time.sleep(0.05)
+    binary = BASELINE
 
 
 class TproxydSocks(Tproxyd):
