@@ -264,18 +264,14 @@ fn a_broken_file_or_a_restart_only_key_is_refused_and_nothing_changes() {
 
 #[test]
 fn a_reload_changes_the_firewall_capture_in_place() {
-    if !can_run() {
+    let Some(mut tb) = own_bed(
+        Backend::Nftables,
+        Mode::Tproxy,
+        "",
+        "lan_interfaces = [\"rlan\"]",
+    ) else {
         return;
-    }
-    let mut tb = Testbed::start(Options {
-        mode: Mode::Tproxy,
-        upstream: Upstream::Socks,
-        extra_args: vec![],
-        own_rules: Some(OwnRules {
-            top: String::new(),
-            firewall: "lan_interfaces = [\"rlan\"]".into(),
-        }),
-    });
+    };
     let with_bypass = |bypass: &str| {
         format!(
             "listen = \"[::]:{PROXY_PORT}\"\n\

@@ -478,12 +478,7 @@ mod tests {
             let table = lock(&relay.table);
             table.sessions.get(&client)?.shared.first.outbound
         };
-        relay
-            .router
-            .policy()
-            .outbounds()
-            .iter()
-            .position(|n| n.key == key)
+        Some(crate::relay::udp::tests::index_of_key(relay, key))
     }
 
     fn pinned(relay: &UdpRelay, client: SocketAddr) -> Option<(SocketAddr, usize)> {

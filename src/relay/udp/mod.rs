@@ -1626,7 +1626,7 @@ mod tests {
     }
 
     /// The policy index of the outbound with `key`.
-    fn index_of_key(relay: &UdpRelay, key: u32) -> usize {
+    pub(super) fn index_of_key(relay: &UdpRelay, key: u32) -> usize {
         let policy = relay.router.policy();
         policy
             .outbounds()
