@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::config::Config;
 use crate::firewall::{self, Plan};
@@ -235,18 +235,11 @@ impl Live {
         if let Some(installed) = installed {
             let next = Plan::from_config(&new).load_bypass_sets(&new)?;
             if next != installed {
-                match apply_off_thread(next.clone()).await {
-                    Ok(()) => *lock(&self.plan) = Some(next),
-                    Err(e @ ReloadError::Firewall(_)) => {
-                        // Put back what ran before; should that fail too,
-                        // say so: the capture may now be incomplete.
-                        if apply_off_thread(installed).await.is_err() {
-                            warn!("the firewall rules could not be put back as they were after a failed reload; run `tproxyd doctor`");
-                        }
-                        return Err(e);
-                    }
-                    Err(e) => return Err(e),
-                }
+                // A refused plan leaves the installed rules in place (each
+                // backend swaps its rules in one transaction per family and
+                // puts the earlier ones back), and its error says so.
+                apply_off_thread(next.clone()).await?;
+                *lock(&self.plan) = Some(next);
             }
         }
 
