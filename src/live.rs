@@ -130,7 +130,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Live {
-    pub(super) fn new(
+    pub(crate) fn new(
         registry: Arc<Registry>,
         router: Router,
         config: Config,
@@ -189,7 +189,7 @@ impl Live {
 
     /// (Re)starts the health checks of the policy's failover groups and
     /// ends those of the policy before. Must run inside the runtime.
-    pub(super) fn start_health_checks(&self, policy: &Policy) {
+    pub(crate) fn start_health_checks(&self, policy: &Policy) {
         let mut health = lock(&self.health);
         health.abort_all();
         for named in policy.outbounds() {
@@ -199,7 +199,7 @@ impl Live {
         }
     }
 
-    pub(super) fn stop_health_checks(&self) {
+    pub(crate) fn stop_health_checks(&self) {
         lock(&self.health).abort_all();
     }
 
