@@ -19,11 +19,11 @@ use serde_json::{json, Value};
 
 use super::{error, query_param, ApiState, DelayRecord};
 use crate::config::{Mode, Network};
+use crate::live::ReloadError;
 use crate::outbound::group::{self, GroupKind};
 use crate::outbound::Outbound;
 use crate::policy::{Named, Policy};
 use crate::registry::{EndReason, Flow};
-use crate::server::ReloadError;
 
 /// The name of the synthetic group that lists every outbound: all three
 /// dashboards order their groups by `proxies.GLOBAL.all`.

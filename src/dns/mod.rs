@@ -315,7 +315,7 @@ impl Dns {
             Err(e) => {
                 self.stats.tcp_servfail.fetch_add(1, Ordering::Relaxed);
                 if let Some(n) = self.servfail_warning.check() {
-                    warn!(%resolver, outbound = outbound.name(), "DNS over TCP: {e}; answered SERVFAIL{}", crate::relay::udp::held_back(n));
+                    warn!(%resolver, outbound = outbound.name(), "DNS over TCP: {e}; answered SERVFAIL{}", crate::ratelimit::held_back(n));
                 }
                 message::servfail(query).ok()
             }

@@ -29,8 +29,7 @@ use crate::relay::udp::UdpRelay;
 use crate::route::Router;
 use crate::sys;
 
-mod live;
-pub use live::{restart_only_changes, Live, Loader, ReloadError, ReloadReport};
+pub use crate::live::{restart_only_changes, Live, Loader, ReloadError, ReloadReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {

@@ -34,7 +34,7 @@ use crate::policy::sniff::Sniffed;
 #[cfg(test)]
 use crate::policy::Policy;
 use crate::policy::{Choice, FlowMeta};
-use crate::ratelimit::RateLimit;
+use crate::ratelimit::{held_back, RateLimit};
 use crate::registry::{EndReason, Flow, FlowGuard, FlowStart, Registry};
 use crate::relay::spares::Spares;
 use crate::route::{Decision, Router};
@@ -441,15 +441,6 @@ struct Warnings {
     tcp_only: RateLimit,
     backoff: RateLimit,
     oversize: RateLimit,
-}
-
-/// What a rate-limited warning adds when its limit held some back.
-pub(crate) fn held_back(n: u64) -> String {
-    if n == 0 {
-        String::new()
-    } else {
-        format!(" ({n} more like it since the last such line)")
-    }
 }
 
 /// The shortest wait between two looks at a session's idle time, so a
