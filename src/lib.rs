@@ -21,6 +21,7 @@ pub mod fds;
 pub mod firewall;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod hostname;
 pub mod inbound;
 pub mod outbound;
 pub mod policy;

@@ -247,22 +247,16 @@ impl HttpClient {
     }
 }
 
-/// What CONNECT names: `host:port` when a host name is given and safe to
-/// put in a request line, else the address (`[v6]:port` for IPv6).
+/// What CONNECT names: `host:port` when a host name is given and passes
+/// the one name rule ([`crate::hostname::is_host_name`]), else the address
+/// (`[v6]:port` for IPv6).
 pub fn target(dst: SocketAddr, host: Option<&str>) -> String {
     match host {
         // The name comes from the client's own bytes (SNI, Host): anything
         // but a plain DNS name could inject a header; use the address then.
-        Some(h) if is_dns_name(h) => format!("{h}:{}", dst.port()),
+        Some(h) if crate::hostname::is_host_name(h) => format!("{h}:{}", dst.port()),
         _ => dst.to_string(),
     }
-}
-
-fn is_dns_name(h: &str) -> bool {
-    !h.is_empty()
-        && h.len() <= 253
-        && h.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
 }
 
 enum HeadError {
@@ -512,6 +506,11 @@ mod tests {
             "198.51.100.10:443"
         );
         assert_eq!(target(v4, Some("")), "198.51.100.10:443");
+        // The same rule as SOCKS5's send_domain: an IP literal, a trailing
+        // dot, an underscore or capitals are no host name to send.
+        for odd in ["192.0.2.1", "example.com.", "_x.example", "Example.com"] {
+            assert_eq!(target(v4, Some(odd)), "198.51.100.10:443", "{odd:?}");
+        }
     }
 
     /// A fake proxy: reads one request head and sends `answer` in pieces,

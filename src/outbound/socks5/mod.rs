@@ -122,7 +122,7 @@ impl Socks5Client {
     /// the address.
     pub fn target(&self, dst: SocketAddr, host: Option<&str>) -> Address {
         match host {
-            Some(name) if self.send_domain && crate::policy::sniff::is_host_name(name) => {
+            Some(name) if self.send_domain && crate::hostname::is_host_name(name) => {
                 Address::Domain(name.to_string(), dst.port())
             }
             _ => Address::Ip(dst),
