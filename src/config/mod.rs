@@ -1641,6 +1641,11 @@ mod tests {
     }
 
     #[test]
+    fn a_failover_interval_is_bounded_as_every_other_duration() {
+        assert_eq!(crate::outbound::group::MAX_INTERVAL_SECS, MAX_TIMEOUT_SECS);
+    }
+
+    #[test]
     fn timeouts_and_counts_past_their_bounds_are_refused() {
         let issues = issues_of(
             "[outbound]\ntype = \"direct\"\n[timeouts]\nudp_dns_idle = 18446744073709551615\n\
