@@ -191,7 +191,7 @@ impl fmt::Display for Backend {
     }
 }
 
-/// What the firewall rules capture and how (see README, "Firewall").
+/// What the firewall rules capture and how (see docs/firewall.md).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FirewallConfig {
     pub backend: Backend,
