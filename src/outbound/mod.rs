@@ -240,8 +240,6 @@ pub enum Outbound {
 /// Why an outbound in the config cannot be built.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("outbound type {0:?} is not available in this build yet")]
-    Unsupported(&'static str),
     #[error("member {0:?} is not the name of an outbound")]
     UnknownMember(String),
     #[error("its members reach it again (a cycle)")]
