@@ -22,6 +22,7 @@ pub mod fds;
 pub mod firewall;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod hostname;
 pub mod inbound;
 pub mod live;
 pub mod outbound;
