@@ -31,9 +31,9 @@ use crate::config::Network;
 use crate::config::{Limits, Timeouts};
 use crate::outbound::{Outbound, OutboundError, UdpRecv, UdpUpstream, UDP_HEADROOM};
 use crate::policy::sniff::Sniffed;
+use crate::policy::Choice;
 #[cfg(test)]
 use crate::policy::Policy;
-use crate::policy::{Choice, FlowMeta};
 use crate::ratelimit::RateLimit;
 use crate::registry::{EndReason, Flow, FlowGuard, FlowStart, Registry};
 use crate::relay::spares::Spares;
@@ -41,12 +41,14 @@ use crate::route::{Decision, Router};
 use crate::sys;
 
 mod backoff;
+mod decide;
 mod dns;
 mod hold;
 mod replies;
 mod runs;
 
 use backoff::{Backoff, Permit, Refusal};
+use decide::Verdict;
 pub use hold::HoldStats;
 pub use replies::ReplySockets;
 use runs::{refuse_segments, SEGMENTS_REFUSED};
@@ -219,7 +221,7 @@ struct SessionShared {
     flow: Arc<Flow>,
     up_datagrams: AtomicU64,
     /// The route of a QUIC flow sniffed by name (see `hold.rs`).
-    pin: OnceLock<hold::Pin>,
+    pin: OnceLock<decide::Pin>,
 }
 
 impl SessionShared {
@@ -609,41 +611,58 @@ impl UdpRelay {
         }
     }
 
-    /// Hands one datagram from `client` to `dst` to its session, creating
-    /// the session when this client has none. `buf[UDP_HEADROOM..]` is the
-    /// payload; the headroom in front of it is scratch space for a SOCKS5
-    /// header.
+    /// Hands one datagram from `client` to `asked` to its session,
+    /// creating the session when this client has none.
+    /// `buf[UDP_HEADROOM..]` is the payload; the headroom in front of it is
+    /// scratch space for a SOCKS5 header.
     ///
-    /// The rules decide per datagram, by its destination: the session
-    /// sends it through the upstream of the outbound they pick, opening
-    /// that upstream when the session has none for it yet.
+    /// The decision stage ([`decide`]) says what becomes of it, per
+    /// datagram, by its destination; the relay then carries that out
+    /// ([`carry`](Self::carry)): the session sends it through the upstream
+    /// of the outbound chosen, opening that upstream when the session has
+    /// none for it yet.
     pub fn dispatch(self: &Arc<Self>, client: SocketAddr, asked: SocketAddr, buf: &mut [u8]) {
         // A new flow starting with a QUIC Initial may wait for its name.
         if self.holds.enabled() && hold::intercept(self, client, asked, buf) {
             return;
         }
-        // DNS may be answered here or sent to `[dns] server` (dns.rs).
-        let Some(dst) = self.dns_query(client, asked, buf) else {
-            return;
-        };
         let session = self.session_of(client);
-        let choice = match self.route_of(session.as_deref(), client, dst) {
-            Decision::Forward(choice) => choice,
-            Decision::RefuseLoop => {
+        let pin = session.as_deref().and_then(|s| s.pin.get());
+        let verdict = decide::datagram(&self.router, client, asked, &buf[UDP_HEADROOM..], pin);
+        self.carry(client, buf, verdict, session, None)
+    }
+
+    /// Carries out what the decision stage said about a datagram from
+    /// `client` (`buf` as [`dispatch`](Self::dispatch) takes it), through
+    /// `session` (the client's, looked up by the caller) or a new one;
+    /// `sniffed` labels a new session.
+    fn carry(
+        self: &Arc<Self>,
+        client: SocketAddr,
+        buf: &mut [u8],
+        verdict: Verdict,
+        session: Option<Arc<SessionShared>>,
+        sniffed: Option<&Sniffed>,
+    ) {
+        match verdict {
+            Verdict::Forward { dst, choice } => {
+                self.forward(client, dst, buf, choice, session, sniffed)
+            }
+            // No session, no back-off: the configuration refused it, no
+            // upstream failed.
+            Verdict::Refuse { dst, choice, error } => {
+                self.refuse(client, dst, choice.outbound.name(), &error)
+            }
+            Verdict::RefuseLoop { dst } => {
                 if let Some(n) = self.warnings.refused_loop.check() {
                     warn!(%client, %dst, "refused UDP datagram addressed to tproxyd's own listener (routing loop); check that the rules skip tproxyd's mark{}", held_back(n));
                 }
-                return;
             }
-        };
-        // DNS through an outbound that carries it over TCP (dns.rs); a
-        // refusing outbound (block) is left to `forward`.
-        if choice.outbound.udp_refusal().is_none()
-            && self.dns_over_tcp(client, asked, dst, &choice, buf)
-        {
-            return;
+            Verdict::Answer { from, answer } => self.send_dns_answer(client, from, answer),
+            Verdict::DnsOverTcp { from, dst, choice } => {
+                self.send_dns_over_tcp(client, from, dst, choice, &buf[UDP_HEADROOM..])
+            }
         }
-        self.forward(client, dst, buf, choice, session, None)
     }
 
     /// `client`'s session, if it has one.
@@ -654,24 +673,9 @@ impl UdpRelay {
             .map(|entry| Arc::clone(&entry.shared))
     }
 
-    /// The route of a datagram: where its session pinned a sniffed flow to
-    /// `dst`, else the rules by address.
-    fn route_of(
-        &self,
-        session: Option<&SessionShared>,
-        client: SocketAddr,
-        dst: SocketAddr,
-    ) -> Decision {
-        match session.and_then(|s| s.pin.get()).filter(|p| p.dst == dst) {
-            Some(pin) => Decision::Forward(pin.choice.clone()),
-            None => self
-                .router
-                .decide(&FlowMeta::addresses(Network::Udp, client, dst)),
-        }
-    }
-
-    /// Sends a datagram the way `choice` says, through `session` (the
-    /// client's, looked up by the caller) or a new one.
+    /// Sends a datagram through the upstream of `choice`'s outbound (one
+    /// that carries UDP: the decision refused the others), through
+    /// `session` (the client's, looked up by the caller) or a new one.
     fn forward(
         self: &Arc<Self>,
         client: SocketAddr,
@@ -681,12 +685,6 @@ impl UdpRelay {
         session: Option<Arc<SessionShared>>,
         sniffed: Option<&Sniffed>,
     ) {
-        // Before the session is used: a block rule must hold even for a
-        // client whose session another rule opened. No session, no
-        // back-off: the configuration refused it, no upstream failed.
-        if let Some(refusal) = choice.outbound.udp_refusal() {
-            return self.refuse(client, dst, choice.outbound.name(), &refusal);
-        }
         let len = buf.len() - UDP_HEADROOM;
         let ready = session.and_then(|shared| Some((shared.ready(choice.key)?, shared)));
         if let Some((upstream, shared)) = ready {
@@ -998,10 +996,11 @@ impl UdpRelay {
         }
         let count = bytes.div_ceil(segment);
         // DNS is looked at query by query (dns.rs); a run never skips it.
-        let dns = dst.port() == crate::dns::PORT && self.router.dns().is_some();
+        let dns = decide::is_dns(&self.router, dst);
         // The whole run goes to one destination, so one decision routes it.
         let session = self.session_of(client);
-        let outbound = match self.route_of(session.as_deref(), client, dst) {
+        let pin = session.as_deref().and_then(|s| s.pin.get());
+        let outbound = match decide::route(&self.router, pin, client, dst) {
             Decision::Forward(choice) => Some(choice.key),
             Decision::RefuseLoop => None,
         };
