@@ -22,6 +22,7 @@ use tokio::sync::Notify;
 use tracing::debug;
 
 use crate::config::{Network, SniffProtocol};
+use crate::outbound::Failure;
 
 /// Why a flow ended. A metric label and a log field: a fixed set, never a
 /// free-form string.
@@ -48,10 +49,29 @@ pub enum EndReason {
     ClosedByApi,
     /// A UDP session ended to make room for others (limits).
     Evicted,
-    /// The UDP outbound could not open an upstream for the session.
+    /// The outbound could not open an upstream: for a UDP session, or
+    /// for any flow when file descriptors ran out.
     OpenFailed,
     /// tproxyd stopped.
     Shutdown,
+}
+
+/// Why a flow that failed to connect ended, from what the outbound says
+/// went wrong (protocol-free: the registry never names a proxy kind).
+impl From<Failure> for EndReason {
+    fn from(failure: Failure) -> EndReason {
+        match failure {
+            Failure::Refused => EndReason::Blocked,
+            Failure::DestinationRefused => EndReason::UpstreamRefused,
+            // Either way the connect took longer than allowed: the
+            // destination's answer, or the proxy's on its behalf.
+            Failure::DestinationTimeout | Failure::ProxyTimeout => EndReason::ConnectTimeout,
+            Failure::ProxyFailed | Failure::UdpRefused => EndReason::ProxyFailed,
+            // Our own shortage, not the destination's or the proxy's: the
+            // upstream side could not be opened.
+            Failure::OutOfDescriptors => EndReason::OpenFailed,
+        }
+    }
 }
 
 impl EndReason {
@@ -677,5 +697,22 @@ mod tests {
             RouteText(&[Arc::from("proxy-a"), Arc::from("auto"), Arc::from("pick")]).to_string(),
             "pick/auto/proxy-a"
         );
+    }
+
+    #[test]
+    fn failures_map_to_end_reasons() {
+        use crate::outbound::Failure;
+        let cases = [
+            (Failure::Refused, EndReason::Blocked),
+            (Failure::DestinationRefused, EndReason::UpstreamRefused),
+            (Failure::DestinationTimeout, EndReason::ConnectTimeout),
+            (Failure::ProxyTimeout, EndReason::ConnectTimeout),
+            (Failure::ProxyFailed, EndReason::ProxyFailed),
+            (Failure::UdpRefused, EndReason::ProxyFailed),
+            (Failure::OutOfDescriptors, EndReason::OpenFailed),
+        ];
+        for (failure, reason) in cases {
+            assert_eq!(EndReason::from(failure), reason, "{failure:?}");
+        }
     }
 }

@@ -262,7 +262,7 @@ async fn handle(
         }
         Err(e) => {
             log_connect_failure(client, dst, &policy.route(&choice), &e);
-            flow.end(e.end_reason(), Some(&e.to_string()));
+            flow.end(e.failure().into(), Some(&e.to_string()));
             return reset(stream);
         }
     };

@@ -29,7 +29,6 @@ use std::time::Duration;
 
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::registry::EndReason;
 use crate::sys;
 
 pub use credentials::Credentials;
@@ -130,31 +129,6 @@ impl OutboundError {
     /// Whether this process or the system ran out of file descriptors.
     pub fn out_of_descriptors(&self) -> bool {
         self.failure() == Failure::OutOfDescriptors
-    }
-
-    /// Why a flow that failed to connect ended, as the registry counts it:
-    /// the destination said no, something took too long, or the proxy
-    /// itself failed.
-    pub fn end_reason(&self) -> EndReason {
-        match self.failure() {
-            Failure::Refused => EndReason::Blocked,
-            Failure::DestinationTimeout => EndReason::ConnectTimeout,
-            Failure::DestinationRefused => EndReason::UpstreamRefused,
-            // Out of descriptors on a direct connect was counted as the
-            // destination refusing, through a proxy as the proxy failing.
-            Failure::OutOfDescriptors if matches!(self, OutboundError::Connect { .. }) => {
-                EndReason::UpstreamRefused
-            }
-            // An HTTP proxy that does not answer in time has always been
-            // counted as failed, a SOCKS5 one as a timeout.
-            Failure::ProxyTimeout if matches!(self, OutboundError::Http(_)) => {
-                EndReason::ProxyFailed
-            }
-            Failure::ProxyTimeout => EndReason::ConnectTimeout,
-            Failure::ProxyFailed | Failure::UdpRefused | Failure::OutOfDescriptors => {
-                EndReason::ProxyFailed
-            }
-        }
     }
 }
 
@@ -501,20 +475,15 @@ mod tests {
     }
 
     #[test]
-    fn failures_map_to_the_registrys_end_reasons() {
+    fn errors_say_their_failure() {
         let dst: SocketAddr = "198.51.100.10:7".parse().unwrap();
         let io = |code| io::Error::from_raw_os_error(code);
         let cases = [
-            (OutboundError::Blocked, Failure::Refused, EndReason::Blocked),
-            (
-                OutboundError::TcpOnly { server: dst },
-                Failure::Refused,
-                EndReason::Blocked,
-            ),
+            (OutboundError::Blocked, Failure::Refused),
+            (OutboundError::TcpOnly { server: dst }, Failure::Refused),
             (
                 OutboundError::ConnectTimeout { dst, secs: 1 },
                 Failure::DestinationTimeout,
-                EndReason::ConnectTimeout,
             ),
             (
                 OutboundError::Connect {
@@ -522,7 +491,6 @@ mod tests {
                     source: io(libc::ECONNREFUSED),
                 },
                 Failure::DestinationRefused,
-                EndReason::UpstreamRefused,
             ),
             (
                 OutboundError::Connect {
@@ -530,7 +498,6 @@ mod tests {
                     source: io(libc::EMFILE),
                 },
                 Failure::OutOfDescriptors,
-                EndReason::UpstreamRefused,
             ),
             (
                 Socks5Error::Timeout {
@@ -539,7 +506,6 @@ mod tests {
                 }
                 .into(),
                 Failure::ProxyTimeout,
-                EndReason::ConnectTimeout,
             ),
             (
                 Socks5Error::Unreachable {
@@ -548,7 +514,6 @@ mod tests {
                 }
                 .into(),
                 Failure::OutOfDescriptors,
-                EndReason::ProxyFailed,
             ),
             (
                 HttpError::Timeout {
@@ -557,7 +522,6 @@ mod tests {
                 }
                 .into(),
                 Failure::ProxyTimeout,
-                EndReason::ProxyFailed,
             ),
             (
                 HttpError::Refused {
@@ -568,7 +532,6 @@ mod tests {
                 }
                 .into(),
                 Failure::DestinationRefused,
-                EndReason::UpstreamRefused,
             ),
             (
                 HttpError::Refused {
@@ -579,12 +542,10 @@ mod tests {
                 }
                 .into(),
                 Failure::ProxyFailed,
-                EndReason::ProxyFailed,
             ),
         ];
-        for (e, failure, reason) in cases {
+        for (e, failure) in cases {
             assert_eq!(e.failure(), failure, "{e}");
-            assert_eq!(e.end_reason(), reason, "{e}");
             assert_eq!(e.is_refusal(), failure == Failure::Refused, "{e}");
         }
     }
