@@ -22,6 +22,7 @@ pub mod firewall;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod inbound;
+pub mod one_or_many;
 pub mod outbound;
 pub mod policy;
 pub mod ratelimit;

@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::firewall::cidr::{default_bypass, Cidr, PortRange};
+use crate::one_or_many;
 
 pub mod de;
 
@@ -170,17 +171,17 @@ pub struct Rule {
     pub src: Vec<Cidr>,
     #[serde(default, deserialize_with = "de::list_from_str")]
     pub dst_port: Vec<PortRange>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "one_or_many::vec")]
     pub domain: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "one_or_many::vec")]
     pub domain_suffix: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "one_or_many::vec")]
     pub domain_keyword: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "one_or_many::vec")]
     pub domain_regex: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "one_or_many::vec")]
     pub rule_set: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "one_or_many::vec")]
     pub protocol: Vec<SniffProtocol>,
     pub outbound: String,
 }
@@ -469,9 +470,9 @@ pub struct RawDns {
 pub struct RawRoute {
     #[serde(rename = "final")]
     pub final_outbound: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "one_or_many::vec")]
     pub rules: Vec<Rule>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "one_or_many::vec")]
     pub rule_sets: Vec<RuleSetConfig>,
 }
 
@@ -479,6 +480,7 @@ pub struct RawRoute {
 #[serde(deny_unknown_fields)]
 pub struct RawFirewall {
     pub backend: Option<Backend>,
+    #[serde(default, deserialize_with = "one_or_many::option")]
     pub lan_interfaces: Option<Vec<String>>,
     #[serde(default, deserialize_with = "de::opt_list_from_str")]
     pub source_cidrs: Option<Vec<Cidr>>,
@@ -496,6 +498,7 @@ pub struct RawFirewall {
     pub route_table: Option<u32>,
     pub rule_priority: Option<u32>,
     pub fail_closed: Option<bool>,
+    #[serde(default, deserialize_with = "one_or_many::option")]
     pub bypass_rule_sets: Option<Vec<String>>,
 }
 
@@ -2140,5 +2143,140 @@ mod tests {
         );
         // A malformed prefix or port is a parse error now (see
         // a_wrong_value_is_a_parse_error_naming_key_and_expectation).
+    }
+
+    /// Parses and validates `text`, which must be valid.
+    fn valid(text: &str) -> Config {
+        RawConfig::from_toml(text, "t")
+            .unwrap_or_else(|e| panic!("{text}\n{e}"))
+            .validate(&no_env)
+            .unwrap_or_else(|e| panic!("{text}\n{e}"))
+    }
+
+    /// Every list key of a rule takes one value as a list of one: the two
+    /// spellings give the same configuration.
+    #[test]
+    fn a_rule_takes_one_value_where_a_list_is_expected() {
+        let file = |rule: &str| {
+            format!(
+                "[[outbounds]]\nname = \"direct\"\ntype = \"direct\"\n\
+                 [[route.rule_sets]]\nname = \"cn\"\nformat = \"cidr\"\npath = \"/x\"\n\
+                 [[route.rules]]\n{rule}outbound = \"direct\"\n\
+                 [firewall]\nbackend = \"none\"\n"
+            )
+        };
+        for (key, one) in [
+            ("dst", "\"192.0.2.0/24\""),
+            ("src", "\"2001:db8::/32\""),
+            ("dst_port", "\"53\""),
+            ("dst_port", "\"1000-2000\""),
+            ("domain", "\"a.com\""),
+            ("domain_suffix", "\"a.com\""),
+            ("domain_keyword", "\"shop\""),
+            ("domain_regex", "\"^a+\\\\.com$\""),
+            ("rule_set", "\"cn\""),
+            ("protocol", "\"quic\""),
+        ] {
+            let single = valid(&file(&format!("{key} = {one}\n")));
+            let list = valid(&file(&format!("{key} = [{one}]\n")));
+            assert_eq!(single, list, "{key} = {one}");
+            assert_ne!(single.route.rules[0], Rule::default(), "{key} = {one}");
+        }
+        assert_eq!(
+            valid(&file("protocol = \"quic\"\n")).route.rules[0].protocol,
+            [SniffProtocol::Quic]
+        );
+        assert_eq!(
+            valid(&file("dst_port = \"1000-2000\"\n")).route.rules[0].dst_port,
+            ["1000-2000".parse().unwrap()]
+        );
+    }
+
+    /// `[route.rules]` and `[route.rule_sets]` written as one table are a
+    /// list of one, like every other list key.
+    #[test]
+    fn route_lists_take_one_table() {
+        let head = "[[outbounds]]\nname = \"direct\"\ntype = \"direct\"\n\
+                    [firewall]\nbackend = \"none\"\n";
+        let single = valid(&format!(
+            "{head}[route.rule_sets]\nname = \"cn\"\nformat = \"cidr\"\npath = \"/x\"\n\
+             [route.rules]\nrule_set = \"cn\"\noutbound = \"direct\"\n"
+        ));
+        let list = valid(&format!(
+            "{head}[[route.rule_sets]]\nname = \"cn\"\nformat = \"cidr\"\npath = \"/x\"\n\
+             [[route.rules]]\nrule_set = [\"cn\"]\noutbound = \"direct\"\n"
+        ));
+        assert_eq!(single, list);
+        assert_eq!(single.route.rules.len(), 1);
+    }
+
+    /// Every list key of `[firewall]` takes one value too.
+    #[test]
+    fn firewall_lists_take_one_value() {
+        let file = |fw: &str| {
+            format!(
+                "[[outbounds]]\nname = \"direct\"\ntype = \"direct\"\n\
+                 [[route.rule_sets]]\nname = \"cn\"\nformat = \"cidr\"\npath = \"/x\"\n\
+                 [[route.rules]]\nrule_set = [\"cn\"]\noutbound = \"direct\"\n\
+                 [firewall]\n{fw}"
+            )
+        };
+        for (key, one) in [
+            ("lan_interfaces", "\"br-lan\""),
+            ("source_cidrs", "\"192.168.1.0/24\""),
+            ("tcp_ports", "\"80\""),
+            ("udp_ports", "\"1000-2000\""),
+            ("bypass", "\"192.0.2.0/24\""),
+            ("bypass_rule_sets", "\"cn\""),
+        ] {
+            // The firewall needs an interface (or proxy_local) to capture.
+            let lan = if key == "lan_interfaces" {
+                ""
+            } else {
+                "lan_interfaces = [\"eth1\"]\n"
+            };
+            let single = valid(&file(&format!("{lan}{key} = {one}\n")));
+            let list = valid(&file(&format!("{lan}{key} = [{one}]\n")));
+            assert_eq!(single, list, "{key} = {one}");
+        }
+        let fw = valid(&file("lan_interfaces = \"br-lan\"\nudp_ports = \"53\"\n")).firewall;
+        assert_eq!(fw.lan_interfaces, ["br-lan"]);
+        assert_eq!(fw.udp_ports, ["53".parse().unwrap()]);
+    }
+
+    /// A wrong single value is reported like a wrong list element: the
+    /// key, the line, and what was expected.
+    #[test]
+    fn a_wrong_single_value_names_its_key_line_and_expectation() {
+        for (text, key, says) in [
+            (
+                "[[route.rules]]\ndst_port = \"0\"\noutbound = \"a\"\n",
+                "dst_port",
+                "not a port",
+            ),
+            (
+                "[[route.rules]]\nprotocol = \"quik\"\noutbound = \"a\"\n",
+                "protocol",
+                "unknown variant `quik`",
+            ),
+            (
+                "[firewall]\nbypass = \"10.0.0.0/40\"\n",
+                "bypass",
+                "prefix length",
+            ),
+            (
+                "[firewall]\nlan_interfaces = 5\n",
+                "lan_interfaces",
+                "expected a string",
+            ),
+        ] {
+            let err = RawConfig::from_toml(text, "t.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(key) && err.contains(says) && err.contains("line 2"),
+                "{text:?}: {err}"
+            );
+        }
     }
 }
