@@ -15,6 +15,7 @@
 //! live flows for the logs, the API and the metrics.
 
 pub mod api;
+pub mod cidr;
 pub mod config;
 pub mod dns;
 pub mod fds;

@@ -5,7 +5,7 @@ use std::fmt;
 use serde::Deserialize;
 
 use super::{de, Mode};
-use crate::firewall::cidr::{default_bypass, Cidr, PortRange};
+use crate::cidr::{Cidr, PortRange};
 use crate::one_or_many;
 
 /// Which tool installs the capture rules.
@@ -60,6 +60,35 @@ pub struct FirewallConfig {
 pub const DEFAULT_ROUTE_MARK: u32 = 0x1090;
 pub const DEFAULT_ROUTE_TABLE: u32 = 1090;
 pub const DEFAULT_RULE_PRIORITY: u32 = 1090;
+
+/// Ranges that are never proxied unless the user removes them: private,
+/// loopback, link-local, CGNAT, multicast, broadcast/reserved and
+/// unspecified. The documentation ranges (192.0.2.0/24, 198.51.100.0/24,
+/// 203.0.113.0/24, 2001:db8::/32) are deliberately not here.
+pub const DEFAULT_BYPASS: &[&str] = &[
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+    "::/128",
+    "::1/128",
+    "::ffff:0:0/96",
+    "fc00::/7",
+    "fe80::/10",
+    "ff00::/8",
+];
+
+pub fn default_bypass() -> Vec<Cidr> {
+    DEFAULT_BYPASS
+        .iter()
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
 
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -276,5 +305,19 @@ mod tests {
         let fw = valid(&file("lan_interfaces = \"br-lan\"\nudp_ports = \"53\"\n")).firewall;
         assert_eq!(fw.lan_interfaces, ["br-lan"]);
         assert_eq!(fw.udp_ports, ["53".parse().unwrap()]);
+    }
+
+    #[test]
+    fn default_bypass_parses_whole_and_leaves_documentation_ranges_out() {
+        let list = default_bypass();
+        assert_eq!(list.len(), DEFAULT_BYPASS.len());
+        for doc in [
+            "192.0.2.0/24",
+            "198.51.100.0/24",
+            "203.0.113.0/24",
+            "2001:db8::/32",
+        ] {
+            assert!(!DEFAULT_BYPASS.contains(&doc));
+        }
     }
 }

@@ -28,8 +28,8 @@ pub use dns::{DnsConfig, RawDns};
 use error::parse_error_message;
 pub use error::{ConfigError, ConfigIssue};
 pub use firewall::{
-    Backend, FirewallConfig, RawFirewall, DEFAULT_ROUTE_MARK, DEFAULT_ROUTE_TABLE,
-    DEFAULT_RULE_PRIORITY,
+    default_bypass, Backend, FirewallConfig, RawFirewall, DEFAULT_BYPASS, DEFAULT_ROUTE_MARK,
+    DEFAULT_ROUTE_TABLE, DEFAULT_RULE_PRIORITY,
 };
 pub use limits::{
     default_threads, Limits, RawLimits, RawTimeouts, Timeouts, DEFAULT_CONNECT_TIMEOUT,

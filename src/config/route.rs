@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use super::{de, Backend, FirewallConfig, OutboundConfig, OutboundKind};
-use crate::firewall::cidr::{Cidr, PortRange};
+use crate::cidr::{Cidr, PortRange};
 use crate::one_or_many;
 
 /// Which transport a rule matches.
