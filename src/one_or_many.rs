@@ -209,4 +209,42 @@ mod tests {
             "{e}"
         );
     }
+
+    /// The outbound entries are an internally tagged enum, which serde
+    /// reads through a buffer of its own: one value or a list works there
+    /// too (`outbounds = "a"` in a group).
+    #[test]
+    fn works_inside_an_internally_tagged_enum() {
+        #[derive(Debug, Deserialize, PartialEq)]
+        #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+        enum Entry {
+            Group {
+                #[serde(deserialize_with = "vec")]
+                members: Vec<String>,
+            },
+        }
+        #[derive(Debug, Deserialize)]
+        struct Top {
+            entry: Entry,
+        }
+        let one: Top = toml::from_str("[entry]\ntype = \"group\"\nmembers = \"a\"").unwrap();
+        let many: Top =
+            toml::from_str("[entry]\ntype = \"group\"\nmembers = [\"a\", \"b\"]").unwrap();
+        assert_eq!(
+            one.entry,
+            Entry::Group {
+                members: vec!["a".into()]
+            }
+        );
+        assert_eq!(
+            many.entry,
+            Entry::Group {
+                members: vec!["a".into(), "b".into()]
+            }
+        );
+        let e = toml::from_str::<Top>("[entry]\ntype = \"group\"\nmembers = 5")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("expected a string"), "{e}");
+    }
 }
