@@ -68,11 +68,8 @@ mod tests {
         assert_eq!(cfg.dns.server, Some("198.51.100.53:53".parse().unwrap()));
         assert!(cfg.dns.filter_aaaa);
         assert!(matches!(
-            cfg.outbounds[0].kind,
-            OutboundKind::Socks5 {
-                dns_over_tcp: true,
-                ..
-            }
+            &cfg.outbounds[0].kind,
+            OutboundKind::Socks5(s) if s.dns_over_tcp
         ));
         // Off unless set.
         let plain = RawConfig::from_toml(&no_fw("[outbound]\ntype = \"direct\"\n"), "t")

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::{de, Backend, FirewallConfig, OutboundConfig, OutboundKind};
+use super::{de, Backend, FirewallConfig, OutboundConfig};
 use crate::cidr::{Cidr, PortRange};
 use crate::one_or_many;
 
@@ -214,7 +214,7 @@ pub(super) fn check_bypass_rule_sets(
     let is_direct = |name: &str| {
         outbounds
             .iter()
-            .any(|o| o.name == name && o.kind == OutboundKind::Direct)
+            .any(|o| o.name == name && o.kind.is_direct())
     };
     for name in &fw.bypass_rule_sets {
         let Some(set) = route.rule_sets.iter().find(|s| &s.name == name) else {
