@@ -11,8 +11,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Instant;
 
+use tproxyd::cidr::Cidr;
 use tproxyd::config::{Network, RouteConfig, Rule, RuleSetConfig, RuleSetFormat};
-use tproxyd::firewall::cidr::Cidr;
 use tproxyd::policy::rules::Rules;
 use tproxyd::policy::FlowMeta;
 

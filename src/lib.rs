@@ -16,6 +16,7 @@
 //! live flows for the logs, the API and the metrics.
 
 pub mod api;
+pub mod cidr;
 pub mod config;
 pub mod dns;
 pub mod fds;
@@ -25,6 +26,7 @@ pub mod fuzzing;
 pub mod hostname;
 pub mod inbound;
 pub mod live;
+pub mod one_or_many;
 pub mod outbound;
 pub mod policy;
 pub mod ratelimit;

@@ -10,8 +10,8 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 
+use tproxyd::cidr::Cidr;
 use tproxyd::config::{de, Backend, Config, ConfigError, Mode, RawConfig};
-use tproxyd::firewall::cidr::Cidr;
 use tproxyd::firewall::{self, Plan};
 use tproxyd::outbound::{self, RawOutbound};
 use tproxyd::policy::Policy;

@@ -254,3 +254,43 @@ fn the_readme_router_example_passes_check() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// One value where a list is expected is a list of one, for every list
+/// key (`protocol = "quic"`, `dst_port = "53"`, ...); a wrong one is
+/// still a parse error naming its key and line.
+#[test]
+fn check_accepts_one_value_for_a_list() {
+    let dir = std::env::temp_dir().join(format!("tproxyd-cli-one-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cn = dir.join("cn.txt");
+    std::fs::write(&cn, "1.0.1.0/24\n").unwrap();
+    let file = dir.join("one.toml");
+    let text = format!(
+        "[[outbounds]]\nname = \"proxy\"\ntype = \"socks5\"\nserver = \"203.0.113.2:1080\"\n\
+         [[outbounds]]\nname = \"direct\"\ntype = \"direct\"\n\
+         [route]\nfinal = \"proxy\"\n\
+         [[route.rule_sets]]\nname = \"cn\"\nformat = \"cidr\"\npath = \"{}\"\n\
+         [[route.rules]]\nrule_set = \"cn\"\noutbound = \"direct\"\n\
+         [[route.rules]]\nprotocol = \"quic\"\ndst_port = \"443\"\noutbound = \"proxy\"\n\
+         [[route.rules]]\ndomain_suffix = \"a.com\"\ndomain = \"b.com\"\ndomain_keyword = \"shop\"\n\
+         domain_regex = \"^c\"\ndst = \"192.0.2.0/24\"\nsrc = \"198.51.100.0/24\"\n\
+         dst_port = \"1000-2000\"\noutbound = \"direct\"\n\
+         [firewall]\nlan_interfaces = \"br-lan\"\nsource_cidrs = \"192.168.1.0/24\"\n\
+         tcp_ports = \"80\"\nudp_ports = \"53\"\nbypass = \"192.0.2.0/24\"\nbypass_rule_sets = \"cn\"\n",
+        cn.display()
+    );
+    std::fs::write(&file, &text).unwrap();
+    let o = run(&["check", "-c", file.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+
+    std::fs::write(&file, text.replace("\"quic\"", "\"quik\"")).unwrap();
+    let o = run(&["check", "-c", file.to_str().unwrap()], &[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    let line = 1 + text[..text.find("protocol").unwrap()].matches('\n').count();
+    assert!(
+        err.contains(&format!("line {line},")) && err.contains("protocol = \"quik\""),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tproxyd::firewall::cidr::{minimal_cover, Cidr, PortRange};
+use tproxyd::cidr::{minimal_cover, Cidr, PortRange};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

@@ -7,7 +7,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use tproxyd::config::RuleSetFormat;
-use tproxyd::firewall::cidr::Cidr;
+use tproxyd::cidr::Cidr;
 use tproxyd::policy::rule_set::RuleSet;
 
 fuzz_target!(|data: &[u8]| {

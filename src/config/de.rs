@@ -4,12 +4,13 @@
 //! message that says what was expected instead of a bare "invalid".
 
 use std::fmt;
-use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::str::FromStr;
 
-use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
+
+use crate::one_or_many;
 
 /// Any `FromStr` type whose error is a message, from a TOML string.
 pub fn from_str<'de, D, T>(d: D) -> Result<T, D::Error>
@@ -30,27 +31,19 @@ where
     from_str(d).map(Some)
 }
 
-/// A list of strings, each parsed with `FromStr`.
+/// A list of strings, each parsed with `FromStr`; one string alone is a
+/// list of one (`dst_port = "53"`), as [`crate::one_or_many`] reads every
+/// list key.
 pub fn list_from_str<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
 where
     D: Deserializer<'de>,
     T: FromStr<Err = String>,
 {
-    struct ListVisitor<T>(PhantomData<T>);
-    impl<'de, T: FromStr<Err = String>> Visitor<'de> for ListVisitor<T> {
-        type Value = Vec<T>;
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("a list of strings")
-        }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
-            let mut out = Vec::new();
-            while let Some(text) = seq.next_element::<String>()? {
-                out.push(text.parse().map_err(de::Error::custom)?);
-            }
-            Ok(out)
-        }
-    }
-    d.deserialize_seq(ListVisitor(PhantomData))
+    let texts: Vec<String> = one_or_many::vec(d)?;
+    texts
+        .iter()
+        .map(|text| text.parse().map_err(de::Error::custom))
+        .collect()
 }
 
 /// The optional form of [`list_from_str`].

@@ -7,7 +7,6 @@
 //! removes its own leftovers (from a run that was killed) before applying,
 //! so a restart never adds anything twice.
 
-pub mod cidr;
 pub mod doctor;
 pub mod iptables;
 pub mod nft;
@@ -15,6 +14,7 @@ pub mod policy_route;
 
 use std::net::{IpAddr, SocketAddr};
 
+use crate::cidr::{minimal_cover, Cidr};
 use crate::config::{Backend, Config, Mode};
 
 /// What the listener's address lets TPROXY reach, per family.
@@ -163,10 +163,10 @@ impl Plan {
         // The upstreams' own addresses must never be captured, or
         // tproxyd's connections to them (were a mark ever lost) would loop.
         for server in cfg.outbounds.iter().filter_map(|o| o.kind.server()) {
-            bypass.push(cidr::Cidr::host(crate::sys::normalize(server).ip()));
+            bypass.push(Cidr::host(crate::sys::normalize(server).ip()));
         }
-        let split = |list: &[cidr::Cidr]| -> (Vec<String>, Vec<String>) {
-            let cover = cidr::minimal_cover(list);
+        let split = |list: &[Cidr]| -> (Vec<String>, Vec<String>) {
+            let cover = minimal_cover(list);
             let text = |v4: bool| {
                 cover
                     .iter()
@@ -283,7 +283,7 @@ impl Plan {
 /// text: overlapping and adjacent prefixes merged (nft refuses overlaps in
 /// an interval set). Sorting ranges keeps this O(n log n) for the tens of
 /// thousands of prefixes a country list holds.
-fn merged_prefixes(list: &[cidr::Cidr]) -> (Vec<String>, Vec<String>) {
+fn merged_prefixes(list: &[Cidr]) -> (Vec<String>, Vec<String>) {
     use crate::policy::rule_set::cidr::{prefixes_of_range, sorted_ranges};
     let mut out = (Vec::new(), Vec::new());
     for v4 in [true, false] {
@@ -424,7 +424,7 @@ pub(crate) mod tests {
 
     #[test]
     fn bypass_prefixes_are_merged_in_order_without_overlaps() {
-        let list: Vec<cidr::Cidr> = [
+        let list: Vec<Cidr> = [
             "10.0.1.0/24",
             "10.0.0.0/24",
             "10.0.0.128/25",

@@ -32,8 +32,8 @@ use super::rule_set::cidr::range_of;
 use super::rule_set::domains::{normalize, normalize_keyword, normalize_suffix};
 use super::rule_set::RuleSet;
 use super::{FlowMeta, PolicyError};
+use crate::cidr::Cidr;
 use crate::config::{Network, RouteConfig, SniffProtocol};
-use crate::firewall::cidr::Cidr;
 
 // Selective keys, as bits of a rule's `keys`.
 const DST: u8 = 1;

@@ -2,8 +2,8 @@
 //! reference matcher written from the documented semantics.
 
 use super::*;
+use crate::cidr::PortRange;
 use crate::config::{RawConfig, Rule, RuleSetConfig, RuleSetFormat};
-use crate::firewall::cidr::PortRange;
 use crate::policy::rule_set::geodat::encode;
 use crate::policy::rule_set::testdir::TempDir;
 use crate::policy::rule_set::Domains;

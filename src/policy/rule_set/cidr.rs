@@ -4,7 +4,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::firewall::cidr::Cidr;
+use crate::cidr::Cidr;
 
 pub fn parse(label: &str, bytes: &[u8]) -> Result<Vec<Cidr>, String> {
     let mut out = Vec::new();

@@ -22,7 +22,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::cidr::complement;
 use super::domains::{normalize, normalize_keyword, normalize_suffix, Domains};
-use crate::firewall::cidr::Cidr;
+use crate::cidr::Cidr;
 
 /// How many category names a "no such category" message lists.
 const LIST_CATEGORIES: usize = 12;

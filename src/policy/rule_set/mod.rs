@@ -13,8 +13,8 @@ pub mod geodat;
 use std::io::Read;
 use std::path::Path;
 
+use crate::cidr::Cidr;
 use crate::config::{RuleSetConfig, RuleSetFormat};
-use crate::firewall::cidr::Cidr;
 
 pub use domains::Domains;
 

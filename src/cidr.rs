@@ -1,4 +1,6 @@
-//! Address prefixes and port ranges as the firewall settings name them.
+//! Address prefixes and port ranges: values the config reads (rules,
+//! firewall capture and bypass), the policy matches and the firewall writes
+//! into its rules. They sit at the top because all three use them.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -149,35 +151,6 @@ impl fmt::Display for PortRange {
     }
 }
 
-/// Ranges that are never proxied unless the user removes them: private,
-/// loopback, link-local, CGNAT, multicast, broadcast/reserved and
-/// unspecified. The documentation ranges (192.0.2.0/24, 198.51.100.0/24,
-/// 203.0.113.0/24, 2001:db8::/32) are deliberately not here.
-pub const DEFAULT_BYPASS: &[&str] = &[
-    "0.0.0.0/8",
-    "10.0.0.0/8",
-    "100.64.0.0/10",
-    "127.0.0.0/8",
-    "169.254.0.0/16",
-    "172.16.0.0/12",
-    "192.168.0.0/16",
-    "224.0.0.0/4",
-    "240.0.0.0/4",
-    "::/128",
-    "::1/128",
-    "::ffff:0:0/96",
-    "fc00::/7",
-    "fe80::/10",
-    "ff00::/8",
-];
-
-pub fn default_bypass() -> Vec<Cidr> {
-    DEFAULT_BYPASS
-        .iter()
-        .filter_map(|s| s.parse().ok())
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,19 +216,5 @@ mod tests {
         assert!("0".parse::<PortRange>().is_err());
         assert!("9-3".parse::<PortRange>().is_err());
         assert!("http".parse::<PortRange>().is_err());
-    }
-
-    #[test]
-    fn default_bypass_parses_whole_and_leaves_documentation_ranges_out() {
-        let list = default_bypass();
-        assert_eq!(list.len(), DEFAULT_BYPASS.len());
-        for doc in [
-            "192.0.2.0/24",
-            "198.51.100.0/24",
-            "203.0.113.0/24",
-            "2001:db8::/32",
-        ] {
-            assert!(!DEFAULT_BYPASS.contains(&doc));
-        }
     }
 }
