@@ -108,7 +108,7 @@ pub struct RawConfig {
     /// One unnamed outbound (the shape before named outbounds); it is then
     /// `route.final`.
     pub outbound: Option<RawOutbound>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::one_or_many::vec")]
     pub outbounds: Vec<RawOutbound>,
     #[serde(default)]
     pub route: RawRoute,
@@ -673,6 +673,31 @@ mod tests {
                 "{text:?}: {err}"
             );
         }
+    }
+
+    /// A group's members and the outbound entries themselves take one
+    /// value as well as a list, like every other list key.
+    #[test]
+    fn outbound_lists_take_a_single_value() {
+        let list = valid(
+            "[[outbounds]]\nname = \"a\"\ntype = \"direct\"\n\
+             [[outbounds]]\nname = \"g\"\ntype = \"selector\"\noutbounds = [\"a\"]\n\
+             [[outbounds]]\nname = \"f\"\ntype = \"failover\"\noutbounds = [\"a\"]\n\
+             [route]\nfinal = \"g\"\n[firewall]\nbackend = \"none\"\n",
+        );
+        let single = valid(
+            "[[outbounds]]\nname = \"a\"\ntype = \"direct\"\n\
+             [[outbounds]]\nname = \"g\"\ntype = \"selector\"\noutbounds = \"a\"\n\
+             [[outbounds]]\nname = \"f\"\ntype = \"failover\"\noutbounds = \"a\"\n\
+             [route]\nfinal = \"g\"\n[firewall]\nbackend = \"none\"\n",
+        );
+        assert_eq!(single.outbounds, list.outbounds);
+        assert_eq!(single.outbounds.len(), 3);
+        // One `[outbounds]` table is a list of one.
+        let one =
+            valid("[outbounds]\nname = \"a\"\ntype = \"direct\"\n[firewall]\nbackend = \"none\"\n");
+        assert_eq!(one.outbounds.len(), 1);
+        assert_eq!(one.outbounds[0].name, "a");
     }
 
     pub(super) fn fw_issues(fw: &str) -> Vec<ConfigIssue> {

@@ -35,6 +35,7 @@ pub const MAX_INTERVAL_SECS: u64 = 7 * 24 * 3600;
 #[serde(deny_unknown_fields)]
 pub struct RawSelector {
     pub name: Option<String>,
+    #[serde(deserialize_with = "crate::one_or_many::vec")]
     pub outbounds: Vec<String>,
     pub default: Option<String>,
 }
@@ -44,6 +45,7 @@ pub struct RawSelector {
 #[serde(deny_unknown_fields)]
 pub struct RawFailover {
     pub name: Option<String>,
+    #[serde(deserialize_with = "crate::one_or_many::vec")]
     pub outbounds: Vec<String>,
     /// Seconds between health checks.
     pub interval: Option<u64>,
