@@ -11,7 +11,8 @@
 //!
 //! [`sys`] holds every raw system call behind safe functions; [`config`]
 //! reads and validates settings; [`server`] runs an instance from binding
-//! to the removal of its rules, and reloads it; [`registry`] lists its
+//! to the removal of its rules, and [`live`] is what it shares while it runs
+//! (read by the API) and its reload; [`registry`] lists its
 //! live flows for the logs, the API and the metrics.
 
 pub mod api;
@@ -22,7 +23,9 @@ pub mod firewall;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod hostname;
 pub mod inbound;
+pub mod live;
 pub mod outbound;
 pub mod policy;
 pub mod ratelimit;

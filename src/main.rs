@@ -10,9 +10,10 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 
-use tproxyd::config::{de, Backend, Config, ConfigError, Mode, RawConfig, RawOutbound};
+use tproxyd::config::{de, Backend, Config, ConfigError, Mode, RawConfig};
 use tproxyd::firewall::cidr::Cidr;
 use tproxyd::firewall::{self, Plan};
+use tproxyd::outbound::{self, RawOutbound};
 use tproxyd::policy::Policy;
 use tproxyd::server::{RulesAtStop, Server};
 
@@ -246,10 +247,10 @@ impl RunArgs {
             raw.udp = Some(true);
         }
         if self.direct {
-            raw.outbound = Some(RawOutbound::Direct { name: None });
+            raw.outbound = Some(RawOutbound::Direct(outbound::direct::Raw::default()));
         }
         if let Some(server) = self.socks5 {
-            raw.outbound = Some(RawOutbound::Socks5 {
+            raw.outbound = Some(RawOutbound::Socks5(outbound::socks5::Raw {
                 name: None,
                 server,
                 username: self.username.clone(),
@@ -257,7 +258,7 @@ impl RunArgs {
                 password_env: None,
                 send_domain: false,
                 dns_over_tcp: false,
-            });
+            }));
         }
         raw.timeouts.udp_idle = self.udp_timeout;
         raw.limits.threads = self.threads;

@@ -29,6 +29,16 @@ pub struct RateLimit {
     held_back: AtomicU64,
 }
 
+/// What a rate-limited warning adds when its limit held some back: the
+/// text after the line, from the `n` that [`RateLimit::check`] returned.
+pub(crate) fn held_back(n: u64) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!(" ({n} more like it since the last such line)")
+    }
+}
+
 impl RateLimit {
     pub const fn new(interval: Duration) -> Self {
         RateLimit {

@@ -11,7 +11,7 @@
 //! API over sockets it opens from a thread inside the same namespace.
 //!
 //! With `TPROXYD_SCREENSHOT=path` the test saves a PNG of the page with
-//! the flows on it (the README's docs/dashboard.png comes from here);
+//! the flows on it (docs/dashboard.png comes from here);
 //! without it nothing is written, so a CI run leaves the tree clean.
 
 mod common;

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tproxyd::config::Credentials;
 use tproxyd::outbound::socks5::{Socks5Client, Socks5Error};
+use tproxyd::outbound::Credentials;
 use tproxyd::outbound::{Outbound, UdpRecv, UdpUpstream, UDP_HEADROOM};
 
 fn client(server: SocketAddr, auth: Option<Credentials>) -> Socks5Client {
@@ -20,6 +20,7 @@ fn client(server: SocketAddr, auth: Option<Credentials>) -> Socks5Client {
         mark: 0,
         connect_timeout: Duration::from_millis(500),
         send_domain: false,
+        dns_over_tcp: false,
     }
 }
 

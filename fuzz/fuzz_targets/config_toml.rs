@@ -9,7 +9,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tproxyd::config::{self, Backend, Mode, OutboundKind, RawConfig};
+use tproxyd::config::{self, Backend, Mode, RawConfig};
+use tproxyd::outbound::{socks5, OutboundKind};
 
 const SECRET: &str = "Zx9Sentinel";
 
@@ -88,7 +89,7 @@ fuzz_target!(|data: &[u8]| {
             assert!(l.tcp_connecting_per_client <= l.tcp_flows);
             assert!((1..=config::MAX_THREADS).contains(&l.threads));
             for o in &cfg.outbounds {
-                if let OutboundKind::Socks5 { auth: Some(c), .. } = &o.kind {
+                if let OutboundKind::Socks5(socks5::Settings { auth: Some(c), .. }) = &o.kind {
                     assert!((1..=255).contains(&c.username.len()));
                     assert!((1..=255).contains(&c.password.len()));
                 }

@@ -10,7 +10,7 @@ use libfuzzer_sys::fuzz_target;
 use tproxyd::dns::message::{
     answers, empty_answer, id, learn, question, servfail, set_id, Header, Question,
 };
-use tproxyd::policy::sniff::is_host_name;
+use tproxyd::hostname::is_host_name;
 
 fuzz_target!(|data: &[u8]| {
     let data = &data[..data.len().min(70_000)];

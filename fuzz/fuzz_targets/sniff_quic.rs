@@ -11,7 +11,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use tproxyd::policy::sniff::quic::{seal_initial, QuicAnswer, QuicSniff, Version};
-use tproxyd::policy::sniff::{is_host_name, Sniffed};
+use tproxyd::hostname::is_host_name;
+use tproxyd::policy::sniff::Sniffed;
 
 const DCID: [u8; 8] = [0xa1, 0xb2, 0xc3, 0xd4, 0xe5, 0xf6, 0x07, 0x18];
 

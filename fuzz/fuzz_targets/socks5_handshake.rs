@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tproxyd::config::Credentials;
+use tproxyd::outbound::Credentials;
 use tproxyd::outbound::socks5::proto::{self, Address};
 use tproxyd::outbound::socks5::{Socks5Client, Socks5Error};
 
@@ -106,6 +106,7 @@ fuzz_target!(|data: &[u8]| {
         mark: 0,
         connect_timeout: Duration::from_secs(1),
         send_domain: false,
+        dns_over_tcp: false,
     };
     // CONNECT names an address, or (send_domain) a host name.
     let (cmd, dst): (u8, Address) = if udp {

@@ -19,11 +19,11 @@ use serde_json::{json, Value};
 
 use super::{error, query_param, ApiState, DelayRecord};
 use crate::config::{Mode, Network};
+use crate::live::ReloadError;
 use crate::outbound::group::{self, GroupKind};
 use crate::outbound::Outbound;
 use crate::policy::{Named, Policy};
 use crate::registry::{EndReason, Flow};
-use crate::server::ReloadError;
 
 /// The name of the synthetic group that lists every outbound: all three
 /// dashboards order their groups by `proxies.GLOBAL.all`.
@@ -117,20 +117,6 @@ pub async fn put_configs(State(st): State<Arc<ApiState>>, body: Bytes) -> Respon
     }
 }
 
-/// The Clash type of an outbound.
-fn clash_type(o: &Outbound) -> &'static str {
-    match o {
-        Outbound::Direct { .. } => "Direct",
-        Outbound::Socks5(_) => "Socks5",
-        Outbound::Http(_) => "Http",
-        Outbound::Block => "Reject",
-        Outbound::Group(g) => match g.kind {
-            GroupKind::Selector => "Selector",
-            GroupKind::Failover { .. } => "Fallback",
-        },
-    }
-}
-
 #[derive(Serialize)]
 struct HistoryJson {
     time: String,
@@ -176,8 +162,8 @@ fn proxy_json(st: &ApiState, policy: &Policy, named: &Named) -> Value {
         .collect();
     let mut v = json!({
         "name": name,
-        "type": clash_type(o),
-        "udp": !matches!(o, Outbound::Http(_)),
+        "type": o.clash_type(),
+        "udp": o.udp(),
         "uot": false,
         "xudp": false,
         "tfo": false,
@@ -349,7 +335,7 @@ async fn measure(policy: &Policy, named: &Named, limit: Duration) -> Delay {
         return Delay::Failed;
     };
     let outbound = Arc::clone(&leaf.outbound);
-    if matches!(*outbound, Outbound::Block) {
+    if matches!(*outbound, Outbound::Block(_)) {
         return Delay::Failed;
     }
     let started = Instant::now();

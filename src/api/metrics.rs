@@ -21,9 +21,9 @@ use prometheus_client::registry::Unit;
 
 use super::ApiState;
 use crate::config::Network;
+use crate::live::Live;
 use crate::outbound::Outbound;
 use crate::registry::CONNECT_BUCKETS;
-use crate::server::Live;
 
 pub async fn scrape(State(st): State<Arc<ApiState>>) -> Response {
     let mut text = String::new();

@@ -34,7 +34,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::Secret;
-use crate::server::Live;
+use crate::live::Live;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

@@ -12,8 +12,8 @@ use tower::ServiceExt as _;
 
 use super::*;
 use crate::config::{Network, RawConfig};
+use crate::live::Live;
 use crate::registry::{EndReason, FlowStart, RuleLabel};
-use crate::server::Live;
 
 const SECRET: &str = "t0ken-for-tests";
 
@@ -88,7 +88,7 @@ fn bed(secret: Option<&str>) -> Bed {
     let text = config_text(secret, "deny");
     std::fs::write(&file, &text).unwrap();
     let path = file.clone();
-    let loader: crate::server::Loader = Box::new(move || {
+    let loader: crate::live::Loader = Box::new(move || {
         let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
         load(&text)
     });

@@ -84,21 +84,6 @@ pub fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Err
     from_str::<D, HostPort>(d).map(|h| h.0)
 }
 
-/// An outbound's `server`. The outbounds are read through a tagged enum,
-/// which loses the key's position, so the message names the key itself.
-pub fn server<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
-    let text = String::deserialize(d)?;
-    text.parse::<HostPort>()
-        .map(|h| h.0)
-        .map_err(|e| de::Error::custom(format!("server: {e}")))
-}
-
-/// An outbound's `dns_over_tcp`: named in the message for the same reason
-/// as [`server`].
-pub fn dns_over_tcp<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
-    bool::deserialize(d).map_err(|e| de::Error::custom(format!("dns_over_tcp: {e}")))
-}
-
 /// An optional `IP:PORT` field.
 pub fn opt_socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
     socket_addr(d).map(Some)

@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::firewall::cidr::{default_bypass, Cidr, PortRange};
+pub use crate::outbound::kinds::{OutboundConfig, OutboundKind, RawOutbound};
 
 pub mod de;
 
@@ -34,98 +35,6 @@ impl fmt::Display for Mode {
             Mode::Tproxy => "tproxy",
             Mode::Redirect => "redirect",
         })
-    }
-}
-
-/// RFC 1929 username/password.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Credentials {
-    pub username: String,
-    pub password: String,
-}
-
-impl fmt::Debug for Credentials {
-    // Never print the password, not even in a debug dump of the config.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Credentials")
-            .field("username", &self.username)
-            .field("password", &"<redacted>")
-            .finish()
-    }
-}
-
-/// One named outbound: where flows that a rule (or `route.final`) sends
-/// to it go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutboundConfig {
-    pub name: String,
-    pub kind: OutboundKind,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OutboundKind {
-    /// Straight to the destination, from a socket with tproxyd's mark.
-    Direct,
-    Socks5 {
-        server: SocketAddr,
-        auth: Option<Credentials>,
-        /// Send the sniffed host name instead of the address (ATYP 3).
-        send_domain: bool,
-        /// Carry UDP DNS (port 53) as DNS over TCP through CONNECT, even
-        /// if the server would take UDP ASSOCIATE (see `crate::dns`).
-        dns_over_tcp: bool,
-    },
-    /// HTTP/1.1 CONNECT; TCP only.
-    Http {
-        server: SocketAddr,
-        auth: Option<Credentials>,
-        send_domain: bool,
-    },
-    /// TCP: reset at once; UDP: dropped.
-    Block,
-    /// One of `members`, chosen (today: `default`).
-    Selector {
-        members: Vec<String>,
-        default: String,
-    },
-    /// The first of `members` whose health check passes.
-    Failover {
-        members: Vec<String>,
-        interval: Duration,
-    },
-}
-
-impl OutboundKind {
-    pub fn type_name(&self) -> &'static str {
-        match self {
-            OutboundKind::Direct => "direct",
-            OutboundKind::Socks5 { .. } => "socks5",
-            OutboundKind::Http { .. } => "http",
-            OutboundKind::Block => "block",
-            OutboundKind::Selector { .. } => "selector",
-            OutboundKind::Failover { .. } => "failover",
-        }
-    }
-
-    /// The upstream proxy server, for the outbounds that have one: it is
-    /// never captured, whatever the rules say.
-    pub fn server(&self) -> Option<SocketAddr> {
-        match self {
-            OutboundKind::Socks5 { server, .. } | OutboundKind::Http { server, .. } => {
-                Some(*server)
-            }
-            _ => None,
-        }
-    }
-
-    /// Groups name other outbounds instead of carrying flows themselves.
-    pub fn members(&self) -> &[String] {
-        match self {
-            OutboundKind::Selector { members, .. } | OutboundKind::Failover { members, .. } => {
-                members
-            }
-            _ => &[],
-        }
     }
 }
 
@@ -282,7 +191,7 @@ impl fmt::Display for Backend {
     }
 }
 
-/// What the firewall rules capture and how (see README, "Firewall").
+/// What the firewall rules capture and how (see docs/firewall.md).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FirewallConfig {
     pub backend: Backend,
@@ -385,8 +294,6 @@ pub const DEFAULT_API_LISTEN: SocketAddr =
 
 pub const DEFAULT_LISTEN: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), 1090);
-/// How often a failover group checks its members, unless set.
-pub const DEFAULT_HEALTH_INTERVAL: u64 = 30;
 pub const DEFAULT_MARK: u32 = 255;
 pub const DEFAULT_CONNECT_TIMEOUT: u64 = 10;
 pub const DEFAULT_TCP_IDLE: u64 = 300;
@@ -497,87 +404,6 @@ pub struct RawFirewall {
     pub rule_priority: Option<u32>,
     pub fail_closed: Option<bool>,
     pub bypass_rule_sets: Option<Vec<String>>,
-}
-
-/// Username and password as a proxy outbound takes them; the password may
-/// come from an environment variable instead of the file.
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawAuth {
-    pub username: Option<String>,
-    pub password: Option<String>,
-    /// Name of an environment variable holding the password, so the secret
-    /// need not be written into the file.
-    pub password_env: Option<String>,
-}
-
-/// One outbound as written, by `type`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
-pub enum RawOutbound {
-    Direct {
-        name: Option<String>,
-    },
-    Socks5 {
-        name: Option<String>,
-        #[serde(deserialize_with = "de::server")]
-        server: SocketAddr,
-        username: Option<String>,
-        password: Option<String>,
-        password_env: Option<String>,
-        #[serde(default)]
-        send_domain: bool,
-        #[serde(default, deserialize_with = "de::dns_over_tcp")]
-        dns_over_tcp: bool,
-    },
-    Http {
-        name: Option<String>,
-        #[serde(deserialize_with = "de::server")]
-        server: SocketAddr,
-        username: Option<String>,
-        password: Option<String>,
-        password_env: Option<String>,
-        #[serde(default)]
-        send_domain: bool,
-    },
-    Block {
-        name: Option<String>,
-    },
-    Selector {
-        name: Option<String>,
-        outbounds: Vec<String>,
-        default: Option<String>,
-    },
-    Failover {
-        name: Option<String>,
-        outbounds: Vec<String>,
-        /// Seconds between health checks.
-        interval: Option<u64>,
-    },
-}
-
-impl RawOutbound {
-    fn name(&self) -> Option<&str> {
-        match self {
-            RawOutbound::Direct { name }
-            | RawOutbound::Socks5 { name, .. }
-            | RawOutbound::Http { name, .. }
-            | RawOutbound::Block { name }
-            | RawOutbound::Selector { name, .. }
-            | RawOutbound::Failover { name, .. } => name.as_deref(),
-        }
-    }
-
-    fn type_name(&self) -> &'static str {
-        match self {
-            RawOutbound::Direct { .. } => "direct",
-            RawOutbound::Socks5 { .. } => "socks5",
-            RawOutbound::Http { .. } => "http",
-            RawOutbound::Block { .. } => "block",
-            RawOutbound::Selector { .. } => "selector",
-            RawOutbound::Failover { .. } => "failover",
-        }
-    }
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -981,7 +807,7 @@ fn check_bypass_rule_sets(
     let is_direct = |name: &str| {
         outbounds
             .iter()
-            .any(|o| o.name == name && o.kind == OutboundKind::Direct)
+            .any(|o| o.name == name && o.kind.is_direct())
     };
     for name in &fw.bypass_rule_sets {
         let Some(set) = route.rule_sets.iter().find(|s| &s.name == name) else {
@@ -1240,177 +1066,6 @@ impl RawDns {
     }
 }
 
-/// The password of a proxy outbound: from the file or from the
-/// environment, never both. `Err(())`: the problem is reported already.
-fn credentials(
-    key: &str,
-    auth: &RawAuth,
-    env: &dyn Fn(&str) -> Option<String>,
-    issue: &mut dyn FnMut(&str, String),
-) -> Option<Credentials> {
-    let password: Result<Option<String>, ()> = match (&auth.password, &auth.password_env) {
-        (Some(_), Some(_)) => {
-            issue(
-                &format!("{key}.password"),
-                "set either password or password_env, not both".into(),
-            );
-            Err(())
-        }
-        (Some(p), None) => Ok(Some(p.clone())),
-        (None, Some(var)) => match env(var) {
-            Some(p) => Ok(Some(p)),
-            None => {
-                issue(
-                    &format!("{key}.password_env"),
-                    format!("environment variable {var} is not set"),
-                );
-                Err(())
-            }
-        },
-        (None, None) => Ok(None),
-    };
-    match (&auth.username, password) {
-        (_, Err(())) | (None, Ok(None)) => None,
-        (Some(u), Ok(Some(p))) => {
-            // RFC 1929 carries each in one length byte.
-            if u.is_empty() || u.len() > 255 {
-                issue(
-                    &format!("{key}.username"),
-                    "must be 1 to 255 bytes (RFC 1929)".into(),
-                );
-            }
-            if p.is_empty() || p.len() > 255 {
-                issue(
-                    &format!("{key}.password"),
-                    "must be 1 to 255 bytes (RFC 1929)".into(),
-                );
-            }
-            Some(Credentials {
-                username: u.clone(),
-                password: p,
-            })
-        }
-        (Some(_), Ok(None)) => {
-            issue(
-                &format!("{key}.password"),
-                "username is set but no password".into(),
-            );
-            None
-        }
-        (None, Ok(Some(_))) => {
-            issue(
-                &format!("{key}.username"),
-                "password is set but no username".into(),
-            );
-            None
-        }
-    }
-}
-
-impl RawOutbound {
-    /// The outbound with its name (`key` names it in messages).
-    fn validate(
-        &self,
-        key: &str,
-        name: String,
-        env: &dyn Fn(&str) -> Option<String>,
-        issue: &mut dyn FnMut(&str, String),
-    ) -> OutboundConfig {
-        let kind = match self {
-            RawOutbound::Direct { .. } => OutboundKind::Direct,
-            RawOutbound::Block { .. } => OutboundKind::Block,
-            RawOutbound::Socks5 {
-                server,
-                username,
-                password,
-                password_env,
-                send_domain,
-                ..
-            }
-            | RawOutbound::Http {
-                server,
-                username,
-                password,
-                password_env,
-                send_domain,
-                ..
-            } => {
-                let auth = RawAuth {
-                    username: username.clone(),
-                    password: password.clone(),
-                    password_env: password_env.clone(),
-                };
-                let auth = credentials(key, &auth, env, issue);
-                let (server, send_domain) = (*server, *send_domain);
-                if let RawOutbound::Socks5 { dns_over_tcp, .. } = self {
-                    OutboundKind::Socks5 {
-                        server,
-                        auth,
-                        send_domain,
-                        dns_over_tcp: *dns_over_tcp,
-                    }
-                } else {
-                    OutboundKind::Http {
-                        server,
-                        auth,
-                        send_domain,
-                    }
-                }
-            }
-            RawOutbound::Selector {
-                outbounds, default, ..
-            } => {
-                let default = match default {
-                    Some(d) if !outbounds.contains(d) => {
-                        issue(
-                            &format!("{key}.default"),
-                            format!("{d:?} is not one of this selector's outbounds {outbounds:?}"),
-                        );
-                        d.clone()
-                    }
-                    Some(d) => d.clone(),
-                    None => outbounds.first().cloned().unwrap_or_default(),
-                };
-                OutboundKind::Selector {
-                    members: outbounds.clone(),
-                    default,
-                }
-            }
-            RawOutbound::Failover {
-                outbounds,
-                interval,
-                ..
-            } => {
-                let secs = interval.unwrap_or(DEFAULT_HEALTH_INTERVAL);
-                if secs == 0 || secs > MAX_TIMEOUT_SECS {
-                    issue(
-                        &format!("{key}.interval"),
-                        format!("must be 1 to {MAX_TIMEOUT_SECS} seconds"),
-                    );
-                }
-                OutboundKind::Failover {
-                    members: outbounds.clone(),
-                    interval: Duration::from_secs(secs.clamp(1, MAX_TIMEOUT_SECS)),
-                }
-            }
-        };
-        if let Some(members) = match self {
-            RawOutbound::Selector { outbounds, .. } | RawOutbound::Failover { outbounds, .. } => {
-                Some(outbounds)
-            }
-            _ => None,
-        } {
-            if members.is_empty() {
-                issue(
-                    &format!("{key}.outbounds"),
-                    "a group needs at least one outbound".into(),
-                );
-            }
-        }
-        OutboundConfig { name, kind }
-    }
-}
-
 impl RawConfig {
     /// The named outbounds (from `[outbound]` or `[[outbounds]]`) and the
     /// route, with every name a rule, a group or `route.final` uses checked
@@ -1608,12 +1263,12 @@ mod tests {
             cfg.outbounds,
             [OutboundConfig {
                 name: "socks5".into(),
-                kind: OutboundKind::Socks5 {
+                kind: OutboundKind::Socks5(crate::outbound::socks5::Settings {
                     server: "203.0.113.2:1080".parse().unwrap(),
                     auth: None,
                     send_domain: false,
                     dns_over_tcp: false,
-                }
+                })
             }]
         );
         assert_eq!(cfg.route.final_outbound, "socks5");
@@ -1780,11 +1435,8 @@ mod tests {
         assert_eq!(cfg.dns.server, Some("198.51.100.53:53".parse().unwrap()));
         assert!(cfg.dns.filter_aaaa);
         assert!(matches!(
-            cfg.outbounds[0].kind,
-            OutboundKind::Socks5 {
-                dns_over_tcp: true,
-                ..
-            }
+            &cfg.outbounds[0].kind,
+            OutboundKind::Socks5(s) if s.dns_over_tcp
         ));
         // Off unless set.
         let plain = RawConfig::from_toml(&no_fw("[outbound]\ntype = \"direct\"\n"), "t")
@@ -1989,6 +1641,11 @@ mod tests {
     }
 
     #[test]
+    fn a_failover_interval_is_bounded_as_every_other_duration() {
+        assert_eq!(crate::outbound::group::MAX_INTERVAL_SECS, MAX_TIMEOUT_SECS);
+    }
+
+    #[test]
     fn timeouts_and_counts_past_their_bounds_are_refused() {
         let issues = issues_of(
             "[outbound]\ntype = \"direct\"\n[timeouts]\nudp_dns_idle = 18446744073709551615\n\
@@ -2037,7 +1694,9 @@ mod tests {
         .unwrap();
         let env = |k: &str| (k == "PW").then(|| "s3cret".to_string());
         let cfg = raw.validate(&env).unwrap();
-        let OutboundKind::Socks5 { auth: Some(c), .. } = &cfg.outbounds[0].kind else {
+        let OutboundKind::Socks5(crate::outbound::socks5::Settings { auth: Some(c), .. }) =
+            &cfg.outbounds[0].kind
+        else {
             panic!("expected credentials");
         };
         assert_eq!(c.password, "s3cret");

@@ -9,7 +9,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::policy::sniff::host_name;
+use crate::hostname::host_name;
 
 pub const HEADER_LEN: usize = 12;
 pub const TYPE_A: u16 = 1;
@@ -681,7 +681,7 @@ mod tests {
             }
             r.truncate(cut.index(r.len() + 1));
             for l in learn(&r) {
-                prop_assert!(crate::policy::sniff::is_host_name(&l.name), "{:?}", l.name);
+                prop_assert!(crate::hostname::is_host_name(&l.name), "{:?}", l.name);
             }
             let _ = answers(&r);
             if let Ok(reply) = empty_answer(&r) {

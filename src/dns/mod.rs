@@ -32,9 +32,8 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use crate::config::{Config, OutboundKind};
-use crate::outbound::socks5::Socks5Error;
-use crate::outbound::{Outbound, OutboundError};
+use crate::config::Config;
+use crate::outbound::{DnsTransport, Failure, Outbound, OutboundError};
 use crate::policy::Policy;
 use crate::ratelimit::RateLimit;
 use names::Names;
@@ -84,34 +83,14 @@ struct Settings {
     /// Whether some rule looks at domains: otherwise nothing is learned
     /// and nothing looked up.
     learn: bool,
-    /// Outbounds (by key) configured with `dns_over_tcp`.
-    over_tcp: HashSet<u32>,
 }
 
 impl Settings {
     fn new(cfg: &Config, policy: &Policy) -> Settings {
-        // The policy's outbounds are the config's, in its order.
-        let over_tcp = cfg
-            .outbounds
-            .iter()
-            .zip(policy.outbounds())
-            .filter(|(o, n)| {
-                o.name == *n.name
-                    && matches!(
-                        o.kind,
-                        OutboundKind::Socks5 {
-                            dns_over_tcp: true,
-                            ..
-                        }
-                    )
-            })
-            .map(|(_, n)| n.key)
-            .collect();
         Settings {
             server: cfg.dns.server,
             filter_aaaa: cfg.dns.filter_aaaa,
             learn: policy.wants_domains(),
-            over_tcp,
         }
     }
 }
@@ -247,9 +226,13 @@ impl Dns {
     /// Whether a query through `outbound` (its key `key`) goes as DNS
     /// over TCP.
     pub fn wants_tcp(&self, key: u32, outbound: &Outbound) -> bool {
-        matches!(outbound, Outbound::Socks5(_))
-            && (self.settings.load().over_tcp.contains(&key)
-                || lock(&self.udp).get(&key).copied().unwrap_or(UDP_UNKNOWN) != UDP_WORKS)
+        match outbound.dns_transport() {
+            DnsTransport::Udp => false,
+            DnsTransport::Tcp => true,
+            DnsTransport::TcpUntilUdpWorks => {
+                lock(&self.udp).get(&key).copied().unwrap_or(UDP_UNKNOWN) != UDP_WORKS
+            }
+        }
     }
 
     /// Notes how opening UDP through outbound `key` went: an association
@@ -270,7 +253,7 @@ impl Dns {
                     );
                 }
             }
-            Err(OutboundError::Socks5(Socks5Error::UdpRefused { .. })) => {
+            Err(e) if e.failure() == Failure::UdpRefused => {
                 if std::mem::replace(state, UDP_REFUSED) != UDP_REFUSED {
                     info!(outbound = name, "the SOCKS5 server refuses UDP ASSOCIATE; DNS through it goes as DNS over TCP (CONNECT to the resolver) from now on");
                 }
@@ -283,8 +266,7 @@ impl Dns {
     /// UDP association once, so DNS through a server that takes UDP goes
     /// as UDP from the start (until then it goes over TCP).
     pub async fn probe_udp(self: Arc<Self>, key: u32, name: String, outbound: Arc<Outbound>) {
-        let configured_tcp = self.settings.load().over_tcp.contains(&key);
-        if !matches!(*outbound, Outbound::Socks5(_)) || configured_tcp {
+        if outbound.dns_transport() != DnsTransport::TcpUntilUdpWorks {
             return;
         }
         let result = outbound.open_udp().await.map(drop);
@@ -315,7 +297,7 @@ impl Dns {
             Err(e) => {
                 self.stats.tcp_servfail.fetch_add(1, Ordering::Relaxed);
                 if let Some(n) = self.servfail_warning.check() {
-                    warn!(%resolver, outbound = outbound.name(), "DNS over TCP: {e}; answered SERVFAIL{}", crate::relay::udp::held_back(n));
+                    warn!(%resolver, outbound = outbound.name(), "DNS over TCP: {e}; answered SERVFAIL{}", crate::ratelimit::held_back(n));
                 }
                 message::servfail(query).ok()
             }
@@ -424,38 +406,36 @@ mod tests {
     #[test]
     fn tcp_is_for_socks5_that_asks_for_it_or_refused_udp() {
         let d = dns("");
-        let socks = |port| {
-            Outbound::from_kind(
-                &OutboundKind::Socks5 {
-                    server: sa(&format!("203.0.113.2:{port}")),
-                    auth: None,
-                    send_domain: false,
-                    dns_over_tcp: false,
-                },
-                1,
-                &crate::config::Timeouts {
-                    connect: Duration::from_secs(1),
-                    tcp_idle: Duration::from_secs(1),
-                    udp_idle: Duration::from_secs(1),
-                    udp_dns_idle: Duration::from_secs(1),
-                    udp_unreplied: Duration::from_secs(1),
-                },
-            )
-            .unwrap()
+        let ctx = crate::outbound::Context {
+            mark: 1,
+            connect_timeout: Duration::from_secs(1),
         };
-        let proxy = socks(1080);
+        let socks = |port, dns_over_tcp| {
+            let text = format!(
+                "type = \"socks5\"\nserver = \"203.0.113.2:{port}\"\ndns_over_tcp = {dns_over_tcp}"
+            );
+            let raw: crate::outbound::RawOutbound = toml::from_str(&text).unwrap();
+            raw.validate("outbound", "proxy".into(), &|_| None, &mut |_, _| {})
+                .kind
+                .build("proxy", &ctx, Vec::new())
+                .unwrap()
+        };
+        let proxy = socks(1080, false);
         // Unknown yet: TCP, which every SOCKS5 server carries.
         assert!(d.wants_tcp(0, &proxy));
         d.udp_opened(0, "proxy", Ok(()));
         assert!(!d.wants_tcp(0, &proxy));
         assert!(d.wants_tcp(1, &proxy));
-        let direct = Outbound::Direct {
-            mark: 1,
-            connect_timeout: Duration::from_secs(1),
-        };
+        let direct = Outbound::Direct(crate::outbound::direct::Direct::new(&ctx));
         assert!(!d.wants_tcp(2, &direct));
+        // Configured so: always, whatever its UDP did.
+        let configured = socks(1081, true);
+        assert!(d.wants_tcp(3, &configured));
+        d.udp_opened(3, "tcp", Ok(()));
+        assert!(d.wants_tcp(3, &configured));
         // Refused UDP ASSOCIATE: from now on over TCP; other failures
         // (the server down) change nothing.
+        use crate::outbound::socks5::Socks5Error;
         let down = OutboundError::Socks5(Socks5Error::Timeout {
             server: sa("203.0.113.2:1080"),
             secs: 1,

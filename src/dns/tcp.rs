@@ -432,10 +432,10 @@ mod tests {
     use tokio::net::TcpListener;
 
     fn direct() -> Arc<Outbound> {
-        Arc::new(Outbound::Direct {
+        Arc::new(Outbound::Direct(crate::outbound::direct::Direct {
             mark: 0,
             connect_timeout: Duration::from_secs(2),
-        })
+        }))
     }
 
     /// A TCP resolver on loopback: answers each query with the query

@@ -209,7 +209,7 @@ fn rules(plan: &Plan) -> Finding {
             };
             let text = run_tool("iptables-save", &["-t", table], None)
                 .ok()
-                .filter(|t| t.contains(iptables::PRE));
+                .filter(|t| iptables::capture_installed(t));
             let needle = match plan.mode {
                 Mode::Tproxy => format!("--on-port {port}"),
                 Mode::Redirect => format!("--to-ports {port}"),
@@ -381,7 +381,7 @@ fn installed_targets(plan: &Plan) -> Option<Vec<Target>> {
                 ("ip6tables-save", Family::V6),
             ] {
                 if let Ok(t) = run_tool(tool, &["-t", tbl], None) {
-                    if t.contains(iptables::PRE) {
+                    if iptables::capture_installed(&t) {
                         present = true;
                         all.extend(iptables_targets(&t, family));
                     }

@@ -1,11 +1,20 @@
 //! The iptables backend, for systems without nft: chains of tproxyd's own
 //! (`TPROXYD_*`) in the mangle table (TPROXY) or the nat table (REDIRECT),
 //! entered by jump rules tproxyd inserts in the built-in chains. Loaded with
-//! `iptables-restore --noflush` / `ip6tables-restore --noflush`, so each
-//! family changes in one transaction and nothing else is flushed.
+//! `iptables-restore --noflush` / `ip6tables-restore --noflush`, so nothing
+//! else is flushed.
+//!
+//! Start and reload replace tproxyd's chains in one restore input per
+//! family, so captured traffic never meets a moment without rules: the new
+//! chains are built under the next *generation*'s names (`TPROXYD_PRE_3`
+//! beside `TPROXYD_PRE_2`), the jumps from the built-in chains move to them
+//! and the earlier chains are flushed and deleted, all in one transaction.
+//! Should the second family's input be refused, the first family is put
+//! back as it was, so a failed apply leaves the earlier rules of both.
 //!
 //! Removal reads `iptables-save`, deletes exactly the jump rules that
-//! target tproxyd's chains, then flushes and deletes those chains.
+//! target tproxyd's chains (of any generation), then flushes and deletes
+//! those chains.
 //!
 //! Note: the xt TPROXY target drops a packet when no socket takes it, so
 //! with this backend captured traffic is also dropped while tproxyd is
@@ -14,7 +23,7 @@
 use super::{run_tool, FirewallError, Plan, Serves, ToolFailure};
 use crate::config::Mode;
 
-/// Entry chain from PREROUTING.
+/// Entry chain from PREROUTING (generation 0's name; see [`chain_name`]).
 pub const PRE: &str = "TPROXYD_PRE";
 /// The capture rules proper (after the interface/source checks).
 pub const TAKE: &str = "TPROXYD_TAKE";
@@ -24,6 +33,64 @@ pub const OUT: &str = "TPROXYD_OUT";
 /// modes); see the nft backend's `listener_guard`.
 pub const GUARD: &str = "TPROXYD_GUARD";
 const CHAINS: [&str; 4] = [PRE, TAKE, OUT, GUARD];
+/// The tables tproxyd may have chains in, whichever mode it runs in now.
+const TABLES: [&str; 2] = ["mangle", "nat"];
+
+/// The name of chain `base` in generation `gen`: the bare base name for
+/// generation 0 (the names of tproxyd versions before generations, and of
+/// a first start on a clean system), `BASE_N` after.
+pub fn chain_name(base: &str, gen: u32) -> String {
+    if gen == 0 {
+        base.to_string()
+    } else {
+        format!("{base}_{gen}")
+    }
+}
+
+/// The base name and generation of `name` when it is one of tproxyd's
+/// chains, of any generation.
+pub fn own_chain(name: &str) -> Option<(&'static str, u32)> {
+    CHAINS.iter().find_map(|&base| {
+        let rest = name.strip_prefix(base)?;
+        if rest.is_empty() {
+            return Some((base, 0));
+        }
+        // Only the form chain_name writes: no sign, no leading zero.
+        let digits = rest.strip_prefix('_')?;
+        if digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        Some((base, digits.parse().ok()?))
+    })
+}
+
+/// Whether `iptables-save` output of a table holds tproxyd's entry chain
+/// (of any generation), i.e. its capture rules are installed there.
+pub fn capture_installed(save: &str) -> bool {
+    Ours::parse(save)
+        .chains
+        .iter()
+        .any(|c| own_chain(c).is_some_and(|(base, _)| base == PRE))
+}
+
+/// One generation's chain names.
+struct Names {
+    pre: String,
+    take: String,
+    out: String,
+    guard: String,
+}
+
+impl Names {
+    fn of(gen: u32) -> Names {
+        Names {
+            pre: chain_name(PRE, gen),
+            take: chain_name(TAKE, gen),
+            out: chain_name(OUT, gen),
+            guard: chain_name(GUARD, gen),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
@@ -111,47 +178,76 @@ impl Family {
 }
 
 /// The guard chain's rules, for the mangle table.
-fn guard(r: &mut Vec<String>, plan: &Plan) {
+fn guard(r: &mut Vec<String>, plan: &Plan, n: &Names) {
     let port = plan.listen_port;
-    r.push(format!(":{GUARD} - [0:0]"));
-    r.push(format!("-A {GUARD} -m conntrack --ctstate DNAT -j RETURN"));
+    let g = &n.guard;
+    r.push(format!(":{g} - [0:0]"));
+    r.push(format!("-A {g} -m conntrack --ctstate DNAT -j RETURN"));
     for (on, proto) in [(plan.tcp, "tcp"), (plan.udp, "udp")] {
         if on {
             r.push(format!(
-                "-A {GUARD} -p {proto} --dport {port} -m addrtype --dst-type LOCAL -j DROP"
+                "-A {g} -p {proto} --dport {port} -m addrtype --dst-type LOCAL -j DROP"
             ));
         }
     }
-    r.push(format!("-I PREROUTING 1 -j {GUARD}"));
+    r.push(format!("-I PREROUTING 1 -j {g}"));
+}
+
+/// tproxyd's chains for one family in generation `gen`, per table: chain
+/// declarations, their rules and the jumps into them (`-I` lines), in
+/// that order within each kind.
+fn install(plan: &Plan, fam: Family, gen: u32) -> Vec<(&'static str, Vec<String>)> {
+    let n = Names::of(gen);
+    let tbl = table(plan);
+    let mut capture_table = Vec::new();
+    let mut mangle = Vec::new();
+    guard(&mut mangle, plan, &n);
+    if fam.served_by(plan.serves) {
+        let into = if tbl == "mangle" {
+            &mut mangle
+        } else {
+            &mut capture_table
+        };
+        capture(into, plan, fam, &n);
+    }
+    let mut out = vec![("mangle", mangle)];
+    if tbl != "mangle" {
+        // The capture table first, as tproxyd has always written it.
+        out.insert(0, (tbl, capture_table));
+    }
+    out
 }
 
 /// The `iptables-restore --noflush` input installing tproxyd's chains for
-/// one family. A family the listener does not serve gets only the guard.
+/// one family on a system without any (what `tproxyd rules print` shows).
+/// A family the listener does not serve gets only the guard.
 pub fn render(plan: &Plan, fam: Family) -> String {
-    let tbl = table(plan);
-    let mut r: Vec<String> = vec![format!("*{tbl}")];
-    if tbl == "mangle" {
-        guard(&mut r, plan);
-    }
-    if fam.served_by(plan.serves) {
-        capture(&mut r, plan, fam);
-    }
-    r.push("COMMIT".into());
-    if tbl != "mangle" {
-        r.push("*mangle".into());
-        guard(&mut r, plan);
+    let mut r = Vec::new();
+    for (tbl, lines) in install(plan, fam, 0) {
+        r.push(format!("*{tbl}"));
+        let (decls, rest): (Vec<String>, Vec<String>) =
+            lines.into_iter().partition(|l| l.starts_with(':'));
+        // Jumps last: the chains are complete before traffic enters them
+        // (within one transaction the order is not seen by traffic, but
+        // the printed input reads in that order).
+        let (jumps, rules): (Vec<String>, Vec<String>) =
+            rest.into_iter().partition(|l| l.starts_with("-I "));
+        r.extend(decls);
+        r.extend(rules);
+        r.extend(jumps);
         r.push("COMMIT".into());
     }
     r.join("\n") + "\n"
 }
 
 /// The capture chains and their jumps, in the current table.
-fn capture(r: &mut Vec<String>, plan: &Plan, fam: Family) {
+fn capture(r: &mut Vec<String>, plan: &Plan, fam: Family, n: &Names) {
     let local = plan.proxy_local;
-    r.push(format!(":{PRE} - [0:0]"));
-    r.push(format!(":{TAKE} - [0:0]"));
+    let (pre, take, out) = (&n.pre, &n.take, &n.out);
+    r.push(format!(":{pre} - [0:0]"));
+    r.push(format!(":{take} - [0:0]"));
     if local {
-        r.push(format!(":{OUT} - [0:0]"));
+        r.push(format!(":{out} - [0:0]"));
     }
 
     // Entry: per LAN interface (and lo for rerouted local traffic).
@@ -166,19 +262,19 @@ fn capture(r: &mut Vec<String>, plan: &Plan, fam: Family) {
         entries.push("-i lo ".into());
     }
 
-    guards(r, PRE, plan, fam);
+    guards(r, pre, plan, fam);
     let sources = match fam {
         Family::V4 => &plan.source_v4,
         Family::V6 => &plan.source_v6,
     };
     if plan.source_v4.is_empty() && plan.source_v6.is_empty() {
-        r.push(format!("-A {PRE} -j {TAKE}"));
+        r.push(format!("-A {pre} -j {take}"));
     } else {
         if local {
-            r.push(format!("-A {PRE} -i lo -j {TAKE}"));
+            r.push(format!("-A {pre} -i lo -j {take}"));
         }
         for s in sources {
-            r.push(format!("-A {PRE} -s {s} -j {TAKE}"));
+            r.push(format!("-A {pre} -s {s} -j {take}"));
         }
     }
 
@@ -200,49 +296,48 @@ fn capture(r: &mut Vec<String>, plan: &Plan, fam: Family) {
                 // connection's SYN, which could match a TIME_WAIT socket:
                 // see the nft backend).
                 r.push(format!(
-                    "-A {TAKE} -p tcp ! --syn -m socket --transparent -j MARK --set-mark {rm:#x}"
+                    "-A {take} -p tcp ! --syn -m socket --transparent -j MARK --set-mark {rm:#x}"
                 ));
                 r.push(format!(
-                    "-A {TAKE} -p tcp ! --syn -m socket --transparent -j ACCEPT"
+                    "-A {take} -p tcp ! --syn -m socket --transparent -j ACCEPT"
                 ));
-                r.push(format!("-A {TAKE} -p tcp {tcp}-j TPROXY --on-port {port}{on_ip} --tproxy-mark {rm:#x}/0xffffffff"));
+                r.push(format!("-A {take} -p tcp {tcp}-j TPROXY --on-port {port}{on_ip} --tproxy-mark {rm:#x}/0xffffffff"));
             }
             if let Some(udp) = &udp {
-                r.push(format!("-A {TAKE} -p udp {udp}-j TPROXY --on-port {port}{on_ip} --tproxy-mark {rm:#x}/0xffffffff"));
+                r.push(format!("-A {take} -p udp {udp}-j TPROXY --on-port {port}{on_ip} --tproxy-mark {rm:#x}/0xffffffff"));
             }
         }
         Mode::Redirect => {
             let tcp = tcp.clone().unwrap_or_default();
             r.push(format!(
-                "-A {TAKE} -p tcp {tcp}-j REDIRECT --to-ports {port}"
+                "-A {take} -p tcp {tcp}-j REDIRECT --to-ports {port}"
             ));
         }
     }
     if local {
-        guards(r, OUT, plan, fam);
+        guards(r, out, plan, fam);
         match plan.mode {
             Mode::Tproxy => {
                 if let Some(tcp) = &tcp {
-                    r.push(format!("-A {OUT} -p tcp {tcp}-j MARK --set-mark {rm:#x}"));
+                    r.push(format!("-A {out} -p tcp {tcp}-j MARK --set-mark {rm:#x}"));
                 }
                 if let Some(udp) = &udp {
-                    r.push(format!("-A {OUT} -p udp {udp}-j MARK --set-mark {rm:#x}"));
+                    r.push(format!("-A {out} -p udp {udp}-j MARK --set-mark {rm:#x}"));
                 }
             }
             Mode::Redirect => {
                 let tcp = tcp.clone().unwrap_or_default();
                 r.push(format!(
-                    "-A {OUT} -p tcp {tcp}-j REDIRECT --to-ports {port}"
+                    "-A {out} -p tcp {tcp}-j REDIRECT --to-ports {port}"
                 ));
             }
         }
     }
-    // Jumps last: the chains are complete before traffic enters them.
     for e in entries.iter().rev() {
-        r.push(format!("-I PREROUTING 1 {e}-j {PRE}"));
+        r.push(format!("-I PREROUTING 1 {e}-j {pre}"));
     }
     if local {
-        r.push(format!("-I OUTPUT 1 -j {OUT}"));
+        r.push(format!("-I OUTPUT 1 -j {out}"));
     }
 }
 
@@ -295,58 +390,257 @@ pub(crate) fn restore_words(line: &str) -> Vec<String> {
     words
 }
 
-/// The removal transaction for one family, from its `iptables-save -t T`
-/// output: delete tproxyd's jump rules, flush and delete its chains.
-/// None when there is nothing of tproxyd's.
-pub fn removal(save: &str, tbl: &str) -> Option<String> {
-    let ours = |chain: &str| CHAINS.contains(&chain);
-    let present: Vec<&str> = save
-        .lines()
-        .filter_map(|l| l.strip_prefix(':'))
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|c| ours(c))
-        .collect();
-    let jumps: Vec<String> = save
-        .lines()
-        .filter(|l| l.starts_with("-A PREROUTING ") || l.starts_with("-A OUTPUT "))
-        .filter(|l| {
+/// A jump into one of tproxyd's chains from a built-in chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Jump {
+    /// The `-A CHAIN …` line as `iptables-save` wrote it.
+    line: String,
+    /// Its place in its built-in chain, from 1.
+    position: usize,
+}
+
+/// tproxyd's part of one table, as `iptables-save -t T` lists it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Ours {
+    /// Its chains, of any generation, in the order listed.
+    chains: Vec<String>,
+    /// The rules in those chains (`-A TPROXYD_… …` lines, as listed).
+    rules: Vec<String>,
+    /// The jumps into them from PREROUTING and OUTPUT.
+    jumps: Vec<Jump>,
+}
+
+impl Ours {
+    fn parse(save: &str) -> Ours {
+        let mut ours = Ours::default();
+        let mut positions: Vec<(&str, usize)> = Vec::new();
+        for line in save.lines() {
+            if let Some(decl) = line.strip_prefix(':') {
+                if let Some(c) = decl.split_whitespace().next() {
+                    if own_chain(c).is_some() && !ours.chains.iter().any(|k| k == c) {
+                        ours.chains.push(c.to_string());
+                    }
+                }
+                continue;
+            }
+            let Some(rest) = line.strip_prefix("-A ") else {
+                continue;
+            };
+            let Some(chain) = rest.split_whitespace().next() else {
+                continue;
+            };
+            if own_chain(chain).is_some() {
+                ours.rules.push(line.to_string());
+                continue;
+            }
+            if chain != "PREROUTING" && chain != "OUTPUT" {
+                continue;
+            }
+            let position = match positions.iter_mut().find(|(c, _)| *c == chain) {
+                Some((_, n)) => {
+                    *n += 1;
+                    *n
+                }
+                None => {
+                    positions.push((chain, 1));
+                    1
+                }
+            };
             // The target is after the last -j outside quotes: a comment
             // may say "-j TPROXYD_PRE", and a rule may have no target.
-            let words = restore_words(l);
-            words
+            let words = restore_words(line);
+            let target = words
                 .iter()
                 .rposition(|w| w == "-j")
-                .and_then(|i| words.get(i + 1))
-                .is_some_and(|t| ours(t))
-        })
-        .map(|l| format!("-D{}", &l[2..]))
-        .collect();
-    if present.is_empty() && jumps.is_empty() {
+                .and_then(|i| words.get(i + 1));
+            if target.is_some_and(|t| own_chain(t).is_some()) {
+                ours.jumps.push(Jump {
+                    line: line.to_string(),
+                    position,
+                });
+            }
+        }
+        ours
+    }
+
+    fn is_empty(&self) -> bool {
+        self.chains.is_empty() && self.rules.is_empty() && self.jumps.is_empty()
+    }
+
+    /// The highest generation among these chains.
+    fn generation(&self) -> Option<u32> {
+        self.chains
+            .iter()
+            .filter_map(|c| own_chain(c).map(|(_, g)| g))
+            .max()
+    }
+
+    /// These chains as lines for [`swap`]: declarations, rules, then the
+    /// jumps inserted where they were. Inserted in rising order of place
+    /// into a chain that lacks them, each lands exactly where it was.
+    fn as_install(&self) -> Vec<String> {
+        let mut lines: Vec<String> = self
+            .chains
+            .iter()
+            .map(|c| format!(":{c} - [0:0]"))
+            .collect();
+        lines.extend(self.rules.iter().cloned());
+        let mut jumps = self.jumps.clone();
+        jumps.sort_by_key(|j| j.position);
+        for j in jumps {
+            let rest = &j.line["-A ".len()..];
+            let (chain, spec) = rest.split_once(' ').unwrap_or((rest, ""));
+            lines.push(
+                format!("-I {chain} {} {spec}", j.position)
+                    .trim_end()
+                    .to_string(),
+            );
+        }
+        lines
+    }
+}
+
+/// One table's part of a restore input that turns tproxyd's chains from
+/// `current` into `install` (lines as [`install`] makes them: `:` chain
+/// declarations, `-A` rules, `-I` jumps). None when both are empty.
+///
+/// The order: declare the new chains and flush the current ones
+/// (declaring an existing chain under `--noflush` flushes it), fill the
+/// new chains, delete the current jumps, insert the new jumps, delete the
+/// current chains that are not kept. The kernel takes the table in one
+/// commit, so no packet sees any state in between.
+fn swap(tbl: &str, current: &Ours, install: &[String]) -> Option<String> {
+    if current.is_empty() && install.is_empty() {
         return None;
     }
     let mut r = vec![format!("*{tbl}")];
-    for c in &present {
-        // Declaring an existing chain under --noflush flushes it.
-        r.push(format!(":{c} - [0:0]"));
+    let mut declared: Vec<&str> = Vec::new();
+    for l in install.iter().filter(|l| l.starts_with(':')) {
+        declared.extend(l[1..].split_whitespace().next());
+        r.push(l.clone());
     }
-    r.extend(jumps);
-    for c in &present {
-        r.push(format!("-X {c}"));
+    for c in &current.chains {
+        if !declared.contains(&c.as_str()) {
+            r.push(format!(":{c} - [0:0]"));
+        }
+    }
+    r.extend(install.iter().filter(|l| l.starts_with("-A ")).cloned());
+    r.extend(
+        current
+            .jumps
+            .iter()
+            .map(|j| format!("-D{}", &j.line["-A".len()..])),
+    );
+    r.extend(install.iter().filter(|l| l.starts_with("-I ")).cloned());
+    for c in &current.chains {
+        if !declared.contains(&c.as_str()) {
+            r.push(format!("-X {c}"));
+        }
     }
     r.push("COMMIT".into());
     Some(r.join("\n") + "\n")
 }
 
-fn remove_family(fam: Family) -> Result<bool, FirewallError> {
-    let mut removed = false;
-    for tbl in ["mangle", "nat"] {
-        let save = run(fam.save(), &["-t", tbl], None)?;
-        if let Some(tx) = removal(&save, tbl) {
-            run(fam.restore(), &["--noflush"], Some(&tx))?;
-            removed = true;
+/// The removal transaction for one table, from its `iptables-save -t T`
+/// output: delete tproxyd's jump rules, flush and delete its chains (of
+/// any generation). None when there is nothing of tproxyd's.
+pub fn removal(save: &str, tbl: &str) -> Option<String> {
+    swap(tbl, &Ours::parse(save), &[])
+}
+
+/// One family's tables as `iptables-save -t T` lists them now.
+struct Saved {
+    tables: Vec<(&'static str, Ours)>,
+}
+
+impl Saved {
+    fn read(fam: Family) -> Result<Saved, FirewallError> {
+        let mut tables = Vec::new();
+        for tbl in TABLES {
+            let save = run(fam.save(), &["-t", tbl], None)?;
+            tables.push((tbl, Ours::parse(&save)));
         }
+        Ok(Saved { tables })
     }
-    Ok(removed)
+
+    fn ours(&self, tbl: &str) -> Ours {
+        self.tables
+            .iter()
+            .find(|(t, _)| *t == tbl)
+            .map(|(_, o)| o.clone())
+            .unwrap_or_default()
+    }
+
+    /// The next generation: one above any of tproxyd's chains in either
+    /// table, so the new names are free.
+    fn next_generation(&self) -> u32 {
+        self.tables
+            .iter()
+            .filter_map(|(_, o)| o.generation())
+            .max()
+            .map_or(0, |g| g.wrapping_add(1))
+    }
+}
+
+/// The restore input that replaces `now`'s chains with `plan`'s, or None
+/// when there is nothing to do. One input for all tables of the family.
+fn replacement(plan: &Plan, fam: Family, now: &Saved) -> Option<String> {
+    let gen = now.next_generation();
+    let new = install(plan, fam, gen);
+    let parts: Vec<String> = TABLES
+        .iter()
+        .filter_map(|&tbl| {
+            let lines = new
+                .iter()
+                .find(|(t, _)| *t == tbl)
+                .map(|(_, l)| l.as_slice())
+                .unwrap_or(&[]);
+            swap(tbl, &now.ours(tbl), lines)
+        })
+        .collect();
+    (!parts.is_empty()).then(|| parts.concat())
+}
+
+/// The restore input that puts tproxyd's chains of `fam` back as `before`
+/// listed them, from what is there now; None when nothing changed.
+fn restoration(now: &Saved, before: &Saved) -> Option<String> {
+    let parts: Vec<String> = TABLES
+        .iter()
+        .filter_map(|&tbl| {
+            let (now, before) = (now.ours(tbl), before.ours(tbl));
+            if now == before {
+                return None;
+            }
+            swap(tbl, &now, &before.as_install())
+        })
+        .collect();
+    (!parts.is_empty()).then(|| parts.concat())
+}
+
+fn restore(fam: Family, input: &str) -> Result<(), FirewallError> {
+    run(fam.restore(), &["--noflush"], Some(input)).map(|_| ())
+}
+
+/// Puts `fam`'s chains back as `before` listed them.
+fn put_back(fam: Family, before: &Saved) -> Result<(), FirewallError> {
+    let now = Saved::read(fam)?;
+    match restoration(&now, before) {
+        Some(input) => restore(fam, &input),
+        None => Ok(()),
+    }
+}
+
+fn remove_family(fam: Family) -> Result<bool, FirewallError> {
+    let now = Saved::read(fam)?;
+    let parts: Vec<String> = TABLES
+        .iter()
+        .filter_map(|&tbl| swap(tbl, &now.ours(tbl), &[]))
+        .collect();
+    if parts.is_empty() {
+        return Ok(false);
+    }
+    restore(fam, &parts.concat())?;
+    Ok(true)
 }
 
 pub fn remove() -> Result<bool, FirewallError> {
@@ -355,25 +649,55 @@ pub fn remove() -> Result<bool, FirewallError> {
     Ok(v4 || v6)
 }
 
-/// Replaces any earlier tproxyd chains with fresh ones, both families.
+/// Replaces any earlier tproxyd chains with `plan`'s, one transaction per
+/// family. On failure the earlier chains of both families are in place
+/// (put back in IPv4 when IPv6 refused its input) and the error says so.
 pub fn apply(plan: &Plan) -> Result<(), FirewallError> {
-    remove()?;
-    let result = run(
-        Family::V4.restore(),
-        &["--noflush"],
-        Some(&render(plan, Family::V4)),
-    )
-    .and_then(|_| {
-        run(
-            Family::V6.restore(),
-            &["--noflush"],
-            Some(&render(plan, Family::V6)),
-        )
-    });
-    if result.is_err() {
-        let _ = remove();
+    // Both families are read before either changes: a family that cannot
+    // even be listed fails the apply with nothing changed.
+    let before = [Saved::read(Family::V4)?, Saved::read(Family::V6)?];
+    let families = [Family::V4, Family::V6];
+    for (i, fam) in families.into_iter().enumerate() {
+        let Some(input) = replacement(plan, fam, &before[i]) else {
+            continue;
+        };
+        let Err(e) = restore(fam, &input) else {
+            continue;
+        };
+        // Put back every family, this one included: an input of two
+        // tables is committed table by table by the legacy iptables.
+        let mut undo_failed = Vec::new();
+        for (j, done) in families.into_iter().enumerate().take(i + 1) {
+            if let Err(u) = put_back(done, &before[j]) {
+                undo_failed.push(format!("{done}: {u}"));
+            }
+        }
+        return Err(with_outcome(e, fam, &undo_failed));
     }
-    result.map(|_| ())
+    Ok(())
+}
+
+/// `e` with what became of the earlier rules after `fam` refused.
+fn with_outcome(e: FirewallError, fam: Family, undo_failed: &[String]) -> FirewallError {
+    let outcome = if undo_failed.is_empty() {
+        format!("the {fam} rules were refused; tproxyd's earlier rules of both families are left in place")
+    } else {
+        format!(
+            "the {fam} rules were refused, and putting the earlier rules back failed too ({}); run tproxyd doctor",
+            undo_failed.join("; ")
+        )
+    };
+    match e {
+        FirewallError::Rejected { tool, detail } => FirewallError::Rejected {
+            tool,
+            detail: format!("{detail}\n({outcome})"),
+        },
+        FirewallError::Tool { tool, detail } => FirewallError::Tool {
+            tool,
+            detail: format!("{detail}\n({outcome})"),
+        },
+        other => other,
+    }
 }
 
 #[cfg(test)]
@@ -470,6 +794,155 @@ mod tests {
             );
         }
         assert!(v4.starts_with("*nat\n"), "{v4}");
+    }
+
+    #[test]
+    fn chains_of_every_generation_are_recognised() {
+        assert_eq!(own_chain("TPROXYD_PRE"), Some((PRE, 0)));
+        assert_eq!(own_chain("TPROXYD_GUARD_17"), Some((GUARD, 17)));
+        assert_eq!(chain_name(TAKE, 4), "TPROXYD_TAKE_4");
+        assert_eq!(own_chain(&chain_name(OUT, u32::MAX)), Some((OUT, u32::MAX)));
+        for other in [
+            "TPROXYD_PRE_",
+            "TPROXYD_PRE_01",
+            "TPROXYD_PRE_+1",
+            "TPROXYD_PRE_x",
+            "TPROXYD_PREX",
+            "TPROXYD_DOCTOR",
+            "TPROXYD_PRE_99999999999",
+            "PREROUTING",
+        ] {
+            assert_eq!(own_chain(other), None, "{other}");
+        }
+        // The longest name fits iptables' limit of 28 characters.
+        assert!(chain_name(GUARD, u32::MAX).len() <= 28);
+    }
+
+    fn saved(mangle: &str) -> Saved {
+        Saved {
+            tables: vec![("mangle", Ours::parse(mangle)), ("nat", Ours::default())],
+        }
+    }
+
+    /// Rules of generation 2 behind another program's rule in PREROUTING.
+    const GEN_2: &str = "\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:TPROXYD_GUARD_2 - [0:0]
+:TPROXYD_PRE_2 - [0:0]
+:TPROXYD_TAKE_2 - [0:0]
+-A PREROUTING -j OTHER_APP
+-A PREROUTING -i br-lan -j TPROXYD_PRE_2
+-A PREROUTING -j TPROXYD_GUARD_2
+-A TPROXYD_GUARD_2 -m conntrack --ctstate DNAT -j RETURN
+-A TPROXYD_PRE_2 -d 10.0.0.0/8 -j RETURN
+-A TPROXYD_PRE_2 -j TPROXYD_TAKE_2
+-A TPROXYD_TAKE_2 -p tcp -j TPROXY --on-port 1090 --tproxy-mark 0x1090/0xffffffff
+COMMIT
+";
+
+    fn position(input: &str, line: &str) -> usize {
+        input
+            .lines()
+            .position(|l| l == line)
+            .unwrap_or_else(|| panic!("missing {line:?} in\n{input}"))
+    }
+
+    /// Start and reload swap generations in one input per family: the
+    /// next generation's chains built and filled, the jumps moved to them,
+    /// the earlier chains flushed and deleted, with no COMMIT in between.
+    #[test]
+    fn a_reload_swaps_generations_in_one_transaction() {
+        let plan = plan_for("lan_interfaces = [\"br-lan\"]\n");
+        let input = replacement(&plan, Family::V4, &saved(GEN_2)).unwrap();
+        assert_eq!(input.matches("*mangle").count(), 1, "{input}");
+        assert_eq!(input.matches("COMMIT").count(), 1, "{input}");
+        assert!(!input.contains("*nat"), "nothing to do in nat: {input}");
+        let at = |l: &str| position(&input, l);
+        // New chains declared, filled, entered; the old ones flushed
+        // (declared), left and deleted; all before the one COMMIT.
+        let new_decl = at(":TPROXYD_PRE_3 - [0:0]");
+        let old_flush = at(":TPROXYD_PRE_2 - [0:0]");
+        let filled = at("-A TPROXYD_PRE_3 -j TPROXYD_TAKE_3");
+        let tproxy =
+            at("-A TPROXYD_TAKE_3 -p tcp -j TPROXY --on-port 1090 --tproxy-mark 0x1090/0xffffffff");
+        let old_jump = at("-D PREROUTING -i br-lan -j TPROXYD_PRE_2");
+        let new_jump = at("-I PREROUTING 1 -i br-lan -j TPROXYD_PRE_3");
+        let old_guard_jump = at("-D PREROUTING -j TPROXYD_GUARD_2");
+        let new_guard_jump = at("-I PREROUTING 1 -j TPROXYD_GUARD_3");
+        let deleted = at("-X TPROXYD_PRE_2");
+        let commit = at("COMMIT");
+        assert!(new_decl < filled && filled < new_jump, "{input}");
+        assert!(old_flush < old_jump && old_jump < deleted, "{input}");
+        assert!(
+            tproxy < new_jump && new_jump < deleted && deleted < commit,
+            "{input}"
+        );
+        assert!(old_guard_jump < new_guard_jump, "{input}");
+        for c in ["TPROXYD_GUARD_2", "TPROXYD_TAKE_2"] {
+            at(&format!("-X {c}"));
+        }
+        // The other program's rule and chain are never named.
+        assert!(!input.contains("OTHER_APP"), "{input}");
+        // Nothing of tproxyd's yet: generation 0, the bare names, as
+        // `rules print` shows them.
+        let fresh = replacement(&plan, Family::V4, &saved("*mangle\nCOMMIT\n")).unwrap();
+        assert_eq!(fresh, render(&plan, Family::V4));
+    }
+
+    /// Chains an older tproxyd left under the bare names are replaced by
+    /// generation 1 in the same transaction.
+    #[test]
+    fn chains_of_an_older_version_are_replaced_too() {
+        let plan = plan_for("lan_interfaces = [\"br-lan\"]\n");
+        let old = "*mangle\n:TPROXYD_PRE - [0:0]\n:TPROXYD_TAKE - [0:0]\n-A PREROUTING -i br-lan -j TPROXYD_PRE\n-A TPROXYD_PRE -j TPROXYD_TAKE\nCOMMIT\n";
+        let input = replacement(&plan, Family::V4, &saved(old)).unwrap();
+        for l in [
+            ":TPROXYD_PRE_1 - [0:0]",
+            "-D PREROUTING -i br-lan -j TPROXYD_PRE",
+            "-I PREROUTING 1 -i br-lan -j TPROXYD_PRE_1",
+            "-X TPROXYD_PRE",
+            "-X TPROXYD_TAKE",
+        ] {
+            position(&input, l);
+        }
+        assert!(capture_installed(old));
+        assert!(capture_installed(GEN_2));
+        assert!(!capture_installed(
+            "*mangle\n:TPROXYD_GUARD_4 - [0:0]\n-A OTHER -j TPROXYD_PRE\nCOMMIT\n"
+        ));
+    }
+
+    /// Putting a family back recreates the earlier generation verbatim,
+    /// its jumps at their earlier places, and deletes the newer one.
+    #[test]
+    fn putting_back_recreates_the_earlier_chains_where_they_were() {
+        let before = saved(GEN_2);
+        let now_text = "\
+*mangle
+:TPROXYD_GUARD_3 - [0:0]
+:TPROXYD_PRE_3 - [0:0]
+-A PREROUTING -j TPROXYD_GUARD_3
+-A PREROUTING -i br-lan -j TPROXYD_PRE_3
+-A PREROUTING -j OTHER_APP
+-A TPROXYD_PRE_3 -j RETURN
+COMMIT
+";
+        let input = restoration(&saved(now_text), &before).unwrap();
+        let at = |l: &str| position(&input, l);
+        for l in GEN_2.lines().filter(|l| l.starts_with("-A TPROXYD_")) {
+            at(l);
+        }
+        let del = at("-D PREROUTING -i br-lan -j TPROXYD_PRE_3");
+        let ins = at("-I PREROUTING 2 -i br-lan -j TPROXYD_PRE_2");
+        let guard = at("-I PREROUTING 3 -j TPROXYD_GUARD_2");
+        assert!(del < ins && ins < guard, "{input}");
+        at("-X TPROXYD_PRE_3");
+        at("-X TPROXYD_GUARD_3");
+        assert!(!input.contains("-X TPROXYD_PRE_2"), "{input}");
+        // Nothing changed: nothing to put back.
+        assert_eq!(restoration(&before, &saved(GEN_2)), None);
     }
 
     #[test]

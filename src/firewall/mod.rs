@@ -251,8 +251,11 @@ impl Plan {
                 out.push_str(&nft::transaction(self));
             }
             Backend::Iptables => {
+                // What runs is one input per family that builds these
+                // chains under the next free generation's names, moves the
+                // jumps to them and deletes the earlier chains.
                 out.push_str(
-                    "# iptables-restore --noflush (after removing earlier tproxyd chains)\n",
+                    "# iptables-restore --noflush (in one transaction with replacing earlier tproxyd chains)\n",
                 );
                 out.push_str(&iptables::render(self, iptables::Family::V4));
                 out.push_str("\n# ip6tables-restore --noflush\n");
@@ -306,24 +309,30 @@ fn merged_prefixes(list: &[cidr::Cidr]) -> (Vec<String>, Vec<String>) {
     out
 }
 
-/// Installs the rules and routes, replacing any leftovers of an earlier
-/// run. On failure, whatever was installed is removed again.
+/// Installs the rules and routes, replacing any earlier ones (a reload's,
+/// or leftovers of an earlier run) in one transaction per family. On
+/// failure what was in place before stays in place: the backends keep or
+/// put back their earlier rules, and the policy routes are removed only
+/// when this call added them.
 pub async fn apply(plan: &Plan) -> Result<(), FirewallError> {
     if plan.backend == Backend::None {
         return Ok(());
     }
     remove_other_backend(plan.backend);
-    if plan.needs_policy_routes() {
-        policy_route::apply(plan).await?;
+    let added_routes = if plan.needs_policy_routes() {
+        policy_route::apply(plan).await?
     } else {
         policy_route::remove(plan).await?;
-    }
+        false
+    };
     let rules = match plan.backend {
         Backend::Iptables => iptables::apply(plan),
         _ => nft::apply(plan),
     };
     if let Err(e) = rules {
-        let _ = policy_route::remove(plan).await;
+        if added_routes {
+            let _ = policy_route::remove(plan).await;
+        }
         return Err(e);
     }
     Ok(())

@@ -11,6 +11,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteScope, RouteType};
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
 
 use super::{FirewallError, Plan};
@@ -137,9 +138,37 @@ pub async fn remove(plan: &Plan) -> Result<usize, FirewallError> {
     Ok(removed)
 }
 
-/// Replaces tproxyd's rules and routes with fresh ones.
-pub async fn apply(plan: &Plan) -> Result<(), FirewallError> {
-    remove(plan).await?;
+/// Whether `plan`'s rule and route are in place in both families, and
+/// nothing else of tproxyd's is.
+async fn in_place(h: &Handle, plan: &Plan, lo: u32) -> Result<bool, FirewallError> {
+    let rules = own_rules(h, plan).await?;
+    let routes = own_routes(h, plan).await?;
+    let complete = [AddressFamily::Inet, AddressFamily::Inet6]
+        .into_iter()
+        .all(|family| {
+            let rule = rules.iter().any(|r| {
+                r.header.family == family
+                    && r.header.action == RuleAction::ToTable
+                    && r.attributes
+                        .contains(&RuleAttribute::Priority(plan.rule_priority))
+            });
+            let route = routes.iter().any(|r| {
+                r.header.address_family == family
+                    && r.header.kind == RouteType::Local
+                    && r.header.destination_prefix_length == 0
+                    && r.attributes.contains(&RouteAttribute::Oif(lo))
+            });
+            rule && route
+        });
+    Ok(complete && rules.len() == 2 && routes.len() == 2)
+}
+
+/// Puts tproxyd's rules and routes in place; returns whether it changed
+/// anything. Rules and routes already as `plan` wants them are left
+/// alone: removing and adding them again would leave a moment (a reload)
+/// when captured packets are not routed to tproxyd but forwarded out
+/// directly.
+pub async fn apply(plan: &Plan) -> Result<bool, FirewallError> {
     let h = connect()?;
     let lo = h
         .link()
@@ -154,6 +183,10 @@ pub async fn apply(plan: &Plan) -> Result<(), FirewallError> {
             what: "find the loopback interface".into(),
             detail: "no interface named lo".into(),
         })?;
+    if in_place(&h, plan, lo).await? {
+        return Ok(false);
+    }
+    remove(plan).await?;
 
     let result = async {
         // Without ToTable the kernel stores "lookup N none" and every
@@ -203,5 +236,5 @@ pub async fn apply(plan: &Plan) -> Result<(), FirewallError> {
     if result.is_err() {
         let _ = remove(plan).await;
     }
-    result
+    result.map(|()| true)
 }

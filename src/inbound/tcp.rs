@@ -17,7 +17,7 @@ use crate::config::Mode;
 use crate::config::Network;
 use crate::fds;
 use crate::inbound::admission::{Admission, Refusal, Ticket};
-use crate::outbound::OutboundError;
+use crate::outbound::{Failure, OutboundError};
 use crate::policy::sniff::{self, Sniffed, StreamSniff, MAX_SNIFF_BYTES};
 use crate::policy::FlowMeta;
 use crate::ratelimit::{RateLimit, WARN_INTERVAL};
@@ -340,20 +340,6 @@ async fn sniff_first_bytes(stream: &TcpStream, wait: Duration) -> Option<Sniffed
     }
 }
 
-/// Whether a connect failed because this process ran out of descriptors
-/// (EMFILE) or the whole system did (ENFILE).
-fn out_of_descriptors(e: &OutboundError) -> bool {
-    use crate::outbound::http::HttpError;
-    use crate::outbound::socks5::Socks5Error;
-    let io = match e {
-        OutboundError::Connect { source, .. } => source,
-        OutboundError::Socks5(Socks5Error::Unreachable { source, .. }) => source,
-        OutboundError::Http(HttpError::Unreachable { source, .. }) => source,
-        _ => return false,
-    };
-    matches!(io.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
-}
-
 /// Problems with the upstream itself, and running out of descriptors, are
 /// worth a warning; a destination that refuses is an ordinary event on
 /// the internet.
@@ -363,27 +349,24 @@ fn log_connect_failure(
     outbound: &dyn std::fmt::Display,
     e: &OutboundError,
 ) {
-    use crate::outbound::socks5::Socks5Error;
-    if out_of_descriptors(e) {
+    if e.out_of_descriptors() {
         if let Some(held_back) = UPSTREAM_NO_FDS.check() {
             warn!(%client, %dst, %outbound, held_back, "TCP connection reset: no file descriptor left for its upstream side ({e}). Descriptors taken outside the TCP flows' count (UDP sessions, reply sockets) ran out the open-files limit; raise it (LimitNOFILE= in the service unit, ulimit -n) or lower limits.tcp_flows and limits.udp_sessions");
         }
         return;
     }
-    match e {
+    match e.failure() {
         // Intended: a rule sent the flow to `block`.
-        OutboundError::Blocked => {
+        Failure::Refused => {
             debug!(%client, %dst, %outbound, "TCP connection reset: blocked by rule")
         }
-        OutboundError::Socks5(Socks5Error::Rejected { .. })
-        | OutboundError::Connect { .. }
-        | OutboundError::ConnectTimeout { .. } => {
+        Failure::DestinationRefused | Failure::DestinationTimeout => {
             debug!(%client, %dst, %outbound, "connect failed: {e}")
         }
-        OutboundError::Http(h) if h.is_destination_failure() => {
-            debug!(%client, %dst, %outbound, "connect failed: {e}")
-        }
-        _ => {
+        Failure::ProxyTimeout
+        | Failure::ProxyFailed
+        | Failure::UdpRefused
+        | Failure::OutOfDescriptors => {
             if let Some(held_back) = UPSTREAM_FAILED.check() {
                 warn!(%client, %dst, %outbound, held_back, "{e}")
             }
@@ -470,20 +453,17 @@ mod tests {
             dst,
             source: io::Error::from_raw_os_error(libc::EMFILE),
         };
-        assert!(out_of_descriptors(&emfile));
+        assert!(emfile.out_of_descriptors());
         let socks = OutboundError::Socks5(Socks5Error::Unreachable {
             server: dst,
             source: io::Error::from_raw_os_error(libc::ENFILE),
         });
-        assert!(out_of_descriptors(&socks));
+        assert!(socks.out_of_descriptors());
         let refused = OutboundError::Connect {
             dst,
             source: io::Error::from_raw_os_error(libc::ECONNREFUSED),
         };
-        assert!(!out_of_descriptors(&refused));
-        assert!(!out_of_descriptors(&OutboundError::ConnectTimeout {
-            dst,
-            secs: 1
-        }));
+        assert!(!refused.out_of_descriptors());
+        assert!(!OutboundError::ConnectTimeout { dst, secs: 1 }.out_of_descriptors());
     }
 }

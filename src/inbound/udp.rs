@@ -18,8 +18,9 @@ use tokio::net::UdpSocket;
 use tracing::{debug, warn};
 
 use crate::outbound::UDP_HEADROOM;
+use crate::ratelimit::held_back;
 use crate::ratelimit::RateLimit;
-use crate::relay::udp::{held_back, runnable, Run, UdpRelay, MAX_DATAGRAM};
+use crate::relay::udp::{runnable, Run, UdpRelay, MAX_DATAGRAM};
 use crate::sys::{self, RecvError};
 
 /// Datagrams without an original destination: a rule problem, repeated

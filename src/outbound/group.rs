@@ -12,14 +12,132 @@
 
 use std::fmt;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::Deserialize;
+use tokio::net::TcpStream;
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, info, warn};
 
-use super::Outbound;
+use super::{BoxFuture, Carrier, DnsTransport, Outbound, OutboundError, UdpUpstream};
+
+/// Seconds between a failover group's health checks unless set.
+pub const DEFAULT_INTERVAL_SECS: u64 = 30;
+/// Longest interval: a week, the bound of every duration in the config
+/// (`config::MAX_TIMEOUT_SECS`).
+pub const MAX_INTERVAL_SECS: u64 = 7 * 24 * 3600;
+
+/// `[[outbounds]] type = "selector"` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSelector {
+    pub name: Option<String>,
+    pub outbounds: Vec<String>,
+    pub default: Option<String>,
+}
+
+/// `[[outbounds]] type = "failover"` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFailover {
+    pub name: Option<String>,
+    pub outbounds: Vec<String>,
+    /// Seconds between health checks.
+    pub interval: Option<u64>,
+}
+
+/// A selector's settings, checked: one of `members`, chosen (at start:
+/// `default`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelectorSettings {
+    pub members: Vec<String>,
+    pub default: String,
+}
+
+/// A failover group's settings, checked: the first of `members` whose
+/// health check passes, checked every `interval`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailoverSettings {
+    pub members: Vec<String>,
+    pub interval: Duration,
+}
+
+fn check_members(key: &str, members: &[String], issue: &mut dyn FnMut(&str, String)) {
+    if members.is_empty() {
+        issue(
+            &format!("{key}.outbounds"),
+            "a group needs at least one outbound".into(),
+        );
+    }
+}
+
+impl RawSelector {
+    /// The settings; problems go to `issue` (`key` names the outbound).
+    /// Whether the members exist is the config's to check: it knows every
+    /// name.
+    pub fn validate(&self, key: &str, issue: &mut dyn FnMut(&str, String)) -> SelectorSettings {
+        let outbounds = &self.outbounds;
+        let default = match &self.default {
+            Some(d) if !outbounds.contains(d) => {
+                issue(
+                    &format!("{key}.default"),
+                    format!("{d:?} is not one of this selector's outbounds {outbounds:?}"),
+                );
+                d.clone()
+            }
+            Some(d) => d.clone(),
+            None => outbounds.first().cloned().unwrap_or_default(),
+        };
+        check_members(key, outbounds, issue);
+        SelectorSettings {
+            members: outbounds.clone(),
+            default,
+        }
+    }
+}
+
+impl RawFailover {
+    /// The settings; problems go to `issue` (`key` names the outbound).
+    pub fn validate(&self, key: &str, issue: &mut dyn FnMut(&str, String)) -> FailoverSettings {
+        let secs = self.interval.unwrap_or(DEFAULT_INTERVAL_SECS);
+        if secs == 0 || secs > MAX_INTERVAL_SECS {
+            issue(
+                &format!("{key}.interval"),
+                format!("must be 1 to {MAX_INTERVAL_SECS} seconds"),
+            );
+        }
+        check_members(key, &self.outbounds, issue);
+        FailoverSettings {
+            members: self.outbounds.clone(),
+            interval: Duration::from_secs(secs.clamp(1, MAX_INTERVAL_SECS)),
+        }
+    }
+}
+
+impl SelectorSettings {
+    /// The selector named `name` over `members` (built, in order).
+    pub fn build(&self, name: &str, members: Vec<Member>) -> Result<Group, GroupError> {
+        let initial = self
+            .members
+            .iter()
+            .position(|m| *m == self.default)
+            .unwrap_or(0);
+        Group::new(name.to_string(), GroupKind::Selector, members, initial)
+    }
+}
+
+impl FailoverSettings {
+    /// The failover group named `name` over `members` (built, in order).
+    pub fn build(&self, name: &str, members: Vec<Member>) -> Result<Group, GroupError> {
+        let kind = GroupKind::Failover {
+            interval: self.interval,
+        };
+        Group::new(name.to_string(), kind, members, 0)
+    }
+}
 
 /// One member of a group: another outbound of the policy.
 #[derive(Debug)]
@@ -177,6 +295,59 @@ impl Group {
                 member: member.to_string(),
             })?;
         self.selected.store(i, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The policy hands out leaves; a group reached anyway goes to its member
+/// of the moment.
+impl Carrier for Group {
+    /// Carries nothing itself.
+    const UDP_HEADER: usize = 0;
+
+    fn type_name(&self) -> &'static str {
+        self.kind.type_name()
+    }
+
+    fn clash_type(&self) -> &'static str {
+        match self.kind {
+            GroupKind::Selector => "Selector",
+            GroupKind::Failover { .. } => "Fallback",
+        }
+    }
+
+    fn udp(&self) -> bool {
+        true
+    }
+
+    fn udp_refusal(&self) -> Option<OutboundError> {
+        self.selected().outbound.udp_refusal()
+    }
+
+    /// DNS goes by the member's key, which a group does not have.
+    fn dns_transport(&self) -> DnsTransport {
+        DnsTransport::Udp
+    }
+
+    // Boxed: the member may be a group again.
+    fn connect_tcp<'a>(
+        &'a self,
+        dst: SocketAddr,
+        host: Option<&'a str>,
+    ) -> impl Future<Output = Result<TcpStream, OutboundError>> + Send + 'a {
+        let member = Arc::clone(&self.selected().outbound);
+        let boxed: BoxFuture<'a, _> = Box::pin(async move { member.connect_tcp(dst, host).await });
+        boxed
+    }
+
+    fn open_udp(&self) -> impl Future<Output = Result<UdpUpstream, OutboundError>> + Send + '_ {
+        let member = Arc::clone(&self.selected().outbound);
+        let boxed: BoxFuture<'_, _> = Box::pin(async move { member.open_udp().await });
+        boxed
+    }
+
+    /// Its members are checked on their own.
+    async fn probe(&self) -> Result<(), OutboundError> {
         Ok(())
     }
 }
@@ -383,7 +554,7 @@ mod tests {
             .map(|(index, n)| Member {
                 name: n.to_string(),
                 index,
-                outbound: Arc::new(Outbound::Block),
+                outbound: Arc::new(Outbound::Block(crate::outbound::block::Block)),
             })
             .collect();
         Group::new("auto".into(), kind, members, 0).unwrap()
@@ -544,7 +715,7 @@ mod tests {
             unreachable!()
         };
         assert!(Arc::ptr_eq(&leaf(&outer), &g.members()[1].outbound));
-        let direct = Arc::new(Outbound::Block);
+        let direct = Arc::new(Outbound::Block(crate::outbound::block::Block));
         assert!(Arc::ptr_eq(&leaf(&direct), &direct));
     }
 }

@@ -12,11 +12,58 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::config::Credentials;
-use crate::outbound::connect_marked;
+use super::credentials::{self, Credentials};
+use super::{connect_marked, Carrier, Context, DnsTransport, Failure, OutboundError, UdpUpstream};
+
+/// `[[outbounds]] type = "http"` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Raw {
+    pub name: Option<String>,
+    #[serde(deserialize_with = "super::kinds::server")]
+    pub server: SocketAddr,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub password_env: Option<String>,
+    #[serde(default)]
+    pub send_domain: bool,
+}
+
+/// An `http` outbound's settings, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub server: SocketAddr,
+    pub auth: Option<Credentials>,
+    /// CONNECT to the sniffed host name instead of the address.
+    pub send_domain: bool,
+}
+
+impl Raw {
+    /// The settings; problems go to `issue` (`key` names the outbound).
+    pub fn validate(
+        &self,
+        key: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+        issue: &mut dyn FnMut(&str, String),
+    ) -> Settings {
+        Settings {
+            server: self.server,
+            auth: credentials::validate(
+                key,
+                &self.username,
+                &self.password,
+                &self.password_env,
+                env,
+                issue,
+            ),
+            send_domain: self.send_domain,
+        }
+    }
+}
 
 /// Largest answer head accepted. Real proxies send one or two short lines;
 /// 8 KiB is what common servers allow for a request head.
@@ -110,6 +157,18 @@ impl HttpError {
     pub fn is_destination_failure(&self) -> bool {
         matches!(self.status(), Some(500 | 502 | 503 | 504))
     }
+
+    /// What failed, without the protocol.
+    pub fn failure(&self) -> Failure {
+        match self {
+            HttpError::Timeout { .. } => Failure::ProxyTimeout,
+            HttpError::Unreachable { source, .. } => {
+                super::io_failure(source, Failure::ProxyFailed)
+            }
+            e if e.is_destination_failure() => Failure::DestinationRefused,
+            _ => Failure::ProxyFailed,
+        }
+    }
 }
 
 /// A configured HTTP CONNECT upstream.
@@ -139,6 +198,16 @@ impl fmt::Debug for HttpClient {
 }
 
 impl HttpClient {
+    pub fn from_settings(settings: &Settings, ctx: &Context) -> Self {
+        HttpClient::new(
+            settings.server,
+            settings.auth.clone(),
+            settings.send_domain,
+            ctx.mark,
+            ctx.connect_timeout,
+        )
+    }
+
     pub fn new(
         server: SocketAddr,
         auth: Option<Credentials>,
@@ -247,22 +316,64 @@ impl HttpClient {
     }
 }
 
-/// What CONNECT names: `host:port` when a host name is given and safe to
-/// put in a request line, else the address (`[v6]:port` for IPv6).
+impl Carrier for HttpClient {
+    /// It carries no UDP.
+    const UDP_HEADER: usize = 0;
+
+    fn type_name(&self) -> &'static str {
+        "http"
+    }
+
+    fn clash_type(&self) -> &'static str {
+        "Http"
+    }
+
+    fn udp(&self) -> bool {
+        false
+    }
+
+    fn udp_refusal(&self) -> Option<OutboundError> {
+        Some(OutboundError::TcpOnly {
+            server: self.server,
+        })
+    }
+
+    /// UDP is refused before any DNS could go through it.
+    fn dns_transport(&self) -> DnsTransport {
+        DnsTransport::Udp
+    }
+
+    async fn connect_tcp(
+        &self,
+        dst: SocketAddr,
+        host: Option<&str>,
+    ) -> Result<TcpStream, OutboundError> {
+        Ok(self.connect(dst, host).await?)
+    }
+
+    async fn open_udp(&self) -> Result<UdpUpstream, OutboundError> {
+        Err(OutboundError::TcpOnly {
+            server: self.server,
+        })
+    }
+
+    /// A TCP connect: a CONNECT to the proxy itself would prove nothing
+    /// more.
+    async fn probe(&self) -> Result<(), OutboundError> {
+        Ok(self.reachable().await?)
+    }
+}
+
+/// What CONNECT names: `host:port` when a host name is given and passes
+/// the one name rule ([`crate::hostname::is_host_name`]), else the address
+/// (`[v6]:port` for IPv6).
 pub fn target(dst: SocketAddr, host: Option<&str>) -> String {
     match host {
         // The name comes from the client's own bytes (SNI, Host): anything
         // but a plain DNS name could inject a header; use the address then.
-        Some(h) if is_dns_name(h) => format!("{h}:{}", dst.port()),
+        Some(h) if crate::hostname::is_host_name(h) => format!("{h}:{}", dst.port()),
         _ => dst.to_string(),
     }
-}
-
-fn is_dns_name(h: &str) -> bool {
-    !h.is_empty()
-        && h.len() <= 253
-        && h.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
 }
 
 enum HeadError {
@@ -512,6 +623,11 @@ mod tests {
             "198.51.100.10:443"
         );
         assert_eq!(target(v4, Some("")), "198.51.100.10:443");
+        // The same rule as SOCKS5's send_domain: an IP literal, a trailing
+        // dot, an underscore or capitals are no host name to send.
+        for odd in ["192.0.2.1", "example.com.", "_x.example", "Example.com"] {
+            assert_eq!(target(v4, Some(odd)), "198.51.100.10:443", "{odd:?}");
+        }
     }
 
     /// A fake proxy: reads one request head and sends `answer` in pieces,

@@ -1,28 +1,87 @@
 //! Outbounds: where a flow goes once the route decision has picked one.
 //!
+//! This file is the seam. Every kind of outbound (one file or folder each:
+//! [`direct`], [`block`], [`socks5`], [`http`], [`group`]) implements
+//! [`Carrier`]; [`Outbound`] is the enum whose arms only delegate, so the
+//! dispatch stays static (a UDP upstream's send runs per datagram). The
+//! one list of kinds, with their settings as the config file writes them,
+//! is [`kinds`]. The rest of tproxyd sees outbounds only through this
+//! file: [`Outbound`], [`UdpUpstream`], and errors that say what failed
+//! as a protocol-free [`Failure`].
+//!
 //! Every socket opened here toward the network carries the configured
 //! `SO_MARK`, so the firewall rules let it pass instead of capturing
 //! tproxyd's own traffic again.
 
+pub mod block;
+pub mod credentials;
+pub mod direct;
 pub mod group;
 pub mod http;
+pub mod kinds;
 pub mod socks5;
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
 use std::time::Duration;
 
-use tokio::io::Interest;
-use tokio::net::{TcpSocket, TcpStream, UdpSocket};
+use tokio::net::{TcpSocket, TcpStream};
 
-use crate::config::{OutboundKind, Timeouts};
 use crate::registry::EndReason;
 use crate::sys;
+
+pub use credentials::Credentials;
+pub use kinds::{OutboundConfig, OutboundKind, RawOutbound};
+
+use block::Block;
+use direct::{Direct, DirectUdp};
 use group::{Group, GroupError};
 use http::{HttpClient, HttpError};
-use socks5::proto::{self, Address};
 use socks5::{Socks5Client, Socks5Error, UdpAssociation};
+
+/// What building an outbound needs besides its own settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Context {
+    /// `SO_MARK` of every socket it opens.
+    pub mark: u32,
+    /// How long a connect (and a proxy's handshake) may take.
+    pub connect_timeout: Duration,
+}
+
+/// Why a flow could not be carried, without naming a protocol: what the
+/// inbound logs, the registry counts and DNS reacts to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The configuration refused the flow (`block`; UDP to an outbound
+    /// that carries TCP only): says nothing about any upstream's health.
+    Refused,
+    /// The destination (or the proxy on its behalf) said no.
+    DestinationRefused,
+    /// The destination did not answer in time.
+    DestinationTimeout,
+    /// The proxy server did not answer in time.
+    ProxyTimeout,
+    /// The proxy server could not be reached, broke its protocol or
+    /// refused us (credentials).
+    ProxyFailed,
+    /// The proxy takes TCP but refuses to carry UDP (SOCKS5 UDP ASSOCIATE
+    /// refused): DNS through it goes over TCP instead.
+    UdpRefused,
+    /// This process (EMFILE) or the system (ENFILE) ran out of file
+    /// descriptors while opening the upstream side.
+    OutOfDescriptors,
+}
+
+/// The failure an I/O error on the way to `server` (the destination for
+/// `direct`, else the proxy) means.
+fn io_failure(source: &io::Error, otherwise: Failure) -> Failure {
+    match source.raw_os_error() {
+        Some(libc::EMFILE | libc::ENFILE) => Failure::OutOfDescriptors,
+        _ => otherwise,
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboundError {
@@ -47,28 +106,116 @@ pub enum OutboundError {
 }
 
 impl OutboundError {
+    /// What failed, in terms every caller understands.
+    pub fn failure(&self) -> Failure {
+        match self {
+            OutboundError::Blocked | OutboundError::TcpOnly { .. } => Failure::Refused,
+            OutboundError::ConnectTimeout { .. } => Failure::DestinationTimeout,
+            OutboundError::Connect { source, .. } => {
+                io_failure(source, Failure::DestinationRefused)
+            }
+            OutboundError::UdpSocket(source) => io_failure(source, Failure::ProxyFailed),
+            OutboundError::Socks5(e) => e.failure(),
+            OutboundError::Http(e) => e.failure(),
+        }
+    }
+
     /// Whether the configuration refused the flow (block, UDP to an http
     /// outbound) rather than an upstream failing: such a refusal says
     /// nothing about the upstream's health and must not trigger back-off.
     pub fn is_refusal(&self) -> bool {
-        matches!(self, OutboundError::Blocked | OutboundError::TcpOnly { .. })
+        self.failure() == Failure::Refused
+    }
+
+    /// Whether this process or the system ran out of file descriptors.
+    pub fn out_of_descriptors(&self) -> bool {
+        self.failure() == Failure::OutOfDescriptors
     }
 
     /// Why a flow that failed to connect ended, as the registry counts it:
     /// the destination said no, something took too long, or the proxy
     /// itself failed.
     pub fn end_reason(&self) -> EndReason {
-        match self {
-            OutboundError::Blocked | OutboundError::TcpOnly { .. } => EndReason::Blocked,
-            OutboundError::ConnectTimeout { .. }
-            | OutboundError::Socks5(Socks5Error::Timeout { .. }) => EndReason::ConnectTimeout,
-            OutboundError::Connect { .. } | OutboundError::Socks5(Socks5Error::Rejected { .. }) => {
+        match self.failure() {
+            Failure::Refused => EndReason::Blocked,
+            Failure::DestinationTimeout => EndReason::ConnectTimeout,
+            Failure::DestinationRefused => EndReason::UpstreamRefused,
+            // Out of descriptors on a direct connect was counted as the
+            // destination refusing, through a proxy as the proxy failing.
+            Failure::OutOfDescriptors if matches!(self, OutboundError::Connect { .. }) => {
                 EndReason::UpstreamRefused
             }
-            OutboundError::Http(h) if h.is_destination_failure() => EndReason::UpstreamRefused,
-            _ => EndReason::ProxyFailed,
+            // An HTTP proxy that does not answer in time has always been
+            // counted as failed, a SOCKS5 one as a timeout.
+            Failure::ProxyTimeout if matches!(self, OutboundError::Http(_)) => {
+                EndReason::ProxyFailed
+            }
+            Failure::ProxyTimeout => EndReason::ConnectTimeout,
+            Failure::ProxyFailed | Failure::UdpRefused | Failure::OutOfDescriptors => {
+                EndReason::ProxyFailed
+            }
         }
     }
+}
+
+/// How DNS queries sent through an outbound travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DnsTransport {
+    /// As the UDP datagrams they are.
+    Udp,
+    /// As DNS over TCP (a TCP connection to the resolver through the
+    /// outbound) until a UDP upstream through it is known to work, and for
+    /// good once one was refused ([`Failure::UdpRefused`]).
+    TcpUntilUdpWorks,
+    /// Always as DNS over TCP (configured).
+    Tcp,
+}
+
+/// A future an outbound returns; boxed only where a group recurses.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What every kind of outbound does. [`Outbound`] delegates each method
+/// to the kind's own type.
+pub trait Carrier {
+    /// The most bytes it writes in front of a UDP payload; the relay keeps
+    /// [`UDP_HEADROOM`] (the most of any kind) free in front of each.
+    const UDP_HEADER: usize;
+
+    /// The config's `type`, as logs name it: `"direct"`, `"socks5"`...
+    fn type_name(&self) -> &'static str;
+
+    /// The type the Clash API shows: `"Direct"`, `"Socks5"`, `"Http"`,
+    /// `"Reject"`, `"Selector"`, `"Fallback"`.
+    fn clash_type(&self) -> &'static str;
+
+    /// Whether it takes UDP flows, as the Clash API shows it (`block`
+    /// takes them and drops them).
+    fn udp(&self) -> bool;
+
+    /// Why it refuses every UDP datagram, if it does; known without any
+    /// I/O, so the UDP relay asks before opening a session.
+    fn udp_refusal(&self) -> Option<OutboundError>;
+
+    /// How DNS through it travels.
+    fn dns_transport(&self) -> DnsTransport;
+
+    /// Opens a TCP connection to `dst`. `host` is the flow's sniffed host
+    /// name, if any: kinds that can name a destination (with
+    /// `send_domain`) send it instead of `dst` when it passes
+    /// [`crate::hostname::is_host_name`].
+    fn connect_tcp<'a>(
+        &'a self,
+        dst: SocketAddr,
+        host: Option<&'a str>,
+    ) -> impl Future<Output = Result<TcpStream, OutboundError>> + Send + 'a;
+
+    /// Opens the upstream side of one UDP session.
+    fn open_udp(&self) -> impl Future<Output = Result<UdpUpstream, OutboundError>> + Send + '_;
+
+    /// Whether the upstream answers: at start (the result is only
+    /// logged), as a failover group's health check, and the API's delay
+    /// test.
+    fn probe(&self) -> impl Future<Output = Result<(), OutboundError>> + Send + '_;
 }
 
 /// Connects a marked TCP socket to `dst`.
@@ -81,14 +228,11 @@ pub async fn connect_marked(dst: SocketAddr, mark: u32) -> io::Result<TcpStream>
 /// One configured outbound.
 #[derive(Debug)]
 pub enum Outbound {
-    Direct {
-        mark: u32,
-        connect_timeout: Duration,
-    },
+    Direct(Direct),
     Socks5(Socks5Client),
     Http(HttpClient),
     /// TCP: refused at once (the client gets a reset); UDP: dropped.
-    Block,
+    Block(Block),
     /// Stands for one of its members; the policy resolves it per flow.
     Group(Group),
 }
@@ -96,8 +240,6 @@ pub enum Outbound {
 /// Why an outbound in the config cannot be built.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("outbound type {0:?} is not available in this build yet")]
-    Unsupported(&'static str),
     #[error("member {0:?} is not the name of an outbound")]
     UnknownMember(String),
     #[error("its members reach it again (a cycle)")]
@@ -106,114 +248,56 @@ pub enum BuildError {
     Group(#[from] GroupError),
 }
 
+/// Calls `$call` on the kind's own type, whatever the arm.
+macro_rules! delegate {
+    ($self:expr, $o:ident => $call:expr) => {
+        match $self {
+            Outbound::Direct($o) => $call,
+            Outbound::Socks5($o) => $call,
+            Outbound::Http($o) => $call,
+            Outbound::Block($o) => $call,
+            Outbound::Group($o) => $call,
+        }
+    };
+}
+
 impl Outbound {
-    /// The outbound a config entry describes; every socket it opens carries
-    /// `mark`.
-    pub fn from_kind(
-        kind: &OutboundKind,
-        mark: u32,
-        timeouts: &Timeouts,
-    ) -> Result<Self, BuildError> {
-        match kind {
-            OutboundKind::Direct => Ok(Outbound::Direct {
-                mark,
-                connect_timeout: timeouts.connect,
-            }),
-            OutboundKind::Socks5 {
-                server,
-                auth,
-                send_domain,
-                ..
-            } => Ok(Outbound::Socks5(Socks5Client {
-                server: *server,
-                auth: auth.clone(),
-                mark,
-                connect_timeout: timeouts.connect,
-                send_domain: *send_domain,
-            })),
-            OutboundKind::Http {
-                server,
-                auth,
-                send_domain,
-            } => Ok(Outbound::Http(HttpClient::new(
-                *server,
-                auth.clone(),
-                *send_domain,
-                mark,
-                timeouts.connect,
-            ))),
-            OutboundKind::Block => Ok(Outbound::Block),
-            // Groups need their members built first: the policy builds
-            // them (see `Policy::from_config`).
-            other => Err(BuildError::Unsupported(other.type_name())),
-        }
-    }
-
+    /// The config's `type` of this outbound, for logs.
     pub fn name(&self) -> &'static str {
-        match self {
-            Outbound::Direct { .. } => "direct",
-            Outbound::Socks5(_) => "socks5",
-            Outbound::Http(_) => "http",
-            Outbound::Block => "block",
-            Outbound::Group(g) => g.kind.type_name(),
-        }
+        delegate!(self, o => o.type_name())
     }
 
-    /// Opens a TCP connection to `dst` through this outbound. `host` is the
-    /// flow's sniffed host name, if any: outbounds that can name a
-    /// destination (SOCKS5 with `send_domain`) send it instead of `dst`;
-    /// the others connect to `dst` (route-only sniffing).
+    /// The type the Clash API shows.
+    pub fn clash_type(&self) -> &'static str {
+        delegate!(self, o => o.clash_type())
+    }
+
+    /// Whether it takes UDP flows, as the Clash API shows it.
+    pub fn udp(&self) -> bool {
+        delegate!(self, o => o.udp())
+    }
+
+    /// How DNS through it travels.
+    pub fn dns_transport(&self) -> DnsTransport {
+        delegate!(self, o => o.dns_transport())
+    }
+
+    /// Opens a TCP connection to `dst` through this outbound; see
+    /// [`Carrier::connect_tcp`].
     pub async fn connect_tcp(
         &self,
         dst: SocketAddr,
         host: Option<&str>,
     ) -> Result<TcpStream, OutboundError> {
-        match self {
-            Outbound::Direct {
-                mark,
-                connect_timeout,
-            } => match tokio::time::timeout(*connect_timeout, connect_marked(dst, *mark)).await {
-                Err(_) => Err(OutboundError::ConnectTimeout {
-                    dst,
-                    secs: connect_timeout.as_secs(),
-                }),
-                Ok(Err(source)) => Err(OutboundError::Connect { dst, source }),
-                Ok(Ok(s)) => {
-                    let _ = s.set_nodelay(true);
-                    Ok(s)
-                }
-            },
-            Outbound::Socks5(client) => {
-                let s = client.connect_to(client.target(dst, host)).await?;
-                let _ = s.set_nodelay(true);
-                Ok(s)
-            }
-            Outbound::Http(client) => {
-                let s = client.connect(dst, host).await?;
-                let _ = s.set_nodelay(true);
-                Ok(s)
-            }
-            Outbound::Block => Err(OutboundError::Blocked),
-            // The policy hands out leaves; a group reached here anyway
-            // goes to its member of the moment. Boxed: recursion.
-            Outbound::Group(g) => {
-                let member = Arc::clone(&g.selected().outbound);
-                Box::pin(member.connect_tcp(dst, host)).await
-            }
-        }
+        let s = delegate!(self, o => o.connect_tcp(dst, host).await)?;
+        let _ = s.set_nodelay(true);
+        Ok(s)
     }
 
     /// Why this outbound refuses every UDP datagram, if it does; known
     /// without any I/O, so the UDP relay asks before opening a session.
     pub fn udp_refusal(&self) -> Option<OutboundError> {
-        match self {
-            Outbound::Block => Some(OutboundError::Blocked),
-            Outbound::Http(client) => Some(OutboundError::TcpOnly {
-                server: client.server,
-            }),
-            Outbound::Group(g) => g.selected().outbound.udp_refusal(),
-            Outbound::Direct { .. } | Outbound::Socks5(_) => None,
-        }
+        delegate!(self, o => o.udp_refusal())
     }
 
     /// Opens the upstream side of one UDP session.
@@ -221,50 +305,84 @@ impl Outbound {
         if let Some(refusal) = self.udp_refusal() {
             return Err(refusal);
         }
-        match self {
-            Outbound::Direct { mark, .. } => {
-                // One dual-stack socket reaches every destination of the
-                // session, v4 and v6: that is what makes it full cone.
-                let any: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, 0).into();
-                let socket = sys::outbound_udp_socket(&any, true, *mark)
-                    .map_err(OutboundError::UdpSocket)?;
-                let socket = UdpSocket::from_std(socket).map_err(OutboundError::UdpSocket)?;
-                Ok(UdpUpstream::Direct(socket))
-            }
-            Outbound::Socks5(client) => Ok(UdpUpstream::Socks5(client.udp_associate().await?)),
-            Outbound::Group(g) => {
-                let member = Arc::clone(&g.selected().outbound);
-                Box::pin(member.open_udp()).await
-            }
-            // Refused above.
-            Outbound::Http(_) | Outbound::Block => Err(OutboundError::Blocked),
-        }
+        delegate!(self, o => o.open_udp().await)
     }
 
     /// Whether the upstream answers: at start (the result is only logged;
     /// flows fail fast until it is back) and as a failover group's health
-    /// check. SOCKS5: connect and greeting (and login, if configured), so
-    /// a server that accepts connections but not us counts as down. HTTP:
-    /// a TCP connect (a CONNECT to the proxy itself would prove nothing
-    /// more). Direct and block have no upstream to fail; a group's members
+    /// check. Direct and block have no upstream to fail; a group's members
     /// are checked on their own.
     pub async fn probe(&self) -> Result<(), OutboundError> {
-        match self {
-            Outbound::Direct { .. } | Outbound::Block | Outbound::Group(_) => Ok(()),
-            Outbound::Socks5(client) => Ok(client.check().await?),
-            Outbound::Http(client) => Ok(client.reachable().await?),
-        }
+        delegate!(self, o => o.probe().await)
     }
 }
 
-/// Room kept in front of every UDP payload so the SOCKS5 header can be
-/// written in place, without copying the payload.
-pub const UDP_HEADROOM: usize = proto::MAX_UDP_HEADER;
+const fn max(a: usize, b: usize) -> usize {
+    if a > b {
+        a
+    } else {
+        b
+    }
+}
+
+/// Room kept in front of every UDP payload so that any kind's header can
+/// be written in place, without copying the payload: the largest
+/// [`Carrier::UDP_HEADER`] of all kinds.
+pub const UDP_HEADROOM: usize = max(
+    max(Direct::UDP_HEADER, Block::UDP_HEADER),
+    max(
+        max(Socks5Client::UDP_HEADER, HttpClient::UDP_HEADER),
+        Group::UDP_HEADER,
+    ),
+);
+
+/// Largest UDP payload the IP layer carries to an address of this family:
+/// 65,535 less the IPv4 header and the UDP header's 8 (IPv6's length
+/// field leaves its own header out).
+pub fn ip_udp_max(dst: SocketAddr) -> usize {
+    if dst.is_ipv4() {
+        65_535 - 20 - 8
+    } else {
+        65_535 - 8
+    }
+}
+
+/// What one kind's UDP upstream does; [`UdpUpstream`] delegates to it.
+pub trait UdpCarrier {
+    /// The socket datagrams leave and arrive on.
+    fn socket(&self) -> &tokio::net::UdpSocket;
+
+    /// The largest payload to `dst` that still fits one datagram through
+    /// this upstream, its header included.
+    fn max_payload(&self, dst: SocketAddr) -> usize;
+
+    /// Sends `buf[UDP_HEADROOM..]` to `dst`, never waiting; the headroom
+    /// is scratch space.
+    fn try_send(&self, buf: &mut [u8], dst: SocketAddr) -> io::Result<()>;
+
+    /// Sends a run of `segment`-byte payloads to `dst` in one call, never
+    /// waiting; `scratch` holds the run laid out again if headers must go
+    /// in between.
+    fn try_send_segments(
+        &self,
+        payloads: &[u8],
+        segment: usize,
+        dst: SocketAddr,
+        scratch: &mut Vec<u8>,
+    ) -> io::Result<()>;
+
+    /// Receives one datagram, never waiting.
+    fn try_recv(&self, buf: &mut [u8]) -> io::Result<UdpRecv>;
+
+    /// Resolves when the upstream can no longer carry datagrams, with the
+    /// reason.
+    fn closed(&self) -> impl Future<Output = String> + Send + '_;
+}
 
 /// The upstream side of a UDP session.
 #[derive(Debug)]
 pub enum UdpUpstream {
-    Direct(UdpSocket),
+    Direct(DirectUdp),
     Socks5(UdpAssociation),
 }
 
@@ -282,12 +400,24 @@ pub enum UdpRecv {
     Dropped(String),
 }
 
-impl UdpUpstream {
-    fn socket(&self) -> &UdpSocket {
-        match self {
-            UdpUpstream::Direct(socket) => socket,
-            UdpUpstream::Socks5(assoc) => &assoc.socket,
+macro_rules! delegate_udp {
+    ($self:expr, $u:ident => $call:expr) => {
+        match $self {
+            UdpUpstream::Direct($u) => $call,
+            UdpUpstream::Socks5($u) => $call,
         }
+    };
+}
+
+impl UdpUpstream {
+    fn socket(&self) -> &tokio::net::UdpSocket {
+        delegate_udp!(self, u => u.socket())
+    }
+
+    /// The largest payload to `dst` that still fits one datagram through
+    /// this upstream, header included.
+    pub fn max_payload(&self, dst: SocketAddr) -> usize {
+        delegate_udp!(self, u => u.max_payload(dst))
     }
 
     /// Sends `buf[UDP_HEADROOM..]` to `dst`, waiting while the socket's
@@ -306,24 +436,12 @@ impl UdpUpstream {
     /// socket's buffer is full. The inbound uses it to send a datagram of
     /// an established session itself, without a hop to the session's task.
     pub fn try_send(&self, buf: &mut [u8], dst: SocketAddr) -> io::Result<()> {
-        match self {
-            UdpUpstream::Direct(socket) => {
-                socket.try_send_to(&buf[UDP_HEADROOM..], sys::to_v6(dst))?;
-            }
-            UdpUpstream::Socks5(assoc) => {
-                let start = UDP_HEADROOM - proto::udp_header_len(&dst);
-                proto::write_udp_header(&mut buf[start..UDP_HEADROOM], &dst);
-                assoc.socket.try_send(&buf[start..])?;
-            }
-        }
-        Ok(())
+        delegate_udp!(self, u => u.try_send(buf, dst))
     }
 
     /// Sends a run of datagrams to `dst` in one call, never waiting:
     /// `payloads` holds them back to back, each `segment` bytes long (the
-    /// last may be shorter). Through SOCKS5 each needs its own header in
-    /// front, so the run is laid out again in `scratch`. All or nothing,
-    /// as [`sys::send_segments`].
+    /// last may be shorter). All or nothing, as [`sys::send_segments`].
     pub fn try_send_segments(
         &self,
         payloads: &[u8],
@@ -331,24 +449,7 @@ impl UdpUpstream {
         dst: SocketAddr,
         scratch: &mut Vec<u8>,
     ) -> io::Result<()> {
-        let (socket, run, segment, to) = match self {
-            UdpUpstream::Direct(socket) => (socket, payloads, segment, Some(sys::to_v6(dst))),
-            UdpUpstream::Socks5(assoc) => {
-                let mut header = [0u8; proto::MAX_UDP_HEADER];
-                let len = proto::write_udp_header(&mut header, &dst);
-                let header = &header[..len];
-                scratch.clear();
-                for payload in payloads.chunks(segment) {
-                    scratch.extend_from_slice(header);
-                    scratch.extend_from_slice(payload);
-                }
-                (&assoc.socket, &scratch[..], header.len() + segment, None)
-            }
-        };
-        socket.try_io(Interest::WRITABLE, || {
-            sys::send_segments(socket, run, segment, to)
-        })?;
-        Ok(())
+        delegate_udp!(self, u => u.try_send_segments(payloads, segment, dst, scratch))
     }
 
     /// Receives one datagram from any remote into `buf`.
@@ -371,61 +472,132 @@ impl UdpUpstream {
     /// Like [`recv`](Self::recv) but never waits: `WouldBlock` when no
     /// datagram is waiting.
     pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<UdpRecv> {
-        match self {
-            UdpUpstream::Direct(socket) => {
-                let (n, from) = socket.try_recv_from(buf)?;
-                Ok(UdpRecv::Datagram {
-                    from: sys::normalize(from),
-                    start: 0,
-                    end: n,
-                })
-            }
-            UdpUpstream::Socks5(assoc) => {
-                let n = assoc.socket.try_recv(buf)?;
-                Ok(match proto::parse_udp_header(&buf[..n]) {
-                    Ok((Address::Ip(from), start)) => UdpRecv::Datagram {
-                        from: sys::normalize(from),
-                        start,
-                        end: n,
-                    },
-                    Ok((Address::Domain(name, port), _)) => UdpRecv::Dropped(format!(
-                        "reply from domain {name}:{port} has no address to answer from"
-                    )),
-                    Err(e) => {
-                        UdpRecv::Dropped(format!("bad datagram from relay {}: {e}", assoc.relay))
-                    }
-                })
-            }
+        delegate_udp!(self, u => u.try_recv(buf))
+    }
+
+    /// Resolves when the upstream can no longer carry datagrams (the
+    /// SOCKS5 control connection closed). Never resolves for `direct`.
+    pub async fn closed(&self) -> String {
+        delegate_udp!(self, u => u.closed().await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_headroom_fits_every_kinds_header() {
+        assert_eq!(UDP_HEADROOM, socks5::proto::MAX_UDP_HEADER);
+        for room in [
+            Direct::UDP_HEADER,
+            Block::UDP_HEADER,
+            Socks5Client::UDP_HEADER,
+            HttpClient::UDP_HEADER,
+            Group::UDP_HEADER,
+        ] {
+            assert!(room <= UDP_HEADROOM);
         }
     }
 
-    /// Resolves when the association can no longer carry datagrams: the
-    /// SOCKS5 control connection closed. Never resolves for `direct`.
-    pub async fn closed(&self) -> String {
-        match self {
-            UdpUpstream::Direct(_) => std::future::pending().await,
-            UdpUpstream::Socks5(assoc) => {
-                loop {
-                    if let Err(e) = assoc.control.readable().await {
-                        return format!("UDP association's control connection failed: {e}");
-                    }
-                    // Declared after the await, so a waiting session's
-                    // task does not carry it.
-                    let mut scratch = [0u8; 64];
-                    match assoc.control.try_read(&mut scratch) {
-                        Ok(0) => {
-                            return "SOCKS5 server closed the UDP association's control connection"
-                                .into()
-                        }
-                        // Servers send nothing here; ignore anything that comes.
-                        Ok(_) => continue,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                        Err(e) => {
-                            return format!("UDP association's control connection failed: {e}")
-                        }
-                    }
+    #[test]
+    fn failures_map_to_the_registrys_end_reasons() {
+        let dst: SocketAddr = "198.51.100.10:7".parse().unwrap();
+        let io = |code| io::Error::from_raw_os_error(code);
+        let cases = [
+            (OutboundError::Blocked, Failure::Refused, EndReason::Blocked),
+            (
+                OutboundError::TcpOnly { server: dst },
+                Failure::Refused,
+                EndReason::Blocked,
+            ),
+            (
+                OutboundError::ConnectTimeout { dst, secs: 1 },
+                Failure::DestinationTimeout,
+                EndReason::ConnectTimeout,
+            ),
+            (
+                OutboundError::Connect {
+                    dst,
+                    source: io(libc::ECONNREFUSED),
+                },
+                Failure::DestinationRefused,
+                EndReason::UpstreamRefused,
+            ),
+            (
+                OutboundError::Connect {
+                    dst,
+                    source: io(libc::EMFILE),
+                },
+                Failure::OutOfDescriptors,
+                EndReason::UpstreamRefused,
+            ),
+            (
+                Socks5Error::Timeout {
+                    server: dst,
+                    secs: 1,
                 }
-            }
+                .into(),
+                Failure::ProxyTimeout,
+                EndReason::ConnectTimeout,
+            ),
+            (
+                Socks5Error::Unreachable {
+                    server: dst,
+                    source: io(libc::ENFILE),
+                }
+                .into(),
+                Failure::OutOfDescriptors,
+                EndReason::ProxyFailed,
+            ),
+            (
+                HttpError::Timeout {
+                    server: dst,
+                    secs: 1,
+                }
+                .into(),
+                Failure::ProxyTimeout,
+                EndReason::ProxyFailed,
+            ),
+            (
+                HttpError::Refused {
+                    server: dst,
+                    target: dst.to_string(),
+                    status: 502,
+                    reason: "Bad Gateway".into(),
+                }
+                .into(),
+                Failure::DestinationRefused,
+                EndReason::UpstreamRefused,
+            ),
+            (
+                HttpError::Refused {
+                    server: dst,
+                    target: dst.to_string(),
+                    status: 403,
+                    reason: "Forbidden".into(),
+                }
+                .into(),
+                Failure::ProxyFailed,
+                EndReason::ProxyFailed,
+            ),
+        ];
+        for (e, failure, reason) in cases {
+            assert_eq!(e.failure(), failure, "{e}");
+            assert_eq!(e.end_reason(), reason, "{e}");
+            assert_eq!(e.is_refusal(), failure == Failure::Refused, "{e}");
         }
+    }
+
+    #[test]
+    fn the_largest_payload_leaves_room_for_the_header() {
+        let v4: SocketAddr = "198.51.100.10:53".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8::1]:53".parse().unwrap();
+        assert_eq!(ip_udp_max(v4), 65_507);
+        assert_eq!(ip_udp_max(v6), 65_527);
+        // Through SOCKS5 to a relay on IPv4: 10 bytes of header to an IPv4
+        // destination, 22 to IPv6.
+        assert_eq!(ip_udp_max(v4) - socks5::proto::udp_header_len(&v4), 65_497);
+        assert_eq!(ip_udp_max(v4) - socks5::proto::udp_header_len(&v6), 65_485);
     }
 }

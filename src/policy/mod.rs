@@ -17,9 +17,9 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::config::{Config, Network, OutboundConfig, OutboundKind, SniffProtocol};
-use crate::outbound::group::{Group, GroupKind, Member};
-use crate::outbound::{BuildError, Outbound};
+use crate::config::{Config, Network, SniffProtocol};
+use crate::outbound::group::{Group, Member};
+use crate::outbound::{BuildError, Context, Outbound, OutboundConfig};
 pub use crate::registry::RuleLabel;
 use rules::Rules;
 
@@ -434,6 +434,10 @@ fn build_outbounds(
             })
             .map(|n| (Arc::clone(&n.outbound), n.key))
     };
+    let ctx = Context {
+        mark: cfg.mark,
+        connect_timeout: cfg.timeouts.connect,
+    };
     let mut keys: Vec<u32> = vec![0; cfg.outbounds.len()];
     let error = |o: &OutboundConfig, source| PolicyError::Outbound {
         name: o.name.clone(),
@@ -449,8 +453,10 @@ fn build_outbounds(
                 reused[i] = true;
                 continue;
             }
-            let outbound =
-                Outbound::from_kind(&o.kind, cfg.mark, &cfg.timeouts).map_err(|e| error(o, e))?;
+            let outbound = o
+                .kind
+                .build(&o.name, &ctx, Vec::new())
+                .map_err(|e| error(o, e))?;
             built[i] = Some(Arc::new(outbound));
             keys[i] = new_key();
         }
@@ -489,22 +495,11 @@ fn build_outbounds(
                     continue;
                 }
             }
-            let (kind, initial) = match &o.kind {
-                OutboundKind::Selector { members, default } => (
-                    GroupKind::Selector,
-                    members.iter().position(|m| m == default).unwrap_or(0),
-                ),
-                OutboundKind::Failover { interval, .. } => (
-                    GroupKind::Failover {
-                        interval: *interval,
-                    },
-                    0,
-                ),
-                other => return Err(error(o, BuildError::Unsupported(other.type_name()))),
-            };
-            let group = Group::new(o.name.clone(), kind, members, initial)
-                .map_err(|e| error(o, e.into()))?;
-            built[i] = Some(Arc::new(Outbound::Group(group)));
+            let group = o
+                .kind
+                .build(&o.name, &ctx, members)
+                .map_err(|e| error(o, e))?;
+            built[i] = Some(Arc::new(group));
             keys[i] = new_key();
             progress = true;
         }
@@ -606,7 +601,7 @@ outbound = "direct"
         // The selector's choice changes at run time, for new decisions.
         p.group("pick").unwrap().select("stop").unwrap();
         let c = p.decide(&flow("203.0.113.50:443"));
-        assert!(matches!(&*c.outbound, Outbound::Block));
+        assert!(matches!(&*c.outbound, Outbound::Block(_)));
         assert_eq!(p.route(&c).to_string(), "pick/stop");
         assert!(p.group("proxy-a").is_none());
     }

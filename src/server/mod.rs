@@ -15,7 +15,6 @@ use std::time::Duration;
 use tokio::net::{TcpListener, UdpSocket};
 use tracing::{info, warn};
 
-use crate::config::OutboundKind;
 use crate::config::{Config, Mode};
 use crate::dns::Dns;
 use crate::fds;
@@ -29,8 +28,7 @@ use crate::relay::udp::UdpRelay;
 use crate::route::Router;
 use crate::sys;
 
-mod live;
-pub use live::{restart_only_changes, Live, Loader, ReloadError, ReloadReport};
+pub use crate::live::{restart_only_changes, Live, Loader, ReloadError, ReloadReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -474,24 +472,7 @@ fn describe_outbounds(cfg: &Config) -> String {
     cfg.outbounds
         .iter()
         .map(|o| {
-            let what = match &o.kind {
-                OutboundKind::Socks5 { server, auth, .. }
-                | OutboundKind::Http { server, auth, .. } => {
-                    format!(
-                        "{} {server}{}",
-                        o.kind.type_name(),
-                        if auth.is_some() {
-                            " (username/password)"
-                        } else {
-                            ""
-                        }
-                    )
-                }
-                OutboundKind::Selector { members, .. } | OutboundKind::Failover { members, .. } => {
-                    format!("{}({})", o.kind.type_name(), members.join(", "))
-                }
-                other => other.type_name().to_string(),
-            };
+            let what = o.kind.describe();
             let last = if o.name == cfg.route.final_outbound {
                 " (final)"
             } else {

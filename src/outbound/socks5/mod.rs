@@ -7,13 +7,69 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use serde::Deserialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::{TcpStream, UdpSocket};
 
-use crate::config::Credentials;
-use crate::outbound::connect_marked;
+use super::credentials::{self, Credentials};
+use super::{
+    connect_marked, ip_udp_max, Carrier, Context, DnsTransport, Failure, OutboundError, UdpCarrier,
+    UdpRecv, UdpUpstream, UDP_HEADROOM,
+};
 use crate::sys;
 use proto::{Address, MethodChoice, ProtoError};
+
+/// `[[outbounds]] type = "socks5"` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Raw {
+    pub name: Option<String>,
+    #[serde(deserialize_with = "super::kinds::server")]
+    pub server: SocketAddr,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub password_env: Option<String>,
+    #[serde(default)]
+    pub send_domain: bool,
+    #[serde(default, deserialize_with = "super::kinds::dns_over_tcp")]
+    pub dns_over_tcp: bool,
+}
+
+/// A `socks5` outbound's settings, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub server: SocketAddr,
+    pub auth: Option<Credentials>,
+    /// Send the sniffed host name instead of the address (ATYP 3).
+    pub send_domain: bool,
+    /// Carry UDP DNS (port 53) as DNS over TCP through CONNECT, even if
+    /// the server would take UDP ASSOCIATE (see `crate::dns`).
+    pub dns_over_tcp: bool,
+}
+
+impl Raw {
+    /// The settings; problems go to `issue` (`key` names the outbound).
+    pub fn validate(
+        &self,
+        key: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+        issue: &mut dyn FnMut(&str, String),
+    ) -> Settings {
+        Settings {
+            server: self.server,
+            auth: credentials::validate(
+                key,
+                &self.username,
+                &self.password,
+                &self.password_env,
+                env,
+                issue,
+            ),
+            send_domain: self.send_domain,
+            dns_over_tcp: self.dns_over_tcp,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Socks5Error {
@@ -91,6 +147,19 @@ impl Socks5Error {
             Socks5Error::Unreachable { .. } | Socks5Error::Timeout { .. }
         )
     }
+
+    /// What failed, without the protocol.
+    pub fn failure(&self) -> Failure {
+        match self {
+            Socks5Error::Timeout { .. } => Failure::ProxyTimeout,
+            Socks5Error::Unreachable { source, .. } => {
+                super::io_failure(source, Failure::ProxyFailed)
+            }
+            Socks5Error::Rejected { .. } => Failure::DestinationRefused,
+            Socks5Error::UdpRefused { .. } => Failure::UdpRefused,
+            _ => Failure::ProxyFailed,
+        }
+    }
 }
 
 /// A configured SOCKS5 upstream.
@@ -103,6 +172,8 @@ pub struct Socks5Client {
     /// CONNECT names the flow's sniffed host name (ATYP 3) instead of its
     /// address, so the server resolves it ([`target`](Self::target)).
     pub send_domain: bool,
+    /// UDP DNS through it goes as DNS over TCP, always.
+    pub dns_over_tcp: bool,
 }
 
 /// A UDP association: datagrams go through `socket` (connected to the
@@ -115,6 +186,17 @@ pub struct UdpAssociation {
 }
 
 impl Socks5Client {
+    pub fn new(settings: &Settings, ctx: &Context) -> Socks5Client {
+        Socks5Client {
+            server: settings.server,
+            auth: settings.auth.clone(),
+            mark: ctx.mark,
+            connect_timeout: ctx.connect_timeout,
+            send_domain: settings.send_domain,
+            dns_over_tcp: settings.dns_over_tcp,
+        }
+    }
+
     /// What a CONNECT for a flow to `dst` names: with `send_domain`, the
     /// flow's sniffed `host` and the original port, when it is a valid
     /// host name (checked again here: an invalid name must never reach
@@ -122,7 +204,7 @@ impl Socks5Client {
     /// the address.
     pub fn target(&self, dst: SocketAddr, host: Option<&str>) -> Address {
         match host {
-            Some(name) if self.send_domain && crate::policy::sniff::is_host_name(name) => {
+            Some(name) if self.send_domain && crate::hostname::is_host_name(name) => {
                 Address::Domain(name.to_string(), dst.port())
             }
             _ => Address::Ip(dst),
@@ -359,6 +441,132 @@ pub fn relay_address(bound: SocketAddr, server: SocketAddr) -> Result<SocketAddr
     })
 }
 
+impl Carrier for Socks5Client {
+    const UDP_HEADER: usize = proto::MAX_UDP_HEADER;
+
+    fn type_name(&self) -> &'static str {
+        "socks5"
+    }
+
+    fn clash_type(&self) -> &'static str {
+        "Socks5"
+    }
+
+    fn udp(&self) -> bool {
+        true
+    }
+
+    fn udp_refusal(&self) -> Option<OutboundError> {
+        None
+    }
+
+    /// Every SOCKS5 server takes CONNECT, not every one UDP ASSOCIATE.
+    fn dns_transport(&self) -> DnsTransport {
+        if self.dns_over_tcp {
+            DnsTransport::Tcp
+        } else {
+            DnsTransport::TcpUntilUdpWorks
+        }
+    }
+
+    async fn connect_tcp(
+        &self,
+        dst: SocketAddr,
+        host: Option<&str>,
+    ) -> Result<TcpStream, OutboundError> {
+        Ok(self.connect_to(self.target(dst, host)).await?)
+    }
+
+    async fn open_udp(&self) -> Result<UdpUpstream, OutboundError> {
+        Ok(UdpUpstream::Socks5(self.udp_associate().await?))
+    }
+
+    /// Connect and greeting (and login, if configured), so a server that
+    /// accepts connections but not us counts as down.
+    async fn probe(&self) -> Result<(), OutboundError> {
+        Ok(self.check().await?)
+    }
+}
+
+impl UdpCarrier for UdpAssociation {
+    fn socket(&self) -> &UdpSocket {
+        &self.socket
+    }
+
+    /// The datagram goes to the relay, in the relay's family, with a
+    /// header naming `dst`.
+    fn max_payload(&self, dst: SocketAddr) -> usize {
+        ip_udp_max(self.relay).saturating_sub(proto::udp_header_len(&dst))
+    }
+
+    fn try_send(&self, buf: &mut [u8], dst: SocketAddr) -> io::Result<()> {
+        let start = UDP_HEADROOM - proto::udp_header_len(&dst);
+        proto::write_udp_header(&mut buf[start..UDP_HEADROOM], &dst);
+        self.socket.try_send(&buf[start..])?;
+        Ok(())
+    }
+
+    /// Each payload needs its own header in front, so the run is laid out
+    /// again in `scratch`.
+    fn try_send_segments(
+        &self,
+        payloads: &[u8],
+        segment: usize,
+        dst: SocketAddr,
+        scratch: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        let mut header = [0u8; proto::MAX_UDP_HEADER];
+        let len = proto::write_udp_header(&mut header, &dst);
+        let header = &header[..len];
+        scratch.clear();
+        for payload in payloads.chunks(segment) {
+            scratch.extend_from_slice(header);
+            scratch.extend_from_slice(payload);
+        }
+        let segment = header.len() + segment;
+        self.socket.try_io(Interest::WRITABLE, || {
+            sys::send_segments(&self.socket, scratch, segment, None)
+        })?;
+        Ok(())
+    }
+
+    fn try_recv(&self, buf: &mut [u8]) -> io::Result<UdpRecv> {
+        let n = self.socket.try_recv(buf)?;
+        Ok(match proto::parse_udp_header(&buf[..n]) {
+            Ok((Address::Ip(from), start)) => UdpRecv::Datagram {
+                from: sys::normalize(from),
+                start,
+                end: n,
+            },
+            Ok((Address::Domain(name, port), _)) => UdpRecv::Dropped(format!(
+                "reply from domain {name}:{port} has no address to answer from"
+            )),
+            Err(e) => UdpRecv::Dropped(format!("bad datagram from relay {}: {e}", self.relay)),
+        })
+    }
+
+    /// The control connection closed: the association is over.
+    async fn closed(&self) -> String {
+        loop {
+            if let Err(e) = self.control.readable().await {
+                return format!("UDP association's control connection failed: {e}");
+            }
+            // Declared after the await, so a waiting session's task does
+            // not carry it.
+            let mut scratch = [0u8; 64];
+            match self.control.try_read(&mut scratch) {
+                Ok(0) => {
+                    return "SOCKS5 server closed the UDP association's control connection".into()
+                }
+                // Servers send nothing here; ignore anything that comes.
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return format!("UDP association's control connection failed: {e}"),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,6 +578,7 @@ mod tests {
             mark: 0,
             connect_timeout: Duration::from_secs(1),
             send_domain,
+            dns_over_tcp: false,
         }
     }
 

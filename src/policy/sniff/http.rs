@@ -5,7 +5,8 @@
 //! a known method is not HTTP; a request without a usable Host (HTTP/1.0,
 //! an IP literal) is HTTP without a name.
 
-use super::{host_name, Sniff, MAX_SNIFF_BYTES};
+use super::{Sniff, MAX_SNIFF_BYTES};
+use crate::hostname::host_name;
 
 /// The methods of RFC 9110 and RFC 5789 (PATCH). Compared case-
 /// insensitively, as mihomo does: no client sends lowercase methods, and
@@ -246,7 +247,7 @@ mod tests {
             bytes.extend(b" / HTTP/1.1\r\nHost: ");
             bytes.extend(rest);
             if let Sniff::Found { host: Some(h) } = sniff(&bytes) {
-                prop_assert!(super::super::is_host_name(&h), "{:?}", h);
+                prop_assert!(crate::hostname::is_host_name(&h), "{:?}", h);
             }
         }
 

@@ -1156,7 +1156,7 @@ mod tests {
             first.truncate(keep);
             for d in &datagrams {
                 if let QuicAnswer::Done(Some(Sniffed { host: Some(h), .. })) = s.push(d) {
-                    prop_assert!(super::super::is_host_name(&h), "{:?}", h);
+                    prop_assert!(crate::hostname::is_host_name(&h), "{:?}", h);
                 }
             }
         }

@@ -13,7 +13,8 @@
 //! another. Hence the name routes the flow and never replaces its
 //! address unless an outbound is told to send it (`send_domain`).
 
-use super::{host_name, Sniff, MAX_SNIFF_BYTES};
+use super::{Sniff, MAX_SNIFF_BYTES};
+use crate::hostname::host_name;
 
 const CONTENT_HANDSHAKE: u8 = 22;
 const HANDSHAKE_CLIENT_HELLO: u8 = 1;
@@ -471,7 +472,7 @@ pub(crate) mod tests {
             }
             let answer = sniff(&bytes[..cut.index(bytes.len() + 1)]);
             if let Sniff::Found { host: Some(h) } = answer {
-                prop_assert!(super::super::is_host_name(&h), "{:?}", h);
+                prop_assert!(crate::hostname::is_host_name(&h), "{:?}", h);
             }
         }
     }

@@ -34,7 +34,7 @@ use crate::policy::sniff::Sniffed;
 #[cfg(test)]
 use crate::policy::Policy;
 use crate::policy::{Choice, FlowMeta};
-use crate::ratelimit::RateLimit;
+use crate::ratelimit::{held_back, RateLimit};
 use crate::registry::{EndReason, Flow, FlowGuard, FlowStart, Registry};
 use crate::relay::spares::Spares;
 use crate::route::{Decision, Router};
@@ -443,15 +443,6 @@ struct Warnings {
     oversize: RateLimit,
 }
 
-/// What a rate-limited warning adds when its limit held some back.
-pub(crate) fn held_back(n: u64) -> String {
-    if n == 0 {
-        String::new()
-    } else {
-        format!(" ({n} more like it since the last such line)")
-    }
-}
-
 /// The shortest wait between two looks at a session's idle time, so a
 /// tiny timeout cannot make its task spin.
 const MIN_IDLE_CHECK: Duration = Duration::from_millis(10);
@@ -591,16 +582,18 @@ impl UdpRelay {
         dst: SocketAddr,
         len: usize,
         outbound: &str,
+        upstream: &UdpUpstream,
         e: &io::Error,
     ) {
         if e.raw_os_error() == Some(libc::EMSGSIZE) {
-            // Too large for the outbound (SOCKS5 adds a header to a
-            // datagram that may already be at the IPv4 maximum): the
-            // sender should know.
+            // Too large for the outbound (a proxy adds a header to a
+            // datagram that may already be at the IP maximum): the sender
+            // should know.
             if let Some(n) = self.warnings.oversize.check() {
                 warn!(
                     %client, %dst,
-                    "UDP datagram of {len} bytes does not fit the {outbound} outbound ({e}); dropped. Through SOCKS5 the largest is 65497 bytes to an IPv4 destination and 65485 to IPv6 (the header adds 10 or 22 bytes){}",
+                    "UDP datagram of {len} bytes does not fit the {outbound} outbound ({e}); dropped. Through it the largest to {dst} is {} bytes{}",
+                    upstream.max_payload(dst),
                     held_back(n)
                 );
             }
@@ -695,7 +688,14 @@ impl UdpRelay {
                 // The socket buffer is full: the task waits for room.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => {
-                    return self.report_send_error(client, dst, len, choice.outbound.name(), &e)
+                    return self.report_send_error(
+                        client,
+                        dst,
+                        len,
+                        choice.outbound.name(),
+                        &upstream,
+                        &e,
+                    )
                 }
             }
         }
@@ -1229,7 +1229,7 @@ impl UdpRelay {
             let len = p.buf.len() - UDP_HEADROOM;
             match upstream.send(&mut p.buf, p.dst).await {
                 Ok(()) => shared.sent_up(len, p.dst),
-                Err(e) => self.report_send_error(client, p.dst, len, outbound.name(), &e),
+                Err(e) => self.report_send_error(client, p.dst, len, outbound.name(), upstream, &e),
             }
             leg.queued.fetch_sub(1, Ordering::AcqRel);
         }
@@ -1506,10 +1506,10 @@ mod tests {
     }
 
     fn relay_for(sessions: usize, per_client: usize, timeouts: Timeouts) -> Arc<UdpRelay> {
-        let outbound = Outbound::Direct {
+        let outbound = Outbound::Direct(crate::outbound::direct::Direct {
             mark: 0,
             connect_timeout: Duration::from_secs(1),
-        };
+        });
         relay_through(outbound, sessions, per_client, timeouts)
     }
 
@@ -2171,6 +2171,7 @@ mod tests {
             mark: 0,
             connect_timeout: Duration::from_secs(2),
             send_domain: false,
+            dns_over_tcp: false,
         });
         let relay = relay_through(outbound, 4096, 4096, timeouts(secs(60), secs(10), secs(10)));
         let dst: SocketAddr = "127.0.0.1:9".parse().unwrap();
@@ -2395,7 +2396,8 @@ mod tests {
             0,
             secs(1),
         ));
-        for outbound in [Outbound::Block, http] {
+        let block = Outbound::Block(crate::outbound::block::Block);
+        for outbound in [block, http] {
             let relay = relay_through(outbound, 16, 16, timeouts(secs(60), secs(10), secs(10)));
             let dst: SocketAddr = "127.0.0.1:9".parse().unwrap();
             for p in 0..10u16 {

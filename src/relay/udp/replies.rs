@@ -13,7 +13,8 @@ use tokio::net::UdpSocket;
 use tracing::{debug, warn};
 
 use super::runs::{refuse_segments, SEGMENTS_REFUSED};
-use super::{held_back, lock, UdpStats};
+use super::{lock, UdpStats};
+use crate::ratelimit::held_back;
 use crate::ratelimit::{RateLimit, WARN_INTERVAL};
 use crate::sys;
 

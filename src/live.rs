@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::config::Config;
 use crate::firewall::{self, Plan};
@@ -130,7 +130,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Live {
-    pub(super) fn new(
+    pub(crate) fn new(
         registry: Arc<Registry>,
         router: Router,
         config: Config,
@@ -189,7 +189,7 @@ impl Live {
 
     /// (Re)starts the health checks of the policy's failover groups and
     /// ends those of the policy before. Must run inside the runtime.
-    pub(super) fn start_health_checks(&self, policy: &Policy) {
+    pub(crate) fn start_health_checks(&self, policy: &Policy) {
         let mut health = lock(&self.health);
         health.abort_all();
         for named in policy.outbounds() {
@@ -199,7 +199,7 @@ impl Live {
         }
     }
 
-    pub(super) fn stop_health_checks(&self) {
+    pub(crate) fn stop_health_checks(&self) {
         lock(&self.health).abort_all();
     }
 
@@ -235,18 +235,11 @@ impl Live {
         if let Some(installed) = installed {
             let next = Plan::from_config(&new).load_bypass_sets(&new)?;
             if next != installed {
-                match apply_off_thread(next.clone()).await {
-                    Ok(()) => *lock(&self.plan) = Some(next),
-                    Err(e @ ReloadError::Firewall(_)) => {
-                        // Put back what ran before; should that fail too,
-                        // say so: the capture may now be incomplete.
-                        if apply_off_thread(installed).await.is_err() {
-                            warn!("the firewall rules could not be put back as they were after a failed reload; run `tproxyd doctor`");
-                        }
-                        return Err(e);
-                    }
-                    Err(e) => return Err(e),
-                }
+                // A refused plan leaves the installed rules in place (each
+                // backend swaps its rules in one transaction per family and
+                // puts the earlier ones back), and its error says so.
+                apply_off_thread(next.clone()).await?;
+                *lock(&self.plan) = Some(next);
             }
         }
 

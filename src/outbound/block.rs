@@ -1,0 +1,62 @@
+//! `block`: refuses on purpose. TCP flows are reset at once; UDP
+//! datagrams are counted and dropped without a session.
+
+use std::net::SocketAddr;
+
+use serde::Deserialize;
+use tokio::net::TcpStream;
+
+use super::{Carrier, DnsTransport, OutboundError, UdpUpstream};
+
+/// `[[outbounds]] type = "block"` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Raw {
+    pub name: Option<String>,
+}
+
+/// The `block` outbound.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Block;
+
+impl Carrier for Block {
+    const UDP_HEADER: usize = 0;
+
+    fn type_name(&self) -> &'static str {
+        "block"
+    }
+
+    fn clash_type(&self) -> &'static str {
+        "Reject"
+    }
+
+    /// It takes UDP flows, to drop them (as Clash's REJECT says).
+    fn udp(&self) -> bool {
+        true
+    }
+
+    fn udp_refusal(&self) -> Option<OutboundError> {
+        Some(OutboundError::Blocked)
+    }
+
+    fn dns_transport(&self) -> DnsTransport {
+        DnsTransport::Udp
+    }
+
+    async fn connect_tcp(
+        &self,
+        _dst: SocketAddr,
+        _host: Option<&str>,
+    ) -> Result<TcpStream, OutboundError> {
+        Err(OutboundError::Blocked)
+    }
+
+    async fn open_udp(&self) -> Result<UdpUpstream, OutboundError> {
+        Err(OutboundError::Blocked)
+    }
+
+    /// No upstream to fail.
+    async fn probe(&self) -> Result<(), OutboundError> {
+        Ok(())
+    }
+}
