@@ -1,81 +1,62 @@
-//! The relay's DNS hooks: what `crate::dns` does with datagrams to port
-//! 53 and the replies from it, wired into the session path at three
-//! points (before and after a query's route decision, and per reply).
+//! The relay's DNS hooks on the carrying side: sending what the decision
+//! stage said about a query (an answer made here, DNS over TCP through an
+//! outbound), and what `crate::dns` does with the replies from port 53
+//! and with how an upstream opened. Which query goes where is decided in
+//! `decide.rs`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use super::{UdpRelay, UDP_HEADROOM};
-use crate::dns::{message, Query, PORT};
+use super::UdpRelay;
+use crate::dns::PORT;
 use crate::outbound::OutboundError;
 use crate::policy::Choice;
 
-/// A DNS query with its question: what DNS over TCP can carry.
-fn is_dns_query(payload: &[u8]) -> bool {
-    message::Header::parse(payload).is_ok_and(|h| !h.is_response() && h.qdcount == 1)
-        && message::question(payload).is_ok()
-}
-
 impl UdpRelay {
-    /// Before the route decision: the destination to route and send a
-    /// datagram to (the one asked, or `[dns] server` for DNS), or None
-    /// when it was answered here (a filtered AAAA question).
-    pub(super) fn dns_query(
+    /// Sends `answer`, made here for a query of `client`, back to it from
+    /// `from` (the address it asked).
+    pub(super) fn send_dns_answer(
         self: &Arc<Self>,
         client: SocketAddr,
-        dst: SocketAddr,
-        buf: &[u8],
-    ) -> Option<SocketAddr> {
-        let Some(dns) = self.router.dns().filter(|_| dst.port() == PORT) else {
-            return Some(dst);
-        };
-        match dns.on_query(client, dst, &buf[UDP_HEADROOM..]) {
-            Query::Forward(to) => Some(to),
-            Query::Answer(answer) => {
-                let relay = Arc::clone(self);
-                tokio::spawn(async move {
-                    relay.replies.send(dst, client, &answer, &relay.stats).await;
-                });
-                None
-            }
-        }
+        from: SocketAddr,
+        answer: Vec<u8>,
+    ) {
+        let relay = Arc::clone(self);
+        tokio::spawn(async move {
+            relay
+                .replies
+                .send(from, client, &answer, &relay.stats)
+                .await;
+        });
     }
 
-    /// After the route decision: when the chosen outbound carries DNS as
-    /// DNS over TCP, hands the query to it and returns true; the answer
-    /// goes to the client from `asked`, the address it wrote to.
-    pub(super) fn dns_over_tcp(
+    /// Carries `query` to `dst` as DNS over TCP through `choice`'s
+    /// outbound; the answer goes to the client from `from`, the address it
+    /// wrote to.
+    pub(super) fn send_dns_over_tcp(
         self: &Arc<Self>,
         client: SocketAddr,
-        asked: SocketAddr,
+        from: SocketAddr,
         dst: SocketAddr,
-        choice: &Choice,
-        buf: &[u8],
-    ) -> bool {
-        let Some(dns) = self.router.dns().filter(|_| dst.port() == PORT) else {
-            return false;
+        choice: Choice,
+        query: &[u8],
+    ) {
+        let Some(dns) = self.router.dns() else {
+            return;
         };
-        if !dns.wants_tcp(choice.key, &choice.outbound) {
-            return false;
-        }
-        // Only a DNS query can go as DNS over TCP: anything else sent to
-        // port 53 (another protocol, a malformed query) is relayed as the
-        // UDP it is, never dropped here.
-        if !is_dns_query(&buf[UDP_HEADROOM..]) {
-            return false;
-        }
         let (relay, dns) = (Arc::clone(self), Arc::clone(dns));
-        let (key, outbound) = (choice.key, Arc::clone(&choice.outbound));
-        let query = buf[UDP_HEADROOM..].to_vec();
+        let query = query.to_vec();
         tokio::spawn(async move {
-            if let Some(answer) = dns.exchange_tcp(key, &outbound, dst, &query).await {
+            if let Some(answer) = dns
+                .exchange_tcp(choice.key, &choice.outbound, dst, &query)
+                .await
+            {
                 relay
                     .replies
-                    .send(asked, client, &answer, &relay.stats)
+                    .send(from, client, &answer, &relay.stats)
                     .await;
             }
         });
-        true
     }
 
     /// A reply from port 53 on its way to `client`: the address to send it
@@ -98,21 +79,5 @@ impl UdpRelay {
         if let Some(dns) = self.router.dns() {
             dns.udp_opened(key, name, result);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_dns_queries_are_taken_for_dns_over_tcp() {
-        assert!(is_dns_query(&message::build::query(7, "example.com", 1)));
-        for other in [&b"udp echo me"[..], b"", &[0u8; 12]] {
-            assert!(!is_dns_query(other), "{other:?}");
-        }
-        let query = message::build::query(7, "example.com", 1);
-        let answer = message::build::response(&query, &[]);
-        assert!(!is_dns_query(&answer), "an answer is no query");
     }
 }

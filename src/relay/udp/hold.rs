@@ -16,7 +16,12 @@
 //!
 //! Rules decide per datagram by destination, and a QUIC connection's later
 //! datagrams carry no name, so the route found is pinned on the session
-//! for that destination ([`Pin`]): the rest of the connection follows it.
+//! for that destination ([`decide::Pin`]): the rest of the connection
+//! follows it.
+//!
+//! What to do at each step (hold a first Initial or not, release when,
+//! route by which name) is decided in `decide.rs`; this file keeps the
+//! held datagrams, their timers and the refused flows' memory.
 //!
 //! The inbound's hot path is unchanged for everything else: a datagram
 //! that is no Initial, while nothing is held, costs one atomic load and a
@@ -30,13 +35,12 @@ use std::time::{Duration, Instant};
 
 use tracing::debug;
 
+use super::decide::{self, Opening};
 use super::{lock, UdpRelay};
-use crate::config::Network;
 use crate::outbound::UDP_HEADROOM;
 use crate::policy::sniff::quic::{self, QuicAnswer, QuicSniff};
 use crate::policy::sniff::Sniffed;
-use crate::policy::{Choice, FlowMeta};
-use crate::route::Decision;
+use crate::policy::Choice;
 
 /// Longest a flow waits for its name, like the TCP sniff's wait: the
 /// rest of a first flight follows its first datagram within microseconds;
@@ -67,14 +71,6 @@ struct Refused {
     dst: SocketAddr,
     choice: Choice,
     until: Instant,
-}
-
-/// The route a sniffed QUIC flow keeps: the session's later datagrams to
-/// `dst` go where its held ones went, whatever their address says.
-#[derive(Debug)]
-pub(super) struct Pin {
-    pub dst: SocketAddr,
-    pub choice: Choice,
 }
 
 /// Counters of the holds.
@@ -119,6 +115,10 @@ pub(super) struct Holds {
     /// Flows whose name a rule refused, by client (taken after `map`).
     refused: Mutex<HashMap<SocketAddr, Refused>>,
     next_id: AtomicU64,
+    /// [`HOLD_WAIT`], in milliseconds; a test stretches it so that a slow
+    /// (debug, loaded) machine cannot expire holds while it is still
+    /// filling the table.
+    wait_ms: AtomicU64,
     pub stats: HoldStats,
 }
 
@@ -126,8 +126,20 @@ impl Holds {
     pub fn new(enabled: bool) -> Holds {
         Holds {
             enabled: std::sync::atomic::AtomicBool::new(enabled),
+            wait_ms: AtomicU64::new(HOLD_WAIT.as_millis() as u64),
             ..Holds::default()
         }
+    }
+
+    /// How long a flow is held at most before it goes by address.
+    fn wait(&self) -> Duration {
+        Duration::from_millis(self.wait_ms.load(Ordering::Relaxed))
+    }
+
+    #[cfg(test)]
+    fn set_wait(&self, wait: Duration) {
+        self.wait_ms
+            .store(wait.as_millis() as u64, Ordering::Relaxed);
     }
 
     pub fn enabled(&self) -> bool {
@@ -208,8 +220,7 @@ pub(super) fn intercept(
         hold.bytes += payload.len();
         hold.datagrams.push(buf.to_vec());
         let answer = hold.sniff.push(payload);
-        let full = hold.datagrams.len() >= HOLD_DATAGRAMS || hold.bytes >= HOLD_BYTES;
-        if answer == QuicAnswer::NeedMore && !full {
+        if !decide::release_now(&answer, hold.datagrams.len(), hold.bytes) {
             return true;
         }
         if let Some(hold) = map.remove(&client) {
@@ -227,16 +238,14 @@ pub(super) fn intercept(
     }
     // A retransmission of a flow refused by its name stays refused.
     if let Some(choice) = holds.refused_route(client, dst) {
-        relay.forward(client, dst, buf, choice, None, None);
+        relay.carry(client, buf, decide::carried(dst, choice), None, None);
         return true;
     }
     let mut sniff = QuicSniff::new();
     let payload = &buf[UDP_HEADROOM..];
-    match sniff.push(payload) {
-        // Not an Initial that opens: the usual path, by address.
-        QuicAnswer::NotQuic => false,
-        // The whole ClientHello in one datagram: routed now, never held.
-        QuicAnswer::Done(sniffed) => {
+    match decide::opening(sniff.push(payload), map.len()) {
+        Opening::ByAddress => false,
+        Opening::RouteNow(sniffed) => {
             route(
                 relay,
                 client,
@@ -248,11 +257,11 @@ pub(super) fn intercept(
             );
             true
         }
-        QuicAnswer::NeedMore => {
-            if map.len() >= MAX_HOLDS {
-                holds.stats.over_limit.fetch_add(1, Ordering::Relaxed);
-                return false;
-            }
+        Opening::OverLimit => {
+            holds.stats.over_limit.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+        Opening::Hold => {
             let id = holds.next_id.fetch_add(1, Ordering::Relaxed);
             map.insert(
                 client,
@@ -267,9 +276,10 @@ pub(super) fn intercept(
             );
             holds.held.fetch_add(1, Ordering::AcqRel);
             holds.stats.flows_held.fetch_add(1, Ordering::Relaxed);
+            let wait = holds.wait();
             let relay = Arc::clone(relay);
             tokio::spawn(async move {
-                tokio::time::sleep(HOLD_WAIT).await;
+                tokio::time::sleep(wait).await;
                 expire(&relay, client, id);
             });
             true
@@ -293,15 +303,7 @@ fn expire(relay: &Arc<UdpRelay>, client: SocketAddr, id: u64) {
 
 /// Routes a held flow by what the sniff found and sends its datagrams.
 fn release(relay: &Arc<UdpRelay>, client: SocketAddr, hold: Hold, answer: QuicAnswer, why: &str) {
-    let sniffed = match answer {
-        QuicAnswer::Done(s) => s,
-        // Not within the bounds: QUIC (its first Initial opened), nameless.
-        QuicAnswer::NeedMore => Some(Sniffed {
-            protocol: crate::config::SniffProtocol::Quic,
-            host: None,
-        }),
-        QuicAnswer::NotQuic => None,
-    };
+    let sniffed = decide::sniffed_of(answer);
     let Hold {
         dst,
         mut datagrams,
@@ -330,15 +332,8 @@ fn route<'a>(
         _ => &stats.quic_nameless,
     }
     .fetch_add(1, Ordering::Relaxed);
-    let meta = FlowMeta {
-        domain: host,
-        protocol: sniffed.as_ref().map(|s| s.protocol),
-        ..FlowMeta::addresses(Network::Udp, client, dst)
-    };
-    let choice = match relay.router.decide(&meta) {
-        Decision::Forward(choice) => choice,
-        // The listener itself: `dispatch` would refuse every datagram.
-        Decision::RefuseLoop => return,
+    let Some(choice) = decide::sniffed_route(&relay.router, client, dst, sniffed.as_ref()) else {
+        return;
     };
     if choice.outbound.udp_refusal().is_some() {
         relay.holds.remember_refused(client, dst, &choice);
@@ -346,19 +341,13 @@ fn route<'a>(
     let mut held = 0usize;
     for (i, buf) in datagrams.enumerate() {
         let named = if i == 0 { sniffed.as_ref() } else { None };
-        relay.forward(
-            client,
-            dst,
-            buf,
-            choice.clone(),
-            relay.session_of(client),
-            named,
-        );
+        let verdict = decide::carried(dst, choice.clone());
+        relay.carry(client, buf, verdict, relay.session_of(client), named);
         if i == 0 {
             // The first datagram opened the session (unless the route
             // refuses UDP): the rest of the connection follows it.
             if let Some(shared) = relay.session_of(client) {
-                let _ = shared.pin.set(Pin {
+                let _ = shared.pin.set(decide::Pin {
                     dst,
                     choice: choice.clone(),
                 });
@@ -612,6 +601,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn holds_are_bounded_in_datagrams_and_flows() {
         let relay = relay("direct");
+        // Filling the table takes a debug build on a loaded machine longer
+        // than HOLD_WAIT: no hold may expire before the bound is reached.
+        relay.holds.set_wait(Duration::from_secs(60));
         let (sink, dst) = sink();
         let client: SocketAddr = "127.0.0.1:5007".parse().unwrap();
         // Initials whose CRYPTO data never starts at 0: the sniff never

@@ -15,390 +15,62 @@
 //! they leave through a transparent socket bound to that remote
 //! ([`ReplySockets`]); the sockets are cached, bounded and expire when
 //! idle.
+//!
+//! Deciding and carrying are apart, as on the TCP path: `decide.rs` says
+//! what becomes of each datagram (DNS hooks, a QUIC pin, the rules, a
+//! refusal) as a plain `decide::Verdict`, with no socket; this file
+//! takes the inbound's datagrams, asks it and carries the verdict out
+//! ([`UdpRelay::dispatch`], `forward`). The rest carries only:
+//! `session.rs` (a session and its legs), `table.rs` (the session table
+//! and its room), `upstream.rs` (a leg's task: open, send, replies, idle
+//! time), `hold.rs` (QUIC flows held for their name), `dns.rs` (the DNS
+//! answers and exchanges verdicts ask for), `replies.rs`, `runs.rs` and
+//! `backoff.rs`.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use tokio::sync::{Notify, Semaphore};
-use tracing::{debug, info, warn};
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
 
 use crate::config::Network;
 use crate::config::{Limits, Timeouts};
-use crate::outbound::{Outbound, OutboundError, UdpRecv, UdpUpstream, UDP_HEADROOM};
+use crate::outbound::UdpUpstream;
+use crate::outbound::{Outbound, OutboundError, UDP_HEADROOM};
 use crate::policy::sniff::Sniffed;
-#[cfg(test)]
-use crate::policy::Policy;
-use crate::policy::{Choice, FlowMeta};
+use crate::policy::Choice;
 use crate::ratelimit::{held_back, RateLimit};
-use crate::registry::{EndReason, Flow, FlowGuard, FlowStart, Registry};
-use crate::relay::spares::Spares;
+use crate::registry::{FlowStart, Registry};
 use crate::route::{Decision, Router};
 use crate::sys;
 
 mod backoff;
+mod decide;
 mod dns;
 mod hold;
 mod replies;
 mod runs;
+mod session;
+mod table;
+mod upstream;
 
 use backoff::{Backoff, Permit, Refusal};
+use decide::Verdict;
 pub use hold::HoldStats;
 pub use replies::ReplySockets;
 use runs::{refuse_segments, SEGMENTS_REFUSED};
 pub use runs::{runnable, Run};
+pub use session::Packet;
+use session::{Leg, Refused, SessionShared};
+use table::{SessionEntry, Table};
 
 /// Largest UDP payload (65535 − 8 UDP − 20 IPv4 header).
 pub const MAX_DATAGRAM: usize = 65_507;
-
-/// Datagrams queued for one session while its upstream is slow or still
-/// being set up (a SOCKS5 handshake); beyond that they are dropped and
-/// counted, as a congested link would.
-const SESSION_QUEUE: usize = 256;
-
-/// A session's receive buffer: the largest datagram, one byte more so a
-/// truncation would show, and room for a SOCKS5 header.
-const RECV_BUF: usize = MAX_DATAGRAM + UDP_HEADROOM + 1;
-
-/// Receive buffers between uses; see [`Spares`].
-static SPARE_BUFFERS: Spares<Box<[u8]>> = Spares::new(16);
-
-/// A receive buffer from the pool, or a new one.
-fn take_buffer() -> Box<[u8]> {
-    SPARE_BUFFERS
-        .take()
-        .unwrap_or_else(|| vec![0u8; RECV_BUF].into_boxed_slice())
-}
-
-/// A datagram on its way upstream: `buf[UDP_HEADROOM..]` is the payload.
-#[derive(Debug)]
-pub struct Packet {
-    pub buf: Vec<u8>,
-    pub dst: SocketAddr,
-}
-
-struct SessionEntry {
-    id: u64,
-    shared: Arc<SessionShared>,
-}
-
-/// Datagrams waiting for a session's task, oldest first.
-///
-/// A deque under a lock and a [`Notify`], not a channel: a bounded tokio
-/// channel allocates about 800 bytes when made, in every session of the
-/// table, for a queue most sessions use only while they open.
-#[derive(Default)]
-struct Queue {
-    packets: VecDeque<Box<Packet>>,
-    /// The session's task has ended: nothing queued now would be sent.
-    closed: bool,
-}
-
-/// Why a datagram could not be queued.
-enum Refused {
-    Full,
-    /// The session ended; the packet comes back for a fresh one.
-    Closed(Box<Packet>),
-}
-
-/// One upstream of a session: the outbound it goes through, its socket or
-/// SOCKS5 association once open, and the datagrams waiting for it.
-///
-/// Once the upstream is open, the inbound sends the leg's datagrams
-/// itself (non-blocking) instead of queueing them for the leg's task: no
-/// allocation, no channel and no cross-thread wake-up per datagram. The
-/// queue remains for the start (a SOCKS5 handshake in progress) and for
-/// a full socket buffer.
-struct Leg {
-    /// The outbound's key ([`crate::policy::Choice::key`]): stable across
-    /// reloads, so a session keeps its upstream while its outbound stays.
-    outbound: u32,
-    upstream: OnceLock<Arc<UdpUpstream>>,
-    /// Datagrams handed to the queue and not yet sent by the task; while
-    /// any are, the inbound queues too, so datagrams keep their order.
-    queued: AtomicUsize,
-    queue: Mutex<Queue>,
-    /// Wakes the leg's task when a datagram is queued, or when the queue
-    /// closes (the session ended: an extra leg's task then stops).
-    queue_ready: Notify,
-}
-
-impl Leg {
-    fn new(outbound: u32) -> Self {
-        Leg {
-            outbound,
-            upstream: OnceLock::new(),
-            queued: AtomicUsize::new(0),
-            queue: Mutex::new(Queue::default()),
-            queue_ready: Notify::new(),
-        }
-    }
-
-    /// Queues a datagram for the leg's task.
-    fn enqueue(&self, packet: Box<Packet>) -> Result<(), Refused> {
-        let mut queue = lock(&self.queue);
-        if queue.closed {
-            return Err(Refused::Closed(packet));
-        }
-        if queue.packets.len() >= SESSION_QUEUE {
-            return Err(Refused::Full);
-        }
-        // Counted before the task can see it, so the inbound's fast path
-        // never overtakes a queued datagram.
-        self.queued.fetch_add(1, Ordering::AcqRel);
-        queue.packets.push_back(packet);
-        drop(queue);
-        self.queue_ready.notify_one();
-        Ok(())
-    }
-
-    fn dequeue(&self) -> Option<Box<Packet>> {
-        lock(&self.queue).packets.pop_front()
-    }
-
-    /// Ends the queue: later datagrams for this outbound start a fresh leg
-    /// (or session). Returns how many were still waiting (they will not
-    /// be sent). Wakes the task, which stops if it is an extra leg's.
-    fn close_queue(&self) -> usize {
-        let mut queue = lock(&self.queue);
-        queue.closed = true;
-        let left = queue.packets.len();
-        queue.packets = VecDeque::new();
-        self.queued.fetch_sub(left, Ordering::AcqRel);
-        drop(queue);
-        // Stores a permit when the task is not waiting right now, so a
-        // task that has not started yet sees the close too.
-        self.queue_ready.notify_one();
-        left
-    }
-
-    fn is_closed(&self) -> bool {
-        lock(&self.queue).closed
-    }
-
-    /// The open upstream, when the inbound may send on it directly: open,
-    /// and nothing queued that must go first.
-    fn ready(&self) -> Option<Arc<UdpUpstream>> {
-        let upstream = self.upstream.get()?;
-        (self.queued.load(Ordering::Acquire) == 0).then(|| Arc::clone(upstream))
-    }
-}
-
-/// What the inbound and a session's tasks all touch.
-///
-/// A session has one upstream per outbound its datagrams' destinations
-/// route to: the rules decide per datagram, and a client that talks to a
-/// domestic and a foreign address uses direct and the proxy at once.
-/// Most sessions use one outbound, so the first leg lives inline and the
-/// vector of the others allocates only when a second outbound is used.
-/// The session's own task serves the first leg and keeps the session's
-/// timeouts; each extra leg has a task of its own, which the session's
-/// task stops when the session ends.
-struct SessionShared {
-    first: Leg,
-    /// The other legs, at most one per outbound; `None` once the session
-    /// ended (a leg added later would never be stopped).
-    extra: Mutex<Option<Vec<Arc<Leg>>>>,
-    start: Instant,
-    /// Milliseconds since `start` of the last datagram either way.
-    last_activity_ms: AtomicU64,
-    /// The last destination was port 53 (shorter idle timeout).
-    last_was_dns: AtomicBool,
-    /// A datagram came back from upstream at least once. Sessions that
-    /// never got one are what a flood of new ports (or a scan) leaves
-    /// behind: they idle out sooner and are the ones evicted.
-    replied: AtomicBool,
-    /// Wakes the session's task to end it: it was evicted from the table.
-    evicted: Notify,
-    /// The session in the registry: its byte counters, and a close asked
-    /// for from the API.
-    flow: Arc<Flow>,
-    up_datagrams: AtomicU64,
-    /// The route of a QUIC flow sniffed by name (see `hold.rs`).
-    pin: OnceLock<hold::Pin>,
-}
-
-impl SessionShared {
-    fn new(outbound: u32, flow: Arc<Flow>) -> Self {
-        SessionShared {
-            first: Leg::new(outbound),
-            extra: Mutex::new(Some(Vec::new())),
-            start: Instant::now(),
-            last_activity_ms: AtomicU64::new(0),
-            last_was_dns: AtomicBool::new(false),
-            replied: AtomicBool::new(false),
-            evicted: Notify::new(),
-            flow,
-            up_datagrams: AtomicU64::new(0),
-            pin: OnceLock::new(),
-        }
-    }
-
-    fn touch(&self) {
-        self.last_activity_ms
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    /// The extra leg for `outbound`, if the session has one.
-    fn extra_leg(&self, outbound: u32) -> Option<Arc<Leg>> {
-        lock(&self.extra)
-            .as_ref()?
-            .iter()
-            .find(|leg| leg.outbound == outbound)
-            .cloned()
-    }
-
-    /// The open upstream for `outbound`, when the inbound may send on it
-    /// directly. The first leg costs no lock; another takes the extra
-    /// legs' (uncontended) lock.
-    fn ready(&self, outbound: u32) -> Option<Arc<UdpUpstream>> {
-        if self.first.outbound == outbound {
-            return self.first.ready();
-        }
-        let extra = lock(&self.extra);
-        extra
-            .as_ref()?
-            .iter()
-            .find(|leg| leg.outbound == outbound)?
-            .ready()
-    }
-
-    /// Adds an extra leg; false when the session has ended meanwhile.
-    fn add_leg(&self, leg: Arc<Leg>) -> bool {
-        match lock(&self.extra).as_mut() {
-            Some(legs) => {
-                legs.push(leg);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Forgets an extra leg that ended (if still listed).
-    fn remove_leg(&self, leg: &Arc<Leg>) {
-        if let Some(legs) = lock(&self.extra).as_mut() {
-            legs.retain(|l| !Arc::ptr_eq(l, leg));
-        }
-    }
-
-    /// Ends the session's extra legs and refuses new ones; returns the
-    /// datagrams that were still queued for them.
-    fn close_extra_legs(&self) -> usize {
-        let legs = lock(&self.extra).take().unwrap_or_default();
-        legs.iter().map(|leg| leg.close_queue()).sum()
-    }
-
-    fn sent_up(&self, len: usize, dst: SocketAddr) {
-        self.sent_up_many(len, 1, dst)
-    }
-
-    fn sent_up_many(&self, bytes: usize, datagrams: usize, dst: SocketAddr) {
-        self.flow.traffic.add_up(bytes as u64);
-        self.up_datagrams
-            .fetch_add(datagrams as u64, Ordering::Relaxed);
-        self.last_was_dns.store(dst.port() == 53, Ordering::Relaxed);
-        self.touch();
-    }
-
-    fn idle_since(&self) -> Duration {
-        let last = Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed));
-        self.start.elapsed().saturating_sub(last)
-    }
-}
-
-/// The session table: sessions by client address:port, and per client
-/// address how many it has and which never got a reply.
-///
-/// Both maps change only when a session opens, ends or gets its first
-/// reply, never per datagram.
-#[derive(Default)]
-struct Table {
-    sessions: HashMap<SocketAddr, SessionEntry>,
-    clients: HashMap<IpAddr, ClientSessions>,
-}
-
-#[derive(Default)]
-struct ClientSessions {
-    count: usize,
-    /// Sessions that never got a reply, by id: ids grow, so the first is
-    /// the oldest.
-    unreplied: BTreeMap<u64, SocketAddr>,
-}
-
-impl Table {
-    fn insert(&mut self, client: SocketAddr, entry: SessionEntry) {
-        let c = self.clients.entry(client.ip()).or_default();
-        c.count += 1;
-        c.unreplied.insert(entry.id, client);
-        if let Some(old) = self.sessions.insert(client, entry) {
-            // Callers remove a client's session before opening another;
-            // keep the counts right should that ever change.
-            self.forget(client, old.id);
-        }
-    }
-
-    /// Takes `client`'s session out of the table.
-    fn remove(&mut self, client: SocketAddr) -> Option<SessionEntry> {
-        let entry = self.sessions.remove(&client)?;
-        self.forget(client, entry.id);
-        Some(entry)
-    }
-
-    /// Takes `client`'s session out if it is still the one numbered `id`
-    /// (a session that ended may have been replaced already).
-    fn remove_if(&mut self, client: SocketAddr, id: u64) -> Option<SessionEntry> {
-        if self.sessions.get(&client)?.id == id {
-            self.remove(client)
-        } else {
-            None
-        }
-    }
-
-    fn forget(&mut self, client: SocketAddr, id: u64) {
-        let ip = client.ip();
-        if let Some(c) = self.clients.get_mut(&ip) {
-            c.count = c.count.saturating_sub(1);
-            c.unreplied.remove(&id);
-            if c.count == 0 {
-                self.clients.remove(&ip);
-            }
-        }
-    }
-
-    fn replied(&mut self, client: SocketAddr, id: u64) {
-        if let Some(c) = self.clients.get_mut(&client.ip()) {
-            c.unreplied.remove(&id);
-        }
-    }
-
-    fn count_of(&self, ip: IpAddr) -> usize {
-        self.clients.get(&ip).map_or(0, |c| c.count)
-    }
-
-    /// The oldest session of `ip` that never got a reply.
-    fn oldest_unreplied_of(&self, ip: IpAddr) -> Option<SocketAddr> {
-        let c = self.clients.get(&ip)?;
-        c.unreplied.values().next().copied()
-    }
-
-    /// The session to give up when the table is full: the oldest that
-    /// never got a reply, of the client address with the most sessions
-    /// (a flood's source, not the host that asked once).
-    fn oldest_unreplied(&self) -> Option<SocketAddr> {
-        self.clients
-            .values()
-            .filter_map(|c| {
-                let (id, addr) = c.unreplied.iter().next()?;
-                Some((c.count, std::cmp::Reverse(*id), *addr))
-            })
-            .max()
-            .map(|(_, _, addr)| addr)
-    }
-}
 
 /// Counters worth logging and, later, exporting.
 #[derive(Debug, Default)]
@@ -443,21 +115,6 @@ struct Warnings {
     oversize: RateLimit,
 }
 
-/// The shortest wait between two looks at a session's idle time, so a
-/// tiny timeout cannot make its task spin.
-const MIN_IDLE_CHECK: Duration = Duration::from_millis(10);
-
-/// A point `wait` from now, or a far one when `now + wait` does not fit
-/// (a timeout of `Duration::MAX`): a deadline must never panic.
-fn deadline_in(wait: Duration) -> tokio::time::Instant {
-    // As tokio's own sleep does for an unrepresentable deadline.
-    const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
-    let now = tokio::time::Instant::now();
-    now.checked_add(wait)
-        .or_else(|| now.checked_add(FAR))
-        .unwrap_or(now)
-}
-
 /// The session table and the reply sockets of one UDP listener.
 pub struct UdpRelay {
     router: Router,
@@ -491,19 +148,6 @@ struct OutboundState {
 /// handshakes at once still open hundreds of sessions a second over a
 /// slow link.
 const OPENING_AT_ONCE: usize = 64;
-
-/// Why a session's upstream did not open.
-enum OpenFailure {
-    /// Another session's open failed while this one waited: back-off.
-    BackingOff,
-    /// The outbound refuses UDP by design (see [`UdpRelay::refuse`]).
-    Refused(OutboundError),
-    Failed {
-        error: String,
-        /// How long new sessions now fail at once.
-        backing_off: Duration,
-    },
-}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock cannot leave the maps inconsistent in
@@ -551,16 +195,6 @@ impl UdpRelay {
         self.limits.store(Arc::new(limits));
     }
 
-    /// The shortest of the UDP idle timeouts: the longest a session's task
-    /// sleeps before it looks again which timeout applies.
-    fn idle_check(&self) -> Duration {
-        let t = self.timeouts.load();
-        t.udp_idle
-            .min(t.udp_dns_idle)
-            .min(t.udp_unreplied)
-            .max(MIN_IDLE_CHECK)
-    }
-
     /// After a reload: forgets the state of outbounds the policy no longer
     /// has (sessions still on them keep their own upstreams), and holds
     /// new QUIC flows for their name only if the new rules look at names.
@@ -602,41 +236,58 @@ impl UdpRelay {
         }
     }
 
-    /// Hands one datagram from `client` to `dst` to its session, creating
-    /// the session when this client has none. `buf[UDP_HEADROOM..]` is the
-    /// payload; the headroom in front of it is scratch space for a SOCKS5
-    /// header.
+    /// Hands one datagram from `client` to `asked` to its session,
+    /// creating the session when this client has none.
+    /// `buf[UDP_HEADROOM..]` is the payload; the headroom in front of it is
+    /// scratch space for a SOCKS5 header.
     ///
-    /// The rules decide per datagram, by its destination: the session
-    /// sends it through the upstream of the outbound they pick, opening
-    /// that upstream when the session has none for it yet.
+    /// The decision stage ([`decide`]) says what becomes of it, per
+    /// datagram, by its destination; the relay then carries that out
+    /// ([`carry`](Self::carry)): the session sends it through the upstream
+    /// of the outbound chosen, opening that upstream when the session has
+    /// none for it yet.
     pub fn dispatch(self: &Arc<Self>, client: SocketAddr, asked: SocketAddr, buf: &mut [u8]) {
         // A new flow starting with a QUIC Initial may wait for its name.
         if self.holds.enabled() && hold::intercept(self, client, asked, buf) {
             return;
         }
-        // DNS may be answered here or sent to `[dns] server` (dns.rs).
-        let Some(dst) = self.dns_query(client, asked, buf) else {
-            return;
-        };
         let session = self.session_of(client);
-        let choice = match self.route_of(session.as_deref(), client, dst) {
-            Decision::Forward(choice) => choice,
-            Decision::RefuseLoop => {
+        let pin = session.as_deref().and_then(|s| s.pin.get());
+        let verdict = decide::datagram(&self.router, client, asked, &buf[UDP_HEADROOM..], pin);
+        self.carry(client, buf, verdict, session, None)
+    }
+
+    /// Carries out what the decision stage said about a datagram from
+    /// `client` (`buf` as [`dispatch`](Self::dispatch) takes it), through
+    /// `session` (the client's, looked up by the caller) or a new one;
+    /// `sniffed` labels a new session.
+    fn carry(
+        self: &Arc<Self>,
+        client: SocketAddr,
+        buf: &mut [u8],
+        verdict: Verdict,
+        session: Option<Arc<SessionShared>>,
+        sniffed: Option<&Sniffed>,
+    ) {
+        match verdict {
+            Verdict::Forward { dst, choice } => {
+                self.forward(client, dst, buf, choice, session, sniffed)
+            }
+            // No session, no back-off: the configuration refused it, no
+            // upstream failed.
+            Verdict::Refuse { dst, choice, error } => {
+                self.refuse(client, dst, choice.outbound.name(), &error)
+            }
+            Verdict::RefuseLoop { dst } => {
                 if let Some(n) = self.warnings.refused_loop.check() {
                     warn!(%client, %dst, "refused UDP datagram addressed to tproxyd's own listener (routing loop); check that the rules skip tproxyd's mark{}", held_back(n));
                 }
-                return;
             }
-        };
-        // DNS through an outbound that carries it over TCP (dns.rs); a
-        // refusing outbound (block) is left to `forward`.
-        if choice.outbound.udp_refusal().is_none()
-            && self.dns_over_tcp(client, asked, dst, &choice, buf)
-        {
-            return;
+            Verdict::Answer { from, answer } => self.send_dns_answer(client, from, answer),
+            Verdict::DnsOverTcp { from, dst, choice } => {
+                self.send_dns_over_tcp(client, from, dst, choice, &buf[UDP_HEADROOM..])
+            }
         }
-        self.forward(client, dst, buf, choice, session, None)
     }
 
     /// `client`'s session, if it has one.
@@ -647,24 +298,9 @@ impl UdpRelay {
             .map(|entry| Arc::clone(&entry.shared))
     }
 
-    /// The route of a datagram: where its session pinned a sniffed flow to
-    /// `dst`, else the rules by address.
-    fn route_of(
-        &self,
-        session: Option<&SessionShared>,
-        client: SocketAddr,
-        dst: SocketAddr,
-    ) -> Decision {
-        match session.and_then(|s| s.pin.get()).filter(|p| p.dst == dst) {
-            Some(pin) => Decision::Forward(pin.choice.clone()),
-            None => self
-                .router
-                .decide(&FlowMeta::addresses(Network::Udp, client, dst)),
-        }
-    }
-
-    /// Sends a datagram the way `choice` says, through `session` (the
-    /// client's, looked up by the caller) or a new one.
+    /// Sends a datagram through the upstream of `choice`'s outbound (one
+    /// that carries UDP: the decision refused the others), through
+    /// `session` (the client's, looked up by the caller) or a new one.
     fn forward(
         self: &Arc<Self>,
         client: SocketAddr,
@@ -674,12 +310,6 @@ impl UdpRelay {
         session: Option<Arc<SessionShared>>,
         sniffed: Option<&Sniffed>,
     ) {
-        // Before the session is used: a block rule must hold even for a
-        // client whose session another rule opened. No session, no
-        // back-off: the configuration refused it, no upstream failed.
-        if let Some(refusal) = choice.outbound.udp_refusal() {
-            return self.refuse(client, dst, choice.outbound.name(), &refusal);
-        }
         let len = buf.len() - UDP_HEADROOM;
         let ready = session.and_then(|shared| Some((shared.ready(choice.key)?, shared)));
         if let Some((upstream, shared)) = ready {
@@ -907,78 +537,6 @@ impl UdpRelay {
         }
     }
 
-    /// Makes room in the table for a new session of `client`: within its
-    /// address's limit and the table's, evicting the oldest session that
-    /// never got a reply where one is needed. Returns false (and counts and
-    /// warns) when no room can be made.
-    fn make_room(&self, table: &mut Table, client: SocketAddr) -> bool {
-        let ip = client.ip();
-        let limits = **self.limits.load();
-        let per_client = limits.udp_sessions_per_client;
-        if table.count_of(ip) >= per_client {
-            let Some(victim) = table.oldest_unreplied_of(ip) else {
-                let refused = self
-                    .stats
-                    .sessions_refused_client
-                    .fetch_add(1, Ordering::Relaxed)
-                    + 1;
-                if let Some(n) = self.warnings.client_limit.check() {
-                    warn!(
-                        %client, limit = per_client, refused,
-                        "UDP client {ip} has {per_client} sessions, its limit, all of them answered; its new ports are refused until some expire (raise limits.udp_sessions_per_client if this is normal load){}",
-                        held_back(n)
-                    );
-                }
-                return false;
-            };
-            if let Some(n) = self.warnings.evicting.check() {
-                warn!(
-                    %client, limit = per_client,
-                    "UDP client {ip} is at its limit of {per_client} sessions; its oldest unanswered ones are closed to make room (limits.udp_sessions_per_client){}",
-                    held_back(n)
-                );
-            }
-            self.evict(table, victim);
-        }
-        if table.sessions.len() >= limits.udp_sessions {
-            let Some(victim) = table.oldest_unreplied() else {
-                let refused = self
-                    .stats
-                    .sessions_refused_full
-                    .fetch_add(1, Ordering::Relaxed)
-                    + 1;
-                if let Some(n) = self.warnings.table_full.check() {
-                    warn!(
-                        %client, limit = limits.udp_sessions, refused,
-                        "UDP session table full of answered sessions; new clients are refused until sessions expire (raise limits.udp_sessions if this is normal load){}",
-                        held_back(n)
-                    );
-                }
-                return false;
-            };
-            if let Some(n) = self.warnings.evicting.check() {
-                warn!(
-                    %client, limit = limits.udp_sessions, evicted = %victim,
-                    "UDP session table full; the oldest unanswered session of the busiest client is closed to make room (limits.udp_sessions){}",
-                    held_back(n)
-                );
-            }
-            self.evict(table, victim);
-        }
-        true
-    }
-
-    /// Ends `victim`'s session: out of the table now, so its slot is free,
-    /// and its task told to stop (closing its upstream socket or SOCKS5
-    /// association).
-    fn evict(&self, table: &mut Table, victim: SocketAddr) {
-        if let Some(entry) = table.remove(victim) {
-            self.stats.sessions_evicted.fetch_add(1, Ordering::Relaxed);
-            // Stores a permit if the task is not waiting right now.
-            entry.shared.evicted.notify_one();
-        }
-    }
-
     /// Hands a run of datagrams from `client` to `dst`, read back to back
     /// and all `segment` bytes long, to its session: `run[UDP_HEADROOM..]`
     /// holds the payloads one after another. An established session sends
@@ -998,10 +556,11 @@ impl UdpRelay {
         }
         let count = bytes.div_ceil(segment);
         // DNS is looked at query by query (dns.rs); a run never skips it.
-        let dns = dst.port() == crate::dns::PORT && self.router.dns().is_some();
+        let dns = decide::is_dns(&self.router, dst);
         // The whole run goes to one destination, so one decision routes it.
         let session = self.session_of(client);
-        let outbound = match self.route_of(session.as_deref(), client, dst) {
+        let pin = session.as_deref().and_then(|s| s.pin.get());
+        let outbound = match decide::route(&self.router, pin, client, dst) {
             Decision::Forward(choice) => Some(choice.key),
             Decision::RefuseLoop => None,
         };
@@ -1051,437 +610,17 @@ impl UdpRelay {
         let upstream = shared.ready(key)?;
         Some((upstream, shared))
     }
-
-    /// Passes every reply waiting on the upstream to the client; returns
-    /// the bytes and datagrams delivered.
-    ///
-    /// Replies that arrive back to back from one remote with the same size
-    /// (a download) are gathered into runs and sent with UDP segmentation
-    /// offload, as the inbound does for uploads.
-    async fn forward_replies(
-        &self,
-        upstream: &UdpUpstream,
-        id: u64,
-        client: SocketAddr,
-        shared: &SessionShared,
-    ) -> (u64, u64) {
-        // The buffers live only while replies are waiting: an idle session
-        // (most of a full table, most of the time) holds none.
-        let mut buf = take_buffer();
-        let mut run = Run::new(0);
-        let mut delivered = (0u64, 0u64);
-        // The remote and size of the reply sent last on its own. A reply
-        // goes out at once unless it follows one like it: a lone answer
-        // (DNS, a game's tick) is never copied or held back, and a burst
-        // is gathered from its second datagram on.
-        let mut last_alone: Option<(SocketAddr, usize)> = None;
-        loop {
-            match upstream.try_recv(&mut buf) {
-                Ok(UdpRecv::Datagram { from, start, end }) => {
-                    shared.touch();
-                    // The first reply makes the session a live one: the
-                    // table hears of it once, not per datagram.
-                    if !shared.replied.load(Ordering::Relaxed)
-                        && !shared.replied.swap(true, Ordering::Relaxed)
-                    {
-                        lock(&self.table).replied(client, id);
-                    }
-                    let payload = &buf[start..end];
-                    let from = self.dns_reply(client, from, payload);
-                    if run.extends(from, payload.len()) {
-                        run.push(payload);
-                        continue;
-                    }
-                    self.send_replies(&mut run, client, &mut delivered).await;
-                    if last_alone == Some((from, payload.len())) && runnable(payload.len()) {
-                        run.start(from, payload);
-                        last_alone = None;
-                        continue;
-                    }
-                    last_alone = Some((from, payload.len()));
-                    if self.replies.send(from, client, payload, &self.stats).await {
-                        delivered.0 += payload.len() as u64;
-                        delivered.1 += 1;
-                    }
-                }
-                Ok(UdpRecv::Dropped(reason)) => debug!(%client, "UDP reply dropped: {reason}"),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                // ICMP errors surface here (ECONNREFUSED on a connected
-                // socket); the session goes on.
-                Err(e) => {
-                    debug!(%client, "UDP receive from upstream: {e}");
-                    break;
-                }
-            }
-        }
-        self.send_replies(&mut run, client, &mut delivered).await;
-        SPARE_BUFFERS.give_back(buf);
-        delivered
-    }
-
-    /// Sends a run of replies to `client` and empties it, adding what was
-    /// delivered (bytes, datagrams).
-    async fn send_replies(
-        &self,
-        run: &mut Run<SocketAddr>,
-        client: SocketAddr,
-        delivered: &mut (u64, u64),
-    ) {
-        if let Some((from, segment, _, payloads)) = run.parts() {
-            let sent = self
-                .replies
-                .send_run(from, client, payloads, segment, &self.stats)
-                .await;
-            delivered.0 += (sent * segment).min(payloads.len()) as u64;
-            delivered.1 += sent as u64;
-        }
-        run.clear();
-    }
-
-    /// The idle timeout that applies to the session now: the DNS one
-    /// while its last datagram went to port 53, and never more than
-    /// `udp_unreplied` while nothing ever came back.
-    fn idle_for(&self, shared: &SessionShared) -> Duration {
-        let t = self.timeouts.load();
-        let timeout = if shared.last_was_dns.load(Ordering::Relaxed) {
-            t.udp_dns_idle
-        } else {
-            t.udp_idle
-        };
-        if shared.replied.load(Ordering::Relaxed) {
-            timeout
-        } else {
-            timeout.min(t.udp_unreplied)
-        }
-    }
-
-    /// How long the session may still sleep before it looks again; `None`
-    /// when it has been idle for the timeout that applies now.
-    ///
-    /// The session ends at its last activity plus that timeout. Which one
-    /// applies can change between two looks (the inbound sends datagrams
-    /// itself, to port 53 or not), so a look is never further away than
-    /// the shortest timeout: a change at some moment is also activity at
-    /// that moment, so the next look comes before the new end.
-    fn idle_wait(&self, shared: &SessionShared) -> Option<Duration> {
-        let timeout = self.idle_for(shared);
-        let idle = shared.idle_since();
-        if idle >= timeout {
-            return None;
-        }
-        Some((timeout - idle).min(self.idle_check()))
-    }
-
-    /// Opens an upstream through outbound `index`, at most
-    /// [`OPENING_AT_ONCE`] at a time per outbound, and tells that
-    /// outbound's back-off how it went.
-    ///
-    /// The failure is recorded before the slot is given back, so sessions
-    /// waiting for a slot see it and fail at once instead of dialing: a
-    /// burst of new ports while the server is down costs about one slot's
-    /// worth of dials, however busy the machine.
-    async fn open_upstream(
-        &self,
-        key: u32,
-        outbound: &Outbound,
-        permit: Permit,
-    ) -> Result<UdpUpstream, OpenFailure> {
-        let state = self.outbound_state(key);
-        // The semaphore is never closed; should it be, open anyway.
-        let _slot = state.opening.acquire().await.ok();
-        if permit == Permit::Free && state.backoff.failing() {
-            return Err(OpenFailure::BackingOff);
-        }
-        match outbound.open_udp().await {
-            Ok(upstream) => {
-                state.backoff.opened(permit);
-                self.dns_udp_opened(key, outbound.name(), Ok(()));
-                Ok(upstream)
-            }
-            // Not an upstream failure: no back-off. `dispatch` refuses
-            // these before a session exists; this covers a group whose
-            // member changed in between.
-            Err(e) if e.is_refusal() => {
-                state.backoff.release(permit);
-                Err(OpenFailure::Refused(e))
-            }
-            Err(e) => {
-                self.dns_udp_opened(key, outbound.name(), Err(&e));
-                let error = e.to_string();
-                let backing_off = state.backoff.failed(permit, Instant::now(), &error);
-                Err(OpenFailure::Failed { error, backing_off })
-            }
-        }
-    }
-
-    /// Sends what waits in `leg`'s queue, oldest first.
-    async fn send_queued(
-        &self,
-        client: SocketAddr,
-        outbound: &Outbound,
-        shared: &SessionShared,
-        leg: &Leg,
-        upstream: &UdpUpstream,
-        first_dst: &mut Option<SocketAddr>,
-    ) {
-        while let Some(mut p) = leg.dequeue() {
-            first_dst.get_or_insert(p.dst);
-            let len = p.buf.len() - UDP_HEADROOM;
-            match upstream.send(&mut p.buf, p.dst).await {
-                Ok(()) => shared.sent_up(len, p.dst),
-                Err(e) => self.report_send_error(client, p.dst, len, outbound.name(), upstream, &e),
-            }
-            leg.queued.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-
-    /// Opens `leg`'s upstream and carries its datagrams both ways until it
-    /// ends. The session's task (`main`) serves the first leg and also
-    /// ends on eviction and the idle timeouts, which are the session's as
-    /// a whole; an extra leg's task ends when its queue closes (the
-    /// session ended) or its upstream does.
-    #[allow(clippy::too_many_arguments)]
-    async fn serve_leg(
-        &self,
-        id: u64,
-        client: SocketAddr,
-        outbound: &Outbound,
-        shared: &SessionShared,
-        leg: &Leg,
-        permit: Permit,
-        main: bool,
-    ) -> Served {
-        let name = outbound.name();
-        let mut served = Served::default();
-        let stopped = async {
-            if main {
-                tokio::select! {
-                    () = shared.evicted.notified() => {}
-                    _ = shared.flow.close_requested() => {}
-                }
-            } else {
-                // Wake-ups for datagrams queued meanwhile come here too;
-                // they are sent once the upstream is open.
-                while !leg.is_closed() {
-                    leg.queue_ready.notified().await;
-                }
-            }
-        };
-        // Boxed so the opening state (a SOCKS5 handshake) is freed once
-        // open instead of sizing every session's task for its whole life.
-        // An eviction during the handshake ends it there.
-        let opened = tokio::select! {
-            r = Box::pin(self.open_upstream(leg.outbound, outbound, permit)) => Some(r),
-            () = stopped => None,
-        };
-        served.end = match opened {
-            None => {
-                // Ended before the outbound's verdict: another may retry.
-                self.outbound_state(leg.outbound).backoff.release(permit);
-                if main { "evicted" } else { "session-ended" }.to_string()
-            }
-            Some(Err(OpenFailure::BackingOff)) => {
-                // Admitted just before another session's failure came in.
-                let lost = leg.close_queue() as u64;
-                self.stats
-                    .datagrams_dropped_backoff
-                    .fetch_add(lost, Ordering::Relaxed);
-                "backing-off".to_string()
-            }
-            Some(Err(OpenFailure::Refused(e))) => {
-                let lost = leg.close_queue();
-                self.stats
-                    .datagrams_refused
-                    .fetch_add(lost as u64, Ordering::Relaxed);
-                if matches!(e, OutboundError::Blocked) {
-                    debug!(%client, outbound = name, dropped = lost, "UDP session dropped: blocked by rule");
-                } else if let Some(n) = self.warnings.tcp_only.check() {
-                    warn!(%client, outbound = name, dropped = lost, "UDP datagrams dropped: {e}{}", held_back(n));
-                }
-                format!("refused: {e}")
-            }
-            Some(Err(OpenFailure::Failed { error, backing_off })) => {
-                // Count what was queued so nothing is lost silently.
-                let lost = leg.close_queue();
-                self.stats
-                    .sessions_open_failed
-                    .fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .datagrams_dropped_queue
-                    .fetch_add(lost as u64, Ordering::Relaxed);
-                if let Some(n) = self.warnings.open_failed.check() {
-                    warn!(
-                        %client, outbound = name, dropped = lost,
-                        "UDP session failed to open{}: {error}; new sessions through {name} fail at once for the next {} ms{}",
-                        if main { String::new() } else { format!(" its {name} upstream (its others go on)") },
-                        backing_off.as_millis(), held_back(n)
-                    );
-                }
-                format!("open-failed: {error}")
-            }
-            Some(Ok(upstream)) => {
-                debug!(proto = "udp", %client, outbound = name, "session open");
-                let upstream = Arc::new(upstream);
-                let _ = leg.upstream.set(Arc::clone(&upstream));
-                let deadline = tokio::time::sleep_until(deadline_in(self.idle_check()));
-                tokio::pin!(deadline);
-                // What was queued while the upstream opened (an extra
-                // leg's wake-ups for it went to the wait above).
-                self.send_queued(
-                    client,
-                    outbound,
-                    shared,
-                    leg,
-                    &upstream,
-                    &mut served.first_dst,
-                )
-                .await;
-                loop {
-                    tokio::select! {
-                        () = leg.queue_ready.notified() => {
-                            self.send_queued(client, outbound, shared, leg, &upstream, &mut served.first_dst).await;
-                            if !main && leg.is_closed() {
-                                break "session-ended".to_string();
-                            }
-                        }
-                        r = upstream.readable() => {
-                            if let Err(e) = r {
-                                debug!(%client, "UDP upstream socket: {e}");
-                                continue;
-                            }
-                            // Boxed: its buffers and sends exist only while
-                            // replies flow, not in every idle session's task.
-                            let (bytes, datagrams) =
-                                Box::pin(self.forward_replies(&upstream, id, client, shared)).await;
-                            served.down_bytes += bytes;
-                            shared.flow.traffic.add_down(bytes);
-                            served.down_datagrams += datagrams;
-                        }
-                        reason = upstream.closed() => {
-                            if main {
-                                info!(%client, outbound = name, "UDP session ended: {reason}");
-                            } else {
-                                info!(%client, outbound = name, "UDP session's {name} upstream ended (its others go on): {reason}");
-                            }
-                            break reason;
-                        }
-                        () = shared.evicted.notified(), if main => break "evicted".to_string(),
-                        _ = shared.flow.close_requested(), if main => break "closed-by-api".to_string(),
-                        _ = &mut deadline, if main => match self.idle_wait(shared) {
-                            None => break "idle-timeout".to_string(),
-                            // Datagrams the inbound sent itself count as
-                            // activity too: sleep on until the real end.
-                            Some(wait) => deadline.as_mut().reset(deadline_in(wait)),
-                        },
-                    }
-                }
-            }
-        };
-        served
-    }
-
-    /// Closes a leg's queue as its task ends, counting what was left.
-    /// Closed before the leg is forgotten: a datagram that comes now is
-    /// refused and starts a fresh leg (or session) instead of waiting
-    /// here for ever.
-    fn close_leg(&self, client: SocketAddr, leg: &Leg) {
-        let left = leg.close_queue();
-        if left > 0 {
-            self.stats
-                .datagrams_dropped_queue
-                .fetch_add(left as u64, Ordering::Relaxed);
-            debug!(%client, dropped = left, "UDP session ended with datagrams queued");
-        }
-    }
-
-    /// The task of a session: serves its first leg, and when the session
-    /// ends, ends its other legs too.
-    async fn run_session(
-        self: Arc<Self>,
-        id: u64,
-        client: SocketAddr,
-        outbound: Arc<Outbound>,
-        shared: Arc<SessionShared>,
-        permit: Permit,
-        flow: FlowGuard,
-    ) {
-        let served = self
-            .serve_leg(id, client, &outbound, &shared, &shared.first, permit, true)
-            .await;
-        // The extra legs first: once they are closed, a datagram for a new
-        // outbound of this client finds no session to add a leg to, and
-        // starts a fresh one. Their tasks stop and close their upstreams.
-        let left = shared.close_extra_legs();
-        if left > 0 {
-            self.stats
-                .datagrams_dropped_queue
-                .fetch_add(left as u64, Ordering::Relaxed);
-        }
-        self.close_leg(client, &shared.first);
-        lock(&self.table).remove_if(client, id);
-        // The upstream socket (and a SOCKS5 association's control
-        // connection) closes as this task ends: the table no longer holds
-        // `shared`, and the inbound holds it only during a send.
-        flow.end(session_end_reason(&served.end), Some(&served.end));
-    }
-
-    /// The task of a session's extra leg (a second outbound's upstream).
-    async fn run_leg(
-        self: Arc<Self>,
-        id: u64,
-        client: SocketAddr,
-        outbound: Arc<Outbound>,
-        shared: Arc<SessionShared>,
-        leg: Arc<Leg>,
-        permit: Permit,
-    ) {
-        let started = Instant::now();
-        let served = self
-            .serve_leg(id, client, &outbound, &shared, &leg, permit, false)
-            .await;
-        self.close_leg(client, &leg);
-        shared.remove_leg(&leg);
-        // The session's counters going up are shared by its legs; the
-        // session's own line has them.
-        debug!(
-            proto = "udp",
-            %client,
-            dst = %served.first_dst.map(|d| d.to_string()).unwrap_or_else(|| "-".into()),
-            outbound = outbound.name(),
-            down_bytes = served.down_bytes, down_datagrams = served.down_datagrams,
-            duration_ms = started.elapsed().as_millis() as u64,
-            end = %served.end,
-            "flow leg"
-        );
-    }
-}
-
-/// The registry's reason for how a session's first leg ended.
-fn session_end_reason(end: &str) -> EndReason {
-    match end {
-        "evicted" => EndReason::Evicted,
-        "idle-timeout" => EndReason::Idle,
-        "closed-by-api" => EndReason::ClosedByApi,
-        "backing-off" => EndReason::OpenFailed,
-        e if e.starts_with("open-failed") => EndReason::OpenFailed,
-        e if e.starts_with("refused") => EndReason::Blocked,
-        _ => EndReason::UpstreamError,
-    }
-}
-
-/// How a leg went, for the session's log line.
-#[derive(Default)]
-struct Served {
-    end: String,
-    /// The destination of the first datagram it sent.
-    first_dst: Option<SocketAddr>,
-    down_bytes: u64,
-    down_datagrams: u64,
 }
 
 #[cfg(test)]
 mod tests {
+    use std::net::IpAddr;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    use super::session::SESSION_QUEUE;
     use super::*;
+    use crate::policy::Policy;
 
     fn relay_with(limit: usize) -> Arc<UdpRelay> {
         relay_idling_after(limit, Duration::from_secs(60))
