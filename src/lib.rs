@@ -21,6 +21,7 @@ pub mod config;
 pub mod dns;
 pub mod fds;
 pub mod firewall;
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod hostname;

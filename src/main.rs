@@ -54,7 +54,9 @@ enum Command {
         hold: bool,
     },
     /// Build or remove the LAN/router/WAN namespaces of the tests and the
-    /// benchmark (as root); for bench/bench.py.
+    /// benchmark (as root); for bench/bench.py. Only in a build with the
+    /// `testbed` feature (the tests' and bench/run's).
+    #[cfg(feature = "testbed")]
     #[command(hide = true)]
     Testbed {
         #[command(subcommand)]
@@ -76,6 +78,7 @@ enum Command {
     },
 }
 
+#[cfg(feature = "testbed")]
 #[derive(Subcommand)]
 enum TestbedAction {
     /// Build PREFIX-lan, PREFIX-rtr and PREFIX-wan and leave them up.
@@ -101,6 +104,7 @@ enum TestbedAction {
     },
 }
 
+#[cfg(feature = "testbed")]
 fn testbed(action: TestbedAction) -> anyhow::Result<ExitCode> {
     use tproxyd::testbed::{self, Bed, Options};
     match action {
@@ -575,6 +579,7 @@ fn main() -> ExitCode {
         Command::Rules { action, args } => rules(action, args),
         Command::Doctor { args } => doctor(args),
         Command::Demo { hold } => demo::run(hold).map(|()| ExitCode::SUCCESS),
+        #[cfg(feature = "testbed")]
         Command::Testbed { action } => testbed(action),
         Command::Check { config } => {
             match RawConfig::load(&config).and_then(|raw| raw.validate(&env_var)) {

@@ -239,7 +239,11 @@ fn connections_are_captured_through_thirty_reloads() {
                 while !stop.load(Ordering::Relaxed) || n < 100 {
                     // Remote A is never bypassed: every exchange must go
                     // through the proxy.
-                    let fam = if n % 2 == 0 { Family::V4 } else { Family::V6 };
+                    let fam = if n.is_multiple_of(2) {
+                        Family::V4
+                    } else {
+                        Family::V6
+                    };
                     n += 1;
                     match echo_peer(fam.remote_a(ECHO_PORT)) {
                         Ok(ip) if ip == fam.hop(Upstream::Socks) => proxied += 1,

@@ -156,6 +156,31 @@ fn assert_binary_works(bin: &Path, config: &Path) {
     assert!(stdout(&check).contains(": ok"), "{}", stdout(&check));
 }
 
+/// The shipped build (a plain `cargo build --release`) leaves the test
+/// helpers out (the `testbed` feature, Cargo.toml): no hidden `testbed`
+/// command and no dante configuration, while `demo`, which needs only the
+/// namespaces, stays.
+fn assert_no_test_helpers(bin: &Path) {
+    let testbed = Command::new(bin)
+        .args(["testbed", "--help"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        !testbed.status.success(),
+        "the shipped binary has the hidden `testbed` command:\n{}",
+        stdout(&testbed)
+    );
+    run(Command::new(bin).args(["demo", "--help"]));
+    // A line of dante's configuration (src/testbed/harness.rs).
+    let needle = b"udp.connectdst";
+    let bytes = std::fs::read(bin).unwrap();
+    assert!(
+        !bytes.windows(needle.len()).any(|w| w == needle),
+        "the shipped binary holds dante's configuration"
+    );
+}
+
 #[test]
 fn the_deb_holds_what_it_should_and_installs() {
     if !have(&["dpkg-deb", "systemd-analyze", "file"]) {
@@ -197,6 +222,7 @@ fn the_deb_holds_what_it_should_and_installs() {
         "{file}"
     );
     assert_binary_works(&bin, &root.join("etc/tproxyd/tproxyd.toml"));
+    assert_no_test_helpers(&bin);
     std::fs::create_dir_all(root.join("bin")).unwrap();
     std::fs::copy("/bin/kill", root.join("bin/kill")).unwrap();
     for entry in std::fs::read_dir("/lib/systemd/system").unwrap() {
