@@ -167,10 +167,15 @@ pub fn set_reset_on_close<S: AsFd>(socket: &S) -> io::Result<()> {
 
 /// A non-blocking TCP socket for an outbound connection, marked.
 pub fn outbound_tcp_socket(dst: &SocketAddr, mark: u32) -> io::Result<Socket> {
-    let socket = Socket::new(domain_of(dst), Type::STREAM, Some(Protocol::TCP))?;
+    // Non-blocking from the start (SOCK_NONBLOCK): two fcntl calls fewer
+    // per flow than setting it afterwards.
+    let socket = Socket::new(
+        domain_of(dst),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
     set_mark(&socket, mark)?;
     socket.set_tcp_nodelay(true)?;
-    socket.set_nonblocking(true)?;
     Ok(socket)
 }
 
