@@ -110,6 +110,9 @@ fn listener_socket(addr: SocketAddr, ty: Type, opts: ListenOptions) -> io::Resul
 /// A non-blocking TCP listener bound to `addr`.
 pub fn tcp_listener(addr: SocketAddr, opts: ListenOptions) -> io::Result<std::net::TcpListener> {
     let socket = listener_socket(addr, Type::STREAM, opts)?;
+    // Accepted sockets inherit TCP_NODELAY (Linux copies it with the rest
+    // of the listener's state), so no flow pays a setsockopt for it.
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     Ok(socket.into())

@@ -240,7 +240,8 @@ async fn handle(
         chain: policy.chain_names(&choice),
     });
     let outbound = &choice.outbound;
-    let _ = stream.set_nodelay(true);
+    // No set_nodelay here: the client's socket has TCP_NODELAY from the
+    // listener (sys::tcp_listener), as accepted sockets inherit it.
     // Boxed so the connect state (a SOCKS5 handshake is large) is freed
     // once connected instead of sizing the task of every long-lived flow.
     let connecting = std::time::Instant::now();
@@ -444,6 +445,24 @@ mod tests {
             .await
             .is_none());
         assert!(started.elapsed() >= Duration::from_millis(100));
+    }
+
+    /// The flows' client sides get TCP_NODELAY from the listener, not
+    /// from a setsockopt per flow.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let opts = sys::ListenOptions {
+            transparent: false,
+            recv_orig_dst: false,
+            mark: 0,
+        };
+        let listener = sys::tcp_listener("127.0.0.1:0".parse().unwrap(), opts).unwrap();
+        let listener = TcpListener::from_std(listener).unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
     }
 
     #[test]
