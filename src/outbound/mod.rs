@@ -289,9 +289,9 @@ impl Outbound {
         dst: SocketAddr,
         host: Option<&str>,
     ) -> Result<TcpStream, OutboundError> {
-        let s = delegate!(self, o => o.connect_tcp(dst, host).await)?;
-        let _ = s.set_nodelay(true);
-        Ok(s)
+        // Every kind connects through `connect_marked`, whose socket has
+        // TCP_NODELAY before it connects: not set again here.
+        delegate!(self, o => o.connect_tcp(dst, host).await)
     }
 
     /// Why this outbound refuses every UDP datagram, if it does; known
