@@ -62,6 +62,12 @@ pub const SNIFF_WAIT: Duration = Duration::from_millis(300);
 /// a parser needs more than it holds.
 const SNIFF_FIRST_BUF: usize = 4096;
 
+thread_local! {
+    /// The first peek's buffer, one per thread (see [`sniff_first_bytes`]).
+    static FIRST_PEEK: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; SNIFF_FIRST_BUF].into_boxed_slice());
+}
+
 /// Whether there is a descriptor for one more flow's upstream side; if
 /// not, the pooled pipes are closed first and the question asked again.
 fn room_for_a_flow(budget: &fds::Budget) -> bool {
@@ -287,9 +293,6 @@ async fn handle(
 /// `wait` has passed since the call; None when nothing was recognised in
 /// time (a server-first client sends nothing at all).
 async fn sniff_first_bytes(stream: &TcpStream, wait: Duration) -> Option<Sniffed> {
-    let deadline = tokio::time::Instant::now() + wait;
-    let mut buf = vec![0u8; SNIFF_FIRST_BUF];
-    let mut seen = 0usize;
     // A client that sends at once has its first bytes queued by the time
     // its connection is accepted. Look before waiting for readiness: a
     // socket just accepted has none recorded yet, so `async_io` would
@@ -297,19 +300,34 @@ async fn sniff_first_bytes(stream: &TcpStream, wait: Duration) -> Option<Sniffed
     // ready task), which cost each flow ~30 µs and a second poll. The
     // bytes stay queued either way, and epoll still reports them, so the
     // wait below sees them if more are needed.
-    if let Ok(n) = sys::peek(stream, &mut buf) {
+    //
+    // This first look needs no buffer of the flow's own: it is over
+    // before the task yields, so the thread's buffer serves, and most
+    // flows are decided by it (a whole ClientHello, a request line, or
+    // bytes of no known protocol).
+    let mut seen = 0usize;
+    let mut len = SNIFF_FIRST_BUF;
+    let first = FIRST_PEEK.with_borrow_mut(|buf| {
+        let n = sys::peek(stream, &mut buf[..]).ok()?;
         if n == 0 {
-            return None; // closed before sending
+            return Some(None); // closed before sending
         }
         seen = n;
         match sniff::sniff_stream(&buf[..n]) {
-            StreamSniff::Done(found) => return found,
-            StreamSniff::NeedMore if n == buf.len() => {
-                buf.resize((buf.len() * 2).min(MAX_SNIFF_BYTES), 0);
+            StreamSniff::Done(found) => Some(found),
+            StreamSniff::NeedMore => {
+                if n == buf.len() {
+                    len = (buf.len() * 2).min(MAX_SNIFF_BYTES);
+                }
+                None
             }
-            StreamSniff::NeedMore => {}
         }
+    });
+    if let Some(found) = first {
+        return found;
     }
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut buf = vec![0u8; len];
     loop {
         let peek = stream.async_io(Interest::READABLE, || {
             let n = sys::peek(stream, &mut buf)?;
