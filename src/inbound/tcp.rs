@@ -222,11 +222,13 @@ async fn handle(
     } else {
         None
     };
-    let host = sniffed.as_ref().and_then(|s| s.host.as_deref());
-    let protocol = sniffed.as_ref().map(|s| s.protocol);
-    if sniffed.is_some() {
+    let (host, protocol) = match sniffed {
+        Some(s) => (s.host, Some(s.protocol)),
+        None => (None, None),
+    };
+    if protocol.is_some() {
         let meta = FlowMeta {
-            domain: host,
+            domain: host.as_deref(),
             protocol,
             ..addresses
         };
@@ -236,21 +238,23 @@ async fn handle(
             choice = c;
         }
     }
+    // The sniffed name moves into the registry (no copy); the connect
+    // reads it from there.
     let flow = ctx.registry.open(FlowStart {
         network: Network::Tcp,
         client,
         dst,
-        host: host.map(str::to_owned),
+        host,
         sniffed: protocol,
         rule: Arc::clone(policy.rule_label(choice.rule)),
         chain: policy.chain_names(&choice),
     });
+    let host = flow.flow().start.host.as_deref();
     let outbound = &choice.outbound;
     // No set_nodelay here: the client's socket has TCP_NODELAY from the
     // listener (sys::tcp_listener), as accepted sockets inherit it.
     // Boxed so the connect state (a SOCKS5 handshake is large) is freed
     // once connected instead of sizing the task of every long-lived flow.
-    let connecting = std::time::Instant::now();
     let connected = tokio::select! {
         c = Box::pin(outbound.connect_tcp(dst, host)) => c,
         reason = flow.flow().close_requested() => {
@@ -261,9 +265,11 @@ async fn handle(
     ticket.connected();
     let upstream = match connected {
         Ok(u) => {
-            // The connect-time histogram (metrics): once per flow.
+            // The connect-time histogram (metrics): once per flow. The
+            // flow was registered just before the connect began, so its
+            // age is the connect's time, without a clock read of its own.
             if let Some(outbound) = flow.flow().start.chain.first() {
-                ctx.registry.record_connect(outbound, connecting.elapsed());
+                ctx.registry.record_connect(outbound, flow.flow().age());
             }
             u
         }
