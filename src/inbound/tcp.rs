@@ -89,6 +89,10 @@ pub async fn serve(listener: TcpListener, ctx: Arc<TcpContext>, mut stop: watch:
     let budget = fds::global();
     let mut flows = JoinSet::new();
     let mut paused = false;
+    // One wait for the stop for the whole loop: a new one per turn cost
+    // two locks of the channel's waiter list per accepted connection.
+    let stopped = stop.changed();
+    tokio::pin!(stopped);
     loop {
         let room = room_for_a_flow(budget);
         if !room && !paused {
@@ -140,12 +144,14 @@ pub async fn serve(listener: TcpListener, ctx: Arc<TcpContext>, mut stop: watch:
             },
             // Paused: look again when a flow ends (the branch below) or
             // after a moment, for descriptors freed outside flows (pipes).
-            _ = tokio::time::sleep(Duration::from_millis(50)), if !room => {}
+            // In an async block, so the timer (and its clock read) is made
+            // only when paused, not on every turn.
+            _ = async { tokio::time::sleep(Duration::from_millis(50)).await }, if !room => {}
             // Reap finished flows so the set holds only live ones.
             Some(_) = flows.join_next(), if !flows.is_empty() => {}
             // Any change is the stop (only `true` is ever sent), and a
             // dropped sender means stop as well.
-            _ = stop.changed() => break,
+            _ = &mut stopped => break,
         }
     }
     drop(listener);
