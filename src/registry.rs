@@ -13,11 +13,16 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::task::AtomicWaker;
 
 use tokio::sync::Notify;
 use tracing::debug;
@@ -170,6 +175,10 @@ pub struct Flow {
     close_requested: AtomicBool,
     close_reason: AtomicU8,
     close: Notify,
+    /// The flow's own task, waiting in [`Flow::closed`]: woken without
+    /// the lock [`Notify`] takes at every poll, once per wake-up of a
+    /// TCP flow's task.
+    owner: AtomicWaker,
 }
 
 impl Flow {
@@ -190,6 +199,21 @@ impl Flow {
         }
     }
 
+    /// As [`Flow::close_requested`], for the one task that carries the
+    /// flow (a TCP flow's): a second task waiting here at the same time
+    /// would take the wake-up from the first. Waiting costs a few atomic
+    /// operations per poll, and nothing to stop.
+    pub fn closed(&self) -> Closed<'_> {
+        Closed { flow: self }
+    }
+
+    fn requested_reason(&self) -> Option<EndReason> {
+        self.close_requested.load(Ordering::Acquire).then(|| {
+            EndReason::from_u8(self.close_reason.load(Ordering::Relaxed))
+                .unwrap_or(EndReason::ClosedByApi)
+        })
+    }
+
     /// Whether a close was asked for (for loops that poll).
     pub fn is_close_requested(&self) -> bool {
         self.close_requested.load(Ordering::Acquire)
@@ -201,6 +225,7 @@ impl Flow {
         self.close.notify_waiters();
         // A task between its check and its wait gets the permit instead.
         self.close.notify_one();
+        self.owner.wake();
     }
 
     /// Bytes not yet added to the totals, marking them added.
@@ -269,6 +294,29 @@ impl Hasher for FastHash {
         // leaves poorly mixed (a shard's flow ids are all alike mod 16):
         // bring the well-mixed high bits down.
         self.0.rotate_left(26)
+    }
+}
+
+/// The wait of [`Flow::closed`].
+#[derive(Debug)]
+pub struct Closed<'a> {
+    flow: &'a Flow,
+}
+
+impl Future for Closed<'_> {
+    type Output = EndReason;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<EndReason> {
+        if let Some(reason) = self.flow.requested_reason() {
+            return Poll::Ready(reason);
+        }
+        self.flow.owner.register(cx.waker());
+        // A request between the look and the registration woke the waker
+        // that was there before: look again.
+        match self.flow.requested_reason() {
+            Some(reason) => Poll::Ready(reason),
+            None => Poll::Pending,
+        }
     }
 }
 
@@ -403,6 +451,7 @@ impl Registry {
             close_requested: AtomicBool::new(false),
             close_reason: AtomicU8::new(0),
             close: Notify::new(),
+            owner: AtomicWaker::new(),
         });
         lock(self.shard(id)).insert(id, Arc::clone(&flow));
         FlowGuard {
@@ -722,6 +771,23 @@ mod tests {
         tokio::task::yield_now().await;
         assert_eq!(r.close_all(EndReason::Shutdown), 2);
         assert_eq!(waiter.await.unwrap(), EndReason::Shutdown);
+    }
+
+    #[tokio::test]
+    async fn the_owner_task_sees_a_close_request() {
+        let r = Arc::new(Registry::new());
+        let a = r.open(start("proxy", None));
+        let flow = Arc::clone(a.flow());
+        let waiter = tokio::spawn(async move { flow.closed().await });
+        tokio::task::yield_now().await;
+        assert!(r.close(a.flow().id, EndReason::ClosedByApi));
+        let reason = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .unwrap();
+        assert_eq!(reason, EndReason::ClosedByApi);
+        // Asked already: at once.
+        assert_eq!(a.flow().closed().await, EndReason::ClosedByApi);
     }
 
     #[test]

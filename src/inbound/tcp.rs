@@ -265,7 +265,7 @@ async fn handle(
     // memcpy per flow), and the task stays small.
     let connected = tokio::select! {
         c = outbound.connect_tcp(dst, host) => c,
-        reason = flow.flow().close_requested() => {
+        reason = flow.flow().closed() => {
             flow.end(reason, None);
             return reset(stream);
         }
@@ -297,7 +297,7 @@ async fn handle(
             End::ClientError(e) => (EndReason::ClientError, Some(e)),
             End::UpstreamError(e) => (EndReason::UpstreamError, Some(e)),
         },
-        reason = flow.flow().close_requested() => (reason, None),
+        reason = flow.flow().closed() => (reason, None),
     };
     flow.end(reason, detail.as_deref());
 }
