@@ -89,11 +89,19 @@ pub async fn serve(listener: TcpListener, ctx: Arc<TcpContext>, mut stop: watch:
     let budget = fds::global();
     let mut flows = JoinSet::new();
     let mut paused = false;
-    // One wait for the stop for the whole loop: a new one per turn cost
-    // two locks of the channel's waiter list per accepted connection.
+    // The stop is looked at first on every turn (an atomic load), so no
+    // load of connections keeps it waiting. Its wait, which takes the
+    // channel's lock at every poll, is one for the whole loop (not a new
+    // one per turn) and polled last, only when nothing else is ready.
+    let stop_seen = stop.clone();
     let stopped = stop.changed();
     tokio::pin!(stopped);
     loop {
+        // Any change is the stop (only `true` is ever sent), and a
+        // dropped sender means stop as well.
+        if stop_seen.has_changed().unwrap_or(true) {
+            break;
+        }
         let room = room_for_a_flow(budget);
         if !room && !paused {
             if let Some(held_back) = PAUSED.check() {
@@ -113,6 +121,9 @@ pub async fn serve(listener: TcpListener, ctx: Arc<TcpContext>, mut stop: watch:
         }
         paused = !room;
         tokio::select! {
+            biased;
+            // Reap finished flows first, so the set holds only live ones.
+            Some(_) = flows.join_next(), if !flows.is_empty() => {}
             accepted = listener.accept(), if room => match accepted {
                 Ok((stream, peer)) => {
                     // Counted at once, the upstream's descriptor included,
@@ -147,10 +158,6 @@ pub async fn serve(listener: TcpListener, ctx: Arc<TcpContext>, mut stop: watch:
             // In an async block, so the timer (and its clock read) is made
             // only when paused, not on every turn.
             _ = async { tokio::time::sleep(Duration::from_millis(50)).await }, if !room => {}
-            // Reap finished flows so the set holds only live ones.
-            Some(_) = flows.join_next(), if !flows.is_empty() => {}
-            // Any change is the stop (only `true` is ever sent), and a
-            // dropped sender means stop as well.
             _ = &mut stopped => break,
         }
     }
