@@ -13,10 +13,16 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::task::AtomicWaker;
 
 use tokio::sync::Notify;
 use tracing::debug;
@@ -189,6 +195,10 @@ pub struct Flow {
     close_requested: AtomicBool,
     close_reason: AtomicU8,
     close: Notify,
+    /// The flow's own task, waiting in [`Flow::closed`]: woken without
+    /// the lock [`Notify`] takes at every poll, once per wake-up of a
+    /// TCP flow's task.
+    owner: AtomicWaker,
 }
 
 impl Flow {
@@ -209,6 +219,21 @@ impl Flow {
         }
     }
 
+    /// As [`Flow::close_requested`], for the one task that carries the
+    /// flow (a TCP flow's): a second task waiting here at the same time
+    /// would take the wake-up from the first. Waiting costs a few atomic
+    /// operations per poll, and nothing to stop.
+    pub fn closed(&self) -> Closed<'_> {
+        Closed { flow: self }
+    }
+
+    fn requested_reason(&self) -> Option<EndReason> {
+        self.close_requested.load(Ordering::Acquire).then(|| {
+            EndReason::from_u8(self.close_reason.load(Ordering::Relaxed))
+                .unwrap_or(EndReason::ClosedByApi)
+        })
+    }
+
     /// Whether a close was asked for (for loops that poll).
     pub fn is_close_requested(&self) -> bool {
         self.close_requested.load(Ordering::Acquire)
@@ -220,6 +245,7 @@ impl Flow {
         self.close.notify_waiters();
         // A task between its check and its wait gets the permit instead.
         self.close.notify_one();
+        self.owner.wake();
     }
 
     /// Bytes not yet added to the totals, marking them added.
@@ -234,23 +260,103 @@ impl Flow {
     }
 }
 
+/// The registry's maps: keyed by what tproxyd itself makes (flow ids it
+/// numbers, outbound names from the config, fixed enums), never by what a
+/// client sends, so SipHash's defence against chosen keys buys nothing,
+/// and at seven lookups per flow it cost more than the rest of the
+/// bookkeeping.
+pub type Map<K, V> = HashMap<K, V, BuildHasherDefault<FastHash>>;
+
+/// A multiply-rotate hash (as rustc's FxHash) for [`Map`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FastHash(u64);
+
+impl FastHash {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+impl Hasher for FastHash {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(w));
+        }
+    }
+
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        // The table takes its bucket from the low bits, which the multiply
+        // leaves poorly mixed (a shard's flow ids are all alike mod 16):
+        // bring the well-mixed high bits down.
+        self.0.rotate_left(26)
+    }
+}
+
+/// The wait of [`Flow::closed`].
+#[derive(Debug)]
+pub struct Closed<'a> {
+    flow: &'a Flow,
+}
+
+impl Future for Closed<'_> {
+    type Output = EndReason;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<EndReason> {
+        if let Some(reason) = self.flow.requested_reason() {
+            return Poll::Ready(reason);
+        }
+        self.flow.owner.register(cx.waker());
+        // A request between the look and the registration woke the waker
+        // that was there before: look again.
+        match self.flow.requested_reason() {
+            Some(reason) => Poll::Ready(reason),
+            None => Poll::Pending,
+        }
+    }
+}
+
 /// Counts by label, for the metrics: they only grow.
 #[derive(Debug, Clone, Default)]
 pub struct Totals {
     /// (network, outbound) → flows opened.
-    pub opened: HashMap<(Network, Arc<str>), u64>,
+    pub opened: Map<(Network, Arc<str>), u64>,
     /// (network, outbound, reason) → flows ended.
-    pub closed: HashMap<(Network, Arc<str>, EndReason), u64>,
+    pub closed: Map<(Network, Arc<str>, EndReason), u64>,
     /// outbound → bytes (up, down), of ended flows and of live ones up to
     /// the last tick.
-    pub bytes: HashMap<Arc<str>, (u64, u64)>,
+    pub bytes: Map<Arc<str>, (u64, u64)>,
     /// Rule index (None: final) → flows it decided.
-    pub rule_hits: HashMap<Option<usize>, u64>,
+    pub rule_hits: Map<Option<usize>, u64>,
     /// All bytes, every outbound: what `/traffic` differences.
     pub up: u64,
     pub down: u64,
     /// outbound → how long its TCP connects took (those that succeeded).
-    pub connect_times: HashMap<Arc<str>, ConnectTimes>,
+    pub connect_times: Map<Arc<str>, ConnectTimes>,
 }
 
 /// Upper bounds of the connect-time buckets, in seconds: from a LAN hop
@@ -303,7 +409,7 @@ pub struct Rate {
 const SHARDS: usize = 16;
 
 /// Live flows of one shard, by id.
-type Shard = Mutex<HashMap<u64, Arc<Flow>>>;
+type Shard = Mutex<Map<u64, Arc<Flow>>>;
 
 /// Live flows by id, and totals of everything that passed.
 #[derive(Debug)]
@@ -365,6 +471,7 @@ impl Registry {
             close_requested: AtomicBool::new(false),
             close_reason: AtomicU8::new(0),
             close: Notify::new(),
+            owner: AtomicWaker::new(),
         });
         lock(self.shard(id)).insert(id, Arc::clone(&flow));
         FlowGuard {
@@ -684,6 +791,23 @@ mod tests {
         tokio::task::yield_now().await;
         assert_eq!(r.close_all(EndReason::Shutdown), 2);
         assert_eq!(waiter.await.unwrap(), EndReason::Shutdown);
+    }
+
+    #[tokio::test]
+    async fn the_owner_task_sees_a_close_request() {
+        let r = Arc::new(Registry::new());
+        let a = r.open(start("proxy", None));
+        let flow = Arc::clone(a.flow());
+        let waiter = tokio::spawn(async move { flow.closed().await });
+        tokio::task::yield_now().await;
+        assert!(r.close(a.flow().id, EndReason::ClosedByApi));
+        let reason = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .unwrap();
+        assert_eq!(reason, EndReason::ClosedByApi);
+        // Asked already: at once.
+        assert_eq!(a.flow().closed().await, EndReason::ClosedByApi);
     }
 
     #[test]

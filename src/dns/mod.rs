@@ -154,7 +154,7 @@ impl Dns {
         if !self.settings.load().learn {
             return None;
         }
-        self.names.lookup(ip, Instant::now())
+        self.names.lookup_with(ip, Instant::now)
     }
 
     /// The learned names, when they are kept (some rule looks at domains).

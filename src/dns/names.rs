@@ -116,9 +116,15 @@ impl Names {
 
     /// The name `addr` was last learned for, while its time lasts.
     pub fn lookup(&self, addr: IpAddr, now: Instant) -> Option<Arc<str>> {
+        self.lookup_with(addr, || now)
+    }
+
+    /// As [`Names::lookup`], reading the clock only when `addr` has a
+    /// name: every new flow asks, and most have none.
+    pub fn lookup_with(&self, addr: IpAddr, now: impl FnOnce() -> Instant) -> Option<Arc<str>> {
         let shard = lock(&self.shards[shard_of(&addr)]);
         let e = shard.map.get(&addr)?;
-        (e.expires > now).then(|| Arc::clone(&e.name))
+        (e.expires > now()).then(|| Arc::clone(&e.name))
     }
 
     pub fn len(&self) -> usize {

@@ -62,6 +62,12 @@ pub const SNIFF_WAIT: Duration = Duration::from_millis(300);
 /// a parser needs more than it holds.
 const SNIFF_FIRST_BUF: usize = 4096;
 
+thread_local! {
+    /// The first peek's buffer, one per thread (see [`sniff_first_bytes`]).
+    static FIRST_PEEK: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; SNIFF_FIRST_BUF].into_boxed_slice());
+}
+
 /// Whether there is a descriptor for one more flow's upstream side; if
 /// not, the pooled pipes are closed first and the question asked again.
 fn room_for_a_flow(budget: &fds::Budget) -> bool {
@@ -83,7 +89,19 @@ pub async fn serve(listener: TcpListener, ctx: Arc<TcpContext>, mut stop: watch:
     let budget = fds::global();
     let mut flows = JoinSet::new();
     let mut paused = false;
+    // The stop is looked at first on every turn (an atomic load), so no
+    // load of connections keeps it waiting. Its wait, which takes the
+    // channel's lock at every poll, is one for the whole loop (not a new
+    // one per turn) and polled last, only when nothing else is ready.
+    let stop_seen = stop.clone();
+    let stopped = stop.changed();
+    tokio::pin!(stopped);
     loop {
+        // Any change is the stop (only `true` is ever sent), and a
+        // dropped sender means stop as well.
+        if stop_seen.has_changed().unwrap_or(true) {
+            break;
+        }
         let room = room_for_a_flow(budget);
         if !room && !paused {
             if let Some(held_back) = PAUSED.check() {
@@ -103,6 +121,9 @@ pub async fn serve(listener: TcpListener, ctx: Arc<TcpContext>, mut stop: watch:
         }
         paused = !room;
         tokio::select! {
+            biased;
+            // Reap finished flows first, so the set holds only live ones.
+            Some(_) = flows.join_next(), if !flows.is_empty() => {}
             accepted = listener.accept(), if room => match accepted {
                 Ok((stream, peer)) => {
                     // Counted at once, the upstream's descriptor included,
@@ -134,12 +155,10 @@ pub async fn serve(listener: TcpListener, ctx: Arc<TcpContext>, mut stop: watch:
             },
             // Paused: look again when a flow ends (the branch below) or
             // after a moment, for descriptors freed outside flows (pipes).
-            _ = tokio::time::sleep(Duration::from_millis(50)), if !room => {}
-            // Reap finished flows so the set holds only live ones.
-            Some(_) = flows.join_next(), if !flows.is_empty() => {}
-            // Any change is the stop (only `true` is ever sent), and a
-            // dropped sender means stop as well.
-            _ = stop.changed() => break,
+            // In an async block, so the timer (and its clock read) is made
+            // only when paused, not on every turn.
+            _ = async { tokio::time::sleep(Duration::from_millis(50)).await }, if !room => {}
+            _ = &mut stopped => break,
         }
     }
     drop(listener);
@@ -216,11 +235,13 @@ async fn handle(
     } else {
         None
     };
-    let host = sniffed.as_ref().and_then(|s| s.host.as_deref());
-    let protocol = sniffed.as_ref().map(|s| s.protocol);
-    if sniffed.is_some() {
+    let (host, protocol) = match sniffed {
+        Some(s) => (s.host, Some(s.protocol)),
+        None => (None, None),
+    };
+    if protocol.is_some() {
         let meta = FlowMeta {
-            domain: host,
+            domain: host.as_deref(),
             protocol,
             ..addresses
         };
@@ -230,23 +251,28 @@ async fn handle(
             choice = c;
         }
     }
+    // The sniffed name moves into the registry (no copy); the connect
+    // reads it from there.
     let flow = ctx.registry.open(FlowStart {
         network: Network::Tcp,
         client,
         dst,
-        host: host.map(str::to_owned),
+        host,
         sniffed: protocol,
         rule: Arc::clone(policy.rule_label(choice.rule)),
         chain: policy.chain_names(&choice),
     });
+    let host = flow.flow().start.host.as_deref();
     let outbound = &choice.outbound;
-    let _ = stream.set_nodelay(true);
-    // Boxed so the connect state (a SOCKS5 handshake is large) is freed
-    // once connected instead of sizing the task of every long-lived flow.
-    let connecting = std::time::Instant::now();
+    // No set_nodelay here: the client's socket has TCP_NODELAY from the
+    // listener (sys::tcp_listener), as accepted sockets inherit it.
+    // Not boxed: `connect_tcp` boxes the large states (the proxies'
+    // handshakes) itself, so a direct flow neither allocates nor copies
+    // kilobytes for its connect (it once cost ~9,000 instructions of
+    // memcpy per flow), and the task stays small.
     let connected = tokio::select! {
-        c = Box::pin(outbound.connect_tcp(dst, host)) => c,
-        reason = flow.flow().close_requested() => {
+        c = outbound.connect_tcp(dst, host) => c,
+        reason = flow.flow().closed() => {
             flow.end(reason, None);
             return reset(stream);
         }
@@ -254,9 +280,11 @@ async fn handle(
     ticket.connected();
     let upstream = match connected {
         Ok(u) => {
-            // The connect-time histogram (metrics): once per flow.
+            // The connect-time histogram (metrics): once per flow. The
+            // flow was registered just before the connect began, so its
+            // age is the connect's time, without a clock read of its own.
             if let Some(outbound) = flow.flow().start.chain.first() {
-                ctx.registry.record_connect(outbound, connecting.elapsed());
+                ctx.registry.record_connect(outbound, flow.flow().age());
             }
             u
         }
@@ -276,7 +304,7 @@ async fn handle(
             End::ClientError(e) => (EndReason::ClientError, Some(e)),
             End::UpstreamError(e) => (EndReason::UpstreamError, Some(e)),
         },
-        reason = flow.flow().close_requested() => (reason, None),
+        reason = flow.flow().closed() => (reason, None),
     };
     flow.end(reason, detail.as_deref());
 }
@@ -286,9 +314,6 @@ async fn handle(
 /// `wait` has passed since the call; None when nothing was recognised in
 /// time (a server-first client sends nothing at all).
 async fn sniff_first_bytes(stream: &TcpStream, wait: Duration) -> Option<Sniffed> {
-    let deadline = tokio::time::Instant::now() + wait;
-    let mut buf = vec![0u8; SNIFF_FIRST_BUF];
-    let mut seen = 0usize;
     // A client that sends at once has its first bytes queued by the time
     // its connection is accepted. Look before waiting for readiness: a
     // socket just accepted has none recorded yet, so `async_io` would
@@ -296,19 +321,34 @@ async fn sniff_first_bytes(stream: &TcpStream, wait: Duration) -> Option<Sniffed
     // ready task), which cost each flow ~30 µs and a second poll. The
     // bytes stay queued either way, and epoll still reports them, so the
     // wait below sees them if more are needed.
-    if let Ok(n) = sys::peek(stream, &mut buf) {
+    //
+    // This first look needs no buffer of the flow's own: it is over
+    // before the task yields, so the thread's buffer serves, and most
+    // flows are decided by it (a whole ClientHello, a request line, or
+    // bytes of no known protocol).
+    let mut seen = 0usize;
+    let mut len = SNIFF_FIRST_BUF;
+    let first = FIRST_PEEK.with_borrow_mut(|buf| {
+        let n = sys::peek(stream, &mut buf[..]).ok()?;
         if n == 0 {
-            return None; // closed before sending
+            return Some(None); // closed before sending
         }
         seen = n;
         match sniff::sniff_stream(&buf[..n]) {
-            StreamSniff::Done(found) => return found,
-            StreamSniff::NeedMore if n == buf.len() => {
-                buf.resize((buf.len() * 2).min(MAX_SNIFF_BYTES), 0);
+            StreamSniff::Done(found) => Some(found),
+            StreamSniff::NeedMore => {
+                if n == buf.len() {
+                    len = (buf.len() * 2).min(MAX_SNIFF_BYTES);
+                }
+                None
             }
-            StreamSniff::NeedMore => {}
         }
+    });
+    if let Some(found) = first {
+        return found;
     }
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut buf = vec![0u8; len];
     loop {
         let peek = stream.async_io(Interest::READABLE, || {
             let n = sys::peek(stream, &mut buf)?;
@@ -444,6 +484,38 @@ mod tests {
             .await
             .is_none());
         assert!(started.elapsed() >= Duration::from_millis(100));
+    }
+
+    /// The flows' client sides get TCP_NODELAY from the listener, not
+    /// from a setsockopt per flow.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let opts = sys::ListenOptions {
+            transparent: false,
+            recv_orig_dst: false,
+            mark: 0,
+        };
+        let listener = sys::tcp_listener("127.0.0.1:0".parse().unwrap(), opts).unwrap();
+        let listener = TcpListener::from_std(listener).unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
+    }
+
+    /// The connect future lives in every flow's task: the proxies' large
+    /// handshake states must stay behind a box inside it.
+    #[test]
+    fn the_connect_future_stays_small() {
+        let direct = crate::outbound::Outbound::Direct(crate::outbound::direct::Direct {
+            mark: 0,
+            connect_timeout: Duration::from_secs(1),
+        });
+        let dst: SocketAddr = "198.51.100.10:7".parse().unwrap();
+        let connect = direct.connect_tcp(dst, Some("a.example"));
+        let size = std::mem::size_of_val(&connect);
+        assert!(size <= 1024, "connect_tcp's future is {size} bytes");
     }
 
     #[test]

@@ -263,9 +263,18 @@ impl Outbound {
         dst: SocketAddr,
         host: Option<&str>,
     ) -> Result<TcpStream, OutboundError> {
-        let s = delegate!(self, o => o.connect_tcp(dst, host).await)?;
-        let _ = s.set_nodelay(true);
-        Ok(s)
+        // Every kind connects through `connect_marked`, whose socket has
+        // TCP_NODELAY before it connects: not set again here.
+        match self {
+            Outbound::Direct(o) => o.connect_tcp(dst, host).await,
+            // The proxies' handshakes hold kilobytes of state: boxed, so
+            // that this future stays the size of a direct connect. Every
+            // flow's task holds (and moves) it, whatever the outbound.
+            Outbound::Socks5(o) => Box::pin(o.connect_tcp(dst, host)).await,
+            Outbound::Http(o) => Box::pin(o.connect_tcp(dst, host)).await,
+            Outbound::Block(o) => o.connect_tcp(dst, host).await,
+            Outbound::Group(o) => o.connect_tcp(dst, host).await,
+        }
     }
 
     /// Why this outbound refuses every UDP datagram, if it does; known

@@ -596,39 +596,56 @@ impl Rules {
     }
 
     /// The index of the first rule that matches `flow`.
-    pub fn first_match(&self, flow: &FlowMeta<'_>) -> Option<usize> {
+    pub fn first_match<'a>(&'a self, flow: &FlowMeta<'_>) -> Option<usize> {
         // Sorted lists of rules that some key of the flow satisfies, each
         // with the key it stands for (0: rules without selective keys).
-        let mut sources: Vec<(&[u32], u8)> = Vec::with_capacity(8);
-        if !self.unselective.is_empty() {
-            sources.push((&self.unselective, 0));
-        }
-        let mut push = |id: u32, key: u8| {
-            let list = self.lists.get(id as usize).map_or(&[][..], |l| &l[..]);
+        // The address and port keys give one list each: a flow without a
+        // name (most of them) merges from the stack, without allocating.
+        let mut fixed: [(&[u32], u8); 4] = [(&[], 0); 4];
+        let mut n = 0;
+        let mut add = |list: &'a [u32], key: u8| {
             if !list.is_empty() {
-                sources.push((list, key));
+                fixed[n] = (list, key);
+                n += 1;
             }
         };
+        let list = |id: u32| self.lists.get(id as usize).map_or(&[][..], |l| &l[..]);
         let addr = |v4: &RangeTable<u32>, v6: &RangeTable<u128>, ip: IpAddr| match canonical(ip) {
             IpAddr::V4(a) => v4.lookup(u32::from(a)),
             IpAddr::V6(a) => v6.lookup(u128::from(a)),
         };
+        add(&self.unselective[..], 0);
         if self.used & DST != 0 {
-            push(addr(&self.dst4, &self.dst6, flow.dst.ip()), DST);
+            add(list(addr(&self.dst4, &self.dst6, flow.dst.ip())), DST);
         }
         if self.used & SRC != 0 {
-            push(addr(&self.src4, &self.src6, flow.src.ip()), SRC);
+            add(list(addr(&self.src4, &self.src6, flow.src.ip())), SRC);
         }
         if self.used & PORT != 0 {
-            push(self.port.lookup(flow.dst.port()), PORT);
+            add(list(self.port.lookup(flow.dst.port())), PORT);
         }
-        if self.used & DOMAIN != 0 {
-            if let Some(name) = flow.domain {
-                self.domains.lookup(&flow_name(name), |id| push(id, DOMAIN));
+        match flow.domain {
+            Some(name) if self.used & DOMAIN != 0 => {
+                // A name may satisfy any number of values (each suffix,
+                // keyword, regex): these go to the heap.
+                let mut sources: Vec<(&[u32], u8)> = Vec::with_capacity(n + 4);
+                sources.extend_from_slice(&fixed[..n]);
+                self.domains.lookup(&flow_name(name), |id| {
+                    let l = list(id);
+                    if !l.is_empty() {
+                        sources.push((l, DOMAIN));
+                    }
+                });
+                self.merge(&mut sources, flow)
             }
+            _ => self.merge(&mut fixed[..n], flow),
         }
-        // Merge in rule order: the smallest head is the next candidate;
-        // the keys whose lists hold it are the keys it satisfies.
+    }
+
+    /// The first rule, in rule order, whose every key is satisfied: the
+    /// smallest head of `sources` is the next candidate, and the keys
+    /// whose lists hold it are the keys it satisfies.
+    fn merge(&self, sources: &mut [(&[u32], u8)], flow: &FlowMeta<'_>) -> Option<usize> {
         loop {
             let next = sources
                 .iter()

@@ -98,6 +98,9 @@ fn listener_socket(addr: SocketAddr, ty: Type, opts: ListenOptions) -> io::Resul
 /// A non-blocking TCP listener bound to `addr`.
 pub fn tcp_listener(addr: SocketAddr, opts: ListenOptions) -> io::Result<std::net::TcpListener> {
     let socket = listener_socket(addr, Type::STREAM, opts)?;
+    // Accepted sockets inherit TCP_NODELAY (Linux copies it with the rest
+    // of the listener's state), so no flow pays a setsockopt for it.
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     Ok(socket.into())
@@ -155,10 +158,15 @@ pub fn set_reset_on_close<S: AsFd>(socket: &S) -> io::Result<()> {
 
 /// A non-blocking TCP socket for an outbound connection, marked.
 pub fn outbound_tcp_socket(dst: &SocketAddr, mark: u32) -> io::Result<Socket> {
-    let socket = Socket::new(domain_of(dst), Type::STREAM, Some(Protocol::TCP))?;
+    // Non-blocking from the start (SOCK_NONBLOCK): two fcntl calls fewer
+    // per flow than setting it afterwards.
+    let socket = Socket::new(
+        domain_of(dst),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
     set_mark(&socket, mark)?;
     socket.set_tcp_nodelay(true)?;
-    socket.set_nonblocking(true)?;
     Ok(socket)
 }
 
