@@ -199,7 +199,7 @@ fn port_in_use_is_one_clear_line() {
     );
 }
 
-/// Marks are written in hex in the README and by iptables: the flag takes
+/// Marks are written in hex in docs/configuration.md and by iptables: the flag takes
 /// both forms (it refused `0xff` before).
 #[test]
 fn marks_on_the_command_line_may_be_hex() {

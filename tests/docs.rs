@@ -338,3 +338,86 @@ fn every_relative_link_points_to_a_file_and_heading_that_exist() {
     assert!(checked >= 20, "only {checked} relative links found");
     assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
 }
+
+/// Every name in the map's code block: `word.rs`, `word/` and the like.
+fn map_names(map: &str) -> HashSet<String> {
+    let mut names = HashSet::new();
+    for word in map.split(|c: char| c.is_whitespace() || "(),:;`".contains(c)) {
+        let word = word.trim_end_matches('.');
+        if word.ends_with(".rs") || word.ends_with(".bin") || word.ends_with('/') {
+            // `src/relay/` and `relay/` both name the folder `relay`;
+            // `udp/hold.rs` names `hold.rs` (in the folder `udp`).
+            if let Some(last) = word.trim_end_matches('/').rsplit('/').next() {
+                names.insert(last.to_string());
+            }
+        }
+    }
+    names
+}
+
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("read_dir entry").path())
+        .collect();
+    entries.sort();
+    for path in entries {
+        if path.is_dir() {
+            files_under(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+}
+
+/// docs/architecture.md's map of src/ names every file there is (a
+/// folder of test data may stand for its files), and names no `.rs` file
+/// that is gone: a file moved or added without the map is a failure here,
+/// not a stale page a newcomer trusts.
+#[test]
+fn the_architecture_map_names_every_source_file() {
+    let page = std::fs::read_to_string(Path::new(ROOT).join("docs/architecture.md"))
+        .expect("docs/architecture.md");
+    let start = page.find("## The map").expect("a '## The map' section");
+    let block = &page[start..];
+    let open = block.find("```").expect("the map's code block") + 3;
+    let close = open + block[open..].find("```").expect("the map's closing fence");
+    let names = map_names(&block[open..close]);
+
+    let src = Path::new(ROOT).join("src");
+    let mut files = Vec::new();
+    files_under(&src, &mut files);
+    let mut missing = Vec::new();
+    let mut existing = HashSet::new();
+    for file in &files {
+        let rel = file.strip_prefix(&src).expect("under src");
+        for part in rel.iter() {
+            existing.insert(part.to_string_lossy().into_owned());
+        }
+        let name = rel.file_name().expect("a file name").to_string_lossy();
+        let folder = rel
+            .parent()
+            .and_then(|p| p.file_name())
+            .map(|f| format!("{}", f.to_string_lossy()));
+        let named = names.contains(name.as_ref())
+            || (rel.extension().is_none_or(|e| e != "rs")
+                && folder.is_some_and(|f| names.contains(&f)));
+        if !named {
+            missing.push(rel.display().to_string());
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "docs/architecture.md's map does not name: {missing:?}"
+    );
+    let mut gone: Vec<_> = names
+        .iter()
+        .filter(|n| n.ends_with(".rs") && !existing.contains(*n))
+        .cloned()
+        .collect();
+    gone.sort();
+    assert!(
+        gone.is_empty(),
+        "docs/architecture.md's map names files that are not in src/: {gone:?}"
+    );
+}

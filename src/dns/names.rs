@@ -115,6 +115,7 @@ impl Names {
     }
 
     /// The name `addr` was last learned for, while its time lasts.
+    #[cfg(test)]
     pub fn lookup(&self, addr: IpAddr, now: Instant) -> Option<Arc<str>> {
         self.lookup_with(addr, || now)
     }

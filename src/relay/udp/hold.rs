@@ -187,13 +187,6 @@ impl Holds {
     }
 }
 
-impl UdpRelay {
-    /// The QUIC holds' counters.
-    pub fn hold_stats(&self) -> &HoldStats {
-        &self.holds.stats
-    }
-}
-
 /// The inbound's hook, before the route decision: takes the datagram when
 /// it belongs to a held flow or starts one (true), or leaves it to the
 /// usual path (false). Call only when [`Holds::enabled`].
