@@ -15,6 +15,7 @@
 //! (read by the API) and its reload; [`registry`] lists its
 //! live flows for the logs, the API and the metrics.
 
+pub mod addr;
 pub mod api;
 pub mod cidr;
 pub mod config;

@@ -169,13 +169,7 @@ impl OutboundKind {
 /// key itself.
 pub fn server<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
     let text = String::deserialize(d)?;
-    text.trim().parse().map_err(|_| {
-        de::Error::custom(format!(
-            "server: {text:?} is not IP:PORT (like \"203.0.113.2:1080\" or \
-             \"[2001:db8::2]:1080\"); a host name is refused on purpose: resolving it could go \
-             through the DNS tproxyd itself captures"
-        ))
-    })
+    crate::addr::parse_ip_port(&text).map_err(|e| de::Error::custom(format!("server: {e}")))
 }
 
 /// An outbound's `dns_over_tcp`: named in the message for the same reason
