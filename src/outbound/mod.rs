@@ -34,11 +34,10 @@ use crate::sys;
 pub use credentials::Credentials;
 pub use kinds::{OutboundConfig, OutboundKind, RawOutbound};
 
-use block::Block;
-use direct::{Direct, DirectUdp};
-use group::{Group, GroupError};
-use http::{HttpClient, HttpError};
-use socks5::{Socks5Client, Socks5Error, UdpAssociation};
+use direct::DirectUdp;
+use group::GroupError;
+use http::HttpError;
+use socks5::{Socks5Error, UdpAssociation};
 
 /// What building an outbound needs besides its own settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,17 +198,23 @@ pub async fn connect_marked(dst: SocketAddr, mark: u32) -> io::Result<TcpStream>
     socket.connect(dst).await
 }
 
-/// One configured outbound.
-#[derive(Debug)]
-pub enum Outbound {
-    Direct(Direct),
-    Socks5(Socks5Client),
-    Http(HttpClient),
-    /// TCP: refused at once (the client gets a reset); UDP: dropped.
-    Block(Block),
-    /// Stands for one of its members; the policy resolves it per flow.
-    Group(Group),
+/// Makes, from the list in [`kinds!`](kinds), the run-time side: the
+/// [`Outbound`] enum (one arm per carrier) and every carrier's
+/// [`Carrier::UDP_HEADER`].
+macro_rules! run_time_side {
+    ([$($kind:ident($settings:ty) => $arm:ident $(($arm_type:ty))?),* $(,)?]) => {
+        /// One configured outbound: an arm per carrier in the list of kinds
+        /// ([`kinds!`](kinds)), each only delegating to the kind's type.
+        #[derive(Debug)]
+        pub enum Outbound {
+            $($($arm($arm_type),)?)*
+        }
+
+        /// The [`Carrier::UDP_HEADER`] of every arm of [`Outbound`].
+        const UDP_HEADERS: &[usize] = &[$($(<$arm_type as Carrier>::UDP_HEADER,)?)*];
+    };
 }
+kinds::kinds!(run_time_side);
 
 /// Why an outbound in the config cannot be built.
 #[derive(Debug, thiserror::Error)]
@@ -222,15 +227,25 @@ pub enum BuildError {
     Group(#[from] GroupError),
 }
 
-/// Calls `$call` on the kind's own type, whatever the arm.
+/// Calls `$call` on the kind's own type (bound to `$o`), whatever the arm.
 macro_rules! delegate {
     ($self:expr, $o:ident => $call:expr) => {
+        kinds::kinds!(delegate_arms; $self, $o => $call)
+    };
+}
+
+/// The `match` of [`delegate!`], one arm per carrier in the list of kinds.
+macro_rules! delegate_arms {
+    (
+        [$($kind:ident($settings:ty) => $arm:ident $(($arm_type:ty))?),* $(,)?]
+        $self:expr, $o:ident => $call:expr
+    ) => {
         match $self {
-            Outbound::Direct($o) => $call,
-            Outbound::Socks5($o) => $call,
-            Outbound::Http($o) => $call,
-            Outbound::Block($o) => $call,
-            Outbound::Group($o) => $call,
+            $($(Outbound::$arm($o) => {
+                // Typed: the line's carrier type is what the arm holds.
+                let $o: &$arm_type = $o;
+                $call
+            })?)*
         }
     };
 }
@@ -264,17 +279,11 @@ impl Outbound {
         host: Option<&str>,
     ) -> Result<TcpStream, OutboundError> {
         // Every kind connects through `connect_marked`, whose socket has
-        // TCP_NODELAY before it connects: not set again here.
-        match self {
-            Outbound::Direct(o) => o.connect_tcp(dst, host).await,
-            // The proxies' handshakes hold kilobytes of state: boxed, so
-            // that this future stays the size of a direct connect. Every
-            // flow's task holds (and moves) it, whatever the outbound.
-            Outbound::Socks5(o) => Box::pin(o.connect_tcp(dst, host)).await,
-            Outbound::Http(o) => Box::pin(o.connect_tcp(dst, host)).await,
-            Outbound::Block(o) => o.connect_tcp(dst, host).await,
-            Outbound::Group(o) => o.connect_tcp(dst, host).await,
-        }
+        // TCP_NODELAY before it connects: not set again here. The
+        // proxies box their handshakes themselves (kilobytes of state), so
+        // that this future, which every flow's task holds, stays the size
+        // of a direct connect (`the_connect_future_stays_small`).
+        delegate!(self, o => o.connect_tcp(dst, host).await)
     }
 
     /// Why this outbound refuses every UDP datagram, if it does; known
@@ -300,24 +309,23 @@ impl Outbound {
     }
 }
 
-const fn max(a: usize, b: usize) -> usize {
-    if a > b {
-        a
-    } else {
-        b
+/// The largest of `values` (0 for none), usable in a `const`.
+const fn max_of(values: &[usize]) -> usize {
+    let mut max = 0;
+    let mut i = 0;
+    while i < values.len() {
+        if values[i] > max {
+            max = values[i];
+        }
+        i += 1;
     }
+    max
 }
 
 /// Room kept in front of every UDP payload so that any kind's header can
 /// be written in place, without copying the payload: the largest
 /// [`Carrier::UDP_HEADER`] of all kinds.
-pub const UDP_HEADROOM: usize = max(
-    max(Direct::UDP_HEADER, Block::UDP_HEADER),
-    max(
-        max(Socks5Client::UDP_HEADER, HttpClient::UDP_HEADER),
-        Group::UDP_HEADER,
-    ),
-);
+pub const UDP_HEADROOM: usize = max_of(UDP_HEADERS);
 
 /// Largest UDP payload the IP layer carries to an address of this family:
 /// 65,535 less the IPv4 header and the UDP header's 8 (IPv6's length
@@ -472,14 +480,9 @@ mod tests {
     #[test]
     fn the_headroom_fits_every_kinds_header() {
         assert_eq!(UDP_HEADROOM, socks5::proto::MAX_UDP_HEADER);
-        for room in [
-            Direct::UDP_HEADER,
-            Block::UDP_HEADER,
-            Socks5Client::UDP_HEADER,
-            HttpClient::UDP_HEADER,
-            Group::UDP_HEADER,
-        ] {
-            assert!(room <= UDP_HEADROOM);
+        assert_eq!(UDP_HEADERS.len(), 5, "one per arm of Outbound");
+        for room in UDP_HEADERS {
+            assert!(*room <= UDP_HEADROOM);
         }
     }
 
