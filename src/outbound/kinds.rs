@@ -3,10 +3,12 @@
 //! and the [`Outbound`] arm that carries it. From that list this file
 //! makes [`RawOutbound`] (what `[[outbounds]]` parses into),
 //! [`OutboundKind`] (checked) and their methods, and `outbound/mod.rs`
-//! makes [`Outbound`], its delegation and [`UDP_HEADROOM`](super::UDP_HEADROOM).
-//! A kind's own file implements [`Kind`] for its settings and
-//! [`Carrier`](super::Carrier) for its client; a kind that carries UDP
-//! also adds its arm to `UdpUpstream` (see docs/architecture.md#adding-an-outbound).
+//! makes [`Outbound`], its delegation, [`UDP_HEADROOM`](super::UDP_HEADROOM) and
+//! [`UdpUpstream`](super::UdpUpstream). A kind's own file implements
+//! [`Kind`] for its settings, [`Carrier`](super::Carrier) for its client
+//! and, if it carries UDP, [`UdpCarrier`](super::UdpCarrier) for its UDP
+//! upstream; nothing else outside its file changes but its line here, its
+//! page in docs/outbounds/ (see docs/architecture.md#adding-an-outbound).
 
 use std::fmt::Debug;
 use std::net::SocketAddr;
@@ -19,28 +21,26 @@ use super::{block, direct, group, http, socks5};
 use super::{BuildError, Carrier, Context, Outbound};
 
 /// THE list of outbound kinds, one line each:
-/// `Variant(settings) => Arm(carrier)`. The variant's lowercase name is
-/// the config's `type`; `settings` implements [`Kind`]; `Arm` is the
-/// [`Outbound`] arm that carries it, with its type where the arm is
-/// declared, bare where a kind shares an arm declared above (selector and
-/// failover are both a `Group`).
+/// `Variant(settings) => Arm(carrier, udp upstream)`. The variant's
+/// lowercase name is the config's `type`; `settings` implements [`Kind`];
+/// `Arm` is the [`Outbound`] arm that carries it, with its type where the
+/// arm is declared, bare where a kind shares an arm declared above
+/// (selector and failover are both a `Group`). A carrier that opens UDP
+/// upstreams names their type after `udp`: it implements
+/// [`UdpCarrier`](super::UdpCarrier) and is the same-named arm of
+/// [`UdpUpstream`](super::UdpUpstream).
 ///
 /// It hands the list, in brackets, to the macro `$then` (followed by
 /// `extra` tokens, if given): `kinds!(then)` or `kinds!(then; extra)`.
 macro_rules! kinds {
-    ($then:ident $(; $($extra:tt)*)?) => {
-        $then! {
-            [
-                Direct(direct::Settings) => Direct(direct::Direct),
-                Socks5(socks5::Settings) => Socks5(socks5::Socks5Client),
-                Http(http::Settings) => Http(http::HttpClient),
-                Block(block::Settings) => Block(block::Block),
-                Selector(group::SelectorSettings) => Group(group::Group),
-                Failover(group::FailoverSettings) => Group,
-            ]
-            $($($extra)*)?
-        }
-    };
+    ($then:ident $(; $($extra:tt)*)?) => { $then! { [
+        Direct(direct::Settings) => Direct(direct::Direct, udp direct::DirectUdp),
+        Socks5(socks5::Settings) => Socks5(socks5::Socks5Client, udp socks5::UdpAssociation),
+        Http(http::Settings) => Http(http::HttpClient),
+        Block(block::Settings) => Block(block::Block),
+        Selector(group::SelectorSettings) => Group(group::Group),
+        Failover(group::FailoverSettings) => Group,
+    ] $($($extra)*)? } };
 }
 pub(crate) use kinds;
 
@@ -104,7 +104,7 @@ pub fn login_note(auth: bool) -> &'static str {
 
 /// Makes the config side of `kinds!`: the enums and their delegation.
 macro_rules! config_side {
-    ([$($kind:ident($settings:ty) => $arm:ident $(($arm_type:ty))?),* $(,)?]) => {
+    ([$($kind:ident($settings:ty) => $arm:ident $(($carrier:ty $(, udp $udp:ty)?))?),* $(,)?]) => {
         /// One outbound as written, by `type`.
         #[derive(Debug, Clone, Deserialize)]
         #[serde(tag = "type", rename_all = "lowercase")]

@@ -5,7 +5,8 @@
 //! [`Carrier`]; [`Outbound`] is the enum whose arms only delegate, so the
 //! dispatch stays static (a UDP upstream's send runs per datagram). The
 //! one list of kinds, with their settings as the config file writes them,
-//! is [`kinds`]. The rest of tproxyd sees outbounds only through this
+//! is `kinds!` in [`kinds`]; this file makes [`Outbound`], [`UdpUpstream`]
+//! and [`UDP_HEADROOM`] from it. The rest of tproxyd sees outbounds only through this
 //! file: [`Outbound`], [`UdpUpstream`], and errors that say what failed
 //! as a protocol-free [`Failure`].
 //!
@@ -34,10 +35,9 @@ use crate::sys;
 pub use credentials::Credentials;
 pub use kinds::{OutboundConfig, OutboundKind, RawOutbound};
 
-use direct::DirectUdp;
 use group::GroupError;
 use http::HttpError;
-use socks5::{Socks5Error, UdpAssociation};
+use socks5::Socks5Error;
 
 /// What building an outbound needs besides its own settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,20 +198,28 @@ pub async fn connect_marked(dst: SocketAddr, mark: u32) -> io::Result<TcpStream>
     socket.connect(dst).await
 }
 
-/// Makes, from the list in [`kinds!`](kinds), the run-time side: the
-/// [`Outbound`] enum (one arm per carrier) and every carrier's
-/// [`Carrier::UDP_HEADER`].
+/// Makes, from the list in `kinds!` ([`kinds`]), the run-time side: the
+/// [`Outbound`] enum (one arm per carrier), every carrier's
+/// [`Carrier::UDP_HEADER`] and the [`UdpUpstream`] enum.
 macro_rules! run_time_side {
-    ([$($kind:ident($settings:ty) => $arm:ident $(($arm_type:ty))?),* $(,)?]) => {
+    ([$($kind:ident($settings:ty) => $arm:ident $(($carrier:ty $(, udp $udp:ty)?))?),* $(,)?]) => {
         /// One configured outbound: an arm per carrier in the list of kinds
-        /// ([`kinds!`](kinds)), each only delegating to the kind's type.
+        /// (`kinds!` in [`kinds`]), each only delegating to the kind's type.
         #[derive(Debug)]
         pub enum Outbound {
-            $($($arm($arm_type),)?)*
+            $($($arm($carrier),)?)*
         }
 
         /// The [`Carrier::UDP_HEADER`] of every arm of [`Outbound`].
-        const UDP_HEADERS: &[usize] = &[$($(<$arm_type as Carrier>::UDP_HEADER,)?)*];
+        const UDP_HEADERS: &[usize] = &[$($(<$carrier as Carrier>::UDP_HEADER,)?)*];
+
+        /// The upstream side of a UDP session: an arm per carrier that
+        /// names a `udp` type in the list of kinds, each only delegating.
+        /// The dispatch is this `match`, per datagram: no box, no table.
+        #[derive(Debug)]
+        pub enum UdpUpstream {
+            $($($($arm($udp),)?)?)*
+        }
     };
 }
 kinds::kinds!(run_time_side);
@@ -237,13 +245,13 @@ macro_rules! delegate {
 /// The `match` of [`delegate!`], one arm per carrier in the list of kinds.
 macro_rules! delegate_arms {
     (
-        [$($kind:ident($settings:ty) => $arm:ident $(($arm_type:ty))?),* $(,)?]
+        [$($kind:ident($settings:ty) => $arm:ident $(($carrier:ty $(, udp $udp:ty)?))?),* $(,)?]
         $self:expr, $o:ident => $call:expr
     ) => {
         match $self {
             $($(Outbound::$arm($o) => {
                 // Typed: the line's carrier type is what the arm holds.
-                let $o: &$arm_type = $o;
+                let $o: &$carrier = $o;
                 $call
             })?)*
         }
@@ -370,13 +378,6 @@ pub trait UdpCarrier {
     fn closed(&self) -> impl Future<Output = String> + Send + '_;
 }
 
-/// The upstream side of a UDP session.
-#[derive(Debug)]
-pub enum UdpUpstream {
-    Direct(DirectUdp),
-    Socks5(UdpAssociation),
-}
-
 /// What one read from the upstream gave.
 #[derive(Debug, PartialEq, Eq)]
 pub enum UdpRecv {
@@ -391,11 +392,26 @@ pub enum UdpRecv {
     Dropped(String),
 }
 
+/// Calls `$call` on the kind's own UDP upstream (bound to `$u`),
+/// whatever the arm.
 macro_rules! delegate_udp {
     ($self:expr, $u:ident => $call:expr) => {
+        kinds::kinds!(delegate_udp_arms; $self, $u => $call)
+    };
+}
+
+/// The `match` of [`delegate_udp!`], one arm per UDP upstream in the list
+/// of kinds.
+macro_rules! delegate_udp_arms {
+    (
+        [$($kind:ident($settings:ty) => $arm:ident $(($carrier:ty $(, udp $udp:ty)?))?),* $(,)?]
+        $self:expr, $u:ident => $call:expr
+    ) => {
         match $self {
-            UdpUpstream::Direct($u) => $call,
-            UdpUpstream::Socks5($u) => $call,
+            $($($(UdpUpstream::$arm($u) => {
+                let $u: &$udp = $u;
+                $call
+            })?)?)*
         }
     };
 }
