@@ -283,7 +283,20 @@ mod tests {
         for (variant, type_name) in TYPES {
             assert_eq!(variant.to_lowercase(), *type_name);
         }
-        assert_eq!(TYPES.len(), 6);
+    }
+
+    /// The checklist in docs/architecture.md ("Adding an outbound"): a
+    /// kind has its page, and the table of kinds links it.
+    #[test]
+    fn every_kind_has_its_docs_page_and_its_row() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let table = std::fs::read_to_string(root.join("docs/configuration.md")).unwrap();
+        for (_, type_name) in TYPES {
+            let page = format!("outbounds/{type_name}.md");
+            assert!(root.join("docs").join(&page).is_file(), "docs/{page}");
+            let row = format!("| `{type_name}` | [{page}]({page}) |");
+            assert!(table.contains(&row), "docs/configuration.md lacks {row}");
+        }
     }
 
     #[test]
