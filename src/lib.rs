@@ -19,6 +19,7 @@
 // compiler holds every other module to that.
 #![deny(unsafe_code)]
 
+pub mod addr;
 pub mod api;
 pub mod cidr;
 pub mod config;

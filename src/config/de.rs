@@ -62,13 +62,7 @@ pub struct HostPort(pub SocketAddr);
 impl FromStr for HostPort {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        s.trim().parse().map(HostPort).map_err(|_| {
-            format!(
-                "{s:?} is not IP:PORT (like \"203.0.113.2:1080\" or \"[2001:db8::2]:1080\"); a host \
-                 name is refused on purpose: resolving it could go through the DNS tproxyd itself \
-                 captures"
-            )
-        })
+        crate::addr::parse_ip_port(s).map(HostPort)
     }
 }
 

@@ -55,6 +55,7 @@ mod tests {
     use super::*;
     use crate::config::tests::{issues_of, no_env, no_fw};
     use crate::config::*;
+    use crate::outbound::kinds::OutboundKind;
 
     #[test]
     fn the_dns_section_and_dns_over_tcp() {

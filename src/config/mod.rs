@@ -13,7 +13,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-pub use crate::outbound::kinds::{OutboundConfig, OutboundKind, RawOutbound};
+use crate::outbound::kinds::{OutboundConfig, RawOutbound};
 
 mod api;
 pub mod de;
@@ -378,6 +378,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::outbound::kinds::OutboundKind;
 
     pub(super) fn no_env(_: &str) -> Option<String> {
         None

@@ -5,9 +5,10 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::{de, Backend, FirewallConfig, OutboundConfig};
+use super::{de, Backend, FirewallConfig};
 use crate::cidr::{Cidr, PortRange};
 use crate::one_or_many;
+use crate::outbound::kinds::OutboundConfig;
 
 /// Which transport a rule matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]

@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use serde::Deserialize;
 use tokio::net::TcpStream;
 
-use super::{Carrier, DnsTransport, OutboundError, UdpUpstream};
+use super::group::Member;
+use super::kinds::Kind;
+use super::{BuildError, Carrier, Context, DnsTransport, OutboundError, UdpUpstream};
 
 /// `[[outbounds]] type = "block"` as written.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -15,7 +17,31 @@ pub struct Raw {
     pub name: Option<String>,
 }
 
-/// The `block` outbound.
+/// A `block` outbound's settings: none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Settings;
+
+impl Kind for Settings {
+    type Raw = Raw;
+    type Built = Block;
+    const TYPE: &'static str = "block";
+
+    fn validate(
+        _: &Raw,
+        _: &str,
+        _: &dyn Fn(&str) -> Option<String>,
+        _: &mut dyn FnMut(&str, String),
+    ) -> Settings {
+        Settings
+    }
+
+    fn build(&self, _name: &str, _: &Context, _: Vec<Member>) -> Result<Block, BuildError> {
+        Ok(Block)
+    }
+}
+
+/// The `block` outbound. TCP: refused at once (the client gets a reset);
+/// UDP: dropped.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Block;
 

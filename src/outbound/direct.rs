@@ -10,9 +10,11 @@ use serde::Deserialize;
 use tokio::io::Interest;
 use tokio::net::{TcpStream, UdpSocket};
 
+use super::group::Member;
+use super::kinds::Kind;
 use super::{
-    connect_marked, ip_udp_max, Carrier, Context, DnsTransport, OutboundError, UdpCarrier, UdpRecv,
-    UdpUpstream, UDP_HEADROOM,
+    connect_marked, ip_udp_max, BuildError, Carrier, Context, DnsTransport, OutboundError,
+    UdpCarrier, UdpRecv, UdpUpstream, UDP_HEADROOM,
 };
 use crate::sys;
 
@@ -21,6 +23,29 @@ use crate::sys;
 #[serde(deny_unknown_fields)]
 pub struct Raw {
     pub name: Option<String>,
+}
+
+/// A `direct` outbound's settings: none beyond the [`Context`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Settings;
+
+impl Kind for Settings {
+    type Raw = Raw;
+    type Built = Direct;
+    const TYPE: &'static str = "direct";
+
+    fn validate(
+        _: &Raw,
+        _: &str,
+        _: &dyn Fn(&str) -> Option<String>,
+        _: &mut dyn FnMut(&str, String),
+    ) -> Settings {
+        Settings
+    }
+
+    fn build(&self, _name: &str, ctx: &Context, _: Vec<Member>) -> Result<Direct, BuildError> {
+        Ok(Direct::new(ctx))
+    }
 }
 
 /// The `direct` outbound.

@@ -22,7 +22,10 @@ use tokio::net::TcpStream;
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, info, warn};
 
-use super::{BoxFuture, Carrier, DnsTransport, Outbound, OutboundError, UdpUpstream};
+use super::kinds::Kind;
+use super::{
+    BoxFuture, BuildError, Carrier, Context, DnsTransport, Outbound, OutboundError, UdpUpstream,
+};
 
 /// Seconds between a failover group's health checks unless set.
 pub const DEFAULT_INTERVAL_SECS: u64 = 30;
@@ -119,25 +122,72 @@ impl RawFailover {
     }
 }
 
-impl SelectorSettings {
+impl Kind for SelectorSettings {
+    type Raw = RawSelector;
+    type Built = Group;
+    const TYPE: &'static str = "selector";
+
+    fn validate(
+        raw: &RawSelector,
+        key: &str,
+        _: &dyn Fn(&str) -> Option<String>,
+        issue: &mut dyn FnMut(&str, String),
+    ) -> SelectorSettings {
+        raw.validate(key, issue)
+    }
+
+    fn members(&self) -> &[String] {
+        &self.members
+    }
+
+    fn describe(&self) -> String {
+        format!("{}({})", Self::TYPE, self.members.join(", "))
+    }
+
     /// The selector named `name` over `members` (built, in order).
-    pub fn build(&self, name: &str, members: Vec<Member>) -> Result<Group, GroupError> {
+    fn build(&self, name: &str, _: &Context, members: Vec<Member>) -> Result<Group, BuildError> {
         let initial = self
             .members
             .iter()
             .position(|m| *m == self.default)
             .unwrap_or(0);
-        Group::new(name.to_string(), GroupKind::Selector, members, initial)
+        Ok(Group::new(
+            name.to_string(),
+            GroupKind::Selector,
+            members,
+            initial,
+        )?)
     }
 }
 
-impl FailoverSettings {
+impl Kind for FailoverSettings {
+    type Raw = RawFailover;
+    type Built = Group;
+    const TYPE: &'static str = "failover";
+
+    fn validate(
+        raw: &RawFailover,
+        key: &str,
+        _: &dyn Fn(&str) -> Option<String>,
+        issue: &mut dyn FnMut(&str, String),
+    ) -> FailoverSettings {
+        raw.validate(key, issue)
+    }
+
+    fn members(&self) -> &[String] {
+        &self.members
+    }
+
+    fn describe(&self) -> String {
+        format!("{}({})", Self::TYPE, self.members.join(", "))
+    }
+
     /// The failover group named `name` over `members` (built, in order).
-    pub fn build(&self, name: &str, members: Vec<Member>) -> Result<Group, GroupError> {
+    fn build(&self, name: &str, _: &Context, members: Vec<Member>) -> Result<Group, BuildError> {
         let kind = GroupKind::Failover {
             interval: self.interval,
         };
-        Group::new(name.to_string(), kind, members, 0)
+        Ok(Group::new(name.to_string(), kind, members, 0)?)
     }
 }
 
@@ -175,6 +225,8 @@ pub enum GroupError {
     NotSelector { group: String },
 }
 
+/// A built group: stands for one of its members; the policy resolves it
+/// per flow.
 pub struct Group {
     pub name: String,
     pub kind: GroupKind,

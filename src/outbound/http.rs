@@ -8,6 +8,7 @@
 //! and the caller still gets a plain [`TcpStream`] it can splice.
 
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -17,7 +18,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::credentials::{self, Credentials};
-use super::{connect_marked, Carrier, Context, DnsTransport, Failure, OutboundError, UdpUpstream};
+use super::group::Member;
+use super::kinds::{self, Kind};
+use super::{
+    connect_marked, BoxFuture, BuildError, Carrier, Context, DnsTransport, Failure, OutboundError,
+    UdpUpstream,
+};
 
 /// `[[outbounds]] type = "http"` as written.
 #[derive(Debug, Clone, Deserialize)]
@@ -42,26 +48,42 @@ pub struct Settings {
     pub send_domain: bool,
 }
 
-impl Raw {
-    /// The settings; problems go to `issue` (`key` names the outbound).
-    pub fn validate(
-        &self,
+impl Kind for Settings {
+    type Raw = Raw;
+    type Built = HttpClient;
+    const TYPE: &'static str = "http";
+
+    fn validate(
+        raw: &Raw,
         key: &str,
         env: &dyn Fn(&str) -> Option<String>,
         issue: &mut dyn FnMut(&str, String),
     ) -> Settings {
         Settings {
-            server: self.server,
+            server: raw.server,
             auth: credentials::validate(
                 key,
-                &self.username,
-                &self.password,
-                &self.password_env,
+                &raw.username,
+                &raw.password,
+                &raw.password_env,
                 env,
                 issue,
             ),
-            send_domain: self.send_domain,
+            send_domain: raw.send_domain,
         }
+    }
+
+    fn server(&self) -> Option<SocketAddr> {
+        Some(self.server)
+    }
+
+    fn describe(&self) -> String {
+        let login = kinds::login_note(self.auth.is_some());
+        format!("{} {}{login}", Self::TYPE, self.server)
+    }
+
+    fn build(&self, _name: &str, ctx: &Context, _: Vec<Member>) -> Result<HttpClient, BuildError> {
+        Ok(HttpClient::from_settings(self, ctx))
     }
 }
 
@@ -343,12 +365,16 @@ impl Carrier for HttpClient {
         DnsTransport::Udp
     }
 
-    async fn connect_tcp(
-        &self,
+    // The handshake holds kilobytes of state: boxed, so that the future of
+    // `Outbound::connect_tcp`, which every flow's task holds (and moves),
+    // stays the size of a direct connect.
+    fn connect_tcp<'a>(
+        &'a self,
         dst: SocketAddr,
-        host: Option<&str>,
-    ) -> Result<TcpStream, OutboundError> {
-        Ok(self.connect(dst, host).await?)
+        host: Option<&'a str>,
+    ) -> impl Future<Output = Result<TcpStream, OutboundError>> + Send + 'a {
+        let boxed: BoxFuture<'a, _> = Box::pin(async move { Ok(self.connect(dst, host).await?) });
+        boxed
     }
 
     async fn open_udp(&self) -> Result<UdpUpstream, OutboundError> {

@@ -1,42 +1,210 @@
-//! The one list of outbound kinds: what `[[outbounds]] type = ...`
-//! accepts, how each entry is checked, and what it builds. Adding a kind
-//! adds one line to each `match` here and nothing elsewhere outside its
-//! own file (see docs/architecture-outbounds.md).
+//! The one list of outbound kinds: `kinds!`. Each line names a kind's
+//! settings (what its `[[outbounds]] type = ...` entry is checked into)
+//! and the [`Outbound`] arm that carries it. From that list this file
+//! makes [`RawOutbound`] (what `[[outbounds]]` parses into),
+//! [`OutboundKind`] (checked) and their methods, and `outbound/mod.rs`
+//! makes [`Outbound`], its delegation, [`UDP_HEADROOM`](super::UDP_HEADROOM) and
+//! [`UdpUpstream`](super::UdpUpstream). A kind's own file implements
+//! [`Kind`] for its settings, [`Carrier`](super::Carrier) for its client
+//! and, if it carries UDP, [`UdpCarrier`](super::UdpCarrier) for its UDP
+//! upstream; nothing else outside its file changes but its line here, its
+//! page in docs/outbounds/ (see docs/architecture.md#adding-an-outbound).
 
+use std::fmt::Debug;
 use std::net::SocketAddr;
 
-use serde::de::{self, Deserializer};
+use serde::de::{self, DeserializeOwned, Deserializer};
 use serde::Deserialize;
 
-use super::block::{self, Block};
-use super::direct::{self, Direct};
-use super::group::{self, Member};
-use super::http::{self, HttpClient};
-use super::socks5::{self, Socks5Client};
-use super::{BuildError, Context, Outbound};
+use super::group::Member;
+use super::{block, direct, group, http, socks5};
+use super::{BuildError, Carrier, Context, Outbound};
 
-/// One outbound as written, by `type`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum RawOutbound {
-    Direct(direct::Raw),
-    Socks5(socks5::Raw),
-    Http(http::Raw),
-    Block(block::Raw),
-    Selector(group::RawSelector),
-    Failover(group::RawFailover),
+/// THE list of outbound kinds, one line each:
+/// `Variant(settings) => Arm(carrier, udp upstream)`. The variant's
+/// lowercase name is the config's `type`; `settings` implements [`Kind`];
+/// `Arm` is the [`Outbound`] arm that carries it, with its type where the
+/// arm is declared, bare where a kind shares an arm declared above
+/// (selector and failover are both a `Group`). A carrier that opens UDP
+/// upstreams names their type after `udp`: it implements
+/// [`UdpCarrier`](super::UdpCarrier) and is the same-named arm of
+/// [`UdpUpstream`](super::UdpUpstream).
+///
+/// It hands the list, in brackets, to the macro `$then` (followed by
+/// `extra` tokens, if given): `kinds!(then)` or `kinds!(then; extra)`.
+macro_rules! kinds {
+    ($then:ident $(; $($extra:tt)*)?) => { $then! { [
+        Direct(direct::Settings) => Direct(direct::Direct, udp direct::DirectUdp),
+        Socks5(socks5::Settings) => Socks5(socks5::Socks5Client, udp socks5::UdpAssociation),
+        Http(http::Settings) => Http(http::HttpClient),
+        Block(block::Settings) => Block(block::Block),
+        Selector(group::SelectorSettings) => Group(group::Group),
+        Failover(group::FailoverSettings) => Group,
+    ] $($($extra)*)? } };
+}
+pub(crate) use kinds;
+
+/// What a kind's checked settings are and do; [`OutboundKind`] delegates
+/// to it. Implemented in the kind's own file.
+pub trait Kind: Sized + Debug + Clone + Eq {
+    /// The `[[outbounds]]` entry as written: `#[serde(deny_unknown_fields)]`,
+    /// with a `name: Option<String>` field.
+    type Raw: DeserializeOwned + Debug + Clone;
+
+    /// What [`build`](Kind::build) makes: the type of its [`Outbound`] arm.
+    type Built: Carrier;
+
+    /// The config's `type`: the lowercase name of its line in `kinds!`.
+    const TYPE: &'static str;
+
+    /// The settings (`key` names the outbound in messages); problems go to
+    /// `issue`. Member names are the config's to check: it knows every
+    /// outbound.
+    fn validate(
+        raw: &Self::Raw,
+        key: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+        issue: &mut dyn FnMut(&str, String),
+    ) -> Self;
+
+    /// The upstream proxy server, for the outbounds that have one: it is
+    /// never captured, whatever the rules say.
+    fn server(&self) -> Option<SocketAddr> {
+        None
+    }
+
+    /// The outbounds a group names instead of carrying flows itself.
+    fn members(&self) -> &[String] {
+        &[]
+    }
+
+    /// What the start-up log says of it, without secrets.
+    fn describe(&self) -> String {
+        Self::TYPE.to_string()
+    }
+
+    /// The outbound named `name`; `members` are a group's members, built,
+    /// in the order [`members`](Kind::members) names them.
+    fn build(
+        &self,
+        name: &str,
+        ctx: &Context,
+        members: Vec<Member>,
+    ) -> Result<Self::Built, BuildError>;
 }
 
-/// One outbound's settings, checked.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OutboundKind {
-    Direct,
-    Socks5(socks5::Settings),
-    Http(http::Settings),
-    Block,
-    Selector(group::SelectorSettings),
-    Failover(group::FailoverSettings),
+/// What the log says after a proxy's address when it logs in.
+pub fn login_note(auth: bool) -> &'static str {
+    if auth {
+        " (username/password)"
+    } else {
+        ""
+    }
 }
+
+/// Makes the config side of `kinds!`: the enums and their delegation.
+macro_rules! config_side {
+    ([$($kind:ident($settings:ty) => $arm:ident $(($carrier:ty $(, udp $udp:ty)?))?),* $(,)?]) => {
+        /// One outbound as written, by `type`.
+        #[derive(Debug, Clone, Deserialize)]
+        #[serde(tag = "type", rename_all = "lowercase")]
+        pub enum RawOutbound {
+            $($kind(<$settings as Kind>::Raw),)*
+        }
+
+        /// One outbound's settings, checked.
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        pub enum OutboundKind {
+            $($kind($settings),)*
+        }
+
+        /// Every line's variant and [`Kind::TYPE`], for the test that
+        /// serde's tag and the logs agree.
+        #[cfg(test)]
+        const TYPES: &[(&str, &str)] = &[$((stringify!($kind), <$settings as Kind>::TYPE),)*];
+
+        impl RawOutbound {
+            /// The `name` it was given, if any.
+            pub fn name(&self) -> Option<&str> {
+                match self {
+                    $(RawOutbound::$kind(r) => r.name.as_deref(),)*
+                }
+            }
+
+            pub fn type_name(&self) -> &'static str {
+                match self {
+                    $(RawOutbound::$kind(_) => <$settings as Kind>::TYPE,)*
+                }
+            }
+
+            /// The outbound with its name (`key` names it in messages);
+            /// problems go to `issue`. Member names are the caller's to
+            /// check: it knows every outbound.
+            pub fn validate(
+                &self,
+                key: &str,
+                name: String,
+                env: &dyn Fn(&str) -> Option<String>,
+                issue: &mut dyn FnMut(&str, String),
+            ) -> OutboundConfig {
+                let kind = match self {
+                    $(RawOutbound::$kind(r) => {
+                        OutboundKind::$kind(<$settings as Kind>::validate(r, key, env, issue))
+                    })*
+                };
+                OutboundConfig { name, kind }
+            }
+        }
+
+        impl OutboundKind {
+            pub fn type_name(&self) -> &'static str {
+                match self {
+                    $(OutboundKind::$kind(_) => <$settings as Kind>::TYPE,)*
+                }
+            }
+
+            /// The upstream proxy server, for the outbounds that have one:
+            /// it is never captured, whatever the rules say.
+            pub fn server(&self) -> Option<SocketAddr> {
+                match self {
+                    $(OutboundKind::$kind(s) => s.server(),)*
+                }
+            }
+
+            /// Groups name other outbounds instead of carrying flows
+            /// themselves.
+            pub fn members(&self) -> &[String] {
+                match self {
+                    $(OutboundKind::$kind(s) => s.members(),)*
+                }
+            }
+
+            /// What the start-up log says of it: `socks5 203.0.113.2:1080`,
+            /// `failover(a, b)`.
+            pub fn describe(&self) -> String {
+                match self {
+                    $(OutboundKind::$kind(s) => s.describe(),)*
+                }
+            }
+
+            /// The outbound these settings describe, named `name`.
+            /// `members` are a group's members, built, in the order
+            /// [`members`](Self::members) names them; empty for the other
+            /// kinds.
+            pub fn build(
+                &self,
+                name: &str,
+                ctx: &Context,
+                members: Vec<Member>,
+            ) -> Result<Outbound, BuildError> {
+                Ok(match self {
+                    $(OutboundKind::$kind(s) => Outbound::$arm(s.build(name, ctx, members)?),)*
+                })
+            }
+        }
+    };
+}
+kinds!(config_side);
 
 /// One named outbound: where flows that a rule (or `route.final`) sends
 /// to it go.
@@ -46,121 +214,11 @@ pub struct OutboundConfig {
     pub kind: OutboundKind,
 }
 
-impl RawOutbound {
-    /// The `name` it was given, if any.
-    pub fn name(&self) -> Option<&str> {
-        match self {
-            RawOutbound::Direct(r) => r.name.as_deref(),
-            RawOutbound::Socks5(r) => r.name.as_deref(),
-            RawOutbound::Http(r) => r.name.as_deref(),
-            RawOutbound::Block(r) => r.name.as_deref(),
-            RawOutbound::Selector(r) => r.name.as_deref(),
-            RawOutbound::Failover(r) => r.name.as_deref(),
-        }
-    }
-
-    pub fn type_name(&self) -> &'static str {
-        match self {
-            RawOutbound::Direct(_) => "direct",
-            RawOutbound::Socks5(_) => "socks5",
-            RawOutbound::Http(_) => "http",
-            RawOutbound::Block(_) => "block",
-            RawOutbound::Selector(_) => "selector",
-            RawOutbound::Failover(_) => "failover",
-        }
-    }
-
-    /// The outbound with its name (`key` names it in messages); problems
-    /// go to `issue`. Member names are the caller's to check: it knows
-    /// every outbound.
-    pub fn validate(
-        &self,
-        key: &str,
-        name: String,
-        env: &dyn Fn(&str) -> Option<String>,
-        issue: &mut dyn FnMut(&str, String),
-    ) -> OutboundConfig {
-        let kind = match self {
-            RawOutbound::Direct(_) => OutboundKind::Direct,
-            RawOutbound::Socks5(r) => OutboundKind::Socks5(r.validate(key, env, issue)),
-            RawOutbound::Http(r) => OutboundKind::Http(r.validate(key, env, issue)),
-            RawOutbound::Block(_) => OutboundKind::Block,
-            RawOutbound::Selector(r) => OutboundKind::Selector(r.validate(key, issue)),
-            RawOutbound::Failover(r) => OutboundKind::Failover(r.validate(key, issue)),
-        };
-        OutboundConfig { name, kind }
-    }
-}
-
 impl OutboundKind {
-    pub fn type_name(&self) -> &'static str {
-        match self {
-            OutboundKind::Direct => "direct",
-            OutboundKind::Socks5(_) => "socks5",
-            OutboundKind::Http(_) => "http",
-            OutboundKind::Block => "block",
-            OutboundKind::Selector(_) => "selector",
-            OutboundKind::Failover(_) => "failover",
-        }
-    }
-
     /// Whether flows sent to it go straight to their destination, as if
     /// never captured (so the kernel may skip capturing them at all).
     pub fn is_direct(&self) -> bool {
-        *self == OutboundKind::Direct
-    }
-
-    /// The upstream proxy server, for the outbounds that have one: it is
-    /// never captured, whatever the rules say.
-    pub fn server(&self) -> Option<SocketAddr> {
-        match self {
-            OutboundKind::Socks5(s) => Some(s.server),
-            OutboundKind::Http(s) => Some(s.server),
-            _ => None,
-        }
-    }
-
-    /// Groups name other outbounds instead of carrying flows themselves.
-    pub fn members(&self) -> &[String] {
-        match self {
-            OutboundKind::Selector(s) => &s.members,
-            OutboundKind::Failover(s) => &s.members,
-            _ => &[],
-        }
-    }
-
-    /// What the start-up log says of it: `socks5 203.0.113.2:1080`,
-    /// `failover(a, b)`.
-    pub fn describe(&self) -> String {
-        let login = |auth: bool| if auth { " (username/password)" } else { "" };
-        let kind = self.type_name();
-        match self {
-            OutboundKind::Socks5(s) => format!("{kind} {}{}", s.server, login(s.auth.is_some())),
-            OutboundKind::Http(s) => format!("{kind} {}{}", s.server, login(s.auth.is_some())),
-            OutboundKind::Selector(_) | OutboundKind::Failover(_) => {
-                format!("{kind}({})", self.members().join(", "))
-            }
-            OutboundKind::Direct | OutboundKind::Block => kind.to_string(),
-        }
-    }
-
-    /// The outbound these settings describe, named `name`. `members` are
-    /// a group's members, built, in the order [`members`](Self::members)
-    /// names them; empty for the other kinds.
-    pub fn build(
-        &self,
-        name: &str,
-        ctx: &Context,
-        members: Vec<Member>,
-    ) -> Result<Outbound, BuildError> {
-        Ok(match self {
-            OutboundKind::Direct => Outbound::Direct(Direct::new(ctx)),
-            OutboundKind::Socks5(s) => Outbound::Socks5(Socks5Client::new(s, ctx)),
-            OutboundKind::Http(s) => Outbound::Http(HttpClient::from_settings(s, ctx)),
-            OutboundKind::Block => Outbound::Block(Block),
-            OutboundKind::Selector(s) => Outbound::Group(s.build(name, members)?),
-            OutboundKind::Failover(s) => Outbound::Group(s.build(name, members)?),
-        })
+        matches!(self, OutboundKind::Direct(_))
     }
 }
 
@@ -169,13 +227,7 @@ impl OutboundKind {
 /// key itself.
 pub fn server<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
     let text = String::deserialize(d)?;
-    text.trim().parse().map_err(|_| {
-        de::Error::custom(format!(
-            "server: {text:?} is not IP:PORT (like \"203.0.113.2:1080\" or \
-             \"[2001:db8::2]:1080\"); a host name is refused on purpose: resolving it could go \
-             through the DNS tproxyd itself captures"
-        ))
-    })
+    crate::addr::parse_ip_port(&text).map_err(|e| de::Error::custom(format!("server: {e}")))
 }
 
 /// An outbound's `dns_over_tcp`: named in the message for the same reason
@@ -223,6 +275,27 @@ mod tests {
             let built = cfg.kind.build("o", &ctx, Vec::new()).unwrap();
             assert_eq!(built.name(), kind);
             assert_eq!(built.clash_type(), clash);
+        }
+    }
+
+    #[test]
+    fn every_kinds_type_is_its_lowercase_variant() {
+        for (variant, type_name) in TYPES {
+            assert_eq!(variant.to_lowercase(), *type_name);
+        }
+    }
+
+    /// The checklist in docs/architecture.md ("Adding an outbound"): a
+    /// kind has its page, and the table of kinds links it.
+    #[test]
+    fn every_kind_has_its_docs_page_and_its_row() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let table = std::fs::read_to_string(root.join("docs/configuration.md")).unwrap();
+        for (_, type_name) in TYPES {
+            let page = format!("outbounds/{type_name}.md");
+            assert!(root.join("docs").join(&page).is_file(), "docs/{page}");
+            let row = format!("| `{type_name}` | [{page}]({page}) |");
+            assert!(table.contains(&row), "docs/configuration.md lacks {row}");
         }
     }
 

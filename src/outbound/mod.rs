@@ -5,7 +5,8 @@
 //! [`Carrier`]; [`Outbound`] is the enum whose arms only delegate, so the
 //! dispatch stays static (a UDP upstream's send runs per datagram). The
 //! one list of kinds, with their settings as the config file writes them,
-//! is [`kinds`]. The rest of tproxyd sees outbounds only through this
+//! is `kinds!` in [`kinds`]; this file makes [`Outbound`], [`UdpUpstream`]
+//! and [`UDP_HEADROOM`] from it. The rest of tproxyd sees outbounds only through this
 //! file: [`Outbound`], [`UdpUpstream`], and errors that say what failed
 //! as a protocol-free [`Failure`].
 //!
@@ -34,11 +35,9 @@ use crate::sys;
 pub use credentials::Credentials;
 pub use kinds::{OutboundConfig, OutboundKind, RawOutbound};
 
-use block::Block;
-use direct::{Direct, DirectUdp};
-use group::{Group, GroupError};
-use http::{HttpClient, HttpError};
-use socks5::{Socks5Client, Socks5Error, UdpAssociation};
+use group::GroupError;
+use http::HttpError;
+use socks5::Socks5Error;
 
 /// What building an outbound needs besides its own settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,17 +198,31 @@ pub async fn connect_marked(dst: SocketAddr, mark: u32) -> io::Result<TcpStream>
     socket.connect(dst).await
 }
 
-/// One configured outbound.
-#[derive(Debug)]
-pub enum Outbound {
-    Direct(Direct),
-    Socks5(Socks5Client),
-    Http(HttpClient),
-    /// TCP: refused at once (the client gets a reset); UDP: dropped.
-    Block(Block),
-    /// Stands for one of its members; the policy resolves it per flow.
-    Group(Group),
+/// Makes, from the list in `kinds!` ([`kinds`]), the run-time side: the
+/// [`Outbound`] enum (one arm per carrier), every carrier's
+/// [`Carrier::UDP_HEADER`] and the [`UdpUpstream`] enum.
+macro_rules! run_time_side {
+    ([$($kind:ident($settings:ty) => $arm:ident $(($carrier:ty $(, udp $udp:ty)?))?),* $(,)?]) => {
+        /// One configured outbound: an arm per carrier in the list of kinds
+        /// (`kinds!` in [`kinds`]), each only delegating to the kind's type.
+        #[derive(Debug)]
+        pub enum Outbound {
+            $($($arm($carrier),)?)*
+        }
+
+        /// The [`Carrier::UDP_HEADER`] of every arm of [`Outbound`].
+        const UDP_HEADERS: &[usize] = &[$($(<$carrier as Carrier>::UDP_HEADER,)?)*];
+
+        /// The upstream side of a UDP session: an arm per carrier that
+        /// names a `udp` type in the list of kinds, each only delegating.
+        /// The dispatch is this `match`, per datagram: no box, no table.
+        #[derive(Debug)]
+        pub enum UdpUpstream {
+            $($($($arm($udp),)?)?)*
+        }
+    };
 }
+kinds::kinds!(run_time_side);
 
 /// Why an outbound in the config cannot be built.
 #[derive(Debug, thiserror::Error)]
@@ -222,15 +235,25 @@ pub enum BuildError {
     Group(#[from] GroupError),
 }
 
-/// Calls `$call` on the kind's own type, whatever the arm.
+/// Calls `$call` on the kind's own type (bound to `$o`), whatever the arm.
 macro_rules! delegate {
     ($self:expr, $o:ident => $call:expr) => {
+        kinds::kinds!(delegate_arms; $self, $o => $call)
+    };
+}
+
+/// The `match` of [`delegate!`], one arm per carrier in the list of kinds.
+macro_rules! delegate_arms {
+    (
+        [$($kind:ident($settings:ty) => $arm:ident $(($carrier:ty $(, udp $udp:ty)?))?),* $(,)?]
+        $self:expr, $o:ident => $call:expr
+    ) => {
         match $self {
-            Outbound::Direct($o) => $call,
-            Outbound::Socks5($o) => $call,
-            Outbound::Http($o) => $call,
-            Outbound::Block($o) => $call,
-            Outbound::Group($o) => $call,
+            $($(Outbound::$arm($o) => {
+                // Typed: the line's carrier type is what the arm holds.
+                let $o: &$carrier = $o;
+                $call
+            })?)*
         }
     };
 }
@@ -264,17 +287,11 @@ impl Outbound {
         host: Option<&str>,
     ) -> Result<TcpStream, OutboundError> {
         // Every kind connects through `connect_marked`, whose socket has
-        // TCP_NODELAY before it connects: not set again here.
-        match self {
-            Outbound::Direct(o) => o.connect_tcp(dst, host).await,
-            // The proxies' handshakes hold kilobytes of state: boxed, so
-            // that this future stays the size of a direct connect. Every
-            // flow's task holds (and moves) it, whatever the outbound.
-            Outbound::Socks5(o) => Box::pin(o.connect_tcp(dst, host)).await,
-            Outbound::Http(o) => Box::pin(o.connect_tcp(dst, host)).await,
-            Outbound::Block(o) => o.connect_tcp(dst, host).await,
-            Outbound::Group(o) => o.connect_tcp(dst, host).await,
-        }
+        // TCP_NODELAY before it connects: not set again here. The
+        // proxies box their handshakes themselves (kilobytes of state), so
+        // that this future, which every flow's task holds, stays the size
+        // of a direct connect (`the_connect_future_stays_small`).
+        delegate!(self, o => o.connect_tcp(dst, host).await)
     }
 
     /// Why this outbound refuses every UDP datagram, if it does; known
@@ -300,24 +317,23 @@ impl Outbound {
     }
 }
 
-const fn max(a: usize, b: usize) -> usize {
-    if a > b {
-        a
-    } else {
-        b
+/// The largest of `values` (0 for none), usable in a `const`.
+const fn max_of(values: &[usize]) -> usize {
+    let mut max = 0;
+    let mut i = 0;
+    while i < values.len() {
+        if values[i] > max {
+            max = values[i];
+        }
+        i += 1;
     }
+    max
 }
 
 /// Room kept in front of every UDP payload so that any kind's header can
 /// be written in place, without copying the payload: the largest
 /// [`Carrier::UDP_HEADER`] of all kinds.
-pub const UDP_HEADROOM: usize = max(
-    max(Direct::UDP_HEADER, Block::UDP_HEADER),
-    max(
-        max(Socks5Client::UDP_HEADER, HttpClient::UDP_HEADER),
-        Group::UDP_HEADER,
-    ),
-);
+pub const UDP_HEADROOM: usize = max_of(UDP_HEADERS);
 
 /// Largest UDP payload the IP layer carries to an address of this family:
 /// 65,535 less the IPv4 header and the UDP header's 8 (IPv6's length
@@ -362,13 +378,6 @@ pub trait UdpCarrier {
     fn closed(&self) -> impl Future<Output = String> + Send + '_;
 }
 
-/// The upstream side of a UDP session.
-#[derive(Debug)]
-pub enum UdpUpstream {
-    Direct(DirectUdp),
-    Socks5(UdpAssociation),
-}
-
 /// What one read from the upstream gave.
 #[derive(Debug, PartialEq, Eq)]
 pub enum UdpRecv {
@@ -383,11 +392,26 @@ pub enum UdpRecv {
     Dropped(String),
 }
 
+/// Calls `$call` on the kind's own UDP upstream (bound to `$u`),
+/// whatever the arm.
 macro_rules! delegate_udp {
     ($self:expr, $u:ident => $call:expr) => {
+        kinds::kinds!(delegate_udp_arms; $self, $u => $call)
+    };
+}
+
+/// The `match` of [`delegate_udp!`], one arm per UDP upstream in the list
+/// of kinds.
+macro_rules! delegate_udp_arms {
+    (
+        [$($kind:ident($settings:ty) => $arm:ident $(($carrier:ty $(, udp $udp:ty)?))?),* $(,)?]
+        $self:expr, $u:ident => $call:expr
+    ) => {
         match $self {
-            UdpUpstream::Direct($u) => $call,
-            UdpUpstream::Socks5($u) => $call,
+            $($($(UdpUpstream::$arm($u) => {
+                let $u: &$udp = $u;
+                $call
+            })?)?)*
         }
     };
 }
@@ -472,14 +496,8 @@ mod tests {
     #[test]
     fn the_headroom_fits_every_kinds_header() {
         assert_eq!(UDP_HEADROOM, socks5::proto::MAX_UDP_HEADER);
-        for room in [
-            Direct::UDP_HEADER,
-            Block::UDP_HEADER,
-            Socks5Client::UDP_HEADER,
-            HttpClient::UDP_HEADER,
-            Group::UDP_HEADER,
-        ] {
-            assert!(room <= UDP_HEADROOM);
+        for room in UDP_HEADERS {
+            assert!(*room <= UDP_HEADROOM);
         }
     }
 

@@ -3,6 +3,7 @@
 
 pub mod proto;
 
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
@@ -12,9 +13,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::{TcpStream, UdpSocket};
 
 use super::credentials::{self, Credentials};
+use super::group::Member;
+use super::kinds::{self, Kind};
 use super::{
-    connect_marked, ip_udp_max, Carrier, Context, DnsTransport, Failure, OutboundError, UdpCarrier,
-    UdpRecv, UdpUpstream, UDP_HEADROOM,
+    connect_marked, ip_udp_max, BoxFuture, BuildError, Carrier, Context, DnsTransport, Failure,
+    OutboundError, UdpCarrier, UdpRecv, UdpUpstream, UDP_HEADROOM,
 };
 use crate::sys;
 use proto::{Address, MethodChoice, ProtoError};
@@ -47,27 +50,48 @@ pub struct Settings {
     pub dns_over_tcp: bool,
 }
 
-impl Raw {
-    /// The settings; problems go to `issue` (`key` names the outbound).
-    pub fn validate(
-        &self,
+impl Kind for Settings {
+    type Raw = Raw;
+    type Built = Socks5Client;
+    const TYPE: &'static str = "socks5";
+
+    fn validate(
+        raw: &Raw,
         key: &str,
         env: &dyn Fn(&str) -> Option<String>,
         issue: &mut dyn FnMut(&str, String),
     ) -> Settings {
         Settings {
-            server: self.server,
+            server: raw.server,
             auth: credentials::validate(
                 key,
-                &self.username,
-                &self.password,
-                &self.password_env,
+                &raw.username,
+                &raw.password,
+                &raw.password_env,
                 env,
                 issue,
             ),
-            send_domain: self.send_domain,
-            dns_over_tcp: self.dns_over_tcp,
+            send_domain: raw.send_domain,
+            dns_over_tcp: raw.dns_over_tcp,
         }
+    }
+
+    fn server(&self) -> Option<SocketAddr> {
+        Some(self.server)
+    }
+
+    fn describe(&self) -> String {
+        let login = kinds::login_note(self.auth.is_some());
+        format!("{} {}{login}", Self::TYPE, self.server)
+    }
+
+    fn build(
+        &self,
+        _name: &str,
+        ctx: &Context,
+        _: Vec<Member>,
+    ) -> Result<Socks5Client, BuildError> {
+        Ok(Socks5Client::new(self, ctx))
     }
 }
 
@@ -469,12 +493,17 @@ impl Carrier for Socks5Client {
         }
     }
 
-    async fn connect_tcp(
-        &self,
+    // The handshake holds kilobytes of state: boxed, so that the future of
+    // `Outbound::connect_tcp`, which every flow's task holds (and moves),
+    // stays the size of a direct connect.
+    fn connect_tcp<'a>(
+        &'a self,
         dst: SocketAddr,
-        host: Option<&str>,
-    ) -> Result<TcpStream, OutboundError> {
-        Ok(self.connect_to(self.target(dst, host)).await?)
+        host: Option<&'a str>,
+    ) -> impl Future<Output = Result<TcpStream, OutboundError>> + Send + 'a {
+        let boxed: BoxFuture<'a, _> =
+            Box::pin(async move { Ok(self.connect_to(self.target(dst, host)).await?) });
+        boxed
     }
 
     async fn open_udp(&self) -> Result<UdpUpstream, OutboundError> {
