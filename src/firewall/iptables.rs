@@ -426,7 +426,10 @@ impl Ours {
             let Some(rest) = line.strip_prefix("-A ") else {
                 continue;
             };
-            let Some(chain) = rest.split_whitespace().next() else {
+            // iptables-save separates the chain with one space; a line in
+            // any other shape is not one it wrote, and is left alone (so
+            // a deletion always names PREROUTING or OUTPUT as written).
+            let Some(chain) = rest.split(' ').next() else {
                 continue;
             };
             if own_chain(chain).is_some() {
@@ -992,6 +995,25 @@ COMMIT
         assert_eq!(
             restore_words("-m comment --comment \"a \\\"b\\\\\" -j\tX"),
             ["-m", "comment", "--comment", "a \"b\\", "-j", "X"]
+        );
+    }
+
+    /// Found by the tool_output fuzz target: a jump written with a tab
+    /// after the chain (never iptables-save's shape) was read as
+    /// PREROUTING's and its deletion echoed the odd spacing. Only lines in
+    /// iptables-save's own shape are read as tproxyd's.
+    #[test]
+    fn removal_reads_only_lines_in_iptables_saves_shape() {
+        let save = "\
+*mangle
+:TPROXYD_PRE - [0:0]
+-A PREROUTING\t-i br-lan -j TPROXYD_PRE
+-A PREROUTING -i br-lan -j TPROXYD_PRE
+COMMIT
+";
+        assert_eq!(
+            removal(save, "mangle").unwrap(),
+            "*mangle\n:TPROXYD_PRE - [0:0]\n-D PREROUTING -i br-lan -j TPROXYD_PRE\n-X TPROXYD_PRE\nCOMMIT\n"
         );
     }
 }
