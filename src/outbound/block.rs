@@ -49,7 +49,8 @@ impl Carrier for Block {
     const UDP_HEADER: usize = 0;
 
     fn type_name(&self) -> &'static str {
-        "block"
+        // One spelling: the config's `type`, from the kind's settings.
+        <Settings as Kind>::TYPE
     }
 
     fn clash_type(&self) -> &'static str {

@@ -68,7 +68,8 @@ impl Carrier for Direct {
     const UDP_HEADER: usize = 0;
 
     fn type_name(&self) -> &'static str {
-        "direct"
+        // One spelling: the config's `type`, from the kind's settings.
+        <Settings as Kind>::TYPE
     }
 
     fn clash_type(&self) -> &'static str {

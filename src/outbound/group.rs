@@ -209,8 +209,8 @@ pub enum GroupKind {
 impl GroupKind {
     pub fn type_name(&self) -> &'static str {
         match self {
-            GroupKind::Selector => "selector",
-            GroupKind::Failover { .. } => "failover",
+            GroupKind::Selector => <SelectorSettings as Kind>::TYPE,
+            GroupKind::Failover { .. } => <FailoverSettings as Kind>::TYPE,
         }
     }
 }

@@ -343,7 +343,8 @@ impl Carrier for HttpClient {
     const UDP_HEADER: usize = 0;
 
     fn type_name(&self) -> &'static str {
-        "http"
+        // One spelling: the config's `type`, from the kind's settings.
+        <Settings as Kind>::TYPE
     }
 
     fn clash_type(&self) -> &'static str {

@@ -469,7 +469,8 @@ impl Carrier for Socks5Client {
     const UDP_HEADER: usize = proto::MAX_UDP_HEADER;
 
     fn type_name(&self) -> &'static str {
-        "socks5"
+        // One spelling: the config's `type`, from the kind's settings.
+        <Settings as Kind>::TYPE
     }
 
     fn clash_type(&self) -> &'static str {
