@@ -362,8 +362,6 @@ mod tests {
     use crate::config::{Limits, Timeouts};
     use crate::policy::sniff::quic::{crypto_frame, seal_initial, Version};
     use crate::policy::sniff::tls::tests::client_hello;
-    use crate::policy::Policy;
-    use crate::route::Router;
 
     const DCID: [u8; 8] = [1, 2, 3, 4, 5, 6, 7, 8];
 
@@ -377,10 +375,6 @@ mod tests {
              [[route.rules]]\ndomain_suffix = [\"via-b.example\"]\noutbound = \"b\"\n\
              [firewall]\nbackend = \"none\"\n"
         );
-        let cfg = crate::config::RawConfig::from_toml(&text, "t")
-            .unwrap()
-            .validate(&|_| None)
-            .unwrap_or_else(|e| panic!("{e}"));
         let limits = Limits {
             udp_sessions: 16,
             udp_sessions_per_client: 16,
@@ -396,17 +390,7 @@ mod tests {
             udp_dns_idle: Duration::from_secs(10),
             udp_unreplied: Duration::from_secs(10),
         };
-        let router = Router::new(
-            "127.0.0.1:1090".parse().unwrap(),
-            Policy::from_config(&cfg).unwrap(),
-        );
-        UdpRelay::new(
-            router,
-            timeouts,
-            limits,
-            0,
-            Arc::new(crate::registry::Registry::new()),
-        )
+        super::super::tests::relay_from_toml(&text, limits, timeouts)
     }
 
     fn framed(payload: &[u8]) -> Vec<u8> {

@@ -73,10 +73,6 @@ fn relay_two_ways(
          [[route.rules]]\ndst = [\"127.0.0.3/32\"]\noutbound = \"b\"\n\
          [firewall]\nbackend = \"none\"\n"
     );
-    let cfg = crate::config::RawConfig::from_toml(&text, "t")
-        .unwrap()
-        .validate(&|_| None)
-        .unwrap_or_else(|e| panic!("{e}"));
     let limits = Limits {
         udp_sessions: sessions,
         udp_sessions_per_client: per_client,
@@ -85,6 +81,16 @@ fn relay_two_ways(
         tcp_flows: 16,
         tcp_connecting_per_client: 16,
     };
+    relay_from_toml(&text, limits, timeouts)
+}
+
+/// A relay listening at 127.0.0.1:1090 with the policy a whole config
+/// file (`text`, which must be valid) describes.
+pub(super) fn relay_from_toml(text: &str, limits: Limits, timeouts: Timeouts) -> Arc<UdpRelay> {
+    let cfg = crate::config::RawConfig::from_toml(text, "t")
+        .unwrap()
+        .validate(&|_| None)
+        .unwrap_or_else(|e| panic!("{e}"));
     let router = Router::new(
         "127.0.0.1:1090".parse().unwrap(),
         Policy::from_config(&cfg).unwrap(),
