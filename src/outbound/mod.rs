@@ -22,6 +22,7 @@ pub mod group;
 pub mod http;
 pub mod kinds;
 pub mod socks5;
+pub mod url;
 
 use std::future::Future;
 use std::io;
@@ -37,6 +38,7 @@ use crate::sys;
 
 pub use credentials::Credentials;
 pub use kinds::{OutboundConfig, OutboundKind, RawOutbound};
+pub use url::UrlError;
 
 use group::GroupError;
 use http::HttpError;
