@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 /// Why a URL does not describe an outbound. Never holds the URL's text.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UrlError {
-    #[error("not an outbound URL: expected SCHEME://[USER:PASSWORD@]IP:PORT, where SCHEME is one of {known}")]
+    #[error("not an outbound URL: expected one of {known} followed by [USER:PASSWORD@]IP:PORT")]
     NoScheme { known: String },
     #[error("unknown URL scheme {scheme:?}: the schemes tproxyd reads are {known}")]
     UnknownScheme { scheme: String, known: String },
@@ -77,14 +77,16 @@ pub fn split(url: &str) -> Result<Parts<'_>, UrlError> {
         Some((rest, query)) => (rest, Some(query)),
         None => (rest, None),
     };
-    let (authority, path) = match rest.find('/') {
+    // The last `@` ends the user part: a host never holds one, while a
+    // careless password might, and so might a `/` (standard base64, which
+    // some shadowsocks links use where SIP002 says base64url).
+    let (userinfo, rest) = match rest.rsplit_once('@') {
+        Some((userinfo, rest)) => (Some(userinfo), rest),
+        None => (None, rest),
+    };
+    let (host, path) = match rest.find('/') {
         Some(at) => rest.split_at(at),
         None => (rest, ""),
-    };
-    // The last `@`: a host never holds one, a careless password might.
-    let (userinfo, host) = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => (Some(userinfo), host),
-        None => (None, authority),
     };
     Ok(Parts {
         scheme,
@@ -249,6 +251,9 @@ mod tests {
 
     #[test]
     fn the_last_at_sign_ends_the_user_part() {
+        let p = split("ss://YWVz/LTI1+w==@203.0.113.2:8388/?plugin=x#n").unwrap();
+        assert_eq!(p.userinfo, Some("YWVz/LTI1+w=="));
+        assert_eq!((p.host, p.path), ("203.0.113.2:8388", "/"));
         let p = split("http://u:p@ss@203.0.113.2:1").unwrap();
         assert_eq!(
             p.credentials().unwrap(),
