@@ -10,6 +10,8 @@
 pub mod doctor;
 pub mod iptables;
 pub mod nft;
+pub mod nft_ir;
+pub mod nft_netlink;
 pub mod policy_route;
 
 use std::net::{IpAddr, SocketAddr};
