@@ -6,7 +6,9 @@
 //! print` shows, what a person can read and diff, and `nft -f` applies a
 //! whole file as one transaction just the same.
 
-use super::nft_ir::{AddrType, Chain, ChainType, Family, Hook, Item, Proto, Rule, Ruleset, Set, Verdict};
+use super::nft_ir::{
+    AddrType, Chain, ChainType, Family, Hook, Item, Proto, Rule, Ruleset, Set, Verdict,
+};
 use super::{run_tool, FirewallError, Plan, Serves, ToolFailure};
 use crate::cidr::{Cidr, PortRange};
 use crate::config::{Mode, Network};
@@ -107,13 +109,19 @@ fn ret() -> Option<Item> {
     Some(Item::Verdict(Verdict::Return))
 }
 
+/// What the rule skipping one bypassed rule set matches: its position,
+/// the direct rule's transport and ports, and which families it has.
+struct RuleSetMatch {
+    index: usize,
+    network: Option<Network>,
+    ports: Vec<(u16, u16)>,
+    v4: bool,
+    v6: bool,
+}
+
 /// The filters every capturing chain starts with: what must never be
 /// captured, then who may be.
-fn common_filters(
-    plan: &Plan,
-    prerouting: bool,
-    sets: &[(usize, Option<Network>, Vec<(u16, u16)>, bool, bool)],
-) -> Vec<Rule> {
+fn common_filters(plan: &Plan, prerouting: bool, sets: &[RuleSetMatch]) -> Vec<Rule> {
     let mut out = vec![rule([Some(Item::MetaMark(plan.proxy_mark)), ret()])];
     if prerouting {
         // Router-local traffic marked in output comes back in through lo.
@@ -182,7 +190,14 @@ fn common_filters(
     // Rule sets a leading direct rule sends direct: skipped here, so their
     // flows are routed at the kernel's speed and never reach tproxyd. The
     // direct rule's transport and ports are repeated.
-    for (i, network, ports, has_v4, has_v6) in sets {
+    for RuleSetMatch {
+        index: i,
+        network,
+        ports,
+        v4: has_v4,
+        v6: has_v6,
+    } in sets
+    {
         let l4: Vec<Item> = match (network, ports.is_empty()) {
             (Some(Network::Tcp), true) => vec![Item::L4Proto(vec![Proto::Tcp])],
             (Some(Network::Udp), true) => vec![Item::L4Proto(vec![Proto::Udp])],
@@ -247,13 +262,13 @@ pub fn ruleset(plan: &Plan) -> Result<Ruleset, FirewallError> {
                 });
             }
         }
-        rule_sets.push((
-            i,
-            set.network,
-            ports(&set.ports)?,
-            !set.v4.is_empty(),
-            !set.v6.is_empty(),
-        ));
+        rule_sets.push(RuleSetMatch {
+            index: i,
+            network: set.network,
+            ports: ports(&set.ports)?,
+            v4: !set.v4.is_empty(),
+            v6: !set.v6.is_empty(),
+        });
     }
     let port = plan.listen_port;
     let rmark = plan.route_mark;
@@ -261,16 +276,24 @@ pub fn ruleset(plan: &Plan) -> Result<Ruleset, FirewallError> {
     let tcp_ports = ports(&plan.tcp_ports)?;
     let udp_ports = ports(&plan.udp_ports)?;
     let tcp: Option<Vec<Item>> = plan.tcp.then(|| {
-        [fam.clone(), Some(Item::L4Proto(vec![Proto::Tcp])), dport_match(Proto::Tcp, &tcp_ports)]
-            .into_iter()
-            .flatten()
-            .collect()
+        [
+            fam.clone(),
+            Some(Item::L4Proto(vec![Proto::Tcp])),
+            dport_match(Proto::Tcp, &tcp_ports),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
     });
     let udp: Option<Vec<Item>> = plan.udp.then(|| {
-        [fam.clone(), Some(Item::L4Proto(vec![Proto::Udp])), dport_match(Proto::Udp, &udp_ports)]
-            .into_iter()
-            .flatten()
-            .collect()
+        [
+            fam.clone(),
+            Some(Item::L4Proto(vec![Proto::Udp])),
+            dport_match(Proto::Udp, &udp_ports),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
     });
     let with = |head: &Vec<Item>, tail: Vec<Item>| Rule(head.iter().cloned().chain(tail).collect());
     let target = Item::Tproxy(plan.serves, port);
@@ -379,8 +402,10 @@ pub fn ruleset(plan: &Plan) -> Result<Ruleset, FirewallError> {
 pub fn render(plan: &Plan) -> String {
     match ruleset(plan) {
         Ok(r) => r.text(),
-        Err(e) => format!("# {e}
-"),
+        Err(e) => format!(
+            "# {e}
+"
+        ),
     }
 }
 
@@ -398,7 +423,9 @@ fn nft(args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError> {
     run_tool("nft", args, stdin).map_err(|f| match f {
         ToolFailure::Spawn(e) => FirewallError::Tool {
             tool: "nft",
-            detail: format!("{e}; install the nftables package, or unset {NFT_CLI_ENV} to use netlink"),
+            detail: format!(
+                "{e}; install the nftables package, or unset {NFT_CLI_ENV} to use netlink"
+            ),
         },
         ToolFailure::Failed(stderr) => FirewallError::Rejected {
             tool: "nft",

@@ -111,7 +111,10 @@ pub enum Item {
     /// `meta mark 0xff`
     MetaMark(u32),
     /// `iifname != { "a", "b" }` (or `iifname != "lo"` without braces).
-    IifnameNotIn { names: Vec<String>, braces: bool },
+    IifnameNotIn {
+        names: Vec<String>,
+        braces: bool,
+    },
     /// `meta nfproto ipv4`
     NfProto(Family),
     /// `meta l4proto tcp` or `meta l4proto { tcp, udp }`.
@@ -330,7 +333,7 @@ impl KeyType {
             KeyType::FibAddrType => 38,
         }
     }
-    pub fn len(self) -> u32 {
+    pub fn key_len(self) -> u32 {
         match self {
             KeyType::Ipv4Addr => 4,
             KeyType::Ipv6Addr => 16,
@@ -390,20 +393,63 @@ pub enum SetRef {
 /// One kernel expression (`NFTA_EXPR_NAME` and its data).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Expr {
-    MetaLoad { key: u32, dreg: u32 },
-    MetaSet { key: u32, sreg: u32 },
-    Cmp { sreg: u32, op: CmpOp, data: Vec<u8> },
-    Payload { base: u32, offset: u32, len: u32, dreg: u32 },
-    Bitwise { reg: u32, len: u32, mask: Vec<u8>, xor: Vec<u8> },
-    Immediate { dreg: u32, data: Vec<u8> },
+    MetaLoad {
+        key: u32,
+        dreg: u32,
+    },
+    MetaSet {
+        key: u32,
+        sreg: u32,
+    },
+    Cmp {
+        sreg: u32,
+        op: CmpOp,
+        data: Vec<u8>,
+    },
+    Payload {
+        base: u32,
+        offset: u32,
+        len: u32,
+        dreg: u32,
+    },
+    Bitwise {
+        reg: u32,
+        len: u32,
+        mask: Vec<u8>,
+        xor: Vec<u8>,
+    },
+    Immediate {
+        dreg: u32,
+        data: Vec<u8>,
+    },
     Verdict(Verdict),
-    Lookup { set: SetRef, sreg: u32, invert: bool },
-    Socket { key: u32, dreg: u32 },
-    Fib { result: u32, flags: u32, dreg: u32 },
-    Ct { key: u32, dreg: u32 },
+    Lookup {
+        set: SetRef,
+        sreg: u32,
+        invert: bool,
+    },
+    Socket {
+        key: u32,
+        dreg: u32,
+    },
+    Fib {
+        result: u32,
+        flags: u32,
+        dreg: u32,
+    },
+    Ct {
+        key: u32,
+        dreg: u32,
+    },
     Counter,
-    Tproxy { family: u32, reg_addr: Option<u32>, reg_port: u32 },
-    Redir { reg_proto_min: u32 },
+    Tproxy {
+        family: u32,
+        reg_addr: Option<u32>,
+        reg_port: u32,
+    },
+    Redir {
+        reg_proto_min: u32,
+    },
 }
 
 impl Expr {
@@ -548,8 +594,46 @@ impl Item {
                     key: META_IIFNAME,
                     dreg: REG_1,
                 });
-                let values = names.iter().map(|n| ifname_bytes(n)).collect();
-                out.match_values(KeyType::IfName, values, true);
+                if !names.iter().any(|n| n.ends_with('*')) {
+                    let values = names.iter().map(|n| ifname_bytes(n)).collect();
+                    out.match_values(KeyType::IfName, values, true);
+                } else if let [one] = names.as_slice() {
+                    // `eth*`: compare only the prefix's bytes.
+                    out.push(Expr::Cmp {
+                        sreg: REG_1,
+                        op: CmpOp::Neq,
+                        data: one.trim_end_matches('*').as_bytes().to_vec(),
+                    });
+                } else {
+                    // With a wildcard among them, nft makes the set an
+                    // interval set: a name is the range of itself, `eth*`
+                    // the range of every name starting with `eth`.
+                    let elems = names
+                        .iter()
+                        .map(|n| match n.strip_suffix('*') {
+                            Some(prefix) => {
+                                let low = ifname_bytes(prefix);
+                                let mut high = low.clone();
+                                for b in high.iter_mut().skip(prefix.len()) {
+                                    *b = 0xff;
+                                }
+                                (low, high)
+                            }
+                            None => (ifname_bytes(n), ifname_bytes(n)),
+                        })
+                        .collect();
+                    let index = out.anon_sets.len();
+                    out.anon_sets.push(AnonSet {
+                        key: KeyType::IfName,
+                        interval: true,
+                        elems,
+                    });
+                    out.push(Expr::Lookup {
+                        set: SetRef::Anon(index),
+                        sreg: REG_1,
+                        invert: true,
+                    });
+                }
             }
             Item::NfProto(family) => {
                 out.push(Expr::MetaLoad {
@@ -658,7 +742,10 @@ impl Item {
                     flags: 2,
                     dreg: REG_1,
                 });
-                let values = types.iter().map(|t| t.rtn().to_ne_bytes().to_vec()).collect();
+                let values = types
+                    .iter()
+                    .map(|t| t.rtn().to_ne_bytes().to_vec())
+                    .collect();
                 out.match_values(KeyType::FibAddrType, values, false);
             }
             Item::CtStatusDnat => {
@@ -863,7 +950,11 @@ mod tests {
         }]);
         // nft adds `meta l4proto udp` itself.
         assert_eq!(
-            rule.lower().exprs.iter().map(Expr::name).collect::<Vec<_>>(),
+            rule.lower()
+                .exprs
+                .iter()
+                .map(Expr::name)
+                .collect::<Vec<_>>(),
             ["meta", "cmp", "payload", "cmp", "cmp"]
         );
         let rule = Rule(vec![Item::Dport {
