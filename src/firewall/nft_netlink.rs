@@ -1087,6 +1087,27 @@ mod tests {
         assert!(text.contains("rule 7 of chain prerouting"), "{text}");
     }
 
+    /// The reader of the kernel's rule dumps takes any bytes without
+    /// panicking: every truncation and a byte flipped at each offset.
+    #[test]
+    fn rule_readers_survive_cut_and_damaged_messages() {
+        let plan = crate::firewall::tests::plan_for("lan_interfaces = [\"eth1\"]\n");
+        let bytes = replace_batch(&crate::firewall::nft::ruleset(&plan).unwrap()).end();
+        let rule = replies(&bytes)
+            .into_iter()
+            .find(|m| m.ty == msg_type(NFT_MSG_NEWRULE) && m.payload.len() > 100)
+            .map(|m| m.payload.to_vec())
+            .unwrap();
+        for cut in 0..rule.len() {
+            let _ = describe_capture(&rule[..cut]);
+            let _ = replies(&bytes[..cut]);
+            let mut damaged = rule.clone();
+            damaged[cut] ^= 0xa5;
+            let _ = describe_capture(&damaged);
+            let _ = error_of(&rule[..cut]);
+        }
+    }
+
     #[test]
     fn capture_statements_are_read_back_from_rule_attributes() {
         let plan = crate::firewall::tests::plan_with(
