@@ -1048,6 +1048,42 @@ mod netlink {
         assert_eq!(empty.exec_output(&["nft", "list", "tables"]).trim(), "");
     }
 
+    /// A refused set with 100k prefixes: every one of its ~90 element
+    /// messages is refused too, each error echoing its message; the first
+    /// refusal is still the one named, and nothing is applied.
+    #[test]
+    fn a_refused_big_set_is_named_and_nothing_applied() {
+        if !can_run() {
+            return;
+        }
+        let elems = (0..100_000u32)
+            .map(|i| tproxyd::cidr::Cidr {
+                addr: std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x0b00_0000 + i * 4)),
+                prefix: 32,
+            })
+            .collect();
+        let rs = tproxyd::firewall::nft_ir::Ruleset {
+            table: "tproxyd",
+            // Longer than NFT_SET_MAXNAMELEN (256): the kernel refuses it.
+            sets: vec![tproxyd::firewall::nft_ir::Set {
+                name: "s".repeat(300),
+                family: tproxyd::firewall::nft_ir::Family::V4,
+                elems,
+            }],
+            chains: Vec::new(),
+        };
+        let ns = ns("bigref");
+        let err = ns
+            .enter(|| nft_netlink::apply(&rs))
+            .expect_err("refused")
+            .to_string();
+        eprintln!("{err}");
+        assert!(err.contains("the kernel refused set sss"), "{err}");
+        assert!(err.contains("100000 prefixes"), "{err}");
+        assert!(err.contains("nothing was applied"), "{err}");
+        assert_eq!(ns.exec_output(&["nft", "list", "tables"]).trim(), "");
+    }
+
     fn ns_fresh() -> Netns {
         ns("empty")
     }

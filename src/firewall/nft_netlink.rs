@@ -591,7 +591,7 @@ fn open(batch_len: usize) -> Result<OwnedFd, FirewallError> {
     if socket::setsockopt(&fd, sockopt::SndBufForce, &want).is_err() {
         let _ = socket::setsockopt(&fd, sockopt::SndBuf, &want);
     }
-    let rcv = 1 << 20;
+    let rcv = 4 << 20;
     if socket::setsockopt(&fd, sockopt::RcvBufForce, &rcv).is_err() {
         let _ = socket::setsockopt(&fd, sockopt::RcvBuf, &rcv);
     }
@@ -651,9 +651,22 @@ fn talk(fd: &OwnedFd, bytes: &[u8], sync_seq: u32) -> Result<Vec<(i32, u32)>, Fi
         .map_err(|e| io("cannot send GETGEN", e))?;
     let mut errors = Vec::new();
     let mut buf = vec![0u8; 1 << 17];
+    // Each error echoes the refused message: many refused set-element
+    // messages can overflow the receive buffer (ENOBUFS), and the GETGEN
+    // answer may be among what was dropped. The kernel handled the whole
+    // batch before send() returned, so what is queued is all there is.
+    let mut flags = MsgFlags::empty();
     loop {
-        let n = socket::recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())
-            .map_err(|e| io("cannot read the kernel's answer", e))?;
+        let n = match socket::recv(fd.as_raw_fd(), &mut buf, flags) {
+            Ok(n) => n,
+            Err(Errno::ENOBUFS) => {
+                flags = MsgFlags::MSG_DONTWAIT;
+                errors.push((-(Errno::ENOBUFS as i32), u32::MAX));
+                continue;
+            }
+            Err(Errno::EAGAIN) if flags == MsgFlags::MSG_DONTWAIT => return Ok(errors),
+            Err(e) => return Err(io("cannot read the kernel's answer", e)),
+        };
         for r in replies(buf.get(..n).unwrap_or_default()) {
             if r.ty == NLMSG_ERROR {
                 if let Some((code, seq)) = error_of(r.payload) {
@@ -741,7 +754,12 @@ fn commit(batch: Batch) -> Result<(), FirewallError> {
     let sync = batch.next_seq + 1;
     let bytes = batch.end();
     let fd = open(bytes.len())?;
-    let errors = talk(&fd, &bytes, sync)?;
+    let mut errors = talk(&fd, &bytes, sync)?;
+    let overflowed = errors.iter().any(|(_, seq)| *seq == u32::MAX);
+    // The overflow marker only counts when no real refusal was read.
+    if errors.iter().any(|(_, seq)| *seq != u32::MAX) {
+        errors.retain(|(_, seq)| *seq != u32::MAX);
+    }
     let Some((code, seq)) = errors.first().copied() else {
         return Ok(());
     };
@@ -761,6 +779,9 @@ fn commit(batch: Batch) -> Result<(), FirewallError> {
                 ),
             })
         }
+        None if seq == u32::MAX => {
+            "the kernel refused the batch, and its answers overflowed the receive buffer before the refused message could be read".to_string()
+        }
         None => format!(
             "the kernel refused the batch: {}",
             Errno::from_raw(-code).desc()
@@ -768,7 +789,8 @@ fn commit(batch: Batch) -> Result<(), FirewallError> {
     };
     let more = errors.len() - 1;
     let detail = if more > 0 {
-        format!("{detail}\n({more} later message(s) of the batch were refused too; nothing was applied)")
+        let at_least = if overflowed { "at least " } else { "" };
+        format!("{detail}\n({at_least}{more} later message(s) of the batch were refused too; nothing was applied)")
     } else {
         format!("{detail}\n(nothing was applied)")
     };
