@@ -249,7 +249,9 @@ impl Plan {
         match self.backend {
             Backend::None => out.push_str("# firewall backend none: tproxyd installs no rules\n"),
             Backend::Nftables => {
-                out.push_str("# nft -f - (one atomic transaction)\n");
+                out.push_str(
+                    "# nft -f - (one atomic transaction; tproxyd sends the same table over netlink, no nft needed)\n",
+                );
                 out.push_str(&nft::transaction(self));
             }
             Backend::Iptables => {
