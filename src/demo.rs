@@ -131,18 +131,12 @@ impl Demo {
     fn start_tproxyd(&mut self, backend: &str) -> Result<()> {
         let exe = std::env::current_exe().context("cannot find the tproxyd binary")?;
         let log = File::create(self.dir.join("tproxyd.log"))?;
-        let listen = format!("[::]:{PORT}");
         let child = self
             .ns("rtr")
             .command(exe)
-            .args(["run", "--listen", &listen, "--mode", "tproxy", "--direct"])
-            .args([
-                "--firewall",
-                backend,
-                "--lan-interface",
-                testbed::ROUTER_LAN_IF,
-                "--verbose",
-            ])
+            .arg("run")
+            .args(tproxyd_args(backend))
+            .arg("--verbose")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -204,19 +198,52 @@ impl Demo {
     }
 }
 
-/// Which firewall tool this machine has: nft preferred.
+/// Which firewall backend this machine can use: nftables spoken over
+/// netlink (no `nft` binary needed) when the kernel has nf_tables, else
+/// iptables-restore.
 fn pick_backend() -> Result<&'static str> {
-    if Command::new("nft").arg("--version").output().is_ok() {
-        Ok("nftables")
-    } else if Command::new("iptables-restore")
-        .arg("--version")
-        .output()
-        .is_ok()
-    {
-        Ok("iptables")
-    } else {
-        bail!("neither nft nor iptables-restore is installed; install nftables (apt install nftables) and run the demo again")
+    match tproxyd::firewall::nft::present() {
+        Ok(_) => Ok("nftables"),
+        Err(nft_error) => {
+            if Command::new("iptables-restore")
+                .arg("--version")
+                .output()
+                .is_ok()
+            {
+                Ok("iptables")
+            } else {
+                bail!("the kernel answers no nf_tables requests ({nft_error}) and iptables-restore is not installed; load nf_tables (modprobe nf_tables) or install iptables, and run the demo again")
+            }
+        }
     }
+}
+
+/// Whether a program can be run at all (installed, executable).
+fn installed(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// tproxyd's settings in the router (after `run` or `rules print`).
+fn tproxyd_args(backend: &str) -> Vec<String> {
+    [
+        "--listen",
+        &format!("[::]:{PORT}"),
+        "--mode",
+        "tproxy",
+        "--direct",
+        "--firewall",
+        backend,
+        "--lan-interface",
+        testbed::ROUTER_LAN_IF,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 fn check(label: &str, answer: &str, router: &str, client: &str) -> Result<()> {
@@ -248,7 +275,31 @@ fn scenario(demo: &mut Demo, hold: bool, interrupted: &AtomicBool) -> Result<()>
     );
     demo.start_tproxyd(backend)?;
     let rules = match backend {
-        "nftables" => demo.exec("rtr", &["nft", "list", "table", "inet", "tproxyd"])?,
+        "nftables" if installed("nft") => {
+            demo.exec("rtr", &["nft", "list", "table", "inet", "tproxyd"])?
+        }
+        "nftables" => {
+            // No nft here: read the table's capture rules back over netlink.
+            let listing = demo
+                .enter("rtr", || Ok(tproxyd::firewall::nft::installed_listing()))?
+                .context("tproxyd's table is missing in the router")?;
+            let exe = std::env::current_exe().context("cannot find the tproxyd binary")?;
+            let exe = exe.to_string_lossy();
+            let mut print = vec![exe.as_ref(), "rules", "print"];
+            let args = tproxyd_args(backend);
+            print.extend(args.iter().map(String::as_str));
+            let text = sh(&print)?;
+            let table: String = text
+                .lines()
+                .skip_while(|l| !l.starts_with("table inet tproxyd {"))
+                .take_while(|l| !l.is_empty())
+                .map(|l| format!("{l}\n"))
+                .collect();
+            format!(
+                "(nft is not installed: the table as `tproxyd rules print` shows it; read back over netlink, its capture rules are: {})\n{table}",
+                listing.lines().collect::<Vec<_>>().join("; ")
+            )
+        }
         _ => demo.exec("rtr", &["iptables-save", "-t", "mangle"])?,
     };
     println!("   rules tproxyd installed:\n{}", indent(&rules));
@@ -302,7 +353,7 @@ fn scenario(demo: &mut Demo, hold: bool, interrupted: &AtomicBool) -> Result<()>
         );
     }
     if hold {
-        println!("holding: look around with `ip netns exec {}-rtr nft list ruleset`; press Ctrl-C to remove everything", demo.prefix);
+        println!("holding: look around with `ip netns exec {}-rtr nft list ruleset` (if nft is installed); press Ctrl-C to remove everything", demo.prefix);
         while !interrupted.load(Ordering::Relaxed) {
             thread::sleep(Duration::from_millis(50));
         }
@@ -311,7 +362,16 @@ fn scenario(demo: &mut Demo, hold: bool, interrupted: &AtomicBool) -> Result<()>
     println!("5. stopping tproxyd (SIGTERM); it removes its rules and routes");
     demo.stop_tproxyd()?;
     let left = match backend {
-        "nftables" => demo.exec("rtr", &["nft", "list", "tables"])?,
+        "nftables" => {
+            let present = demo.enter("rtr", || {
+                tproxyd::firewall::nft::present().map_err(anyhow::Error::from)
+            })?;
+            if present {
+                "table inet tproxyd".to_string()
+            } else {
+                String::new()
+            }
+        }
         _ => demo
             .exec("rtr", &["iptables-save", "-t", "mangle"])?
             .lines()

@@ -140,3 +140,85 @@ fn demo_cleans_up_on_ctrl_c() {
     );
     assert_eq!(host_state().0, before);
 }
+
+/// The headline: the demo passes on a machine with neither nft
+/// nor iptables installed. Run in a private mount namespace where every
+/// nft/iptables binary on PATH (and in the sbin directories) is covered by
+/// an empty file that cannot be executed.
+#[test]
+fn demo_passes_with_nft_and_iptables_hidden() {
+    if !can_run() {
+        return;
+    }
+    let (before, _) = host_state();
+    let empty = std::env::temp_dir().join(format!("tproxyd-hidden-{}", std::process::id()));
+    std::fs::write(&empty, b"").unwrap();
+    let mut hide = String::new();
+    let path = std::env::var("PATH").unwrap_or_default();
+    let mut dirs: Vec<std::path::PathBuf> = path
+        .split(':')
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin", "/usr/local/sbin"])
+        .filter_map(|d| std::fs::canonicalize(d).ok())
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name == "nft"
+                || name.starts_with("iptables")
+                || name.starts_with("ip6tables")
+                || name.starts_with("xtables")
+            {
+                hide.push_str(&format!(
+                    "mount --bind {} {}/{name} && ",
+                    empty.display(),
+                    dir.display()
+                ));
+            }
+        }
+    }
+    assert!(
+        !hide.is_empty(),
+        "nothing to hide: the test machine has no nft"
+    );
+    let script = format!(
+        "{hide}true; if nft --version || iptables-restore --version || ip6tables-restore --version; then echo 'nft or iptables still runs' >&2; exit 1; fi; exec {BIN} demo"
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&empty);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for flow in ["TCP  IPv4", "TCP  IPv6", "UDP  IPv4", "UDP  IPv6"] {
+        let line = text
+            .lines()
+            .find(|l| l.contains(flow))
+            .unwrap_or_else(|| panic!("no {flow} line:\n{text}"));
+        assert!(
+            line.starts_with("  ok ") && line.contains("tproxyd relayed it"),
+            "{line}"
+        );
+    }
+    assert!(text.contains("nft is not installed"), "{text}");
+    assert!(text.contains("tproxy to :1090"), "{text}");
+    assert!(
+        text.contains("no tproxyd table, chain or ip rule is left"),
+        "{text}"
+    );
+    assert_eq!(
+        host_state().0,
+        before,
+        "the demo changed the host's firewall or rules"
+    );
+}

@@ -757,3 +757,334 @@ fn printed_rules_load_as_printed() {
         }
     }
 }
+
+// ---- nftables over netlink: what the kernel holds, compared with nft ----
+
+mod netlink {
+    use std::process::Command;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    use super::common::Netns;
+    use tproxyd::config::{Network, RawConfig};
+    use tproxyd::firewall::{nft, nft_netlink, BypassSet, Plan};
+
+    /// Root and the `nft` binary (a test tool here: it reads back what
+    /// tproxyd wrote). Fails under CI, skips elsewhere.
+    fn can_run() -> bool {
+        let root = nix::unistd::geteuid().is_root();
+        let nft = Command::new("nft").arg("--version").output().is_ok();
+        if root && nft {
+            return true;
+        }
+        let why = format!("the netlink tests need root and nft (root={root} nft={nft})");
+        assert!(std::env::var_os("CI").is_none(), "{why}");
+        eprintln!("skipping: {why}");
+        false
+    }
+
+    fn ns(tag: &str) -> Netns {
+        let ns = Netns::create(format!("tpnl{}-{tag}", std::process::id()));
+        ns.ip("link set lo up");
+        ns
+    }
+
+    fn plan(top: &str, fw: &str) -> Plan {
+        let text = format!(
+            "{top}[outbound]\ntype = \"socks5\"\nserver = \"203.0.113.2:1080\"\n[firewall]\n{fw}"
+        );
+        let cfg = RawConfig::from_toml(&text, "t")
+            .unwrap()
+            .validate(&|_| None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        Plan::from_config(&cfg)
+    }
+
+    /// `nft --json list table inet NAME` without the handles (they count
+    /// every object the namespace ever had, and nft numbers them in its
+    /// own order); None when the table does not exist.
+    fn kernel_json(ns: &Netns, table: &str) -> Option<serde_json::Value> {
+        let out = ns.exec_output(&["nft", "--json", "list", "table", "inet", table]);
+        if out.trim().is_empty() {
+            return None;
+        }
+        let mut v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        fn strip(v: &mut serde_json::Value) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    m.remove("handle");
+                    m.remove("metainfo");
+                    m.values_mut().for_each(strip);
+                }
+                serde_json::Value::Array(a) => {
+                    a.iter_mut().for_each(strip);
+                    a.retain(|x| !x.as_object().is_some_and(|o| o.is_empty()));
+                }
+                _ => {}
+            }
+        }
+        strip(&mut v);
+        Some(v)
+    }
+
+    fn rule_set(network: Option<Network>, ports: &[&str], v4: &[&str], v6: &[&str]) -> BypassSet {
+        BypassSet {
+            name: "t".into(),
+            v4: v4.iter().map(|s| s.to_string()).collect(),
+            v6: v6.iter().map(|s| s.to_string()).collect(),
+            network,
+            ports: ports.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn plans() -> Vec<(&'static str, Plan)> {
+        let mut with_sets = plan(
+            "",
+            "lan_interfaces = [\"eth1\"]\ntcp_ports = [\"6000-7000\"]\n",
+        );
+        with_sets.bypass_sets = vec![
+            rule_set(
+                None,
+                &[],
+                &["198.18.0.0/15", "192.0.2.0/24"],
+                &["2001:db8::/32"],
+            ),
+            rule_set(Some(Network::Tcp), &["443"], &["198.51.100.0/24"], &[]),
+            rule_set(Some(Network::Udp), &[], &[], &["2001:db8:1::/48"]),
+            rule_set(None, &["53", "80-90"], &["100.64.0.0/10"], &[]),
+        ];
+        vec![
+            (
+                "tproxy, every option",
+                plan(
+                    "",
+                    "lan_interfaces = [\"br-lan\", \"eth2\"]\nproxy_local = true\nfail_closed = true\ntcp_ports = [\"53\", \"6000-7000\"]\nsource_cidrs = [\"192.0.2.0/24\", \"2001:db8::/64\"]\n",
+                ),
+            ),
+            (
+                "tproxy, IPv4 listener address, UDP 53 only",
+                plan(
+                    "listen = \"127.0.0.1:1090\"\ntcp = false\n",
+                    "lan_interfaces = [\"eth1\"]\nudp_ports = [\"53\"]\nproxy_local = true\nfail_closed = true\n",
+                ),
+            ),
+            (
+                "tproxy, IPv6 listener address, sources of one family",
+                plan(
+                    "listen = \"[::1]:1090\"\n",
+                    "source_cidrs = [\"192.0.2.0/24\"]\nproxy_local = true\n",
+                ),
+            ),
+            ("tproxy, 0.0.0.0 listener", plan("listen = \"0.0.0.0:1090\"\n", "lan_interfaces = [\"eth1\"]\n")),
+            (
+                "interface wildcards among names",
+                plan("", "lan_interfaces = [\"br-lan\", \"wg*\"]\nproxy_local = true\n"),
+            ),
+            ("one interface wildcard", plan("", "lan_interfaces = [\"eth*\"]\n")),
+            (
+                "redirect",
+                plan(
+                    "mode = \"redirect\"\n",
+                    "lan_interfaces = [\"eth1\"]\nproxy_local = true\ntcp_ports = [\"80\", \"443\"]\n",
+                ),
+            ),
+            ("bypassed rule sets", with_sets),
+        ]
+    }
+
+    /// The same ruleset installed by `nft -f` from the text `rules print`
+    /// shows and by tproxyd over netlink, in two namespaces: the kernel
+    /// holds the same table, as nft reads it back.
+    #[test]
+    fn the_netlink_batch_leaves_the_kernel_holding_what_the_nft_text_does() {
+        if !can_run() {
+            return;
+        }
+        for (label, plan) in plans() {
+            let by_text = ns("text");
+            let by_netlink = ns("native");
+            by_text.nft(&nft::transaction(&plan));
+            by_netlink
+                .enter(|| nft::apply(&plan))
+                .unwrap_or_else(|e| panic!("{label}: {e}"));
+            let want = kernel_json(&by_text, "tproxyd").expect("nft made the table");
+            let got = kernel_json(&by_netlink, "tproxyd").expect("netlink made the table");
+            assert_eq!(
+                got,
+                want,
+                "{label}: the kernel holds something else\nnetlink:\n{}\nnft:\n{}",
+                by_netlink.exec_output(&["nft", "list", "table", "inet", "tproxyd"]),
+                by_text.exec_output(&["nft", "list", "table", "inet", "tproxyd"]),
+            );
+        }
+    }
+
+    /// Start, many reloads while a reader watches (the table and its
+    /// capture rule are there at every instant), removal; a foreign table
+    /// stays exactly as it was throughout.
+    #[test]
+    fn reload_swaps_the_table_atomically_and_removal_touches_nothing_else() {
+        if !can_run() {
+            return;
+        }
+        let ns = ns("swap");
+        ns.nft("table inet foreign {\n chain c {\n  type filter hook prerouting priority 0; policy accept;\n  meta mark 0x1 counter accept\n }\n}\n");
+        let foreign = kernel_json(&ns, "foreign");
+        let a = plan("", "lan_interfaces = [\"eth1\"]\n");
+        let b = plan("", "lan_interfaces = [\"eth2\"]\nfail_closed = true\n");
+        ns.enter(|| nft::apply(&a)).unwrap();
+        let stop = AtomicBool::new(false);
+        let seen = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            let watcher = s.spawn(|| {
+                ns.enter(|| {
+                    while !stop.load(Ordering::Relaxed) {
+                        let listing = nft_netlink::capture_listing("tproxyd")
+                            .unwrap_or_else(|e| panic!("{e}"))
+                            .unwrap_or_else(|| panic!("an instant without tproxyd's table"));
+                        assert!(
+                            listing.contains("tproxy to :1090"),
+                            "an instant without the capture rules: {listing:?}"
+                        );
+                        seen.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            });
+            ns.enter(|| {
+                for i in 0..60 {
+                    nft::apply(if i % 2 == 0 { &b } else { &a }).unwrap();
+                }
+            });
+            stop.store(true, Ordering::Relaxed);
+            watcher.join().unwrap();
+        });
+        assert!(seen.load(Ordering::Relaxed) > 10, "the watcher hardly ran");
+        let text = ns.exec_output(&["nft", "list", "table", "inet", "tproxyd"]);
+        assert!(
+            text.contains("\"eth1\""),
+            "the last reload's table:\n{text}"
+        );
+        assert_eq!(kernel_json(&ns, "foreign"), foreign);
+        assert!(ns.enter(nft::remove).unwrap(), "removed");
+        assert_eq!(kernel_json(&ns, "tproxyd"), None);
+        assert!(!ns.enter(nft::remove).unwrap(), "nothing left to remove");
+        assert_eq!(kernel_json(&ns, "foreign"), foreign);
+        assert!(!ns.enter(nft::present).unwrap());
+    }
+
+    /// A country-sized rule set: 100,000 separate prefixes (200,000
+    /// kernel elements) go in a few dozen messages of one batch.
+    #[test]
+    fn a_100k_prefix_bypass_set_goes_in_a_few_messages() {
+        if !can_run() {
+            return;
+        }
+        let mut p = plan("", "lan_interfaces = [\"eth1\"]\n");
+        let v4: Vec<String> = (0..100_000u32)
+            .map(|i| format!("{}/32", std::net::Ipv4Addr::from(0x0b00_0000 + i * 4)))
+            .collect();
+        p.bypass_sets = vec![BypassSet {
+            name: "big".into(),
+            v4,
+            v6: Vec::new(),
+            network: None,
+            ports: Vec::new(),
+        }];
+        let rs = nft::ruleset(&p).unwrap();
+        let messages = nft_netlink::replace_batch(&rs).messages();
+        assert!(messages < 120, "{messages} messages");
+        let ns = ns("big");
+        let started = Instant::now();
+        ns.enter(|| nft::apply(&p)).unwrap();
+        let took = started.elapsed();
+        let json = kernel_json(&ns, "tproxyd").unwrap();
+        let set = json["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|o| o.get("set").filter(|s| s["name"] == "rule_set_0_v4"))
+            .expect("the rule set's set");
+        assert_eq!(set["elem"].as_array().unwrap().len(), 100_000);
+        assert!(took < Duration::from_secs(20), "took {took:?}");
+        eprintln!("100k prefixes: {messages} messages, applied in {took:?}");
+    }
+
+    /// A kernel without an expression (simulated: tproxyd sends the
+    /// `tproxy` expression under a name no kernel has): the error names
+    /// the rule, the module and the fix, and the table already installed
+    /// stays exactly as it was; in an empty namespace nothing is left.
+    #[test]
+    fn a_kernel_without_a_module_gets_it_named_and_nothing_half_applied() {
+        if !can_run() {
+            return;
+        }
+        let ns = ns("refuse");
+        let old = plan("", "lan_interfaces = [\"eth1\"]\n");
+        let new = plan("", "lan_interfaces = [\"eth9\"]\nproxy_local = true\n");
+        ns.enter(|| nft::apply(&old)).unwrap();
+        let before = kernel_json(&ns, "tproxyd");
+        let rs = nft::ruleset(&new).unwrap();
+        let err = ns
+            .enter(|| nft_netlink::apply_renaming(&rs, "tproxy", "tproxyd_missing"))
+            .expect_err("the kernel has no such expression")
+            .to_string();
+        for needle in [
+            "chain prerouting",
+            "tproxy to :1090",
+            "No such file or directory",
+            "nft_tproxy",
+            "modprobe nft_tproxy",
+            "CONFIG_NFT_TPROXY",
+            "nothing was applied",
+        ] {
+            assert!(err.contains(needle), "{needle:?} missing in: {err}");
+        }
+        assert_eq!(kernel_json(&ns, "tproxyd"), before, "half applied");
+        let empty = ns_fresh();
+        let err = empty
+            .enter(|| nft_netlink::apply_renaming(&rs, "socket", "socket_missing"))
+            .expect_err("refused");
+        assert!(err.to_string().contains("modprobe nft_socket"), "{err}");
+        assert_eq!(empty.exec_output(&["nft", "list", "tables"]).trim(), "");
+    }
+
+    /// A refused set with 100k prefixes: every one of its ~90 element
+    /// messages is refused too, each error echoing its message; the first
+    /// refusal is still the one named, and nothing is applied.
+    #[test]
+    fn a_refused_big_set_is_named_and_nothing_applied() {
+        if !can_run() {
+            return;
+        }
+        let elems = (0..100_000u32)
+            .map(|i| tproxyd::cidr::Cidr {
+                addr: std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x0b00_0000 + i * 4)),
+                prefix: 32,
+            })
+            .collect();
+        let rs = tproxyd::firewall::nft_ir::Ruleset {
+            table: "tproxyd",
+            // Longer than NFT_SET_MAXNAMELEN (256): the kernel refuses it.
+            sets: vec![tproxyd::firewall::nft_ir::Set {
+                name: "s".repeat(300),
+                family: tproxyd::firewall::nft_ir::Family::V4,
+                elems,
+            }],
+            chains: Vec::new(),
+        };
+        let ns = ns("bigref");
+        let err = ns
+            .enter(|| nft_netlink::apply(&rs))
+            .expect_err("refused")
+            .to_string();
+        eprintln!("{err}");
+        assert!(err.contains("the kernel refused set sss"), "{err}");
+        assert!(err.contains("100000 prefixes"), "{err}");
+        assert!(err.contains("nothing was applied"), "{err}");
+        assert_eq!(ns.exec_output(&["nft", "list", "tables"]).trim(), "");
+    }
+
+    fn ns_fresh() -> Netns {
+        ns("empty")
+    }
+}

@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use super::iptables::Family;
-use super::{iptables, nft, policy_route, run_tool, Plan, ToolFailure};
+use super::{iptables, nft, policy_route, run_tool, FirewallError, Plan, ToolFailure};
 use crate::config::{Backend, Config, Mode};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,18 +86,19 @@ fn probe(tool: &str, args: &[&str], input: &str) -> Result<(), String> {
 fn kernel_support(backend: Backend) -> Finding {
     match backend {
         Backend::Nftables | Backend::None => {
-            // --check sends the batch to the kernel and aborts it: a missing
-            // expression module fails here without changing anything.
-            let probe_table = "table inet tproxyd_doctor {\n chain c {\n  type filter hook prerouting priority mangle; policy accept;\n  meta l4proto tcp socket transparent 1 accept\n  meta l4proto tcp tproxy to :1 accept\n }\n}\n";
-            match probe("nft", &["--check", "-f", "-"], probe_table) {
-                Ok(()) => pass("kernel: nftables tproxy and socket expressions"),
-                Err(e) if e.starts_with("cannot run") => fail(
-                    format!("nft: {e}"),
-                    "install nftables (Debian: apt install nftables; OpenWrt: it ships with fw4), or use --firewall iptables",
+            // A batch without BATCH_END: the kernel checks every message
+            // (loading modules on the way) and then aborts it, so a
+            // missing expression module fails here without changing
+            // anything. No `nft` binary needed.
+            match nft::probe_kernel() {
+                Ok(()) => pass("kernel: nftables tproxy, socket and fib expressions"),
+                Err(FirewallError::Tool { detail, .. }) => fail(
+                    format!("kernel: cannot talk to nf_tables over netlink ({detail})"),
+                    "kernel with CONFIG_NF_TABLES and CONFIG_NF_TABLES_INET (modprobe nf_tables), run as root, or use --firewall iptables",
                 ),
                 Err(e) => fail(
-                    format!("kernel: no nftables tproxy/socket support ({e})"),
-                    "kernel >= 4.18 with CONFIG_NFT_TPROXY and CONFIG_NFT_SOCKET (OpenWrt: opkg install kmod-nft-tproxy kmod-nft-socket), or use --firewall iptables",
+                    format!("kernel: no nftables tproxy/socket/fib support ({e})"),
+                    "kernel >= 4.19 with CONFIG_NFT_TPROXY, CONFIG_NFT_SOCKET and CONFIG_NFT_FIB_INET (modprobe nft_tproxy nft_socket nft_fib_inet; OpenWrt: opkg install kmod-nft-tproxy kmod-nft-socket), or use --firewall iptables",
                 ),
             }
         }
@@ -194,7 +195,7 @@ fn rules(plan: &Plan) -> Finding {
     let (listing, needle) = match plan.backend {
         Backend::None => return pass("firewall rules: backend none, written by you (not checked)"),
         Backend::Nftables => {
-            let text = run_tool("nft", &["list", "table", "inet", nft::TABLE], None).ok();
+            let text = nft::installed_listing();
             let needle = match plan.mode {
                 Mode::Tproxy => nft::tproxy_target(plan.serves, port),
                 Mode::Redirect => format!("redirect to :{port}"),
@@ -370,9 +371,7 @@ fn installed_targets(plan: &Plan) -> Option<Vec<Target>> {
     };
     match plan.backend {
         Backend::None => None,
-        Backend::Nftables => run_tool("nft", &["list", "table", "inet", nft::TABLE], None)
-            .ok()
-            .map(|t| nft_targets(&t)),
+        Backend::Nftables => nft::installed_listing().map(|t| nft_targets(&t)),
         Backend::Iptables => {
             let mut all = Vec::new();
             let mut present = false;

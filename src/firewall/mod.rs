@@ -10,6 +10,8 @@
 pub mod doctor;
 pub mod iptables;
 pub mod nft;
+pub mod nft_ir;
+pub mod nft_netlink;
 pub mod policy_route;
 
 use std::net::{IpAddr, SocketAddr};
@@ -247,7 +249,9 @@ impl Plan {
         match self.backend {
             Backend::None => out.push_str("# firewall backend none: tproxyd installs no rules\n"),
             Backend::Nftables => {
-                out.push_str("# nft -f - (one atomic transaction)\n");
+                out.push_str(
+                    "# nft -f - (one atomic transaction; tproxyd sends the same table over netlink, no nft needed)\n",
+                );
                 out.push_str(&nft::transaction(self));
             }
             Backend::Iptables => {

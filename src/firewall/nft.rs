@@ -6,41 +6,65 @@
 //! print` shows, what a person can read and diff, and `nft -f` applies a
 //! whole file as one transaction just the same.
 
-use std::fmt::Write as _;
-
+use super::nft_ir::{
+    AddrType, Chain, ChainType, Family, Hook, Item, Proto, Rule, Ruleset, Set, Verdict,
+};
 use super::{run_tool, FirewallError, Plan, Serves, ToolFailure};
-use crate::config::Mode;
+use crate::cidr::{Cidr, PortRange};
+use crate::config::{Mode, Network};
 
 pub const TABLE: &str = "tproxyd";
 
-/// `tcp dport { 53, 6000-7000 } ` or nothing when all ports are captured.
-fn dport_match(proto: &str, ports: &[String]) -> String {
-    if ports.is_empty() {
-        String::new()
-    } else {
-        format!("{proto} dport {{ {} }} ", ports.join(", "))
+fn bad(what: &str, text: &str) -> FirewallError {
+    FirewallError::Rejected {
+        tool: "nftables",
+        detail: format!("cannot use {what} {text:?} in the ruleset"),
     }
+}
+
+fn ports(list: &[String]) -> Result<Vec<(u16, u16)>, FirewallError> {
+    list.iter()
+        .map(|p| {
+            p.parse::<PortRange>()
+                .map(|r| (r.first, r.last))
+                .map_err(|_| bad("port", p))
+        })
+        .collect()
+}
+
+fn cidrs(list: &[String]) -> Result<Vec<Cidr>, FirewallError> {
+    list.iter()
+        .map(|c| c.parse::<Cidr>().map_err(|_| bad("prefix", c)))
+        .collect()
+}
+
+/// `tcp dport { 53, 6000-7000 }`, or nothing when all ports are captured.
+fn dport_match(proto: Proto, ports: &[(u16, u16)]) -> Option<Item> {
+    (!ports.is_empty()).then(|| Item::Dport {
+        proto: Some(proto),
+        ports: ports.to_vec(),
+        braces: true,
+    })
 }
 
 /// The match that restricts a rule to the families the listener serves:
 /// a family no listener serves is not captured at all.
-fn family_match(serves: Serves) -> &'static str {
+fn family_match(serves: Serves) -> Option<Item> {
     match serves {
-        Serves::Both => "",
-        Serves::V4(_) => "meta nfproto ipv4 ",
-        Serves::V6(_) => "meta nfproto ipv6 ",
+        Serves::Both => None,
+        Serves::V4(_) => Some(Item::NfProto(Family::V4)),
+        Serves::V6(_) => Some(Item::NfProto(Family::V6)),
     }
 }
 
 /// The TPROXY statement, naming the listener's address when it has one
 /// (see [`Serves`]).
 pub fn tproxy_target(serves: Serves, port: u16) -> String {
-    match serves {
-        Serves::Both => format!("tproxy to :{port}"),
-        Serves::V4(None) => format!("tproxy ip to :{port}"),
-        Serves::V4(Some(ip)) => format!("tproxy ip to {ip}:{port}"),
-        Serves::V6(ip) => format!("tproxy ip6 to [{ip}]:{port}"),
-    }
+    Item::Tproxy(serves, port).to_string()
+}
+
+fn rule(items: impl IntoIterator<Item = Option<Item>>) -> Rule {
+    Rule(items.into_iter().flatten().collect())
 }
 
 /// A chain that drops what reaches the listener port without being
@@ -50,146 +74,239 @@ pub fn tproxy_target(serves: Serves, port: u16) -> String {
 /// a wake-up each. Captured packets keep their remote destination, so
 /// they never match; REDIRECTed router-local flows come back in through
 /// lo already rewritten, and conntrack's `dnat` status lets them pass.
-fn listener_guard(out: &mut String, plan: &Plan) {
+fn listener_guard(plan: &Plan) -> Chain {
     let port = plan.listen_port;
-    let _ = writeln!(
-        out,
-        "\tchain listener_guard {{\n\t\ttype filter hook prerouting priority mangle; policy accept;"
-    );
-    let _ = writeln!(out, "\t\tct status dnat accept");
-    for (on, proto) in [(plan.tcp, "tcp"), (plan.udp, "udp")] {
+    let mut rules = vec![rule([
+        Some(Item::CtStatusDnat),
+        Some(Item::Verdict(Verdict::Accept)),
+    ])];
+    for (on, proto) in [(plan.tcp, Proto::Tcp), (plan.udp, Proto::Udp)] {
         if on {
-            let _ = writeln!(
-                out,
-                "\t\tfib daddr type local meta l4proto {proto} {proto} dport {port} counter drop"
-            );
+            rules.push(rule([
+                Some(Item::FibDaddrType(vec![AddrType::Local])),
+                Some(Item::L4Proto(vec![proto])),
+                Some(Item::Dport {
+                    proto: Some(proto),
+                    ports: vec![(port, port)],
+                    braces: false,
+                }),
+                Some(Item::Counter),
+                Some(Item::Verdict(Verdict::Drop)),
+            ]));
         }
     }
-    let _ = writeln!(out, "\t}}");
+    Chain {
+        name: "listener_guard",
+        kind: ChainType::Filter,
+        hook: Hook::Prerouting,
+        priority: -150,
+        priority_text: "mangle",
+        rules,
+    }
+}
+
+fn ret() -> Option<Item> {
+    Some(Item::Verdict(Verdict::Return))
+}
+
+/// What the rule skipping one bypassed rule set matches: its position,
+/// the direct rule's transport and ports, and which families it has.
+struct RuleSetMatch {
+    index: usize,
+    network: Option<Network>,
+    ports: Vec<(u16, u16)>,
+    v4: bool,
+    v6: bool,
 }
 
 /// The filters every capturing chain starts with: what must never be
 /// captured, then who may be.
-fn common_filters(out: &mut String, plan: &Plan, prerouting: bool) {
-    let _ = writeln!(out, "\t\tmeta mark {:#x} return", plan.proxy_mark);
+fn common_filters(plan: &Plan, prerouting: bool, sets: &[RuleSetMatch]) -> Vec<Rule> {
+    let mut out = vec![rule([Some(Item::MetaMark(plan.proxy_mark)), ret()])];
     if prerouting {
         // Router-local traffic marked in output comes back in through lo.
-        let mut ifaces: Vec<String> = plan
-            .lan_interfaces
-            .iter()
-            .map(|i| format!("\"{i}\""))
-            .collect();
+        let mut ifaces = plan.lan_interfaces.clone();
         if plan.proxy_local {
-            ifaces.push("\"lo\"".into());
+            ifaces.push("lo".into());
         }
+        let not_lan = Item::IifnameNotIn {
+            names: ifaces,
+            braces: true,
+        };
+        let not_lo = || {
+            Some(Item::IifnameNotIn {
+                names: vec!["lo".into()],
+                braces: false,
+            })
+        };
         if plan.source_v4.is_empty() && plan.source_v6.is_empty() {
-            let _ = writeln!(out, "\t\tiifname != {{ {} }} return", ifaces.join(", "));
+            out.push(rule([Some(not_lan), ret()]));
         } else {
             // Sources given: they are taken on the LAN interfaces (or any
             // interface when none is named), plus lo for local traffic.
             if !plan.lan_interfaces.is_empty() {
-                let _ = writeln!(out, "\t\tiifname != {{ {} }} return", ifaces.join(", "));
+                out.push(rule([Some(not_lan), ret()]));
             }
-            for (fam, set, empty) in [
-                ("ip", "source_v4", plan.source_v4.is_empty()),
-                ("ip6", "source_v6", plan.source_v6.is_empty()),
+            for (family, set, empty) in [
+                (Family::V4, "source_v4", plan.source_v4.is_empty()),
+                (Family::V6, "source_v6", plan.source_v6.is_empty()),
             ] {
-                let nfproto = if fam == "ip" { "ipv4" } else { "ipv6" };
                 if empty {
-                    let _ = writeln!(out, "\t\tiifname != \"lo\" meta nfproto {nfproto} return");
+                    out.push(rule([not_lo(), Some(Item::NfProto(family)), ret()]));
                 } else {
-                    let _ = writeln!(out, "\t\tiifname != \"lo\" {fam} saddr != @{set} return");
+                    out.push(rule([
+                        not_lo(),
+                        Some(Item::InSet {
+                            family,
+                            source: true,
+                            negate: true,
+                            set: set.into(),
+                        }),
+                        ret(),
+                    ]));
                 }
             }
         }
     }
-    let _ = writeln!(
-        out,
-        "\t\tfib daddr type {{ local, broadcast, multicast }} return"
-    );
-    let _ = writeln!(out, "\t\tip daddr @bypass_v4 return");
-    let _ = writeln!(out, "\t\tip6 daddr @bypass_v6 return");
+    out.push(rule([
+        Some(Item::FibDaddrType(vec![
+            AddrType::Local,
+            AddrType::Broadcast,
+            AddrType::Multicast,
+        ])),
+        ret(),
+    ]));
+    for (family, set) in [(Family::V4, "bypass_v4"), (Family::V6, "bypass_v6")] {
+        out.push(rule([
+            Some(Item::InSet {
+                family,
+                source: false,
+                negate: false,
+                set: set.into(),
+            }),
+            ret(),
+        ]));
+    }
     // Rule sets a leading direct rule sends direct: skipped here, so their
     // flows are routed at the kernel's speed and never reach tproxyd. The
     // direct rule's transport and ports are repeated.
-    for (i, set) in plan.bypass_sets.iter().enumerate() {
-        let l4 = match (set.network, set.ports.is_empty()) {
-            (Some(crate::config::Network::Tcp), true) => "meta l4proto tcp ".to_string(),
-            (Some(crate::config::Network::Udp), true) => "meta l4proto udp ".to_string(),
-            (Some(crate::config::Network::Tcp), false) => dport_match("tcp", &set.ports),
-            (Some(crate::config::Network::Udp), false) => dport_match("udp", &set.ports),
-            (None, true) => String::new(),
-            (None, false) => format!(
-                "meta l4proto {{ tcp, udp }} th dport {{ {} }} ",
-                set.ports.join(", ")
-            ),
+    for RuleSetMatch {
+        index: i,
+        network,
+        ports,
+        v4: has_v4,
+        v6: has_v6,
+    } in sets
+    {
+        let l4: Vec<Item> = match (network, ports.is_empty()) {
+            (Some(Network::Tcp), true) => vec![Item::L4Proto(vec![Proto::Tcp])],
+            (Some(Network::Udp), true) => vec![Item::L4Proto(vec![Proto::Udp])],
+            (Some(Network::Tcp), false) => dport_match(Proto::Tcp, ports).into_iter().collect(),
+            (Some(Network::Udp), false) => dport_match(Proto::Udp, ports).into_iter().collect(),
+            (None, true) => Vec::new(),
+            (None, false) => vec![
+                Item::L4Proto(vec![Proto::Tcp, Proto::Udp]),
+                Item::Dport {
+                    proto: None,
+                    ports: ports.clone(),
+                    braces: true,
+                },
+            ],
         };
-        for (fam, suffix, elems) in [("ip", "v4", &set.v4), ("ip6", "v6", &set.v6)] {
-            if !elems.is_empty() {
-                let _ = writeln!(out, "\t\t{l4}{fam} daddr @rule_set_{i}_{suffix} return");
+        for (family, suffix, present) in [(Family::V4, "v4", has_v4), (Family::V6, "v6", has_v6)] {
+            if *present {
+                let mut items = l4.clone();
+                items.push(Item::InSet {
+                    family,
+                    source: false,
+                    negate: false,
+                    set: format!("rule_set_{i}_{suffix}"),
+                });
+                items.push(Item::Verdict(Verdict::Return));
+                out.push(Rule(items));
             }
         }
     }
+    out
 }
 
-/// The whole table, as `nft -f` reads it.
-pub fn render(plan: &Plan) -> String {
-    let mut out = String::new();
-    let _ = writeln!(out, "table inet {TABLE} {{");
-    for (name, ty, elems) in [
-        ("bypass_v4", "ipv4_addr", &plan.bypass_v4),
-        ("bypass_v6", "ipv6_addr", &plan.bypass_v6),
-        ("source_v4", "ipv4_addr", &plan.source_v4),
-        ("source_v6", "ipv6_addr", &plan.source_v6),
+/// The whole table: the one description both the text and the netlink
+/// batch are made from.
+pub fn ruleset(plan: &Plan) -> Result<Ruleset, FirewallError> {
+    let mut sets = Vec::new();
+    for (name, family, elems) in [
+        ("bypass_v4", Family::V4, &plan.bypass_v4),
+        ("bypass_v6", Family::V6, &plan.bypass_v6),
+        ("source_v4", Family::V4, &plan.source_v4),
+        ("source_v6", Family::V6, &plan.source_v6),
     ] {
         if name.starts_with("source") && elems.is_empty() {
             continue;
         }
-        let _ = writeln!(out, "\tset {name} {{\n\t\ttype {ty}\n\t\tflags interval");
-        if !elems.is_empty() {
-            let _ = writeln!(out, "\t\telements = {{ {} }}", elems.join(", "));
-        }
-        let _ = writeln!(out, "\t}}");
+        sets.push(Set {
+            name: name.into(),
+            family,
+            elems: cidrs(elems)?,
+        });
     }
     // One pair of interval sets per bypassed rule set, named by position
     // (rule-set names are the user's text and stay out of the ruleset).
+    let mut rule_sets = Vec::new();
     for (i, set) in plan.bypass_sets.iter().enumerate() {
-        for (suffix, ty, elems) in [("v4", "ipv4_addr", &set.v4), ("v6", "ipv6_addr", &set.v6)] {
-            if elems.is_empty() {
-                continue;
+        for (suffix, family, elems) in [("v4", Family::V4, &set.v4), ("v6", Family::V6, &set.v6)] {
+            if !elems.is_empty() {
+                sets.push(Set {
+                    name: format!("rule_set_{i}_{suffix}"),
+                    family,
+                    elems: cidrs(elems)?,
+                });
             }
-            let _ = writeln!(
-                out,
-                "\tset rule_set_{i}_{suffix} {{\n\t\ttype {ty}\n\t\tflags interval\n\t\telements = {{ {} }}\n\t}}",
-                elems.join(", ")
-            );
         }
+        rule_sets.push(RuleSetMatch {
+            index: i,
+            network: set.network,
+            ports: ports(&set.ports)?,
+            v4: !set.v4.is_empty(),
+            v6: !set.v6.is_empty(),
+        });
     }
     let port = plan.listen_port;
     let rmark = plan.route_mark;
     let fam = family_match(plan.serves);
-    let tcp = plan.tcp.then(|| {
-        format!(
-            "{fam}meta l4proto tcp {}",
-            dport_match("tcp", &plan.tcp_ports)
-        )
+    let tcp_ports = ports(&plan.tcp_ports)?;
+    let udp_ports = ports(&plan.udp_ports)?;
+    let tcp: Option<Vec<Item>> = plan.tcp.then(|| {
+        [
+            fam.clone(),
+            Some(Item::L4Proto(vec![Proto::Tcp])),
+            dport_match(Proto::Tcp, &tcp_ports),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
     });
-    let udp = plan.udp.then(|| {
-        format!(
-            "{fam}meta l4proto udp {}",
-            dport_match("udp", &plan.udp_ports)
-        )
+    let udp: Option<Vec<Item>> = plan.udp.then(|| {
+        [
+            fam.clone(),
+            Some(Item::L4Proto(vec![Proto::Udp])),
+            dport_match(Proto::Udp, &udp_ports),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
     });
-    let target = tproxy_target(plan.serves, port);
-    listener_guard(&mut out, plan);
+    let with = |head: &Vec<Item>, tail: Vec<Item>| Rule(head.iter().cloned().chain(tail).collect());
+    let target = Item::Tproxy(plan.serves, port);
+    let mut chains = vec![listener_guard(plan)];
 
     match plan.mode {
         Mode::Tproxy => {
-            let _ = writeln!(
-                out,
-                "\tchain prerouting {{\n\t\ttype filter hook prerouting priority mangle; policy accept;"
-            );
-            common_filters(&mut out, plan, true);
+            let mut rules = common_filters(plan, true, &rule_sets);
+            let capture = vec![
+                target.clone(),
+                Item::MarkSet(rmark),
+                Item::Verdict(Verdict::Accept),
+            ];
             if let Some(tcp) = &tcp {
                 // Packets of flows that already have a transparent socket
                 // skip the TPROXY lookup. TCP only: a UDP reply socket
@@ -202,65 +319,94 @@ pub fn render(plan: &Plan) -> String {
                 // such connection took ~10 ms longer. TPROXY handles a
                 // SYN on a TIME_WAIT socket itself: it ends it and picks
                 // the listener.
-                let _ = writeln!(
-                    out,
-                    "\t\t{fam}meta l4proto tcp tcp flags & (syn | ack) != syn socket transparent 1 meta mark set {rmark:#x} accept"
-                );
-                let _ = writeln!(out, "\t\t{tcp}{target} meta mark set {rmark:#x} accept");
+                rules.push(rule([
+                    fam.clone(),
+                    Some(Item::L4Proto(vec![Proto::Tcp])),
+                    Some(Item::TcpFlagsNotSyn),
+                    Some(Item::SocketTransparent),
+                    Some(Item::MarkSet(rmark)),
+                    Some(Item::Verdict(Verdict::Accept)),
+                ]));
+                rules.push(with(tcp, capture.clone()));
             }
             if let Some(udp) = &udp {
-                let _ = writeln!(out, "\t\t{udp}{target} meta mark set {rmark:#x} accept");
+                rules.push(with(udp, capture));
             }
             if plan.fail_closed {
                 // TPROXY found no socket: tproxyd is down. Drop instead of
                 // letting the flow go out directly.
-                if let Some(tcp) = &tcp {
-                    let _ = writeln!(out, "\t\t{tcp}drop");
-                }
-                if let Some(udp) = &udp {
-                    let _ = writeln!(out, "\t\t{udp}drop");
+                for head in tcp.iter().chain(udp.iter()) {
+                    rules.push(with(head, vec![Item::Verdict(Verdict::Drop)]));
                 }
             }
-            let _ = writeln!(out, "\t}}");
+            chains.push(Chain {
+                name: "prerouting",
+                kind: ChainType::Filter,
+                hook: Hook::Prerouting,
+                priority: -150,
+                priority_text: "mangle",
+                rules,
+            });
             if plan.proxy_local {
                 // type route: changing the mark re-routes the packet, and
                 // the policy route sends it via lo into prerouting.
-                let _ = writeln!(
-                    out,
-                    "\tchain output {{\n\t\ttype route hook output priority mangle; policy accept;"
-                );
-                common_filters(&mut out, plan, false);
-                if let Some(tcp) = &tcp {
-                    let _ = writeln!(out, "\t\t{tcp}meta mark set {rmark:#x}");
+                let mut rules = common_filters(plan, false, &rule_sets);
+                for head in tcp.iter().chain(udp.iter()) {
+                    rules.push(with(head, vec![Item::MarkSet(rmark)]));
                 }
-                if let Some(udp) = &udp {
-                    let _ = writeln!(out, "\t\t{udp}meta mark set {rmark:#x}");
-                }
-                let _ = writeln!(out, "\t}}");
+                chains.push(Chain {
+                    name: "output",
+                    kind: ChainType::Route,
+                    hook: Hook::Output,
+                    priority: -150,
+                    priority_text: "mangle",
+                    rules,
+                });
             }
         }
         Mode::Redirect => {
             let tcp = tcp.unwrap_or_default();
-            let _ = writeln!(
-                out,
-                "\tchain prerouting {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;"
-            );
-            common_filters(&mut out, plan, true);
-            let _ = writeln!(out, "\t\t{tcp}redirect to :{port}");
-            let _ = writeln!(out, "\t}}");
+            let redirect = vec![Item::Redirect(port)];
+            let mut rules = common_filters(plan, true, &rule_sets);
+            rules.push(with(&tcp, redirect.clone()));
+            chains.push(Chain {
+                name: "prerouting",
+                kind: ChainType::Nat,
+                hook: Hook::Prerouting,
+                priority: -100,
+                priority_text: "dstnat",
+                rules,
+            });
             if plan.proxy_local {
-                let _ = writeln!(
-                    out,
-                    "\tchain output {{\n\t\ttype nat hook output priority -100; policy accept;"
-                );
-                common_filters(&mut out, plan, false);
-                let _ = writeln!(out, "\t\t{tcp}redirect to :{port}");
-                let _ = writeln!(out, "\t}}");
+                let mut rules = common_filters(plan, false, &rule_sets);
+                rules.push(with(&tcp, redirect));
+                chains.push(Chain {
+                    name: "output",
+                    kind: ChainType::Nat,
+                    hook: Hook::Output,
+                    priority: -100,
+                    priority_text: "-100",
+                    rules,
+                });
             }
         }
     }
-    let _ = writeln!(out, "}}");
-    out
+    Ok(Ruleset {
+        table: TABLE,
+        sets,
+        chains,
+    })
+}
+
+/// The whole table, as `nft -f` reads it.
+pub fn render(plan: &Plan) -> String {
+    match ruleset(plan) {
+        Ok(r) => r.text(),
+        Err(e) => format!(
+            "# {e}
+"
+        ),
+    }
 }
 
 /// The transaction `apply` feeds to `nft -f -`: create the table if
@@ -277,7 +423,9 @@ fn nft(args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError> {
     run_tool("nft", args, stdin).map_err(|f| match f {
         ToolFailure::Spawn(e) => FirewallError::Tool {
             tool: "nft",
-            detail: format!("{e}; install the nftables package, or use --firewall iptables"),
+            detail: format!(
+                "{e}; install the nftables package, or unset {NFT_CLI_ENV} to use netlink"
+            ),
         },
         ToolFailure::Failed(stderr) => FirewallError::Rejected {
             tool: "nft",
@@ -291,7 +439,7 @@ fn explain_nft_error(stderr: &str) -> String {
     let hint = if stderr.contains("Could not process rule: No such file or directory")
         || stderr.contains("Operation not supported")
     {
-        "\n(the kernel may lack nft_tproxy/nft_socket (kernel >= 4.18, CONFIG_NFT_TPROXY, CONFIG_NFT_SOCKET); run tproxyd doctor, or try --firewall iptables)"
+        "\n(the kernel may lack nft_tproxy/nft_socket (kernel >= 4.19, CONFIG_NFT_TPROXY, CONFIG_NFT_SOCKET); run tproxyd doctor, or try --firewall iptables)"
     } else if stderr.contains("Operation not permitted") {
         "\n(needs CAP_NET_ADMIN: run as root)"
     } else {
@@ -300,25 +448,68 @@ fn explain_nft_error(stderr: &str) -> String {
     format!("{}{hint}", stderr.trim())
 }
 
+/// Set to 1 to apply the ruleset with `nft -f -` (the text `rules print`
+/// shows) instead of netlink: a debugging aid, for comparing the two.
+pub const NFT_CLI_ENV: &str = "TPROXYD_NFT_CLI";
+
+fn use_cli() -> bool {
+    std::env::var_os(NFT_CLI_ENV).is_some_and(|v| v == "1")
+}
+
+/// Installs the table over netlink in one transaction that replaces an
+/// earlier one (no `nft` binary needed).
 pub fn apply(plan: &Plan) -> Result<(), FirewallError> {
-    nft(&["-f", "-"], Some(&transaction(plan))).map(|_| ())
+    let rs = ruleset(plan)?;
+    if use_cli() {
+        return nft(&["-f", "-"], Some(&transaction(plan))).map(|_| ());
+    }
+    super::nft_netlink::apply(&rs)
 }
 
 /// Whether tproxyd's table exists.
 pub fn present() -> Result<bool, FirewallError> {
-    let tables = nft(&["list", "tables"], None)?;
-    Ok(tables
-        .lines()
-        .any(|l| l.trim() == format!("table inet {TABLE}")))
+    super::nft_netlink::table_exists(TABLE)
 }
 
 /// Deletes tproxyd's table if it exists. Touches nothing else.
 pub fn remove() -> Result<bool, FirewallError> {
-    if !present()? {
-        return Ok(false);
-    }
-    nft(&["delete", "table", "inet", TABLE], None)?;
-    Ok(true)
+    super::nft_netlink::delete_table(TABLE)
+}
+
+/// Whether the kernel takes the expressions tproxyd's rules use, tried
+/// with a scratch table in a batch that is never committed.
+pub fn probe_kernel() -> Result<(), FirewallError> {
+    let probe = Ruleset {
+        table: "tproxyd_doctor",
+        sets: Vec::new(),
+        chains: vec![Chain {
+            name: "c",
+            kind: ChainType::Filter,
+            hook: Hook::Prerouting,
+            priority: -150,
+            priority_text: "mangle",
+            rules: vec![
+                rule([
+                    Some(Item::L4Proto(vec![Proto::Tcp])),
+                    Some(Item::SocketTransparent),
+                    Some(Item::Verdict(Verdict::Accept)),
+                ]),
+                rule([
+                    Some(Item::FibDaddrType(vec![AddrType::Local])),
+                    Some(Item::L4Proto(vec![Proto::Tcp])),
+                    Some(Item::Tproxy(Serves::Both, 1)),
+                    Some(Item::Verdict(Verdict::Accept)),
+                ]),
+            ],
+        }],
+    };
+    super::nft_netlink::probe(&probe)
+}
+
+/// The capture statements of the installed table, as nft prints them
+/// (see [`super::nft_netlink::capture_listing`]); None when not installed.
+pub fn installed_listing() -> Option<String> {
+    super::nft_netlink::capture_listing(TABLE).ok().flatten()
 }
 
 #[cfg(test)]
