@@ -396,7 +396,7 @@ pub enum ShadowsocksConnectError {
     Random(std::io::Error),
     #[error("shadowsocks server {server} failed its check: {reason}")]
     Check { server: SocketAddr, reason: String },
-    #[error("shadowsocks UDP not built yet: send UDP elsewhere with a rule (network = \"udp\"), or set udp = false")]
+    #[error("shadowsocks UDP not built yet: send UDP elsewhere with a rule (network = \"udp\")")]
     NoUdp,
 }
 
