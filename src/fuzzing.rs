@@ -72,3 +72,9 @@ pub fn proc_net_binds(text: &str, tcp: bool, port: u16) -> bool {
 pub fn iptables_words(line: &str) -> Vec<String> {
     crate::firewall::iptables::restore_words(line)
 }
+
+/// The shadowsocks TCP stream's reply decoder over a reply built from
+/// `data` (see `outbound::shadowsocks::tcp::fuzz_reply`).
+pub fn ss_tcp_reply(data: &[u8]) {
+    crate::outbound::shadowsocks::tcp::fuzz_reply(data);
+}

@@ -18,7 +18,7 @@ use serde::Deserialize;
 
 use super::group::Member;
 use super::url::UrlError;
-use super::{block, direct, group, http, socks5};
+use super::{block, direct, group, http, shadowsocks, socks5};
 use super::{BuildError, Carrier, Context, Outbound};
 
 /// THE list of outbound kinds, one line each:
@@ -42,6 +42,7 @@ macro_rules! kinds {
         Direct(direct::Settings) => Direct(direct::Direct, udp direct::DirectUdp),
         Socks5(socks5::Settings) => Socks5(socks5::Socks5Client, udp socks5::UdpAssociation),
         Http(http::Settings) => Http(http::HttpClient),
+        Shadowsocks(shadowsocks::Settings) => Shadowsocks(shadowsocks::Client, tcp shadowsocks::Stream),
         Block(block::Settings) => Block(block::Block),
         Selector(group::SelectorSettings) => Group(group::Group),
         Failover(group::FailoverSettings) => Group,
@@ -313,6 +314,11 @@ mod tests {
                 "http",
                 "Http",
             ),
+            (
+                "type = \"shadowsocks\"\nserver = \"203.0.113.2:8388\"\nmethod = \"aes-128-gcm\"\npassword = \"x\"",
+                "shadowsocks",
+                "Shadowsocks",
+            ),
         ] {
             let raw = parse(text).unwrap();
             assert_eq!(raw.type_name(), kind);
@@ -432,7 +438,7 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "unknown URL scheme \"ftp\": the schemes tproxyd reads are \
-             socks5://, socks5h://, http://"
+             socks5://, socks5h://, http://, ss://"
         );
         let e = RawOutbound::from_url("203.0.113.2:1080").unwrap_err();
         assert!(
