@@ -362,7 +362,14 @@ class Tproxyd(Config):
         if not self.binary.exists():
             raise BenchError(f"{self.binary} is missing: run bench/run (--baseline REV for the baseline)")
         self.proc = self.bed.router.spawn(self.binary, "run", *self.args(), log_to=self.log())
-        self.bed.router.wait_listening("tcp", self.port, "tproxyd")
+        try:
+            self.bed.router.wait_listening("tcp", self.port, "tproxyd")
+        except BenchError as e:
+            if self.proc.poll() is not None:
+                # It refused to start: its last words say why.
+                last = self.log().read_text(errors="replace").strip().splitlines()[-1:]
+                raise BenchError(f"tproxyd exited: {''.join(last)}") from e
+            raise
         self.bed.router.wait_listening("udp", self.port, "tproxyd")
         # tproxyd installs its rules after binding; give it the moment.
         deadline = time.time() + 10
@@ -986,8 +993,8 @@ def report(table, p, info, samples):
         f"unencrypted mode).",
         f"- Idle connections for the memory figure: {p.idle} asked; the machine's hard "
         f"descriptor limit is {p.nofile}, so "
-        + ", ".join(f"{c.name} held {idle_count(c, p)}" for c in CONFIGS
-                    if c.proxy and c not in SS_SET and c.name in samples)
+        + (", ".join(f"{c.name} held {idle_count(c, p)}" for c in CONFIGS
+                     if c.proxy and c not in SS_SET and c.name in samples) or "none was measured")
         + " (a proxy holds two descriptors per connection, redsocks with splice six).",
         f"- UDP bulk: iperf3 at {p.udp_rate}bit/s offered, 1400-byte datagrams.",
         f"- UDP flood: one datagram from each of {p.flood:,} new client ports, on a fresh "
@@ -1002,19 +1009,20 @@ def report(table, p, info, samples):
     # The shadowsocks set has its own section (shadowsocks_section).
     names = [c.name for c in CONFIGS if c.name in samples and c not in SS_SET]
     labels = {c.name: c.label for c in CONFIGS}
-    lines.append("| figure | " + " | ".join(labels[n] for n in names) + " |")
-    lines.append("|---|" + "---|" * len(names))
-    for key, title, unit, better, _ in FIGURES:
-        cells = []
-        for n in names:
-            cell = table.get(n, {}).get(key)
-            if cell is None:
-                cells.append("—")
-            else:
-                med, spread, _n = cell
-                cells.append(f"{fmt(med)} ±{spread:.0f}%")
-        arrow = "↑" if better == "higher" else "↓"
-        lines.append(f"| {title} ({unit}) {arrow} | " + " | ".join(cells) + " |")
+    if names:
+        lines.append("| figure | " + " | ".join(labels[n] for n in names) + " |")
+        lines.append("|---|" + "---|" * len(names))
+        for key, title, unit, better, _ in FIGURES:
+            cells = []
+            for n in names:
+                cell = table.get(n, {}).get(key)
+                if cell is None:
+                    cells.append("—")
+                else:
+                    med, spread, _n = cell
+                    cells.append(f"{fmt(med)} ±{spread:.0f}%")
+            arrow = "↑" if better == "higher" else "↓"
+            lines.append(f"| {title} ({unit}) {arrow} | " + " | ".join(cells) + " |")
 
     lines += rules_section(table, samples)
     lines += baseline_section(table, samples)
@@ -1265,6 +1273,19 @@ def chart(table, path):
 # ---------------------------------------------------------------- main
 
 
+def merged(old, samples, info, p):
+    """--merge: this run's samples replace only their configurations' in
+    an earlier results.json. The earlier run's header (machine, date,
+    parameters) stays; each configuration keeps the date it was measured on."""
+    old_info = old.get("machine", info)
+    dates = {n: old_info.get("dates", {}).get(n, old_info.get("date", "?"))
+             for n in old.get("samples", {})}
+    for key, value in old.get("params", {}).items():
+        setattr(p, key, value)
+    return ({**old.get("samples", {}), **samples},
+            {**old_info, "dates": {**dates, **info["dates"]}})
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
@@ -1353,16 +1374,7 @@ def main():
         bed.close()
     info["dates"] = {c.name: info["date"] for c in wanted}
     if p.merge and (p.out / "results.json").exists():
-        # The earlier run's header (machine, date, parameters) stays; each
-        # configuration keeps the date it was measured on.
-        old = json.loads((p.out / "results.json").read_text())
-        old_info = old.get("machine", info)
-        dates = {n: old_info.get("dates", {}).get(n, old_info.get("date", "?"))
-                 for n in old.get("samples", {})}
-        samples = {**old.get("samples", {}), **samples}
-        info = {**old_info, "dates": {**dates, **info["dates"]}}
-        for key, value in old.get("params", {}).items():
-            setattr(p, key, value)
+        samples, info = merged(json.loads((p.out / "results.json").read_text()), samples, info, p)
     table = summarize(samples)
     params = {k: getattr(p, k) for k in ("rounds", "seconds", "idle", "nofile", "udp_rate", "flood")}
     saved = json.dumps({"machine": info, "params": params, "samples": samples}, indent=1) + "\n"

@@ -718,6 +718,9 @@ fn wrong_password_or_method_ends_the_flow_with_a_reason() {
             true,
             Form::Keys,
         ));
+        // The wait for the server's first bytes (10 s by default), short
+        // so that silent servers fail the flows quickly here.
+        outbounds.push_str("first_byte_timeout = 3\n");
         rules.push_str(&format!(
             "[[route.rules]]\ndst_port = [\"{}\"]\noutbound = \"{name}\"\n",
             7100 + i
