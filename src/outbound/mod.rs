@@ -20,6 +20,7 @@ pub mod direct;
 pub mod group;
 pub mod http;
 pub mod kinds;
+pub mod shadowsocks;
 pub mod socks5;
 
 use std::future::Future;

@@ -1,0 +1,3 @@
+//! Shadowsocks client: AEAD (SIP004) and 2022 (SIP022) methods.
+
+pub mod crypto;
