@@ -75,8 +75,9 @@ pub(super) struct Pin {
 ///
 /// In order: a query to port 53 may be answered here or go to `[dns]
 /// server`; the route is the pin's for its destination, else the rules';
-/// an outbound that refuses UDP refuses it; a DNS query through an
-/// outbound that carries DNS over TCP goes that way.
+/// a DNS query through an outbound that carries DNS over TCP goes that
+/// way (even if it refuses other UDP); an outbound that refuses UDP
+/// refuses the rest.
 pub(super) fn datagram(
     router: &Router,
     client: SocketAddr,
@@ -99,6 +100,15 @@ pub(super) fn datagram(
     };
     match carried(dst, choice) {
         Verdict::Forward { dst, choice } if dns_over_tcp(router, dst, &choice, payload) => {
+            Verdict::DnsOverTcp {
+                from: asked,
+                dst,
+                choice,
+            }
+        }
+        // An outbound that refuses UDP may still carry DNS over TCP (a
+        // shadowsocks server with `udp = false`).
+        Verdict::Refuse { dst, choice, .. } if dns_over_tcp(router, dst, &choice, payload) => {
             Verdict::DnsOverTcp {
                 from: asked,
                 dst,
