@@ -124,3 +124,9 @@ pub fn ss_udp_reply(data: &[u8]) {
     let packet = u64::from(pick >> 4 & 7);
     check(&mut seal_as_server(&key, server, packet, &body));
 }
+
+/// The shadowsocks TCP stream's reply decoder over a reply built from
+/// `data` (see `outbound::shadowsocks::tcp::fuzz_reply`).
+pub fn ss_tcp_reply(data: &[u8]) {
+    crate::outbound::shadowsocks::tcp::fuzz_reply(data);
+}

@@ -23,6 +23,7 @@ pub mod http;
 pub mod kinds;
 pub mod shadowsocks;
 pub mod socks5;
+pub mod url;
 
 use std::future::Future;
 use std::io;
@@ -38,9 +39,11 @@ use crate::sys;
 
 pub use credentials::Credentials;
 pub use kinds::{OutboundConfig, OutboundKind, RawOutbound};
+pub use url::UrlError;
 
 use group::GroupError;
 use http::HttpError;
+use shadowsocks::ShadowsocksConnectError;
 use socks5::Socks5Error;
 
 /// What building an outbound needs besides its own settings.
@@ -97,6 +100,8 @@ pub enum OutboundError {
     Socks5(#[from] Socks5Error),
     #[error(transparent)]
     Http(#[from] HttpError),
+    #[error(transparent)]
+    Shadowsocks(#[from] ShadowsocksConnectError),
     /// The `block` outbound: refused on purpose, not a fault.
     #[error("blocked by rule")]
     Blocked,
@@ -119,6 +124,7 @@ impl OutboundError {
             OutboundError::UdpSocket(source) => io_failure(source, Failure::ProxyFailed),
             OutboundError::Socks5(e) => e.failure(),
             OutboundError::Http(e) => e.failure(),
+            OutboundError::Shadowsocks(e) => e.failure(),
         }
     }
 
