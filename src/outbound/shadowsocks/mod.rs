@@ -4,10 +4,10 @@
 //! stream in [`tcp`], `ss://` URLs in [`url`].
 
 pub mod crypto;
-pub mod udp;
-pub mod window;
 pub mod tcp;
+pub mod udp;
 pub mod url;
+pub mod window;
 
 use std::future::Future;
 use std::net::SocketAddr;
