@@ -316,7 +316,10 @@ impl Pool {
         };
         lock(&self.state).down = None;
         debug!(resolver = %self.resolver, outbound = self.outbound.name(), "DNS over TCP connection open");
-        let (mut rd, mut wr) = stream.into_split();
+        // Split through a lock, not `into_split`: the upstream may be a
+        // framed stream (any arm of `TcpUpstream`), and a query is rare
+        // next to the lock's cost.
+        let (mut rd, mut wr) = tokio::io::split(stream);
         let reader = async {
             let mut len = [0u8; 2];
             loop {
@@ -352,7 +355,8 @@ impl Pool {
                         break;
                     }
                 }
-                if wr.write_all(&batch).await.is_err() {
+                // Flushed: a framed upstream may hold the bytes until then.
+                if wr.write_all(&batch).await.is_err() || wr.flush().await.is_err() {
                     return;
                 }
             }

@@ -4,11 +4,10 @@
 use std::net::SocketAddr;
 
 use serde::Deserialize;
-use tokio::net::TcpStream;
 
 use super::group::Member;
 use super::kinds::Kind;
-use super::{BuildError, Carrier, Context, DnsTransport, OutboundError, UdpUpstream};
+use super::{BuildError, Carrier, Context, DnsTransport, OutboundError, TcpUpstream, UdpUpstream};
 
 /// `[[outbounds]] type = "block"` as written.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -74,7 +73,7 @@ impl Carrier for Block {
         &self,
         _dst: SocketAddr,
         _host: Option<&str>,
-    ) -> Result<TcpStream, OutboundError> {
+    ) -> Result<TcpUpstream, OutboundError> {
         Err(OutboundError::Blocked)
     }
 

@@ -8,13 +8,13 @@ use std::net::SocketAddr;
 
 use serde::Deserialize;
 use tokio::io::Interest;
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::UdpSocket;
 
 use super::group::Member;
 use super::kinds::Kind;
 use super::{
     connect_marked, ip_udp_max, BuildError, Carrier, Context, DnsTransport, OutboundError,
-    UdpCarrier, UdpRecv, UdpUpstream, UDP_HEADROOM,
+    TcpUpstream, UdpCarrier, UdpRecv, UdpUpstream, UDP_HEADROOM,
 };
 use crate::sys;
 
@@ -92,14 +92,14 @@ impl Carrier for Direct {
         &self,
         dst: SocketAddr,
         _host: Option<&str>,
-    ) -> Result<TcpStream, OutboundError> {
+    ) -> Result<TcpUpstream, OutboundError> {
         match tokio::time::timeout(self.connect_timeout, connect_marked(dst, self.mark)).await {
             Err(_) => Err(OutboundError::ConnectTimeout {
                 dst,
                 secs: self.connect_timeout.as_secs(),
             }),
             Ok(Err(source)) => Err(OutboundError::Connect { dst, source }),
-            Ok(Ok(s)) => Ok(s),
+            Ok(Ok(s)) => Ok(TcpUpstream::Plain(s)),
         }
     }
 

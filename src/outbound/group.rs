@@ -18,13 +18,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
-use tokio::net::TcpStream;
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, info, warn};
 
 use super::kinds::Kind;
 use super::{
-    BoxFuture, BuildError, Carrier, Context, DnsTransport, Outbound, OutboundError, UdpUpstream,
+    BoxFuture, BuildError, Carrier, Context, DnsTransport, Outbound, OutboundError, TcpUpstream,
+    UdpUpstream,
 };
 
 /// Seconds between a failover group's health checks unless set.
@@ -388,7 +388,7 @@ impl Carrier for Group {
         &'a self,
         dst: SocketAddr,
         host: Option<&'a str>,
-    ) -> impl Future<Output = Result<TcpStream, OutboundError>> + Send + 'a {
+    ) -> impl Future<Output = Result<TcpUpstream, OutboundError>> + Send + 'a {
         let member = Arc::clone(&self.selected().outbound);
         let boxed: BoxFuture<'a, _> = Box::pin(async move { member.connect_tcp(dst, host).await });
         boxed

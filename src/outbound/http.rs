@@ -22,7 +22,7 @@ use super::group::Member;
 use super::kinds::{self, Kind};
 use super::{
     connect_marked, BoxFuture, BuildError, Carrier, Context, DnsTransport, Failure, OutboundError,
-    UdpUpstream,
+    TcpUpstream, UdpUpstream,
 };
 
 /// `[[outbounds]] type = "http"` as written.
@@ -373,8 +373,9 @@ impl Carrier for HttpClient {
         &'a self,
         dst: SocketAddr,
         host: Option<&'a str>,
-    ) -> impl Future<Output = Result<TcpStream, OutboundError>> + Send + 'a {
-        let boxed: BoxFuture<'a, _> = Box::pin(async move { Ok(self.connect(dst, host).await?) });
+    ) -> impl Future<Output = Result<TcpUpstream, OutboundError>> + Send + 'a {
+        let boxed: BoxFuture<'a, _> =
+            Box::pin(async move { Ok(TcpUpstream::Plain(self.connect(dst, host).await?)) });
         boxed
     }
 

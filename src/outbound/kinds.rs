@@ -21,11 +21,15 @@ use super::{block, direct, group, http, socks5};
 use super::{BuildError, Carrier, Context, Outbound};
 
 /// THE list of outbound kinds, one line each:
-/// `Variant(settings) => Arm(carrier, udp upstream)`. The variant's
+/// `Variant(settings) => Arm(carrier, tcp stream, udp upstream)`. The variant's
 /// lowercase name is the config's `type`; `settings` implements [`Kind`];
 /// `Arm` is the [`Outbound`] arm that carries it, with its type where the
 /// arm is declared, bare where a kind shares an arm declared above
-/// (selector and failover are both a `Group`). A carrier that opens UDP
+/// (selector and failover are both a `Group`). A carrier that frames the
+/// TCP stream names its stream's type after `tcp` (left out for a kind
+/// that hands over a bare socket): it implements
+/// [`TcpCarrier`](super::TcpCarrier) and is the same-named arm of
+/// [`TcpUpstream`](super::TcpUpstream). A carrier that opens UDP
 /// upstreams names their type after `udp`: it implements
 /// [`UdpCarrier`](super::UdpCarrier) and is the same-named arm of
 /// [`UdpUpstream`](super::UdpUpstream).
@@ -104,7 +108,7 @@ pub fn login_note(auth: bool) -> &'static str {
 
 /// Makes the config side of `kinds!`: the enums and their delegation.
 macro_rules! config_side {
-    ([$($kind:ident($settings:ty) => $arm:ident $(($carrier:ty $(, udp $udp:ty)?))?),* $(,)?]) => {
+    ([$($kind:ident($settings:ty) => $arm:ident $(($carrier:ty $(, tcp $tcp:ty)? $(, udp $udp:ty)?))?),* $(,)?]) => {
         /// One outbound as written, by `type`.
         #[derive(Debug, Clone, Deserialize)]
         #[serde(tag = "type", rename_all = "lowercase")]

@@ -5,10 +5,11 @@
 //! [`Carrier`]; [`Outbound`] is the enum whose arms only delegate, so the
 //! dispatch stays static (a UDP upstream's send runs per datagram). The
 //! one list of kinds, with their settings as the config file writes them,
-//! is `kinds!` in [`kinds`]; this file makes [`Outbound`], [`UdpUpstream`]
-//! and [`UDP_HEADROOM`] from it. The rest of tproxyd sees outbounds only through this
-//! file: [`Outbound`], [`UdpUpstream`], and errors that say what failed
-//! as a protocol-free [`Failure`].
+//! is `kinds!` in [`kinds`]; this file makes [`Outbound`], [`TcpUpstream`],
+//! [`UdpUpstream`] and [`UDP_HEADROOM`] from it. The rest of tproxyd sees
+//! outbounds only through this file: [`Outbound`], [`TcpUpstream`],
+//! [`UdpUpstream`], and errors that say what failed as a protocol-free
+//! [`Failure`].
 //!
 //! Every socket opened here toward the network carries the configured
 //! `SO_MARK`, so the firewall rules let it pass instead of capturing
@@ -27,8 +28,10 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::sys;
@@ -176,12 +179,14 @@ pub trait Carrier {
     /// Opens a TCP connection to `dst`. `host` is the flow's sniffed host
     /// name, if any: kinds that can name a destination (with
     /// `send_domain`) send it instead of `dst` when it passes
-    /// [`crate::hostname::is_host_name`].
+    /// [`crate::hostname::is_host_name`]. A kind that hands over the bare
+    /// socket returns [`TcpUpstream::Plain`]; a kind that frames the
+    /// stream returns its own arm (its `tcp` type in the list of kinds).
     fn connect_tcp<'a>(
         &'a self,
         dst: SocketAddr,
         host: Option<&'a str>,
-    ) -> impl Future<Output = Result<TcpStream, OutboundError>> + Send + 'a;
+    ) -> impl Future<Output = Result<TcpUpstream, OutboundError>> + Send + 'a;
 
     /// Opens the upstream side of one UDP session.
     fn open_udp(&self) -> impl Future<Output = Result<UdpUpstream, OutboundError>> + Send + '_;
@@ -201,9 +206,9 @@ pub async fn connect_marked(dst: SocketAddr, mark: u32) -> io::Result<TcpStream>
 
 /// Makes, from the list in `kinds!` ([`kinds`]), the run-time side: the
 /// [`Outbound`] enum (one arm per carrier), every carrier's
-/// [`Carrier::UDP_HEADER`] and the [`UdpUpstream`] enum.
+/// [`Carrier::UDP_HEADER`], the [`TcpUpstream`] and [`UdpUpstream`] enums.
 macro_rules! run_time_side {
-    ([$($kind:ident($settings:ty) => $arm:ident $(($carrier:ty $(, udp $udp:ty)?))?),* $(,)?]) => {
+    ([$($kind:ident($settings:ty) => $arm:ident $(($carrier:ty $(, tcp $tcp:ty)? $(, udp $udp:ty)?))?),* $(,)?]) => {
         /// One configured outbound: an arm per carrier in the list of kinds
         /// (`kinds!` in [`kinds`]), each only delegating to the kind's type.
         #[derive(Debug)]
@@ -213,6 +218,33 @@ macro_rules! run_time_side {
 
         /// The [`Carrier::UDP_HEADER`] of every arm of [`Outbound`].
         const UDP_HEADERS: &[usize] = &[$($(<$carrier as Carrier>::UDP_HEADER,)?)*];
+
+        /// The upstream side of a TCP flow. `Plain` is a bare socket, for
+        /// the kinds that hand the connection over once their handshake is
+        /// done (direct, socks5, http): the relay splices it. Every
+        /// carrier that names a `tcp` type in the list of kinds (a kind
+        /// that frames the byte stream, so the relay cannot splice) gets
+        /// an arm of its own; the relay copies through it (see
+        /// [`TcpCarrier`]). The dispatch is a `match`: no box, no table.
+        #[derive(Debug)]
+        pub enum TcpUpstream {
+            Plain(TcpStream),
+            $($($($arm($tcp),)?)?)*
+        }
+
+        impl TcpUpstream {
+            /// The bare socket of a `Plain` upstream, which the relay
+            /// splices; a framed one back as it was, which it copies.
+            pub fn into_plain(self) -> Result<TcpStream, TcpUpstream> {
+                match self {
+                    TcpUpstream::Plain(s) => Ok(s),
+                    $($($(TcpUpstream::$arm(s) => {
+                        let s: $tcp = s;
+                        Err(TcpUpstream::$arm(s))
+                    })?)?)*
+                }
+            }
+        }
 
         /// The upstream side of a UDP session: an arm per carrier that
         /// names a `udp` type in the list of kinds, each only delegating.
@@ -246,7 +278,7 @@ macro_rules! delegate {
 /// The `match` of [`delegate!`], one arm per carrier in the list of kinds.
 macro_rules! delegate_arms {
     (
-        [$($kind:ident($settings:ty) => $arm:ident $(($carrier:ty $(, udp $udp:ty)?))?),* $(,)?]
+        [$($kind:ident($settings:ty) => $arm:ident $(($carrier:ty $(, tcp $tcp:ty)? $(, udp $udp:ty)?))?),* $(,)?]
         $self:expr, $o:ident => $call:expr
     ) => {
         match $self {
@@ -286,7 +318,7 @@ impl Outbound {
         &self,
         dst: SocketAddr,
         host: Option<&str>,
-    ) -> Result<TcpStream, OutboundError> {
+    ) -> Result<TcpUpstream, OutboundError> {
         // Every kind connects through `connect_marked`, whose socket has
         // TCP_NODELAY before it connects: not set again here. The
         // proxies box their handshakes themselves (kilobytes of state), so
@@ -344,6 +376,116 @@ pub fn ip_udp_max(dst: SocketAddr) -> usize {
         65_535 - 20 - 8
     } else {
         65_535 - 8
+    }
+}
+
+/// What the stream of a kind that frames TCP (its `tcp` type in the list
+/// of kinds) is: a byte stream of the flow's payload, read and written
+/// through tokio's traits, over one TCP socket. [`TcpUpstream`] delegates
+/// to it, and the relay copies through it (splice cannot see inside a
+/// framing) with the same semantics as the splice path:
+///
+/// - `poll_read` is polled from the start, before the client sends
+///   anything, and whenever the relay waits: a stream that must send
+///   something of its own (a request header a server-first protocol needs
+///   before the client speaks) does it from there, with its own timer.
+/// - `poll_write` may keep bytes in the stream's buffers: the relay calls
+///   `poll_flush` whenever the client has nothing more for the moment,
+///   and `poll_shutdown` (which flushes, then sends a FIN) when the client
+///   half-closes.
+/// - `Ok(0)` from `poll_read` is the upstream's FIN (passed on to the
+///   client as a half-close); an error ends the flow and resets the client.
+///
+/// Keep it small (a few words, large state behind a `Box`): the flow's
+/// task holds a [`TcpUpstream`] as long as the flow lives.
+pub trait TcpCarrier: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug {
+    /// The TCP socket under the framing: the relay resets it when a flow is
+    /// cut (tproxyd stopping, a flow closed from the API).
+    fn socket(&self) -> &TcpStream;
+}
+
+impl TcpCarrier for TcpStream {
+    fn socket(&self) -> &TcpStream {
+        self
+    }
+}
+
+/// Calls `$call` on the stream inside a [`TcpUpstream`] (bound to `$s`, a
+/// `&mut` or `&`, as `$self` is), whatever the arm.
+macro_rules! delegate_tcp {
+    ($self:expr, $s:ident => $call:expr) => {
+        kinds::kinds!(delegate_tcp_arms; $self, $s => $call)
+    };
+}
+
+/// The `match` of [`delegate_tcp!`]: `Plain`, then one arm per `tcp` type
+/// in the list of kinds.
+macro_rules! delegate_tcp_arms {
+    (
+        [$($kind:ident($settings:ty) => $arm:ident $(($carrier:ty $(, tcp $tcp:ty)? $(, udp $udp:ty)?))?),* $(,)?]
+        $self:expr, $s:ident => $call:expr
+    ) => {
+        match $self {
+            TcpUpstream::Plain($s) => $call,
+            $($($(TcpUpstream::$arm($s) => {
+                // Names the line's `tcp` type, which the repetition needs.
+                let _: &$tcp = &*$s;
+                $call
+            })?)?)*
+        }
+    };
+}
+
+impl TcpUpstream {
+    /// The TCP socket under it (the stream itself for `Plain`).
+    pub fn socket(&self) -> &TcpStream {
+        delegate_tcp!(self, s => TcpCarrier::socket(s))
+    }
+}
+
+impl TcpCarrier for TcpUpstream {
+    fn socket(&self) -> &TcpStream {
+        TcpUpstream::socket(self)
+    }
+}
+
+impl AsyncRead for TcpUpstream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate_tcp!(self.get_mut(), s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for TcpUpstream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate_tcp!(self.get_mut(), s => Pin::new(s).poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate_tcp!(self.get_mut(), s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        delegate_tcp!(self, s => s.is_write_vectored())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        delegate_tcp!(self.get_mut(), s => Pin::new(s).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        delegate_tcp!(self.get_mut(), s => Pin::new(s).poll_shutdown(cx))
     }
 }
 
@@ -405,7 +547,7 @@ macro_rules! delegate_udp {
 /// of kinds.
 macro_rules! delegate_udp_arms {
     (
-        [$($kind:ident($settings:ty) => $arm:ident $(($carrier:ty $(, udp $udp:ty)?))?),* $(,)?]
+        [$($kind:ident($settings:ty) => $arm:ident $(($carrier:ty $(, tcp $tcp:ty)? $(, udp $udp:ty)?))?),* $(,)?]
         $self:expr, $u:ident => $call:expr
     ) => {
         match $self {
@@ -576,6 +718,14 @@ mod tests {
             assert_eq!(e.failure(), failure, "{e}");
             assert_eq!(e.is_refusal(), failure == Failure::Refused, "{e}");
         }
+    }
+
+    /// A flow's task holds its upstream for the flow's life: a framed
+    /// kind keeps its large state (ciphers, buffers) behind a `Box`.
+    #[test]
+    fn the_tcp_upstream_stays_small() {
+        let size = std::mem::size_of::<TcpUpstream>();
+        assert!(size <= 128, "TcpUpstream is {size} bytes");
     }
 
     #[test]

@@ -1,5 +1,11 @@
 //! Relays one TCP flow in both directions at once.
 //!
+//! A plain upstream (a bare socket: direct, SOCKS5, HTTP CONNECT) is
+//! spliced, the kernel moving the bytes; an upstream that frames the
+//! stream ([`TcpUpstream`]'s other arms) is copied through its
+//! [`TcpCarrier`] by a lean loop, one buffer per direction for the whole
+//! flow. Both paths behave alike:
+//!
 //! A FIN from one side is passed on as a shutdown of the other side's
 //! write half only, and the other direction keeps flowing until it ends
 //! too: a client that sends its request and then shuts down its write side
@@ -15,10 +21,13 @@ use std::time::{Duration, Instant};
 
 use std::future::Future;
 
-use tokio::io::Interest;
+use std::pin::Pin;
+
+use tokio::io::{Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::fds;
+use crate::outbound::{TcpCarrier, TcpUpstream};
 use crate::registry::Traffic;
 use crate::relay::spares::Spares;
 use crate::sys;
@@ -336,6 +345,20 @@ impl Drop for ResetIfCut<'_> {
 /// stopping, the flow closed from the API), it resets both sides.
 pub async fn relay(
     client: TcpStream,
+    upstream: TcpUpstream,
+    idle: Duration,
+    traffic: &Traffic,
+) -> Outcome {
+    match upstream.into_plain() {
+        Ok(upstream) => splice(client, upstream, idle, traffic).await,
+        Err(framed) => copy_framed(client, framed, idle, traffic).await,
+    }
+}
+
+/// [`relay`] for a plain upstream: splice, each direction holding a pipe
+/// only while bytes are in flight.
+async fn splice(
+    client: TcpStream,
     upstream: TcpStream,
     idle: Duration,
     traffic: &Traffic,
@@ -392,6 +415,176 @@ pub async fn relay(
     }
 }
 
+/// One direction of a framed flow, driven by [`Framed::poll`]: bytes are
+/// read into the direction's buffer and written out before the next read.
+struct Framed {
+    from_side: Side,
+    /// The unwritten bytes are `buf[start..end]`.
+    start: usize,
+    end: usize,
+    /// Bytes were written since the last flush.
+    unflushed: bool,
+    /// The source ended: the FIN is being passed on.
+    eof: bool,
+    done: bool,
+}
+
+impl Framed {
+    fn new(from_side: Side) -> Self {
+        Framed {
+            from_side,
+            start: 0,
+            end: 0,
+            unflushed: false,
+            eof: false,
+            done: false,
+        }
+    }
+
+    /// Moves bytes `from` → `to` through `buf` until EOF (then passes the
+    /// FIN on and returns `Ready(Ok)`), an error, or nothing to do. When
+    /// the source has nothing for now, `to` is flushed: a framed stream may
+    /// hold what it was given until then.
+    fn poll<F: TcpCarrier, T: TcpCarrier>(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &mut F,
+        to: &mut T,
+        buf: &mut [u8],
+        meter: &Meter,
+        counter: &AtomicU64,
+    ) -> Poll<DirResult> {
+        let (from_side, to_side) = (self.from_side, self.from_side.other());
+        loop {
+            if self.eof {
+                ready!(match to_side {
+                    // A framed upstream may have bytes to send before its
+                    // FIN (and a tag to seal them): its own shutdown does.
+                    Side::Upstream => Pin::new(&mut *to).poll_shutdown(cx),
+                    // The client's socket: as the splice path does.
+                    Side::Client => Poll::Ready(sys::shutdown_write(to.socket())),
+                })
+                .map_err(|e| (to_side, e))?;
+                return Poll::Ready(Ok(()));
+            }
+            while self.start < self.end {
+                let Some(pending) = buf.get(self.start..self.end) else {
+                    break;
+                };
+                let n =
+                    ready!(Pin::new(&mut *to).poll_write(cx, pending)).map_err(|e| (to_side, e))?;
+                if n == 0 {
+                    return Poll::Ready(Err((to_side, io::ErrorKind::WriteZero.into())));
+                }
+                self.start += n;
+                self.unflushed = true;
+                counter.fetch_add(n as u64, Ordering::Relaxed);
+                meter.touch();
+            }
+            let mut read = ReadBuf::new(buf);
+            match Pin::new(&mut *from).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) => {
+                    let n = read.filled().len();
+                    meter.touch();
+                    (self.start, self.end) = (0, n);
+                    self.eof = n == 0;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err((from_side, e))),
+                Poll::Pending => {
+                    if self.unflushed {
+                        ready!(Pin::new(&mut *to).poll_flush(cx)).map_err(|e| (to_side, e))?;
+                        self.unflushed = false;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+/// Both ends of a framed flow; like [`ResetIfCut`], resets both when
+/// dropped before the flow ended. It owns them, as the relay polls them
+/// through `&mut`.
+struct FramedEnds<S: TcpCarrier> {
+    client: TcpStream,
+    upstream: S,
+    ended: bool,
+}
+
+impl<S: TcpCarrier> Drop for FramedEnds<S> {
+    fn drop(&mut self) {
+        if !self.ended {
+            let _ = sys::set_reset_on_close(&self.client);
+            let _ = sys::set_reset_on_close(self.upstream.socket());
+        }
+    }
+}
+
+/// [`relay`] for an upstream that frames the stream: copied through one
+/// buffer per direction, made once for the flow (one allocation for
+/// both), with the splice path's half-close, reset, idle timeout and
+/// counting. Both directions are polled from the start, so the upstream's
+/// `poll_read` runs before the client sends anything.
+async fn copy_framed<S: TcpCarrier>(
+    client: TcpStream,
+    upstream: S,
+    idle: Duration,
+    traffic: &Traffic,
+) -> Outcome {
+    let before = traffic.get();
+    let mut ends = FramedEnds {
+        client,
+        upstream,
+        ended: false,
+    };
+    let mut bufs = vec![0u8; 2 * COPY_BUF_SIZE].into_boxed_slice();
+    let (up_buf, down_buf) = bufs.split_at_mut(COPY_BUF_SIZE);
+    let meter = Meter::new();
+    let mut up = Framed::new(Side::Client);
+    let mut down = Framed::new(Side::Upstream);
+    let watchdog = idle_watchdog(&meter, idle);
+    tokio::pin!(watchdog);
+    let end = std::future::poll_fn(|cx| {
+        let FramedEnds {
+            client, upstream, ..
+        } = &mut ends;
+        if !up.done {
+            match up.poll(cx, client, upstream, up_buf, &meter, &traffic.up) {
+                Poll::Ready(Ok(())) => up.done = true,
+                Poll::Ready(Err(e)) => return Poll::Ready(side_error(e)),
+                Poll::Pending => {}
+            }
+        }
+        if !down.done {
+            match down.poll(cx, upstream, client, down_buf, &meter, &traffic.down) {
+                Poll::Ready(Ok(())) => down.done = true,
+                Poll::Ready(Err(e)) => return Poll::Ready(side_error(e)),
+                Poll::Pending => {}
+            }
+        }
+        if up.done && down.done {
+            return Poll::Ready(End::Closed);
+        }
+        match watchdog.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(End::Idle),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await;
+    ends.ended = true;
+    if matches!(end, End::UpstreamError(_)) {
+        // As on the splice path: the far side is gone, not finished.
+        let _ = sys::set_reset_on_close(&ends.client);
+    }
+    drop(ends);
+    let after = traffic.get();
+    Outcome {
+        up: after.0 - before.0,
+        down: after.1 - before.1,
+        end,
+    }
+}
+
 fn side_error((side, e): (Side, io::Error)) -> End {
     match side {
         Side::Client => End::ClientError(e.to_string()),
@@ -413,7 +606,7 @@ async fn idle_watchdog(meter: &Meter, idle: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     /// A connected pair of loopback streams.
@@ -432,7 +625,7 @@ mod tests {
         let relay = tokio::spawn(async move {
             relay(
                 client_side,
-                upstream_side,
+                TcpUpstream::Plain(upstream_side),
                 Duration::from_secs(5),
                 &Traffic::default(),
             )
@@ -469,7 +662,7 @@ mod tests {
         let (upstream_side, _server) = pair().await;
         let outcome = relay(
             client_side,
-            upstream_side,
+            TcpUpstream::Plain(upstream_side),
             Duration::from_millis(200),
             &Traffic::default(),
         )
@@ -490,7 +683,7 @@ mod tests {
         let relay = tokio::spawn(async move {
             relay(
                 client_side,
-                upstream_side,
+                TcpUpstream::Plain(upstream_side),
                 Duration::from_secs(5),
                 &Traffic::default(),
             )
@@ -535,5 +728,400 @@ mod tests {
         assert_eq!(got, payload, "all bytes, in order, then EOF");
         assert_eq!(traffic.get().0, payload.len() as u64);
         writer.await.unwrap();
+    }
+
+    /// A framed stream for the tests, standing in for a kind that frames
+    /// TCP: each write becomes a frame (a 2-byte length, then the bytes
+    /// XORed with 0x5a) that stays in the stream's buffer until a flush,
+    /// a shutdown or 64 KiB piled up, as an encrypting stream may hold a
+    /// chunk; an empty frame is garbage. A `header` given at the start is
+    /// sent from `poll_read`, before anything is written: as a stream that
+    /// must speak first does.
+    #[derive(Debug)]
+    struct Chunked {
+        inner: TcpStream,
+        out: Vec<u8>,
+        sent: usize,
+        header_pending: bool,
+        inb: Vec<u8>,
+        plain: Vec<u8>,
+        delivered: usize,
+    }
+
+    const PILE: usize = 64 * 1024;
+    const FRAME: usize = 4096;
+
+    impl Chunked {
+        fn new(inner: TcpStream, header: &[u8]) -> Self {
+            let mut c = Chunked {
+                inner,
+                out: Vec::new(),
+                sent: 0,
+                header_pending: !header.is_empty(),
+                inb: Vec::new(),
+                plain: Vec::new(),
+                delivered: 0,
+            };
+            if !header.is_empty() {
+                c.frame(header);
+            }
+            c
+        }
+
+        fn frame(&mut self, bytes: &[u8]) {
+            self.out
+                .extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+            self.out.extend(bytes.iter().map(|b| b ^ 0x5a));
+        }
+
+        fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            while self.sent < self.out.len() {
+                let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.out[self.sent..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.sent += n;
+            }
+            self.out.clear();
+            self.sent = 0;
+            self.header_pending = false;
+            Poll::Ready(Ok(()))
+        }
+
+        /// The next frame's payload out of `inb`, if a whole one is there.
+        fn decode(&mut self) -> io::Result<bool> {
+            if self.inb.len() < 2 {
+                return Ok(false);
+            }
+            let len = u16::from_be_bytes([self.inb[0], self.inb[1]]) as usize;
+            if len == 0 {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "empty frame"));
+            }
+            if self.inb.len() < 2 + len {
+                return Ok(false);
+            }
+            self.plain.clear();
+            self.plain
+                .extend(self.inb[2..2 + len].iter().map(|b| b ^ 0x5a));
+            self.delivered = 0;
+            self.inb.drain(..2 + len);
+            Ok(true)
+        }
+    }
+
+    impl AsyncRead for Chunked {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            if this.header_pending {
+                if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
+                    return Poll::Ready(Err(e));
+                }
+            }
+            loop {
+                if this.delivered < this.plain.len() {
+                    let n = buf.remaining().min(this.plain.len() - this.delivered);
+                    buf.put_slice(&this.plain[this.delivered..this.delivered + n]);
+                    this.delivered += n;
+                    return Poll::Ready(Ok(()));
+                }
+                if this.decode()? {
+                    continue;
+                }
+                let mut raw = [0u8; 8192];
+                let mut read = ReadBuf::new(&mut raw);
+                ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
+                if read.filled().is_empty() {
+                    if this.inb.is_empty() {
+                        return Poll::Ready(Ok(()));
+                    }
+                    return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
+                }
+                this.inb.extend_from_slice(read.filled());
+            }
+        }
+    }
+
+    impl AsyncWrite for Chunked {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            if this.out.len() >= PILE {
+                ready!(this.poll_drain(cx))?;
+            }
+            let n = buf.len().min(FRAME);
+            if n > 0 {
+                this.frame(&buf[..n]);
+            }
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            ready!(this.poll_drain(cx))?;
+            Pin::new(&mut this.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            ready!(this.poll_drain(cx))?;
+            Pin::new(&mut this.inner).poll_shutdown(cx)
+        }
+    }
+
+    impl TcpCarrier for Chunked {
+        fn socket(&self) -> &TcpStream {
+            &self.inner
+        }
+    }
+
+    /// user ↔ client side [relay] framed upstream ↔ server (framed too):
+    /// the relay's task, the user's end and the server's.
+    async fn framed_flow(
+        idle: Duration,
+        header: &[u8],
+    ) -> (
+        tokio::task::JoinHandle<(Outcome, Traffic)>,
+        TcpStream,
+        Chunked,
+    ) {
+        let (user, client_side) = pair().await;
+        let (upstream_side, server) = pair().await;
+        let upstream = Chunked::new(upstream_side, header);
+        let relay = tokio::spawn(async move {
+            let traffic = Traffic::default();
+            let outcome = copy_framed(client_side, upstream, idle, &traffic).await;
+            (outcome, traffic)
+        });
+        (relay, user, Chunked::new(server, &[]))
+    }
+
+    fn pattern(len: usize, seed: u32) -> Vec<u8> {
+        (0..len as u32)
+            .map(|i| (i.wrapping_mul(31).wrapping_add(seed) % 251) as u8)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn framed_moves_every_byte_both_ways_at_once() {
+        const LEN: usize = 4 << 20;
+        let (relay, user, mut server) = framed_flow(Duration::from_secs(10), &[]).await;
+        let (up, down) = (pattern(LEN, 1), pattern(LEN + 17, 2));
+        let (mut user_rd, mut user_wr) = user.into_split();
+        let to_send = up.clone();
+        let user_writes = tokio::spawn(async move {
+            user_wr.write_all(&to_send).await.unwrap();
+            user_wr.shutdown().await.unwrap();
+            user_wr
+        });
+        let user_reads = tokio::spawn(async move {
+            let mut got = Vec::new();
+            user_rd.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let (mut server_rd, mut server_wr) = tokio::io::split(&mut server);
+        let to_answer = down.clone();
+        let mut got_up = Vec::new();
+        let (read, written) = tokio::join!(server_rd.read_to_end(&mut got_up), async {
+            server_wr.write_all(&to_answer).await?;
+            server_wr.shutdown().await
+        });
+        read.unwrap();
+        written.unwrap();
+        assert!(got_up == up, "upstream got every byte, in order, then EOF");
+        let got_down = user_reads.await.unwrap();
+        assert!(
+            got_down == down,
+            "the user got every byte, in order, then EOF"
+        );
+        let _user_wr = user_writes.await.unwrap();
+        let (outcome, traffic) = relay.await.unwrap();
+        assert_eq!(
+            outcome,
+            Outcome {
+                up: LEN as u64,
+                down: LEN as u64 + 17,
+                end: End::Closed
+            }
+        );
+        assert_eq!(traffic.get(), (LEN as u64, LEN as u64 + 17));
+    }
+
+    /// Nothing is half-closed: only the relay's flush, when the user
+    /// pauses, gets the bytes out of the framed stream's buffer.
+    #[tokio::test]
+    async fn framed_writes_are_flushed_when_the_client_pauses() {
+        let (_relay, mut user, mut server) = framed_flow(Duration::from_secs(5), &[]).await;
+        let wait = Duration::from_secs(2);
+        for round in 0..3u8 {
+            user.write_all(&[b'p', round]).await.unwrap();
+            let mut ping = [0u8; 2];
+            tokio::time::timeout(wait, server.read_exact(&mut ping))
+                .await
+                .expect("the relay flushed the upstream")
+                .unwrap();
+            assert_eq!(ping, [b'p', round]);
+            server.write_all(&[b'q', round]).await.unwrap();
+            server.flush().await.unwrap();
+            let mut pong = [0u8; 2];
+            tokio::time::timeout(wait, user.read_exact(&mut pong))
+                .await
+                .expect("the answer came through")
+                .unwrap();
+            assert_eq!(pong, [b'q', round]);
+        }
+    }
+
+    #[tokio::test]
+    async fn framed_half_close_from_the_client_still_delivers_the_answer() {
+        let (relay, mut user, mut server) = framed_flow(Duration::from_secs(5), &[]).await;
+        user.write_all(b"request").await.unwrap();
+        user.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"request");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        server.write_all(b"answer after FIN").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        user.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(answer, b"answer after FIN");
+        let (outcome, _) = relay.await.unwrap();
+        assert_eq!(
+            outcome,
+            Outcome {
+                up: 7,
+                down: 16,
+                end: End::Closed
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn framed_half_close_from_the_upstream_leaves_the_client_sending() {
+        let (relay, mut user, mut server) = framed_flow(Duration::from_secs(5), &[]).await;
+        server.write_all(b"banner").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut banner = Vec::new();
+        user.read_to_end(&mut banner).await.unwrap();
+        assert_eq!(banner, b"banner", "then the client's EOF");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        user.write_all(b"still talking").await.unwrap();
+        user.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"still talking");
+        let (outcome, _) = relay.await.unwrap();
+        assert_eq!(
+            outcome,
+            Outcome {
+                up: 13,
+                down: 6,
+                end: End::Closed
+            }
+        );
+    }
+
+    /// The upstream is read from the start: a stream that must speak
+    /// first gets to, though the client sends nothing.
+    #[tokio::test]
+    async fn framed_upstream_is_read_before_the_client_sends() {
+        let (_relay, _user, mut server) =
+            framed_flow(Duration::from_secs(5), b"header alone").await;
+        let mut header = [0u8; 12];
+        tokio::time::timeout(Duration::from_secs(2), server.read_exact(&mut header))
+            .await
+            .expect("the header is sent without the client's bytes")
+            .unwrap();
+        assert_eq!(&header, b"header alone");
+    }
+
+    #[tokio::test]
+    async fn framed_upstream_reset_resets_the_client() {
+        let (relay, mut user, server) = framed_flow(Duration::from_secs(5), &[]).await;
+        sys::set_reset_on_close(server.socket()).unwrap();
+        drop(server);
+        let (outcome, _) = relay.await.unwrap();
+        assert!(matches!(outcome.end, End::UpstreamError(_)), "{outcome:?}");
+        let mut buf = [0u8; 1];
+        let err = user.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    /// The framing's own error (here an empty frame) ends the flow as an
+    /// upstream error with its reason, and resets the client.
+    #[tokio::test]
+    async fn framed_garbage_from_the_upstream_resets_the_client() {
+        let (relay, mut user, mut server) = framed_flow(Duration::from_secs(5), &[]).await;
+        server.inner.write_all(&[0, 0]).await.unwrap();
+        let (outcome, _) = relay.await.unwrap();
+        assert_eq!(outcome.end, End::UpstreamError("empty frame".into()));
+        let mut buf = [0u8; 1];
+        let err = user.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[tokio::test]
+    async fn framed_client_reset_ends_the_flow() {
+        let (relay, user, _server) = framed_flow(Duration::from_secs(5), &[]).await;
+        sys::set_reset_on_close(&user).unwrap();
+        drop(user);
+        let (outcome, _) = relay.await.unwrap();
+        assert!(matches!(outcome.end, End::ClientError(_)), "{outcome:?}");
+    }
+
+    #[tokio::test]
+    async fn framed_idle_flows_are_closed() {
+        let (relay, mut user, mut server) = framed_flow(Duration::from_millis(300), &[]).await;
+        // Traffic first: the watchdog counts from the last byte.
+        user.write_all(b"x").await.unwrap();
+        let mut x = [0u8; 1];
+        server.read_exact(&mut x).await.unwrap();
+        let (outcome, _) = relay.await.unwrap();
+        assert_eq!(outcome.end, End::Idle);
+        assert_eq!(
+            user.read(&mut x).await.unwrap(),
+            0,
+            "the client sees the close"
+        );
+    }
+
+    /// The framed path through [`TcpUpstream`]'s own delegation (its
+    /// `Plain` arm, the only one every build has).
+    #[tokio::test]
+    async fn framed_path_through_tcp_upstream_moves_every_byte() {
+        let (mut user, client_side) = pair().await;
+        let (upstream_side, mut server) = pair().await;
+        let relay = tokio::spawn(async move {
+            let traffic = Traffic::default();
+            let upstream = TcpUpstream::Plain(upstream_side);
+            copy_framed(client_side, upstream, Duration::from_secs(5), &traffic).await
+        });
+        let payload = pattern(1 << 20, 3);
+        let sent = payload.clone();
+        let writer = tokio::spawn(async move {
+            user.write_all(&sent).await.unwrap();
+            user.shutdown().await.unwrap();
+            user
+        });
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert!(got == payload);
+        server.write_all(b"bye").await.unwrap();
+        drop(server);
+        let mut user = writer.await.unwrap();
+        let mut bye = Vec::new();
+        user.read_to_end(&mut bye).await.unwrap();
+        assert_eq!(bye, b"bye");
+        let outcome = relay.await.unwrap();
+        assert_eq!(outcome.up, 1 << 20);
+        assert_eq!(outcome.down, 3);
+        assert_eq!(outcome.end, End::Closed);
     }
 }

@@ -17,7 +17,7 @@ use super::group::Member;
 use super::kinds::{self, Kind};
 use super::{
     connect_marked, ip_udp_max, BoxFuture, BuildError, Carrier, Context, DnsTransport, Failure,
-    OutboundError, UdpCarrier, UdpRecv, UdpUpstream, UDP_HEADROOM,
+    OutboundError, TcpUpstream, UdpCarrier, UdpRecv, UdpUpstream, UDP_HEADROOM,
 };
 use crate::sys;
 use proto::{Address, MethodChoice, ProtoError};
@@ -501,9 +501,12 @@ impl Carrier for Socks5Client {
         &'a self,
         dst: SocketAddr,
         host: Option<&'a str>,
-    ) -> impl Future<Output = Result<TcpStream, OutboundError>> + Send + 'a {
-        let boxed: BoxFuture<'a, _> =
-            Box::pin(async move { Ok(self.connect_to(self.target(dst, host)).await?) });
+    ) -> impl Future<Output = Result<TcpUpstream, OutboundError>> + Send + 'a {
+        let boxed: BoxFuture<'a, _> = Box::pin(async move {
+            Ok(TcpUpstream::Plain(
+                self.connect_to(self.target(dst, host)).await?,
+            ))
+        });
         boxed
     }
 
