@@ -35,8 +35,9 @@ pub enum ConfigError {
     Invalid(Vec<ConfigIssue>),
 }
 
-/// Keys whose values must never appear in an error message.
-const SECRET_KEYS: [&str; 2] = ["password", "secret"];
+/// Keys whose values must never appear in an error message (a
+/// shadowsocks `url` holds its password).
+const SECRET_KEYS: [&str; 3] = ["password", "secret", "url"];
 
 /// The parser's message for a file that may hold a secret.
 ///
@@ -117,6 +118,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("12345678"), "{err}");
+        // A shadowsocks URL holds its password.
+        let text = "[[outbounds]]\ntype = \"shadowsocks\"\nurl = \"ss://aes-128-gcm:hunter2@203.0.113.5:8388\nx = 1\n";
+        let err = RawConfig::from_toml(text, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
         // A file without a secret keeps the parser's excerpt.
         let err = RawConfig::from_toml("mark = \"x\"\n", "t.toml")
             .unwrap_err()

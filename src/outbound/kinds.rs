@@ -17,7 +17,7 @@ use serde::de::{self, DeserializeOwned, Deserializer};
 use serde::Deserialize;
 
 use super::group::Member;
-use super::{block, direct, group, http, socks5};
+use super::{block, direct, group, http, shadowsocks, socks5};
 use super::{BuildError, Carrier, Context, Outbound};
 
 /// THE list of outbound kinds, one line each:
@@ -41,6 +41,7 @@ macro_rules! kinds {
         Direct(direct::Settings) => Direct(direct::Direct, udp direct::DirectUdp),
         Socks5(socks5::Settings) => Socks5(socks5::Socks5Client, udp socks5::UdpAssociation),
         Http(http::Settings) => Http(http::HttpClient),
+        Shadowsocks(shadowsocks::Settings) => Shadowsocks(shadowsocks::Client, tcp shadowsocks::Stream),
         Block(block::Settings) => Block(block::Block),
         Selector(group::SelectorSettings) => Group(group::Group),
         Failover(group::FailoverSettings) => Group,
@@ -266,6 +267,11 @@ mod tests {
                 "type = \"http\"\nserver = \"203.0.113.2:3128\"",
                 "http",
                 "Http",
+            ),
+            (
+                "type = \"shadowsocks\"\nserver = \"203.0.113.2:8388\"\nmethod = \"aes-128-gcm\"\npassword = \"x\"",
+                "shadowsocks",
+                "Shadowsocks",
             ),
         ] {
             let raw = parse(text).unwrap();

@@ -41,6 +41,7 @@ pub use kinds::{OutboundConfig, OutboundKind, RawOutbound};
 
 use group::GroupError;
 use http::HttpError;
+use shadowsocks::ShadowsocksConnectError;
 use socks5::Socks5Error;
 
 /// What building an outbound needs besides its own settings.
@@ -97,6 +98,8 @@ pub enum OutboundError {
     Socks5(#[from] Socks5Error),
     #[error(transparent)]
     Http(#[from] HttpError),
+    #[error(transparent)]
+    Shadowsocks(#[from] ShadowsocksConnectError),
     /// The `block` outbound: refused on purpose, not a fault.
     #[error("blocked by rule")]
     Blocked,
@@ -119,6 +122,7 @@ impl OutboundError {
             OutboundError::UdpSocket(source) => io_failure(source, Failure::ProxyFailed),
             OutboundError::Socks5(e) => e.failure(),
             OutboundError::Http(e) => e.failure(),
+            OutboundError::Shadowsocks(e) => e.failure(),
         }
     }
 

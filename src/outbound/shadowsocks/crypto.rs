@@ -178,13 +178,9 @@ pub enum KeyError {
     Empty,
     #[error(
         "{method} takes as password a key of {len} random bytes in base64, not a passphrase \
-         (this one is not base64: {reason}); make one with `openssl rand -base64 {len}`"
+         (this one is not base64); make one with `openssl rand -base64 {len}`"
     )]
-    NotBase64 {
-        method: Method,
-        len: usize,
-        reason: String,
-    },
+    NotBase64 { method: Method, len: usize },
     #[error(
         "{method} takes as password a key of exactly {len} bytes in base64, this one decodes \
          to {got} bytes; make one with `openssl rand -base64 {len}`"
@@ -241,20 +237,16 @@ const BASE64_ANY_PAD: base64::engine::GeneralPurpose = base64::engine::GeneralPu
 impl Key {
     /// The key `password` gives for `method`.
     pub fn new(method: Method, password: &str) -> Result<Key, KeyError> {
+        // Errors never quote the password, not even one byte of it.
         if password.is_empty() {
             return Err(KeyError::Empty);
         }
         let len = method.key_len();
         let mut bytes = [0u8; MAX_KEY_LEN];
         if method.is_2022() {
-            let decoded =
-                BASE64_ANY_PAD
-                    .decode(password.trim())
-                    .map_err(|e| KeyError::NotBase64 {
-                        method,
-                        len,
-                        reason: e.to_string(),
-                    })?;
+            let decoded = BASE64_ANY_PAD
+                .decode(password.trim())
+                .map_err(|_| KeyError::NotBase64 { method, len })?;
             if decoded.len() != len {
                 return Err(KeyError::WrongLength {
                     method,
@@ -271,6 +263,15 @@ impl Key {
 
     pub fn method(&self) -> Method {
         self.method
+    }
+
+    /// A key no server has (all zero), for settings that failed
+    /// validation and are never built.
+    pub fn unusable() -> Key {
+        Key {
+            method: Method::Aes128Gcm,
+            bytes: [0; MAX_KEY_LEN],
+        }
     }
 
     /// The key itself (the PSK for 2022).
@@ -546,6 +547,21 @@ pub fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
         .map_err(|e| std::io::Error::other(format!("the OS random source failed: {e}")))
 }
 
+/// A key for `m`, for tests and the fuzz targets: a passphrase for AEAD,
+/// a base64 PSK of sevens for 2022.
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn example_key(m: Method) -> Key {
+    let password = if m.is_2022() {
+        base64::engine::general_purpose::STANDARD.encode(vec![7u8; m.key_len()])
+    } else {
+        "a passphrase".to_string()
+    };
+    match Key::new(m, &password) {
+        Ok(k) => k,
+        Err(e) => unreachable!("{e}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -554,14 +570,8 @@ mod tests {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    /// A key for `m`: a passphrase for AEAD, a base64 PSK for 2022.
-    pub(crate) fn test_key(m: Method) -> Key {
-        let password = if m.is_2022() {
-            base64::engine::general_purpose::STANDARD.encode(vec![7u8; m.key_len()])
-        } else {
-            "a passphrase".to_string()
-        };
-        Key::new(m, &password).unwrap()
+    fn test_key(m: Method) -> Key {
+        example_key(m)
     }
 
     fn counting(n: u8) -> Vec<u8> {
