@@ -168,6 +168,11 @@ struct RunArgs {
     /// How flows are captured: tproxy (TCP+UDP) or redirect (TCP only).
     #[arg(long, value_enum)]
     mode: Option<CliMode>,
+    /// The upstream as a URL: socks5://[USER:PASSWORD@]IP:PORT (socks5h:// sends
+    /// sniffed names), http://[USER:PASSWORD@]IP:PORT. With a password, prefer the
+    /// environment variable so it stays out of `ps`.
+    #[arg(long, value_name = "URL", env = UPSTREAM_ENV, hide_env_values = true, conflicts_with_all = ["socks5", "direct"])]
+    upstream: Option<String>,
     /// Upstream SOCKS5 server as IP:PORT.
     #[arg(long, value_name = "IP:PORT", conflicts_with = "direct", value_parser = parse_host_port)]
     socks5: Option<SocketAddr>,
@@ -227,8 +232,9 @@ enum CliMode {
 }
 
 impl RunArgs {
-    /// The quick-start flags as the same raw config a file would give.
-    fn to_raw(&self) -> RawConfig {
+    /// The quick-start flags as the same raw config a file would give;
+    /// an `--upstream` URL that cannot be read is the one error.
+    fn to_raw(&self) -> Result<RawConfig, ConfigError> {
         let mut raw = RawConfig {
             listen: self.listen,
             mode: self.mode.map(|m| match m {
@@ -248,6 +254,16 @@ impl RunArgs {
         }
         if self.direct {
             raw.outbound = Some(RawOutbound::Direct(outbound::direct::Raw::default()));
+        }
+        if let Some(url) = &self.upstream {
+            // The message never quotes the URL: it may hold a password.
+            let outbound = RawOutbound::from_url(url).map_err(|e| {
+                ConfigError::Invalid(vec![tproxyd::config::ConfigIssue {
+                    key: "--upstream".into(),
+                    message: e.to_string(),
+                }])
+            })?;
+            raw.outbound = Some(outbound);
         }
         if let Some(server) = self.socks5 {
             raw.outbound = Some(RawOutbound::Socks5(outbound::socks5::Raw {
@@ -276,9 +292,27 @@ impl RunArgs {
         if !self.bypass.is_empty() {
             raw.firewall.bypass = Some(self.bypass.clone());
         }
-        raw
+        Ok(raw)
+    }
+
+    /// Says so when the `--upstream` URL on the command line holds a
+    /// secret (a user part: a password, a key), which `ps` shows to every
+    /// user; from the environment it is fine.
+    fn warn_of_a_secret_in_argv(&self) {
+        let Some(url) = &self.upstream else { return };
+        let from_env = std::env::var(UPSTREAM_ENV).is_ok_and(|v| v == *url);
+        let has_secret = outbound::url::split(url).is_ok_and(|p| p.userinfo.is_some());
+        if has_secret && !from_env {
+            eprintln!(
+                "warning: the --upstream URL holds a login or key, which `ps` shows to every \
+                 user: pass the URL in the environment instead ({UPSTREAM_ENV}=URL tproxyd run …)"
+            );
+        }
     }
 }
+
+/// The environment variable `--upstream` is read from.
+const UPSTREAM_ENV: &str = "TPROXYD_UPSTREAM";
 
 fn parse_host_port(text: &str) -> Result<SocketAddr, String> {
     text.parse::<de::HostPort>().map(|h| h.0)
@@ -305,13 +339,26 @@ fn print_config_error(e: &ConfigError) {
 
 fn load(args: &RunArgs) -> Result<Config, ConfigError> {
     let raw = match &args.config {
+        // Checked here, not by clap: clap would name only the flag when
+        // the URL came from the environment.
+        Some(_) if args.upstream.is_some() => {
+            return Err(ConfigError::Invalid(vec![tproxyd::config::ConfigIssue {
+                key: "--upstream".into(),
+                message: format!(
+                    "cannot be used with -c FILE (it comes from --upstream or {UPSTREAM_ENV}): \
+                     put the outbound in the file, or leave out -c"
+                ),
+            }]))
+        }
         Some(path) => RawConfig::load(path)?,
         None => {
-            let raw = args.to_raw();
+            args.warn_of_a_secret_in_argv();
+            let raw = args.to_raw()?;
             if raw.outbound.is_none() {
                 return Err(ConfigError::Invalid(vec![tproxyd::config::ConfigIssue {
                     key: "outbound".into(),
-                    message: "choose where flows go: --socks5 IP:PORT or --direct (or -c FILE)"
+                    message: "choose where flows go: --upstream URL, --socks5 IP:PORT or \
+                              --direct (or -c FILE)"
                         .into(),
                 }]));
             }

@@ -11,7 +11,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_tproxyd");
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(BIN);
     cmd.env_remove("TPROXYD_PASSWORD")
-        .env_remove("TPROXYD_USERNAME");
+        .env_remove("TPROXYD_USERNAME")
+        .env_remove("TPROXYD_UPSTREAM");
     run_cmd(cmd.args(args).envs(env.iter().copied()))
 }
 
@@ -127,10 +128,104 @@ fn run_without_an_outbound_says_what_to_add() {
     let o = run(&["run"], &[]);
     assert_eq!(o.status.code(), Some(2));
     assert!(
-        stderr(&o).contains("--socks5 IP:PORT or --direct"),
+        stderr(&o).contains("--upstream URL, --socks5 IP:PORT or --direct"),
         "{}",
         stderr(&o)
     );
+}
+
+/// `--upstream URL` (or the URL in TPROXYD_UPSTREAM) gives the outbound:
+/// its server is never captured, as with `--socks5`. A login on the
+/// command line is warned about (`ps` shows it), never printed.
+#[test]
+fn an_upstream_url_gives_the_outbound() {
+    for (url, via_env) in [
+        ("socks5://alice:s3cret@203.0.113.2:1080", false),
+        ("socks5://alice:s3cret@203.0.113.2:1080", true),
+        ("http://203.0.113.2:3128", false),
+        ("socks5h://[2001:db8::2]:1080", false),
+    ] {
+        let mut args = vec!["rules", "print", "--lan-interface", "eth1"];
+        let mut env = Vec::new();
+        if via_env {
+            env.push(("TPROXYD_UPSTREAM", url));
+        } else {
+            args.extend(["--upstream", url]);
+        }
+        let o = run(&args, &env);
+        assert_eq!(o.status.code(), Some(0), "{url}: {}", stderr(&o));
+        let rules = String::from_utf8_lossy(&o.stdout);
+        let server = if url.contains("2001:db8") {
+            "2001:db8::2/128"
+        } else {
+            "203.0.113.2/32"
+        };
+        assert!(
+            rules.contains(server),
+            "{url}: the server is bypassed\n{rules}"
+        );
+        let err = stderr(&o);
+        assert!(
+            !err.contains("s3cret") && !rules.contains("s3cret"),
+            "{err}"
+        );
+        let warned = err.contains("`ps` shows to every user");
+        assert_eq!(warned, url.contains('@') && !via_env, "{url}: {err}");
+    }
+}
+
+#[test]
+fn a_bad_upstream_url_is_named_without_its_secret() {
+    for (url, says) in [
+        (
+            "ftp://203.0.113.2:21",
+            "--upstream: unknown URL scheme \"ftp\": the schemes tproxyd reads are socks5://",
+        ),
+        (
+            "socks5://alice:hunter2@203.0.113.2",
+            "--upstream: socks5:// URL: the server after // is not IP:PORT",
+        ),
+        ("socks5://alice:hunter2", "is not IP:PORT"),
+        (
+            "http://alice:hun%zzter2@203.0.113.2:1",
+            "the password has a % not followed by two hex digits",
+        ),
+        (
+            "socks5://alice@203.0.113.2:1080",
+            "outbound.password: username is set but no password",
+        ),
+    ] {
+        let o = run(&["rules", "print", "--upstream", url], &[]);
+        assert_eq!(o.status.code(), Some(2), "{url}: {}", stderr(&o));
+        let err = stderr(&o);
+        assert!(err.contains(says), "{url}: {err}");
+        assert!(!err.contains("hunter2") && !err.contains("hun%zz"), "{err}");
+    }
+    // From the environment with a config file: named, both ways in.
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tproxyd.toml");
+    let o = run(
+        &["rules", "print", "-c", example],
+        &[("TPROXYD_UPSTREAM", "socks5://203.0.113.2:1080")],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--upstream: cannot be used with -c FILE (it comes from --upstream or TPROXYD_UPSTREAM)"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(
+        &[
+            "rules",
+            "print",
+            "--upstream",
+            "http://203.0.113.2:1",
+            "--socks5",
+            "203.0.113.2:1080",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("cannot be used with"), "{}", stderr(&o));
 }
 
 #[test]

@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 use super::credentials::{self, Credentials};
 use super::group::Member;
 use super::kinds::{self, Kind};
+use super::url::{self, UrlError};
 use super::{
     connect_marked, BoxFuture, BuildError, Carrier, Context, DnsTransport, Failure, OutboundError,
     TcpUpstream, UdpUpstream,
@@ -52,6 +53,25 @@ impl Kind for Settings {
     type Raw = Raw;
     type Built = HttpClient;
     const TYPE: &'static str = "http";
+    const SCHEMES: &'static [&'static str] = &["http"];
+
+    /// `http://[user:password@]IP:PORT[#name]`, user and password
+    /// percent-decoded (Basic auth).
+    fn raw_from_url(text: &str) -> Result<Raw, UrlError> {
+        let parts = url::split(text)?;
+        parts.no_path_or_query()?;
+        let (username, password) = parts
+            .credentials()?
+            .map_or((None, None), |(user, password)| (Some(user), password));
+        Ok(Raw {
+            name: parts.name()?,
+            server: parts.server()?,
+            username,
+            password,
+            password_env: None,
+            send_domain: false,
+        })
+    }
 
     fn validate(
         raw: &Raw,

@@ -17,6 +17,7 @@ use serde::de::{self, DeserializeOwned, Deserializer};
 use serde::Deserialize;
 
 use super::group::Member;
+use super::url::UrlError;
 use super::{block, direct, group, http, shadowsocks, socks5};
 use super::{BuildError, Carrier, Context, Outbound};
 
@@ -61,6 +62,20 @@ pub trait Kind: Sized + Debug + Clone + Eq {
 
     /// The config's `type`: the lowercase name of its line in `kinds!`.
     const TYPE: &'static str;
+
+    /// The URL schemes that name this kind (`tproxyd run --upstream
+    /// socks5://…`), lowercase; none: it has no URL form.
+    const SCHEMES: &'static [&'static str] = &[];
+
+    /// The settings as written (what its `[[outbounds]]` entry would
+    /// hold) from a URL whose scheme is one of [`SCHEMES`](Kind::SCHEMES):
+    /// only the reading is done here, [`validate`](Kind::validate) checks
+    /// them as it checks a file's. The pieces are in [`super::url`]; an
+    /// error never quotes the URL (it may hold a password).
+    fn raw_from_url(url: &str) -> Result<Self::Raw, UrlError> {
+        let _ = url;
+        Err(UrlError::NoUrlForm { kind: Self::TYPE })
+    }
 
     /// The settings (`key` names the outbound in messages); problems go to
     /// `issue`. Member names are the config's to check: it knows every
@@ -123,6 +138,9 @@ macro_rules! config_side {
             $($kind($settings),)*
         }
 
+        /// Every kind's URL schemes, in the order of the list.
+        const SCHEMES: &[&[&str]] = &[$(<$settings as Kind>::SCHEMES,)*];
+
         /// Every line's variant and [`Kind::TYPE`], for the test that
         /// serde's tag and the logs agree.
         #[cfg(test)]
@@ -140,6 +158,23 @@ macro_rules! config_side {
                 match self {
                     $(RawOutbound::$kind(_) => <$settings as Kind>::TYPE,)*
                 }
+            }
+
+            /// The outbound a URL describes (`socks5://user:pass@IP:PORT`),
+            /// by its scheme ([`Kind::SCHEMES`]), as written: checked by
+            /// [`validate`](Self::validate) like a file's.
+            pub fn from_url(url: &str) -> Result<RawOutbound, UrlError> {
+                let known = || url_schemes_known();
+                let Some(scheme) = super::url::scheme(url.trim()) else {
+                    return Err(UrlError::NoScheme { known: known() });
+                };
+                $(if <$settings as Kind>::SCHEMES.iter().any(|s| s.eq_ignore_ascii_case(scheme)) {
+                    return Ok(RawOutbound::$kind(<$settings as Kind>::raw_from_url(url)?));
+                })*
+                Err(UrlError::UnknownScheme {
+                    scheme: scheme.to_string(),
+                    known: known(),
+                })
             }
 
             /// The outbound with its name (`key` names it in messages);
@@ -210,6 +245,17 @@ macro_rules! config_side {
     };
 }
 kinds!(config_side);
+
+/// Every scheme [`RawOutbound::from_url`] reads, for messages:
+/// `socks5://, http://`.
+pub fn url_schemes_known() -> String {
+    let all: Vec<String> = SCHEMES
+        .iter()
+        .flat_map(|kind| kind.iter())
+        .map(|scheme| format!("{scheme}://"))
+        .collect();
+    all.join(", ")
+}
 
 /// One named outbound: where flows that a rule (or `route.final`) sends
 /// to it go.
@@ -319,6 +365,103 @@ mod tests {
             e.contains("server: \"proxy.example:1080\" is not IP:PORT"),
             "{e}"
         );
+    }
+
+    /// A URL, then `validate`, as `--upstream` does.
+    fn from_url(url: &str) -> Result<(OutboundKind, Vec<(String, String)>), UrlError> {
+        let raw = RawOutbound::from_url(url)?;
+        let mut issues = Vec::new();
+        let cfg = raw.validate("outbound", "o".into(), &|_| None, &mut |k, m| {
+            issues.push((k.to_string(), m))
+        });
+        Ok((cfg.kind, issues))
+    }
+
+    #[test]
+    fn socks5_and_http_urls_give_their_settings() {
+        let (kind, issues) =
+            from_url("socks5://al%40ice:p%40ss%3Aw%25rd@203.0.113.2:1080").unwrap();
+        assert!(issues.is_empty(), "{issues:?}");
+        let want = socks5::Settings {
+            server: "203.0.113.2:1080".parse().unwrap(),
+            auth: Some(super::super::Credentials {
+                username: "al@ice".into(),
+                password: "p@ss:w%rd".into(),
+            }),
+            send_domain: false,
+            dns_over_tcp: false,
+        };
+        assert_eq!(kind, OutboundKind::Socks5(want));
+
+        let (kind, _) = from_url("SOCKS5H://[2001:db8::2]:1080/").unwrap();
+        let OutboundKind::Socks5(s) = kind else {
+            panic!("{kind:?}")
+        };
+        assert!(s.send_domain && s.auth.is_none());
+        assert_eq!(s.server, "[2001:db8::2]:1080".parse().unwrap());
+
+        let (kind, issues) = from_url("http://bob:s%20cret@203.0.113.3:3128#office").unwrap();
+        assert!(issues.is_empty(), "{issues:?}");
+        let want = http::Settings {
+            server: "203.0.113.3:3128".parse().unwrap(),
+            auth: Some(super::super::Credentials {
+                username: "bob".into(),
+                password: "s cret".into(),
+            }),
+            send_domain: false,
+        };
+        assert_eq!(kind, OutboundKind::Http(want));
+        let raw = RawOutbound::from_url("http://203.0.113.3:3128#office").unwrap();
+        assert_eq!(raw.name(), Some("office"));
+    }
+
+    /// Reading is the URL's part, checking stays `validate`'s: a user
+    /// without a password is the same issue as in a file.
+    #[test]
+    fn a_url_is_checked_by_validate_like_a_file() {
+        let (_, issues) = from_url("socks5://alice@203.0.113.2:1080").unwrap();
+        assert_eq!(
+            issues,
+            vec![(
+                "outbound.password".to_string(),
+                "username is set but no password".to_string()
+            )]
+        );
+        let (_, issues) = from_url("http://alice:@203.0.113.2:1080").unwrap();
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert_eq!(issues[0].0, "outbound.password");
+    }
+
+    #[test]
+    fn an_unknown_scheme_names_the_known_ones() {
+        let e = RawOutbound::from_url("ftp://203.0.113.2:21").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "unknown URL scheme \"ftp\": the schemes tproxyd reads are \
+             socks5://, socks5h://, http://, ss://"
+        );
+        let e = RawOutbound::from_url("203.0.113.2:1080").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("one of socks5://, socks5h://, http://"),
+            "{e}"
+        );
+        let e = RawOutbound::from_url("direct://").unwrap_err();
+        assert!(matches!(e, UrlError::UnknownScheme { .. }), "{e}");
+        assert_eq!(
+            direct::Settings::raw_from_url("direct://").unwrap_err(),
+            UrlError::NoUrlForm { kind: "direct" }
+        );
+    }
+
+    #[test]
+    fn url_schemes_are_lowercase_and_name_one_kind_each() {
+        let all: Vec<&str> = SCHEMES.iter().flat_map(|s| s.iter().copied()).collect();
+        for (i, scheme) in all.iter().enumerate() {
+            assert_eq!(scheme.to_ascii_lowercase(), *scheme);
+            assert!(super::super::url::scheme(&format!("{scheme}://")).is_some());
+            assert!(!all[i + 1..].contains(scheme), "{scheme} twice");
+        }
     }
 
     #[test]

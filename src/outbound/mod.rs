@@ -23,6 +23,7 @@ pub mod http;
 pub mod kinds;
 pub mod shadowsocks;
 pub mod socks5;
+pub mod url;
 
 use std::future::Future;
 use std::io;
@@ -38,6 +39,7 @@ use crate::sys;
 
 pub use credentials::Credentials;
 pub use kinds::{OutboundConfig, OutboundKind, RawOutbound};
+pub use url::UrlError;
 
 use group::GroupError;
 use http::HttpError;

@@ -21,6 +21,7 @@ use tokio::io::AsyncReadExt;
 use super::group::Member;
 use super::kinds::Kind;
 use super::socks5::proto::Address;
+use super::url::UrlError;
 use super::{
     connect_marked, BoxFuture, BuildError, Carrier, Context, DnsTransport, Failure, OutboundError,
     TcpCarrier, TcpUpstream, UdpUpstream,
@@ -135,6 +136,26 @@ impl Kind for Settings {
     type Raw = Raw;
     type Built = Client;
     const TYPE: &'static str = "shadowsocks";
+    const SCHEMES: &'static [&'static str] = &["ss"];
+
+    /// `ss://…` (SIP002, [`url`]): read here so a bad URL is refused with
+    /// its reason at once; the settings keep it as `url`, which
+    /// [`validate`](Kind::validate) reads as it reads a file's.
+    fn raw_from_url(text: &str) -> Result<Raw, UrlError> {
+        let parsed = url::parse(text).map_err(|e| UrlError::invalid("ss", e.to_string()))?;
+        Ok(Raw {
+            name: parsed.tag,
+            server: None,
+            method: None,
+            password: None,
+            password_file: None,
+            password_env: None,
+            url: Some(text.trim().to_string()),
+            udp: None,
+            send_domain: None,
+            first_byte_timeout: None,
+        })
+    }
 
     fn validate(
         raw: &Raw,

@@ -76,6 +76,32 @@ fn settings_from_keys_url_env_and_file() {
     assert_eq!(f.key, e.key);
 }
 
+/// `tproxyd run --upstream ss://…` goes through RawOutbound::from_url.
+#[test]
+fn an_ss_url_is_an_outbound() {
+    let url = "ss://YWVzLTEyOC1nY206dGVzdA@203.0.113.2:8388#home";
+    let raw = crate::outbound::RawOutbound::from_url(url).unwrap();
+    assert_eq!(raw.type_name(), "shadowsocks");
+    assert_eq!(raw.name(), Some("home"));
+    let mut issues = Vec::new();
+    let cfg = raw.validate("upstream", "home".into(), &|_| None, &mut |k, m| {
+        issues.push((k.to_string(), m))
+    });
+    assert!(issues.is_empty(), "{issues:?}");
+    assert_eq!(
+        cfg.kind.describe(),
+        "shadowsocks 203.0.113.2:8388 aes-128-gcm"
+    );
+    let e = crate::outbound::RawOutbound::from_url("ss://aes-128-gcm:hunter2@proxy.example:1")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("ss:// URL: the server must be an IP address"),
+        "{e}"
+    );
+    assert!(!e.contains("hunter2"), "{e}");
+}
+
 #[test]
 fn bad_settings_name_the_fix_and_never_the_password() {
     let secret = "hunter2-SECRET";

@@ -15,6 +15,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use super::credentials::{self, Credentials};
 use super::group::Member;
 use super::kinds::{self, Kind};
+use super::url::{self, UrlError};
 use super::{
     connect_marked, ip_udp_max, BoxFuture, BuildError, Carrier, Context, DnsTransport, Failure,
     OutboundError, TcpUpstream, UdpCarrier, UdpRecv, UdpUpstream, UDP_HEADROOM,
@@ -54,6 +55,27 @@ impl Kind for Settings {
     type Raw = Raw;
     type Built = Socks5Client;
     const TYPE: &'static str = "socks5";
+    const SCHEMES: &'static [&'static str] = &["socks5", "socks5h"];
+
+    /// `socks5://[user:password@]IP:PORT[#name]`, user and password
+    /// percent-decoded; `socks5h://` (curl's name for "the proxy resolves
+    /// names") also sends the sniffed host name (`send_domain`).
+    fn raw_from_url(text: &str) -> Result<Raw, UrlError> {
+        let parts = url::split(text)?;
+        parts.no_path_or_query()?;
+        let (username, password) = parts
+            .credentials()?
+            .map_or((None, None), |(user, password)| (Some(user), password));
+        Ok(Raw {
+            name: parts.name()?,
+            server: parts.server()?,
+            username,
+            password,
+            password_env: None,
+            send_domain: parts.scheme.eq_ignore_ascii_case("socks5h"),
+            dns_over_tcp: false,
+        })
+    }
 
     fn validate(
         raw: &Raw,
