@@ -73,6 +73,12 @@ pub fn iptables_words(line: &str) -> Vec<String> {
     crate::firewall::iptables::restore_words(line)
 }
 
+/// The shadowsocks TCP stream's reply decoder over a reply built from
+/// `data` (see `outbound::shadowsocks::tcp::fuzz_reply`).
+pub fn ss_tcp_reply(data: &[u8]) {
+    crate::outbound::shadowsocks::tcp::fuzz_reply(data);
+}
+
 /// A shadowsocks UDP reply through the method `data[0]` picks (of the
 /// six), to a client session of a fixed key: `data[1..]` opened as it
 /// came (no tag verifies: the checks before the tag), then sealed as an
@@ -123,10 +129,4 @@ pub fn ss_udp_reply(data: &[u8]) {
     let server = u64::from(pick >> 3 & 1);
     let packet = u64::from(pick >> 4 & 7);
     check(&mut seal_as_server(&key, server, packet, &body));
-}
-
-/// The shadowsocks TCP stream's reply decoder over a reply built from
-/// `data` (see `outbound::shadowsocks::tcp::fuzz_reply`).
-pub fn ss_tcp_reply(data: &[u8]) {
-    crate::outbound::shadowsocks::tcp::fuzz_reply(data);
 }
