@@ -657,28 +657,57 @@ impl Drop for Killed {
     }
 }
 
-/// `ss-server` on a free loopback port, or None when it is not installed
-/// (a failure under CI, where the setup script installs it).
-fn ss_server(method: &str, password: &str) -> Option<(Killed, SocketAddr)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
-    let child = std::process::Command::new("ss-server")
-        .args(["-s", "127.0.0.1", "-p", &port.to_string(), "-k", password])
-        .args(["-m", method, "-t", "30"])
+        .port()
+}
+
+/// `program` with `args`, or None when it is not installed (a failure
+/// under CI, where scripts/setup-test-deps installs both servers).
+fn spawn(program: &str, args: &[&str]) -> Option<Killed> {
+    let child = std::process::Command::new(program)
+        .args(args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn();
     match child {
-        Ok(c) => Some((Killed(c), ([127, 0, 0, 1], port).into())),
-        Err(e) if std::env::var_os("CI").is_some() => panic!("ss-server: {e}"),
+        Ok(c) => Some(Killed(c)),
+        Err(e) if std::env::var_os("CI").is_some() => panic!("{program}: {e}"),
         Err(e) => {
-            eprintln!("ss-server not run ({e}): skipping the interop check");
+            eprintln!("{program} not run ({e}): skipping the interop check");
             None
         }
     }
+}
+
+/// Debian's `ss-server` (shadowsocks-libev) on a free loopback port.
+fn ss_server(method: &str, password: &str) -> Option<(Killed, SocketAddr)> {
+    let port = free_port();
+    let args = ["-s", "127.0.0.1", "-p", &port.to_string(), "-k", password];
+    let child = spawn(
+        "ss-server",
+        &[&args[..], &["-m", method, "-t", "30"]].concat(),
+    )?;
+    Some((child, ([127, 0, 0, 1], port).into()))
+}
+
+/// shadowsocks-rust's `ssserver`, as scripts/setup-test-deps builds it.
+fn ssserver(method: &str, password: &str) -> Option<(Killed, SocketAddr)> {
+    const BUILT: &str = "/var/cache/tproxyd-test/shadowsocks-rust-1.25.0/bin/ssserver";
+    let program = if std::path::Path::new(BUILT).exists() {
+        BUILT
+    } else {
+        "ssserver"
+    };
+    let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let child = spawn(
+        program,
+        &["-s", &addr.to_string(), "-m", method, "-k", password],
+    )?;
+    Some((child, addr))
 }
 
 async fn wait_listening(addr: SocketAddr) {
@@ -688,14 +717,13 @@ async fn wait_listening(addr: SocketAddr) {
         }
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
-    panic!("ss-server did not listen on {addr}");
+    panic!("the server did not listen on {addr}");
 }
 
-#[tokio::test]
-async fn interop_with_ss_server() {
-    // A plain echo target on loopback.
+/// A plain echo target on loopback.
+async fn echo_target() -> SocketAddr {
     let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let target_addr = target.local_addr().unwrap();
+    let addr = target.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
             let (sock, _) = target.accept().await.unwrap();
@@ -706,49 +734,94 @@ async fn interop_with_ss_server() {
             });
         }
     });
+    addr
+}
+
+/// 300 kB there and back through `server`, its check, and a wrong key's
+/// failure (`wrong` is another password for that method).
+async fn interop(
+    method: &str,
+    server: SocketAddr,
+    password: &str,
+    wrong: &str,
+    target: SocketAddr,
+) {
+    wait_listening(server).await;
+    let good = client(&format!(
+        "server = \"{server}\"\nmethod = \"{method}\"\npassword = \"{password}\"\nfirst_byte_timeout = 2"
+    ));
+    let mut s = good.connect_to(Address::Ip(target)).await.unwrap();
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    let (mut r, mut w) = tokio::io::split(&mut s);
+    let sent = data.clone();
+    // libev closes both ways on the client's FIN (no half-close), so
+    // everything is read back before the shutdown.
+    let writer = async move {
+        w.write_all(&sent).await.unwrap();
+        w.flush().await.unwrap();
+        w
+    };
+    let reader = async move {
+        let mut got = vec![0u8; 300_000];
+        r.read_exact(&mut got).await.unwrap();
+        (r, got)
+    };
+    let (w, (r, got)) = tokio::join!(writer, reader);
+    assert!(got == data, "{method}: wrong bytes back");
+    let s = r.unsplit(w);
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    good.check()
+        .await
+        .unwrap_or_else(|e| panic!("{method}: {e}"));
+
+    let bad = client(&format!(
+        "server = \"{server}\"\nmethod = \"{method}\"\npassword = \"{wrong}\"\nfirst_byte_timeout = 1"
+    ));
+    let mut s = bad.connect_to(Address::Ip(target)).await.unwrap();
+    s.write_all(b"hello").await.unwrap();
+    s.flush().await.unwrap();
+    let mut buf = [0u8; 8];
+    let e = s.read(&mut buf).await.unwrap_err();
+    assert!(
+        e.to_string().contains("wrong password or method?")
+            || e.to_string().contains("wrong key or method"),
+        "{method}: {e}"
+    );
+    let e = bad.check().await.unwrap_err().to_string();
+    assert!(e.contains("failed its check"), "{method}: {e}");
+}
+
+#[tokio::test]
+async fn interop_with_ss_server() {
+    let target = echo_target().await;
     for method in ["aes-128-gcm", "aes-256-gcm", "chacha20-ietf-poly1305"] {
         let Some((_server, addr)) = ss_server(method, "interop-pw") else {
             return;
         };
-        wait_listening(addr).await;
-        let good = client(&format!(
-            "server = \"{addr}\"\nmethod = \"{method}\"\npassword = \"interop-pw\"\nfirst_byte_timeout = 2"
-        ));
-        let mut s = good.connect_to(Address::Ip(target_addr)).await.unwrap();
-        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
-        let (mut r, mut w) = tokio::io::split(&mut s);
-        let sent = data.clone();
-        // libev closes both ways on the client's FIN (no half-close), so
-        // everything is read back before the shutdown.
-        let writer = async move {
-            w.write_all(&sent).await.unwrap();
-            w.flush().await.unwrap();
-            w
-        };
-        let reader = async move {
-            let mut got = vec![0u8; 300_000];
-            r.read_exact(&mut got).await.unwrap();
-            (r, got)
-        };
-        let (w, (r, got)) = tokio::join!(writer, reader);
-        assert!(got == data, "{method}: wrong bytes back");
-        let s = r.unsplit(w);
-        s.shutdown().await.unwrap();
-        let mut rest = Vec::new();
-        s.read_to_end(&mut rest).await.unwrap();
-        assert!(rest.is_empty());
-        good.check().await.unwrap();
+        interop(method, addr, "interop-pw", "wrong", target).await;
+    }
+}
 
-        let bad = client(&format!(
-            "server = \"{addr}\"\nmethod = \"{method}\"\npassword = \"wrong\"\nfirst_byte_timeout = 1"
-        ));
-        let mut s = bad.connect_to(Address::Ip(target_addr)).await.unwrap();
-        s.write_all(b"hello").await.unwrap();
-        s.flush().await.unwrap();
-        let mut buf = [0u8; 8];
-        let e = s.read(&mut buf).await.unwrap_err();
-        assert!(e.to_string().contains("wrong password or method?"), "{e}");
-        let e = bad.check().await.unwrap_err().to_string();
-        assert!(e.contains("wrong password or method?"), "{e}");
+#[tokio::test]
+async fn interop_with_ssserver() {
+    let target = echo_target().await;
+    let k16 = "AAECAwQFBgcICQoLDA0ODw==";
+    let k32 = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    let w16 = "DwAODQwLCgkIBwYFBAMCAQ==";
+    let w32 = "HxAdHBsaGRgXFhUUExIREA8ODQwLCgkIBwYFBAMCAQA=";
+    for (method, password, wrong) in [
+        ("aes-128-gcm", "interop-pw", "wrong"),
+        ("chacha20-ietf-poly1305", "interop-pw", "wrong"),
+        ("2022-blake3-aes-128-gcm", k16, w16),
+        ("2022-blake3-aes-256-gcm", k32, w32),
+        ("2022-blake3-chacha20-poly1305", k32, w32),
+    ] {
+        let Some((_server, addr)) = ssserver(method, password) else {
+            return;
+        };
+        interop(method, addr, password, wrong, target).await;
     }
 }
