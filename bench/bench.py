@@ -17,6 +17,7 @@ Every packet stays inside the namespaces this script makes.
 """
 
 import argparse
+import base64
 import datetime
 import json
 import os
@@ -46,6 +47,24 @@ SS_KEY = "tproxyd-bench"
 # The fastest AEAD cipher shadowsocks-libev has on a CPU with AES-NI; it
 # has no "none" cipher, so ss-redir's figures include encryption.
 SS_METHOD = "aes-128-gcm"
+# shadowsocks-rust's ssserver and sslocal, which scripts/setup-test-deps
+# builds once into this cache (SS_RUST_BIN in src/testbed/shadowsocks.rs).
+SS_RUST_BIN = Path("/var/cache/tproxyd-test/shadowsocks-rust-1.25.0/bin")
+# The shadowsocks set (issue 20): tproxyd's shadowsocks outbound against
+# ss-redir and sslocal's redir mode, to the same server with the same
+# method. tag: (method, server). ss-server (libev) has no 2022 methods, so
+# 2022 goes to ssserver and only tproxyd and sslocal compare there.
+SS_SET_METHODS = {
+    "aes128": ("aes-128-gcm", "ss-server"),
+    "chacha": ("chacha20-ietf-poly1305", "ss-server"),
+    "2022aes128": ("2022-blake3-aes-128-gcm", "ssserver"),
+}
+# A 2022 key is base64 of exactly the key length (16 bytes for aes-128).
+SS_KEY_2022 = base64.b64encode(b"tproxyd-bench-16").decode()
+# The figures the shadowsocks set is measured on (the issue's list; the
+# others would double the run for little).
+SS_FIGURES = {"tcp1", "tcp8", "cpu_per_gib", "crr", "cpu_per_conn", "udp_rr", "udp_bulk",
+              "udp_loss", "peak_rss", "rss"}
 # The server name of the TLS exchanges (crr_tls, tls_p50): no rule of
 # tproxyd-rules matches it, so its lookup tries every label and fails.
 TLS_SNI = "www.tproxyd-bench.com"
@@ -212,6 +231,30 @@ class Bed:
         wan.spawn("ss-server", "-s", self.wan_host, "-p", SS_PORT, "-k", SS_KEY, "-m", SS_METHOD,
                   "-u", "-n", "20000", log_to=self.dir / "ss-server.log")
         wan.wait_listening("tcp", SS_PORT, "ss-server")
+        self.ss_ports = {(SS_METHOD, "ss-server"): SS_PORT}
+
+    def ss_server(self, method, server):
+        """The port of a shadowsocks server (ss-server or ssserver) with
+        `method`, started on first use and kept for the whole run, like the
+        other WAN servers. libev's -u is TCP and UDP; ssserver's is -U."""
+        if (method, server) in self.ss_ports:
+            return self.ss_ports[(method, server)]
+        port = SS_PORT + len(self.ss_ports)
+        log_to = self.dir / f"{server}-{method}.log"
+        if server == "ss-server":
+            self.wan.spawn("ss-server", "-s", self.wan_host, "-p", port, "-k", ss_key(method),
+                           "-m", method, "-u", "-n", "20000", log_to=log_to)
+        else:
+            self.wan.spawn(SS_RUST_BIN / "ssserver", "-s", f"{self.wan_host}:{port}", "-k",
+                           ss_key(method), "-m", method, "-U", "-n", "20000", log_to=log_to)
+        self.wan.wait_listening("tcp", port, server)
+        self.wan.wait_listening("udp", port, server)
+        self.ss_ports[(method, server)] = port
+        return port
+
+
+def ss_key(method):
+    return SS_KEY_2022 if method.startswith("2022-") else SS_KEY
 
 
 # ---------------------------------------------------------------- configurations
@@ -226,6 +269,8 @@ class Config:
     # Descriptors the proxy holds per relayed TCP connection; with the
     # machine's limit, this caps the idle-connection count.
     fds_per_conn = 2
+    # The figures this configuration is measured on; None: every one.
+    figures = None
 
     def __init__(self, bed):
         self.bed = bed
@@ -234,7 +279,7 @@ class Config:
     def supports(self, figure):
         needs = FIGURE[figure][4]
         have = set(self.carries) | ({"proxy"} if self.proxy else set())
-        return needs <= have
+        return needs <= have and (self.figures is None or figure in self.figures)
 
     def start(self):
         pass
@@ -317,7 +362,14 @@ class Tproxyd(Config):
         if not self.binary.exists():
             raise BenchError(f"{self.binary} is missing: run bench/run (--baseline REV for the baseline)")
         self.proc = self.bed.router.spawn(self.binary, "run", *self.args(), log_to=self.log())
-        self.bed.router.wait_listening("tcp", self.port, "tproxyd")
+        try:
+            self.bed.router.wait_listening("tcp", self.port, "tproxyd")
+        except BenchError as e:
+            if self.proc.poll() is not None:
+                # It refused to start: its last words say why.
+                last = self.log().read_text(errors="replace").strip().splitlines()[-1:]
+                raise BenchError(f"tproxyd exited: {''.join(last)}") from e
+            raise
         self.bed.router.wait_listening("udp", self.port, "tproxyd")
         # tproxyd installs its rules after binding; give it the moment.
         deadline = time.time() + 10
@@ -535,7 +587,100 @@ class V2ray(PeerTproxyRules, Config):
 
 
 
-CONFIGS = [Plain, TproxydDirect, TproxydRules, TproxydSocks, Redsocks, RedsocksSplice, SsRedir, V2ray]
+class SsSet:
+    """A configuration of the shadowsocks set: one method, one server."""
+
+    tag = ""
+    figures = SS_FIGURES
+
+    @property
+    def method(self):
+        return SS_SET_METHODS[self.tag][0]
+
+    def server_port(self):
+        return self.bed.ss_server(*SS_SET_METHODS[self.tag])
+
+
+class TproxydSs(SsSet, Tproxyd):
+    """tproxyd's shadowsocks outbound (issue 20), TCP and UDP."""
+
+    def args(self):
+        conf = self.bed.dir / f"{self.name}.toml"
+        conf.write_text(f"""listen = "[::]:{self.port}"
+
+[[outbounds]]
+name = "ss"
+type = "shadowsocks"
+server = "{self.bed.wan_host}:{self.server_port()}"
+method = "{self.method}"
+password = "{ss_key(self.method)}"
+udp = true
+
+[route]
+final = "ss"
+
+[firewall]
+lan_interfaces = ["{self.bed.lan_if}"]
+""")
+        return ["-c", conf]
+
+
+class SsRedirSs(SsSet, PeerTproxyRules, Config):
+    """ss-redir (shadowsocks-libev) with TPROXY for TCP (-T) and UDP (-u)."""
+
+    port = 1086
+
+    def start(self):
+        self.proc = self.bed.router.spawn(
+            "ss-redir", "-s", self.bed.wan_host, "-p", self.server_port(), "-b", "0.0.0.0",
+            "-l", self.port, "-k", ss_key(self.method), "-m", self.method, "-u", "-T",
+            "-n", "20000", log_to=self.log())
+        self.bed.router.wait_listening("tcp", self.port, "ss-redir")
+        self.install_rules(self.port)
+
+
+class SslocalSs(SsSet, PeerTproxyRules, Config):
+    """shadowsocks-rust's sslocal in redir mode, TPROXY for TCP and UDP
+    (-U: TCP and UDP, shadowsocks-rust's letters)."""
+
+    port = 1087
+
+    def start(self):
+        bin_ = SS_RUST_BIN / "sslocal"
+        if not bin_.exists():
+            raise BenchError(f"{bin_} is missing: scripts/setup-test-deps builds it")
+        self.proc = self.bed.router.spawn(
+            bin_, "--protocol", "redir", "-b", f"0.0.0.0:{self.port}",
+            "-s", f"{self.bed.wan_host}:{self.server_port()}", "-m", self.method,
+            "-k", ss_key(self.method), "-U", "--tcp-redir", "tproxy", "--udp-redir", "tproxy",
+            "-n", "20000", log_to=self.log())
+        self.bed.router.wait_listening("tcp", self.port, "sslocal")
+        self.bed.router.wait_listening("udp", self.port, "sslocal")
+        self.install_rules(self.port)
+
+
+def ss_set():
+    """The shadowsocks set's classes, per method: tproxyd, ss-redir (AEAD
+    only: same ss-server) and sslocal."""
+    out = []
+    for tag, (method, server) in SS_SET_METHODS.items():
+        kinds = [(TproxydSs, "tproxyd-ss", "tproxyd"),
+                 (SsRedirSs, "ss-redir-ss", "ss-redir"),
+                 (SslocalSs, "sslocal-ss", "sslocal")]
+        for base, prefix, who in kinds:
+            if base is SsRedirSs and server != "ss-server":
+                continue
+            out.append(type(f"{base.__name__}_{tag}", (base,), {
+                "tag": tag, "name": f"{prefix}-{tag}", "label": f"{who} → {server} ({method})"}))
+    return out
+
+
+SS_SET = ss_set()
+# `--only shadowsocks` names the whole set.
+GROUPS = {"shadowsocks": [c.name for c in SS_SET]}
+
+CONFIGS = [Plain, TproxydDirect, TproxydRules, TproxydSocks, Redsocks, RedsocksSplice, SsRedir, V2ray,
+           *SS_SET]
 # Only when asked for by name (--only ...,tproxyd-baseline): it needs a
 # second build.
 OPTIONAL_CONFIGS = [TproxydBaseline]
@@ -818,6 +963,10 @@ def machine():
     for pkg in ["iperf3", "redsocks", "shadowsocks-libev", "v2ray", "dante-server"]:
         r = run(["dpkg-query", "-W", "-f", "${Version}", pkg], check=False)
         versions[pkg] = r.stdout.strip() or "?"
+    ssserver = SS_RUST_BIN / "ssserver"
+    if ssserver.exists():
+        words = run([ssserver, "--version"], check=False).stdout.split()
+        versions["shadowsocks-rust"] = words[-1] if words else "?"
     tp = run([TPROXYD, "--version"], check=False).stdout.strip()
     commit = run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], check=False).stdout.strip()
     return {
@@ -844,7 +993,8 @@ def report(table, p, info, samples):
         f"unencrypted mode).",
         f"- Idle connections for the memory figure: {p.idle} asked; the machine's hard "
         f"descriptor limit is {p.nofile}, so "
-        + ", ".join(f"{c.name} held {idle_count(c, p)}" for c in CONFIGS if c.proxy)
+        + (", ".join(f"{c.name} held {idle_count(c, p)}" for c in CONFIGS
+                     if c.proxy and c not in SS_SET and c.name in samples) or "none was measured")
         + " (a proxy holds two descriptors per connection, redsocks with splice six).",
         f"- UDP bulk: iperf3 at {p.udp_rate}bit/s offered, 1400-byte datagrams.",
         f"- UDP flood: one datagram from each of {p.flood:,} new client ports, on a fresh "
@@ -856,24 +1006,27 @@ def report(table, p, info, samples):
         "",
     ]
     # The configurations this run measured (all of them in a full run).
-    names = [c.name for c in CONFIGS if c.name in samples]
+    # The shadowsocks set has its own section (shadowsocks_section).
+    names = [c.name for c in CONFIGS if c.name in samples and c not in SS_SET]
     labels = {c.name: c.label for c in CONFIGS}
-    lines.append("| figure | " + " | ".join(labels[n] for n in names) + " |")
-    lines.append("|---|" + "---|" * len(names))
-    for key, title, unit, better, _ in FIGURES:
-        cells = []
-        for n in names:
-            cell = table.get(n, {}).get(key)
-            if cell is None:
-                cells.append("—")
-            else:
-                med, spread, _n = cell
-                cells.append(f"{fmt(med)} ±{spread:.0f}%")
-        arrow = "↑" if better == "higher" else "↓"
-        lines.append(f"| {title} ({unit}) {arrow} | " + " | ".join(cells) + " |")
+    if names:
+        lines.append("| figure | " + " | ".join(labels[n] for n in names) + " |")
+        lines.append("|---|" + "---|" * len(names))
+        for key, title, unit, better, _ in FIGURES:
+            cells = []
+            for n in names:
+                cell = table.get(n, {}).get(key)
+                if cell is None:
+                    cells.append("—")
+                else:
+                    med, spread, _n = cell
+                    cells.append(f"{fmt(med)} ±{spread:.0f}%")
+            arrow = "↑" if better == "higher" else "↓"
+            lines.append(f"| {title} ({unit}) {arrow} | " + " | ".join(cells) + " |")
 
     lines += rules_section(table, samples)
     lines += baseline_section(table, samples)
+    lines += shadowsocks_section(table, samples, info)
     if not any(n in table for n in ["plain", *PEERS]):
         # A subset without plain routing and peers: nothing to compare with.
         return "\n".join(lines + failed_runs(samples) + [""])
@@ -984,6 +1137,72 @@ def rules_section(table, samples, a="tproxyd-rules", b="tproxyd-direct"):
     return lines
 
 
+def ss_ratio(table, a, b, key):
+    """How many times better `a` is than `b` on the raw medians (>1: a is
+    better); None when either is missing."""
+    va, vb = table.get(a, {}).get(key), table.get(b, {}).get(key)
+    if va is None or vb is None:
+        return None
+    va, vb = va[0], vb[0]
+    if FIGURE[key][3] == "higher":
+        return va / vb if vb else None
+    floor = 0.01 if key == "udp_loss" else 1e-9
+    return max(vb, floor) / max(va, floor)
+
+
+def shadowsocks_section(table, samples, info):
+    """Issue 20: per method, tproxyd's shadowsocks outbound against
+    ss-redir and sslocal (redir mode) relaying to the same server."""
+    if not any(c.name in table for c in SS_SET):
+        return []
+    when = info.get("dates", {})
+    lines = ["", "## Shadowsocks: tproxyd against ss-redir and sslocal (issue 20)", "",
+             "Each client relays to the same server with the same method, in the same rounds: "
+             "ss-server (shadowsocks-libev) for the AEAD methods, ssserver (shadowsocks-rust) for "
+             "2022, which ss-server lacks (so only sslocal compares there). tproxyd and ss-redir "
+             "capture with TPROXY, sslocal in its redir mode with `--tcp-redir tproxy "
+             "--udp-redir tproxy`. \"vs\" reads times better than the peer that is best on that "
+             "figure: the faster for speed, the leaner for CPU and memory. Targets: speed ≥ 1.0× "
+             "the faster peer, proxy CPU per GiB and per connection ≤ the leaner (≥ 1.0× here), "
+             "peak RSS ≤ sslocal's."]
+    dates = sorted({when[c.name] for c in SS_SET if c.name in when})
+    if dates:
+        lines += ["", f"Measured on {', '.join(dates)}."]
+    for tag, (method, server) in SS_SET_METHODS.items():
+        names = [c.name for c in SS_SET if c.tag == tag and c.name in table]
+        if not names:
+            continue
+        ours = f"tproxyd-ss-{tag}"
+        peers = [n for n in names if n != ours]
+        labels = {c.name: c.label.split(" → ")[0] for c in SS_SET}
+        lines += ["", f"### {method} → {server}", "",
+                  "| figure | " + " | ".join(labels[n] for n in names)
+                  + " | best peer | tproxyd vs it | target |",
+                  "|---|" + "---|" * (len(names) + 3)]
+        for key, title, unit, better, _ in FIGURES:
+            if key not in SS_FIGURES:
+                continue
+            cells = []
+            for n in names:
+                cell = table.get(n, {}).get(key)
+                cells.append("—" if cell is None else f"{fmt(cell[0])} ±{cell[1]:.0f}%")
+            best = None
+            for peer in peers:
+                if key in table.get(peer, {}) and (best is None or ss_ratio(table, peer, best, key) > 1):
+                    best = peer
+            # RSS is held to sslocal's, whichever peer is leaner.
+            if key in ("peak_rss", "rss") and f"sslocal-ss-{tag}" in table:
+                best = f"sslocal-ss-{tag}"
+            r = ss_ratio(table, ours, best, key) if best else None
+            target = "" if key in ("udp_loss", "rss") else (
+                "—" if r is None else ("✅" if r >= 1.0 else "❌"))
+            arrow = "↑" if better == "higher" else "↓"
+            lines.append(f"| {title} ({unit}) {arrow} | " + " | ".join(cells)
+                         + f" | {labels.get(best, '—') if best else '—'} | "
+                         + (f"{r:.2f}×" if r is not None else "—") + f" | {target} |")
+    return lines
+
+
 def baseline_section(table, samples, a="tproxyd-direct", b="tproxyd-baseline"):
     """Issue 11's figures: this build against an earlier one, same flows."""
     if a not in table or b not in table:
@@ -1054,6 +1273,19 @@ def chart(table, path):
 # ---------------------------------------------------------------- main
 
 
+def merged(old, samples, info, p):
+    """--merge: this run's samples replace only their configurations' in
+    an earlier results.json. The earlier run's header (machine, date,
+    parameters) stays; each configuration keeps the date it was measured on."""
+    old_info = old.get("machine", info)
+    dates = {n: old_info.get("dates", {}).get(n, old_info.get("date", "?"))
+             for n in old.get("samples", {})}
+    for key, value in old.get("params", {}).items():
+        setattr(p, key, value)
+    return ({**old.get("samples", {}), **samples},
+            {**old_info, "dates": {**dates, **info["dates"]}})
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
@@ -1062,7 +1294,12 @@ def main():
     ap.add_argument("--lat-count", type=int, default=2000, help="exchanges per latency test")
     ap.add_argument("--flood", type=int, default=20000, help="new UDP client ports in the flood test")
     ap.add_argument("--udp-rate", default="1G", help="iperf3 offered UDP rate")
-    ap.add_argument("--only", help="comma-separated configurations to run (default: all)")
+    ap.add_argument("--only", help="comma-separated configurations to run (default: all); "
+                    "'shadowsocks' names the shadowsocks set (" + ", ".join(GROUPS["shadowsocks"]) + ")")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other configurations' samples of OUT/results.json: this run's "
+                         "replace only their own, and RESULTS.md is written from the whole (e.g. "
+                         "--only shadowsocks --merge refreshes that section alone)")
     ap.add_argument("--figures", type=lambda v: set(v.split(",")),
                     help="comma-separated figures to measure, by their results.json keys "
                          "(tcp_p50 brings tcp_p99, udp_bulk udp_loss, tcp1 tcp8 and cpu_per_gib); "
@@ -1103,8 +1340,13 @@ def main():
     for cls in CONFIGS:
         if cls.proxy and idle_count(cls, p) < p.idle:
             log(f"descriptor limit {p.nofile}: {cls.name} holds {idle_count(cls, p)} idle connections, not {p.idle}")
-    wanted = [c for c in CONFIGS if not p.only or c.name in p.only.split(",")]
-    wanted += [c for c in OPTIONAL_CONFIGS if p.only and c.name in p.only.split(",")]
+    only = [n for word in p.only.split(",") for n in GROUPS.get(word, [word])] if p.only else None
+    unknown = set(only or []) - {c.name for c in CONFIGS + OPTIONAL_CONFIGS}
+    if unknown:
+        ap.error(f"--only: unknown {', '.join(sorted(unknown))}; known: "
+                 + ", ".join([*GROUPS, *(c.name for c in CONFIGS + OPTIONAL_CONFIGS)]))
+    wanted = [c for c in CONFIGS if not only or c.name in only]
+    wanted += [c for c in OPTIONAL_CONFIGS if only and c.name in only]
     workdir = Path(tempfile.mkdtemp(prefix="tproxyd-bench-"))
     info = machine()
     info["date"] = datetime.date.today().isoformat()
@@ -1130,6 +1372,9 @@ def main():
                     bed.settle()
     finally:
         bed.close()
+    info["dates"] = {c.name: info["date"] for c in wanted}
+    if p.merge and (p.out / "results.json").exists():
+        samples, info = merged(json.loads((p.out / "results.json").read_text()), samples, info, p)
     table = summarize(samples)
     params = {k: getattr(p, k) for k in ("rounds", "seconds", "idle", "nofile", "udp_rate", "flood")}
     saved = json.dumps({"machine": info, "params": params, "samples": samples}, indent=1) + "\n"

@@ -39,6 +39,8 @@ use nix::sched::{setns, CloneFlags};
 mod harness;
 #[cfg(feature = "testbed")]
 pub use harness::{dante_config, dante_config_with, socks_v4, spawn_dante, spawn_dante_with};
+#[cfg(feature = "testbed")]
+pub mod shadowsocks;
 
 pub const LAN_IF: &str = "l0";
 pub const ROUTER_LAN_IF: &str = "rlan";

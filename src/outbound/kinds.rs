@@ -42,7 +42,7 @@ macro_rules! kinds {
         Direct(direct::Settings) => Direct(direct::Direct, udp direct::DirectUdp),
         Socks5(socks5::Settings) => Socks5(socks5::Socks5Client, udp socks5::UdpAssociation),
         Http(http::Settings) => Http(http::HttpClient),
-        Shadowsocks(shadowsocks::Settings) => Shadowsocks(shadowsocks::Client, tcp shadowsocks::Stream),
+        Shadowsocks(shadowsocks::Settings) => Shadowsocks(shadowsocks::Client, tcp shadowsocks::Stream, udp shadowsocks::udp::ShadowsocksUdp),
         Block(block::Settings) => Block(block::Block),
         Selector(group::SelectorSettings) => Group(group::Group),
         Failover(group::FailoverSettings) => Group,

@@ -644,7 +644,7 @@ mod tests {
 
     #[test]
     fn the_headroom_fits_every_kinds_header() {
-        assert_eq!(UDP_HEADROOM, socks5::proto::MAX_UDP_HEADER);
+        assert_eq!(UDP_HEADROOM, shadowsocks::udp::MAX_HEADER);
         for room in UDP_HEADERS {
             assert!(*room <= UDP_HEADROOM);
         }

@@ -39,6 +39,30 @@ pub fn send_segments<S: AsFd>(
     .map_err(io::Error::from)
 }
 
+/// Sends one datagram made of `parts` back to back (`sendmsg` with one
+/// slice each), never waiting, on a connected socket: a payload sealed in
+/// place goes out with its tag from elsewhere, without copying either.
+pub fn send_parts<S: AsFd>(socket: &S, parts: &[&[u8]]) -> io::Result<usize> {
+    let mut iov = [io::IoSlice::new(&[]); 4];
+    if parts.len() > iov.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a datagram of more than 4 parts",
+        ));
+    }
+    for (slot, part) in iov.iter_mut().zip(parts) {
+        *slot = io::IoSlice::new(part);
+    }
+    sendmsg::<SockaddrStorage>(
+        socket.as_fd().as_raw_fd(),
+        &iov[..parts.len()],
+        &[],
+        MsgFlags::MSG_DONTWAIT,
+        None,
+    )
+    .map_err(io::Error::from)
+}
+
 /// Whether an error from [`send_segments`] means this kernel or device
 /// cannot segment UDP at all (rather than this one run): stop trying.
 pub fn segments_unsupported(e: &io::Error) -> bool {
@@ -52,6 +76,20 @@ pub fn segments_unsupported(e: &io::Error) -> bool {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn send_parts_arrive_as_one_datagram() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.connect(rx.local_addr().unwrap()).unwrap();
+        assert_eq!(send_parts(&tx, &[b"head", b"", b"tail"]).unwrap(), 8);
+        let mut buf = [0u8; 16];
+        let n = rx.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"headtail");
+        let five: [&[u8]; 5] = [b"a"; 5];
+        assert!(send_parts(&tx, &five).is_err());
+    }
 
     #[test]
     fn send_segments_arrives_as_separate_datagrams_in_order() {

@@ -18,7 +18,8 @@
 //! - `signals`: the termination signals' mask at start-up;
 //! - `limits`: RLIMIT_NOFILE and the descriptors in use;
 //! - `splice`: the TCP relay's zero-copy pipes;
-//! - `gso`: UDP segmentation offload (`send_segments`).
+//! - `gso`: UDP segmentation offload (`send_segments`), and one datagram
+//!   sent from several slices (`send_parts`).
 
 mod cmsg;
 mod gso;
@@ -31,7 +32,7 @@ mod splice;
 pub use cmsg::{
     orig_dst_from_cmsgs, recv_with_orig_dst, CmsgError, Datagram, RecvError, CMSG_SPACE,
 };
-pub use gso::{segments_unsupported, send_segments};
+pub use gso::{segments_unsupported, send_parts, send_segments};
 pub use limits::{nofile_limit, open_descriptors, raise_nofile_limit};
 pub use privileges::{
     ambient_caps, bounding_caps, find_account, get_caps, has_cap_net_admin,

@@ -31,6 +31,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use tproxyd::testbed;
+pub use tproxyd::testbed::shadowsocks::{SsImpl, SsServer};
 
 pub mod dns_server;
 
@@ -949,6 +950,29 @@ impl Testbed {
 }
 
 impl Testbed {
+    /// Starts a reference shadowsocks server (`ss-server` or `ssserver`)
+    /// in the WAN namespace on a free port, TCP and UDP on both WAN host
+    /// addresses; it stops when dropped and prints its log if the test
+    /// fails (see `tproxyd::testbed::shadowsocks`).
+    pub fn start_ss(&self, kind: SsImpl, method: &str, password: &str) -> SsServer {
+        SsServer::start(&self.bed.wan, &self.dir, kind, method, password)
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Restarts tproxyd with `run ARGS` (after `run --verbose`): for the
+    /// command-line forms, such as `--upstream URL`. Ready once it listens.
+    pub fn restart_tproxyd_with_args(&mut self, args: &[&str]) {
+        if self.tproxyd.is_some() {
+            self.stop_tproxyd();
+        }
+        self.tproxyd_cmd = ["run", "--verbose"]
+            .iter()
+            .chain(args)
+            .map(|a| a.to_string())
+            .collect();
+        self.spawn_tproxyd();
+    }
+
     /// Restarts tproxyd from `config`, a whole TOML file written as given:
     /// for tests that need sections the generated config lacks
     /// (`[[outbounds]]`, `[route]`). With `backend = "none"` the bed's

@@ -5,7 +5,9 @@
 
 pub mod crypto;
 pub mod tcp;
+pub mod udp;
 pub mod url;
+pub mod window;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -396,8 +398,12 @@ pub enum ShadowsocksConnectError {
     Random(std::io::Error),
     #[error("shadowsocks server {server} failed its check: {reason}")]
     Check { server: SocketAddr, reason: String },
-    #[error("shadowsocks UDP not built yet: send UDP elsewhere with a rule (network = \"udp\")")]
-    NoUdp,
+    #[error(
+        "the shadowsocks outbound (server {server}) has udp = false: UDP routed to it is dropped; \
+         send UDP elsewhere with a rule (network = \"udp\", outbound = ...), or set udp = true \
+         if the server relays UDP (ss-server -u, ssserver -U)"
+    )]
+    NoUdp { server: SocketAddr },
 }
 
 impl ShadowsocksConnectError {
@@ -407,14 +413,14 @@ impl ShadowsocksConnectError {
             ShadowsocksConnectError::Unreachable { source, .. } => {
                 super::io_failure(source, Failure::ProxyFailed)
             }
-            ShadowsocksConnectError::NoUdp => Failure::Refused,
+            ShadowsocksConnectError::NoUdp { .. } => Failure::Refused,
             _ => Failure::ProxyFailed,
         }
     }
 }
 
 impl Carrier for Client {
-    const UDP_HEADER: usize = 0;
+    const UDP_HEADER: usize = udp::MAX_HEADER;
 
     fn type_name(&self) -> &'static str {
         <Settings as Kind>::TYPE
@@ -425,11 +431,18 @@ impl Carrier for Client {
     }
 
     fn udp(&self) -> bool {
-        false
+        self.udp
     }
 
+    /// `udp = false`: refused without I/O, so a rule sends UDP elsewhere
+    /// and DNS goes over TCP ([`dns_transport`](Carrier::dns_transport)).
     fn udp_refusal(&self) -> Option<OutboundError> {
-        Some(ShadowsocksConnectError::NoUdp.into())
+        (!self.udp).then(|| {
+            ShadowsocksConnectError::NoUdp {
+                server: self.up.server,
+            }
+            .into()
+        })
     }
 
     fn dns_transport(&self) -> DnsTransport {
@@ -452,8 +465,14 @@ impl Carrier for Client {
         boxed
     }
 
+    /// A socket to the server and, for 2022, a new session: no I/O, the
+    /// server learns of it from the first datagram.
     async fn open_udp(&self) -> Result<UdpUpstream, OutboundError> {
-        Err(ShadowsocksConnectError::NoUdp.into())
+        if let Some(refusal) = self.udp_refusal() {
+            return Err(refusal);
+        }
+        let upstream = udp::ShadowsocksUdp::open(self.up.server, &self.up.key, self.mark)?;
+        Ok(UdpUpstream::Shadowsocks(upstream))
     }
 
     /// Proves the key, not only that the server listens; see

@@ -619,11 +619,18 @@ fn the_carrier_says_what_it_is() {
     let c = client("server = \"127.0.0.1:1\"\nmethod = \"aes-128-gcm\"\npassword = \"x\"");
     assert_eq!(c.type_name(), "shadowsocks");
     assert_eq!(c.clash_type(), "Shadowsocks");
-    let refusal = c.udp_refusal().unwrap().to_string();
-    assert!(
-        refusal.contains("shadowsocks UDP not built yet"),
-        "{refusal}"
-    );
+    // UDP by default, as UDP (DNS too); `udp = false` refuses it by
+    // configuration and sends DNS over TCP.
+    assert!(c.udp());
+    assert!(c.udp_refusal().is_none());
+    assert_eq!(c.dns_transport(), DnsTransport::Udp);
+    let off =
+        client("server = \"127.0.0.1:1\"\nmethod = \"aes-128-gcm\"\npassword = \"x\"\nudp = false");
+    assert!(!off.udp());
+    let refusal = off.udp_refusal().unwrap();
+    assert!(refusal.is_refusal());
+    assert!(refusal.to_string().contains("udp = false"), "{refusal}");
+    assert_eq!(off.dns_transport(), DnsTransport::Tcp);
     let dst: SocketAddr = "192.0.2.1:443".parse().unwrap();
     assert_eq!(c.target(dst, Some("a.example")), Address::Ip(dst));
     let c = client(

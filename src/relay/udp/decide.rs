@@ -75,8 +75,9 @@ pub(super) struct Pin {
 ///
 /// In order: a query to port 53 may be answered here or go to `[dns]
 /// server`; the route is the pin's for its destination, else the rules';
-/// an outbound that refuses UDP refuses it; a DNS query through an
-/// outbound that carries DNS over TCP goes that way.
+/// a DNS query through an outbound that carries DNS over TCP goes that
+/// way (even if it refuses other UDP); an outbound that refuses UDP
+/// refuses the rest.
 pub(super) fn datagram(
     router: &Router,
     client: SocketAddr,
@@ -99,6 +100,15 @@ pub(super) fn datagram(
     };
     match carried(dst, choice) {
         Verdict::Forward { dst, choice } if dns_over_tcp(router, dst, &choice, payload) => {
+            Verdict::DnsOverTcp {
+                from: asked,
+                dst,
+                choice,
+            }
+        }
+        // An outbound that refuses UDP may still carry DNS over TCP (a
+        // shadowsocks server with `udp = false`).
+        Verdict::Refuse { dst, choice, .. } if dns_over_tcp(router, dst, &choice, payload) => {
             Verdict::DnsOverTcp {
                 from: asked,
                 dst,
@@ -253,7 +263,8 @@ mod tests {
 
     /// A router for a configuration: `direct` (`route.final`), `proxy`
     /// (SOCKS5, never dialed here), `web` (HTTP, TCP only), `deny`
-    /// (block), with `rules` (TOML) and `[dns]` keys `dns`.
+    /// (block), `ss` and `ss-tcp` (shadowsocks, the second with
+    /// `udp = false`), with `rules` (TOML) and `[dns]` keys `dns`.
     fn router(rules: &str, dns: &str) -> (Router, Option<Arc<Dns>>) {
         let text = format!(
             "listen = \"[::]:1090\"\n\
@@ -262,6 +273,10 @@ mod tests {
              [[outbounds]]\nname = \"tcp-proxy\"\ntype = \"socks5\"\nserver = \"203.0.113.3:1080\"\ndns_over_tcp = true\n\
              [[outbounds]]\nname = \"web\"\ntype = \"http\"\nserver = \"203.0.113.4:3128\"\n\
              [[outbounds]]\nname = \"deny\"\ntype = \"block\"\n\
+             [[outbounds]]\nname = \"ss\"\ntype = \"shadowsocks\"\nserver = \"203.0.113.5:8388\"\n\
+             method = \"aes-128-gcm\"\npassword = \"p\"\n\
+             [[outbounds]]\nname = \"ss-tcp\"\ntype = \"shadowsocks\"\nserver = \"203.0.113.6:8388\"\n\
+             method = \"aes-128-gcm\"\npassword = \"p\"\nudp = false\n\
              [route]\nfinal = \"direct\"\n{rules}\n{dns}\n\
              [firewall]\nbackend = \"none\"\n"
         );
@@ -550,6 +565,36 @@ mod tests {
         assert_eq!(
             decide(&r, "192.0.2.9:53", &q, None),
             "refuse 192.0.2.9:53 deny blocked"
+        );
+    }
+
+    /// A shadowsocks outbound carries UDP and DNS as UDP; with
+    /// `udp = false` it refuses UDP, but DNS through it goes over TCP.
+    #[test]
+    fn a_shadowsocks_outbound_without_udp_carries_dns_over_tcp() {
+        let rules =
+            rule("dst = [\"192.0.2.5/32\"]", "ss") + &rule("dst = [\"192.0.2.6/32\"]", "ss-tcp");
+        let (r, _) = router(&rules, "[dns]\nfilter_aaaa = false\n");
+        let q = query(7, "example.com", TYPE_A);
+        assert_eq!(
+            decide(&r, "192.0.2.5:53", &q, None),
+            "forward 192.0.2.5:53 ss"
+        );
+        assert_eq!(
+            decide(&r, "192.0.2.5:443", b"x", None),
+            "forward 192.0.2.5:443 ss"
+        );
+        assert_eq!(
+            decide(&r, "192.0.2.6:53", &q, None),
+            "dns-over-tcp 192.0.2.6:53 ss-tcp from 192.0.2.6:53"
+        );
+        assert_eq!(
+            decide(&r, "192.0.2.6:443", b"x", None),
+            "refuse 192.0.2.6:443 ss-tcp tcp-only"
+        );
+        assert_eq!(
+            decide(&r, "192.0.2.6:53", b"not a query", None),
+            "refuse 192.0.2.6:53 ss-tcp tcp-only"
         );
     }
 
