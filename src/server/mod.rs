@@ -5,10 +5,10 @@
 //! firewall set-up) knows the listeners exist before anything points
 //! traffic at them.
 
+use portable_atomic::AtomicU64;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
