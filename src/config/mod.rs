@@ -84,9 +84,8 @@ impl Features {
 }
 
 /// The advice after "built without the `X` feature".
-const FEATURE_HINT: &str = "as router builds made with --no-default-features are; \
-    run a build that has it (cargo build --release with default features; \
-    `tproxyd --version` lists a build's features)";
+const FEATURE_HINT: &str = "run a build that has it (cargo build --release with \
+    default features; `tproxyd --version` lists a build's features)";
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -323,7 +322,8 @@ impl RawConfig {
                 "api",
                 format!(
                     "this tproxyd was built without the `api` feature (Clash API, dashboard \
-                     and /metrics): remove [api], or {FEATURE_HINT}"
+                     and /metrics), as router builds made with --no-default-features are: \
+                     remove [api], or {FEATURE_HINT}"
                 ),
             );
         }
@@ -333,8 +333,9 @@ impl RawConfig {
                     issue(
                         &format!("route.rules[{i}].protocol"),
                         format!(
-                            "\"quic\" needs the `quic` feature (the QUIC sniffer) and this \
-                             tproxyd was built without it: drop \"quic\" from the rule, or \
+                            "\"quic\" needs the `quic` feature (the QUIC sniffer), and this \
+                             tproxyd was built without it, as router builds made with \
+                             --no-default-features are: drop \"quic\" from the rule, or \
                              {FEATURE_HINT}"
                         ),
                     );
