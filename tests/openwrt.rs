@@ -230,13 +230,19 @@ fn the_ipk_holds_what_opkg_expects() {
         .iter()
         .filter(|p| p.extension().is_some_and(|e| e == "ipk"))
         .collect();
+    let version = format!("{}-r1", env!("CARGO_PKG_VERSION"));
+    // tproxyd_VERSION_ARCH.ipk; ARCH has underscores of its own.
+    let arch_of = |p: &Path, prefix: &str, ext: &str| -> String {
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        name.strip_prefix(prefix)
+            .and_then(|n| n.strip_suffix(ext))
+            .unwrap_or_else(|| panic!("{name} is not {prefix}ARCH{ext}"))
+            .to_owned()
+    };
+    let ipk_prefix = format!("tproxyd_{version}_");
     let archs: BTreeSet<String> = ipks
         .iter()
-        .map(|p| {
-            let name = p.file_name().unwrap().to_string_lossy();
-            let stem = name.trim_end_matches(".ipk");
-            stem.rsplit('_').next().unwrap().to_owned()
-        })
+        .map(|p| arch_of(p, &ipk_prefix, ".ipk"))
         .collect();
     // The names `opkg print-architecture` prints on aarch64 routers.
     for a in [
@@ -246,15 +252,9 @@ fn the_ipk_holds_what_opkg_expects() {
     ] {
         assert!(archs.contains(a), "no {a} package in {archs:?}");
     }
-    let version = format!("{}-r1", env!("CARGO_PKG_VERSION"));
     for ipk in ipks {
         let name = ipk.file_name().unwrap().to_string_lossy().into_owned();
-        let arch = name
-            .trim_end_matches(".ipk")
-            .rsplit('_')
-            .next()
-            .unwrap()
-            .to_owned();
+        let arch = arch_of(ipk, &ipk_prefix, ".ipk");
         assert_eq!(name, format!("tproxyd_{version}_{arch}.ipk"));
         // Outer: a gzip'd tar (not ar) of three members.
         let magic = std::fs::read(ipk).unwrap();
@@ -373,38 +373,48 @@ fn the_ipk_holds_what_opkg_expects() {
         .iter()
         .filter(|p| p.extension().is_some_and(|e| e == "apk"))
         .collect();
-    let apk_tool = std::env::var("APK")
-        .unwrap_or_else(|_| "/var/cache/tproxyd-test/apk-tools/src/build/src/apk".to_owned());
-    if !Path::new(&apk_tool).exists() && !have(&["apk"], "the .apk check") {
+    // apk-tools v3 is not in Debian 12 and setup-test-deps can build it
+    // only where GitHub is reachable: without it the .apk is not written,
+    // and this part is skipped with a note even under CI (docs/openwrt.md).
+    let Some(tool) = apk_tool() else {
+        eprintln!("skipping the .apk checks: no apk-tools v3 (scripts/setup-test-deps builds it)");
         return;
-    }
+    };
     assert!(
-        !apks.is_empty() || !in_ci(),
+        !apks.is_empty(),
         "apk-tools is here but no .apk was written"
     );
-    check_apks(&apks, &version);
+    check_apks(&tool, &apks, &version);
 }
 
-fn check_apks(apks: &[&PathBuf], version: &str) {
-    let tool = std::env::var("APK").unwrap_or_else(|_| {
-        let built = "/var/cache/tproxyd-test/apk-tools/src/build/src/apk";
-        if Path::new(built).exists() {
-            built.to_owned()
-        } else {
-            "apk".to_owned()
-        }
-    });
+/// apk-tools v3 as scripts/build-openwrt finds it.
+fn apk_tool() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("APK") {
+        return Some(PathBuf::from(p));
+    }
+    let built = Path::new("/var/cache/tproxyd-test/apk-tools/src/build/src/apk");
+    if built.exists() {
+        return Some(built.to_owned());
+    }
+    Command::new("sh")
+        .args(["-c", "command -v apk"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(stdout(&o).trim()))
+}
+
+fn check_apks(tool: &Path, apks: &[&PathBuf], version: &str) {
     for apk in apks {
         let name = apk.file_name().unwrap().to_string_lossy().into_owned();
         let arch = name
-            .trim_end_matches(".apk")
-            .rsplit('_')
-            .next()
-            .unwrap()
+            .strip_prefix(&format!("tproxyd-{version}_"))
+            .and_then(|n| n.strip_suffix(".apk"))
+            .unwrap_or_else(|| panic!("{name} is not tproxyd-VERSION_ARCH.apk"))
             .to_owned();
         assert_eq!(name, format!("tproxyd-{version}_{arch}.apk"));
         // apk v3 is an ADB file ("ADB" magic, maybe zlib-wrapped), never a tar.gz.
-        let dump = stdout(&run(Command::new(&tool).arg("adbdump").arg(apk)));
+        let dump = stdout(&run(Command::new(tool).arg("adbdump").arg(apk)));
         for needle in [
             "name: tproxyd".to_owned(),
             format!("version: {version}"),
@@ -418,7 +428,7 @@ fn check_apks(apks: &[&PathBuf], version: &str) {
             assert!(dump.contains(&needle), "{needle:?} not in {name}:\n{dump}");
         }
         let dir = temp_dir(&format!("apk-{arch}"));
-        run(Command::new(&tool)
+        run(Command::new(tool)
             .args(["extract", "--allow-untrusted", "--destination"])
             .arg(&dir)
             .arg(apk));
