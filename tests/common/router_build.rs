@@ -51,8 +51,7 @@ pub fn static_binary(build: &str) -> Option<PathBuf> {
         let path = text
             .split_whitespace()
             .map(PathBuf::from)
-            .filter(|p| p.ends_with("tproxyd") && p.is_file())
-            .last();
+            .rfind(|p| p.ends_with("tproxyd") && p.is_file());
         if out.status.success() {
             if let Some(p) = path {
                 return Some(p);
