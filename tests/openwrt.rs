@@ -442,7 +442,94 @@ fn check_apks(tool: &Path, apks: &[&PathBuf], version: &str) {
         );
         assert!(dir.join("usr/sbin/tproxyd").is_file());
         let _ = std::fs::remove_dir_all(&dir);
+        apk_installs(tool, apk, &arch);
     }
+}
+
+/// `apk add` into an empty root whose /etc/apk/arch is `arch` (scripts
+/// off: they need OpenWrt's /lib/functions.sh), with empty stand-ins for
+/// the kmod dependencies (noarch): the files land, the conffiles are recorded, and a
+/// root of another architecture refuses the package.
+fn apk_installs(tool: &Path, apk: &Path, arch: &str) {
+    let dir = temp_dir(&format!("apk-add-{arch}"));
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let mut stubs = Vec::new();
+    for dep in [
+        "kmod-nft-tproxy",
+        "kmod-nft-socket",
+        "kmod-nft-nat",
+        "kmod-nft-fib",
+        "nftables",
+    ] {
+        let out = dir.join(format!("{dep}.apk"));
+        run(Command::new(tool)
+            .args([
+                "mkpkg",
+                "--info",
+                &format!("name:{dep}"),
+                "--info",
+                "version:1-r0",
+            ])
+            .args([
+                "--info",
+                &format!("arch:{arch}"),
+                "--info",
+                "description:stand-in",
+            ])
+            .arg("--files")
+            .arg(&empty)
+            .arg("--output")
+            .arg(&out));
+        stubs.push(out);
+    }
+    let add = |root: &Path, root_arch: &str| {
+        std::fs::create_dir_all(root.join("etc/apk")).unwrap();
+        std::fs::write(root.join("etc/apk/arch"), format!("{root_arch}\n")).unwrap();
+        Command::new(tool)
+            .arg("--root")
+            .arg(root)
+            .args([
+                "--initdb",
+                "--allow-untrusted",
+                "--no-scripts",
+                "--force-no-chroot",
+            ])
+            .args(["--no-network", "--no-cache", "add"])
+            .arg(apk)
+            .args(&stubs)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let root = dir.join("root");
+    let out = add(&root, arch);
+    assert!(
+        out.status.success(),
+        "apk add failed:\n{}{}",
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "usr/sbin/tproxyd",
+        "etc/init.d/tproxyd",
+        "etc/config/tproxyd",
+        "etc/tproxyd/tproxyd.toml",
+        "lib/apk/packages/tproxyd.conffiles",
+    ] {
+        assert!(root.join(f).is_file(), "apk add did not install /{f}");
+    }
+    let other = if arch == "x86_64" {
+        "aarch64_generic"
+    } else {
+        "x86_64"
+    };
+    let out = add(&dir.join("other"), other);
+    assert!(
+        !out.status.success(),
+        "apk installed an {arch} package on an {other} root"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The fw4 include parses where firewall4 puts it: inside `chain input`
