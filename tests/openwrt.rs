@@ -471,12 +471,7 @@ fn apk_installs(tool: &Path, apk: &Path, arch: &str) {
                 "--info",
                 "version:1-r0",
             ])
-            .args([
-                "--info",
-                &format!("arch:{arch}"),
-                "--info",
-                "description:stand-in",
-            ])
+            .args(["--info", "arch:noarch", "--info", "description:stand-in"])
             .arg("--files")
             .arg(&empty)
             .arg("--output")
