@@ -53,7 +53,11 @@ fn demo_in_qemu(arch: &str, qemu: &str) {
     ) {
         return;
     }
-    let cached = Path::new("/var/cache/tproxyd-test/qemu").exists();
+    let debarch = if arch == "aarch64" { "arm64" } else { arch };
+    let cached = Path::new("/var/cache/tproxyd-test/qemu")
+        .join(debarch)
+        .join("kver")
+        .exists();
     if !cached && !nix::unistd::geteuid().is_root() {
         let why = "the first qemu run fetches Debian packages with apt-get: run as root";
         assert!(!in_ci(), "{why}");
