@@ -3,11 +3,19 @@
 //! builds for any router target with `rustc` alone.
 //!
 //! ```text
-//! idle_flows serve ADDR            accept and hold every connection
-//! idle_flows connect ADDR N SECS   open N connections to ADDR, print
-//!                                  "connected N", hold them SECS seconds
+//! idle_flows serve ADDR            accept, answer one byte, hold
+//! idle_flows connect ADDR N SECS   open N connections to ADDR one after
+//!                                  the other, each with a byte there and
+//!                                  back, print "connected N", hold them
+//!                                  SECS seconds
 //! ```
+//!
+//! The byte there and back makes each flow whole end to end (tproxyd's
+//! upstream connection made) before the next starts, so the count held is
+//! the count measured, and the client never has more than one connect
+//! waiting on tproxyd's upstream (its per-client limit resets the rest).
 
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -16,7 +24,13 @@ fn serve(addr: SocketAddr) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr)?;
     let mut held = Vec::new();
     loop {
-        let (stream, _) = listener.accept()?;
+        let (mut stream, _) = listener.accept()?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut byte = [0u8; 1];
+        // A client that sends nothing is held all the same.
+        if stream.read_exact(&mut byte).is_ok() {
+            let _ = stream.write_all(&byte);
+        }
         held.push(stream);
     }
 }
@@ -24,8 +38,15 @@ fn serve(addr: SocketAddr) -> std::io::Result<()> {
 fn connect(addr: SocketAddr, n: usize, secs: u64) -> std::io::Result<()> {
     let mut held = Vec::with_capacity(n);
     for i in 0..n {
-        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-            .map_err(|e| std::io::Error::new(e.kind(), format!("flow {i}: {e}")))?;
+        let flow = |e: std::io::Error| std::io::Error::new(e.kind(), format!("flow {i}: {e}"));
+        let mut stream =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(flow)?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(flow)?;
+        stream.write_all(b"x").map_err(flow)?;
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).map_err(flow)?;
         held.push(stream);
     }
     println!("connected {}", held.len());
