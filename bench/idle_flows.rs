@@ -57,7 +57,7 @@ fn connect(addr: SocketAddr, n: usize, secs: u64) -> std::io::Result<()> {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let parsed = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
-        ["serve", addr] => addr.parse().map(|a| serve(a)),
+        ["serve", addr] => addr.parse().map(serve),
         ["connect", addr, n, secs] => match (n.parse(), secs.parse()) {
             (Ok(n), Ok(secs)) => addr.parse().map(|a| connect(a, n, secs)),
             _ => {
