@@ -20,6 +20,7 @@
 #![deny(unsafe_code)]
 
 pub mod addr;
+#[cfg(feature = "api")]
 pub mod api;
 pub mod cidr;
 pub mod config;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 mod demo;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::net::SocketAddr;
 
 use tproxyd::cidr::Cidr;
@@ -339,17 +339,19 @@ fn init_logging(verbose: bool) {
     use tracing_subscriber::util::SubscriberInitExt as _;
     // The API's /logs stream sees what stderr sees, at the same level:
     // asking it for debug lines does not make the data path log more.
+    #[cfg(feature = "api")]
     tproxyd::api::logs::hub().set_level(level);
-    tracing_subscriber::registry()
+    let logs = tracing_subscriber::registry()
         .with(tracing_subscriber::filter::LevelFilter::from_level(level))
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
                 .with_ansi(false)
                 .with_target(false),
-        )
-        .with(tproxyd::api::logs::Layer)
-        .init();
+        );
+    #[cfg(feature = "api")]
+    let logs = logs.with(tproxyd::api::logs::Layer);
+    logs.init();
 }
 
 /// Waits for SIGTERM or SIGINT (Ctrl-C); SIGHUP asks for a reload
@@ -572,8 +574,34 @@ fn doctor(args: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `tproxyd --version`: the version and the optional features this build
+/// has, since a router build may leave some out
+/// (docs/configuration.md#build-features).
+fn version_line() -> String {
+    let features: Vec<&str> = [
+        ("api", cfg!(feature = "api")),
+        ("metrics", cfg!(feature = "metrics")),
+        ("quic", cfg!(feature = "quic")),
+    ]
+    .into_iter()
+    .filter_map(|(name, on)| on.then_some(name))
+    .collect();
+    let features = if features.is_empty() {
+        "none".to_string()
+    } else {
+        features.join(" ")
+    };
+    format!("{} (features: {features})", env!("CARGO_PKG_VERSION"))
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Leaked once: clap keeps a 'static version string.
+    let version: &'static str = Box::leak(version_line().into_boxed_str());
+    let matches = Cli::command().version(version).get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let result = match cli.command {
         Command::Run { args, user } => run(args, user),
         Command::Rules { action, args } => rules(action, args),

@@ -7,7 +7,9 @@
 //! line through per interval and counts the ones it held back, so the
 //! next line can say how many there were.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
+
+use portable_atomic::AtomicU64;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 

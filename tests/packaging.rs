@@ -146,7 +146,11 @@ fn assert_binary_works(bin: &Path, config: &Path) {
     let version = stdout(&run(Command::new(bin).arg("--version")));
     assert_eq!(
         version.trim(),
-        format!("tproxyd {}", env!("CARGO_PKG_VERSION"))
+        // The .deb is a default build: every optional feature.
+        format!(
+            "tproxyd {} (features: api metrics quic)",
+            env!("CARGO_PKG_VERSION")
+        )
     );
     let check = run(Command::new(bin)
         .arg("check")

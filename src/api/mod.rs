@@ -15,7 +15,10 @@
 
 mod clash;
 pub mod logs;
+#[cfg(feature = "metrics")]
 mod metrics;
+#[cfg(feature = "metrics")]
+use metrics::scrape;
 mod streams;
 mod ui;
 
@@ -61,6 +64,7 @@ pub struct ApiState {
     live: Arc<Live>,
     /// outbound name → its last delay tests.
     history: Mutex<HashMap<String, VecDeque<DelayRecord>>>,
+    #[cfg(feature = "metrics")]
     metrics: prometheus_client::registry::Registry,
     /// Turns true when the server stops: streams end by themselves then
     /// (their connections outlive the accept loop).
@@ -73,11 +77,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl ApiState {
     pub fn new(live: Arc<Live>, stop: watch::Receiver<bool>) -> Arc<ApiState> {
-        let mut metrics = prometheus_client::registry::Registry::with_prefix("tproxyd");
-        metrics.register_collector(Box::new(metrics::Collector::new(Arc::clone(&live))));
+        #[cfg(feature = "metrics")]
+        let metrics = {
+            let mut registry = prometheus_client::registry::Registry::with_prefix("tproxyd");
+            registry.register_collector(Box::new(metrics::Collector::new(Arc::clone(&live))));
+            registry
+        };
         Arc::new(ApiState {
             live,
             history: Mutex::default(),
+            #[cfg(feature = "metrics")]
             metrics,
             stop,
         })
@@ -145,7 +154,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/traffic", get(streams::traffic))
         .route("/memory", get(streams::memory))
         .route("/logs", get(streams::logs))
-        .route("/metrics", get(metrics::scrape))
+        .route("/metrics", get(scrape))
         // route_layer: only matched routes ask for the token, so an
         // unknown path is a quick 404 whatever it carries.
         .route_layer(middleware::from_fn_with_state(Arc::clone(&state), auth));
@@ -159,6 +168,17 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(cors))
         .with_state(state)
+}
+
+/// `/metrics` in a build without the `metrics` feature: a scraper (or
+/// whoever set it up) learns why, instead of a bare 404.
+#[cfg(not(feature = "metrics"))]
+async fn scrape() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "this tproxyd was built without the `metrics` feature: /metrics is not served \
+         (a full build has it: cargo build --release, default features)",
+    )
 }
 
 /// Serves the API on `listener` until `stop` turns true.

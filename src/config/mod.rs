@@ -62,6 +62,32 @@ impl fmt::Display for Mode {
     }
 }
 
+/// The optional parts of tproxyd (Cargo.toml's `[features]`) that a
+/// config can ask for: a router build may leave them out, and a config
+/// that names one it lacks is refused rather than half-run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Features {
+    /// `api`: `[api]`, the Clash API and the dashboard (`metrics` adds
+    /// /metrics on the same listener; a build without it answers 404
+    /// saying so, and needs no key of its own).
+    pub api: bool,
+    /// `quic`: the QUIC Initial sniffer behind `protocol = "quic"`.
+    pub quic: bool,
+}
+
+impl Features {
+    /// What this binary was built with.
+    pub const BUILT: Features = Features {
+        api: cfg!(feature = "api"),
+        quic: cfg!(feature = "quic"),
+    };
+}
+
+/// The advice after "built without the `X` feature".
+const FEATURE_HINT: &str = "as router builds made with --no-default-features are; \
+    run a build that has it (cargo build --release with default features; \
+    `tproxyd --version` lists a build's features)";
+
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -261,6 +287,7 @@ impl RawConfig {
         }
 
         let api = self.api.as_ref().map(|raw| validate_api(raw, &mut issue));
+        self.check_features(Features::BUILT, &mut issue);
 
         match listen {
             Some(listen) if issues.is_empty() => Ok(Config {
@@ -287,6 +314,35 @@ impl RawConfig {
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 impl RawConfig {
+    /// Refuses what this build cannot do: `[api]` without the `api`
+    /// feature, `protocol = "quic"` without `quic` (nothing would ever be
+    /// QUIC, so the rule would silently never match).
+    fn check_features(&self, built: Features, issue: &mut dyn FnMut(&str, String)) {
+        if self.api.is_some() && !built.api {
+            issue(
+                "api",
+                format!(
+                    "this tproxyd was built without the `api` feature (Clash API, dashboard \
+                     and /metrics): remove [api], or {FEATURE_HINT}"
+                ),
+            );
+        }
+        if !built.quic {
+            for (i, rule) in self.route.rules.iter().enumerate() {
+                if rule.protocol.contains(&SniffProtocol::Quic) {
+                    issue(
+                        &format!("route.rules[{i}].protocol"),
+                        format!(
+                            "\"quic\" needs the `quic` feature (the QUIC sniffer) and this \
+                             tproxyd was built without it: drop \"quic\" from the rule, or \
+                             {FEATURE_HINT}"
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
     /// The named outbounds (from `[outbound]` or `[[outbounds]]`) and the
     /// route, with every name a rule, a group or `route.final` uses checked
     /// against them.
@@ -382,6 +438,52 @@ mod tests {
 
     pub(super) fn no_env(_: &str) -> Option<String> {
         None
+    }
+
+    #[test]
+    fn a_build_without_a_feature_refuses_the_config_that_needs_it() {
+        let text = "[outbound]\ntype = \"direct\"\n[firewall]\nbackend = \"none\"\n[api]\n\
+                    [[route.rules]]\nprotocol = [\"tls\", \"quic\"]\noutbound = \"direct\"\n";
+        let raw = RawConfig::from_toml(text, "t").unwrap();
+        let issues = |built| {
+            let mut found = Vec::new();
+            raw.check_features(built, &mut |key: &str, message: String| {
+                found.push((key.to_string(), message));
+            });
+            found
+        };
+        let full = Features {
+            api: true,
+            quic: true,
+        };
+        assert_eq!(issues(full), []);
+        let minimal = issues(Features {
+            api: false,
+            quic: false,
+        });
+        assert_eq!(minimal.len(), 2, "{minimal:?}");
+        assert_eq!(minimal[0].0, "api");
+        assert!(minimal[0].1.contains("built without the `api` feature"));
+        assert!(minimal[0].1.contains("remove [api]"));
+        assert_eq!(minimal[1].0, "route.rules[0].protocol");
+        assert!(minimal[1].1.contains("needs the `quic` feature"));
+        // A config that asks for neither passes a minimal build.
+        let plain = RawConfig::from_toml("[outbound]\ntype = \"direct\"\n", "t").unwrap();
+        let mut none = Vec::new();
+        plain.check_features(
+            Features {
+                api: false,
+                quic: false,
+            },
+            &mut |key: &str, _| none.push(key.to_string()),
+        );
+        assert!(none.is_empty(), "{none:?}");
+        // And this build checks with what it was built with.
+        assert_eq!(
+            Features::BUILT,
+            full,
+            "the tests run with the default features"
+        );
     }
 
     /// Most tests are not about the firewall: switch it off.

@@ -24,7 +24,9 @@ pub mod tcp;
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
+
+use portable_atomic::AtomicU64;
 
 use arc_swap::ArcSwap;
 use std::sync::{Arc, Mutex, MutexGuard};

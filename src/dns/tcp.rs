@@ -204,7 +204,7 @@ pub struct Pool {
     resolver: std::net::SocketAddr,
     state: Mutex<PoolState>,
     /// Connections opened so far (for the tests and the log).
-    opened: std::sync::atomic::AtomicU64,
+    opened: portable_atomic::AtomicU64,
 }
 
 impl Pool {
@@ -220,7 +220,7 @@ impl Pool {
                     .map_or(1, |d| d.subsec_nanos() as u16),
                 ..PoolState::default()
             }),
-            opened: std::sync::atomic::AtomicU64::new(0),
+            opened: portable_atomic::AtomicU64::new(0),
         })
     }
 

@@ -33,7 +33,7 @@ pub struct TcpContext {
     pub router: Router,
     /// The idle timeout in milliseconds: a reload changes it for flows
     /// that start from then on.
-    pub idle_ms: std::sync::atomic::AtomicU64,
+    pub idle_ms: portable_atomic::AtomicU64,
     pub admission: Arc<Admission>,
     pub registry: Arc<Registry>,
 }

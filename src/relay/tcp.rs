@@ -9,7 +9,9 @@
 //! closed, so no half-dead connection lingers in CLOSE-WAIT.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
+
+use portable_atomic::AtomicU64;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 

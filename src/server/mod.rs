@@ -5,10 +5,10 @@
 //! firewall set-up) knows the listeners exist before anything points
 //! traffic at them.
 
+use portable_atomic::AtomicU64;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -415,6 +415,11 @@ impl Server {
         // The API stops with the server: the accept loop is aborted with
         // the other tasks, and its streams end when `api_stop` turns.
         let (api_stop, api_stopped) = tokio::sync::watch::channel(false);
+        #[cfg(not(feature = "api"))]
+        // Config::validate refuses `[api]` in a build without the API, so
+        // there is never a listener here.
+        let _ = (self.api, api_stopped);
+        #[cfg(feature = "api")]
         if let Some(listener) = self.api {
             let serving = crate::api::serve(listener, Arc::clone(&live), api_stopped);
             tasks.spawn(async move {

@@ -17,6 +17,7 @@
 //! proof of the destination.
 
 pub mod http;
+#[cfg(feature = "quic")]
 pub mod quic;
 pub mod tls;
 

@@ -22,14 +22,19 @@
 
 use std::net::SocketAddr;
 
-use crate::config::{Network, SniffProtocol};
+use crate::config::Network;
+#[cfg(feature = "quic")]
+use crate::config::SniffProtocol;
 use crate::dns::{message, Query, PORT};
 use crate::outbound::OutboundError;
+#[cfg(feature = "quic")]
 use crate::policy::sniff::quic::QuicAnswer;
+#[cfg(feature = "quic")]
 use crate::policy::sniff::Sniffed;
 use crate::policy::{Choice, FlowMeta};
 use crate::route::{Decision, Router};
 
+#[cfg(feature = "quic")]
 use super::hold::{HOLD_BYTES, HOLD_DATAGRAMS, MAX_HOLDS};
 
 /// What the relay does with one datagram.
@@ -170,6 +175,7 @@ fn is_dns_query(payload: &[u8]) -> bool {
 /// What the QUIC hold does with the first datagram of a client with no
 /// session yet, once it looked like an Initial and was given to a new
 /// sniffer (`answer`), while `held_flows` are held.
+#[cfg(feature = "quic")]
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Opening {
     /// Not an Initial that opens: the usual path, by address.
@@ -183,6 +189,7 @@ pub(super) enum Opening {
     OverLimit,
 }
 
+#[cfg(feature = "quic")]
 pub(super) fn opening(answer: QuicAnswer, held_flows: usize) -> Opening {
     match answer {
         QuicAnswer::NotQuic => Opening::ByAddress,
@@ -192,12 +199,14 @@ pub(super) fn opening(answer: QuicAnswer, held_flows: usize) -> Opening {
     }
 }
 
+#[cfg(feature = "quic")]
 /// Whether a held flow is released now: the sniff ended, or the hold
 /// reached its bounds (`datagrams` and payload `bytes` held).
 pub(super) fn release_now(answer: &QuicAnswer, datagrams: usize, bytes: usize) -> bool {
     *answer != QuicAnswer::NeedMore || datagrams >= HOLD_DATAGRAMS || bytes >= HOLD_BYTES
 }
 
+#[cfg(feature = "quic")]
 /// What a released flow is routed as: what the sniff found, or QUIC
 /// without a name when it ended before the sniff did (its first Initial
 /// opened).
@@ -212,6 +221,7 @@ pub(super) fn sniffed_of(answer: QuicAnswer) -> Option<Sniffed> {
     }
 }
 
+#[cfg(feature = "quic")]
 /// The route of a released QUIC flow, decided once with its name and
 /// protocol; None for a flow to tproxyd's own listener (the usual path
 /// would refuse each of its datagrams).

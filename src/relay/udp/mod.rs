@@ -30,7 +30,9 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
+
+use portable_atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -52,6 +54,7 @@ use crate::sys;
 mod backoff;
 mod decide;
 mod dns;
+#[cfg(feature = "quic")]
 mod hold;
 mod replies;
 mod runs;
@@ -61,6 +64,7 @@ mod upstream;
 
 use backoff::{Backoff, Permit, Refusal};
 use decide::Verdict;
+#[cfg(feature = "quic")]
 pub use hold::HoldStats;
 pub use replies::ReplySockets;
 use runs::{refuse_segments, SEGMENTS_REFUSED};
@@ -133,6 +137,7 @@ pub struct UdpRelay {
     registry: Arc<Registry>,
     warnings: Warnings,
     /// New QUIC flows waiting for their name (see `hold.rs`).
+    #[cfg(feature = "quic")]
     holds: hold::Holds,
 }
 
@@ -173,6 +178,7 @@ impl UdpRelay {
             outbounds: Mutex::default(),
             registry,
             warnings: Warnings::default(),
+            #[cfg(feature = "quic")]
             holds: hold::Holds::new(router.policy().wants_sniffing()),
             router,
         })
@@ -199,6 +205,7 @@ impl UdpRelay {
     /// has (sessions still on them keep their own upstreams), and holds
     /// new QUIC flows for their name only if the new rules look at names.
     pub fn policy_changed(&self, policy: &crate::policy::Policy) {
+        #[cfg(feature = "quic")]
         self.holds.set_enabled(policy.wants_sniffing());
         let keys: std::collections::HashSet<u32> =
             policy.outbounds().iter().map(|n| n.key).collect();
@@ -248,6 +255,7 @@ impl UdpRelay {
     /// none for it yet.
     pub fn dispatch(self: &Arc<Self>, client: SocketAddr, asked: SocketAddr, buf: &mut [u8]) {
         // A new flow starting with a QUIC Initial may wait for its name.
+        #[cfg(feature = "quic")]
         if self.holds.enabled() && hold::intercept(self, client, asked, buf) {
             return;
         }
