@@ -1,8 +1,7 @@
-//! The static router build the OpenWrt and qemu tests use: scripts/build-router's
-//! when that script exists, else `cargo build` for the musl target with
-//! rust-lld (aarch64 and x86_64 only: rustup ships their std and CRT).
-//! That build locks target/release and target/TRIPLE/release, not the
-//! target/debug that `cargo test` holds.
+//! The static router builds the OpenWrt and qemu tests use, from
+//! scripts/build-router (a stable build locks target/release and
+//! target/TRIPLE/release, a -Zbuild-std one target/router/cargo-nightly:
+//! never the target/debug that `cargo test` holds).
 
 #![allow(dead_code)]
 
@@ -36,75 +35,41 @@ pub fn have(tools: &[&str], why: &str) -> bool {
     false
 }
 
-/// The static tproxyd for `build` (aarch64, mipsel, …), or None when it
-/// cannot be built here (outside CI only; in CI that fails).
+/// The static tproxyd for `build` (aarch64, mipsel, …) from
+/// `scripts/build-router TRIPLE`, or None when it cannot be built here
+/// (outside CI only; in CI that fails).
 pub fn static_binary(build: &str) -> Option<PathBuf> {
     let root = Path::new(ROOT);
-    let script = root.join("scripts/build-router");
-    if script.exists() {
-        let out = Command::new(&script)
-            .arg(build)
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run scripts/build-router");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let path = text
-            .split_whitespace()
-            .map(PathBuf::from)
-            .rfind(|p| p.ends_with("tproxyd") && p.is_file());
-        if out.status.success() {
-            if let Some(p) = path {
-                return Some(p);
-            }
-        }
-        let why = format!("scripts/build-router {build} gave no binary:\n{text}");
-        assert!(!in_ci(), "{why}");
-        eprintln!("skipping: {why}");
-        return None;
-    }
     let triple = match build {
         "aarch64" => "aarch64-unknown-linux-musl",
         "x86_64" => "x86_64-unknown-linux-musl",
-        other => {
-            let why = format!("no scripts/build-router, and {other} needs it");
+        "armv7" => "armv7-unknown-linux-musleabihf",
+        "mipsel" => "mipsel-unknown-linux-musl",
+        "mips" => "mips-unknown-linux-musl",
+        other => panic!("no router build named {other}"),
+    };
+    // It prints "PATH<TAB>SIZE…<TAB>CHECKS" and exits non-zero when a check
+    // fails; --no-smoke: the binary is run under qemu-system by the tests.
+    let out = Command::new(root.join("scripts/build-router"))
+        .args(["--no-smoke", triple])
+        .current_dir(root)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run scripts/build-router");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let path = text
+        .lines()
+        .filter_map(|l| l.split('\t').next())
+        .map(|p| root.join(p))
+        .rfind(|p| p.is_file());
+    match path {
+        Some(p) if out.status.success() => Some(p),
+        _ => {
+            let why = format!("scripts/build-router {triple} gave no binary:\n{text}");
             assert!(!in_ci(), "{why}");
             eprintln!("skipping: {why}");
-            return None;
+            None
         }
-    };
-    let installed = Command::new("rustup")
-        .args(["target", "list", "--installed"])
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .any(|l| l == triple)
-        })
-        .unwrap_or(false);
-    if !installed {
-        let why = format!("rustup target add {triple}");
-        assert!(!in_ci(), "{why} (scripts/setup-test-deps does it)");
-        eprintln!("skipping: {why} first");
-        return None;
     }
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "--bin",
-            "tproxyd",
-            "--target",
-            triple,
-        ])
-        .current_dir(root)
-        .env("RUSTFLAGS", "-C linker=rust-lld")
-        .stdin(Stdio::null())
-        .status()
-        .expect("run cargo build");
-    assert!(status.success(), "cargo build for {triple} failed");
-    Some(dir.join(triple).join("release/tproxyd"))
 }
