@@ -1,6 +1,7 @@
 //! tproxyd on a router's CPU *and kernel*: scripts/qemu-router boots
-//! Debian 12's own arm64 kernel in qemu-system (TCG) with an initramfs
-//! holding the static aarch64 tproxyd, busybox, ip and nft, and runs
+//! Debian 12's own arm64 and 4kc-malta (mipsel) kernels in qemu-system
+//! (TCG) with an initramfs holding the static tproxyd for that CPU,
+//! busybox, ip and nft, and runs
 //! `tproxyd demo` there: TCP and UDP over IPv4 and IPv6 through tproxyd's
 //! own TPROXY rules, which it must remove at stop; then `tproxyd rules
 //! remove` after a SIGKILL (the OpenWrt init script's fallback). qemu-user cannot do
@@ -106,4 +107,12 @@ fn demo_in_qemu(arch: &str, qemu: &str) {
 #[test]
 fn the_demo_passes_on_debian_arm64_kernel() {
     demo_in_qemu("aarch64", "qemu-system-aarch64");
+}
+
+/// The same on Debian's 4kc-malta kernel (32-bit little-endian MIPS, as in
+/// MT7621 routers), with the soft-float mipsel build (no native 64-bit
+/// atomics: portable-atomic's fallback).
+#[test]
+fn the_demo_passes_on_debian_mipsel_kernel() {
+    demo_in_qemu("mipsel", "qemu-system-mipsel");
 }
