@@ -629,6 +629,7 @@ fn version_line() -> String {
         ("api", cfg!(feature = "api")),
         ("metrics", cfg!(feature = "metrics")),
         ("quic", cfg!(feature = "quic")),
+        ("dns-tls", cfg!(feature = "dns-tls")),
     ]
     .into_iter()
     .filter_map(|(name, on)| on.then_some(name))

@@ -25,7 +25,10 @@ mod route;
 
 use api::validate_api;
 pub use api::{ApiConfig, RawApi, Secret, DEFAULT_API_LISTEN};
-pub use dns::{DnsConfig, RawDns};
+pub use dns::{
+    DnsAction, DnsCache, DnsConfig, DnsRule, DnsServer, Endpoint, FakeIp, Host, QueryType, RawDns,
+    Reject, ServerAddress, DEFAULT_FAKE_IP_STORE,
+};
 use error::parse_error_message;
 pub use error::{ConfigError, ConfigIssue};
 pub use firewall::{
@@ -73,6 +76,9 @@ pub struct Features {
     pub api: bool,
     /// `quic`: the QUIC Initial sniffer behind `protocol = "quic"`.
     pub quic: bool,
+    /// `dns-tls`: DNS over TLS and HTTPS resolvers (rustls with ring, the
+    /// one part of tproxyd that compiles C).
+    pub dns_tls: bool,
 }
 
 impl Features {
@@ -80,6 +86,7 @@ impl Features {
     pub const BUILT: Features = Features {
         api: cfg!(feature = "api"),
         quic: cfg!(feature = "quic"),
+        dns_tls: cfg!(feature = "dns-tls"),
     };
 }
 
@@ -263,7 +270,10 @@ impl RawConfig {
         let limits = self.limits.validate(&mut issue);
 
         let firewall = self.firewall.validate(mark, mode, tcp, udp, &mut issue);
-        let dns = self.dns.validate(udp, &mut issue);
+        let outbound_names: Vec<&str> = outbounds.iter().map(|o| o.name.as_str()).collect();
+        let dns = self
+            .dns
+            .validate(udp, tcp, &outbound_names, &route.rule_sets, &mut issue);
         check_bypass_rule_sets(&firewall, &outbounds, &route, &mut issue);
         // REDIRECT rewrites the destination to the address of the interface
         // the packet came in on: only a wildcard listener is found there.
@@ -338,6 +348,20 @@ impl RawConfig {
                              --no-default-features are: drop \"quic\" from the rule, or \
                              {FEATURE_HINT}"
                         ),
+                    );
+                }
+            }
+        }
+        if !built.dns_tls {
+            for (i, server) in self.dns.servers.iter().enumerate() {
+                if server.address.needs_tls() {
+                    issue(
+                        &format!("dns.servers[{i}].address"),
+                        "tls:// and https:// resolvers need the `dns-tls` feature (rustls \
+                             with ring), and this tproxyd was built without it: use udp:// or \
+                             tcp:// through a proxy outbound, or build with \
+                             --features dns-tls"
+                            .into(),
                     );
                 }
             }
@@ -456,11 +480,13 @@ mod tests {
         let full = Features {
             api: true,
             quic: true,
+            dns_tls: false,
         };
         assert_eq!(issues(full), []);
         let minimal = issues(Features {
             api: false,
             quic: false,
+            dns_tls: false,
         });
         assert_eq!(minimal.len(), 2, "{minimal:?}");
         assert_eq!(minimal[0].0, "api");
@@ -475,6 +501,7 @@ mod tests {
             Features {
                 api: false,
                 quic: false,
+                dns_tls: false,
             },
             &mut |key: &str, _| none.push(key.to_string()),
         );
