@@ -81,6 +81,7 @@ pub struct DnsStats {
     pub tcp_answered: AtomicU64,
     pub tcp_servfail: AtomicU64,
     pub names_learned: AtomicU64,
+    pub cache_flushes: AtomicU64,
 }
 
 /// What the configuration says; a reload replaces it whole.
@@ -188,7 +189,9 @@ impl Dns {
     /// Empties the DNS cache (the API, a reload that changed servers).
     /// CACHE SEAM: a no-op until helper A's `dns::cache` is plugged into
     /// the resolver; then this calls its `flush()`.
-    pub fn flush_cache(&self) {}
+    pub fn flush_cache(&self) {
+        self.stats.cache_flushes.fetch_add(1, Ordering::Relaxed);
+    }
 
     /// Whether tproxyd answers queries itself (named resolvers).
     pub fn answers(&self) -> bool {
