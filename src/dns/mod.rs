@@ -55,6 +55,9 @@ const UDP_UNKNOWN: u8 = 0;
 const UDP_WORKS: u8 = 1;
 const UDP_REFUSED: u8 = 2;
 
+/// Queries the named resolvers may work on at once.
+pub const MAX_RESOLVING: usize = 4096;
+
 /// Hijacked queries waiting for their answer, remembered by (client, id)
 /// to answer from the address asked; bounded, and forgotten after this.
 const HIJACK_CAP: usize = 16_384;
@@ -116,6 +119,8 @@ pub struct Dns {
     udp: Mutex<HashMap<u32, u8>>,
     hijacked: Mutex<HashMap<(SocketAddr, u16), (SocketAddr, Instant)>>,
     pools: Arc<Pools>,
+    /// Queries the named resolvers are working on now (bounded).
+    resolving: std::sync::atomic::AtomicUsize,
     pub stats: DnsStats,
     servfail_warning: RateLimit,
 }
@@ -143,6 +148,7 @@ impl Dns {
             udp: Mutex::new(HashMap::new()),
             hijacked: Mutex::new(HashMap::new()),
             pools: Arc::new(Pools::default()),
+            resolving: std::sync::atomic::AtomicUsize::new(0),
             stats: DnsStats::default(),
             servfail_warning: RateLimit::default(),
         };
@@ -201,12 +207,35 @@ impl Dns {
     /// The answer of the named resolvers to `query` from `client` (see
     /// [`Resolver::resolve`]); None when none are configured or `query` is
     /// no DNS query.
+    ///
+    /// At most [`MAX_RESOLVING`] at once: beyond that (a flood, or every
+    /// server silent) a query is answered SERVFAIL at once rather than
+    /// piling up tasks that each wait out their timeout.
     pub async fn resolve(&self, query: &[u8], client: SocketAddr) -> Option<Vec<u8>> {
         let resolver = self.resolver.load_full();
-        match resolver.as_ref() {
-            Some(r) => r.resolve(query, client).await,
-            None => None,
+        let r = resolver.as_ref().as_ref()?;
+        if self.resolving.fetch_add(1, Ordering::Relaxed) >= MAX_RESOLVING {
+            self.resolving.fetch_sub(1, Ordering::Relaxed);
+            if let Some(n) = self.servfail_warning.check() {
+                warn!(
+                    "DNS: {MAX_RESOLVING} queries waiting for their servers; answered SERVFAIL{}",
+                    crate::ratelimit::held_back(n)
+                );
+            }
+            return message::Header::parse(query)
+                .ok()
+                .filter(|h| !h.is_response())
+                .and_then(|_| message::servfail(query).ok());
         }
+        // Counted down even if the caller drops this future midway.
+        struct Done<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        let _done = Done(&self.resolving);
+        r.resolve(query, client).await
     }
 
     /// The name last learned for `ip`, while its TTL lasts; None when
@@ -461,6 +490,23 @@ mod tests {
             d.on_query(client, sa("8.8.8.8:53"), &q),
             Query::Forward(sa("198.51.100.53:53"))
         );
+    }
+
+    #[tokio::test]
+    async fn beyond_the_bound_queries_get_servfail_at_once() {
+        let d = dns("[dns]\n[[dns.servers]]\nname = \"isp\"\naddress = \"udp://192.0.2.53\"\n");
+        d.resolving
+            .store(MAX_RESOLVING, std::sync::atomic::Ordering::Relaxed);
+        let q = query(8, "a.example", TYPE_A);
+        let a = d.resolve(&q, sa("192.0.2.2:5000")).await.unwrap();
+        let h = Header::parse(&a).unwrap();
+        assert_eq!((h.id, h.rcode()), (8, message::RCODE_SERVFAIL));
+        assert_eq!(
+            d.resolving.load(std::sync::atomic::Ordering::Relaxed),
+            MAX_RESOLVING
+        );
+        // Not a query: nothing.
+        assert_eq!(d.resolve(b"junk", sa("192.0.2.2:5000")).await, None);
     }
 
     #[test]
