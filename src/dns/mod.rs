@@ -20,6 +20,8 @@
 
 pub mod message;
 pub mod names;
+pub mod resolver;
+pub mod rules;
 pub mod tcp;
 
 use std::collections::{HashMap, HashSet};
@@ -39,6 +41,7 @@ use crate::outbound::{DnsTransport, Failure, Outbound, OutboundError};
 use crate::policy::Policy;
 use crate::ratelimit::RateLimit;
 use names::Names;
+use resolver::{PoolTransport, Resolver};
 use tcp::{ExchangeError, Pools};
 
 /// The DNS port: only datagrams to it are looked at.
@@ -52,6 +55,9 @@ const UDP_UNKNOWN: u8 = 0;
 const UDP_WORKS: u8 = 1;
 const UDP_REFUSED: u8 = 2;
 
+/// Queries the named resolvers may work on at once.
+pub const MAX_RESOLVING: usize = 4096;
+
 /// Hijacked queries waiting for their answer, remembered by (client, id)
 /// to answer from the address asked; bounded, and forgotten after this.
 const HIJACK_CAP: usize = 16_384;
@@ -64,6 +70,9 @@ pub enum Query {
     Forward(SocketAddr),
     /// Answered here: send this back to the client from the address asked.
     Answer(Vec<u8>),
+    /// Answered by the named resolvers ([`Dns::resolve`]): the answer goes
+    /// back to the client from the address asked.
+    Resolve,
 }
 
 /// Counters (for the log and the tests).
@@ -75,6 +84,7 @@ pub struct DnsStats {
     pub tcp_answered: AtomicU64,
     pub tcp_servfail: AtomicU64,
     pub names_learned: AtomicU64,
+    pub cache_flushes: AtomicU64,
 }
 
 /// What the configuration says; a reload replaces it whole.
@@ -99,13 +109,18 @@ impl Settings {
 
 pub struct Dns {
     settings: ArcSwap<Settings>,
+    /// The named resolvers' engine, when `[[dns.servers]]` are set;
+    /// rebuilt by every reload.
+    resolver: ArcSwap<Option<Resolver>>,
     /// Learned names; empty while no rule looks at domains.
-    names: Names,
+    names: Arc<Names>,
     /// Per outbound (by key): what its SOCKS5 server did with UDP
     /// ASSOCIATE. Looked at per query, not per datagram of other flows.
     udp: Mutex<HashMap<u32, u8>>,
     hijacked: Mutex<HashMap<(SocketAddr, u16), (SocketAddr, Instant)>>,
-    pools: Pools,
+    pools: Arc<Pools>,
+    /// Queries the named resolvers are working on now (bounded).
+    resolving: std::sync::atomic::AtomicUsize,
     pub stats: DnsStats,
     servfail_warning: RateLimit,
 }
@@ -125,29 +140,102 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Dns {
     /// From the config and the policy built from it.
-    pub fn new(cfg: &Config, policy: &Policy) -> Dns {
-        Dns {
+    pub fn new(cfg: &Config, policy: &Arc<Policy>) -> Dns {
+        let dns = Dns {
             settings: ArcSwap::from_pointee(Settings::new(cfg, policy)),
-            names: Names::new(names::DEFAULT_CAPACITY),
+            resolver: ArcSwap::from_pointee(None),
+            names: Arc::new(Names::new(names::DEFAULT_CAPACITY)),
             udp: Mutex::new(HashMap::new()),
             hijacked: Mutex::new(HashMap::new()),
-            pools: Pools::default(),
+            pools: Arc::new(Pools::default()),
+            resolving: std::sync::atomic::AtomicUsize::new(0),
             stats: DnsStats::default(),
             servfail_warning: RateLimit::default(),
-        }
+        };
+        dns.resolver
+            .store(Arc::new(dns.build_resolver(cfg, policy)));
+        dns
+    }
+
+    fn build_resolver(&self, cfg: &Config, policy: &Arc<Policy>) -> Option<Resolver> {
+        cfg.dns.answers().then(|| {
+            let names = policy.wants_domains().then(|| Arc::clone(&self.names));
+            let transport = PoolTransport::new(cfg, Arc::clone(&self.pools));
+            Resolver::new(cfg, Arc::clone(policy), transport, names)
+        })
     }
 
     /// A reload: the new `[dns]` keys and rules apply to the next query;
     /// what is known of outbounds the policy kept stays, the rest goes.
-    pub fn reconfigure(&self, cfg: &Config, policy: &Policy) {
+    pub fn reconfigure(&self, cfg: &Config, policy: &Arc<Policy>) {
         let settings = Settings::new(cfg, policy);
         if !settings.learn {
             self.names.clear();
         }
         self.settings.store(Arc::new(settings));
+        let servers_before = self
+            .resolver
+            .load()
+            .as_ref()
+            .as_ref()
+            .map(|r| r.servers_config());
+        let resolver = self.build_resolver(cfg, policy);
+        let servers_after = resolver.as_ref().map(|r| r.servers_config());
+        if servers_before != servers_after {
+            // Answers from servers no longer configured (or configured
+            // otherwise) must not outlive them.
+            self.flush_cache();
+        }
+        self.resolver.store(Arc::new(resolver));
         let keys: HashSet<u32> = policy.outbounds().iter().map(|n| n.key).collect();
         lock(&self.udp).retain(|k, _| keys.contains(k));
         self.pools.retain(|k| keys.contains(&k));
+    }
+
+    /// Empties the DNS cache (the API, a reload that changed servers).
+    /// CACHE SEAM: a no-op until helper A's `dns::cache` is plugged into
+    /// the resolver; then this calls its `flush()`.
+    pub fn flush_cache(&self) {
+        self.stats.cache_flushes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether tproxyd answers queries itself (named resolvers).
+    pub fn answers(&self) -> bool {
+        self.resolver.load().is_some()
+    }
+
+    /// The answer of the named resolvers to `query` from `client` (see
+    /// [`Resolver::resolve`]); None when none are configured or `query` is
+    /// no DNS query.
+    ///
+    /// At most [`MAX_RESOLVING`] at once: beyond that (a flood, or every
+    /// server silent) a query is answered SERVFAIL at once rather than
+    /// piling up tasks that each wait out their timeout.
+    pub async fn resolve(&self, query: &[u8], client: SocketAddr) -> Option<Vec<u8>> {
+        let resolver = self.resolver.load_full();
+        let r = resolver.as_ref().as_ref()?;
+        if self.resolving.fetch_add(1, Ordering::Relaxed) >= MAX_RESOLVING {
+            self.resolving.fetch_sub(1, Ordering::Relaxed);
+            if let Some(n) = self.servfail_warning.check() {
+                warn!(
+                    "DNS: {MAX_RESOLVING} queries waiting for their servers; answered SERVFAIL{}",
+                    crate::ratelimit::held_back(n)
+                );
+            }
+            return message::Header::parse(query)
+                .ok()
+                .filter(|h| !h.is_response())
+                .and_then(|_| message::servfail(query).ok());
+        }
+        // Counted down even if the caller drops this future midway.
+        struct Done<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        let _done = Done(&self.resolving);
+        r.resolve(query, client).await
     }
 
     /// The name last learned for `ip`, while its TTL lasts; None when
@@ -182,6 +270,9 @@ impl Dns {
                 self.stats.aaaa_filtered.fetch_add(1, Ordering::Relaxed);
                 return Query::Answer(answer);
             }
+        }
+        if self.resolver.load().is_some() && is_query(query) {
+            return Query::Resolve;
         }
         match settings.server {
             Some(server) if server != dst => {
@@ -312,6 +403,12 @@ impl Dns {
     }
 }
 
+/// A DNS query (a header, QR clear): what the named resolvers answer.
+/// Anything else sent to port 53 is relayed as the UDP it is.
+fn is_query(payload: &[u8]) -> bool {
+    message::Header::parse(payload).is_ok_and(|h| !h.is_response())
+}
+
 /// The local answer to an AAAA question, or None for anything else.
 fn filtered_aaaa(query: &[u8]) -> Option<Vec<u8>> {
     let header = message::Header::parse(query).ok()?;
@@ -344,12 +441,72 @@ mod tests {
             .unwrap()
             .validate(&|_| None)
             .unwrap();
-        let policy = Policy::from_config(&cfg).unwrap();
+        let policy = Arc::new(Policy::from_config(&cfg).unwrap());
         Dns::new(&cfg, &policy)
     }
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    fn reload(d: &Dns, extra: &str) {
+        let text = format!(
+            "[[outbounds]]\nname = \"proxy\"\ntype = \"socks5\"\nserver = \"203.0.113.2:1080\"\n\
+             [route]\nfinal = \"proxy\"\n{extra}\n[firewall]\nbackend = \"none\"\n"
+        );
+        let cfg = RawConfig::from_toml(&text, "t")
+            .unwrap()
+            .validate(&|_| None)
+            .unwrap();
+        d.reconfigure(&cfg, &Arc::new(Policy::from_config(&cfg).unwrap()));
+    }
+
+    #[test]
+    fn a_reload_rebuilds_the_resolver_and_flushes_when_servers_change() {
+        let isp = "[dns]\n[[dns.servers]]\nname = \"isp\"\naddress = \"udp://192.0.2.53\"\n";
+        let d = dns(isp);
+        let flushes = || d.stats.cache_flushes.load(Ordering::Relaxed);
+        let client = sa("192.0.2.2:5000");
+        let q = query(1, "a.example", TYPE_A);
+        assert!(d.answers());
+        assert_eq!(d.on_query(client, sa("8.8.8.8:53"), &q), Query::Resolve);
+        // The same servers (rules may differ): the cache stays.
+        reload(
+            &d,
+            &format!("{isp}[[dns.rules]]\nquery_type = [\"AAAA\"]\nreject = \"nodata\"\n"),
+        );
+        assert_eq!(flushes(), 0);
+        // Another address: flushed.
+        reload(
+            &d,
+            "[dns]\n[[dns.servers]]\nname = \"isp\"\naddress = \"udp://192.0.2.54\"\n",
+        );
+        assert_eq!(flushes(), 1);
+        // Back to the one-resolver shape: nothing answered here any more.
+        reload(&d, "[dns]\nserver = \"198.51.100.53:53\"\n");
+        assert!(!d.answers());
+        assert_eq!(flushes(), 2);
+        assert_eq!(
+            d.on_query(client, sa("8.8.8.8:53"), &q),
+            Query::Forward(sa("198.51.100.53:53"))
+        );
+    }
+
+    #[tokio::test]
+    async fn beyond_the_bound_queries_get_servfail_at_once() {
+        let d = dns("[dns]\n[[dns.servers]]\nname = \"isp\"\naddress = \"udp://192.0.2.53\"\n");
+        d.resolving
+            .store(MAX_RESOLVING, std::sync::atomic::Ordering::Relaxed);
+        let q = query(8, "a.example", TYPE_A);
+        let a = d.resolve(&q, sa("192.0.2.2:5000")).await.unwrap();
+        let h = Header::parse(&a).unwrap();
+        assert_eq!((h.id, h.rcode()), (8, message::RCODE_SERVFAIL));
+        assert_eq!(
+            d.resolving.load(std::sync::atomic::Ordering::Relaxed),
+            MAX_RESOLVING
+        );
+        // Not a query: nothing.
+        assert_eq!(d.resolve(b"junk", sa("192.0.2.2:5000")).await, None);
     }
 
     #[test]
