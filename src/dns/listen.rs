@@ -482,6 +482,17 @@ pub fn fit_udp(answer: Vec<u8>, limit: usize) -> Fit {
     Fit::Truncated(out)
 }
 
+/// The answerer of a build in which nothing answers yet: no value of it
+/// exists, so a listener typed with it is never started.
+#[derive(Debug)]
+pub enum Unwired {}
+
+impl Answer for Unwired {
+    async fn answer(&self, _query: Vec<u8>, _client: SocketAddr) -> Option<Vec<u8>> {
+        match *self {}
+    }
+}
+
 /// Why a `dns.listen` address cannot be listened on.
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
