@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::config::{Config, Network, SniffProtocol};
+use crate::dns::rules::DnsRules;
 use crate::outbound::group::{Group, Member};
 use crate::outbound::{BuildError, Context, Outbound, OutboundConfig};
 pub use crate::registry::RuleLabel;
@@ -55,6 +56,8 @@ pub enum PolicyError {
     Outbound { name: String, source: BuildError },
     #[error("route.rules[{index}]: {message}")]
     Rule { index: usize, message: String },
+    #[error("dns.rules[{index}]: {message}")]
+    DnsRule { index: usize, message: String },
     #[error("route.rule_sets[{index}] ({name}): {message}")]
     RuleSet {
         index: usize,
@@ -150,6 +153,9 @@ pub struct Policy {
     /// Each rule as the API shows it, in rule order; then `route.final`.
     rule_labels: Vec<Arc<RuleLabel>>,
     final_index: usize,
+    /// `[[dns.rules]]`, compiled from the same rule-set reading as the
+    /// route's; None unless tproxyd answers DNS itself.
+    dns_rules: Option<Arc<DnsRules>>,
 }
 
 impl Policy {
@@ -171,7 +177,11 @@ impl Policy {
         let outbounds = build_outbounds(cfg, &index_of, old)?;
         // Validation guarantees every name below exists.
         let lookup = |name: &str| index_of.get(name).copied().unwrap_or(0);
-        let rules = Rules::build(&cfg.route)?;
+        // Each rule-set file is read once, for the route and DNS rules both.
+        let sets = rules::load_sets(&cfg.route)?;
+        let rules = Rules::with_sets(&cfg.route, &sets)?;
+        let dns_rules = DnsRules::build(&cfg.dns, &cfg.route, &sets)?.map(Arc::new);
+        drop(sets);
         let rule_targets = cfg
             .route
             .rules
@@ -192,6 +202,7 @@ impl Policy {
             rules,
             rule_targets,
             rule_labels,
+            dns_rules,
         })
     }
 
@@ -199,7 +210,9 @@ impl Policy {
     /// (rule-set files, regexes), without the outbounds: what `tproxyd
     /// check` runs, so a bad file or regex is reported before a start.
     pub fn check(cfg: &Config) -> Result<(), PolicyError> {
-        Rules::build(&cfg.route).map(|_| ())
+        let sets = rules::load_sets(&cfg.route)?;
+        Rules::with_sets(&cfg.route, &sets)?;
+        DnsRules::build(&cfg.dns, &cfg.route, &sets).map(|_| ())
     }
 
     /// One outbound for every flow, named by its type; no rules.
@@ -215,6 +228,7 @@ impl Policy {
             rule_targets: Vec::new(),
             rule_labels: vec![Arc::new(final_label())],
             final_index: 0,
+            dns_rules: None,
         }
     }
 
@@ -279,6 +293,16 @@ impl Policy {
     /// learned from DNS answers kept and looked up (see `crate::dns`).
     pub fn wants_domains(&self) -> bool {
         self.rules.wants_domains()
+    }
+
+    /// The compiled `[[dns.rules]]`, when tproxyd answers DNS itself.
+    pub fn dns_rules(&self) -> Option<&Arc<DnsRules>> {
+        self.dns_rules.as_ref()
+    }
+
+    /// The outbound named `name` (its index), groups not resolved.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.outbounds.iter().position(|n| &*n.name == name)
     }
 
     pub fn outbounds(&self) -> &[Named] {

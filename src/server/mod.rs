@@ -320,8 +320,9 @@ impl Server {
             }
         };
         let cfg = self.cfg;
-        let dns = Arc::new(Dns::new(&cfg, &policy));
-        let router = Router::new(cfg.listen, policy).with_dns(Arc::clone(&dns));
+        let router = Router::new(cfg.listen, policy);
+        let dns = Arc::new(Dns::new(&cfg, &router.policy()));
+        let router = router.with_dns(Arc::clone(&dns));
         let registry = Arc::new(Registry::new());
         let mut tasks = tokio::task::JoinSet::new();
         let (stop_tcp, tcp_stop) = tokio::sync::watch::channel(false);
