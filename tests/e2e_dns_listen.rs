@@ -1,16 +1,25 @@
 //! The `dns.listen` listener with a real dnsmasq in front of it, as on
-//! OpenWrt (`server=127.0.0.1#PORT`, `no-resolv`), on loopback. The
-//! answers come from a canned answerer in this process (the resolver is
-//! not part of this test): what is tested is the listener as dnsmasq
-//! uses it — UDP forwarding, and an answer too long for UDP going back
-//! truncated so that `dig` asks dnsmasq again over TCP, and dnsmasq asks
-//! the listener over TCP, getting every record.
+//! OpenWrt (`server=127.0.0.1#PORT`, `no-resolv`).
+//!
+//! - On loopback, with a canned answerer in this process: the listener as
+//!   dnsmasq uses it — UDP forwarding, and an answer too long for UDP
+//!   going back truncated so that `dig` asks dnsmasq again over TCP, and
+//!   dnsmasq asks the listener over TCP, getting every record.
+//! - In the namespaces, with tproxyd itself and its named resolver (the
+//!   tests' DNS server on remote B, through the SOCKS5 outbound): dnsmasq
+//!   on the router forwards to `dns.listen`; and a LAN client's own DNS
+//!   over TCP, captured, is answered by the resolver (asked of an address
+//!   with no DNS server, so a relayed flow could not have answered).
 
-use std::net::{Ipv4Addr, SocketAddr};
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::dns_server::DnsServer as ZoneServer;
+use common::*;
 use tproxyd::dns::listen::{Answer, Bound, DnsServer, Limits, Listeners};
 use tproxyd::dns::message::build::{response, Answer as Rr};
 use tproxyd::dns::message::{self, Header};
@@ -168,4 +177,107 @@ async fn dnsmasq_forwards_to_the_listener_over_udp_and_tcp() {
             .load(std::sync::atomic::Ordering::Relaxed)
             >= 1
     );
+}
+
+/// Every name resolves to remote B.
+fn zone(_name: &str, qtype: u16) -> Option<IpAddr> {
+    match qtype {
+        1 => REMOTE_B_V4.parse().ok(),
+        _ => None,
+    }
+}
+
+/// `dig ARGS` in namespace `ns`; its whole output.
+fn dig_in(ns: &Netns, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "dig", "+time=3", "+tries=1"])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn dnsmasq_on_the_router_and_captured_dns_over_tcp_are_answered_by_the_resolver() {
+    if !can_run() || !tools_present() {
+        return;
+    }
+    let mut tb = Testbed::start(Options {
+        mode: Mode::Tproxy,
+        upstream: Upstream::Socks,
+        extra_args: vec![],
+        own_rules: None,
+    });
+    let server = ZoneServer::start(&tb.wan, &[addr(REMOTE_B_V4, DNS_PORT)], zone);
+    tb.restart_tproxyd_with_config(&format!(
+        "listen = \"[::]:{PROXY_PORT}\"\nmode = \"tproxy\"\n\
+         [[outbounds]]\nname = \"proxy\"\ntype = \"socks5\"\nserver = \"{SOCKS_V4}:{SOCKS_PORT}\"\n\
+         [[outbounds]]\nname = \"direct\"\ntype = \"direct\"\n\
+         [route]\nfinal = \"proxy\"\n\
+         [dns]\nlisten = [\"127.0.0.1:5353\"]\nfinal = \"b\"\n\
+         [[dns.servers]]\nname = \"b\"\naddress = \"udp://{REMOTE_B_V4}\"\noutbound = \"proxy\"\n\
+         [firewall]\nbackend = \"none\"\n"
+    ));
+    let child = Command::new("ip")
+        .args(["netns", "exec", &tb.router.name, "dnsmasq"])
+        .args([
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--no-poll",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.1",
+            "--cache-size=0",
+            "--user=root",
+            "--pid-file=",
+            "--conf-file=/dev/null",
+            "--port=5300",
+            "--server=127.0.0.1#5353",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("dnsmasq");
+    let _dnsmasq = Dnsmasq(child);
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let out = loop {
+        let out = dig_in(
+            &tb.router,
+            &["@127.0.0.1", "-p", "5300", "router.example", "A"],
+        );
+        if out.contains("status: NOERROR") || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        out.contains("status: NOERROR") && out.contains(REMOTE_B_V4),
+        "{out}\n{}",
+        tb.tproxyd_log()
+    );
+    assert!(
+        server
+            .asked()
+            .iter()
+            .any(|a| a.name.contains("router.example")),
+        "the resolver was not asked: {:?}",
+        server.asked()
+    );
+
+    // A LAN client's own DNS over TCP to remote A, where no DNS server
+    // runs: answered by tproxyd's resolver, never connected out.
+    let out = dig_in(
+        &tb.lan,
+        &["+tcp", &format!("@{REMOTE_A_V4}"), "lan-tcp.example", "A"],
+    );
+    assert!(
+        out.contains("status: NOERROR") && out.contains(REMOTE_B_V4),
+        "{out}\n{}",
+        tb.tproxyd_log()
+    );
+    assert!(server
+        .asked()
+        .iter()
+        .any(|a| a.name.contains("lan-tcp.example")));
 }

@@ -52,6 +52,25 @@ pub trait Answer: Send + Sync + 'static {
         query: Vec<u8>,
         client: SocketAddr,
     ) -> impl Future<Output = Option<Vec<u8>>> + Send;
+
+    /// Whether it answers now (named resolvers configured): captured TCP
+    /// port 53 is answered here only then, and relayed as any flow
+    /// otherwise. Asked per connection, so a reload can turn it.
+    fn ready(&self) -> bool {
+        true
+    }
+}
+
+/// The named resolvers of the running server answer: `Dns` swaps its
+/// resolver on reload, so the listeners follow without being rebuilt.
+impl Answer for super::Dns {
+    async fn answer(&self, query: Vec<u8>, client: SocketAddr) -> Option<Vec<u8>> {
+        self.resolve(&query, client).await
+    }
+
+    fn ready(&self) -> bool {
+        self.answers()
+    }
 }
 
 /// A DNS message without EDNS0 is at most 512 bytes over UDP (RFC 1035
@@ -482,17 +501,6 @@ pub fn fit_udp(answer: Vec<u8>, limit: usize) -> Fit {
     Fit::Truncated(out)
 }
 
-/// The answerer of a build in which nothing answers yet: no value of it
-/// exists, so a listener typed with it is never started.
-#[derive(Debug)]
-pub enum Unwired {}
-
-impl Answer for Unwired {
-    async fn answer(&self, _query: Vec<u8>, _client: SocketAddr) -> Option<Vec<u8>> {
-        match *self {}
-    }
-}
-
 /// Why a `dns.listen` address cannot be listened on.
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
@@ -698,6 +706,7 @@ impl Listeners {
 /// what `inbound::tcp` holds, without knowing the answerer's type.
 pub struct CapturedTcp {
     serve: Box<ServeFn>,
+    ready: Box<dyn Fn() -> bool + Send + Sync>,
 }
 
 type ServeFn =
@@ -712,7 +721,9 @@ impl std::fmt::Debug for CapturedTcp {
 impl CapturedTcp {
     pub fn new<A: Answer>(server: &Arc<DnsServer<A>>) -> CapturedTcp {
         let server = Arc::clone(server);
+        let answerer = Arc::clone(&server.answer);
         CapturedTcp {
+            ready: Box::new(move || answerer.ready()),
             serve: Box::new(move |stream, client| {
                 let server = Arc::clone(&server);
                 Box::pin(async move {
@@ -726,6 +737,11 @@ impl CapturedTcp {
                 })
             }),
         }
+    }
+
+    /// Whether captured flows to port 53 are answered here now.
+    pub fn ready(&self) -> bool {
+        (self.ready)()
     }
 
     /// Answers the DNS queries on `stream` (a captured flow from `client`

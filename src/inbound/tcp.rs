@@ -220,7 +220,7 @@ async fn handle(
     // Clients' own DNS over TCP, answered by tproxyd's resolver: never
     // routed, never connected out.
     if dst.port() == crate::dns::PORT {
-        if let Some(dns) = ctx.dns.load_full() {
+        if let Some(dns) = ctx.dns.load_full().filter(|d| d.ready()) {
             ticket.connected();
             return dns.serve(stream, client).await;
         }

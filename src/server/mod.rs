@@ -441,12 +441,11 @@ impl Server {
                 }
             });
         }
-        // TODO(wiring): `dns.resolver()` once the resolver implements
-        // `Answer`; until then nothing answers, and the listeners are not
-        // started (the unanswered port would stall every client).
-        let answerer: Option<Arc<listen::Unwired>> = None;
+        // Dns answers through whatever resolver the configuration of the
+        // moment has; the listeners (even none yet: a reload may add some)
+        // and the captured port-53 hook follow it.
         let dns_listeners = start_dns_listeners(
-            answerer,
+            Some(Arc::clone(&dns)),
             &live.config(),
             self.dns_listen,
             tcp_ctx_for_dns.as_deref(),
@@ -498,9 +497,9 @@ impl Server {
 }
 
 /// Serves `dns.listen` (the sockets `bound` at start) and captured TCP
-/// port 53 with `answerer`, when there is one and `cfg.dns.answers()`.
-/// Without an answerer the sockets are closed again, with a warning:
-/// nothing would answer what arrives on them.
+/// port 53 (while `answerer.ready()`) with `answerer`. Without one the
+/// sockets are closed again, with a warning: nothing would answer what
+/// arrives on them.
 pub fn start_dns_listeners<A: Answer>(
     answerer: Option<Arc<A>>,
     cfg: &Config,
@@ -508,11 +507,11 @@ pub fn start_dns_listeners<A: Answer>(
     tcp: Option<&TcpContext>,
 ) -> Result<Option<Listeners>, StartError> {
     let answerer = match answerer {
-        Some(a) if cfg.dns.answers() => a,
-        _ => {
+        Some(a) => a,
+        None => {
             if !bound.is_empty() {
                 warn!(
-                    "dns.listen is set, but no resolver answers in this build; the DNS \
+                    "dns.listen is set, but nothing answers DNS; the DNS \
                      listeners are not started"
                 );
             }
