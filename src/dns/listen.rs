@@ -1072,6 +1072,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_client_that_stops_reading_is_cut_off_alone() {
+        let limits = Limits {
+            write_timeout: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        // About 64 KB per answer: a few hundred fill any socket buffers.
+        let (_l, addr, stats) = start(Fake::Big(4000), limits);
+        let mut deaf = TcpStream::connect(addr).await.unwrap();
+        let mut queries = Vec::new();
+        for id in 0..400u16 {
+            queries.extend(framed(&query(id, "big.example", TYPE_A)));
+        }
+        deaf.write_all(&queries).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while stats.tcp_stalled.load(Ordering::Relaxed) == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "never cut off");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Others are still served.
+        let mut other = TcpStream::connect(addr).await.unwrap();
+        other
+            .write_all(&framed(&query(1, "a.example", TYPE_A)))
+            .await
+            .unwrap();
+        let a = read_framed(&mut other).await;
+        assert_eq!(Header::parse(&a).unwrap().id, 1);
+    }
+
+    #[tokio::test]
     async fn connections_over_the_cap_are_closed() {
         let limits = Limits {
             tcp_connections: 1,
