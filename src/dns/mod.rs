@@ -421,6 +421,49 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn reload(d: &Dns, extra: &str) {
+        let text = format!(
+            "[[outbounds]]\nname = \"proxy\"\ntype = \"socks5\"\nserver = \"203.0.113.2:1080\"\n\
+             [route]\nfinal = \"proxy\"\n{extra}\n[firewall]\nbackend = \"none\"\n"
+        );
+        let cfg = RawConfig::from_toml(&text, "t")
+            .unwrap()
+            .validate(&|_| None)
+            .unwrap();
+        d.reconfigure(&cfg, &Arc::new(Policy::from_config(&cfg).unwrap()));
+    }
+
+    #[test]
+    fn a_reload_rebuilds_the_resolver_and_flushes_when_servers_change() {
+        let isp = "[dns]\n[[dns.servers]]\nname = \"isp\"\naddress = \"udp://192.0.2.53\"\n";
+        let d = dns(isp);
+        let flushes = || d.stats.cache_flushes.load(Ordering::Relaxed);
+        let client = sa("192.0.2.2:5000");
+        let q = query(1, "a.example", TYPE_A);
+        assert!(d.answers());
+        assert_eq!(d.on_query(client, sa("8.8.8.8:53"), &q), Query::Resolve);
+        // The same servers (rules may differ): the cache stays.
+        reload(
+            &d,
+            &format!("{isp}[[dns.rules]]\nquery_type = [\"AAAA\"]\nreject = \"nodata\"\n"),
+        );
+        assert_eq!(flushes(), 0);
+        // Another address: flushed.
+        reload(
+            &d,
+            "[dns]\n[[dns.servers]]\nname = \"isp\"\naddress = \"udp://192.0.2.54\"\n",
+        );
+        assert_eq!(flushes(), 1);
+        // Back to the one-resolver shape: nothing answered here any more.
+        reload(&d, "[dns]\nserver = \"198.51.100.53:53\"\n");
+        assert!(!d.answers());
+        assert_eq!(flushes(), 2);
+        assert_eq!(
+            d.on_query(client, sa("8.8.8.8:53"), &q),
+            Query::Forward(sa("198.51.100.53:53"))
+        );
+    }
+
     #[test]
     fn aaaa_is_answered_here_only_when_filtered() {
         let client = sa("192.0.2.2:5000");
