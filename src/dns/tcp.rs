@@ -584,6 +584,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_answer_to_another_question_is_dropped_and_the_wait_goes_on() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut len = [0u8; 2];
+            s.read_exact(&mut len).await.unwrap();
+            let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
+            s.read_exact(&mut q).await.unwrap();
+            // First the answer to another name with the query's id...
+            let mut other = build::query(0, "other.example", TYPE_A);
+            other[..2].copy_from_slice(&q[..2]);
+            // ...then the right one.
+            for mut a in [other, q] {
+                a[2] |= 0x80;
+                let mut out = (a.len() as u16).to_be_bytes().to_vec();
+                out.extend_from_slice(&a);
+                s.write_all(&out).await.unwrap();
+            }
+            // Held open until the test ends.
+            let _ = s.read(&mut len).await;
+        });
+        let pool = Pool::new(direct(), addr);
+        let q = build::query(3, "right.example", TYPE_A);
+        let a = pool.exchange(&q).await.unwrap();
+        assert_eq!(question(&a).unwrap().name, b"right.example");
+        assert_eq!(Header::parse(&a).unwrap().id, 3);
+    }
+
+    #[tokio::test]
     async fn a_resolver_that_cannot_be_reached_fails_fast() {
         // Bound and closed: nothing listens there.
         let addr = std::net::TcpListener::bind("127.0.0.1:0")

@@ -16,7 +16,9 @@
 //!   TCP instead.
 //! - `tcp://`: the pipelined pools of [`super::tcp`].
 //! - `system` ([`system`]): the `nameserver`s of `/etc/resolv.conf`, over
-//!   UDP, the next one when the first does not answer.
+//!   UDP, the next one when the first does not answer. It goes through the
+//!   outbound it is given like the others: the caller gives it `direct`
+//!   (the router's own resolvers are on its side of any proxy).
 //!
 //! Every exchange is bounded by [`TIMEOUT`] in all, and a failed attempt
 //! is tried once more on a fresh socket or connection. Sockets toward the
@@ -152,6 +154,11 @@ impl Upstream {
                 let s = system::System::new();
                 (format!("system ({})", s.path().display()), Kind::System(s))
             }
+            // DoT and DoH (helper C's `tls::TlsUpstream`,
+            // `https::HttpsUpstream`, feature `dns-tls`) take their place
+            // here as `#[cfg(feature = "dns-tls")]` arms of `Kind`, with the
+            // address `address.socket_addr().or(resolved)`; until then, and
+            // in builds without the feature, they say why they cannot ask.
             ServerAddress::Tls(e) => (
                 format!("tls://{}:{}", e.host, e.port),
                 Kind::Unavailable(tls_unavailable(address, resolved, server_name)),

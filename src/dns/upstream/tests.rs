@@ -560,3 +560,98 @@ fn truncation_is_the_tc_bit() {
     assert!(is_truncated(&a));
     assert!(!is_truncated(b"x"));
 }
+
+// ---- through a SOCKS5 server that takes CONNECT but refuses UDP ----
+
+/// A SOCKS5 server on loopback (no auth) that refuses UDP ASSOCIATE
+/// (code 7) and carries CONNECT; counts the ASSOCIATEs asked.
+async fn socks5_without_udp() -> (SocketAddr, Arc<Mutex<usize>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let associates = Arc::new(Mutex::new(0));
+    let count = Arc::clone(&associates);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            let count = Arc::clone(&count);
+            tokio::spawn(async move {
+                let mut head = [0u8; 2];
+                s.read_exact(&mut head).await.ok()?;
+                let mut methods = vec![0u8; usize::from(head[1])];
+                s.read_exact(&mut methods).await.ok()?;
+                s.write_all(&[5, 0]).await.ok()?;
+                let mut req = [0u8; 4];
+                s.read_exact(&mut req).await.ok()?;
+                let dst = match req[3] {
+                    1 => {
+                        let mut a = [0u8; 6];
+                        s.read_exact(&mut a).await.ok()?;
+                        SocketAddr::from((
+                            Ipv4Addr::new(a[0], a[1], a[2], a[3]),
+                            u16::from_be_bytes([a[4], a[5]]),
+                        ))
+                    }
+                    _ => return None,
+                };
+                let refused = [5, 7, 0, 1, 0, 0, 0, 0, 0, 0];
+                if req[1] == 3 {
+                    *count.lock().unwrap() += 1;
+                    s.write_all(&refused).await.ok()?;
+                    return None;
+                }
+                let mut up = tokio::net::TcpStream::connect(dst).await.ok()?;
+                s.write_all(&[5, 0, 0, 1, 127, 0, 0, 1, 0, 0]).await.ok()?;
+                tokio::io::copy_bidirectional(&mut s, &mut up).await.ok()?;
+                Some(())
+            });
+        }
+    });
+    (addr, associates)
+}
+
+fn socks5(server: SocketAddr, dns_over_tcp: bool) -> Arc<Outbound> {
+    let ctx = crate::outbound::Context {
+        mark: 0,
+        connect_timeout: Duration::from_secs(2),
+    };
+    let text = format!("type = \"socks5\"\nserver = \"{server}\"\ndns_over_tcp = {dns_over_tcp}");
+    let raw: crate::outbound::RawOutbound = toml::from_str(&text).unwrap();
+    Arc::new(
+        raw.validate("outbound", "proxy".into(), &|_| None, &mut |_, _| {})
+            .kind
+            .build("proxy", &ctx, Vec::new())
+            .unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn a_socks5_server_without_udp_gets_dns_over_tcp_and_is_asked_once() {
+    let (proxy, associates) = socks5_without_udp().await;
+    // The resolver: UDP that must not be used, TCP on the same port.
+    let (resolver, udp_seen, tcp) = loop {
+        let (addr, seen) = udp_resolver(|q, _| vec![answer(q)]).await;
+        if let Ok(l) = TcpListener::bind(addr).await {
+            break (addr, seen, l);
+        }
+    };
+    let tcp_count = tcp_resolver(tcp).await;
+    let up = udp(resolver);
+    let outbound = socks5(proxy, false);
+    for i in 0..3 {
+        let q = query(i, "s.example", TYPE_A);
+        let a = up.exchange(&q, 5, &outbound).await.unwrap();
+        assert_eq!(message::id(&a), Some(i));
+    }
+    assert_eq!(*tcp_count.lock().unwrap(), 3);
+    assert!(udp_seen.lock().unwrap().is_empty());
+    // Refused once: not asked again for every query.
+    assert_eq!(*associates.lock().unwrap(), 1);
+    // Configured for TCP: no ASSOCIATE at all.
+    let configured = socks5(proxy, true);
+    let q = query(9, "s.example", TYPE_A);
+    up.exchange(&q, 6, &configured).await.unwrap();
+    assert_eq!(*associates.lock().unwrap(), 1);
+    assert_eq!(*tcp_count.lock().unwrap(), 4);
+}
