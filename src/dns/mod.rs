@@ -24,6 +24,7 @@ pub mod names;
 pub mod resolver;
 pub mod rules;
 pub mod tcp;
+pub mod upstream;
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};

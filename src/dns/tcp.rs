@@ -11,6 +11,11 @@
 //! connection's own on the way out, and the client's is put back in the
 //! reply.
 //!
+//! An answer is taken only when its question is the query's too
+//! ([`super::upstream::check_answer`], RFC 7766 6.2.1.1): a late answer
+//! to an id since given to another query is dropped, and that query
+//! waits on.
+//!
 //! Nothing is lost quietly: a query whose connection closes (the resolver
 //! or the proxy hung up, idle or not) is sent once more on another, and
 //! when that fails too, or no answer comes within [`QUERY_TIMEOUT`], the
@@ -25,6 +30,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::debug;
 
 use super::message;
+use super::upstream::{check_answer, Check};
 use crate::outbound::Outbound;
 
 /// Connections per (outbound, resolver).
@@ -68,6 +74,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 struct Pending {
     client_id: u16,
+    /// The query as written (the connection's id in it), to check the
+    /// answer's question against.
+    sent: Vec<u8>,
     tx: oneshot::Sender<Answer>,
 }
 
@@ -135,7 +144,15 @@ impl Conn {
         frame.extend_from_slice(query);
         message::set_id(&mut frame[2..], wire_id);
         let (tx, rx) = oneshot::channel();
-        st.pending.insert(wire_id, Pending { client_id, tx });
+        let sent = frame[2..].to_vec();
+        st.pending.insert(
+            wire_id,
+            Pending {
+                client_id,
+                sent,
+                tx,
+            },
+        );
         st.last_active = Some(Instant::now());
         // Under the lock: the task closes the connection under it too, so
         // a frame is either written or its query answered Lost.
@@ -153,6 +170,17 @@ impl Conn {
         };
         let mut st = lock(&self.state);
         st.last_active = Some(Instant::now());
+        let matches = st
+            .pending
+            .get(&wire_id)
+            .is_some_and(|p| check_answer(&p.sent, &answer) == Check::Match);
+        if !matches {
+            debug!(
+                wire_id,
+                "DNS over TCP: an answer that matches no query waiting, dropped"
+            );
+            return;
+        }
         if let Some(p) = st.pending.remove(&wire_id) {
             drop(st);
             message::set_id(&mut answer, p.client_id);
@@ -553,6 +581,36 @@ mod tests {
             assert!(pool.exchange(&q).await.is_ok(), "query {i}");
         }
         assert!(accepted.load(Ordering::Relaxed) > 1);
+    }
+
+    #[tokio::test]
+    async fn an_answer_to_another_question_is_dropped_and_the_wait_goes_on() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut len = [0u8; 2];
+            s.read_exact(&mut len).await.unwrap();
+            let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
+            s.read_exact(&mut q).await.unwrap();
+            // First the answer to another name with the query's id...
+            let mut other = build::query(0, "other.example", TYPE_A);
+            other[..2].copy_from_slice(&q[..2]);
+            // ...then the right one.
+            for mut a in [other, q] {
+                a[2] |= 0x80;
+                let mut out = (a.len() as u16).to_be_bytes().to_vec();
+                out.extend_from_slice(&a);
+                s.write_all(&out).await.unwrap();
+            }
+            // Held open until the test ends.
+            let _ = s.read(&mut len).await;
+        });
+        let pool = Pool::new(direct(), addr);
+        let q = build::query(3, "right.example", TYPE_A);
+        let a = pool.exchange(&q).await.unwrap();
+        assert_eq!(question(&a).unwrap().name, b"right.example");
+        assert_eq!(Header::parse(&a).unwrap().id, 3);
     }
 
     #[tokio::test]

@@ -283,6 +283,12 @@ pub fn shutdown_write<S: AsFd>(socket: &S) -> io::Result<()> {
     }
 }
 
+/// The index of the network interface `name` (an IPv6 scope written as
+/// `fe80::1%eth0`), None when there is no such interface.
+pub fn interface_index(name: &str) -> Option<u32> {
+    nix::net::if_::if_nametoindex(name).ok()
+}
+
 #[cfg(test)]
 /// A UDP listener on 127.0.0.1, not transparent (no root needed).
 pub(super) fn loopback_udp_listener(recv_orig_dst: bool) -> std::net::UdpSocket {
@@ -359,6 +365,16 @@ mod tests {
         assert_eq!(
             sockaddr_in6_to_std(&sin6),
             "[2001:db8::5]:443".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn interface_index_knows_loopback_and_refuses_the_unknown() {
+        assert_eq!(interface_index("lo"), Some(1));
+        assert_eq!(interface_index("no-such-if0"), None);
+        assert_eq!(
+            interface_index("a-name-far-too-long-for-an-interface"),
+            None
         );
     }
 
