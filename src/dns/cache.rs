@@ -506,6 +506,17 @@ impl Cache {
         result.unwrap_or(Lookup::Miss)
     }
 
+    /// Whether the entry may still be served at `now`: fresh, or stale
+    /// within the serve-stale window (answers only, not failures).
+    fn servable(&self, node: &Node, now: Instant) -> bool {
+        let age = now.saturating_duration_since(node.at);
+        let ttl = Duration::from_secs(node.ttl.into());
+        age < ttl
+            || (self.cfg.serve_stale
+                && node.kind != Kind::Error
+                && age < ttl + Duration::from_secs(self.cfg.stale_max.into()))
+    }
+
     /// Under the lock: the entry, its age in whole seconds, and whether it
     /// is stale. Drops an entry too old to serve.
     fn find(&self, key: &Key, now: Instant) -> Option<(Stored, u16, u32, bool)> {
@@ -513,13 +524,9 @@ impl Cache {
         let i = *lru.map.get(key.bytes())?;
         let node = lru.node(i)?;
         let age = now.saturating_duration_since(node.at);
-        let ttl = Duration::from_secs(node.ttl.into());
-        let stale = if age < ttl {
+        let stale = if age < Duration::from_secs(node.ttl.into()) {
             false
-        } else if self.cfg.serve_stale
-            && node.kind != Kind::Error
-            && age < ttl + Duration::from_secs(self.cfg.stale_max.into())
-        {
+        } else if self.servable(node, now) {
             true
         } else {
             drop(lru.remove(i));
@@ -564,6 +571,15 @@ impl Cache {
         let mut evicted = Vec::new();
         {
             let mut lru = lock(&self.lru);
+            // A failure does not push out an answer that can still be
+            // served: RFC 8767 serves stale data exactly when the refresh
+            // fails.
+            if node.kind == Kind::Error {
+                let old = lru.map.get(node.stored.key()).and_then(|&i| lru.node(i));
+                if old.is_some_and(|o| o.kind != Kind::Error && self.servable(o, now)) {
+                    return false;
+                }
+            }
             lru.insert(node);
             while lru.map.len() > self.cfg.max_entries || lru.bytes > self.cfg.max_bytes {
                 match lru.pop_back() {

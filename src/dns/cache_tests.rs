@@ -359,6 +359,20 @@ fn expired_answers_are_served_stale_within_the_window() {
     assert!(matches!(after(&cache, &q, &r, 159.0), Lookup::Stale(_)));
     assert_eq!(after(&cache, &q, &r, 160.0), Lookup::Miss);
     assert_eq!(cache.stats().stale.load(Ordering::Relaxed), 2);
+    // The refresh failed: the SERVFAIL does not replace what can still be
+    // served stale, and is cached once nothing is left to serve.
+    let t0 = Instant::now();
+    let key = Key::of(&q).unwrap();
+    assert!(cache.insert(&key, &r, t0));
+    let fail = message::servfail(&q).unwrap();
+    assert!(!cache.insert(&key, &fail, t0 + secs(70.0)));
+    assert!(matches!(
+        cache.get(&key, &q, t0 + secs(70.0)),
+        Lookup::Stale(_)
+    ));
+    assert!(cache.insert(&key, &fail, t0 + secs(160.0)));
+    let a = hit(cache.get(&key, &q, t0 + secs(161.0)));
+    assert_eq!(message::Header::parse(&a).unwrap().rcode(), RCODE_SERVFAIL);
     // Off: expired is a miss.
     let strict = Cache::new(&cfg());
     assert_eq!(after(&strict, &q, &r, 60.0), Lookup::Miss);
