@@ -418,6 +418,126 @@ pub fn servfail(query: &[u8]) -> Result<Vec<u8>, DnsError> {
     reply_without_records(query, RCODE_SERVFAIL)
 }
 
+pub const TYPE_SOA: u16 = 6;
+pub const TYPE_OPT: u16 = 41;
+pub const TYPE_TSIG: u16 = 250;
+pub const RCODE_NXDOMAIN: u8 = 3;
+pub const RCODE_REFUSED: u8 = 5;
+/// Header flags: truncated, checking disabled.
+pub const FLAG_TC: u16 = 0x0200;
+pub const FLAG_CD: u16 = 0x0010;
+/// In an OPT record's TTL field: DNSSEC answers wanted (RFC 3225).
+pub const EDNS_DO: u32 = 0x8000;
+
+/// Which section a record stands in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Section {
+    Answer,
+    Authority,
+    Additional,
+}
+
+/// Where one resource record stands in a message, for code that reads or
+/// rewrites fields in place (the cache decrements TTLs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordAt {
+    pub section: Section,
+    /// Offset of the record's first byte (its owner name).
+    pub at: usize,
+    pub rtype: u16,
+    pub class: u16,
+    /// For OPT: the extended rcode, version and flags (RFC 6891 6.1.3).
+    pub ttl: u32,
+    /// Offset of the 4-byte TTL field.
+    pub ttl_at: usize,
+    /// Offset and length of the record's data.
+    pub rdata_at: usize,
+    pub rdata_len: usize,
+}
+
+impl RecordAt {
+    /// Offset just after the record.
+    pub fn end(&self) -> usize {
+        self.rdata_at + self.rdata_len
+    }
+}
+
+/// Every record of every section, after the questions (all of them
+/// skipped), and where the questions end. Err when any part is malformed
+/// or the counts promise more than the message holds; how many are read
+/// is bounded by the message's length (a record takes at least 11 bytes).
+pub fn records(msg: &[u8]) -> Result<(usize, Vec<RecordAt>), DnsError> {
+    let header = Header::parse(msg)?;
+    let mut pos = HEADER_LEN;
+    for _ in 0..header.qdcount {
+        pos = skip_name(msg, pos)? + 4;
+        need(msg, pos)?;
+    }
+    let questions_end = pos;
+    let mut out = Vec::new();
+    for (section, count) in [
+        (Section::Answer, header.ancount),
+        (Section::Authority, header.nscount),
+        (Section::Additional, header.arcount),
+    ] {
+        for _ in 0..count {
+            let start = pos;
+            let at = skip_name(msg, pos)?;
+            let rtype = u16_at(msg, at)?;
+            let class = u16_at(msg, at + 2)?;
+            let ttl = u32_at(msg, at + 4)?;
+            let rdata_len = u16_at(msg, at + 8)? as usize;
+            let rdata_at = at + 10;
+            need(msg, rdata_at + rdata_len)?;
+            out.push(RecordAt {
+                section,
+                at: start,
+                rtype,
+                class,
+                ttl,
+                ttl_at: at + 4,
+                rdata_at,
+                rdata_len,
+            });
+            pos = rdata_at + rdata_len;
+        }
+    }
+    Ok((questions_end, out))
+}
+
+/// An SOA record's MINIMUM field (RFC 1035 3.3.13, the negative-caching
+/// TTL of RFC 2308), when its data is well formed: two names, then five
+/// 32-bit numbers ending exactly where the data ends.
+pub fn soa_minimum(msg: &[u8], soa: &RecordAt) -> Option<u32> {
+    let end = soa.end();
+    let after_mname = skip_name(msg, soa.rdata_at).ok()?;
+    let after_rname = skip_name(msg, after_mname).ok()?;
+    if after_rname.checked_add(20)? != end {
+        return None;
+    }
+    u32_at(msg, end - 4).ok()
+}
+
+/// The end of the first question's name when it is written out plainly
+/// (labels only, no compression pointer), as every client writes it.
+pub fn plain_qname_end(msg: &[u8]) -> Result<usize, DnsError> {
+    let mut pos = HEADER_LEN;
+    loop {
+        need(msg, pos + 1)?;
+        let len = msg[pos];
+        if len == 0 {
+            return Ok(pos + 1);
+        }
+        if len & 0xc0 != 0 {
+            return Err(DnsError::BadLabel(len));
+        }
+        pos += 1 + len as usize;
+        if pos - HEADER_LEN > MAX_NAME_WIRE {
+            return Err(DnsError::NameTooLong);
+        }
+    }
+}
+
 /// Builders for tests and the fuzz target's seeds: a query and a response
 /// in the layout resolvers write (names compressed against the question).
 pub mod build {
@@ -477,6 +597,46 @@ pub mod build {
             m.extend_from_slice(&data);
         }
         m
+    }
+
+    fn bump(m: &mut [u8], at: usize) {
+        let n = u16::from_be_bytes([m[at], m[at + 1]]).wrapping_add(1);
+        m[at..at + 2].copy_from_slice(&n.to_be_bytes());
+    }
+
+    /// Appends an SOA for `zone` to the authority section (call before
+    /// [`add_opt`]): what a negative answer carries (RFC 2308).
+    pub fn add_soa(m: &mut Vec<u8>, zone: &str, ttl: u32, minimum: u32) {
+        m.extend_from_slice(&name(zone));
+        m.extend_from_slice(&TYPE_SOA.to_be_bytes());
+        m.extend_from_slice(&CLASS_IN.to_be_bytes());
+        m.extend_from_slice(&ttl.to_be_bytes());
+        let mut data = name(&format!("ns.{zone}"));
+        data.extend_from_slice(&name(&format!("hostmaster.{zone}")));
+        for v in [2026120701u32, 7200, 900, 1_209_600, minimum] {
+            data.extend_from_slice(&v.to_be_bytes());
+        }
+        m.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        m.extend_from_slice(&data);
+        bump(m, 8);
+    }
+
+    /// Appends an OPT record (EDNS0, 1232-byte payload, DO as given, the
+    /// option bytes as given) to the additional section.
+    pub fn add_opt(m: &mut Vec<u8>, dnssec_ok: bool, options: &[u8]) {
+        m.push(0);
+        m.extend_from_slice(&TYPE_OPT.to_be_bytes());
+        m.extend_from_slice(&1232u16.to_be_bytes());
+        let flags = if dnssec_ok { EDNS_DO } else { 0 };
+        m.extend_from_slice(&flags.to_be_bytes());
+        m.extend_from_slice(&(options.len() as u16).to_be_bytes());
+        m.extend_from_slice(options);
+        bump(m, 10);
+    }
+
+    /// Sets the response code (the low four bits of the flags).
+    pub fn set_rcode(m: &mut [u8], rcode: u8) {
+        m[3] = (m[3] & 0xf0) | (rcode & 0xf);
     }
 }
 
