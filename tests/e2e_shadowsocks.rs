@@ -1304,3 +1304,198 @@ fn the_bed_carries_sslocal_through_both_servers() {
         let _ = sslocal.wait();
     }
 }
+
+// ---- figures, run by hand ----------------------------------------------------------
+
+/// VmRSS of `pid` in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS for {pid}"))
+}
+
+/// Opens `n` flows to the echo server, 8 at a time, each with one byte
+/// there and back, and holds them.
+fn open_idle_flows(ns: &Netns, dst: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let start = Instant::now();
+    let flows: Vec<TcpStream> = thread::scope(|sc| {
+        let per = n.div_ceil(8);
+        let workers: Vec<_> = (0..8)
+            .map(|w| {
+                sc.spawn(move || {
+                    ns.enter(|| {
+                        (w * per..((w + 1) * per).min(n))
+                            .map(|i| {
+                                let mut s =
+                                    TcpStream::connect_timeout(&dst, Duration::from_secs(5))
+                                        .unwrap_or_else(|e| panic!("flow {i}: {e}"));
+                                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                                echo_exchange(&mut s, b"x", i);
+                                s
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    eprintln!(
+        "opened {} flows in {:.1} s",
+        flows.len(),
+        start.elapsed().as_secs_f64()
+    );
+    flows
+}
+
+/// Writes `data` and reads until it is back (after the peer line).
+fn echo_exchange(s: &mut TcpStream, data: &[u8], i: usize) {
+    s.write_all(data).unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    while !got.ends_with(data) || got.len() < data.len() {
+        let n = s.read(&mut buf).unwrap_or_else(|e| panic!("flow {i}: {e}"));
+        assert!(n > 0, "flow {i}: closed");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// The memory figures of issue 20 (RSS ≤ sslocal's) for one client
+/// process `pid` relaying LAN → remote A's echo: KiB per idle flow after
+/// a byte each way, then after 64 KiB each way on every flow, then
+/// (flows closed) the seconds for 64 MiB echoed both ways at once.
+fn flow_figures(tb: &Testbed, pid: u32, who: &str) {
+    const FLOWS: usize = 1000;
+    let dst = Family::V4.remote_a(ECHO_PORT);
+    drop(open_idle_flows(&tb.lan, dst, 20));
+    thread::sleep(Duration::from_secs(1));
+    let before = rss_kib(pid);
+    let mut flows = open_idle_flows(&tb.lan, dst, FLOWS);
+    thread::sleep(Duration::from_secs(1));
+    let idle = rss_kib(pid);
+    let block = pattern(64 * 1024, 7);
+    let start = Instant::now();
+    // 8 at a time: the echo server drops a flow idle for 30 s.
+    thread::scope(|sc| {
+        for (w, part) in flows.chunks_mut(FLOWS.div_ceil(8)).enumerate() {
+            let block = &block;
+            sc.spawn(move || {
+                for (i, s) in part.iter_mut().enumerate() {
+                    echo_exchange(s, block, w * FLOWS.div_ceil(8) + i);
+                }
+            });
+        }
+    });
+    eprintln!(
+        "64 KiB each way on {FLOWS} flows in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    thread::sleep(Duration::from_secs(1));
+    let after_bulk = rss_kib(pid);
+    drop(flows);
+    let per = |kib: u64| kib.saturating_sub(before) as f64 / FLOWS as f64;
+    eprintln!(
+        "FIGURES {who}: RSS before {before} KiB; per flow: idle {:.1} KiB, \
+         idle after 64 KiB each way {:.1} KiB",
+        per(idle),
+        per(after_bulk)
+    );
+    thread::sleep(Duration::from_secs(2));
+    let data = pattern(64 << 20, 3);
+    let took = tb.lan.enter(|| {
+        let s = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut writer = s.try_clone().unwrap();
+        let start = Instant::now();
+        thread::scope(|sc| {
+            sc.spawn(|| writer.write_all(&data).unwrap());
+            let mut got = 0usize;
+            let mut want = usize::MAX;
+            let mut head = Vec::new();
+            let mut buf = vec![0u8; 256 * 1024];
+            while got < want {
+                let n = (&s).read(&mut buf).unwrap();
+                assert!(n > 0, "closed after {got} bytes");
+                got += n;
+                if want == usize::MAX {
+                    head.extend_from_slice(&buf[..n.min(128)]);
+                    if head.contains(&b'\n') {
+                        want = peer_line(&head).1 + data.len();
+                    }
+                }
+            }
+        });
+        start.elapsed()
+    });
+    eprintln!(
+        "FIGURES {who}: 64 MiB each way at once in {:.2} s ({:.0} MiB/s each way)",
+        took.as_secs_f64(),
+        64.0 / took.as_secs_f64()
+    );
+}
+
+/// Not a check: per-flow memory and a bulk timing for tproxyd and sslocal
+/// through ssserver, for issue 20's RSS target. Run by hand:
+/// `cargo test --test e2e_shadowsocks flow_memory -- --ignored --nocapture`
+/// (tproxyd is the test build; build with `--release` for bulk figures).
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn flow_memory_figures() {
+    let Some(mut tb) = bed(Mode::Tproxy) else {
+        return;
+    };
+    for method in ["aes-128-gcm", "2022-blake3-aes-128-gcm"] {
+        let password = password_for(method, "figures");
+        let server = tb.start_ss(SsImpl::Rust, method, &password);
+        tb.restart_tproxyd_with_config(&config(
+            Mode::Tproxy,
+            &format!(
+                "{}[route]\nfinal = \"ss\"\n",
+                ss_outbound("ss", server.addr_v4(), method, &password, true, Form::Keys)
+            ),
+        ));
+        let pid = tb.tproxyd_pid().unwrap();
+        flow_figures(&tb, pid, &format!("tproxyd {method}"));
+        tb.kill_tproxyd();
+        let mut sslocal = Command::new("ip")
+            .args(["netns", "exec", &tb.router.name])
+            .arg(tproxyd::testbed::shadowsocks::ss_rust_bin("sslocal"))
+            .args(["--protocol", "redir", "-b", &format!("[::]:{PROXY_PORT}")])
+            .args([
+                "-s",
+                &server.addr_v4().to_string(),
+                "-m",
+                method,
+                "-k",
+                &password,
+            ])
+            .args([
+                "-U",
+                "--tcp-redir",
+                "tproxy",
+                "--udp-redir",
+                "tproxy",
+                "-n",
+                "20000",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let listening = tb.router.enter(|| {
+            wait_until(Duration::from_secs(10), || {
+                TcpStream::connect(addr("127.0.0.1", PROXY_PORT)).is_ok()
+            })
+        });
+        assert!(listening, "sslocal did not listen on {PROXY_PORT}");
+        flow_figures(&tb, sslocal.id(), &format!("sslocal {method}"));
+        let _ = sslocal.kill();
+        let _ = sslocal.wait();
+    }
+}

@@ -3,8 +3,8 @@
 //! A plain upstream (a bare socket: direct, SOCKS5, HTTP CONNECT) is
 //! spliced, the kernel moving the bytes; an upstream that frames the
 //! stream ([`TcpUpstream`]'s other arms) is copied through its
-//! [`TcpCarrier`] by a lean loop, one buffer per direction for the whole
-//! flow. Both paths behave alike:
+//! [`TcpCarrier`] by a lean loop, one buffer per direction held only
+//! while bytes are in flight. Both paths behave alike:
 //!
 //! A FIN from one side is passed on as a shutdown of the other side's
 //! write half only, and the other direction keeps flowing until it ends
@@ -35,6 +35,18 @@ use crate::relay::spares::Spares;
 use crate::sys;
 
 const COPY_BUF_SIZE: usize = 16 * 1024;
+
+/// Copy buffers of framed flows between bursts: a direction takes one when
+/// it reads and gives it back when its source has nothing more, so an idle
+/// flow holds none (issue 20: per-flow memory of shadowsocks flows), while
+/// a busy one does not allocate and zero 16 KiB per burst.
+static SPARE_COPY_BUFS: Spares<Box<[u8]>> = Spares::new(32);
+
+fn take_copy_buf() -> Box<[u8]> {
+    SPARE_COPY_BUFS
+        .take()
+        .unwrap_or_else(|| vec![0u8; COPY_BUF_SIZE].into_boxed_slice())
+}
 
 /// How a relayed flow ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -421,6 +433,9 @@ async fn splice(
 /// read into the direction's buffer and written out before the next read.
 struct Framed {
     from_side: Side,
+    /// Taken while bytes are in flight, given back when the source has
+    /// nothing more for now and everything read was written.
+    buf: Option<Box<[u8]>>,
     /// The unwritten bytes are `buf[start..end]`.
     start: usize,
     end: usize,
@@ -431,10 +446,19 @@ struct Framed {
     done: bool,
 }
 
+impl Drop for Framed {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            SPARE_COPY_BUFS.give_back(buf);
+        }
+    }
+}
+
 impl Framed {
     fn new(from_side: Side) -> Self {
         Framed {
             from_side,
+            buf: None,
             start: 0,
             end: 0,
             unflushed: false,
@@ -452,7 +476,6 @@ impl Framed {
         cx: &mut Context<'_>,
         from: &mut F,
         to: &mut T,
-        buf: &mut [u8],
         meter: &Meter,
         counter: &AtomicU64,
     ) -> Poll<DirResult> {
@@ -470,7 +493,11 @@ impl Framed {
                 return Poll::Ready(Ok(()));
             }
             while self.start < self.end {
-                let Some(pending) = buf.get(self.start..self.end) else {
+                let Some(pending) = self
+                    .buf
+                    .as_deref()
+                    .and_then(|b| b.get(self.start..self.end))
+                else {
                     break;
                 };
                 let n =
@@ -483,6 +510,7 @@ impl Framed {
                 counter.fetch_add(n as u64, Ordering::Relaxed);
                 meter.touch();
             }
+            let buf = self.buf.get_or_insert_with(take_copy_buf);
             let mut read = ReadBuf::new(buf);
             match Pin::new(&mut *from).poll_read(cx, &mut read) {
                 Poll::Ready(Ok(())) => {
@@ -493,6 +521,11 @@ impl Framed {
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err((from_side, e))),
                 Poll::Pending => {
+                    // Everything read was written: an idle direction holds
+                    // no buffer.
+                    if let Some(buf) = self.buf.take() {
+                        SPARE_COPY_BUFS.give_back(buf);
+                    }
                     if self.unflushed {
                         ready!(Pin::new(&mut *to).poll_flush(cx)).map_err(|e| (to_side, e))?;
                         self.unflushed = false;
@@ -523,8 +556,8 @@ impl<S: TcpCarrier> Drop for FramedEnds<S> {
 }
 
 /// [`relay`] for an upstream that frames the stream: copied through one
-/// buffer per direction, made once for the flow (one allocation for
-/// both), with the splice path's half-close, reset, idle timeout and
+/// buffer per direction, held only while bytes are in flight (see
+/// [`SPARE_COPY_BUFS`]), with the splice path's half-close, reset, idle timeout and
 /// counting. Both directions are polled from the start, so the upstream's
 /// `poll_read` runs before the client sends anything.
 async fn copy_framed<S: TcpCarrier>(
@@ -539,8 +572,6 @@ async fn copy_framed<S: TcpCarrier>(
         upstream,
         ended: false,
     };
-    let mut bufs = vec![0u8; 2 * COPY_BUF_SIZE].into_boxed_slice();
-    let (up_buf, down_buf) = bufs.split_at_mut(COPY_BUF_SIZE);
     let meter = Meter::new();
     let mut up = Framed::new(Side::Client);
     let mut down = Framed::new(Side::Upstream);
@@ -551,14 +582,14 @@ async fn copy_framed<S: TcpCarrier>(
             client, upstream, ..
         } = &mut ends;
         if !up.done {
-            match up.poll(cx, client, upstream, up_buf, &meter, &traffic.up) {
+            match up.poll(cx, client, upstream, &meter, &traffic.up) {
                 Poll::Ready(Ok(())) => up.done = true,
                 Poll::Ready(Err(e)) => return Poll::Ready(side_error(e)),
                 Poll::Pending => {}
             }
         }
         if !down.done {
-            match down.poll(cx, upstream, client, down_buf, &meter, &traffic.down) {
+            match down.poll(cx, upstream, client, &meter, &traffic.down) {
                 Poll::Ready(Ok(())) => down.done = true,
                 Poll::Ready(Err(e)) => return Poll::Ready(side_error(e)),
                 Poll::Pending => {}

@@ -3,6 +3,7 @@
 //! carrier ([`Client`]); the cryptography is in [`crypto`], the TCP
 //! stream in [`tcp`], `ss://` URLs in [`url`].
 
+pub mod blake3;
 pub mod crypto;
 pub mod tcp;
 pub mod udp;

@@ -14,8 +14,17 @@
 //! Reading: the server's salt, then (2022) its response header (type 1,
 //! timestamp within [`MAX_CLOCK_SKEW`], our request salt echoed), then
 //! chunks. Lengths are checked against the method's limit before a byte
-//! of the chunk is awaited; the buffer is allocated once, at its largest,
-//! so nothing is ever allocated from a length the server sent.
+//! of the chunk is awaited, and the read buffer only ever has one of two
+//! fixed sizes (a chunk over the smaller one, possible with 2022, moves
+//! it to the larger), so nothing is allocated from a length the server
+//! sent.
+//!
+//! Memory: an idle stream holds no buffer. The read buffer is taken from
+//! a shared stock when a read is tried and given back when the socket
+//! has nothing more and every byte read was handed out; the write buffer
+//! holds what one write seals and is freed when the relay flushes (its
+//! client has nothing more for now). A busy stream keeps both between
+//! writes and reads, so bulk transfers pay no allocation per chunk.
 //!
 //! A wrong password or method gets no answer at all from libev's server
 //! (SSR's AEAD server neither; its 2022 server resets). So once client
@@ -45,6 +54,7 @@ use tracing::warn;
 use super::crypto::{self, Cipher, Key, Method, NonceCounter, MAX_KEY_LEN, TAG_LEN};
 use crate::outbound::socks5::proto::Address;
 use crate::ratelimit::{self, RateLimit};
+use crate::relay::spares::Spares;
 
 /// How long the request waits for the client's first bytes after the
 /// first read, before it goes alone (sslocal's figure).
@@ -64,6 +74,37 @@ const FIXED_REQUEST: usize = 1 + 8 + 2;
 const MAX_ADDRESS: usize = 1 + 1 + 255 + 2;
 /// Reads smaller than this are not worth a syscall: compact first.
 const MIN_READ: usize = 2048;
+/// The read buffer of every method: room for a whole AEAD chunk at its
+/// limit (0x3FFF) and a read of 16 KiB more, and for the 2022 chunks most
+/// servers send (one read of the target's).
+const READ_BUF: usize = 32 * 1024;
+/// The read buffer of a 2022 stream that got a chunk over [`READ_BUF`]:
+/// a whole chunk at the 2022 limit (0xFFFF) after the salt and the
+/// response header, for the longest salt.
+const LARGE_READ_BUF: usize =
+    MAX_KEY_LEN + (1 + 8 + MAX_KEY_LEN + 2) + TAG_LEN + LEN_CHUNK + 0xFFFF + TAG_LEN;
+
+/// Read buffers between bursts, one stock per size; see the module's
+/// "Memory".
+static SPARE_READ_BUFS: Spares<Vec<u8>> = Spares::new(32);
+static SPARE_LARGE_READ_BUFS: Spares<Vec<u8>> = Spares::new(8);
+
+fn take_read_buf(large: bool) -> Vec<u8> {
+    let (spares, len) = if large {
+        (&SPARE_LARGE_READ_BUFS, LARGE_READ_BUF)
+    } else {
+        (&SPARE_READ_BUFS, READ_BUF)
+    };
+    spares.take().unwrap_or_else(|| vec![0; len])
+}
+
+fn give_back_read_buf(buf: Vec<u8>) {
+    match buf.len() {
+        READ_BUF => SPARE_READ_BUFS.give_back(buf),
+        LARGE_READ_BUF => SPARE_LARGE_READ_BUFS.give_back(buf),
+        _ => {}
+    }
+}
 
 const TYPE_REQUEST: u8 = 0;
 const TYPE_RESPONSE: u8 = 1;
@@ -216,14 +257,18 @@ pub struct SsStream<S> {
     salt: [u8; MAX_KEY_LEN],
     /// The request, until it is sent.
     target: Option<Address>,
-    /// Sealed bytes not yet written, from `wpos`; allocated once.
+    /// Sealed bytes not yet written, from `wpos`; sized to the largest
+    /// write since the last flush, freed by a flush.
     wbuf: Vec<u8>,
     wpos: usize,
     // The server → client direction.
     dec: Option<Cipher>,
     dec_nonce: NonceCounter,
-    /// Allocated once at its largest on the first read.
-    rbuf: Vec<u8>,
+    /// Empty while nothing is buffered and the socket has nothing to read;
+    /// else [`READ_BUF`] or [`LARGE_READ_BUF`] bytes.
+    rbuf: ReadBuffer,
+    /// A chunk needed [`LARGE_READ_BUF`]: take that size from now on.
+    large_reads: bool,
     /// Received, not yet decoded: `rbuf[rstart..rend]`.
     rstart: usize,
     rend: usize,
@@ -246,6 +291,30 @@ impl<S> fmt::Debug for SsStream<S> {
             .field("request_sent", &self.target.is_none())
             .field("replied", &self.replied)
             .finish_non_exhaustive()
+    }
+}
+
+/// The read buffer, given back to the stock when the stream is dropped (a
+/// field of its own, so the stream itself has no `Drop` and may borrow).
+#[derive(Default)]
+struct ReadBuffer(Vec<u8>);
+
+impl Drop for ReadBuffer {
+    fn drop(&mut self) {
+        give_back_read_buf(std::mem::take(&mut self.0));
+    }
+}
+
+impl std::ops::Deref for ReadBuffer {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ReadBuffer {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.0
     }
 }
 
@@ -315,19 +384,17 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// The room every write may need: salt, a 2022 request's headers at their
-/// largest, a batch, and its chunks' framing.
-fn write_capacity(method: Method) -> usize {
-    let chunks = WRITE_BATCH / method.max_chunk() + 2;
-    MAX_KEY_LEN
-        + FIXED_REQUEST
-        + TAG_LEN
-        + MAX_ADDRESS
-        + 2
-        + MAX_PADDING
-        + TAG_LEN
-        + WRITE_BATCH
-        + chunks * (LEN_CHUNK + TAG_LEN)
+/// The room a write of `len` bytes may need: with the request, the salt
+/// and a 2022 request's headers at their largest; then the chunks'
+/// framing.
+fn write_capacity(method: Method, len: usize, with_request: bool) -> usize {
+    let chunks = len / method.max_chunk() + 2;
+    let request = if with_request {
+        MAX_KEY_LEN + FIXED_REQUEST + TAG_LEN + MAX_ADDRESS + 2 + MAX_PADDING + TAG_LEN
+    } else {
+        0
+    };
+    request + len + chunks * (LEN_CHUNK + TAG_LEN)
 }
 
 /// The 2022 response header: type, timestamp, request salt, length.
@@ -335,16 +402,17 @@ fn response_header_len(method: Method) -> usize {
     1 + 8 + method.salt_len() + 2
 }
 
-/// The read buffer: at least a whole chunk at the method's limit after
-/// the salt and headers, so any length the server may send fits.
+/// The most the read buffer must hold: a whole chunk at the method's
+/// limit after the salt and headers, so any length the server may send
+/// fits: at most [`LARGE_READ_BUF`] (checked by a test).
+#[cfg(test)]
 fn read_capacity(method: Method) -> usize {
-    let largest = method.salt_len()
+    method.salt_len()
         + response_header_len(method)
         + TAG_LEN
         + LEN_CHUNK
         + method.max_chunk()
-        + TAG_LEN;
-    largest.max(32 * 1024)
+        + TAG_LEN
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> SsStream<S> {
@@ -367,7 +435,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SsStream<S> {
             wpos: 0,
             dec: None,
             dec_nonce: NonceCounter::default(),
-            rbuf: Vec::new(),
+            rbuf: ReadBuffer::default(),
+            large_reads: false,
             rstart: 0,
             rend: 0,
             plain: (0, 0),
@@ -385,6 +454,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SsStream<S> {
 
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.io
+    }
+
+    /// The bytes the stream holds in buffers: the read buffer's length
+    /// and the write buffer's capacity (both 0 when idle).
+    #[cfg(test)]
+    pub fn buffers(&self) -> (usize, usize) {
+        (self.rbuf.len(), self.wbuf.capacity())
     }
 
     /// Whether a reply from the server has authenticated.
@@ -473,17 +549,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SsStream<S> {
         Poll::Ready(Ok(()))
     }
 
-    fn reserve_wbuf(&mut self) {
-        if self.wbuf.capacity() == 0 {
-            self.wbuf = Vec::with_capacity(write_capacity(self.method()));
+    /// Room in `wbuf` for a write of `len` bytes (and the request, if it
+    /// has not gone): reused while it suffices, so a bulk transfer
+    /// allocates once.
+    fn reserve_wbuf(&mut self, len: usize) {
+        let need = write_capacity(self.method(), len, self.target.is_some());
+        self.wbuf.reserve_exact(need);
+    }
+
+    /// The socket has nothing more for now and everything read was handed
+    /// out: the read buffer goes back to the stock.
+    fn release_rbuf(&mut self) {
+        if !self.rbuf.is_empty() {
+            give_back_read_buf(std::mem::take(&mut self.rbuf.0));
         }
+        self.rstart = 0;
+        self.rend = 0;
+        self.plain = (0, 0);
     }
 
     /// Sends the request with no data (the client's first bytes did not
     /// come in time, or it shut down without any).
     fn send_request_alone(&mut self) -> io::Result<()> {
+        if self.target.is_some() {
+            self.reserve_wbuf(0);
+        }
         if let Some(target) = self.target.take() {
-            self.reserve_wbuf();
             self.encode_request(&target, &[])?;
         }
         if self.wait == Wait::Header {
@@ -665,7 +756,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for SsStream<S> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.rbuf.is_empty() {
-            this.rbuf = vec![0; read_capacity(this.method())];
+            this.rbuf.0 = take_read_buf(this.large_reads);
         }
         if this.target.is_some() && this.wait == Wait::None {
             this.arm(Wait::Header, HEADER_WAIT);
@@ -701,6 +792,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for SsStream<S> {
                 return Poll::Ready(Ok(()));
             }
             // Room for the rest of what is needed, and a read worth making.
+            if need > this.rbuf.len() && this.rbuf.len() < LARGE_READ_BUF {
+                // A 2022 chunk over READ_BUF (its length was checked
+                // against the method's limit, so it fits the larger one).
+                let mut large = take_read_buf(true);
+                let kept = this.rend - this.rstart;
+                large[..kept].copy_from_slice(&this.rbuf[this.rstart..this.rend]);
+                give_back_read_buf(std::mem::replace(&mut this.rbuf.0, large));
+                (this.rstart, this.rend) = (0, kept);
+                this.large_reads = true;
+            }
             if this.rstart == this.rend {
                 this.rstart = 0;
                 this.rend = 0;
@@ -712,7 +813,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for SsStream<S> {
             }
             let mut free = ReadBuf::new(&mut this.rbuf[this.rend..]);
             match Pin::new(&mut this.io).poll_read(cx, &mut free) {
-                Poll::Pending => return this.poll_timer(cx),
+                Poll::Pending => {
+                    if this.rstart == this.rend {
+                        this.release_rbuf();
+                    }
+                    return this.poll_timer(cx);
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(this.read_error(e))),
                 Poll::Ready(Ok(())) => {
                     let n = free.filled().len();
@@ -741,7 +847,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for SsStream<S> {
             return Poll::Ready(Ok(0));
         }
         let n = data.len().min(WRITE_BATCH);
-        this.reserve_wbuf();
+        this.reserve_wbuf(n);
         if let Some(target) = this.target.take() {
             if this.wait == Wait::Header {
                 this.disarm();
@@ -768,9 +874,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for SsStream<S> {
         Poll::Ready(Ok(n))
     }
 
+    /// Writes out what is sealed; then frees the write buffer, as the
+    /// relay flushes when its client has nothing more for now.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         ready!(this.poll_flush_wbuf(cx))?;
+        this.wbuf = Vec::new();
         Pin::new(&mut this.io).poll_flush(cx)
     }
 
@@ -783,6 +892,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for SsStream<S> {
         }
         ready!(this.poll_flush_wbuf(cx))?;
         Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod buffer_tests {
+    use super::*;
+
+    /// Whatever length a server may send (within the method's limit), the
+    /// chunk fits the read buffer: AEAD's always, 2022's the larger one.
+    #[test]
+    fn a_whole_chunk_fits_the_read_buffers() {
+        for m in Method::ALL {
+            assert!(read_capacity(m) <= LARGE_READ_BUF, "{m}");
+            if !m.is_2022() {
+                assert!(read_capacity(m) + MIN_READ <= READ_BUF, "{m}");
+            }
+        }
     }
 }
 

@@ -442,6 +442,49 @@ async fn read_error(
     e.to_string()
 }
 
+/// An idle stream holds no buffer: the write buffer is freed by a flush,
+/// the read buffer goes back when the socket has nothing more. A 2022
+/// chunk over the usual read buffer moves to the larger one and arrives
+/// whole, split across reads.
+#[tokio::test]
+async fn an_idle_stream_holds_no_buffer() {
+    for m in [Method::Aes128Gcm, Method::Blake3Aes128Gcm] {
+        let key = example_key(m);
+        let big: Vec<u8> = (0..60_000u32).map(|i| (i % 253) as u8).collect();
+        let reply = big.clone();
+        let server = one_shot_server(key.clone(), move |key, req| {
+            let mut out = Vec::new();
+            let mut enc = ReplyEncoder::new(key, req, &salt_of(key.method()));
+            enc.push(&mut out, b"hello", None);
+            if key.method().is_2022() {
+                enc.push(&mut out, &reply, None);
+            }
+            out
+        })
+        .await;
+        let up = upstream(key, server, Duration::from_secs(5));
+        let mut s = stream_to(server, &up, Address::Ip("192.0.2.1:80".parse().unwrap())).await;
+        assert_eq!(s.buffers(), (0, 0), "{m}: before any byte");
+        s.write_all(b"hi").await.unwrap();
+        assert!(s.buffers().1 > 0, "{m}: the write buffer while unflushed");
+        assert!(s.buffers().1 < 2048, "{m}: sized to the write, not a batch");
+        s.flush().await.unwrap();
+        assert_eq!(s.buffers().1, 0, "{m}: the write buffer after a flush");
+        let mut got = vec![0u8; 5];
+        s.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, b"hello");
+        if m.is_2022() {
+            let mut got = vec![0u8; big.len()];
+            s.read_exact(&mut got).await.unwrap();
+            assert!(got == big, "{m}: the large chunk");
+        }
+        let mut one = [0u8; 1];
+        let waited = tokio::time::timeout(Duration::from_millis(100), s.read(&mut one)).await;
+        assert!(waited.is_err(), "{m}: nothing more was sent");
+        assert_eq!(s.buffers(), (0, 0), "{m}: idle");
+    }
+}
+
 fn salt_of(m: Method) -> Vec<u8> {
     vec![0x33; m.salt_len()]
 }
