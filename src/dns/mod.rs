@@ -18,6 +18,7 @@
 //! The UDP relay calls in at three points (`relay/udp/dns.rs`): before a
 //! query's route decision, after it, and for every reply from port 53.
 
+pub mod fakeip;
 pub mod message;
 pub mod names;
 pub mod tcp;

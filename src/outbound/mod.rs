@@ -35,6 +35,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 
+pub use crate::dns::fakeip::ResolveReal;
 use crate::sys;
 
 pub use credentials::Credentials;
@@ -105,6 +106,10 @@ pub enum OutboundError {
     /// The `block` outbound: refused on purpose, not a fault.
     #[error("blocked by rule")]
     Blocked,
+    /// A fake-ip flow whose name cannot be carried: not a host name, or
+    /// (for `direct`) no real address for it.
+    #[error("fake-ip name {name}: {why}")]
+    FakeName { name: String, why: &'static str },
     #[error(
         "the http outbound (proxy {server}) carries TCP only: HTTP CONNECT has no UDP; \
          send UDP elsewhere with a rule (network = \"udp\", outbound = ...)"
@@ -118,6 +123,7 @@ impl OutboundError {
         match self {
             OutboundError::Blocked | OutboundError::TcpOnly { .. } => Failure::Refused,
             OutboundError::ConnectTimeout { .. } => Failure::DestinationTimeout,
+            OutboundError::FakeName { .. } => Failure::DestinationRefused,
             OutboundError::Connect { source, .. } => {
                 io_failure(source, Failure::DestinationRefused)
             }
@@ -192,6 +198,17 @@ pub trait Carrier {
         &'a self,
         dst: SocketAddr,
         host: Option<&'a str>,
+    ) -> impl Future<Output = Result<TcpUpstream, OutboundError>> + Send + 'a;
+
+    /// Opens a TCP connection to `name`, port `port`, for a flow to a
+    /// fake-ip address (which must never be dialed): kinds that can name a
+    /// destination send the name whatever their `send_domain`; `direct`
+    /// connects to the real addresses `real` gives for the name.
+    fn connect_tcp_named<'a>(
+        &'a self,
+        name: &'a str,
+        port: u16,
+        real: &'a dyn ResolveReal,
     ) -> impl Future<Output = Result<TcpUpstream, OutboundError>> + Send + 'a;
 
     /// Opens the upstream side of one UDP session.
@@ -331,6 +348,17 @@ impl Outbound {
         // that this future, which every flow's task holds, stays the size
         // of a direct connect (`the_connect_future_stays_small`).
         delegate!(self, o => o.connect_tcp(dst, host).await)
+    }
+
+    /// Opens a TCP connection to `name`:`port` (a fake-ip flow); see
+    /// [`Carrier::connect_tcp_named`].
+    pub async fn connect_tcp_named(
+        &self,
+        name: &str,
+        port: u16,
+        real: &dyn ResolveReal,
+    ) -> Result<TcpUpstream, OutboundError> {
+        delegate!(self, o => o.connect_tcp_named(name, port, real).await)
     }
 
     /// Why this outbound refuses every UDP datagram, if it does; known

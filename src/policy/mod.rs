@@ -21,6 +21,7 @@ use crate::config::{Config, Network, SniffProtocol};
 use crate::outbound::group::{Group, Member};
 use crate::outbound::{BuildError, Context, Outbound, OutboundConfig};
 pub use crate::registry::RuleLabel;
+use crate::dns::fakeip::Exclusions;
 use rules::Rules;
 
 /// What the policy knows about a flow when it decides.
@@ -55,6 +56,8 @@ pub enum PolicyError {
     Outbound { name: String, source: BuildError },
     #[error("route.rules[{index}]: {message}")]
     Rule { index: usize, message: String },
+    #[error("dns.fake_ip: {message}")]
+    FakeIp { message: String },
     #[error("route.rule_sets[{index}] ({name}): {message}")]
     RuleSet {
         index: usize,
@@ -150,6 +153,9 @@ pub struct Policy {
     /// Each rule as the API shows it, in rule order; then `route.final`.
     rule_labels: Vec<Arc<RuleLabel>>,
     final_index: usize,
+    /// The names fake-ip leaves to the real resolver, when `[dns.fake_ip]`
+    /// is set: built here from the rule sets the rules read.
+    fake_ip_exclusions: Option<Arc<Exclusions>>,
 }
 
 impl Policy {
@@ -171,7 +177,12 @@ impl Policy {
         let outbounds = build_outbounds(cfg, &index_of, old)?;
         // Validation guarantees every name below exists.
         let lookup = |name: &str| index_of.get(name).copied().unwrap_or(0);
-        let rules = Rules::build(&cfg.route)?;
+        let sets = Rules::load_sets(&cfg.route)?;
+        let rules = Rules::with_sets(&cfg.route, &sets)?;
+        let fake_ip_exclusions = match &cfg.dns.fake_ip {
+            Some(fake) => Some(Arc::new(Exclusions::build(fake, &cfg.route, &sets)?)),
+            None => None,
+        };
         let rule_targets = cfg
             .route
             .rules
@@ -192,6 +203,7 @@ impl Policy {
             rules,
             rule_targets,
             rule_labels,
+            fake_ip_exclusions,
         })
     }
 
@@ -199,7 +211,12 @@ impl Policy {
     /// (rule-set files, regexes), without the outbounds: what `tproxyd
     /// check` runs, so a bad file or regex is reported before a start.
     pub fn check(cfg: &Config) -> Result<(), PolicyError> {
-        Rules::build(&cfg.route).map(|_| ())
+        let sets = Rules::load_sets(&cfg.route)?;
+        Rules::with_sets(&cfg.route, &sets)?;
+        if let Some(fake) = &cfg.dns.fake_ip {
+            Exclusions::build(fake, &cfg.route, &sets)?;
+        }
+        Ok(())
     }
 
     /// One outbound for every flow, named by its type; no rules.
@@ -215,6 +232,7 @@ impl Policy {
             rule_targets: Vec::new(),
             rule_labels: vec![Arc::new(final_label())],
             final_index: 0,
+            fake_ip_exclusions: None,
         }
     }
 
@@ -232,6 +250,34 @@ impl Policy {
             chain,
             rule,
         }
+    }
+
+    /// The outbound for a flow to a fake-ip address, by its `name`: the
+    /// address means nothing, so no rule on destination addresses
+    /// (`dst`, prefix rule sets) matches it; the name, ports, source and
+    /// protocol decide.
+    pub fn decide_by_name(&self, flow: &FlowMeta<'_>, name: &str) -> Choice {
+        let named = FlowMeta {
+            domain: Some(name),
+            ..*flow
+        };
+        let rule = self.rules.first_match_by_name(&named);
+        let target = rule.map_or(self.final_index, |r| self.rule_targets[r]);
+        let (index, chain) = self.resolve(target);
+        let named = &self.outbounds[index];
+        Choice {
+            outbound: Arc::clone(&named.outbound),
+            key: named.key,
+            index,
+            chain,
+            rule,
+        }
+    }
+
+    /// The names fake-ip leaves to the real resolver (None without
+    /// `[dns.fake_ip]`).
+    pub fn fake_ip_exclusions(&self) -> Option<&Arc<Exclusions>> {
+        self.fake_ip_exclusions.as_ref()
     }
 
     /// Follows groups from outbound `index` to the one that carries flows

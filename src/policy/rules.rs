@@ -420,6 +420,14 @@ impl Rules {
     /// Reads every rule set, then indexes the rules. A rule-set file or a
     /// regex that is wrong is refused here, with where and why.
     pub fn build(route: &RouteConfig) -> Result<Rules, PolicyError> {
+        let sets = Self::load_sets(route)?;
+        Self::with_sets(route, &sets)
+    }
+
+    /// Reads every rule set `route` names, in order: what
+    /// [`with_sets`](Self::with_sets) takes (read once, for every matcher
+    /// built from them: the route's and fake-ip's exclusions).
+    pub fn load_sets(route: &RouteConfig) -> Result<Vec<RuleSet>, PolicyError> {
         let mut sets = Vec::with_capacity(route.rule_sets.len());
         for (index, cfg) in route.rule_sets.iter().enumerate() {
             let set = RuleSet::load(cfg).map_err(|message| PolicyError::RuleSet {
@@ -429,7 +437,7 @@ impl Rules {
             })?;
             sets.push(set);
         }
-        Self::with_sets(route, &sets)
+        Ok(sets)
     }
 
     /// Indexes the rules with rule sets already read; `sets[i]` is the
@@ -597,6 +605,17 @@ impl Rules {
 
     /// The index of the first rule that matches `flow`.
     pub fn first_match<'a>(&'a self, flow: &FlowMeta<'_>) -> Option<usize> {
+        self.first_match_with(flow, true)
+    }
+
+    /// The first rule that matches `flow` when its destination address
+    /// means nothing (a fake-ip address): rules with a `dst` key (prefixes
+    /// or prefix rule sets) never match.
+    pub fn first_match_by_name<'a>(&'a self, flow: &FlowMeta<'_>) -> Option<usize> {
+        self.first_match_with(flow, false)
+    }
+
+    fn first_match_with<'a>(&'a self, flow: &FlowMeta<'_>, by_dst: bool) -> Option<usize> {
         // Sorted lists of rules that some key of the flow satisfies, each
         // with the key it stands for (0: rules without selective keys).
         // The address and port keys give one list each: a flow without a
@@ -615,7 +634,7 @@ impl Rules {
             IpAddr::V6(a) => v6.lookup(u128::from(a)),
         };
         add(&self.unselective[..], 0);
-        if self.used & DST != 0 {
+        if by_dst && self.used & DST != 0 {
             add(list(addr(&self.dst4, &self.dst6, flow.dst.ip())), DST);
         }
         if self.used & SRC != 0 {

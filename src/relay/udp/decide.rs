@@ -63,6 +63,14 @@ pub(super) enum Verdict {
     },
     /// Addressed to tproxyd's own listener: a routing loop.
     RefuseLoop { dst: SocketAddr },
+    /// Addressed to a fake-ip address: dropped and counted, never sent
+    /// to the fake address. `name` is None when the address stands for no
+    /// name; with a name, the datagram was routed by it, but the relay
+    /// cannot yet carry UDP by name (docs/dns.md, Fake-ip: limits).
+    RefuseFake {
+        dst: SocketAddr,
+        name: Option<std::sync::Arc<str>>,
+    },
 }
 
 /// The route a sniffed QUIC flow keeps: its session's later datagrams to
@@ -102,7 +110,14 @@ pub(super) fn datagram(
     let choice = match route(router, pin, client, dst) {
         Decision::Forward(choice) => choice,
         Decision::RefuseLoop => return Verdict::RefuseLoop { dst },
+        Decision::RefuseFake => return Verdict::RefuseFake { dst, name: None },
     };
+    if let crate::route::FakeDst::Name(name) = fake_name(router, dst) {
+        return Verdict::RefuseFake {
+            dst,
+            name: Some(name),
+        };
+    }
     match carried(dst, choice) {
         Verdict::Forward { dst, choice } if dns_over_tcp(router, dst, &choice, payload) => {
             Verdict::DnsOverTcp {
@@ -121,6 +136,15 @@ pub(super) fn datagram(
             }
         }
         verdict => verdict,
+    }
+}
+
+/// The name of a fake-ip destination (no use of it counted: the route
+/// decision just did).
+fn fake_name(router: &Router, dst: SocketAddr) -> crate::route::FakeDst {
+    match router.fake_ip() {
+        Some(pool) if pool.is_fake(dst.ip()) => router.fake_dst(dst.ip()),
+        _ => crate::route::FakeDst::Real,
     }
 }
 
@@ -248,7 +272,7 @@ pub(super) fn sniffed_route(
     };
     match router.decide(&meta) {
         Decision::Forward(choice) => Some(choice),
-        Decision::RefuseLoop => None,
+        Decision::RefuseLoop | Decision::RefuseFake => None,
     }
 }
 
@@ -328,6 +352,9 @@ mod tests {
                 format!("refuse {dst} {} {kind}", name(router, choice))
             }
             Verdict::RefuseLoop { dst } => format!("loop {dst}"),
+            Verdict::RefuseFake { dst, name } => {
+                format!("fake {dst} {}", name.as_deref().unwrap_or("unmapped"))
+            }
         }
     }
 
