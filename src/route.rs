@@ -221,8 +221,7 @@ mod tests {
     fn learned_names_feed_domain_rules() {
         use crate::dns::message::build::{query, response, Answer};
         use crate::dns::message::TYPE_A;
-        use crate::dns::fakeip::FakePool;
-use crate::dns::Dns;
+        use crate::dns::Dns;
         let text = "[[outbounds]]\nname = \"proxy\"\ntype = \"socks5\"\nserver = \"203.0.113.2:1080\"\n\
                     [[outbounds]]\nname = \"direct\"\ntype = \"direct\"\n\
                     [route]\nfinal = \"direct\"\n\

@@ -874,3 +874,296 @@ fn fake_answer(query: &[u8], ip: IpAddr, ttl: u32) -> Option<Vec<u8>> {
     Some(out)
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dns::message::build::query;
+    use crate::dns::message::{answers, RecordData};
+    use crate::policy::rule_set::testdir::TempDir;
+
+    const TYPE_TXT: u16 = 16;
+    const TYPE_HTTPS: u16 = 65;
+
+    fn cfg(ranges: &[&str]) -> FakeIp {
+        FakeIp {
+            ranges: ranges.iter().map(|r| r.parse().unwrap()).collect(),
+            exclude_domain: vec!["exact.example".into()],
+            exclude_domain_suffix: vec!["corp.example".into()],
+            exclude_rule_set: Vec::new(),
+            default_exclude: true,
+            ttl: 1,
+            store: None,
+            save_interval: 300,
+        }
+    }
+
+    fn no_route() -> RouteConfig {
+        RouteConfig {
+            final_outbound: String::new(),
+            rules: Vec::new(),
+            rule_sets: Vec::new(),
+        }
+    }
+
+    fn pool(ranges: &[&str]) -> FakePool {
+        let c = cfg(ranges);
+        let p = FakePool::new(&c);
+        let route = no_route();
+        p.set_exclusions(Arc::new(Exclusions::build(&c, &route, &[]).unwrap()));
+        p
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// The address and TTL `pool` answers for `name`'s `qtype` question.
+    fn ask(pool: &FakePool, name: &str, qtype: u16) -> Option<(Option<IpAddr>, u32)> {
+        let q = query(0x4242, name, qtype);
+        let a = pool.answer(&q)?;
+        let h = Header::parse(&a).unwrap();
+        assert_eq!((h.id, h.rcode(), h.is_response()), (0x4242, 0, true));
+        let records = answers(&a).unwrap();
+        Some(match records.first() {
+            None => (None, 0),
+            Some(r) => match r.data {
+                RecordData::Addr(ip) => (Some(ip), r.ttl),
+                _ => panic!("not an address"),
+            },
+        })
+    }
+
+    fn addr(pool: &FakePool, name: &str) -> IpAddr {
+        ask(pool, name, TYPE_A).unwrap().0.unwrap()
+    }
+
+    #[test]
+    fn one_address_per_name_and_back() {
+        let p = pool(&["198.18.0.0/15", "fc00::/18"]);
+        assert_eq!(p.capacity(), MAX_ENTRIES);
+        let a = addr(&p, "www.example.com");
+        assert_eq!(a, ip("198.18.0.1"), "the network address is never given");
+        assert_eq!(ask(&p, "WWW.Example.COM", TYPE_A).unwrap(), (Some(a), 1));
+        let b = addr(&p, "other.example.com");
+        assert_ne!(a, b);
+        let (v6, ttl) = ask(&p, "www.example.com", TYPE_AAAA).unwrap();
+        assert_eq!((v6, ttl), (Some(ip("fc00::1")), 1));
+        assert_eq!(p.name_of(a).as_deref(), Some("www.example.com"));
+        assert_eq!(p.name_of(ip("fc00::1")).as_deref(), Some("www.example.com"));
+        assert_eq!(p.name_of(ip("::ffff:198.18.0.1")).as_deref(), Some("www.example.com"));
+        assert!(p.is_fake(ip("198.19.255.255")) && p.is_fake(ip("198.18.0.0")));
+        assert!(!p.is_fake(ip("198.20.0.1")) && !p.is_fake(ip("192.0.2.1")));
+        assert_eq!(p.name_of(ip("198.18.0.0")), None);
+        assert_eq!(p.name_of(ip("198.18.200.1")), None);
+        assert_eq!(p.name_of(ip("192.0.2.1")), None);
+        assert_eq!(p.len(), 2);
+    }
+
+    #[test]
+    fn other_questions_go_to_the_real_resolver() {
+        let p = pool(&["198.18.0.0/15"]);
+        // No v6 range: AAAA is NOERROR without records, never a v4 address.
+        assert_eq!(ask(&p, "www.example.com", TYPE_AAAA), Some((None, 0)));
+        assert_eq!(ask(&p, "www.example.com", TYPE_TXT), None);
+        assert_eq!(ask(&p, "www.example.com", TYPE_HTTPS), None);
+        // Not a host name, not a query: not answered here.
+        assert_eq!(ask(&p, "_dmarc.example.com", TYPE_A), None);
+        let mut response = query(1, "www.example.com", TYPE_A);
+        response[2] |= 0x80;
+        assert_eq!(p.answer(&response), None);
+        assert_eq!(p.answer(b"\x00\x01"), None);
+        // The AAAA asked before an A allocated nothing.
+        assert_eq!(p.len(), 0);
+    }
+
+    #[test]
+    fn excluded_names_get_real_addresses() {
+        let p = pool(&["198.18.0.0/15", "fc00::/18"]);
+        for name in [
+            "pool.ntp.org",
+            "0.openwrt.pool.ntp.org",
+            "time.windows.com",
+            "printer.lan",
+            "nas.local",
+            "router.home.arpa",
+            "localhost",
+            "stun.l.google.com",
+            "stun3.example.net",
+            "captive.apple.com",
+            "www.msftconnecttest.com",
+            "connectivitycheck.gstatic.com",
+            "title.mgt.xboxlive.com",
+            "ctest.cdn.nintendo.net",
+            "exact.example",
+            "x.corp.example",
+        ] {
+            assert_eq!(ask(&p, name, TYPE_A), None, "{name}");
+            assert_eq!(ask(&p, name, TYPE_AAAA), None, "{name}");
+        }
+        assert!(p.is_empty());
+        // Near misses are fake.
+        for name in ["sub.exact.example", "stunning.example", "lan.example.com"] {
+            assert!(ask(&p, name, TYPE_A).is_some(), "{name}");
+        }
+        // Without the built-in list, only the configured names.
+        let mut c = cfg(&["198.18.0.0/15"]);
+        c.default_exclude = false;
+        let q = FakePool::new(&c);
+        q.set_exclusions(Arc::new(
+            Exclusions::build(&c, &no_route(), &[]).unwrap(),
+        ));
+        assert!(ask(&q, "pool.ntp.org", TYPE_A).is_some());
+        assert_eq!(ask(&q, "x.corp.example", TYPE_A), None);
+        // Nothing to exclude at all: nothing is.
+        c.exclude_domain.clear();
+        c.exclude_domain_suffix.clear();
+        let none = Exclusions::build(&c, &no_route(), &[]).unwrap();
+        assert!(!none.excludes("x.corp.example"));
+    }
+
+    #[test]
+    fn a_full_pool_recycles_the_least_recently_used() {
+        // A /24: 254 addresses (not .0, not .255); the /120 has 255.
+        let p = pool(&["192.0.2.0/24", "2001:db8::/120"]);
+        assert_eq!(p.capacity(), 254);
+        let names: Vec<String> = (0..254).map(|i| format!("n{i}.example")).collect();
+        let mut seen = std::collections::HashSet::new();
+        for n in &names {
+            let a = addr(&p, n);
+            assert!(a != ip("192.0.2.0") && a != ip("192.0.2.255"), "{a}");
+            assert!(seen.insert(a), "{a} given twice");
+        }
+        // n0 used again (a connection): n1 is now the oldest.
+        let a0 = addr(&p, "n0.example");
+        assert!(p.name_of(a0).is_some());
+        let a1 = addr(&p, "n1.example");
+        let a2 = ip("192.0.2.3");
+        // n1 used by DNS just now; n2 is the oldest.
+        let fresh = addr(&p, "fresh.example");
+        assert_eq!(fresh, a2);
+        assert_eq!(p.name_of(a2).as_deref(), Some("fresh.example"));
+        assert_eq!(p.name_of(a1).as_deref(), Some("n1.example"));
+        assert_eq!(p.len(), 254);
+        assert_eq!(p.stats.recycled.load(Ordering::Relaxed), 1);
+        // n2 asks again: a new address (n3's, the oldest now).
+        assert_eq!(addr(&p, "n2.example"), ip("192.0.2.4"));
+        assert_eq!(
+            ask(&p, "n2.example", TYPE_AAAA).unwrap().0,
+            Some(ip("2001:db8::4"))
+        );
+    }
+
+    #[test]
+    fn the_pool_file_round_trips() {
+        let dir = TempDir::new();
+        let path = dir.0.join("sub").join("fake-ip.pool");
+        let p = pool(&["192.0.2.0/24"]);
+        for i in 0..254 {
+            addr(&p, &format!("n{i}.example"));
+        }
+        let a0 = addr(&p, "n0.example");
+        assert_eq!(p.save_to(&path).unwrap(), 254);
+        assert!(!dir.0.join("sub").join("fake-ip.pool.tmp").exists());
+        let q = pool(&["192.0.2.0/24"]);
+        assert_eq!(q.load(&path).unwrap(), 254);
+        assert_eq!(q.to_bytes(), p.to_bytes(), "the same mapping, the same order");
+        assert_eq!(q.name_of(a0).as_deref(), Some("n0.example"));
+        assert_eq!(addr(&q, "n7.example"), addr(&p, "n7.example"));
+        // The use order came along: n1 is the oldest, recycled first.
+        assert_eq!(addr(&q, "fresh.example"), ip("192.0.2.2"));
+    }
+
+    #[test]
+    fn a_missing_store_starts_empty_and_saves_only_when_changed() {
+        let dir = TempDir::new();
+        let mut c = cfg(&["198.18.0.0/15"]);
+        c.store = Some(dir.0.join("pool"));
+        let p = FakePool::new(&c);
+        p.restore();
+        assert!(p.is_empty());
+        p.save_if_changed(false);
+        assert!(!dir.0.join("pool").exists(), "nothing to save");
+        addr(&p, "a.example");
+        p.save_if_changed(false);
+        let q = FakePool::new(&c);
+        q.restore();
+        assert_eq!(q.name_of(ip("198.18.0.1")).as_deref(), Some("a.example"));
+    }
+
+    fn expect_err(p: &FakePool, bytes: &[u8], what: &str) -> PoolFileError {
+        let before = p.to_bytes();
+        let e = p.load_bytes(bytes).expect_err(what);
+        assert_eq!(p.to_bytes(), before, "{what}: the pool changed");
+        e
+    }
+
+    /// A file body as the pool writes it, with `entries` (sealed).
+    fn forged(p: &FakePool, entries: &[(u32, &[u8])]) -> Vec<u8> {
+        let good = p.to_bytes();
+        let header_len = 8 + 2 + 1 + 18 + 4;
+        let mut body = good[..header_len].to_vec();
+        body.extend_from_slice(&(entries.len() as u32).to_be_bytes());
+        for (slot, name) in entries {
+            body.extend_from_slice(&slot.to_be_bytes());
+            body.push(name.len() as u8);
+            body.extend_from_slice(name);
+        }
+        seal(body)
+    }
+
+    #[test]
+    fn corrupt_foreign_and_forged_files_are_ignored() {
+        let p = pool(&["198.18.0.0/15"]);
+        addr(&p, "a.example");
+        addr(&p, "b.example");
+        let good = p.to_bytes();
+        let q = pool(&["198.18.0.0/15"]);
+        addr(&q, "kept.example");
+
+        let mut flipped = good.clone();
+        flipped[good.len() - 40] ^= 1;
+        assert!(matches!(expect_err(&q, &flipped, "flip"), PoolFileError::Checksum));
+        for cut in [0, 5, 20, good.len() - 1] {
+            expect_err(&q, &good[..cut], "truncated");
+        }
+        let mut magic = good.clone();
+        magic[0] = b'X';
+        assert!(matches!(expect_err(&q, &magic, "magic"), PoolFileError::BadMagic));
+        let mut version = good.clone();
+        version[9] = 9;
+        assert!(matches!(expect_err(&q, &version, "version"), PoolFileError::Version(9)));
+        let huge = vec![0u8; q.max_file_len() + 1];
+        assert!(matches!(expect_err(&q, &huge, "huge"), PoolFileError::TooLarge { .. }));
+        // Another range: its addresses mean nothing here.
+        let other = pool(&["198.18.0.0/16"]);
+        let e = expect_err(&other, &good, "foreign");
+        assert!(e.to_string().contains("198.18.0.0/15"), "{e}");
+        let v6 = pool(&["198.18.0.0/15", "fc00::/18"]);
+        assert!(matches!(expect_err(&v6, &good, "v6 added"), PoolFileError::Foreign { .. }));
+
+        // Sealed, but wrong inside: every entry is checked.
+        for (entries, what) in [
+            (vec![(0u32, &b"a.example"[..]), (0, b"b.example")], "slot twice"),
+            (vec![(0, &b"a.example"[..]), (1, b"a.example")], "name twice"),
+            (vec![(0, &b"A.example"[..])], "uppercase"),
+            (vec![(0, &b"a b.example"[..])], "not a host name"),
+            (vec![(0, &b""[..])], "empty name"),
+            (vec![(1, &b"a.example"[..])], "gap"),
+            (vec![(40_000, &b"a.example"[..])], "slot out of range"),
+        ] {
+            let bytes = forged(&q, &entries);
+            assert!(
+                matches!(expect_err(&q, &bytes, what), PoolFileError::BadEntry { .. }),
+                "{what}"
+            );
+        }
+        let mut trailing = forged(&q, &[(0, b"a.example")]);
+        trailing.truncate(trailing.len() - SUM_LEN);
+        trailing.push(0);
+        expect_err(&q, &seal(trailing), "trailing bytes");
+        // And the good file loads.
+        assert_eq!(q.load_bytes(&good).unwrap(), 2);
+        assert_eq!(q.name_of(ip("198.18.0.2")).as_deref(), Some("b.example"));
+    }
+}

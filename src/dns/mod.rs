@@ -109,6 +109,8 @@ pub struct Dns {
     pools: Pools,
     pub stats: DnsStats,
     servfail_warning: RateLimit,
+    /// Fake-ip: A/AAAA questions it answers are answered here.
+    fake: std::sync::OnceLock<Arc<fakeip::FakePool>>,
 }
 
 impl std::fmt::Debug for Dns {
@@ -135,6 +137,7 @@ impl Dns {
             pools: Pools::default(),
             stats: DnsStats::default(),
             servfail_warning: RateLimit::default(),
+            fake: std::sync::OnceLock::new(),
         }
     }
 
@@ -175,8 +178,18 @@ impl Dns {
         }
     }
 
+    /// Answers the A/AAAA questions `pool` takes from now on (once, at
+    /// start). The DNS engine (`resolver.rs`, to come) must ask the pool
+    /// before its rules as well.
+    pub fn set_fake_ip(&self, pool: Arc<fakeip::FakePool>) {
+        let _ = self.fake.set(pool);
+    }
+
     /// A query from `client` to `dst` (port 53), before the route decision.
     pub fn on_query(&self, client: SocketAddr, dst: SocketAddr, query: &[u8]) -> Query {
+        if let Some(answer) = self.fake.get().and_then(|pool| pool.answer(query)) {
+            return Query::Answer(answer);
+        }
         let settings = self.settings.load();
         if settings.filter_aaaa {
             if let Some(answer) = filtered_aaaa(query) {

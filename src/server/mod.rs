@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tracing::{info, warn};
 
 use crate::config::{Config, Mode};
+use crate::dns::fakeip::FakePool;
 use crate::dns::Dns;
 use crate::fds;
 use crate::firewall::{self, FirewallError, Plan};
@@ -312,7 +313,19 @@ impl Server {
         };
         let cfg = self.cfg;
         let dns = Arc::new(Dns::new(&cfg, &policy));
-        let router = Router::new(cfg.listen, policy).with_dns(Arc::clone(&dns));
+        let fake = cfg.dns.fake_ip.as_ref().map(|f| {
+            let pool = Arc::new(FakePool::new(f));
+            if let Some(exclusions) = policy.fake_ip_exclusions() {
+                pool.set_exclusions(Arc::clone(exclusions));
+            }
+            pool.restore();
+            dns.set_fake_ip(Arc::clone(&pool));
+            pool
+        });
+        let mut router = Router::new(cfg.listen, policy).with_dns(Arc::clone(&dns));
+        if let Some(pool) = &fake {
+            router = router.with_fake_ip(Arc::clone(pool));
+        }
         let registry = Arc::new(Registry::new());
         let mut tasks = tokio::task::JoinSet::new();
         let (stop_tcp, tcp_stop) = tokio::sync::watch::channel(false);
@@ -366,6 +379,19 @@ impl Server {
                 );
                 tasks.spawn(probe);
             }
+        }
+        // The fake-ip pool, saved when it changed, every save_interval.
+        if let (Some(pool), Some(f)) = (&fake, &cfg.dns.fake_ip) {
+            let pool = Arc::clone(pool);
+            let every = Duration::from_secs(u64::from(f.save_interval.max(1)));
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                loop {
+                    tick.tick().await;
+                    let pool = Arc::clone(&pool);
+                    let _ = tokio::task::spawn_blocking(move || pool.save_if_changed(false)).await;
+                }
+            });
         }
         // Byte totals and the rate, once a second (the metrics and the
         // API's traffic stream read them).
@@ -442,6 +468,13 @@ impl Server {
             }
         }
         info!("tproxyd stopping");
+        // The fake-ip pool first, before anything slow (draining flows,
+        // removing rules): procd and systemd kill a daemon a few seconds
+        // after SIGTERM, and a pool lost makes every client's fake address
+        // useless until it resolves again.
+        if let Some(pool) = fake {
+            let _ = tokio::task::spawn_blocking(move || pool.save_if_changed(true)).await;
+        }
         let _ = api_stop.send(true);
         // TCP flows are reset before the rules go, so that no socket still
         // needs them once they are removed.
