@@ -262,4 +262,69 @@ mod tests {
         };
         assert_eq!(name(r.decide(&sniffed)), "direct");
     }
+
+    /// A flow to a fake-ip address goes by the pool's name for it, before
+    /// any rule on destination addresses (even one covering the fake
+    /// range); one with no name is refused.
+    #[test]
+    fn fake_addresses_are_routed_by_name_and_unmapped_ones_refused() {
+        use crate::dns::fakeip::FakePool;
+        use crate::dns::message::build::query;
+        use crate::dns::message::{answers, RecordData, TYPE_A};
+        let text = "[[outbounds]]\nname = \"proxy\"\ntype = \"socks5\"\nserver = \"203.0.113.2:1080\"\n\
+                    [[outbounds]]\nname = \"direct\"\ntype = \"direct\"\n\
+                    [[outbounds]]\nname = \"deny\"\ntype = \"block\"\n\
+                    [route]\nfinal = \"direct\"\n\
+                    [[route.rules]]\ndst = [\"198.18.0.0/15\", \"10.0.0.0/8\"]\noutbound = \"deny\"\n\
+                    [[route.rules]]\ndomain_suffix = [\"via-proxy.example\"]\noutbound = \"proxy\"\n\
+                    [dns]\n[[dns.servers]]\nname = \"isp\"\naddress = \"udp://192.0.2.53\"\noutbound = \"direct\"\n\
+                    [dns.fake_ip]\nranges = [\"198.18.0.0/15\"]\nstore = \"\"\n\
+                    [firewall]\nbackend = \"none\"\n";
+        let cfg = RawConfig::from_toml(text, "t")
+            .unwrap()
+            .validate(&|_| None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let policy = Policy::from_config(&cfg).unwrap();
+        let pool = Arc::new(FakePool::new(cfg.dns.fake_ip.as_ref().unwrap()));
+        pool.set_exclusions(Arc::clone(policy.fake_ip_exclusions().unwrap()));
+        let r = Router::new(cfg.listen, policy).with_fake_ip(Arc::clone(&pool));
+        let name = |d: Decision| match d {
+            Decision::Forward(c) => r.policy().name(c.index).to_string(),
+            Decision::RefuseLoop => "loop".into(),
+            Decision::RefuseFake => "unmapped".into(),
+        };
+        let fake = |host: &str| -> String {
+            let a = pool.answer(&query(1, host, TYPE_A)).expect("answered");
+            match answers(&a).unwrap()[0].data {
+                RecordData::Addr(ip) => ip.to_string(),
+                _ => panic!("no address"),
+            }
+        };
+        let proxied = fake("www.via-proxy.example");
+        let other = fake("other.example");
+        assert_eq!(name(decide(&r, Network::Tcp, &format!("{proxied}:443"))), "proxy");
+        assert_eq!(name(decide(&r, Network::Udp, &format!("{proxied}:443"))), "proxy");
+        // No domain rule for it: final, not the rule covering 198.18/15.
+        assert_eq!(name(decide(&r, Network::Tcp, &format!("{other}:443"))), "direct");
+        // A sniffed name does not replace the pool's.
+        let sniffed = FlowMeta {
+            domain: Some("elsewhere.example"),
+            ..FlowMeta::addresses(
+                Network::Tcp,
+                "192.0.2.2:40000".parse().unwrap(),
+                format!("{proxied}:443").parse().unwrap(),
+            )
+        };
+        assert_eq!(name(r.decide(&sniffed)), "proxy");
+        // Unmapped, and the range's network address: refused.
+        for dst in ["198.18.200.1:443", "198.18.0.0:80", "198.19.255.255:53"] {
+            assert_eq!(name(decide(&r, Network::Tcp, dst)), "unmapped", "{dst}");
+            assert_eq!(name(decide(&r, Network::Udp, dst)), "unmapped", "{dst}");
+        }
+        // Real addresses go by the rules as before.
+        assert_eq!(name(decide(&r, Network::Tcp, "10.1.2.3:22")), "deny");
+        assert_eq!(name(decide(&r, Network::Tcp, "203.0.113.9:22")), "direct");
+        // The excluded names got no fake address (the real resolver's).
+        assert!(pool.answer(&query(2, "pool.ntp.org", TYPE_A)).is_none());
+    }
 }

@@ -645,4 +645,45 @@ mod tests {
         let answer = message::build::response(&query, &[]);
         assert!(!is_dns_query(&answer), "an answer is no query");
     }
+
+    /// UDP to a fake-ip address is never sent to it: dropped, with its
+    /// name when it has one (UDP by name is not carried yet).
+    #[test]
+    fn datagrams_to_fake_addresses_are_refused() {
+        use crate::dns::fakeip::FakePool;
+        let dns = "[dns]\n[[dns.servers]]\nname = \"isp\"\naddress = \"udp://192.0.2.53\"\n\
+                   outbound = \"direct\"\n[dns.fake_ip]\nranges = [\"198.18.0.0/15\"]\nstore = \"\"\n";
+        let (r, d) = router(&rule("domain_suffix = [\"via-proxy.example\"]", "proxy"), dns);
+        let cfg_fake = crate::config::FakeIp {
+            ranges: vec!["198.18.0.0/15".parse().unwrap()],
+            exclude_domain: Vec::new(),
+            exclude_domain_suffix: Vec::new(),
+            exclude_rule_set: Vec::new(),
+            default_exclude: false,
+            ttl: 1,
+            store: None,
+            save_interval: 300,
+        };
+        let pool = Arc::new(FakePool::new(&cfg_fake));
+        d.unwrap().set_fake_ip(Arc::clone(&pool));
+        let r = r.with_fake_ip(pool);
+        // The captured query is answered from the pool, from the address asked.
+        let q = query(9, "www.via-proxy.example", TYPE_A);
+        assert_eq!(
+            decide(&r, "192.0.2.53:53", &q, None),
+            "answer from 192.0.2.53:53"
+        );
+        assert_eq!(
+            decide(&r, "198.18.0.1:443", b"x", None),
+            "fake 198.18.0.1:443 www.via-proxy.example"
+        );
+        assert_eq!(
+            decide(&r, "198.18.0.2:443", b"x", None),
+            "fake 198.18.0.2:443 unmapped"
+        );
+        assert_eq!(
+            decide(&r, "203.0.113.9:443", b"x", None),
+            "forward 203.0.113.9:443 direct"
+        );
+    }
 }
