@@ -167,6 +167,53 @@ impl Exclusions {
     }
 }
 
+/// `list` without the addresses of `fake` (the fake-ip ranges), as
+/// prefixes, in `list`'s order: what the kernel bypass may cover. A
+/// bypass prefix holding a fake range (the default bypass has fc00::/7,
+/// which holds fc00::/18) is carved around it rather than refused: the
+/// rest of it stays bypassed, and flows to fake addresses reach tproxyd,
+/// which is the only place they mean anything.
+pub fn carve_fake_ranges(list: &[Cidr], fake: &[Cidr]) -> Vec<Cidr> {
+    use crate::policy::rule_set::cidr::{prefixes_of_range, range_of};
+    // A prefix's first and last address, host bits cleared in the first.
+    let bounds = |c: &Cidr| {
+        let (value, last) = range_of(c);
+        let host = if c.is_ipv4() { 32 } else { 128 } - u32::from(c.prefix);
+        let first = if host >= 128 { 0 } else { value >> host << host };
+        (first, last)
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for c in list {
+        let whole = bounds(c);
+        let mut pieces = vec![whole];
+        for f in fake.iter().filter(|f| f.is_ipv4() == c.is_ipv4()) {
+            let (flo, fhi) = bounds(f);
+            let mut next = Vec::with_capacity(pieces.len() + 1);
+            for (a, b) in pieces {
+                if fhi < a || flo > b {
+                    next.push((a, b));
+                    continue;
+                }
+                if a < flo {
+                    next.push((a, flo - 1));
+                }
+                if fhi < b {
+                    next.push((fhi + 1, b));
+                }
+            }
+            pieces = next;
+        }
+        if pieces == [whole] {
+            out.push(*c);
+            continue;
+        }
+        for (a, b) in pieces {
+            prefixes_of_range(a, b, c.is_ipv4(), &mut out);
+        }
+    }
+    out
+}
+
 /// The hook that turns a name into its real addresses, for flows to a
 /// fake address carried by `direct`. The DNS engine implements it: it must
 /// ask the real resolvers (the DNS rules' choice for the name), never the
@@ -1165,5 +1212,72 @@ mod tests {
         // And the good file loads.
         assert_eq!(q.load_bytes(&good).unwrap(), 2);
         assert_eq!(q.name_of(ip("198.18.0.2")).as_deref(), Some("b.example"));
+    }
+
+    fn cidrs(list: &[&str]) -> Vec<Cidr> {
+        list.iter().map(|c| c.parse().unwrap()).collect()
+    }
+
+    fn overlaps(a: &Cidr, b: &Cidr) -> bool {
+        a.contains(b) || b.contains(a)
+    }
+
+    #[test]
+    fn bypass_prefixes_are_carved_around_the_fake_ranges() {
+        let fake = cidrs(&["198.18.0.0/15", "fc00::/18"]);
+        let carved = carve_fake_ranges(
+            &cidrs(&["10.0.0.0/8", "198.18.0.0/16", "198.0.0.0/8", "fc00::/7"]),
+            &fake,
+        );
+        for c in &carved {
+            assert!(!fake.iter().any(|f| overlaps(c, f)), "{c} covers a fake range");
+        }
+        // Untouched prefixes stay as they were; the rest is still covered.
+        assert_eq!(carved[0], "10.0.0.0/8".parse().unwrap());
+        for kept in ["198.17.255.255/32", "198.20.0.0/14", "198.0.0.0/12", "fd00::/8", "fc00:4000::/18"] {
+            let k: Cidr = kept.parse().unwrap();
+            assert!(carved.iter().any(|c| c.contains(&k)), "{kept} lost");
+        }
+    }
+
+    /// The default bypass (fc00::/7) and a bypass written over the fake
+    /// range are carved in the validated config, and prefix rule sets in
+    /// the firewall plan.
+    #[test]
+    fn the_kernel_bypass_never_covers_the_fake_ranges() {
+        let dir = TempDir::new();
+        let set = dir.write("private.txt", b"10.0.0.0/8\n198.16.0.0/13\n");
+        let text = format!(
+            "[[outbounds]]\nname = \"proxy\"\ntype = \"socks5\"\nserver = \"203.0.113.2:1080\"\n\
+             [[outbounds]]\nname = \"direct\"\ntype = \"direct\"\n\
+             [route]\nfinal = \"proxy\"\n\
+             [[route.rule_sets]]\nname = \"private\"\nformat = \"cidr\"\npath = \"{}\"\n\
+             [[route.rules]]\nrule_set = [\"private\"]\noutbound = \"direct\"\n\
+             [dns]\n[[dns.servers]]\nname = \"isp\"\naddress = \"udp://192.0.2.53\"\noutbound = \"direct\"\n\
+             [dns.fake_ip]\nstore = \"\"\n\
+             [firewall]\nbackend = \"nftables\"\nlan_interfaces = [\"br-lan\"]\n\
+             bypass = [\"198.18.0.0/16\", \"198.0.0.0/8\"]\nbypass_rule_sets = [\"private\"]\n",
+            set.display()
+        );
+        let cfg = crate::config::RawConfig::from_toml(&text, "t")
+            .unwrap()
+            .validate(&|_| None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let fake = cfg.dns.fake_ip.as_ref().unwrap().ranges.clone();
+        assert_eq!(fake, cidrs(&["198.18.0.0/15", "fc00::/18"]));
+        for c in &cfg.firewall.bypass {
+            assert!(!fake.iter().any(|f| overlaps(c, f)), "bypass {c} covers a fake range");
+        }
+        let ula: Cidr = "fd00::/8".parse().unwrap();
+        assert!(cfg.firewall.bypass.iter().any(|c| c.contains(&ula)));
+        let plan = crate::firewall::Plan::from_config(&cfg)
+            .load_bypass_sets(&cfg)
+            .unwrap();
+        let set = &plan.bypass_sets[0];
+        assert!(set.v4.contains(&"10.0.0.0/8".to_string()), "{:?}", set.v4);
+        for p in &set.v4 {
+            let c: Cidr = p.parse().unwrap();
+            assert!(!fake.iter().any(|f| overlaps(&c, f)), "set {c} covers a fake range");
+        }
     }
 }
