@@ -867,14 +867,16 @@ impl FakePool {
         Ok(count)
     }
 
-    /// Saves to the store when a name was allocated since the last save
-    /// (or, with `at_stop`, when anything changed); logs a failure.
+    /// Saves to the store when a name was allocated since the last save;
+    /// with `at_stop`, whenever the pool holds names (one write per stop:
+    /// it keeps the use order, and puts back a store removed meanwhile).
+    /// Logs a failure.
     pub fn save_if_changed(&self, at_stop: bool) {
         let Some(path) = self.store.as_deref() else {
             return;
         };
         let due = self.changed.load(Ordering::Relaxed)
-            || (at_stop && self.touched.load(Ordering::Relaxed));
+            || (at_stop && (self.touched.load(Ordering::Relaxed) || !self.is_empty()));
         if !due {
             return;
         }
