@@ -270,8 +270,7 @@ impl Live {
         if let Some(dns) = self.router.dns() {
             dns.reconfigure(&new, &policy);
         }
-        if let (Some(pool), Some(exclusions)) =
-            (self.router.fake_ip(), policy.fake_ip_exclusions())
+        if let (Some(pool), Some(exclusions)) = (self.router.fake_ip(), policy.fake_ip_exclusions())
         {
             pool.set_exclusions(Arc::clone(exclusions));
         }

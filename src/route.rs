@@ -302,10 +302,19 @@ mod tests {
         };
         let proxied = fake("www.via-proxy.example");
         let other = fake("other.example");
-        assert_eq!(name(decide(&r, Network::Tcp, &format!("{proxied}:443"))), "proxy");
-        assert_eq!(name(decide(&r, Network::Udp, &format!("{proxied}:443"))), "proxy");
+        assert_eq!(
+            name(decide(&r, Network::Tcp, &format!("{proxied}:443"))),
+            "proxy"
+        );
+        assert_eq!(
+            name(decide(&r, Network::Udp, &format!("{proxied}:443"))),
+            "proxy"
+        );
         // No domain rule for it: final, not the rule covering 198.18/15.
-        assert_eq!(name(decide(&r, Network::Tcp, &format!("{other}:443"))), "direct");
+        assert_eq!(
+            name(decide(&r, Network::Tcp, &format!("{other}:443"))),
+            "direct"
+        );
         // A sniffed name does not replace the pool's.
         let sniffed = FlowMeta {
             domain: Some("elsewhere.example"),

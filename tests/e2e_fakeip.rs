@@ -65,7 +65,9 @@ fn connect(tb: &Testbed, dst: SocketAddr) -> Option<(ErrorKind, Duration)> {
                 s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
                 let mut buf = [0u8; 1];
                 match std::io::Read::read(&mut &s, &mut buf) {
-                    Err(e) if e.kind() != ErrorKind::WouldBlock && e.kind() != ErrorKind::TimedOut => {
+                    Err(e)
+                        if e.kind() != ErrorKind::WouldBlock && e.kind() != ErrorKind::TimedOut =>
+                    {
                         Some((e.kind(), start.elapsed()))
                     }
                     _ => None,
@@ -99,8 +101,15 @@ fn fake_addresses_survive_a_restart_and_unmapped_ones_are_reset() {
     assert_eq!(rcode, 0);
     assert_eq!(first.len(), 1, "{first:?}");
     let fake = first[0];
-    assert!(range.contains(&tproxyd::cidr::Cidr::host(fake)), "{fake} not in {FAKE_RANGE}");
-    assert_eq!(ask(&tb, "WWW.via-proxy.EXAMPLE", A).1, first, "same name, same address");
+    assert!(
+        range.contains(&tproxyd::cidr::Cidr::host(fake)),
+        "{fake} not in {FAKE_RANGE}"
+    );
+    assert_eq!(
+        ask(&tb, "WWW.via-proxy.EXAMPLE", A).1,
+        first,
+        "same name, same address"
+    );
     let (_, other) = ask(&tb, "other.example", A);
     assert_ne!(other, first);
     assert_eq!(ask(&tb, "www.via-proxy.example", AAAA), (0, vec![]));
@@ -109,14 +118,24 @@ fn fake_addresses_survive_a_restart_and_unmapped_ones_are_reset() {
     let unmapped: IpAddr = "198.19.200.1".parse().unwrap();
     let (kind, took) = connect(&tb, SocketAddr::new(unmapped, ECHO_PORT)).expect("refused");
     assert!(
-        matches!(kind, ErrorKind::ConnectionReset | ErrorKind::ConnectionRefused | ErrorKind::UnexpectedEof),
+        matches!(
+            kind,
+            ErrorKind::ConnectionReset | ErrorKind::ConnectionRefused | ErrorKind::UnexpectedEof
+        ),
         "{kind:?}"
     );
     assert!(took < Duration::from_secs(1), "took {took:?}");
-    assert!(tb.wait_for_log("stands for no name", Duration::from_secs(2)), "{}", tb.tproxyd_log());
+    assert!(
+        tb.wait_for_log("stands for no name", Duration::from_secs(2)),
+        "{}",
+        tb.tproxyd_log()
+    );
 
     // SIGTERM: the pool is on disk within the first second.
-    assert!(!store.exists(), "saved before the stop (save_interval is an hour)");
+    assert!(
+        !store.exists(),
+        "saved before the stop (save_interval is an hour)"
+    );
     let stopped_at = SystemTime::now();
     tb.stop_tproxyd();
     let saved_at = std::fs::metadata(&store)
@@ -124,7 +143,10 @@ fn fake_addresses_survive_a_restart_and_unmapped_ones_are_reset() {
         .modified()
         .unwrap();
     let after = saved_at.duration_since(stopped_at).unwrap_or_default();
-    assert!(after < Duration::from_secs(1), "saved {after:?} after SIGTERM");
+    assert!(
+        after < Duration::from_secs(1),
+        "saved {after:?} after SIGTERM"
+    );
     let log = tb.tproxyd_log();
     let saved = log.find("fake-ip pool saved").expect("no save in the log");
     let stopping = log.find("tproxyd stopping").unwrap();
@@ -132,14 +154,23 @@ fn fake_addresses_survive_a_restart_and_unmapped_ones_are_reset() {
 
     // Restarted: the same name, the same address; the other name too.
     tb.spawn_tproxyd();
-    assert!(tb.wait_for_log("fake-ip pool restored", Duration::from_secs(2)), "{}", tb.tproxyd_log());
+    assert!(
+        tb.wait_for_log("fake-ip pool restored", Duration::from_secs(2)),
+        "{}",
+        tb.tproxyd_log()
+    );
     assert_eq!(ask(&tb, "www.via-proxy.example", A).1, first);
     assert_eq!(ask(&tb, "other.example", A).1, other);
     // A connection to it is not refused as unmapped (it goes on to the
     // proxy by name).
     let before = tb.tproxyd_log().matches("stands for no name").count();
     let _ = connect(&tb, SocketAddr::new(fake, ECHO_PORT));
-    assert_eq!(tb.tproxyd_log().matches("stands for no name").count(), before, "{}", tb.tproxyd_log());
+    assert_eq!(
+        tb.tproxyd_log().matches("stands for no name").count(),
+        before,
+        "{}",
+        tb.tproxyd_log()
+    );
 
     // A corrupt file is ignored with a warning naming it.
     tb.stop_tproxyd();
@@ -148,8 +179,13 @@ fn fake_addresses_survive_a_restart_and_unmapped_ones_are_reset() {
     bytes[last] ^= 0xff;
     std::fs::write(&store, &bytes).unwrap();
     tb.spawn_tproxyd();
-    assert!(tb.wait_for_log("fake-ip pool file ignored", Duration::from_secs(2)), "{}", tb.tproxyd_log());
+    assert!(
+        tb.wait_for_log("fake-ip pool file ignored", Duration::from_secs(2)),
+        "{}",
+        tb.tproxyd_log()
+    );
     assert!(tb.tproxyd_log().contains(&store.display().to_string()));
-    let (kind, _) = connect(&tb, SocketAddr::new(fake, ECHO_PORT)).expect("refused after the pool was lost");
+    let (kind, _) =
+        connect(&tb, SocketAddr::new(fake, ECHO_PORT)).expect("refused after the pool was lost");
     assert_ne!(kind, ErrorKind::TimedOut);
 }

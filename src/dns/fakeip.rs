@@ -48,7 +48,7 @@ use tracing::{info, warn};
 
 use super::message::{self, Header, CLASS_IN, RCODE_NOERROR, TYPE_A, TYPE_AAAA};
 use crate::cidr::Cidr;
-use crate::config::{FakeIp, Network, Rule, RouteConfig};
+use crate::config::{FakeIp, Network, RouteConfig, Rule};
 use crate::hostname::{host_name, MAX_HOST_LEN};
 use crate::outbound::BoxFuture;
 use crate::policy::rule_set::RuleSet;
@@ -179,7 +179,11 @@ pub fn carve_fake_ranges(list: &[Cidr], fake: &[Cidr]) -> Vec<Cidr> {
     let bounds = |c: &Cidr| {
         let (value, last) = range_of(c);
         let host = if c.is_ipv4() { 32 } else { 128 } - u32::from(c.prefix);
-        let first = if host >= 128 { 0 } else { value >> host << host };
+        let first = if host >= 128 {
+            0
+        } else {
+            value >> host << host
+        };
         (first, last)
     };
     let mut out = Vec::with_capacity(list.len());
@@ -522,8 +526,16 @@ impl FakePool {
     /// An empty pool for `cfg` (nothing excluded until
     /// [`set_exclusions`](Self::set_exclusions)).
     pub fn new(cfg: &FakeIp) -> FakePool {
-        let v4 = cfg.ranges.iter().find(|c| c.is_ipv4()).map(|c| Range::new(*c));
-        let v6 = cfg.ranges.iter().find(|c| !c.is_ipv4()).map(|c| Range::new(*c));
+        let v4 = cfg
+            .ranges
+            .iter()
+            .find(|c| c.is_ipv4())
+            .map(|c| Range::new(*c));
+        let v6 = cfg
+            .ranges
+            .iter()
+            .find(|c| !c.is_ipv4())
+            .map(|c| Range::new(*c));
         let capacity = [v4, v6]
             .iter()
             .flatten()
@@ -573,7 +585,11 @@ impl FakePool {
     }
 
     fn ranges(&self) -> Vec<Cidr> {
-        [self.v4, self.v6].iter().flatten().map(|r| r.cidr).collect()
+        [self.v4, self.v6]
+            .iter()
+            .flatten()
+            .map(|r| r.cidr)
+            .collect()
     }
 
     /// Whether `ip` is in a fake range (handed out or not).
@@ -741,7 +757,10 @@ impl FakePool {
         if count > self.capacity {
             return Err(PoolFileError::BadEntry {
                 index: 0,
-                why: format!("{count} names, more than the pool holds ({})", self.capacity),
+                why: format!(
+                    "{count} names, more than the pool holds ({})",
+                    self.capacity
+                ),
             });
         }
         let mut entries: Vec<(u32, Arc<str>)> = Vec::with_capacity(count);
@@ -883,7 +902,9 @@ impl FakePool {
         match self.save_to(path) {
             Ok(n) if at_stop => info!(file = %path.display(), names = n, "fake-ip pool saved"),
             Ok(_) => {}
-            Err(e) => warn!(file = %path.display(), "cannot save the fake-ip pool: {e}; clients holding fake addresses will be refused after a restart"),
+            Err(e) => {
+                warn!(file = %path.display(), "cannot save the fake-ip pool: {e}; clients holding fake addresses will be refused after a restart")
+            }
         }
     }
 
@@ -922,7 +943,6 @@ fn fake_answer(query: &[u8], ip: IpAddr, ttl: u32) -> Option<Vec<u8>> {
     out.extend_from_slice(&data);
     Some(out)
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -1000,7 +1020,10 @@ mod tests {
         assert_eq!((v6, ttl), (Some(ip("fc00::1")), 1));
         assert_eq!(p.name_of(a).as_deref(), Some("www.example.com"));
         assert_eq!(p.name_of(ip("fc00::1")).as_deref(), Some("www.example.com"));
-        assert_eq!(p.name_of(ip("::ffff:198.18.0.1")).as_deref(), Some("www.example.com"));
+        assert_eq!(
+            p.name_of(ip("::ffff:198.18.0.1")).as_deref(),
+            Some("www.example.com")
+        );
         assert!(p.is_fake(ip("198.19.255.255")) && p.is_fake(ip("198.18.0.0")));
         assert!(!p.is_fake(ip("198.20.0.1")) && !p.is_fake(ip("192.0.2.1")));
         assert_eq!(p.name_of(ip("198.18.0.0")), None);
@@ -1059,9 +1082,7 @@ mod tests {
         let mut c = cfg(&["198.18.0.0/15"]);
         c.default_exclude = false;
         let q = FakePool::new(&c);
-        q.set_exclusions(Arc::new(
-            Exclusions::build(&c, &no_route(), &[]).unwrap(),
-        ));
+        q.set_exclusions(Arc::new(Exclusions::build(&c, &no_route(), &[]).unwrap()));
         assert!(ask(&q, "pool.ntp.org", TYPE_A).is_some());
         assert_eq!(ask(&q, "x.corp.example", TYPE_A), None);
         // Nothing to exclude at all: nothing is.
@@ -1116,7 +1137,11 @@ mod tests {
         assert!(!dir.0.join("sub").join("fake-ip.pool.tmp").exists());
         let q = pool(&["192.0.2.0/24"]);
         assert_eq!(q.load(&path).unwrap(), 254);
-        assert_eq!(q.to_bytes(), p.to_bytes(), "the same mapping, the same order");
+        assert_eq!(
+            q.to_bytes(),
+            p.to_bytes(),
+            "the same mapping, the same order"
+        );
         assert_eq!(q.name_of(a0).as_deref(), Some("n0.example"));
         assert_eq!(addr(&q, "n7.example"), addr(&p, "n7.example"));
         // The use order came along: n1 is the oldest, recycled first.
@@ -1172,29 +1197,50 @@ mod tests {
 
         let mut flipped = good.clone();
         flipped[good.len() - 40] ^= 1;
-        assert!(matches!(expect_err(&q, &flipped, "flip"), PoolFileError::Checksum));
+        assert!(matches!(
+            expect_err(&q, &flipped, "flip"),
+            PoolFileError::Checksum
+        ));
         for cut in [0, 5, 20, good.len() - 1] {
             expect_err(&q, &good[..cut], "truncated");
         }
         let mut magic = good.clone();
         magic[0] = b'X';
-        assert!(matches!(expect_err(&q, &magic, "magic"), PoolFileError::BadMagic));
+        assert!(matches!(
+            expect_err(&q, &magic, "magic"),
+            PoolFileError::BadMagic
+        ));
         let mut version = good.clone();
         version[9] = 9;
-        assert!(matches!(expect_err(&q, &version, "version"), PoolFileError::Version(9)));
+        assert!(matches!(
+            expect_err(&q, &version, "version"),
+            PoolFileError::Version(9)
+        ));
         let huge = vec![0u8; q.max_file_len() + 1];
-        assert!(matches!(expect_err(&q, &huge, "huge"), PoolFileError::TooLarge { .. }));
+        assert!(matches!(
+            expect_err(&q, &huge, "huge"),
+            PoolFileError::TooLarge { .. }
+        ));
         // Another range: its addresses mean nothing here.
         let other = pool(&["198.18.0.0/16"]);
         let e = expect_err(&other, &good, "foreign");
         assert!(e.to_string().contains("198.18.0.0/15"), "{e}");
         let v6 = pool(&["198.18.0.0/15", "fc00::/18"]);
-        assert!(matches!(expect_err(&v6, &good, "v6 added"), PoolFileError::Foreign { .. }));
+        assert!(matches!(
+            expect_err(&v6, &good, "v6 added"),
+            PoolFileError::Foreign { .. }
+        ));
 
         // Sealed, but wrong inside: every entry is checked.
         for (entries, what) in [
-            (vec![(0u32, &b"a.example"[..]), (0, b"b.example")], "slot twice"),
-            (vec![(0, &b"a.example"[..]), (1, b"a.example")], "name twice"),
+            (
+                vec![(0u32, &b"a.example"[..]), (0, b"b.example")],
+                "slot twice",
+            ),
+            (
+                vec![(0, &b"a.example"[..]), (1, b"a.example")],
+                "name twice",
+            ),
             (vec![(0, &b"A.example"[..])], "uppercase"),
             (vec![(0, &b"a b.example"[..])], "not a host name"),
             (vec![(0, &b""[..])], "empty name"),
@@ -1232,11 +1278,20 @@ mod tests {
             &fake,
         );
         for c in &carved {
-            assert!(!fake.iter().any(|f| overlaps(c, f)), "{c} covers a fake range");
+            assert!(
+                !fake.iter().any(|f| overlaps(c, f)),
+                "{c} covers a fake range"
+            );
         }
         // Untouched prefixes stay as they were; the rest is still covered.
         assert_eq!(carved[0], "10.0.0.0/8".parse().unwrap());
-        for kept in ["198.17.255.255/32", "198.20.0.0/14", "198.0.0.0/12", "fd00::/8", "fc00:4000::/18"] {
+        for kept in [
+            "198.17.255.255/32",
+            "198.20.0.0/14",
+            "198.0.0.0/12",
+            "fd00::/8",
+            "fc00:4000::/18",
+        ] {
             let k: Cidr = kept.parse().unwrap();
             assert!(carved.iter().any(|c| c.contains(&k)), "{kept} lost");
         }
@@ -1268,7 +1323,10 @@ mod tests {
         let fake = cfg.dns.fake_ip.as_ref().unwrap().ranges.clone();
         assert_eq!(fake, cidrs(&["198.18.0.0/15", "fc00::/18"]));
         for c in &cfg.firewall.bypass {
-            assert!(!fake.iter().any(|f| overlaps(c, f)), "bypass {c} covers a fake range");
+            assert!(
+                !fake.iter().any(|f| overlaps(c, f)),
+                "bypass {c} covers a fake range"
+            );
         }
         let ula: Cidr = "fd00::/8".parse().unwrap();
         assert!(cfg.firewall.bypass.iter().any(|c| c.contains(&ula)));
@@ -1279,7 +1337,46 @@ mod tests {
         assert!(set.v4.contains(&"10.0.0.0/8".to_string()), "{:?}", set.v4);
         for p in &set.v4 {
             let c: Cidr = p.parse().unwrap();
-            assert!(!fake.iter().any(|f| overlaps(&c, f)), "set {c} covers a fake range");
+            assert!(
+                !fake.iter().any(|f| overlaps(&c, f)),
+                "set {c} covers a fake range"
+            );
         }
+    }
+
+    /// The fuzz target's property over its seed corpus: a file is taken
+    /// whole (and writes back as it was) or refused with the pool left
+    /// as it was.
+    #[test]
+    fn the_fuzz_seeds_hold_the_fuzz_property() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/fakeip_pool_file");
+        let mut loaded = 0;
+        for entry in fs::read_dir(&dir).unwrap() {
+            let data = fs::read(entry.unwrap().path()).unwrap();
+            let Some((&pick, rest)) = data.split_first() else {
+                continue;
+            };
+            let ranges: &[&str] = if pick & 2 == 0 {
+                &["198.18.0.0/15", "fc00::/18"]
+            } else {
+                &["192.0.2.0/24"]
+            };
+            let p = FakePool::new(&cfg(ranges));
+            let bytes = if pick & 1 == 1 {
+                seal(rest.to_vec())
+            } else {
+                rest.to_vec()
+            };
+            let empty = p.to_bytes();
+            match p.load_bytes(&bytes) {
+                Ok(n) => {
+                    loaded += 1;
+                    assert_eq!(n, p.len());
+                    assert_eq!(p.to_bytes(), bytes);
+                }
+                Err(_) => assert_eq!(p.to_bytes(), empty),
+            }
+        }
+        assert!(loaded >= 3, "the seeds that load: {loaded}");
     }
 }

@@ -790,10 +790,12 @@ mod tests {
             connect_timeout: Duration::from_secs(2),
         };
         let raw: kinds::RawOutbound = toml::from_str(toml_text).unwrap();
-        raw.validate("outbound", "x".into(), &|_| None, &mut |k, m| panic!("{k}: {m}"))
-            .kind
-            .build("x", &ctx, Vec::new())
-            .unwrap()
+        raw.validate("outbound", "x".into(), &|_| None, &mut |k, m| {
+            panic!("{k}: {m}")
+        })
+        .kind
+        .build("x", &ctx, Vec::new())
+        .unwrap()
     }
 
     /// A fake-ip flow goes by name through a proxy even without
@@ -819,7 +821,9 @@ mod tests {
             s.write_all(&[5, 0, 0, 1, 0, 0, 0, 0, 0, 0]).await.unwrap();
             (head, rest)
         });
-        let socks = built(&format!("type = \"socks5\"\nserver = \"{at}\"\nsend_domain = false"));
+        let socks = built(&format!(
+            "type = \"socks5\"\nserver = \"{at}\"\nsend_domain = false"
+        ));
         socks
             .connect_tcp_named("www.example.com", 443, &none)
             .await
@@ -848,7 +852,10 @@ mod tests {
         http.connect_tcp_named("www.example.com", 8443, &none)
             .await
             .unwrap();
-        assert!(seen.await.unwrap().starts_with("CONNECT www.example.com:8443 "));
+        assert!(seen
+            .await
+            .unwrap()
+            .starts_with("CONNECT www.example.com:8443 "));
 
         // direct: the real address from the hook; none found: an error
         // that names the name, and no connection anywhere.

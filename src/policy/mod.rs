@@ -18,10 +18,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::config::{Config, Network, SniffProtocol};
+use crate::dns::fakeip::Exclusions;
 use crate::outbound::group::{Group, Member};
 use crate::outbound::{BuildError, Context, Outbound, OutboundConfig};
 pub use crate::registry::RuleLabel;
-use crate::dns::fakeip::Exclusions;
 use rules::Rules;
 
 /// What the policy knows about a flow when it decides.

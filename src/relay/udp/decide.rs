@@ -653,7 +653,10 @@ mod tests {
         use crate::dns::fakeip::FakePool;
         let dns = "[dns]\n[[dns.servers]]\nname = \"isp\"\naddress = \"udp://192.0.2.53\"\n\
                    outbound = \"direct\"\n[dns.fake_ip]\nranges = [\"198.18.0.0/15\"]\nstore = \"\"\n";
-        let (r, d) = router(&rule("domain_suffix = [\"via-proxy.example\"]", "proxy"), dns);
+        let (r, d) = router(
+            &rule("domain_suffix = [\"via-proxy.example\"]", "proxy"),
+            dns,
+        );
         let cfg_fake = crate::config::FakeIp {
             ranges: vec!["198.18.0.0/15".parse().unwrap()],
             exclude_domain: Vec::new(),

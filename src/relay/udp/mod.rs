@@ -545,8 +545,12 @@ impl UdpRelay {
         }
         if let Some(n) = self.warnings.fake.check() {
             match name {
-                None => warn!(%client, %dst, "UDP datagram to a fake-ip address that stands for no name dropped (the pool was lost or the address recycled); the client gets a new address when it asks DNS again{}", held_back(n)),
-                Some(name) => warn!(%client, %dst, name, "UDP datagram to a fake-ip address dropped: UDP by name is not carried yet; exclude the name from fake-ip (dns.fake_ip.exclude_domain_suffix) so it gets a real address{}", held_back(n)),
+                None => {
+                    warn!(%client, %dst, "UDP datagram to a fake-ip address that stands for no name dropped (the pool was lost or the address recycled); the client gets a new address when it asks DNS again{}", held_back(n))
+                }
+                Some(name) => {
+                    warn!(%client, %dst, name, "UDP datagram to a fake-ip address dropped: UDP by name is not carried yet; exclude the name from fake-ip (dns.fake_ip.exclude_domain_suffix) so it gets a real address{}", held_back(n))
+                }
             }
         }
     }
