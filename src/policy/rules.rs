@@ -604,14 +604,14 @@ impl Rules {
     }
 
     /// The index of the first rule that matches `flow`.
-    pub fn first_match<'a>(&'a self, flow: &FlowMeta<'_>) -> Option<usize> {
+    pub fn first_match(&self, flow: &FlowMeta<'_>) -> Option<usize> {
         self.first_match_with(flow, true)
     }
 
     /// The first rule that matches `flow` when its destination address
     /// means nothing (a fake-ip address): rules with a `dst` key (prefixes
     /// or prefix rule sets) never match.
-    pub fn first_match_by_name<'a>(&'a self, flow: &FlowMeta<'_>) -> Option<usize> {
+    pub fn first_match_by_name(&self, flow: &FlowMeta<'_>) -> Option<usize> {
         self.first_match_with(flow, false)
     }
 
