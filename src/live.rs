@@ -173,6 +173,8 @@ impl Live {
     ) -> Result<Live, crate::policy::PolicyError> {
         let policy = Policy::from_config(&config)?;
         let router = Router::new(config.listen, policy);
+        let dns = Arc::new(crate::dns::Dns::new(&config, &router.policy()));
+        let router = router.with_dns(dns);
         Ok(Live::new(
             Arc::new(Registry::new()),
             router,

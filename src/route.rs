@@ -232,8 +232,9 @@ mod tests {
             .validate(&|_| None)
             .unwrap();
         let policy = Policy::from_config(&cfg).unwrap();
-        let dns = Arc::new(Dns::new(&cfg, &policy));
-        let r = Router::new(cfg.listen, policy).with_dns(Arc::clone(&dns));
+        let r = Router::new(cfg.listen, policy);
+        let dns = Arc::new(Dns::new(&cfg, &r.policy()));
+        let r = r.with_dns(Arc::clone(&dns));
         let name = |d: Decision| match d {
             Decision::Forward(c) => r.policy().name(c.index).to_string(),
             Decision::RefuseLoop => "loop".into(),

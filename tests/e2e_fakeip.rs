@@ -3,10 +3,18 @@
 //!
 //! - a captured A query is answered with a fake address, the same for the
 //!   same name, and AAAA without a v6 range gets no records;
+//! - a TCP flow to the fake address goes `direct` by name: tproxyd asks
+//!   the named resolver (a DNS server on remote B) for the real address
+//!   and reaches the echo server there;
 //! - a TCP connection to a fake address that stands for no name is reset
 //!   at once (never sent on);
 //! - SIGTERM saves the pool within the first second, and after a restart
-//!   the same name has the same address and is known by it.
+//!   the same name has the same address, and the flow to it still works.
+//!
+//! UDP by name is not carried yet (refused, see docs/dns.md), so there is
+//! no UDP flow here; the proxies' by-name requests are unit-tested
+//! (`outbound::tests::fake_ip_flows_go_by_name`), since dante here cannot
+//! resolve the test's names.
 
 mod common;
 
@@ -14,19 +22,28 @@ use std::io::ErrorKind;
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::dns_server::{parse_reply, query};
+use common::dns_server::{parse_reply, query, DnsServer};
 use common::*;
 
 const A: u16 = 1;
 const AAAA: u16 = 28;
 const FAKE_RANGE: &str = "198.18.0.0/15";
 
+/// The zone of the DNS server on remote B: every name is remote A, where
+/// the echo server is.
+fn zone(_name: &str, qtype: u16) -> Option<IpAddr> {
+    match qtype {
+        A => REMOTE_A_V4.parse().ok(),
+        _ => None,
+    }
+}
+
 fn config(store: &str) -> String {
     format!(
         "listen = \"[::]:{PROXY_PORT}\"\nmode = \"tproxy\"\n\
-         [[outbounds]]\nname = \"proxy\"\ntype = \"socks5\"\nserver = \"{SOCKS_V4}:{SOCKS_PORT}\"\n\
-         [route]\nfinal = \"proxy\"\n\
-         [dns]\n[[dns.servers]]\nname = \"remote\"\naddress = \"udp://{REMOTE_B_V4}\"\noutbound = \"proxy\"\n\
+         [[outbounds]]\nname = \"direct\"\ntype = \"direct\"\n\
+         [route]\nfinal = \"direct\"\n\
+         [dns]\n[[dns.servers]]\nname = \"remote\"\naddress = \"udp://{REMOTE_B_V4}\"\noutbound = \"direct\"\n\
          [dns.fake_ip]\nranges = [\"{FAKE_RANGE}\"]\nstore = \"{store}\"\nsave_interval = 3600\n\
          [firewall]\nbackend = \"none\"\n"
     )
@@ -51,6 +68,36 @@ fn ask(tb: &Testbed, name: &str, qtype: u16) -> (u8, Vec<IpAddr>) {
     let (id, rcode, addrs) = parse_reply(&reply, &q).expect("a DNS answer");
     assert_eq!(id, 0x7a7a);
     (rcode, addrs)
+}
+
+/// An exchange with the echo server through `dst` from the LAN: the peer
+/// address the server saw.
+fn echo(tb: &Testbed, dst: SocketAddr) -> SocketAddr {
+    tb.lan.enter(|| {
+        use std::io::{Read, Write};
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("connect to {dst}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        while !got.contains(&b'\n') {
+            let n = s
+                .read(&mut buf)
+                .unwrap_or_else(|e| panic!("echo through {dst}: {e}"));
+            assert!(n > 0, "closed by the server through {dst}");
+            got.extend_from_slice(&buf[..n]);
+        }
+        let (peer, used) = peer_line(&got);
+        s.write_all(b"by name").unwrap();
+        let mut back = got[used..].to_vec();
+        while back.len() < 7 {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0);
+            back.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(back, b"by name");
+        peer
+    })
 }
 
 /// Connects from the LAN to `dst`: how long the refusal took, or None
@@ -92,6 +139,7 @@ fn fake_addresses_survive_a_restart_and_unmapped_ones_are_reset() {
     tb.router.nft(&format!(
         "add rule inet tpdtest pre iifname \"rlan\" ip daddr {FAKE_RANGE} meta l4proto {{ tcp, udp }} tproxy ip to :{PROXY_PORT} meta mark set 1 accept\n"
     ));
+    let _server = DnsServer::start(&tb.wan, &[addr(REMOTE_B_V4, DNS_PORT)], zone);
     let store = tb.dir.join("state").join("fake-ip.pool");
     let text = config(&store.display().to_string());
     tb.restart_tproxyd_with_config(&text);
@@ -113,6 +161,14 @@ fn fake_addresses_survive_a_restart_and_unmapped_ones_are_reset() {
     let (_, other) = ask(&tb, "other.example", A);
     assert_ne!(other, first);
     assert_eq!(ask(&tb, "www.via-proxy.example", AAAA), (0, vec![]));
+
+    // A TCP flow to the fake address: direct, by name, to the real one.
+    let peer = echo(&tb, SocketAddr::new(fake, ECHO_PORT));
+    assert_eq!(
+        peer.ip().to_string(),
+        ROUTER_WAN_V4,
+        "not sent direct from the router"
+    );
 
     // An address of the range nobody was given: reset at once.
     let unmapped: IpAddr = "198.19.200.1".parse().unwrap();
@@ -161,16 +217,8 @@ fn fake_addresses_survive_a_restart_and_unmapped_ones_are_reset() {
     );
     assert_eq!(ask(&tb, "www.via-proxy.example", A).1, first);
     assert_eq!(ask(&tb, "other.example", A).1, other);
-    // A connection to it is not refused as unmapped (it goes on to the
-    // proxy by name).
-    let before = tb.tproxyd_log().matches("stands for no name").count();
-    let _ = connect(&tb, SocketAddr::new(fake, ECHO_PORT));
-    assert_eq!(
-        tb.tproxyd_log().matches("stands for no name").count(),
-        before,
-        "{}",
-        tb.tproxyd_log()
-    );
+    // The address a client kept across the restart still works.
+    echo(&tb, SocketAddr::new(fake, ECHO_PORT));
 
     // A corrupt file is ignored with a warning naming it.
     tb.stop_tproxyd();

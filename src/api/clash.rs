@@ -479,6 +479,15 @@ pub async fn close_all(State(st): State<Arc<ApiState>>) -> StatusCode {
     StatusCode::NO_CONTENT
 }
 
+/// Empties the DNS cache (`DELETE /cache/dns`, mihomo's `POST
+/// /cache/dns/flush`).
+pub async fn flush_dns_cache(State(st): State<Arc<ApiState>>) -> StatusCode {
+    if let Some(dns) = st.live.router.dns() {
+        dns.flush_cache();
+    }
+    StatusCode::NO_CONTENT
+}
+
 /// Closes one flow; an unknown id is 204 too, as in mihomo (the flow may
 /// have ended between the dashboard's snapshot and the click).
 pub async fn close_one(State(st): State<Arc<ApiState>>, Path(id): Path<String>) -> StatusCode {

@@ -31,7 +31,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -151,6 +151,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
             get(streams::connections).delete(clash::close_all),
         )
         .route("/connections/{id}", delete(clash::close_one))
+        .route("/cache/dns", delete(clash::flush_dns_cache))
+        // mihomo's path, which metacubexd and zashboard call.
+        .route("/cache/dns/flush", post(clash::flush_dns_cache))
         .route("/traffic", get(streams::traffic))
         .route("/memory", get(streams::memory))
         .route("/logs", get(streams::logs))

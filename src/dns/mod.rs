@@ -21,6 +21,8 @@
 pub mod fakeip;
 pub mod message;
 pub mod names;
+pub mod resolver;
+pub mod rules;
 pub mod tcp;
 
 use std::collections::{HashMap, HashSet};
@@ -40,6 +42,7 @@ use crate::outbound::{DnsTransport, Failure, Outbound, OutboundError};
 use crate::policy::Policy;
 use crate::ratelimit::RateLimit;
 use names::Names;
+use resolver::{PoolTransport, Resolver};
 use tcp::{ExchangeError, Pools};
 
 /// The DNS port: only datagrams to it are looked at.
@@ -65,6 +68,9 @@ pub enum Query {
     Forward(SocketAddr),
     /// Answered here: send this back to the client from the address asked.
     Answer(Vec<u8>),
+    /// Answered by the named resolvers ([`Dns::resolve`]): the answer goes
+    /// back to the client from the address asked.
+    Resolve,
 }
 
 /// Counters (for the log and the tests).
@@ -76,6 +82,7 @@ pub struct DnsStats {
     pub tcp_answered: AtomicU64,
     pub tcp_servfail: AtomicU64,
     pub names_learned: AtomicU64,
+    pub cache_flushes: AtomicU64,
 }
 
 /// What the configuration says; a reload replaces it whole.
@@ -100,13 +107,16 @@ impl Settings {
 
 pub struct Dns {
     settings: ArcSwap<Settings>,
+    /// The named resolvers' engine, when `[[dns.servers]]` are set;
+    /// rebuilt by every reload.
+    resolver: ArcSwap<Option<Resolver>>,
     /// Learned names; empty while no rule looks at domains.
-    names: Names,
+    names: Arc<Names>,
     /// Per outbound (by key): what its SOCKS5 server did with UDP
     /// ASSOCIATE. Looked at per query, not per datagram of other flows.
     udp: Mutex<HashMap<u32, u8>>,
     hijacked: Mutex<HashMap<(SocketAddr, u16), (SocketAddr, Instant)>>,
-    pools: Pools,
+    pools: Arc<Pools>,
     pub stats: DnsStats,
     servfail_warning: RateLimit,
     /// Fake-ip: A/AAAA questions it answers are answered here.
@@ -128,30 +138,112 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Dns {
     /// From the config and the policy built from it.
-    pub fn new(cfg: &Config, policy: &Policy) -> Dns {
-        Dns {
+    pub fn new(cfg: &Config, policy: &Arc<Policy>) -> Dns {
+        let dns = Dns {
             settings: ArcSwap::from_pointee(Settings::new(cfg, policy)),
-            names: Names::new(names::DEFAULT_CAPACITY),
+            resolver: ArcSwap::from_pointee(None),
+            names: Arc::new(Names::new(names::DEFAULT_CAPACITY)),
             udp: Mutex::new(HashMap::new()),
             hijacked: Mutex::new(HashMap::new()),
-            pools: Pools::default(),
+            pools: Arc::new(Pools::default()),
             stats: DnsStats::default(),
             servfail_warning: RateLimit::default(),
             fake: std::sync::OnceLock::new(),
-        }
+        };
+        dns.resolver
+            .store(Arc::new(dns.build_resolver(cfg, policy)));
+        dns
+    }
+
+    fn build_resolver(&self, cfg: &Config, policy: &Arc<Policy>) -> Option<Resolver> {
+        cfg.dns.answers().then(|| {
+            let names = policy.wants_domains().then(|| Arc::clone(&self.names));
+            let transport = PoolTransport::new(cfg, Arc::clone(&self.pools));
+            Resolver::new(cfg, Arc::clone(policy), transport, names)
+        })
     }
 
     /// A reload: the new `[dns]` keys and rules apply to the next query;
     /// what is known of outbounds the policy kept stays, the rest goes.
-    pub fn reconfigure(&self, cfg: &Config, policy: &Policy) {
+    pub fn reconfigure(&self, cfg: &Config, policy: &Arc<Policy>) {
         let settings = Settings::new(cfg, policy);
         if !settings.learn {
             self.names.clear();
         }
         self.settings.store(Arc::new(settings));
+        let servers_before = self
+            .resolver
+            .load()
+            .as_ref()
+            .as_ref()
+            .map(|r| r.servers_config());
+        let resolver = self.build_resolver(cfg, policy);
+        let servers_after = resolver.as_ref().map(|r| r.servers_config());
+        if servers_before != servers_after {
+            // Answers from servers no longer configured (or configured
+            // otherwise) must not outlive them.
+            self.flush_cache();
+        }
+        self.resolver.store(Arc::new(resolver));
         let keys: HashSet<u32> = policy.outbounds().iter().map(|n| n.key).collect();
         lock(&self.udp).retain(|k, _| keys.contains(k));
         self.pools.retain(|k| keys.contains(&k));
+    }
+
+    /// Empties the DNS cache (the API, a reload that changed servers).
+    /// CACHE SEAM: a no-op until helper A's `dns::cache` is plugged into
+    /// the resolver; then this calls its `flush()`.
+    pub fn flush_cache(&self) {
+        self.stats.cache_flushes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether tproxyd answers queries itself (named resolvers).
+    pub fn answers(&self) -> bool {
+        self.resolver.load().is_some()
+    }
+
+    /// The answer of the named resolvers to `query` from `client` (see
+    /// [`Resolver::resolve`]); None when none are configured or `query` is
+    /// no DNS query.
+    pub async fn resolve(&self, query: &[u8], client: SocketAddr) -> Option<Vec<u8>> {
+        let resolver = self.resolver.load_full();
+        match resolver.as_ref() {
+            Some(r) => {
+                r.resolve_with(query, client, self.fake.get().map(|p| &**p))
+                    .await
+            }
+            None => None,
+        }
+    }
+
+    /// The real addresses of `name` from the named resolvers, never the
+    /// fake-ip pool: A and AAAA asked at once, IPv4 first. Empty when no
+    /// resolver is configured or none answered.
+    pub async fn real_addresses(&self, name: &str) -> Vec<IpAddr> {
+        use std::sync::atomic::AtomicU16;
+        static ID: AtomicU16 = AtomicU16::new(1);
+        let loaded = self.resolver.load_full();
+        let Some(resolver) = loaded.as_ref() else {
+            return Vec::new();
+        };
+        let client = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0));
+        let ask = |qtype| {
+            let query = message::build::query(ID.fetch_add(1, Ordering::Relaxed), name, qtype);
+            async move {
+                let answer = resolver.resolve(&query, client).await.unwrap_or_default();
+                message::answers(&answer)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|r| match (r.rtype, r.data) {
+                        (t, message::RecordData::Addr(ip)) if t == qtype => Some(ip),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>()
+            }
+        };
+        let (mut v4, v6) = tokio::join!(ask(message::TYPE_A), ask(message::TYPE_AAAA));
+        v4.extend(v6);
+        v4
     }
 
     /// The name last learned for `ip`, while its TTL lasts; None when
@@ -179,23 +271,25 @@ impl Dns {
     }
 
     /// Answers the A/AAAA questions `pool` takes from now on (once, at
-    /// start). The DNS engine (`resolver.rs`, to come) must ask the pool
-    /// before its rules as well.
-    pub fn set_fake_ip(&self, pool: Arc<fakeip::FakePool>) {
+    /// start; see [`Resolver::resolve_with`]), and gives the pool the
+    /// named resolvers for the real addresses of its names (`direct`
+    /// flows to fake addresses). The pool holds this weakly: no cycle.
+    pub fn set_fake_ip(self: &Arc<Self>, pool: Arc<fakeip::FakePool>) {
+        pool.set_resolver(Arc::new(RealResolver(Arc::downgrade(self))));
         let _ = self.fake.set(pool);
     }
 
     /// A query from `client` to `dst` (port 53), before the route decision.
     pub fn on_query(&self, client: SocketAddr, dst: SocketAddr, query: &[u8]) -> Query {
-        if let Some(answer) = self.fake.get().and_then(|pool| pool.answer(query)) {
-            return Query::Answer(answer);
-        }
         let settings = self.settings.load();
         if settings.filter_aaaa {
             if let Some(answer) = filtered_aaaa(query) {
                 self.stats.aaaa_filtered.fetch_add(1, Ordering::Relaxed);
                 return Query::Answer(answer);
             }
+        }
+        if self.resolver.load().is_some() && is_query(query) {
+            return Query::Resolve;
         }
         match settings.server {
             Some(server) if server != dst => {
@@ -326,6 +420,26 @@ impl Dns {
     }
 }
 
+/// A DNS query (a header, QR clear): what the named resolvers answer.
+/// Anything else sent to port 53 is relayed as the UDP it is.
+fn is_query(payload: &[u8]) -> bool {
+    message::Header::parse(payload).is_ok_and(|h| !h.is_response())
+}
+
+/// The named resolvers as fake-ip's [`fakeip::ResolveReal`] hook.
+struct RealResolver(std::sync::Weak<Dns>);
+
+impl fakeip::ResolveReal for RealResolver {
+    fn resolve_real<'a>(&'a self, name: &'a str) -> crate::outbound::BoxFuture<'a, Vec<IpAddr>> {
+        Box::pin(async move {
+            match self.0.upgrade() {
+                Some(dns) => dns.real_addresses(name).await,
+                None => Vec::new(),
+            }
+        })
+    }
+}
+
 /// The local answer to an AAAA question, or None for anything else.
 fn filtered_aaaa(query: &[u8]) -> Option<Vec<u8>> {
     let header = message::Header::parse(query).ok()?;
@@ -358,7 +472,7 @@ mod tests {
             .unwrap()
             .validate(&|_| None)
             .unwrap();
-        let policy = Policy::from_config(&cfg).unwrap();
+        let policy = Arc::new(Policy::from_config(&cfg).unwrap());
         Dns::new(&cfg, &policy)
     }
 

@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use crate::config::{Config, Network, SniffProtocol};
 use crate::dns::fakeip::Exclusions;
+use crate::dns::rules::DnsRules;
 use crate::outbound::group::{Group, Member};
 use crate::outbound::{BuildError, Context, Outbound, OutboundConfig};
 pub use crate::registry::RuleLabel;
@@ -58,6 +59,8 @@ pub enum PolicyError {
     Rule { index: usize, message: String },
     #[error("dns.fake_ip: {message}")]
     FakeIp { message: String },
+    #[error("dns.rules[{index}]: {message}")]
+    DnsRule { index: usize, message: String },
     #[error("route.rule_sets[{index}] ({name}): {message}")]
     RuleSet {
         index: usize,
@@ -156,6 +159,9 @@ pub struct Policy {
     /// The names fake-ip leaves to the real resolver, when `[dns.fake_ip]`
     /// is set: built here from the rule sets the rules read.
     fake_ip_exclusions: Option<Arc<Exclusions>>,
+    /// `[[dns.rules]]`, compiled from the same rule-set reading as the
+    /// route's; None unless tproxyd answers DNS itself.
+    dns_rules: Option<Arc<DnsRules>>,
 }
 
 impl Policy {
@@ -177,12 +183,16 @@ impl Policy {
         let outbounds = build_outbounds(cfg, &index_of, old)?;
         // Validation guarantees every name below exists.
         let lookup = |name: &str| index_of.get(name).copied().unwrap_or(0);
-        let sets = Rules::load_sets(&cfg.route)?;
+        // Each rule-set file is read once, for the route, the DNS rules and
+        // fake-ip's exclusions.
+        let sets = rules::load_sets(&cfg.route)?;
         let rules = Rules::with_sets(&cfg.route, &sets)?;
+        let dns_rules = DnsRules::build(&cfg.dns, &cfg.route, &sets)?.map(Arc::new);
         let fake_ip_exclusions = match &cfg.dns.fake_ip {
             Some(fake) => Some(Arc::new(Exclusions::build(fake, &cfg.route, &sets)?)),
             None => None,
         };
+        drop(sets);
         let rule_targets = cfg
             .route
             .rules
@@ -204,6 +214,7 @@ impl Policy {
             rule_targets,
             rule_labels,
             fake_ip_exclusions,
+            dns_rules,
         })
     }
 
@@ -211,12 +222,12 @@ impl Policy {
     /// (rule-set files, regexes), without the outbounds: what `tproxyd
     /// check` runs, so a bad file or regex is reported before a start.
     pub fn check(cfg: &Config) -> Result<(), PolicyError> {
-        let sets = Rules::load_sets(&cfg.route)?;
+        let sets = rules::load_sets(&cfg.route)?;
         Rules::with_sets(&cfg.route, &sets)?;
         if let Some(fake) = &cfg.dns.fake_ip {
             Exclusions::build(fake, &cfg.route, &sets)?;
         }
-        Ok(())
+        DnsRules::build(&cfg.dns, &cfg.route, &sets).map(|_| ())
     }
 
     /// One outbound for every flow, named by its type; no rules.
@@ -233,6 +244,7 @@ impl Policy {
             rule_labels: vec![Arc::new(final_label())],
             final_index: 0,
             fake_ip_exclusions: None,
+            dns_rules: None,
         }
     }
 
@@ -325,6 +337,16 @@ impl Policy {
     /// learned from DNS answers kept and looked up (see `crate::dns`).
     pub fn wants_domains(&self) -> bool {
         self.rules.wants_domains()
+    }
+
+    /// The compiled `[[dns.rules]]`, when tproxyd answers DNS itself.
+    pub fn dns_rules(&self) -> Option<&Arc<DnsRules>> {
+        self.dns_rules.as_ref()
+    }
+
+    /// The outbound named `name` (its index), groups not resolved.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.outbounds.iter().position(|n| &*n.name == name)
     }
 
     pub fn outbounds(&self) -> &[Named] {

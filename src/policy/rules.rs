@@ -420,24 +420,7 @@ impl Rules {
     /// Reads every rule set, then indexes the rules. A rule-set file or a
     /// regex that is wrong is refused here, with where and why.
     pub fn build(route: &RouteConfig) -> Result<Rules, PolicyError> {
-        let sets = Self::load_sets(route)?;
-        Self::with_sets(route, &sets)
-    }
-
-    /// Reads every rule set `route` names, in order: what
-    /// [`with_sets`](Self::with_sets) takes (read once, for every matcher
-    /// built from them: the route's and fake-ip's exclusions).
-    pub fn load_sets(route: &RouteConfig) -> Result<Vec<RuleSet>, PolicyError> {
-        let mut sets = Vec::with_capacity(route.rule_sets.len());
-        for (index, cfg) in route.rule_sets.iter().enumerate() {
-            let set = RuleSet::load(cfg).map_err(|message| PolicyError::RuleSet {
-                index,
-                name: cfg.name.clone(),
-                message,
-            })?;
-            sets.push(set);
-        }
-        Ok(sets)
+        Self::with_sets(route, &load_sets(route)?)
     }
 
     /// Indexes the rules with rule sets already read; `sets[i]` is the
@@ -703,6 +686,21 @@ impl Rules {
     pub fn is_empty(&self) -> bool {
         self.info.is_empty()
     }
+}
+
+/// Reads every `route.rule_sets` file, in order: what [`Rules::with_sets`]
+/// indexes (the route's rules and the DNS rules, from one reading).
+pub fn load_sets(route: &RouteConfig) -> Result<Vec<RuleSet>, PolicyError> {
+    let mut sets = Vec::with_capacity(route.rule_sets.len());
+    for (index, cfg) in route.rule_sets.iter().enumerate() {
+        let set = RuleSet::load(cfg).map_err(|message| PolicyError::RuleSet {
+            index,
+            name: cfg.name.clone(),
+            message,
+        })?;
+        sets.push(set);
+    }
+    Ok(sets)
 }
 
 /// One RegexSet for every regex of every rule. On failure, each regex is

@@ -312,6 +312,8 @@ impl Server {
             }
         };
         let cfg = self.cfg;
+        let router = Router::new(cfg.listen, policy);
+        let policy = router.policy();
         let dns = Arc::new(Dns::new(&cfg, &policy));
         let fake = cfg.dns.fake_ip.as_ref().map(|f| {
             let pool = Arc::new(FakePool::new(f));
@@ -322,7 +324,8 @@ impl Server {
             dns.set_fake_ip(Arc::clone(&pool));
             pool
         });
-        let mut router = Router::new(cfg.listen, policy).with_dns(Arc::clone(&dns));
+        drop(policy);
+        let mut router = router.with_dns(Arc::clone(&dns));
         if let Some(pool) = &fake {
             router = router.with_fake_ip(Arc::clone(pool));
         }

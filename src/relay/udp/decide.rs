@@ -46,6 +46,10 @@ pub(super) enum Verdict {
     /// A DNS query answered here (a filtered AAAA question): `answer`
     /// goes back to the client from `from`, the address it asked.
     Answer { from: SocketAddr, answer: Vec<u8> },
+    /// A DNS query the named resolvers answer (`[[dns.servers]]`); the
+    /// answer goes back to the client from `from`, the address it asked.
+    /// No route: the resolver picks its server and outbound itself.
+    Resolve { from: SocketAddr },
     /// A DNS query `choice`'s outbound carries as DNS over TCP, to `dst`;
     /// the answer goes back to the client from `from`, the address it
     /// asked.
@@ -106,6 +110,7 @@ pub(super) fn datagram(
                 answer,
             }
         }
+        Query::Resolve => return Verdict::Resolve { from: asked },
     };
     let choice = match route(router, pin, client, dst) {
         Decision::Forward(choice) => choice,
@@ -322,8 +327,9 @@ mod tests {
         if dns.is_empty() {
             return (Router::new(cfg.listen, policy), None);
         }
-        let dns = Arc::new(Dns::new(&cfg, &policy));
-        let router = Router::new(cfg.listen, policy).with_dns(Arc::clone(&dns));
+        let router = Router::new(cfg.listen, policy);
+        let dns = Arc::new(Dns::new(&cfg, &router.policy()));
+        let router = router.with_dns(Arc::clone(&dns));
         (router, Some(dns))
     }
 
@@ -341,6 +347,7 @@ mod tests {
         match v {
             Verdict::Forward { dst, choice } => format!("forward {dst} {}", name(router, choice)),
             Verdict::Answer { from, .. } => format!("answer from {from}"),
+            Verdict::Resolve { from } => format!("resolve from {from}"),
             Verdict::DnsOverTcp { from, dst, choice } => {
                 format!("dns-over-tcp {dst} {} from {from}", name(router, choice))
             }
@@ -560,6 +567,40 @@ mod tests {
         assert!(is_dns(&r, sa("192.0.2.1:53")) && !is_dns(&plain, sa("192.0.2.1:53")));
     }
 
+    /// With named resolvers every query to port 53 is answered by them,
+    /// from the address asked, whatever the rules say of that address;
+    /// what is not a DNS query still goes as the UDP it is.
+    #[test]
+    fn with_named_resolvers_queries_are_resolved_here() {
+        let named = "[dns]\n[[dns.servers]]\nname = \"isp\"\naddress = \"udp://198.51.100.53\"\n";
+        let rules = rule("dst = [\"192.0.2.0/24\"]", "deny");
+        let (r, _) = router(&rules, named);
+        let q = query(7, "example.com", TYPE_A);
+        assert_eq!(
+            decide(&r, "192.0.2.1:53", &q, None),
+            "resolve from 192.0.2.1:53"
+        );
+        assert_eq!(
+            decide(&r, "8.8.8.8:53", &q, None),
+            "resolve from 8.8.8.8:53"
+        );
+        // A response, or no DNS at all, to port 53: routed as UDP.
+        let answer = response(&q, &[]);
+        assert_eq!(
+            decide(&r, "8.8.8.8:53", &answer, None),
+            "forward 8.8.8.8:53 direct"
+        );
+        assert_eq!(
+            decide(&r, "8.8.8.8:53", b"junk", None),
+            "forward 8.8.8.8:53 direct"
+        );
+        // Other ports are not DNS.
+        assert_eq!(
+            decide(&r, "8.8.8.8:5353", &q, None),
+            "forward 8.8.8.8:5353 direct"
+        );
+    }
+
     /// A filtered AAAA question is answered here, from the address asked.
     #[test]
     fn a_filtered_aaaa_question_is_answered_here() {
@@ -670,12 +711,13 @@ mod tests {
         let pool = Arc::new(FakePool::new(&cfg_fake));
         d.unwrap().set_fake_ip(Arc::clone(&pool));
         let r = r.with_fake_ip(pool);
-        // The captured query is answered from the pool, from the address asked.
+        // The captured query goes to the engine (which asks the pool).
         let q = query(9, "www.via-proxy.example", TYPE_A);
         assert_eq!(
             decide(&r, "192.0.2.53:53", &q, None),
-            "answer from 192.0.2.53:53"
+            "resolve from 192.0.2.53:53"
         );
+        assert!(r.fake_ip().unwrap().answer(&q).is_some());
         assert_eq!(
             decide(&r, "198.18.0.1:443", b"x", None),
             "fake 198.18.0.1:443 www.via-proxy.example"

@@ -30,6 +30,29 @@ impl UdpRelay {
         });
     }
 
+    /// Has the named resolvers answer `query` of `client`; the answer goes
+    /// back from `from`, the address it asked.
+    pub(super) fn send_dns_resolved(
+        self: &Arc<Self>,
+        client: SocketAddr,
+        from: SocketAddr,
+        query: &[u8],
+    ) {
+        let Some(dns) = self.router.dns() else {
+            return;
+        };
+        let (relay, dns) = (Arc::clone(self), Arc::clone(dns));
+        let query = query.to_vec();
+        tokio::spawn(async move {
+            if let Some(answer) = dns.resolve(&query, client).await {
+                relay
+                    .replies
+                    .send(from, client, &answer, &relay.stats)
+                    .await;
+            }
+        });
+    }
+
     /// Carries `query` to `dst` as DNS over TCP through `choice`'s
     /// outbound; the answer goes to the client from `from`, the address it
     /// wrote to.

@@ -294,6 +294,7 @@ impl UdpRelay {
             }
             Verdict::RefuseFake { dst, name } => self.refuse_fake(client, dst, name.as_deref()),
             Verdict::Answer { from, answer } => self.send_dns_answer(client, from, answer),
+            Verdict::Resolve { from } => self.send_dns_resolved(client, from, &buf[UDP_HEADROOM..]),
             Verdict::DnsOverTcp { from, dst, choice } => {
                 self.send_dns_over_tcp(client, from, dst, choice, &buf[UDP_HEADROOM..])
             }
