@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 use tracing::info;
 
 use crate::config::Config;
+use crate::dns::listen::Listeners;
 use crate::firewall::{self, Plan};
 use crate::inbound::tcp::TcpContext;
 use crate::outbound::group;
@@ -135,6 +136,8 @@ pub struct Live {
     reloading: tokio::sync::Mutex<()>,
     /// Failover groups' health checks, for the policy of the moment.
     health: Mutex<JoinSet<()>>,
+    /// `dns.listen`, when tproxyd answers DNS; a reload rebinds what changed.
+    dns_listeners: Mutex<Option<Listeners>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -161,6 +164,7 @@ impl Live {
             loader,
             reloading: tokio::sync::Mutex::new(()),
             health: Mutex::new(JoinSet::new()),
+            dns_listeners: Mutex::new(None),
         }
     }
 
@@ -217,6 +221,24 @@ impl Live {
         lock(&self.health).abort_all();
     }
 
+    pub(crate) fn set_dns_listeners(&self, listeners: Option<Listeners>) {
+        *lock(&self.dns_listeners) = listeners;
+    }
+
+    /// Closes the `dns.listen` sockets (the stop).
+    pub(crate) fn stop_dns_listeners(&self) {
+        lock(&self.dns_listeners).take();
+    }
+
+    /// The addresses `dns.listen` is served on now (none when tproxyd does
+    /// not answer DNS).
+    pub fn dns_listen_addrs(&self) -> Vec<std::net::SocketAddr> {
+        lock(&self.dns_listeners)
+            .as_ref()
+            .map(Listeners::addrs)
+            .unwrap_or_default()
+    }
+
     /// Reads the configuration again and applies it, or refuses it and
     /// changes nothing. Flows already running keep going on the outbound
     /// they have.
@@ -240,6 +262,16 @@ impl Live {
             changed: changed_parts(&old, &new),
             kept,
             built: policy.outbounds().len() - kept,
+        };
+
+        // New dns.listen addresses are bound before anything changes (a
+        // port in use refuses the reload); the old ones close at the end.
+        let dns_listen = match lock(&self.dns_listeners).as_ref() {
+            Some(l) => Some(
+                l.pending(&new.dns.listen)
+                    .map_err(|e| ReloadError::Invalid(e.to_string()))?,
+            ),
+            None => None,
         };
 
         // The firewall first: if the kernel refuses the new rules, nothing
@@ -281,6 +313,11 @@ impl Live {
             udp.policy_changed(&policy);
         }
         self.start_health_checks(&policy);
+        if let (Some(pending), Some(l)) = (dns_listen, lock(&self.dns_listeners).as_mut()) {
+            if let Err(e) = l.commit(pending) {
+                tracing::warn!("dns.listen: cannot serve the new addresses: {e}");
+            }
+        }
         *lock(&self.config) = Arc::new(new);
         info!("configuration reloaded: {report}");
         Ok(report)
@@ -365,5 +402,97 @@ mod tests {
         rules_only.limits.tcp_flows += 1;
         assert!(restart_only_changes(&old, &rules_only).is_empty());
         assert_eq!(changed_parts(&old, &rules_only), ["timeouts", "limits"]);
+    }
+
+    struct Echo;
+
+    impl crate::dns::listen::Answer for Echo {
+        async fn answer(&self, query: Vec<u8>, _: std::net::SocketAddr) -> Option<Vec<u8>> {
+            crate::dns::message::empty_answer(&query).ok()
+        }
+    }
+
+    fn dns_config(ports: &[u16]) -> Result<Config, String> {
+        let listen: Vec<String> = ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+        let text = format!(
+            "[outbound]\ntype = \"direct\"\n[firewall]\nbackend = \"none\"\n\
+             [dns]\nlisten = [{}]\nfinal = \"up\"\n\
+             [[dns.servers]]\nname = \"up\"\naddress = \"udp://192.0.2.53\"\n",
+            listen.join(", ")
+        );
+        RawConfig::from_toml(&text, "t")
+            .map_err(|e| e.to_string())?
+            .validate(&|_| None)
+            .map_err(|e| e.to_string())
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    async fn ask(s: &mut tokio::net::TcpStream, id: u16) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let q = crate::dns::message::build::query(id, "a.example", 1);
+        let mut f = (q.len() as u16).to_be_bytes().to_vec();
+        f.extend_from_slice(&q);
+        s.write_all(&f).await.unwrap();
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).await.unwrap();
+        let mut m = vec![0u8; u16::from_be_bytes(len) as usize];
+        s.read_exact(&mut m).await.unwrap();
+        crate::dns::message::id(&m).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_reload_rebinds_dns_listen_only_where_it_changed() {
+        let (p1, p2) = (free_port(), free_port());
+        let ports = Arc::new(Mutex::new(vec![p1]));
+        let wanted = Arc::clone(&ports);
+        let loader: Loader = Box::new(move || dns_config(&lock(&wanted)));
+        let cfg = dns_config(&[p1]).unwrap();
+        let bound = crate::dns::listen::Bound::bind_all(&cfg.dns.listen, 0).unwrap();
+        let listeners =
+            crate::server::start_dns_listeners(Some(Arc::new(Echo)), &cfg, bound, None).unwrap();
+        let live = Live::detached(cfg, Some(loader)).unwrap();
+        live.set_dns_listeners(listeners);
+        let a1: std::net::SocketAddr = format!("127.0.0.1:{p1}").parse().unwrap();
+        let a2: std::net::SocketAddr = format!("127.0.0.1:{p2}").parse().unwrap();
+        assert_eq!(live.dns_listen_addrs(), [a1]);
+        // A connection to the first address lives through reloads that keep it.
+        let mut kept = tokio::net::TcpStream::connect(a1).await.unwrap();
+        assert_eq!(ask(&mut kept, 1).await, 1);
+        *lock(&ports) = vec![p1, p2];
+        live.reload().await.unwrap();
+        assert_eq!(live.dns_listen_addrs(), [a1, a2]);
+        assert_eq!(ask(&mut kept, 2).await, 2);
+        let mut second = tokio::net::TcpStream::connect(a2).await.unwrap();
+        assert_eq!(ask(&mut second, 3).await, 3);
+        // A port in use refuses the reload, naming it; nothing changes.
+        let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let p3 = taken.local_addr().unwrap().port();
+        *lock(&ports) = vec![p1, p3];
+        let e = live.reload().await.unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("127.0.0.1:{p3}")) && e.contains("in use"),
+            "{e}"
+        );
+        assert_eq!(live.dns_listen_addrs(), [a1, a2]);
+        assert_eq!(ask(&mut second, 4).await, 4);
+        // Dropped from the list: closed; the other stays.
+        *lock(&ports) = vec![p2];
+        live.reload().await.unwrap();
+        assert_eq!(live.dns_listen_addrs(), [a2]);
+        assert_eq!(ask(&mut second, 5).await, 5);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while tokio::net::TcpStream::connect(a1).await.is_ok() {
+            assert!(tokio::time::Instant::now() < deadline, "{a1} still served");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        live.stop_dns_listeners();
+        assert!(live.dns_listen_addrs().is_empty());
     }
 }

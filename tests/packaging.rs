@@ -4,62 +4,24 @@
 //! config (a conffile), verifies where it lands, and (in CI, which may
 //! change the machine) installs, creates its user and purges cleanly.
 
+#[path = "common/tools.rs"]
+mod tools;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
+use tools::{in_ci, run, stdout};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 /// The exposure score `systemd-analyze security` must not exceed: "OK"
 /// ends at 4.9; the unit measured 1.7 with systemd 252.
 const MAX_EXPOSURE: f64 = 2.0;
 
-fn in_ci() -> bool {
-    std::env::var_os("CI").is_some()
-}
-
-/// Fails (never skips) under CI; elsewhere a missing tool skips with a note.
-fn have(tools: &[&str]) -> bool {
-    let missing: Vec<&str> = tools
-        .iter()
-        .copied()
-        .filter(|t| {
-            Command::new("sh")
-                .args(["-c", &format!("command -v {t}")])
-                .output()
-                .map_or(true, |o| !o.status.success())
-        })
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let why = format!("packaging tests need {missing:?}; run scripts/setup-test-deps");
-    assert!(!in_ci(), "{why}");
-    eprintln!("skipping: {why}");
-    false
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("tproxyd-pkg-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    tools::temp_dir("pkg", name)
+}
+
+fn have(tools: &[&str]) -> bool {
+    tools::have(tools, "the packaging tests")
 }
 
 /// The score from `systemd-analyze security --offline=true UNIT`.

@@ -19,6 +19,7 @@
 //! query's route decision, after it, and for every reply from port 53.
 
 pub mod fakeip;
+pub mod listen;
 pub mod message;
 pub mod names;
 pub mod resolver;
@@ -55,6 +56,9 @@ pub const PORT: u16 = 53;
 const UDP_UNKNOWN: u8 = 0;
 const UDP_WORKS: u8 = 1;
 const UDP_REFUSED: u8 = 2;
+
+/// Queries the named resolvers may work on at once.
+pub const MAX_RESOLVING: usize = 4096;
 
 /// Hijacked queries waiting for their answer, remembered by (client, id)
 /// to answer from the address asked; bounded, and forgotten after this.
@@ -117,6 +121,8 @@ pub struct Dns {
     udp: Mutex<HashMap<u32, u8>>,
     hijacked: Mutex<HashMap<(SocketAddr, u16), (SocketAddr, Instant)>>,
     pools: Arc<Pools>,
+    /// Queries the named resolvers are working on now (bounded).
+    resolving: std::sync::atomic::AtomicUsize,
     pub stats: DnsStats,
     servfail_warning: RateLimit,
     /// Fake-ip: A/AAAA questions it answers are answered here.
@@ -146,6 +152,7 @@ impl Dns {
             udp: Mutex::new(HashMap::new()),
             hijacked: Mutex::new(HashMap::new()),
             pools: Arc::new(Pools::default()),
+            resolving: std::sync::atomic::AtomicUsize::new(0),
             stats: DnsStats::default(),
             servfail_warning: RateLimit::default(),
             fake: std::sync::OnceLock::new(),
@@ -205,15 +212,36 @@ impl Dns {
     /// The answer of the named resolvers to `query` from `client` (see
     /// [`Resolver::resolve`]); None when none are configured or `query` is
     /// no DNS query.
+    ///
+    /// At most [`MAX_RESOLVING`] at once: beyond that (a flood, or every
+    /// server silent) a query is answered SERVFAIL at once rather than
+    /// piling up tasks that each wait out their timeout.
     pub async fn resolve(&self, query: &[u8], client: SocketAddr) -> Option<Vec<u8>> {
         let resolver = self.resolver.load_full();
-        match resolver.as_ref() {
-            Some(r) => {
-                r.resolve_with(query, client, self.fake.get().map(|p| &**p))
-                    .await
+        let r = resolver.as_ref().as_ref()?;
+        if self.resolving.fetch_add(1, Ordering::Relaxed) >= MAX_RESOLVING {
+            self.resolving.fetch_sub(1, Ordering::Relaxed);
+            if let Some(n) = self.servfail_warning.check() {
+                warn!(
+                    "DNS: {MAX_RESOLVING} queries waiting for their servers; answered SERVFAIL{}",
+                    crate::ratelimit::held_back(n)
+                );
             }
-            None => None,
+            return message::Header::parse(query)
+                .ok()
+                .filter(|h| !h.is_response())
+                .and_then(|_| message::servfail(query).ok());
         }
+        // Counted down even if the caller drops this future midway.
+        struct Done<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        let _done = Done(&self.resolving);
+        r.resolve_with(query, client, self.fake.get().map(|p| &**p))
+            .await
     }
 
     /// The real addresses of `name` from the named resolvers, never the
@@ -478,6 +506,66 @@ mod tests {
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    fn reload(d: &Dns, extra: &str) {
+        let text = format!(
+            "[[outbounds]]\nname = \"proxy\"\ntype = \"socks5\"\nserver = \"203.0.113.2:1080\"\n\
+             [route]\nfinal = \"proxy\"\n{extra}\n[firewall]\nbackend = \"none\"\n"
+        );
+        let cfg = RawConfig::from_toml(&text, "t")
+            .unwrap()
+            .validate(&|_| None)
+            .unwrap();
+        d.reconfigure(&cfg, &Arc::new(Policy::from_config(&cfg).unwrap()));
+    }
+
+    #[test]
+    fn a_reload_rebuilds_the_resolver_and_flushes_when_servers_change() {
+        let isp = "[dns]\n[[dns.servers]]\nname = \"isp\"\naddress = \"udp://192.0.2.53\"\n";
+        let d = dns(isp);
+        let flushes = || d.stats.cache_flushes.load(Ordering::Relaxed);
+        let client = sa("192.0.2.2:5000");
+        let q = query(1, "a.example", TYPE_A);
+        assert!(d.answers());
+        assert_eq!(d.on_query(client, sa("8.8.8.8:53"), &q), Query::Resolve);
+        // The same servers (rules may differ): the cache stays.
+        reload(
+            &d,
+            &format!("{isp}[[dns.rules]]\nquery_type = [\"AAAA\"]\nreject = \"nodata\"\n"),
+        );
+        assert_eq!(flushes(), 0);
+        // Another address: flushed.
+        reload(
+            &d,
+            "[dns]\n[[dns.servers]]\nname = \"isp\"\naddress = \"udp://192.0.2.54\"\n",
+        );
+        assert_eq!(flushes(), 1);
+        // Back to the one-resolver shape: nothing answered here any more.
+        reload(&d, "[dns]\nserver = \"198.51.100.53:53\"\n");
+        assert!(!d.answers());
+        assert_eq!(flushes(), 2);
+        assert_eq!(
+            d.on_query(client, sa("8.8.8.8:53"), &q),
+            Query::Forward(sa("198.51.100.53:53"))
+        );
+    }
+
+    #[tokio::test]
+    async fn beyond_the_bound_queries_get_servfail_at_once() {
+        let d = dns("[dns]\n[[dns.servers]]\nname = \"isp\"\naddress = \"udp://192.0.2.53\"\n");
+        d.resolving
+            .store(MAX_RESOLVING, std::sync::atomic::Ordering::Relaxed);
+        let q = query(8, "a.example", TYPE_A);
+        let a = d.resolve(&q, sa("192.0.2.2:5000")).await.unwrap();
+        let h = Header::parse(&a).unwrap();
+        assert_eq!((h.id, h.rcode()), (8, message::RCODE_SERVFAIL));
+        assert_eq!(
+            d.resolving.load(std::sync::atomic::Ordering::Relaxed),
+            MAX_RESOLVING
+        );
+        // Not a query: nothing.
+        assert_eq!(d.resolve(b"junk", sa("192.0.2.2:5000")).await, None);
     }
 
     #[test]

@@ -12,8 +12,9 @@
 //!
 //! How a query reaches one server is a [`Transport`]: the seam for
 //! `dns::upstream::Upstream` (UDP with TCP retry, DoT, DoH, system). Until
-//! it lands, [`PoolTransport`] carries every query as DNS over TCP through
-//! the outbound (the existing pooled, pipelined `dns::tcp` code).
+//! it lands, [`PoolTransport`] asks `udp://` servers reached `direct` over
+//! UDP and carries every other query as DNS over TCP through the outbound
+//! (the existing pooled, pipelined `dns::tcp` code).
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -64,17 +65,24 @@ pub trait Transport: Send + Sync + 'static {
 }
 
 // ---------------------------------------------------------------------
-// SHIM (until helper T's `dns::upstream::Upstream` is merged): every
-// query goes as DNS over TCP through the outbound, on the pools the
-// captured-UDP path already uses. The lead replaces this struct with one
-// holding an `Upstream` per server (rebuilt when `resolved` changes) and
-// calls `Upstream::exchange(query, key, outbound)`.
+// SHIM (until helper T's `dns::upstream::Upstream` is merged): a
+// `udp://` server reached `direct` is asked over UDP from a socket with
+// tproxyd's mark (TCP when the answer is truncated or none comes); every
+// other query goes as DNS over TCP through the outbound, on the pools
+// the captured-UDP path already uses (their sockets are marked by
+// `connect_marked`). The lead replaces this struct with one holding an
+// `Upstream` per server (rebuilt when `resolved` changes) and calls
+// `Upstream::exchange(query, key, outbound)`.
 // ---------------------------------------------------------------------
 
-/// Carries queries as DNS over TCP through the outbound (`dns::tcp`).
+/// How long a UDP query waits for its answer before TCP is tried.
+const UDP_WAIT: Duration = Duration::from_secs(2);
+
+/// Carries queries as UDP (direct) or DNS over TCP (`dns::tcp`).
 pub struct PoolTransport {
     addresses: Vec<ServerAddress>,
     pools: Arc<Pools>,
+    mark: u32,
 }
 
 impl PoolTransport {
@@ -82,6 +90,47 @@ impl PoolTransport {
         PoolTransport {
             addresses: cfg.dns.servers.iter().map(|s| s.address.clone()).collect(),
             pools,
+            mark: cfg.mark,
+        }
+    }
+
+    /// One query over UDP from a fresh marked socket (a random port per
+    /// query, as stub resolvers do); Ok(None) when the answer is
+    /// truncated (TC) and must be asked over TCP.
+    async fn udp(&self, to: SocketAddr, query: &[u8]) -> std::io::Result<Option<Vec<u8>>> {
+        let socket = crate::sys::outbound_udp_socket(&to, false, self.mark)?;
+        let socket = tokio::net::UdpSocket::from_std(socket)?;
+        socket.send_to(query, to).await?;
+        let asked = message::question(query).ok();
+        let mut buf = vec![0u8; 65_535];
+        let wait = async {
+            loop {
+                let (n, from) = socket.recv_from(&mut buf).await?;
+                let answer = buf.get(..n).unwrap_or_default();
+                // Only the server's answer to this query: anything else
+                // (a stray or spoofed datagram) is ignored.
+                let Ok(h) = Header::parse(answer) else {
+                    continue;
+                };
+                if crate::sys::normalize(from) != to
+                    || !h.is_response()
+                    || Some(h.id) != message::id(query)
+                    || message::question(answer).ok() != asked
+                {
+                    continue;
+                }
+                if h.flags & 0x0200 != 0 {
+                    return Ok(None);
+                }
+                return Ok(Some(answer.to_vec()));
+            }
+        };
+        match tokio::time::timeout(UDP_WAIT, wait).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer over UDP",
+            )),
         }
     }
 }
@@ -95,8 +144,9 @@ impl Transport for PoolTransport {
         key: u32,
         outbound: &Arc<Outbound>,
     ) -> Result<Vec<u8>, ExchangeFailed> {
-        let to = match self.addresses.get(server) {
-            Some(ServerAddress::Udp(a) | ServerAddress::Tcp(a)) => *a,
+        let (to, udp) = match self.addresses.get(server) {
+            Some(ServerAddress::Udp(a)) => (*a, true),
+            Some(ServerAddress::Tcp(a)) => (*a, false),
             Some(other) => {
                 return Err(ExchangeFailed(format!(
                     "{other:?}: this build reaches named resolvers over plain DNS only"
@@ -104,6 +154,13 @@ impl Transport for PoolTransport {
             }
             None => return Err(ExchangeFailed("no such server".into())),
         };
+        if udp && matches!(**outbound, Outbound::Direct(_)) {
+            match self.udp(to, query).await {
+                Ok(Some(answer)) => return Ok(answer),
+                Ok(None) => debug!(%to, "DNS: truncated answer over UDP; asking over TCP"),
+                Err(e) => debug!(%to, "DNS over UDP: {e}; asking over TCP"),
+            }
+        }
         self.pools
             .get(key, outbound, to)
             .exchange(query)

@@ -439,3 +439,82 @@ async fn the_fake_pool_answers_after_rejections_before_servers() {
     assert_eq!(Header::parse(&a).unwrap().ancount, 1);
     assert_eq!(calls(&r).len(), 2);
 }
+
+/// The shim transport over loopback: a `udp://` server reached `direct`
+/// is asked over UDP from a marked socket (strays ignored), and asked
+/// again over TCP when its UDP answer is truncated. Marking needs
+/// CAP_NET_ADMIN: skipped without root, except under CI.
+#[tokio::test]
+async fn the_shim_asks_direct_udp_servers_over_udp_then_tcp_when_truncated() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if !nix::unistd::geteuid().is_root() {
+        assert!(std::env::var_os("CI").is_none(), "needs root under CI");
+        return;
+    }
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let server = udp.local_addr().unwrap();
+    let tcp = tokio::net::TcpListener::bind(server).await.unwrap();
+    let udp_seen = Arc::new(AtomicU64::new(0));
+    let seen = Arc::clone(&udp_seen);
+    tokio::spawn(async move {
+        let mut buf = [0u8; 512];
+        while let Ok((n, peer)) = udp.recv_from(&mut buf).await {
+            seen.fetch_add(1, Ordering::Relaxed);
+            let q = buf[..n].to_vec();
+            let name = message::question(&q).unwrap().name;
+            let mut answer = response(&q, &[Answer::A(None, Ipv4Addr::new(192, 0, 2, 1), 60)]);
+            // A stray first: another id.
+            let mut stray = answer.clone();
+            stray[0] ^= 0xff;
+            udp.send_to(&stray, peer).await.unwrap();
+            if name == b"big.example" {
+                answer[2] |= 0x02;
+            }
+            udp.send_to(&answer, peer).await.unwrap();
+        }
+    });
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = tcp.accept().await {
+            tokio::spawn(async move {
+                loop {
+                    let mut len = [0u8; 2];
+                    if s.read_exact(&mut len).await.is_err() {
+                        return;
+                    }
+                    let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
+                    s.read_exact(&mut q).await.unwrap();
+                    let answer = response(&q, &[Answer::A(None, Ipv4Addr::new(192, 0, 2, 2), 60)]);
+                    s.write_all(&(answer.len() as u16).to_be_bytes())
+                        .await
+                        .unwrap();
+                    s.write_all(&answer).await.unwrap();
+                }
+            });
+        }
+    });
+    let text = format!(
+        "[[outbounds]]\nname = \"direct\"\ntype = \"direct\"\n[route]\nfinal = \"direct\"\n\
+         [dns]\n[[dns.servers]]\nname = \"local\"\naddress = \"udp://{server}\"\noutbound = \"direct\"\n\
+         [firewall]\nbackend = \"none\"\n"
+    );
+    let cfg = RawConfig::from_toml(&text, "t")
+        .unwrap()
+        .validate(&|_| None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let policy = Arc::new(Policy::from_config(&cfg).unwrap());
+    let transport = PoolTransport::new(&cfg, Arc::new(Pools::default()));
+    let r = Resolver::new(&cfg, policy, transport, None);
+    let a = r
+        .resolve(&query(21, "small.example", TYPE_A), client())
+        .await
+        .unwrap();
+    assert_eq!(Header::parse(&a).unwrap().id, 21);
+    assert_eq!(addrs(&a), vec![IpAddr::from([192, 0, 2, 1])], "over UDP");
+    let a = r
+        .resolve(&query(22, "big.example", TYPE_A), client())
+        .await
+        .unwrap();
+    assert_eq!(Header::parse(&a).unwrap().id, 22);
+    assert_eq!(addrs(&a), vec![IpAddr::from([192, 0, 2, 2])], "over TCP");
+    assert_eq!(udp_seen.load(Ordering::Relaxed), 2);
+}

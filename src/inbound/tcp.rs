@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Mode;
 use crate::config::Network;
+use crate::dns::listen::CapturedTcp;
 use crate::fds;
 use crate::inbound::admission::{Admission, Refusal, Ticket};
 use crate::outbound::{Failure, OutboundError};
@@ -36,6 +37,9 @@ pub struct TcpContext {
     pub idle_ms: portable_atomic::AtomicU64,
     pub admission: Arc<Admission>,
     pub registry: Arc<Registry>,
+    /// When tproxyd answers DNS itself (`cfg.dns.answers()`): captured
+    /// flows to port 53 are answered here instead of connected out.
+    pub dns: arc_swap::ArcSwapOption<CapturedTcp>,
 }
 
 // Every warning below can repeat per connection: a flood must not write
@@ -229,6 +233,14 @@ async fn handle(
             return reset(stream);
         }
     };
+    // Clients' own DNS over TCP, answered by tproxyd's resolver: never
+    // routed, never connected out.
+    if dst.port() == crate::dns::PORT {
+        if let Some(dns) = ctx.dns.load_full().filter(|d| d.ready()) {
+            ticket.connected();
+            return dns.serve(stream, client).await;
+        }
+    }
     let addresses = FlowMeta::addresses(Network::Tcp, client, dst);
     // One policy for the whole decision, read once: a reload meanwhile
     // applies to the next flow, never to half of this one.

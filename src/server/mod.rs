@@ -17,6 +17,7 @@ use tracing::{info, warn};
 
 use crate::config::{Config, Mode};
 use crate::dns::fakeip::FakePool;
+use crate::dns::listen::{self, Answer, Bound, CapturedTcp, DnsServer, ListenError, Listeners};
 use crate::dns::Dns;
 use crate::fds;
 use crate::firewall::{self, FirewallError, Plan};
@@ -74,6 +75,8 @@ pub enum StartError {
     },
     #[error("cannot listen on {addr} for the API (api.listen): {source}")]
     ApiBind { addr: SocketAddr, source: io::Error },
+    #[error("{0}")]
+    DnsListen(#[from] ListenError),
     #[error("{0}")]
     Policy(#[from] crate::policy::PolicyError),
     #[error("cannot register the listener with the runtime: {0}")]
@@ -164,6 +167,8 @@ pub struct Server {
     udp: Option<std::net::UdpSocket>,
     /// The API's listener (`[api]`).
     api: Option<std::net::TcpListener>,
+    /// `dns.listen`, UDP and TCP on each address.
+    dns_listen: Vec<Bound>,
     plan: Option<Plan>,
     loader: Option<Loader>,
 }
@@ -238,11 +243,15 @@ impl Server {
             })?),
             None => None,
         };
+        // Here too, and before privileges are dropped: a port below 1024
+        // needs them.
+        let dns_listen = Bound::bind_all(&cfg.dns.listen, cfg.mark)?;
         Ok(Server {
             cfg,
             tcp,
             udp,
             api,
+            dns_listen,
             plan: None,
             loader: None,
         })
@@ -334,6 +343,7 @@ impl Server {
         let (stop_tcp, tcp_stop) = tokio::sync::watch::channel(false);
         let mut tcp_task = None;
         let mut tcp_ctx = None;
+        let mut tcp_ctx_for_dns: Option<Arc<TcpContext>> = None;
         let mut udp_relay = None;
 
         if let Some(l) = self.tcp {
@@ -350,8 +360,10 @@ impl Server {
                     cfg.limits.tcp_connecting_per_client,
                 ),
                 registry: Arc::clone(&registry),
+                dns: arc_swap::ArcSwapOption::empty(),
             });
             tcp_ctx = Some(Arc::clone(&ctx));
+            tcp_ctx_for_dns = Some(Arc::clone(&ctx));
             tcp_task = Some(tokio::spawn(inbound::tcp::serve(listener, ctx, tcp_stop)));
         }
         if let Some(s) = self.udp {
@@ -457,6 +469,16 @@ impl Server {
                 }
             });
         }
+        // Dns answers through whatever resolver the configuration of the
+        // moment has; the listeners (even none yet: a reload may add some)
+        // and the captured port-53 hook follow it.
+        let dns_listeners = start_dns_listeners(
+            Some(Arc::clone(&dns)),
+            &live.config(),
+            self.dns_listen,
+            tcp_ctx_for_dns.as_deref(),
+        )?;
+        live.set_dns_listeners(dns_listeners);
         started(Arc::clone(&live));
 
         tokio::pin!(shutdown);
@@ -479,6 +501,7 @@ impl Server {
             let _ = tokio::task::spawn_blocking(move || pool.save_if_changed(true)).await;
         }
         let _ = api_stop.send(true);
+        live.stop_dns_listeners();
         // TCP flows are reset before the rules go, so that no socket still
         // needs them once they are removed.
         let _ = stop_tcp.send(true);
@@ -506,6 +529,37 @@ impl Server {
         };
         Ok(rules)
     }
+}
+
+/// Serves `dns.listen` (the sockets `bound` at start) and captured TCP
+/// port 53 (while `answerer.ready()`) with `answerer`. Without one the
+/// sockets are closed again, with a warning: nothing would answer what
+/// arrives on them.
+pub fn start_dns_listeners<A: Answer>(
+    answerer: Option<Arc<A>>,
+    cfg: &Config,
+    bound: Vec<Bound>,
+    tcp: Option<&TcpContext>,
+) -> Result<Option<Listeners>, StartError> {
+    let answerer = match answerer {
+        Some(a) => a,
+        None => {
+            if !bound.is_empty() {
+                warn!(
+                    "dns.listen is set, but nothing answers DNS; the DNS \
+                     listeners are not started"
+                );
+            }
+            return Ok(None);
+        }
+    };
+    let server = DnsServer::new(answerer, listen::Limits::default());
+    if let Some(tcp) = tcp {
+        tcp.dns.store(Some(Arc::new(CapturedTcp::new(&server))));
+    }
+    let listeners =
+        Listeners::start(&server, &cfg.dns.listen, bound, cfg.mark).map_err(StartError::Runtime)?;
+    Ok(Some(listeners))
 }
 
 /// The outbounds as one log field: `proxy=socks5 203.0.113.2:1080 (final)`.

@@ -42,7 +42,7 @@ pub use privileges::{
 pub use signals::{block_termination_signals, unblock_termination_signals};
 pub use socket::{
     is_local_address, normalize, original_dst, outbound_tcp_socket, outbound_udp_socket, peek,
-    reply_socket, set_mark, set_reset_on_close, shutdown_write, sockaddr_in6_to_std,
-    sockaddr_in_to_std, tcp_listener, to_v6, udp_listener, ListenOptions,
+    reply_socket, service_udp_socket, set_mark, set_reset_on_close, shutdown_write,
+    sockaddr_in6_to_std, sockaddr_in_to_std, tcp_listener, to_v6, udp_listener, ListenOptions,
 };
 pub use splice::Pipe;

@@ -124,6 +124,25 @@ pub fn udp_listener(addr: SocketAddr, opts: ListenOptions) -> io::Result<std::ne
     Ok(socket.into())
 }
 
+/// A plain, marked, non-blocking UDP socket bound to `addr` for a service
+/// tproxyd runs itself (the `dns.listen` DNS listener).
+///
+/// Unlike the other listeners it has no `SO_REUSEADDR`: on UDP that flag
+/// lets two sockets that both set it share a port, and dnsmasq sets it,
+/// so a clash would bind "fine" and split the queries between the two
+/// programs. Without it, a port in use fails here with `EADDRINUSE`.
+pub fn service_udp_socket(addr: SocketAddr, mark: u32) -> io::Result<std::net::UdpSocket> {
+    let socket = Socket::new(domain_of(&addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // `[::]` serves both families, as the other listeners do.
+        socket.set_only_v6(!addr.ip().is_unspecified())?;
+    }
+    set_mark(&socket, mark)?;
+    socket.bind(&addr.into())?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
 /// The destination a REDIRECTed TCP connection was originally sent to.
 ///
 /// The address family of the accepted socket's *local* address decides
@@ -295,6 +314,21 @@ mod tests {
         } else {
             assert!(got >= 2 * UDP_LISTENER_RCVBUF.min(rmem_max), "got {got}");
         }
+    }
+
+    #[test]
+    fn service_udp_socket_refuses_a_port_taken_with_reuseaddr() {
+        // What dnsmasq does: SO_REUSEADDR on its UDP socket. A listener
+        // that set it too would share the port silently.
+        let other = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+        other.set_reuse_address(true).unwrap();
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        other.bind(&any.into()).unwrap();
+        let taken = other.local_addr().unwrap().as_socket().unwrap();
+        let e = service_udp_socket(taken, 0).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        let own = service_udp_socket(any, 0).unwrap();
+        assert!(own.local_addr().unwrap().port() != 0);
     }
 
     #[test]

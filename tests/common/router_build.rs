@@ -8,32 +8,11 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+#[path = "tools.rs"]
+mod tools;
+pub use tools::*;
+
 pub const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-
-pub fn in_ci() -> bool {
-    std::env::var_os("CI").is_some()
-}
-
-/// Fails (never skips) under CI; elsewhere a missing tool skips with a note.
-pub fn have(tools: &[&str], why: &str) -> bool {
-    let missing: Vec<&str> = tools
-        .iter()
-        .copied()
-        .filter(|t| {
-            Command::new("sh")
-                .args(["-c", &format!("command -v {t} || test -x /usr/sbin/{t}")])
-                .output()
-                .map_or(true, |o| !o.status.success())
-        })
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let why = format!("{why} needs {missing:?}; run scripts/setup-test-deps");
-    assert!(!in_ci(), "{why}");
-    eprintln!("skipping: {why}");
-    false
-}
 
 /// The static tproxyd for `build` (aarch64, mipsel, …) from
 /// `scripts/build-router TRIPLE`, or None when it cannot be built here
