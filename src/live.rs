@@ -89,6 +89,18 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         "api.listen",
     );
     check(old.mode != new.mode, "mode");
+    // The pool's addresses live as long as the process: its ranges and
+    // store cannot change under clients holding them. Its exclusions can.
+    let pool_keys = |c: &Config| {
+        c.dns
+            .fake_ip
+            .as_ref()
+            .map(|f| (f.ranges.clone(), f.ttl, f.store.clone(), f.save_interval))
+    };
+    check(
+        pool_keys(old) != pool_keys(new),
+        "dns.fake_ip (on/off, ranges, ttl, store, save_interval)",
+    );
     check(old.mark != new.mark, "mark");
     check(old.tcp != new.tcp || old.udp != new.udp, "tcp/udp");
     check(old.user != new.user, "user");
@@ -291,6 +303,10 @@ impl Live {
         }
         if let Some(dns) = self.router.dns() {
             dns.reconfigure(&new, &policy);
+        }
+        if let (Some(pool), Some(exclusions)) = (self.router.fake_ip(), policy.fake_ip_exclusions())
+        {
+            pool.set_exclusions(Arc::clone(exclusions));
         }
         self.router.set_policy(Arc::clone(&policy));
         if let Some(udp) = &self.udp {

@@ -6,12 +6,17 @@
 //! pick the outbound. A flow that carries no name of its own is given the
 //! name last learned for its destination from a DNS answer, when some
 //! rule looks at names (route only: the destination stays as it is).
+//!
+//! With fake-ip, a flow to a fake address is routed by the name the pool
+//! gave that address, before any rule on destination addresses (the fake
+//! address matches none), and refused when the address has no name.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::dns::fakeip::FakePool;
 use crate::dns::Dns;
 use crate::policy::{Choice, FlowMeta, Policy};
 use crate::sys;
@@ -23,6 +28,21 @@ pub enum Decision {
     /// The original destination is tproxyd's own listener: forwarding it
     /// would connect to ourselves, forever.
     RefuseLoop,
+    /// The destination is a fake-ip address that stands for no name (the
+    /// pool was lost, or recycled the address long ago): refused at once,
+    /// never sent to the fake address.
+    RefuseFake,
+}
+
+/// What the fake-ip pool says about a destination address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FakeDst {
+    /// Not a fake address (or no fake-ip): routed as it is.
+    Real,
+    /// A fake address that stands for no name.
+    Unmapped,
+    /// A fake address given to this name.
+    Name(Arc<str>),
 }
 
 /// The loop check and the current policy. Clones share the policy: a
@@ -34,6 +54,7 @@ pub struct Router {
     listen: SocketAddr,
     policy: Arc<ArcSwap<Policy>>,
     dns: Option<Arc<Dns>>,
+    fake: Option<Arc<FakePool>>,
 }
 
 impl Router {
@@ -42,6 +63,7 @@ impl Router {
             listen: sys::normalize(listen),
             policy: Arc::new(ArcSwap::from_pointee(policy)),
             dns: None,
+            fake: None,
         }
     }
 
@@ -56,6 +78,27 @@ impl Router {
         self.dns.as_ref()
     }
 
+    /// The router with a fake-ip pool: flows to its addresses go by name.
+    pub fn with_fake_ip(mut self, pool: Arc<FakePool>) -> Self {
+        self.fake = Some(pool);
+        self
+    }
+
+    pub fn fake_ip(&self) -> Option<&Arc<FakePool>> {
+        self.fake.as_ref()
+    }
+
+    /// What `ip` is to the fake-ip pool (a use of its name, if it has one).
+    pub fn fake_dst(&self, ip: std::net::IpAddr) -> FakeDst {
+        match &self.fake {
+            Some(pool) if pool.is_fake(ip) => match pool.name_of(ip) {
+                Some(name) => FakeDst::Name(name),
+                None => FakeDst::Unmapped,
+            },
+            _ => FakeDst::Real,
+        }
+    }
+
     /// Decides with the policy of the moment.
     pub fn decide(&self, flow: &FlowMeta<'_>) -> Decision {
         self.decide_with(&self.policy.load(), flow)
@@ -66,6 +109,11 @@ impl Router {
     pub fn decide_with(&self, policy: &Policy, flow: &FlowMeta<'_>) -> Decision {
         if self.is_listener(flow.dst) {
             return Decision::RefuseLoop;
+        }
+        match self.fake_dst(flow.dst.ip()) {
+            FakeDst::Real => {}
+            FakeDst::Unmapped => return Decision::RefuseFake,
+            FakeDst::Name(name) => return Decision::Forward(policy.decide_by_name(flow, &name)),
         }
         // Names are kept only when a rule looks at them, so this lookup is
         // skipped (None at once) otherwise.
@@ -190,6 +238,7 @@ mod tests {
         let name = |d: Decision| match d {
             Decision::Forward(c) => r.policy().name(c.index).to_string(),
             Decision::RefuseLoop => "loop".into(),
+            Decision::RefuseFake => "unmapped".into(),
         };
         assert_eq!(name(decide(&r, Network::Tcp, "198.51.100.7:22")), "direct");
         let q = query(1, "ssh.via-proxy.example", TYPE_A);
@@ -213,5 +262,79 @@ mod tests {
             )
         };
         assert_eq!(name(r.decide(&sniffed)), "direct");
+    }
+
+    /// A flow to a fake-ip address goes by the pool's name for it, before
+    /// any rule on destination addresses (even one covering the fake
+    /// range); one with no name is refused.
+    #[test]
+    fn fake_addresses_are_routed_by_name_and_unmapped_ones_refused() {
+        use crate::dns::fakeip::FakePool;
+        use crate::dns::message::build::query;
+        use crate::dns::message::{answers, RecordData, TYPE_A};
+        let text = "[[outbounds]]\nname = \"proxy\"\ntype = \"socks5\"\nserver = \"203.0.113.2:1080\"\n\
+                    [[outbounds]]\nname = \"direct\"\ntype = \"direct\"\n\
+                    [[outbounds]]\nname = \"deny\"\ntype = \"block\"\n\
+                    [route]\nfinal = \"direct\"\n\
+                    [[route.rules]]\ndst = [\"198.18.0.0/15\", \"10.0.0.0/8\"]\noutbound = \"deny\"\n\
+                    [[route.rules]]\ndomain_suffix = [\"via-proxy.example\"]\noutbound = \"proxy\"\n\
+                    [dns]\n[[dns.servers]]\nname = \"isp\"\naddress = \"udp://192.0.2.53\"\noutbound = \"direct\"\n\
+                    [dns.fake_ip]\nranges = [\"198.18.0.0/15\"]\nstore = \"\"\n\
+                    [firewall]\nbackend = \"none\"\n";
+        let cfg = RawConfig::from_toml(text, "t")
+            .unwrap()
+            .validate(&|_| None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let policy = Policy::from_config(&cfg).unwrap();
+        let pool = Arc::new(FakePool::new(cfg.dns.fake_ip.as_ref().unwrap()));
+        pool.set_exclusions(Arc::clone(policy.fake_ip_exclusions().unwrap()));
+        let r = Router::new(cfg.listen, policy).with_fake_ip(Arc::clone(&pool));
+        let name = |d: Decision| match d {
+            Decision::Forward(c) => r.policy().name(c.index).to_string(),
+            Decision::RefuseLoop => "loop".into(),
+            Decision::RefuseFake => "unmapped".into(),
+        };
+        let fake = |host: &str| -> String {
+            let a = pool.answer(&query(1, host, TYPE_A)).expect("answered");
+            match answers(&a).unwrap()[0].data {
+                RecordData::Addr(ip) => ip.to_string(),
+                _ => panic!("no address"),
+            }
+        };
+        let proxied = fake("www.via-proxy.example");
+        let other = fake("other.example");
+        assert_eq!(
+            name(decide(&r, Network::Tcp, &format!("{proxied}:443"))),
+            "proxy"
+        );
+        assert_eq!(
+            name(decide(&r, Network::Udp, &format!("{proxied}:443"))),
+            "proxy"
+        );
+        // No domain rule for it: final, not the rule covering 198.18/15.
+        assert_eq!(
+            name(decide(&r, Network::Tcp, &format!("{other}:443"))),
+            "direct"
+        );
+        // A sniffed name does not replace the pool's.
+        let sniffed = FlowMeta {
+            domain: Some("elsewhere.example"),
+            ..FlowMeta::addresses(
+                Network::Tcp,
+                "192.0.2.2:40000".parse().unwrap(),
+                format!("{proxied}:443").parse().unwrap(),
+            )
+        };
+        assert_eq!(name(r.decide(&sniffed)), "proxy");
+        // Unmapped, and the range's network address: refused.
+        for dst in ["198.18.200.1:443", "198.18.0.0:80", "198.19.255.255:53"] {
+            assert_eq!(name(decide(&r, Network::Tcp, dst)), "unmapped", "{dst}");
+            assert_eq!(name(decide(&r, Network::Udp, dst)), "unmapped", "{dst}");
+        }
+        // Real addresses go by the rules as before.
+        assert_eq!(name(decide(&r, Network::Tcp, "10.1.2.3:22")), "deny");
+        assert_eq!(name(decide(&r, Network::Tcp, "203.0.113.9:22")), "direct");
+        // The excluded names got no fake address (the real resolver's).
+        assert!(pool.answer(&query(2, "pool.ntp.org", TYPE_A)).is_none());
     }
 }

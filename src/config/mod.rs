@@ -269,11 +269,16 @@ impl RawConfig {
         let timeouts = self.timeouts.validate(&mut issue);
         let limits = self.limits.validate(&mut issue);
 
-        let firewall = self.firewall.validate(mark, mode, tcp, udp, &mut issue);
+        let mut firewall = self.firewall.validate(mark, mode, tcp, udp, &mut issue);
         let outbound_names: Vec<&str> = outbounds.iter().map(|o| o.name.as_str()).collect();
         let dns = self
             .dns
             .validate(udp, tcp, &outbound_names, &route.rule_sets, &mut issue);
+        // The kernel bypass never covers the fake-ip ranges: a flow to a
+        // fake address must reach tproxyd (see `carve_fake_ranges`).
+        if let Some(fake) = &dns.fake_ip {
+            firewall.bypass = crate::dns::fakeip::carve_fake_ranges(&firewall.bypass, &fake.ranges);
+        }
         check_bypass_rule_sets(&firewall, &outbounds, &route, &mut issue);
         // REDIRECT rewrites the destination to the address of the interface
         // the packet came in on: only a wildcard listener is found there.

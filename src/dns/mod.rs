@@ -19,6 +19,7 @@
 //! query's route decision, after it, and for every reply from port 53.
 
 pub mod cache;
+pub mod fakeip;
 pub mod listen;
 pub mod message;
 pub mod names;
@@ -126,6 +127,8 @@ pub struct Dns {
     resolving: std::sync::atomic::AtomicUsize,
     pub stats: DnsStats,
     servfail_warning: RateLimit,
+    /// Fake-ip: A/AAAA questions it answers are answered here.
+    fake: std::sync::OnceLock<Arc<fakeip::FakePool>>,
 }
 
 impl std::fmt::Debug for Dns {
@@ -154,6 +157,7 @@ impl Dns {
             resolving: std::sync::atomic::AtomicUsize::new(0),
             stats: DnsStats::default(),
             servfail_warning: RateLimit::default(),
+            fake: std::sync::OnceLock::new(),
         };
         dns.resolver
             .store(Arc::new(dns.build_resolver(cfg, policy)));
@@ -238,7 +242,38 @@ impl Dns {
             }
         }
         let _done = Done(&self.resolving);
-        r.resolve(query, client).await
+        r.resolve_with(query, client, self.fake.get().map(|p| &**p))
+            .await
+    }
+
+    /// The real addresses of `name` from the named resolvers, never the
+    /// fake-ip pool: A and AAAA asked at once, IPv4 first. Empty when no
+    /// resolver is configured or none answered.
+    pub async fn real_addresses(&self, name: &str) -> Vec<IpAddr> {
+        use std::sync::atomic::AtomicU16;
+        static ID: AtomicU16 = AtomicU16::new(1);
+        let loaded = self.resolver.load_full();
+        let Some(resolver) = loaded.as_ref() else {
+            return Vec::new();
+        };
+        let client = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0));
+        let ask = |qtype| {
+            let query = message::build::query(ID.fetch_add(1, Ordering::Relaxed), name, qtype);
+            async move {
+                let answer = resolver.resolve(&query, client).await.unwrap_or_default();
+                message::answers(&answer)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|r| match (r.rtype, r.data) {
+                        (t, message::RecordData::Addr(ip)) if t == qtype => Some(ip),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>()
+            }
+        };
+        let (mut v4, v6) = tokio::join!(ask(message::TYPE_A), ask(message::TYPE_AAAA));
+        v4.extend(v6);
+        v4
     }
 
     /// The name last learned for `ip`, while its TTL lasts; None when
@@ -263,6 +298,15 @@ impl Dns {
             names.learn(l.addr, &l.name, l.ttl, now);
             self.stats.names_learned.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Answers the A/AAAA questions `pool` takes from now on (once, at
+    /// start; see [`Resolver::resolve_with`]), and gives the pool the
+    /// named resolvers for the real addresses of its names (`direct`
+    /// flows to fake addresses). The pool holds this weakly: no cycle.
+    pub fn set_fake_ip(self: &Arc<Self>, pool: Arc<fakeip::FakePool>) {
+        pool.set_resolver(Arc::new(RealResolver(Arc::downgrade(self))));
+        let _ = self.fake.set(pool);
     }
 
     /// A query from `client` to `dst` (port 53), before the route decision.
@@ -410,6 +454,20 @@ impl Dns {
 /// Anything else sent to port 53 is relayed as the UDP it is.
 fn is_query(payload: &[u8]) -> bool {
     message::Header::parse(payload).is_ok_and(|h| !h.is_response())
+}
+
+/// The named resolvers as fake-ip's [`fakeip::ResolveReal`] hook.
+struct RealResolver(std::sync::Weak<Dns>);
+
+impl fakeip::ResolveReal for RealResolver {
+    fn resolve_real<'a>(&'a self, name: &'a str) -> crate::outbound::BoxFuture<'a, Vec<IpAddr>> {
+        Box::pin(async move {
+            match self.0.upgrade() {
+                Some(dns) => dns.real_addresses(name).await,
+                None => Vec::new(),
+            }
+        })
+    }
 }
 
 /// The local answer to an AAAA question, or None for anything else.

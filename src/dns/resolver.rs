@@ -296,6 +296,18 @@ impl<T: Transport> Resolver<T> {
     /// an answer with the query's id and question: FORMERR for a question
     /// that cannot be read, SERVFAIL when no server answered.
     pub async fn resolve(&self, query: &[u8], client: SocketAddr) -> Option<Vec<u8>> {
+        self.resolve_with(query, client, None).await
+    }
+
+    /// [`resolve`](Self::resolve), with the fake-ip pool answering the
+    /// A/AAAA questions it takes: after the rules' rejections (a name a
+    /// rule rejects stays rejected), before any server is asked.
+    pub async fn resolve_with(
+        &self,
+        query: &[u8],
+        client: SocketAddr,
+        fake: Option<&super::fakeip::FakePool>,
+    ) -> Option<Vec<u8>> {
         let header = Header::parse(query).ok()?;
         if header.is_response() {
             return None;
@@ -326,6 +338,9 @@ impl<T: Transport> Resolver<T> {
             }
             Action::Server(s) => s,
         };
+        if let Some(answer) = fake.and_then(|pool| pool.answer(query)) {
+            return Some(answer);
+        }
         if let Some(answer) = self.cached(query) {
             return Some(answer);
         }

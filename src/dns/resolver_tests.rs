@@ -399,6 +399,47 @@ async fn a_server_by_host_name_is_looked_up_through_its_bootstrap_once() {
     assert_eq!((c[2].0, c[2].2), (3, Some(expect)));
 }
 
+/// Fake-ip answers after the rules' rejections and before any server:
+/// no server is asked for a fake name; excluded names and other types
+/// go to the servers as before.
+#[tokio::test]
+async fn the_fake_pool_answers_after_rejections_before_servers() {
+    let r = resolver(
+        "[[dns.rules]]\ndomain_suffix = [\"ads.example\"]\nreject = \"nxdomain\"\n\
+         [dns.fake_ip]\nranges = [\"198.18.0.0/15\"]\nstore = \"\"\n",
+        fake(vec![fails(), answers_a([198, 51, 100, 7]), fails()]),
+        "",
+    );
+    let cfg = crate::config::FakeIp {
+        ranges: vec!["198.18.0.0/15".parse().unwrap()],
+        exclude_domain: Vec::new(),
+        exclude_domain_suffix: Vec::new(),
+        exclude_rule_set: Vec::new(),
+        default_exclude: true,
+        ttl: 1,
+        store: None,
+        save_interval: 300,
+    };
+    let pool = crate::dns::fakeip::FakePool::new(&cfg);
+    pool.set_exclusions(Arc::clone(r.policy.fake_ip_exclusions().unwrap()));
+    let ask = |name: &'static str, qtype| {
+        let q = query(7, name, qtype);
+        let (r, pool) = (&r, &pool);
+        async move { r.resolve_with(&q, client(), Some(pool)).await.unwrap() }
+    };
+    let a = ask("www.example.com", TYPE_A).await;
+    assert_eq!(addrs(&a), ["198.18.0.1".parse::<IpAddr>().unwrap()]);
+    let a = ask("x.ads.example", TYPE_A).await;
+    assert_eq!(Header::parse(&a).unwrap().rcode(), RCODE_NXDOMAIN);
+    assert!(calls(&r).is_empty(), "a server was asked: {:?}", calls(&r));
+    // Excluded (NTP) and other types: the real answer.
+    let a = ask("pool.ntp.org", TYPE_A).await;
+    assert_eq!(addrs(&a), ["198.51.100.7".parse::<IpAddr>().unwrap()]);
+    let a = ask("www.example.com", 16).await;
+    assert_eq!(Header::parse(&a).unwrap().ancount, 1);
+    assert_eq!(calls(&r).len(), 2);
+}
+
 /// The shim transport over loopback: a `udp://` server reached `direct`
 /// is asked over UDP from a marked socket (strays ignored), and asked
 /// again over TCP when its UDP answer is truncated. Marking needs

@@ -24,7 +24,7 @@ use crate::policy::FlowMeta;
 use crate::ratelimit::{RateLimit, WARN_INTERVAL};
 use crate::registry::{EndReason, FlowStart, Registry};
 use crate::relay::tcp::{relay, release_spare_pipes, End};
-use crate::route::{Decision, Router};
+use crate::route::{Decision, FakeDst, Router};
 use crate::sys;
 
 /// What every accepted connection needs to know.
@@ -50,6 +50,7 @@ static OVER_FLOWS: RateLimit = RateLimit::new(WARN_INTERVAL);
 static OVER_CONNECTING: RateLimit = RateLimit::new(WARN_INTERVAL);
 static NO_ORIG_DST: RateLimit = RateLimit::new(WARN_INTERVAL);
 static LOOP: RateLimit = RateLimit::new(WARN_INTERVAL);
+static UNMAPPED_FAKE: RateLimit = RateLimit::new(WARN_INTERVAL);
 static UPSTREAM_NO_FDS: RateLimit = RateLimit::new(WARN_INTERVAL);
 static UPSTREAM_FAILED: RateLimit = RateLimit::new(WARN_INTERVAL);
 
@@ -195,6 +196,21 @@ fn original_destination(stream: &TcpStream, mode: Mode) -> io::Result<SocketAddr
     }
 }
 
+/// Resets a connection to a fake-ip address that stands for no name (the
+/// pool was lost, or the address recycled since the client resolved it):
+/// the client fails at once and resolves the name again.
+fn refuse_unmapped(stream: TcpStream, ctx: &TcpContext, client: SocketAddr, dst: SocketAddr) {
+    if let Some(pool) = ctx.router.fake_ip() {
+        pool.stats
+            .unmapped_tcp
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    if let Some(held_back) = UNMAPPED_FAKE.check() {
+        warn!(%client, %dst, held_back, "TCP connection to a fake-ip address that stands for no name reset (the pool was lost or the address recycled); the client gets a new address when it asks DNS again");
+    }
+    reset(stream);
+}
+
 /// Closes the client's connection with RST so it fails at once.
 fn reset(stream: TcpStream) {
     let _ = sys::set_reset_on_close(&stream);
@@ -229,9 +245,21 @@ async fn handle(
     // One policy for the whole decision, read once: a reload meanwhile
     // applies to the next flow, never to half of this one.
     let policy = ctx.router.policy();
+    // A fake-ip destination goes by the name its address stands for (one
+    // look-up, which counts as a use of the name), or is reset at once
+    // when it stands for none: it must never be dialed.
+    let fake_name = match ctx.router.fake_dst(dst.ip()) {
+        FakeDst::Real => None,
+        FakeDst::Name(name) => Some(name),
+        FakeDst::Unmapped => return refuse_unmapped(stream, &ctx, client, dst),
+    };
     // The loop check first: a flow to ourselves is refused before anyone
     // waits for its bytes.
-    let mut choice = match ctx.router.decide_with(&policy, &addresses) {
+    let decided = match &fake_name {
+        Some(name) => Decision::Forward(policy.decide_by_name(&addresses, name)),
+        None => ctx.router.decide_with(&policy, &addresses),
+    };
+    let mut choice = match decided {
         Decision::Forward(choice) => choice,
         Decision::RefuseLoop => {
             if let Some(held_back) = LOOP.check() {
@@ -239,6 +267,7 @@ async fn handle(
             }
             return reset(stream);
         }
+        Decision::RefuseFake => return refuse_unmapped(stream, &ctx, client, dst),
     };
     // Only when some rule looks at names or protocols: otherwise a flow
     // never waits for its first bytes.
@@ -258,11 +287,21 @@ async fn handle(
             ..addresses
         };
         // The destination is unchanged, so this cannot be the loop; should
-        // it ever be, the address-only choice stands.
-        if let Decision::Forward(c) = ctx.router.decide_with(&policy, &meta) {
-            choice = c;
+        // it ever be, the address-only choice stands. A fake-ip flow keeps
+        // its name (the one its client resolved), with the protocol found.
+        match &fake_name {
+            Some(name) => choice = policy.decide_by_name(&meta, name),
+            None => {
+                if let Decision::Forward(c) = ctx.router.decide_with(&policy, &meta) {
+                    choice = c;
+                }
+            }
         }
     }
+    let host = match &fake_name {
+        Some(name) => Some(name.to_string()),
+        None => host,
+    };
     // The sniffed name moves into the registry (no copy); the connect
     // reads it from there.
     let flow = ctx.registry.open(FlowStart {
@@ -282,8 +321,18 @@ async fn handle(
     // handshakes) itself, so a direct flow neither allocates nor copies
     // kilobytes for its connect (it once cost ~9,000 instructions of
     // memcpy per flow), and the task stays small.
+    let pool = fake_name.as_ref().and(ctx.router.fake_ip());
+    let connect = async {
+        match (host, pool) {
+            // Boxed: only fake-ip flows pay for the name's path.
+            (Some(name), Some(pool)) => {
+                Box::pin(outbound.connect_tcp_named(name, dst.port(), &**pool)).await
+            }
+            _ => outbound.connect_tcp(dst, host).await,
+        }
+    };
     let connected = tokio::select! {
-        c = outbound.connect_tcp(dst, host) => c,
+        c = connect => c,
         reason = flow.flow().closed() => {
             flow.end(reason, None);
             return reset(stream);

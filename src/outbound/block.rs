@@ -77,6 +77,15 @@ impl Carrier for Block {
         Err(OutboundError::Blocked)
     }
 
+    async fn connect_tcp_named(
+        &self,
+        _name: &str,
+        _port: u16,
+        _real: &dyn crate::outbound::ResolveReal,
+    ) -> Result<TcpUpstream, OutboundError> {
+        Err(OutboundError::Blocked)
+    }
+
     async fn open_udp(&self) -> Result<UdpUpstream, OutboundError> {
         Err(OutboundError::Blocked)
     }

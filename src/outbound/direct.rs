@@ -103,6 +103,27 @@ impl Carrier for Direct {
         }
     }
 
+    /// The name's real addresses from the DNS engine, tried in turn.
+    async fn connect_tcp_named(
+        &self,
+        name: &str,
+        port: u16,
+        real: &dyn crate::outbound::ResolveReal,
+    ) -> Result<TcpUpstream, OutboundError> {
+        let addrs = real.resolve_real(name).await;
+        let mut last = OutboundError::FakeName {
+            name: name.to_string(),
+            why: "the DNS engine found no real address for it",
+        };
+        for ip in addrs {
+            match self.connect_tcp(SocketAddr::new(ip, port), None).await {
+                Ok(up) => return Ok(up),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
     async fn open_udp(&self) -> Result<UdpUpstream, OutboundError> {
         // One dual-stack socket reaches every destination of the session,
         // v4 and v6: that is what makes it full cone.

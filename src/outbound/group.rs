@@ -394,6 +394,18 @@ impl Carrier for Group {
         boxed
     }
 
+    fn connect_tcp_named<'a>(
+        &'a self,
+        name: &'a str,
+        port: u16,
+        real: &'a dyn crate::outbound::ResolveReal,
+    ) -> impl Future<Output = Result<TcpUpstream, OutboundError>> + Send + 'a {
+        let member = Arc::clone(&self.selected().outbound);
+        let boxed: BoxFuture<'a, _> =
+            Box::pin(async move { member.connect_tcp_named(name, port, real).await });
+        boxed
+    }
+
     fn open_udp(&self) -> impl Future<Output = Result<UdpUpstream, OutboundError>> + Send + '_ {
         let member = Arc::clone(&self.selected().outbound);
         let boxed: BoxFuture<'_, _> = Box::pin(async move { member.open_udp().await });

@@ -289,6 +289,18 @@ impl HttpClient {
         }
     }
 
+    /// Opens a TCP connection to `name`:`port` through the proxy, by name
+    /// whatever `send_domain` says (a fake-ip flow; `name` is a host name).
+    pub async fn connect_named(&self, name: &str, port: u16) -> Result<TcpStream, HttpError> {
+        let mut stream = self.open().await?;
+        let target = format!("{name}:{port}");
+        match tokio::time::timeout(self.connect_timeout, self.handshake(&mut stream, &target)).await
+        {
+            Err(_) => Err(self.timeout()),
+            Ok(r) => r.map(|()| stream),
+        }
+    }
+
     /// Whether the proxy accepts a TCP connection. A CONNECT to the proxy
     /// itself would tell nothing more (most proxies refuse that target),
     /// so this is the health check.
@@ -396,6 +408,25 @@ impl Carrier for HttpClient {
     ) -> impl Future<Output = Result<TcpUpstream, OutboundError>> + Send + 'a {
         let boxed: BoxFuture<'a, _> =
             Box::pin(async move { Ok(TcpUpstream::Plain(self.connect(dst, host).await?)) });
+        boxed
+    }
+
+    /// By name, whatever `send_domain` says: the address is a fake one.
+    fn connect_tcp_named<'a>(
+        &'a self,
+        name: &'a str,
+        port: u16,
+        _real: &'a dyn crate::outbound::ResolveReal,
+    ) -> impl Future<Output = Result<TcpUpstream, OutboundError>> + Send + 'a {
+        let boxed: BoxFuture<'a, _> = Box::pin(async move {
+            if !crate::hostname::is_host_name(name) {
+                return Err(OutboundError::FakeName {
+                    name: name.to_string(),
+                    why: "not a host name",
+                });
+            }
+            Ok(TcpUpstream::Plain(self.connect_named(name, port).await?))
+        });
         boxed
     }
 

@@ -35,6 +35,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 
+pub use crate::dns::fakeip::ResolveReal;
 use crate::sys;
 
 pub use credentials::Credentials;
@@ -105,6 +106,10 @@ pub enum OutboundError {
     /// The `block` outbound: refused on purpose, not a fault.
     #[error("blocked by rule")]
     Blocked,
+    /// A fake-ip flow whose name cannot be carried: not a host name, or
+    /// (for `direct`) no real address for it.
+    #[error("fake-ip name {name}: {why}")]
+    FakeName { name: String, why: &'static str },
     #[error(
         "the http outbound (proxy {server}) carries TCP only: HTTP CONNECT has no UDP; \
          send UDP elsewhere with a rule (network = \"udp\", outbound = ...)"
@@ -118,6 +123,7 @@ impl OutboundError {
         match self {
             OutboundError::Blocked | OutboundError::TcpOnly { .. } => Failure::Refused,
             OutboundError::ConnectTimeout { .. } => Failure::DestinationTimeout,
+            OutboundError::FakeName { .. } => Failure::DestinationRefused,
             OutboundError::Connect { source, .. } => {
                 io_failure(source, Failure::DestinationRefused)
             }
@@ -192,6 +198,17 @@ pub trait Carrier {
         &'a self,
         dst: SocketAddr,
         host: Option<&'a str>,
+    ) -> impl Future<Output = Result<TcpUpstream, OutboundError>> + Send + 'a;
+
+    /// Opens a TCP connection to `name`, port `port`, for a flow to a
+    /// fake-ip address (which must never be dialed): kinds that can name a
+    /// destination send the name whatever their `send_domain`; `direct`
+    /// connects to the real addresses `real` gives for the name.
+    fn connect_tcp_named<'a>(
+        &'a self,
+        name: &'a str,
+        port: u16,
+        real: &'a dyn ResolveReal,
     ) -> impl Future<Output = Result<TcpUpstream, OutboundError>> + Send + 'a;
 
     /// Opens the upstream side of one UDP session.
@@ -331,6 +348,17 @@ impl Outbound {
         // that this future, which every flow's task holds, stays the size
         // of a direct connect (`the_connect_future_stays_small`).
         delegate!(self, o => o.connect_tcp(dst, host).await)
+    }
+
+    /// Opens a TCP connection to `name`:`port` (a fake-ip flow); see
+    /// [`Carrier::connect_tcp_named`].
+    pub async fn connect_tcp_named(
+        &self,
+        name: &str,
+        port: u16,
+        real: &dyn ResolveReal,
+    ) -> Result<TcpUpstream, OutboundError> {
+        delegate!(self, o => o.connect_tcp_named(name, port, real).await)
     }
 
     /// Why this outbound refuses every UDP datagram, if it does; known
@@ -744,5 +772,114 @@ mod tests {
         // destination, 22 to IPv6.
         assert_eq!(ip_udp_max(v4) - socks5::proto::udp_header_len(&v4), 65_497);
         assert_eq!(ip_udp_max(v4) - socks5::proto::udp_header_len(&v6), 65_485);
+    }
+
+    /// Resolves every name to the addresses it was made with.
+    struct FixedResolver(Vec<std::net::IpAddr>);
+
+    impl ResolveReal for FixedResolver {
+        fn resolve_real<'a>(&'a self, _name: &'a str) -> BoxFuture<'a, Vec<std::net::IpAddr>> {
+            let addrs = self.0.clone();
+            Box::pin(async move { addrs })
+        }
+    }
+
+    fn built(toml_text: &str) -> Outbound {
+        let ctx = Context {
+            mark: 0,
+            connect_timeout: Duration::from_secs(2),
+        };
+        let raw: kinds::RawOutbound = toml::from_str(toml_text).unwrap();
+        raw.validate("outbound", "x".into(), &|_| None, &mut |k, m| {
+            panic!("{k}: {m}")
+        })
+        .kind
+        .build("x", &ctx, Vec::new())
+        .unwrap()
+    }
+
+    /// A fake-ip flow goes by name through a proxy even without
+    /// `send_domain`, and `direct` dials the real address the DNS engine
+    /// gives; nothing ever dials the fake address.
+    #[tokio::test]
+    async fn fake_ip_flows_go_by_name() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let none = FixedResolver(Vec::new());
+
+        // SOCKS5: the request names the domain (ATYP 3).
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = server.local_addr().unwrap();
+        let seen = tokio::spawn(async move {
+            let (mut s, _) = server.accept().await.unwrap();
+            let mut greeting = [0u8; 3];
+            s.read_exact(&mut greeting).await.unwrap();
+            s.write_all(&[5, 0]).await.unwrap();
+            let mut head = [0u8; 5];
+            s.read_exact(&mut head).await.unwrap();
+            let mut rest = vec![0u8; head[4] as usize + 2];
+            s.read_exact(&mut rest).await.unwrap();
+            s.write_all(&[5, 0, 0, 1, 0, 0, 0, 0, 0, 0]).await.unwrap();
+            (head, rest)
+        });
+        let socks = built(&format!(
+            "type = \"socks5\"\nserver = \"{at}\"\nsend_domain = false"
+        ));
+        socks
+            .connect_tcp_named("www.example.com", 443, &none)
+            .await
+            .unwrap();
+        let (head, rest) = seen.await.unwrap();
+        assert_eq!(&head[..4], &[5, 1, 0, 3]);
+        assert_eq!(&rest[..rest.len() - 2], b"www.example.com");
+        assert_eq!(&rest[rest.len() - 2..], &443u16.to_be_bytes());
+
+        // HTTP: CONNECT names the host.
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = server.local_addr().unwrap();
+        let seen = tokio::spawn(async move {
+            let (mut s, _) = server.accept().await.unwrap();
+            let mut buf = vec![0u8; 1024];
+            let mut got = Vec::new();
+            while !got.ends_with(b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0);
+                got.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+            String::from_utf8(got).unwrap()
+        });
+        let http = built(&format!("type = \"http\"\nserver = \"{at}\""));
+        http.connect_tcp_named("www.example.com", 8443, &none)
+            .await
+            .unwrap();
+        assert!(seen
+            .await
+            .unwrap()
+            .starts_with("CONNECT www.example.com:8443 "));
+
+        // direct: the real address from the hook; none found: an error
+        // that names the name, and no connection anywhere.
+        let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = target.local_addr().unwrap().port();
+        let direct = built("type = \"direct\"");
+        let real = FixedResolver(vec!["127.0.0.1".parse().unwrap()]);
+        direct
+            .connect_tcp_named("www.example.com", port, &real)
+            .await
+            .unwrap();
+        target.accept().await.unwrap();
+        let e = direct
+            .connect_tcp_named("www.example.com", port, &none)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("www.example.com"), "{e}");
+        assert_eq!(e.failure(), Failure::DestinationRefused);
+
+        // block stays blocked.
+        let block = built("type = \"block\"");
+        assert!(matches!(
+            block.connect_tcp_named("www.example.com", 443, &real).await,
+            Err(OutboundError::Blocked)
+        ));
     }
 }

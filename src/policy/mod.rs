@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::config::{Config, Network, SniffProtocol};
+use crate::dns::fakeip::Exclusions;
 use crate::dns::rules::DnsRules;
 use crate::outbound::group::{Group, Member};
 use crate::outbound::{BuildError, Context, Outbound, OutboundConfig};
@@ -56,6 +57,8 @@ pub enum PolicyError {
     Outbound { name: String, source: BuildError },
     #[error("route.rules[{index}]: {message}")]
     Rule { index: usize, message: String },
+    #[error("dns.fake_ip: {message}")]
+    FakeIp { message: String },
     #[error("dns.rules[{index}]: {message}")]
     DnsRule { index: usize, message: String },
     #[error("route.rule_sets[{index}] ({name}): {message}")]
@@ -153,6 +156,9 @@ pub struct Policy {
     /// Each rule as the API shows it, in rule order; then `route.final`.
     rule_labels: Vec<Arc<RuleLabel>>,
     final_index: usize,
+    /// The names fake-ip leaves to the real resolver, when `[dns.fake_ip]`
+    /// is set: built here from the rule sets the rules read.
+    fake_ip_exclusions: Option<Arc<Exclusions>>,
     /// `[[dns.rules]]`, compiled from the same rule-set reading as the
     /// route's; None unless tproxyd answers DNS itself.
     dns_rules: Option<Arc<DnsRules>>,
@@ -177,10 +183,15 @@ impl Policy {
         let outbounds = build_outbounds(cfg, &index_of, old)?;
         // Validation guarantees every name below exists.
         let lookup = |name: &str| index_of.get(name).copied().unwrap_or(0);
-        // Each rule-set file is read once, for the route and DNS rules both.
+        // Each rule-set file is read once, for the route, the DNS rules and
+        // fake-ip's exclusions.
         let sets = rules::load_sets(&cfg.route)?;
         let rules = Rules::with_sets(&cfg.route, &sets)?;
         let dns_rules = DnsRules::build(&cfg.dns, &cfg.route, &sets)?.map(Arc::new);
+        let fake_ip_exclusions = match &cfg.dns.fake_ip {
+            Some(fake) => Some(Arc::new(Exclusions::build(fake, &cfg.route, &sets)?)),
+            None => None,
+        };
         drop(sets);
         let rule_targets = cfg
             .route
@@ -202,6 +213,7 @@ impl Policy {
             rules,
             rule_targets,
             rule_labels,
+            fake_ip_exclusions,
             dns_rules,
         })
     }
@@ -212,6 +224,9 @@ impl Policy {
     pub fn check(cfg: &Config) -> Result<(), PolicyError> {
         let sets = rules::load_sets(&cfg.route)?;
         Rules::with_sets(&cfg.route, &sets)?;
+        if let Some(fake) = &cfg.dns.fake_ip {
+            Exclusions::build(fake, &cfg.route, &sets)?;
+        }
         DnsRules::build(&cfg.dns, &cfg.route, &sets).map(|_| ())
     }
 
@@ -228,6 +243,7 @@ impl Policy {
             rule_targets: Vec::new(),
             rule_labels: vec![Arc::new(final_label())],
             final_index: 0,
+            fake_ip_exclusions: None,
             dns_rules: None,
         }
     }
@@ -246,6 +262,34 @@ impl Policy {
             chain,
             rule,
         }
+    }
+
+    /// The outbound for a flow to a fake-ip address, by its `name`: the
+    /// address means nothing, so no rule on destination addresses
+    /// (`dst`, prefix rule sets) matches it; the name, ports, source and
+    /// protocol decide.
+    pub fn decide_by_name(&self, flow: &FlowMeta<'_>, name: &str) -> Choice {
+        let named = FlowMeta {
+            domain: Some(name),
+            ..*flow
+        };
+        let rule = self.rules.first_match_by_name(&named);
+        let target = rule.map_or(self.final_index, |r| self.rule_targets[r]);
+        let (index, chain) = self.resolve(target);
+        let named = &self.outbounds[index];
+        Choice {
+            outbound: Arc::clone(&named.outbound),
+            key: named.key,
+            index,
+            chain,
+            rule,
+        }
+    }
+
+    /// The names fake-ip leaves to the real resolver (None without
+    /// `[dns.fake_ip]`).
+    pub fn fake_ip_exclusions(&self) -> Option<&Arc<Exclusions>> {
+        self.fake_ip_exclusions.as_ref()
     }
 
     /// Follows groups from outbound `index` to the one that carries flows

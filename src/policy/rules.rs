@@ -587,7 +587,18 @@ impl Rules {
     }
 
     /// The index of the first rule that matches `flow`.
-    pub fn first_match<'a>(&'a self, flow: &FlowMeta<'_>) -> Option<usize> {
+    pub fn first_match(&self, flow: &FlowMeta<'_>) -> Option<usize> {
+        self.first_match_with(flow, true)
+    }
+
+    /// The first rule that matches `flow` when its destination address
+    /// means nothing (a fake-ip address): rules with a `dst` key (prefixes
+    /// or prefix rule sets) never match.
+    pub fn first_match_by_name(&self, flow: &FlowMeta<'_>) -> Option<usize> {
+        self.first_match_with(flow, false)
+    }
+
+    fn first_match_with<'a>(&'a self, flow: &FlowMeta<'_>, by_dst: bool) -> Option<usize> {
         // Sorted lists of rules that some key of the flow satisfies, each
         // with the key it stands for (0: rules without selective keys).
         // The address and port keys give one list each: a flow without a
@@ -606,7 +617,7 @@ impl Rules {
             IpAddr::V6(a) => v6.lookup(u128::from(a)),
         };
         add(&self.unselective[..], 0);
-        if self.used & DST != 0 {
+        if by_dst && self.used & DST != 0 {
             add(list(addr(&self.dst4, &self.dst6, flow.dst.ip())), DST);
         }
         if self.used & SRC != 0 {

@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tracing::{info, warn};
 
 use crate::config::{Config, Mode};
+use crate::dns::fakeip::FakePool;
 use crate::dns::listen::{self, Answer, Bound, CapturedTcp, DnsServer, ListenError, Listeners};
 use crate::dns::Dns;
 use crate::fds;
@@ -321,8 +322,22 @@ impl Server {
         };
         let cfg = self.cfg;
         let router = Router::new(cfg.listen, policy);
-        let dns = Arc::new(Dns::new(&cfg, &router.policy()));
-        let router = router.with_dns(Arc::clone(&dns));
+        let policy = router.policy();
+        let dns = Arc::new(Dns::new(&cfg, &policy));
+        let fake = cfg.dns.fake_ip.as_ref().map(|f| {
+            let pool = Arc::new(FakePool::new(f));
+            if let Some(exclusions) = policy.fake_ip_exclusions() {
+                pool.set_exclusions(Arc::clone(exclusions));
+            }
+            pool.restore();
+            dns.set_fake_ip(Arc::clone(&pool));
+            pool
+        });
+        drop(policy);
+        let mut router = router.with_dns(Arc::clone(&dns));
+        if let Some(pool) = &fake {
+            router = router.with_fake_ip(Arc::clone(pool));
+        }
         let registry = Arc::new(Registry::new());
         let mut tasks = tokio::task::JoinSet::new();
         let (stop_tcp, tcp_stop) = tokio::sync::watch::channel(false);
@@ -379,6 +394,19 @@ impl Server {
                 );
                 tasks.spawn(probe);
             }
+        }
+        // The fake-ip pool, saved when it changed, every save_interval.
+        if let (Some(pool), Some(f)) = (&fake, &cfg.dns.fake_ip) {
+            let pool = Arc::clone(pool);
+            let every = Duration::from_secs(u64::from(f.save_interval.max(1)));
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                loop {
+                    tick.tick().await;
+                    let pool = Arc::clone(&pool);
+                    let _ = tokio::task::spawn_blocking(move || pool.save_if_changed(false)).await;
+                }
+            });
         }
         // Byte totals and the rate, once a second (the metrics and the
         // API's traffic stream read them).
@@ -465,6 +493,13 @@ impl Server {
             }
         }
         info!("tproxyd stopping");
+        // The fake-ip pool first, before anything slow (draining flows,
+        // removing rules): procd and systemd kill a daemon a few seconds
+        // after SIGTERM, and a pool lost makes every client's fake address
+        // useless until it resolves again.
+        if let Some(pool) = fake {
+            let _ = tokio::task::spawn_blocking(move || pool.save_if_changed(true)).await;
+        }
         let _ = api_stop.send(true);
         live.stop_dns_listeners();
         // TCP flows are reset before the rules go, so that no socket still

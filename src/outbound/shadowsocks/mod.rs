@@ -466,6 +466,28 @@ impl Carrier for Client {
         boxed
     }
 
+    /// By name, whatever `send_domain` says: the address is a fake one.
+    fn connect_tcp_named<'a>(
+        &'a self,
+        name: &'a str,
+        port: u16,
+        _real: &'a dyn crate::outbound::ResolveReal,
+    ) -> impl Future<Output = Result<TcpUpstream, OutboundError>> + Send + 'a {
+        let boxed: BoxFuture<'a, _> = Box::pin(async move {
+            if !crate::hostname::is_host_name(name) {
+                return Err(OutboundError::FakeName {
+                    name: name.to_string(),
+                    why: "not a host name",
+                });
+            }
+            let stream = self
+                .connect_to(Address::Domain(name.to_string(), port))
+                .await?;
+            Ok(TcpUpstream::Shadowsocks(stream))
+        });
+        boxed
+    }
+
     /// A socket to the server and, for 2022, a new session: no I/O, the
     /// server learns of it from the first datagram.
     async fn open_udp(&self) -> Result<UdpUpstream, OutboundError> {

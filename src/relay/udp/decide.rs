@@ -67,6 +67,14 @@ pub(super) enum Verdict {
     },
     /// Addressed to tproxyd's own listener: a routing loop.
     RefuseLoop { dst: SocketAddr },
+    /// Addressed to a fake-ip address: dropped and counted, never sent
+    /// to the fake address. `name` is None when the address stands for no
+    /// name; with a name, the datagram was routed by it, but the relay
+    /// cannot yet carry UDP by name (docs/dns.md, Fake-ip: limits).
+    RefuseFake {
+        dst: SocketAddr,
+        name: Option<std::sync::Arc<str>>,
+    },
 }
 
 /// The route a sniffed QUIC flow keeps: its session's later datagrams to
@@ -107,7 +115,14 @@ pub(super) fn datagram(
     let choice = match route(router, pin, client, dst) {
         Decision::Forward(choice) => choice,
         Decision::RefuseLoop => return Verdict::RefuseLoop { dst },
+        Decision::RefuseFake => return Verdict::RefuseFake { dst, name: None },
     };
+    if let crate::route::FakeDst::Name(name) = fake_name(router, dst) {
+        return Verdict::RefuseFake {
+            dst,
+            name: Some(name),
+        };
+    }
     match carried(dst, choice) {
         Verdict::Forward { dst, choice } if dns_over_tcp(router, dst, &choice, payload) => {
             Verdict::DnsOverTcp {
@@ -126,6 +141,15 @@ pub(super) fn datagram(
             }
         }
         verdict => verdict,
+    }
+}
+
+/// The name of a fake-ip destination (no use of it counted: the route
+/// decision just did).
+fn fake_name(router: &Router, dst: SocketAddr) -> crate::route::FakeDst {
+    match router.fake_ip() {
+        Some(pool) if pool.is_fake(dst.ip()) => router.fake_dst(dst.ip()),
+        _ => crate::route::FakeDst::Real,
     }
 }
 
@@ -253,7 +277,7 @@ pub(super) fn sniffed_route(
     };
     match router.decide(&meta) {
         Decision::Forward(choice) => Some(choice),
-        Decision::RefuseLoop => None,
+        Decision::RefuseLoop | Decision::RefuseFake => None,
     }
 }
 
@@ -335,6 +359,9 @@ mod tests {
                 format!("refuse {dst} {} {kind}", name(router, choice))
             }
             Verdict::RefuseLoop { dst } => format!("loop {dst}"),
+            Verdict::RefuseFake { dst, name } => {
+                format!("fake {dst} {}", name.as_deref().unwrap_or("unmapped"))
+            }
         }
     }
 
@@ -658,5 +685,50 @@ mod tests {
         let query = message::build::query(7, "example.com", 1);
         let answer = message::build::response(&query, &[]);
         assert!(!is_dns_query(&answer), "an answer is no query");
+    }
+
+    /// UDP to a fake-ip address is never sent to it: dropped, with its
+    /// name when it has one (UDP by name is not carried yet).
+    #[test]
+    fn datagrams_to_fake_addresses_are_refused() {
+        use crate::dns::fakeip::FakePool;
+        let dns = "[dns]\n[[dns.servers]]\nname = \"isp\"\naddress = \"udp://192.0.2.53\"\n\
+                   outbound = \"direct\"\n[dns.fake_ip]\nranges = [\"198.18.0.0/15\"]\nstore = \"\"\n";
+        let (r, d) = router(
+            &rule("domain_suffix = [\"via-proxy.example\"]", "proxy"),
+            dns,
+        );
+        let cfg_fake = crate::config::FakeIp {
+            ranges: vec!["198.18.0.0/15".parse().unwrap()],
+            exclude_domain: Vec::new(),
+            exclude_domain_suffix: Vec::new(),
+            exclude_rule_set: Vec::new(),
+            default_exclude: false,
+            ttl: 1,
+            store: None,
+            save_interval: 300,
+        };
+        let pool = Arc::new(FakePool::new(&cfg_fake));
+        d.unwrap().set_fake_ip(Arc::clone(&pool));
+        let r = r.with_fake_ip(pool);
+        // The captured query goes to the engine (which asks the pool).
+        let q = query(9, "www.via-proxy.example", TYPE_A);
+        assert_eq!(
+            decide(&r, "192.0.2.53:53", &q, None),
+            "resolve from 192.0.2.53:53"
+        );
+        assert!(r.fake_ip().unwrap().answer(&q).is_some());
+        assert_eq!(
+            decide(&r, "198.18.0.1:443", b"x", None),
+            "fake 198.18.0.1:443 www.via-proxy.example"
+        );
+        assert_eq!(
+            decide(&r, "198.18.0.2:443", b"x", None),
+            "fake 198.18.0.2:443 unmapped"
+        );
+        assert_eq!(
+            decide(&r, "203.0.113.9:443", b"x", None),
+            "forward 203.0.113.9:443 direct"
+        );
     }
 }

@@ -117,6 +117,7 @@ struct Warnings {
     tcp_only: RateLimit,
     backoff: RateLimit,
     oversize: RateLimit,
+    fake: RateLimit,
 }
 
 /// The session table and the reply sockets of one UDP listener.
@@ -291,6 +292,7 @@ impl UdpRelay {
                     warn!(%client, %dst, "refused UDP datagram addressed to tproxyd's own listener (routing loop); check that the rules skip tproxyd's mark{}", held_back(n));
                 }
             }
+            Verdict::RefuseFake { dst, name } => self.refuse_fake(client, dst, name.as_deref()),
             Verdict::Answer { from, answer } => self.send_dns_answer(client, from, answer),
             Verdict::Resolve { from } => self.send_dns_resolved(client, from, &buf[UDP_HEADROOM..]),
             Verdict::DnsOverTcp { from, dst, choice } => {
@@ -534,6 +536,26 @@ impl UdpRelay {
         }
     }
 
+    /// Drops a datagram to a fake-ip address, counted. No ICMP
+    /// unreachable is sent: tproxyd holds no raw socket, and a client
+    /// retrying its UDP gets nothing better from one; it asks DNS again
+    /// once its cached answer expires (TTL 1 s).
+    fn refuse_fake(&self, client: SocketAddr, dst: SocketAddr, name: Option<&str>) {
+        if let Some(pool) = self.router.fake_ip() {
+            pool.stats.unmapped_udp.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(n) = self.warnings.fake.check() {
+            match name {
+                None => {
+                    warn!(%client, %dst, "UDP datagram to a fake-ip address that stands for no name dropped (the pool was lost or the address recycled); the client gets a new address when it asks DNS again{}", held_back(n))
+                }
+                Some(name) => {
+                    warn!(%client, %dst, name, "UDP datagram to a fake-ip address dropped: UDP by name is not carried yet; exclude the name from fake-ip (dns.fake_ip.exclude_domain_suffix) so it gets a real address{}", held_back(n))
+                }
+            }
+        }
+    }
+
     /// Drops a datagram whose outbound refuses UDP: quietly for `block`
     /// (intended), with a rate-limited warning otherwise (a rule sends UDP
     /// where it cannot go, which the user will want to fix).
@@ -570,8 +592,12 @@ impl UdpRelay {
         let session = self.session_of(client);
         let pin = session.as_deref().and_then(|s| s.pin.get());
         let outbound = match decide::route(&self.router, pin, client, dst) {
+            // A fake-ip address goes datagram by datagram (refused there).
+            Decision::Forward(_) if self.router.fake_ip().is_some_and(|p| p.is_fake(dst.ip())) => {
+                None
+            }
             Decision::Forward(choice) => Some(choice.key),
-            Decision::RefuseLoop => None,
+            Decision::RefuseLoop | Decision::RefuseFake => None,
         };
         if count > 1 && !dns && !SEGMENTS_REFUSED.load(Ordering::Relaxed) {
             let ready = session
