@@ -45,7 +45,7 @@ use crate::outbound::{DnsTransport, Failure, Outbound, OutboundError};
 use crate::policy::Policy;
 use crate::ratelimit::RateLimit;
 use names::Names;
-use resolver::{PoolTransport, Resolver};
+use resolver::{Resolver, UpstreamTransport};
 use tcp::{ExchangeError, Pools};
 
 /// The DNS port: only datagrams to it are looked at.
@@ -129,6 +129,9 @@ pub struct Dns {
     servfail_warning: RateLimit,
     /// Fake-ip: A/AAAA questions it answers are answered here.
     fake: std::sync::OnceLock<Arc<fakeip::FakePool>>,
+    /// The named resolvers' answers; kept across reloads unless
+    /// `[dns.cache]` or the servers change.
+    cache: ArcSwap<Option<Arc<cache::Cache>>>,
 }
 
 impl std::fmt::Debug for Dns {
@@ -138,6 +141,12 @@ impl std::fmt::Debug for Dns {
             .field("names", &self.names)
             .finish()
     }
+}
+
+/// The cache `cfg` asks for: only with named resolvers, unless disabled.
+fn new_cache(cfg: &Config) -> Option<Arc<cache::Cache>> {
+    (cfg.dns.answers() && cfg.dns.cache.enabled)
+        .then(|| Arc::new(cache::Cache::new(&cfg.dns.cache)))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -158,6 +167,7 @@ impl Dns {
             stats: DnsStats::default(),
             servfail_warning: RateLimit::default(),
             fake: std::sync::OnceLock::new(),
+            cache: ArcSwap::from_pointee(new_cache(cfg)),
         };
         dns.resolver
             .store(Arc::new(dns.build_resolver(cfg, policy)));
@@ -167,8 +177,9 @@ impl Dns {
     fn build_resolver(&self, cfg: &Config, policy: &Arc<Policy>) -> Option<Resolver> {
         cfg.dns.answers().then(|| {
             let names = policy.wants_domains().then(|| Arc::clone(&self.names));
-            let transport = PoolTransport::new(cfg, Arc::clone(&self.pools));
+            let transport = UpstreamTransport::new(cfg);
             Resolver::new(cfg, Arc::clone(policy), transport, names)
+                .with_cache(self.cache.load().as_ref().clone())
         })
     }
 
@@ -186,6 +197,11 @@ impl Dns {
             .as_ref()
             .as_ref()
             .map(|r| r.servers_config());
+        let cache_before = self.cache.load().as_ref().as_ref().map(|c| *c.config());
+        let wanted = (cfg.dns.answers() && cfg.dns.cache.enabled).then_some(cfg.dns.cache);
+        if cache_before != wanted {
+            self.cache.store(Arc::new(new_cache(cfg)));
+        }
         let resolver = self.build_resolver(cfg, policy);
         let servers_after = resolver.as_ref().map(|r| r.servers_config());
         if servers_before != servers_after {
@@ -200,10 +216,16 @@ impl Dns {
     }
 
     /// Empties the DNS cache (the API, a reload that changed servers).
-    /// CACHE SEAM: a no-op until helper A's `dns::cache` is plugged into
-    /// the resolver; then this calls its `flush()`.
     pub fn flush_cache(&self) {
         self.stats.cache_flushes.fetch_add(1, Ordering::Relaxed);
+        if let Some(cache) = self.cache.load().as_ref() {
+            cache.flush();
+        }
+    }
+
+    /// The named resolvers' cache, if one is kept.
+    pub fn cache(&self) -> Option<Arc<cache::Cache>> {
+        self.cache.load().as_ref().clone()
     }
 
     /// Whether tproxyd answers queries itself (named resolvers).
@@ -242,8 +264,22 @@ impl Dns {
             }
         }
         let _done = Done(&self.resolving);
-        r.resolve_with(query, client, self.fake.get().map(|p| &**p))
-            .await
+        let (answer, stale) = r
+            .answer(query, client, self.fake.get().map(|p| &**p), true)
+            .await;
+        if stale {
+            // Served stale (RFC 8767): asked again in the background, once
+            // however many clients got the stale answer meanwhile (the
+            // refreshes of one name share a flight).
+            let resolver = Arc::clone(&resolver);
+            let query = query.to_vec();
+            tokio::spawn(async move {
+                if let Some(r) = resolver.as_ref() {
+                    r.refresh(&query, client).await;
+                }
+            });
+        }
+        answer
     }
 
     /// The real addresses of `name` from the named resolvers, never the

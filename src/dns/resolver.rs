@@ -10,11 +10,12 @@
 //! resolver telling the truth about a domestic name), else the fallback's
 //! answer is used (a poisoned one replaced).
 //!
-//! How a query reaches one server is a [`Transport`]: the seam for
-//! `dns::upstream::Upstream` (UDP with TCP retry, DoT, DoH, system). Until
-//! it lands, [`PoolTransport`] asks `udp://` servers reached `direct` over
-//! UDP and carries every other query as DNS over TCP through the outbound
-//! (the existing pooled, pipelined `dns::tcp` code).
+//! Answers are kept in the cache (`dns::cache`), keyed also by the server
+//! the rules chose, and identical queries in flight share one exchange.
+//!
+//! How a query reaches one server is a [`Transport`]: [`UpstreamTransport`]
+//! (one `dns::upstream::Upstream` per server: UDP with TCP on truncation,
+//! TCP, DoT, DoH, system) in tproxyd, a fake in the tests.
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -24,10 +25,11 @@ use std::time::{Duration, Instant};
 use portable_atomic::{AtomicU64, Ordering};
 use tracing::{debug, warn};
 
+use super::cache::{Cache, Flights, Key, Lookup};
 use super::message::{self, Header, RecordData, TYPE_A, TYPE_AAAA};
 use super::names::Names;
 use super::rules::{AcceptIp, Action};
-use super::tcp::Pools;
+use super::upstream::Upstream;
 use crate::config::{Config, DnsServer, Network, Reject, ServerAddress};
 use crate::outbound::Outbound;
 use crate::policy::{FlowMeta, Policy};
@@ -47,10 +49,8 @@ const BOOTSTRAP_MAX: Duration = Duration::from_secs(86_400);
 #[error("{0}")]
 pub struct ExchangeFailed(pub String);
 
-/// How a query reaches `dns.servers[server]`. One implementation per
-/// transport layer: [`PoolTransport`] now; `dns::upstream::Upstream`
-/// (one per server, built with the bootstrap's `resolved` address) when it
-/// lands. The answer must carry the query's id and question.
+/// How a query reaches `dns.servers[server]`: [`UpstreamTransport`], or a
+/// fake in the tests. The answer must carry the query's id and question.
 pub trait Transport: Send + Sync + 'static {
     /// Sends `query` through `outbound` (its policy `key`); `resolved` is
     /// the address looked up for a server given by host name.
@@ -64,111 +64,79 @@ pub trait Transport: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<u8>, ExchangeFailed>> + Send + 'a;
 }
 
-// ---------------------------------------------------------------------
-// SHIM (until helper T's `dns::upstream::Upstream` is merged): a
-// `udp://` server reached `direct` is asked over UDP from a socket with
-// tproxyd's mark (TCP when the answer is truncated or none comes); every
-// other query goes as DNS over TCP through the outbound, on the pools
-// the captured-UDP path already uses (their sockets are marked by
-// `connect_marked`). The lead replaces this struct with one holding an
-// `Upstream` per server (rebuilt when `resolved` changes) and calls
-// `Upstream::exchange(query, key, outbound)`.
-// ---------------------------------------------------------------------
-
-/// How long a UDP query waits for its answer before TCP is tried.
-const UDP_WAIT: Duration = Duration::from_secs(2);
-
-/// Carries queries as UDP (direct) or DNS over TCP (`dns::tcp`).
-pub struct PoolTransport {
-    addresses: Vec<ServerAddress>,
-    pools: Arc<Pools>,
-    mark: u32,
+/// The transport of a running tproxyd: one [`Upstream`] per server (UDP
+/// with TCP on truncation, TCP pools, DoT, DoH, the system's resolvers).
+/// A server given by host name gets a new one when its looked-up address
+/// changes.
+pub struct UpstreamTransport {
+    slots: Vec<Slot>,
 }
 
-impl PoolTransport {
-    pub fn new(cfg: &Config, pools: Arc<Pools>) -> PoolTransport {
-        PoolTransport {
-            addresses: cfg.dns.servers.iter().map(|s| s.address.clone()).collect(),
-            pools,
-            mark: cfg.mark,
-        }
+struct Slot {
+    name: String,
+    address: ServerAddress,
+    server_name: Option<String>,
+    /// Built once for a server given by IP (or `system`); for a host name,
+    /// built for the address looked up last.
+    upstream: Mutex<Option<(Option<SocketAddr>, Arc<Upstream>)>>,
+}
+
+impl UpstreamTransport {
+    pub fn new(cfg: &Config) -> UpstreamTransport {
+        let slots = cfg
+            .dns
+            .servers
+            .iter()
+            .map(|s| Slot {
+                name: s.name.clone(),
+                address: s.address.clone(),
+                server_name: s.server_name.clone(),
+                upstream: Mutex::new(None),
+            })
+            .collect();
+        UpstreamTransport { slots }
     }
 
-    /// One query over UDP from a fresh marked socket (a random port per
-    /// query, as stub resolvers do); Ok(None) when the answer is
-    /// truncated (TC) and must be asked over TCP.
-    async fn udp(&self, to: SocketAddr, query: &[u8]) -> std::io::Result<Option<Vec<u8>>> {
-        let socket = crate::sys::outbound_udp_socket(&to, false, self.mark)?;
-        let socket = tokio::net::UdpSocket::from_std(socket)?;
-        socket.send_to(query, to).await?;
-        let asked = message::question(query).ok();
-        let mut buf = vec![0u8; 65_535];
-        let wait = async {
-            loop {
-                let (n, from) = socket.recv_from(&mut buf).await?;
-                let answer = buf.get(..n).unwrap_or_default();
-                // Only the server's answer to this query: anything else
-                // (a stray or spoofed datagram) is ignored.
-                let Ok(h) = Header::parse(answer) else {
-                    continue;
-                };
-                if crate::sys::normalize(from) != to
-                    || !h.is_response()
-                    || Some(h.id) != message::id(query)
-                    || message::question(answer).ok() != asked
-                {
-                    continue;
-                }
-                if h.flags & 0x0200 != 0 {
-                    return Ok(None);
-                }
-                return Ok(Some(answer.to_vec()));
+    fn upstream(
+        &self,
+        server: usize,
+        resolved: Option<SocketAddr>,
+    ) -> Option<(&str, Arc<Upstream>)> {
+        let slot = self.slots.get(server)?;
+        let mut held = lock(&slot.upstream);
+        match &*held {
+            Some((at, u)) if *at == resolved => Some((&slot.name, Arc::clone(u))),
+            _ => {
+                let u = Arc::new(Upstream::new(
+                    &slot.address,
+                    resolved,
+                    slot.server_name.as_deref(),
+                ));
+                *held = Some((resolved, Arc::clone(&u)));
+                Some((&slot.name, u))
             }
-        };
-        match tokio::time::timeout(UDP_WAIT, wait).await {
-            Ok(r) => r,
-            Err(_) => Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "no answer over UDP",
-            )),
         }
     }
 }
 
-impl Transport for PoolTransport {
+impl Transport for UpstreamTransport {
     async fn exchange(
         &self,
         server: usize,
-        _resolved: Option<SocketAddr>,
+        resolved: Option<SocketAddr>,
         query: &[u8],
         key: u32,
         outbound: &Arc<Outbound>,
     ) -> Result<Vec<u8>, ExchangeFailed> {
-        let (to, udp) = match self.addresses.get(server) {
-            Some(ServerAddress::Udp(a)) => (*a, true),
-            Some(ServerAddress::Tcp(a)) => (*a, false),
-            Some(other) => {
-                return Err(ExchangeFailed(format!(
-                    "{other:?}: this build reaches named resolvers over plain DNS only"
-                )))
-            }
-            None => return Err(ExchangeFailed("no such server".into())),
-        };
-        if udp && matches!(**outbound, Outbound::Direct(_)) {
-            match self.udp(to, query).await {
-                Ok(Some(answer)) => return Ok(answer),
-                Ok(None) => debug!(%to, "DNS: truncated answer over UDP; asking over TCP"),
-                Err(e) => debug!(%to, "DNS over UDP: {e}; asking over TCP"),
-            }
-        }
-        self.pools
-            .get(key, outbound, to)
-            .exchange(query)
-            .await
-            .map_err(|e| ExchangeFailed(e.to_string()))
+        let (name, upstream) = self
+            .upstream(server, resolved)
+            .ok_or_else(|| ExchangeFailed("no such server".into()))?;
+        upstream.exchange(query, key, outbound).await.map_err(|e| {
+            debug!(server = name, "DNS: {e}");
+            ExchangeFailed(e.to_string())
+        })
     }
 }
-// --------------------------- end of SHIM -----------------------------
 
 /// One `[[dns.servers]]` entry as the resolver uses it.
 #[derive(Debug)]
@@ -195,7 +163,7 @@ pub struct ResolverStats {
 
 /// Answers queries from the named resolvers, as the config and the
 /// policy built from it say; a reload builds a new one.
-pub struct Resolver<T: Transport = PoolTransport> {
+pub struct Resolver<T: Transport = UpstreamTransport> {
     policy: Arc<Policy>,
     /// `[[dns.servers]]` as configured: a reload that changes them
     /// flushes the cache.
@@ -207,6 +175,11 @@ pub struct Resolver<T: Transport = PoolTransport> {
     names: Option<Arc<Names>>,
     pub stats: ResolverStats,
     warning: RateLimit,
+    /// Answers kept for their TTL, shared across reloads (see
+    /// [`Resolver::with_cache`]); None when `[dns.cache] enabled = false`.
+    cache: Option<Arc<Cache>>,
+    /// Identical queries in flight share one exchange.
+    flights: Flights<ExchangeFailed>,
 }
 
 impl<T: Transport> std::fmt::Debug for Resolver<T> {
@@ -283,7 +256,16 @@ impl<T: Transport> Resolver<T> {
             names,
             stats: ResolverStats::default(),
             warning: RateLimit::default(),
+            cache: None,
+            flights: Flights::new(),
         }
+    }
+
+    /// Answers are kept in `cache` (keyed also by the server a rule
+    /// chose, so one rule's answer is never served for another's).
+    pub fn with_cache(mut self, cache: Option<Arc<Cache>>) -> Resolver<T> {
+        self.cache = cache;
+        self
     }
 
     /// `[[dns.servers]]` as this resolver was built with them.
@@ -308,22 +290,38 @@ impl<T: Transport> Resolver<T> {
         client: SocketAddr,
         fake: Option<&super::fakeip::FakePool>,
     ) -> Option<Vec<u8>> {
-        let header = Header::parse(query).ok()?;
+        self.answer(query, client, fake, true).await.0
+    }
+
+    /// The answer, and whether it came stale from the cache (RFC 8767):
+    /// then the caller refreshes it in the background with
+    /// [`refresh`](Self::refresh). `from_cache` false asks the server
+    /// whatever the cache holds.
+    pub async fn answer(
+        &self,
+        query: &[u8],
+        client: SocketAddr,
+        fake: Option<&super::fakeip::FakePool>,
+        from_cache: bool,
+    ) -> (Option<Vec<u8>>, bool) {
+        let Ok(header) = Header::parse(query) else {
+            return (None, false);
+        };
         if header.is_response() {
-            return None;
+            return (None, false);
         }
         self.stats.queries.fetch_add(1, Ordering::Relaxed);
         if header.opcode() != 0 {
-            return header_only(query, RCODE_NOTIMP);
+            return (header_only(query, RCODE_NOTIMP), false);
         }
         let Ok(q) = message::question(query) else {
-            return header_only(query, RCODE_FORMERR);
+            return (header_only(query, RCODE_FORMERR), false);
         };
         if self.filter_aaaa && q.qtype == TYPE_AAAA {
-            return message::empty_answer(query).ok();
+            return (message::empty_answer(query).ok(), false);
         }
         let Some(rules) = self.policy.dns_rules() else {
-            return self.servfail(query, "no [[dns.rules]] compiled");
+            return (self.servfail(query, "no [[dns.rules]] compiled"), false);
         };
         let name = String::from_utf8_lossy(&q.name);
         let verdict = rules.lookup(&name, q.qtype, client.ip());
@@ -334,44 +332,69 @@ impl<T: Transport> Resolver<T> {
                     Reject::Nxdomain => RCODE_NXDOMAIN,
                     Reject::Nodata => message::RCODE_NOERROR,
                 };
-                return message::reply_without_records(query, rcode).ok();
+                return (message::reply_without_records(query, rcode).ok(), false);
             }
             Action::Server(s) => s,
         };
+        // Fake answers never enter the cache: they are made here, and a
+        // cached fake address would outlive its mapping.
         if let Some(answer) = fake.and_then(|pool| pool.answer(query)) {
-            return Some(answer);
+            return (Some(answer), false);
         }
-        if let Some(answer) = self.cached(query) {
-            return Some(answer);
-        }
-        let result = match verdict.fallback {
-            None => self.ask(server, query, client).await,
-            Some((fallback, accept)) => {
-                self.ask_with_fallback(server, fallback, accept, query, client)
-                    .await
+        let key = self
+            .cache
+            .as_ref()
+            .and_then(|_| Key::of(query))
+            .map(|k| k.scoped(u16::try_from(server).unwrap_or(u16::MAX)));
+        if let (true, Some(cache), Some(key)) = (from_cache, &self.cache, &key) {
+            match cache.get(key, query, Instant::now()) {
+                Lookup::Hit(answer) => return (Some(answer), false),
+                Lookup::Stale(answer) => return (Some(answer), true),
+                Lookup::Miss => {}
             }
+        }
+        let fetch = || async {
+            let result = match verdict.fallback {
+                None => self.ask(server, query, client).await,
+                Some((fallback, accept)) => {
+                    self.ask_with_fallback(server, fallback, accept, query, client)
+                        .await
+                }
+            };
+            if let Ok(answer) = &result {
+                self.learn(answer);
+                if let (Some(cache), Some(key)) = (&self.cache, &key) {
+                    cache.insert(key, answer, Instant::now());
+                }
+            }
+            result
+        };
+        let result = match &key {
+            Some(key) => self.flights.run(key, query, fetch).await,
+            None => fetch().await,
         };
         match result {
-            Ok(answer) => {
-                self.learn(&answer);
-                self.store(query, &answer);
-                Some(answer)
-            }
+            Ok(answer) => (Some(answer), false),
             Err(e) => {
                 let name = self.servers.get(server).map_or("?", |s| s.name.as_str());
-                self.servfail(query, &format!("server {name:?}: {e}"))
+                (
+                    self.servfail(query, &format!("server {name:?}: {e}")),
+                    false,
+                )
             }
         }
     }
 
-    /// CACHE SEAM (helper A's `dns::cache`): the cached answer to
-    /// `query`, rewritten with its id and question. No cache yet.
-    fn cached(&self, _query: &[u8]) -> Option<Vec<u8>> {
-        None
+    /// Asks the server for `query` again and keeps its answer: the
+    /// background refresh of an answer served stale.
+    pub async fn refresh(&self, query: &[u8], client: SocketAddr) {
+        let _ = self.answer(query, client, None, false).await;
     }
 
-    /// CACHE SEAM: keeps `answer` to `query`. No cache yet.
-    fn store(&self, _query: &[u8], _answer: &[u8]) {}
+    /// The cache the answers go to, if any.
+    pub fn cache(&self) -> Option<&Arc<Cache>> {
+        self.cache.as_ref()
+    }
 
     fn servfail(&self, query: &[u8], why: &str) -> Option<Vec<u8>> {
         self.stats.servfail.fetch_add(1, Ordering::Relaxed);

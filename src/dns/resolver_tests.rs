@@ -502,8 +502,8 @@ async fn the_shim_asks_direct_udp_servers_over_udp_then_tcp_when_truncated() {
         .validate(&|_| None)
         .unwrap_or_else(|e| panic!("{e}"));
     let policy = Arc::new(Policy::from_config(&cfg).unwrap());
-    let transport = PoolTransport::new(&cfg, Arc::new(Pools::default()));
-    let r = Resolver::new(&cfg, policy, transport, None);
+    let transport = UpstreamTransport::new(&cfg);
+    let r = Resolver::new(&cfg, Arc::clone(&policy), transport, None);
     let a = r
         .resolve(&query(21, "small.example", TYPE_A), client())
         .await
@@ -517,4 +517,50 @@ async fn the_shim_asks_direct_udp_servers_over_udp_then_tcp_when_truncated() {
     assert_eq!(Header::parse(&a).unwrap().id, 22);
     assert_eq!(addrs(&a), vec![IpAddr::from([192, 0, 2, 2])], "over TCP");
     assert_eq!(udp_seen.load(Ordering::Relaxed), 2);
+    // With a cache: the second ask of a name is answered from it, with
+    // its own id and letter case; 100 at once make one upstream query.
+    let cache = Arc::new(crate::dns::cache::Cache::new(&cfg.dns.cache));
+    let r = Arc::new(
+        Resolver::new(&cfg, policy, UpstreamTransport::new(&cfg), None).with_cache(Some(cache)),
+    );
+    let before = udp_seen.load(Ordering::Relaxed);
+    let a = r
+        .resolve(&query(23, "small.example", TYPE_A), client())
+        .await
+        .unwrap();
+    assert_eq!(addrs(&a), vec![IpAddr::from([192, 0, 2, 1])]);
+    let a = r
+        .resolve(&query(24, "SMALL.example", TYPE_A), client())
+        .await
+        .unwrap();
+    assert_eq!(Header::parse(&a).unwrap().id, 24);
+    assert_eq!(message::question(&a).unwrap().name, b"SMALL.example");
+    assert_eq!(
+        udp_seen.load(Ordering::Relaxed),
+        before + 1,
+        "the second from the cache"
+    );
+    let asks = (0..100u16).map(|i| {
+        let r = Arc::clone(&r);
+        tokio::spawn(async move {
+            r.resolve(&query(100 + i, "many.example", TYPE_A), client())
+                .await
+                .map(|a| Header::parse(&a).unwrap().id)
+        })
+    });
+    let ids: Vec<_> = futures_join(asks).await;
+    assert_eq!(ids, (0..100u16).map(|i| Some(100 + i)).collect::<Vec<_>>());
+    assert_eq!(
+        udp_seen.load(Ordering::Relaxed),
+        before + 2,
+        "100 alike, one upstream query"
+    );
+}
+
+async fn futures_join<T>(tasks: impl Iterator<Item = tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::new();
+    for t in tasks.collect::<Vec<_>>() {
+        out.push(t.await.unwrap());
+    }
+    out
 }
