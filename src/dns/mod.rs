@@ -21,6 +21,7 @@
 pub mod message;
 pub mod names;
 pub mod tcp;
+pub mod upstream;
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
