@@ -37,6 +37,9 @@ const DNS_MESSAGE: &str = "application/dns-message";
 const MAX_ANSWER: usize = 65_535;
 /// Upstreams per resolver kept for distinct outbounds at once.
 const MAX_SLOTS: usize = 16;
+/// After a connection failed to open, queries are told why at once for
+/// this long instead of each dialing (as DNS over TCP's pools do).
+const DOWN_FOR: Duration = Duration::from_secs(1);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -63,6 +66,8 @@ struct Slot {
     /// Async: while one query opens the connection, the others wait for
     /// it instead of opening their own.
     live: tokio::sync::Mutex<Option<Live>>,
+    /// The last open failed: until then, no new dial.
+    down: Mutex<Option<(Instant, String)>>,
     last_used: Mutex<Instant>,
 }
 
@@ -125,8 +130,8 @@ impl HttpsUpstream {
     }
 
     /// HTTP/2 connections opened so far, over every outbound.
-    pub fn connections_opened(&self) -> usize {
-        self.opened.load(Ordering::Relaxed)
+    pub fn connections_opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed) as u64
     }
 
     /// Sends `query` through the outbound (`key` as in
@@ -200,6 +205,7 @@ impl HttpsUpstream {
         let slot = Arc::new(Slot {
             outbound: Arc::clone(outbound),
             live: tokio::sync::Mutex::new(None),
+            down: Mutex::new(None),
             last_used: Mutex::new(Instant::now()),
         });
         slots.insert(key, Arc::clone(&slot));
@@ -221,9 +227,23 @@ impl HttpsUpstream {
             }
         }
         *live = None;
-        let l = self.open(&slot.outbound).await?;
-        *live = Some(l.clone());
-        Ok(l)
+        if let Some((until, why)) = lock(&slot.down).as_ref() {
+            if Instant::now() < *until {
+                return Err(why.clone());
+            }
+        }
+        match self.open(&slot.outbound).await {
+            Ok(l) => {
+                *lock(&slot.down) = None;
+                *live = Some(l.clone());
+                Ok(l)
+            }
+            Err(why) => {
+                debug!(resolver = %self.addr, "DNS over HTTPS: {why}");
+                *lock(&slot.down) = Some((Instant::now() + DOWN_FOR, why.clone()));
+                Err(why)
+            }
+        }
     }
 
     /// TCP through the outbound, TLS with ALPN h2, the HTTP/2 preface;
