@@ -20,18 +20,55 @@
 //! or the proxy hung up, idle or not) is sent once more on another, and
 //! when that fails too, or no answer comes within [`QUERY_TIMEOUT`], the
 //! caller answers SERVFAIL.
+//!
+//! The pool is generic over how a connection is opened ([`Dial`]): plain
+//! TCP through the outbound ([`Plain`]), or DNS over TLS
+//! (`dns::upstream::tls`, the `dns-tls` feature), which speaks the same
+//! framing over a TLS stream.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::debug;
 
 use super::message;
 use super::upstream::{check_answer, Check};
-use crate::outbound::Outbound;
+use crate::outbound::{Outbound, TcpUpstream};
+
+/// How a [`Pool`] opens a connection to its resolver.
+pub trait Dial: Send + Sync + 'static {
+    /// What the length-prefixed queries and answers travel on.
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// The transport's name in the log ("DNS over TCP").
+    const NAME: &'static str;
+    /// Opens one connection to `resolver` through `outbound`; the error
+    /// is what the queries waiting on it are told
+    /// ([`ExchangeError::Down`]), so it names the cause and the fix.
+    fn dial<'a>(
+        &'a self,
+        outbound: &'a Outbound,
+        resolver: SocketAddr,
+    ) -> impl Future<Output = Result<Self::Stream, String>> + Send + 'a;
+}
+
+/// Plain DNS over TCP: a TCP connection through the outbound.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Plain;
+
+impl Dial for Plain {
+    type Stream = TcpUpstream;
+    const NAME: &'static str = "DNS over TCP";
+    async fn dial(&self, outbound: &Outbound, resolver: SocketAddr) -> Result<TcpUpstream, String> {
+        Box::pin(outbound.connect_tcp(resolver, None))
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
 
 /// Connections per (outbound, resolver).
 pub const MAX_CONNS: usize = 4;
@@ -227,17 +264,26 @@ struct PoolState {
 }
 
 /// The connections to one resolver through one outbound.
-pub struct Pool {
+pub struct Pool<D: Dial = Plain> {
+    dial: D,
     outbound: Arc<Outbound>,
-    resolver: std::net::SocketAddr,
+    resolver: SocketAddr,
     state: Mutex<PoolState>,
     /// Connections opened so far (for the tests and the log).
     opened: portable_atomic::AtomicU64,
 }
 
 impl Pool {
-    pub fn new(outbound: Arc<Outbound>, resolver: std::net::SocketAddr) -> Arc<Pool> {
+    pub fn new(outbound: Arc<Outbound>, resolver: SocketAddr) -> Arc<Pool> {
+        Pool::with_dial(Plain, outbound, resolver)
+    }
+}
+
+impl<D: Dial> Pool<D> {
+    /// A pool whose connections `dial` opens.
+    pub fn with_dial(dial: D, outbound: Arc<Outbound>, resolver: SocketAddr) -> Arc<Pool<D>> {
         Arc::new(Pool {
+            dial,
             outbound,
             resolver,
             state: Mutex::new(PoolState {
@@ -291,7 +337,7 @@ impl Pool {
                 Ok(Err(_)) => last = ExchangeError::Lost,
             }
             if attempt == 0 {
-                debug!(resolver = %self.resolver, "DNS over TCP: {last}; asking again on another connection");
+                debug!(resolver = %self.resolver, "{}: {last}; asking again on another connection", D::NAME);
             }
         }
         Err(last)
@@ -331,19 +377,18 @@ impl Pool {
     /// A connection's life: open it, then write queries and read answers
     /// until it closes, fails or idles out.
     async fn run(self: Arc<Self>, conn: Arc<Conn>, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
-        let opened = Box::pin(self.outbound.connect_tcp(self.resolver, None)).await;
+        let opened = self.dial.dial(&self.outbound, self.resolver).await;
         let stream = match opened {
             Ok(s) => s,
-            Err(e) => {
-                let why = e.to_string();
-                debug!(resolver = %self.resolver, "DNS over TCP: cannot connect: {why}");
+            Err(why) => {
+                debug!(resolver = %self.resolver, "{}: cannot connect: {why}", D::NAME);
                 lock(&self.state).down = Some((Instant::now() + DOWN_FOR, why.clone()));
                 conn.close(ExchangeError::Down(why));
                 return;
             }
         };
         lock(&self.state).down = None;
-        debug!(resolver = %self.resolver, outbound = self.outbound.name(), "DNS over TCP connection open");
+        debug!(resolver = %self.resolver, outbound = self.outbound.name(), "{} connection open", D::NAME);
         // Split through a lock, not `into_split`: the upstream may be a
         // framed stream (any arm of `TcpUpstream`), and a query is rare
         // next to the lock's cost.
@@ -394,7 +439,7 @@ impl Pool {
             () = writer => {}
         }
         conn.close(ExchangeError::Lost);
-        debug!(resolver = %self.resolver, "DNS over TCP connection closed");
+        debug!(resolver = %self.resolver, "{} connection closed", D::NAME);
     }
 }
 

@@ -25,7 +25,11 @@
 //! network are opened by the outbound, which marks them: a query to a
 //! resolver is never captured by tproxyd's own firewall rules again.
 
+#[cfg(feature = "dns-tls")]
+pub mod https;
 pub mod system;
+#[cfg(feature = "dns-tls")]
+pub mod tls;
 pub mod udp;
 
 use std::fmt;
@@ -119,6 +123,10 @@ enum Kind {
         pools: Pools,
     },
     System(system::System),
+    #[cfg(feature = "dns-tls")]
+    Tls(tls::TlsUpstream),
+    #[cfg(feature = "dns-tls")]
+    Https(https::HttpsUpstream),
     /// Known unusable at build time (the reason): every query fails with
     /// it, so the caller answers SERVFAIL and logs why.
     Unavailable(String),
@@ -154,18 +162,13 @@ impl Upstream {
                 let s = system::System::new();
                 (format!("system ({})", s.path().display()), Kind::System(s))
             }
-            // DoT and DoH (helper C's `tls::TlsUpstream`,
-            // `https::HttpsUpstream`, feature `dns-tls`) take their place
-            // here as `#[cfg(feature = "dns-tls")]` arms of `Kind`, with the
-            // address `address.socket_addr().or(resolved)`; until then, and
-            // in builds without the feature, they say why they cannot ask.
             ServerAddress::Tls(e) => (
                 format!("tls://{}:{}", e.host, e.port),
-                Kind::Unavailable(tls_unavailable(address, resolved, server_name)),
+                tls_kind(address, resolved, server_name, None),
             ),
             ServerAddress::Https { endpoint: e, path } => (
                 format!("https://{}:{}{path}", e.host, e.port),
-                Kind::Unavailable(tls_unavailable(address, resolved, server_name)),
+                tls_kind(address, resolved, server_name, Some(path)),
             ),
         };
         Upstream {
@@ -215,6 +218,10 @@ impl Upstream {
             Kind::Udp(u) => u.retain(&keep),
             Kind::Tcp { pools, .. } => pools.retain(keep),
             Kind::System(s) => s.retain(&keep),
+            #[cfg(feature = "dns-tls")]
+            Kind::Tls(t) => t.retain(keep),
+            #[cfg(feature = "dns-tls")]
+            Kind::Https(h) => h.retain(keep),
             Kind::Unavailable(_) => {}
         }
     }
@@ -246,6 +253,16 @@ impl Upstream {
                     .await
                     .map_err(Cause::from),
                 Kind::System(s) => s.exchange(query, key, outbound, deadline).await,
+                #[cfg(feature = "dns-tls")]
+                Kind::Tls(t) => t
+                    .exchange(query, key, outbound)
+                    .await
+                    .map_err(|e| Cause::Unreachable(e.to_string())),
+                #[cfg(feature = "dns-tls")]
+                Kind::Https(h) => h
+                    .exchange(query, key, outbound)
+                    .await
+                    .map_err(|e| Cause::Unreachable(e.to_string())),
                 Kind::Unavailable(why) => Err(Cause::Unavailable(why.clone())),
             }
         };
@@ -259,17 +276,40 @@ impl Upstream {
     }
 }
 
-/// Why a `tls://` or `https://` server cannot be asked in this build.
-fn tls_unavailable(
+/// A `tls://` or `https://` server (`path` for HTTPS): its client in a
+/// build with `dns-tls`, else why it cannot be asked. The name checked on
+/// its certificate: `server_name`, else the host name it was given by,
+/// else its IP (empty: an IP SAN).
+fn tls_kind(
     address: &ServerAddress,
     resolved: Option<SocketAddr>,
-    _server_name: Option<&str>,
-) -> String {
-    match (address.socket_addr().or(resolved), address.host_name()) {
-        (None, Some(host)) => format!(
+    server_name: Option<&str>,
+    path: Option<&String>,
+) -> Kind {
+    let Some(addr) = address.socket_addr().or(resolved) else {
+        let host = address.host_name().unwrap_or("?");
+        return Kind::Unavailable(format!(
             "its host name {host} was not resolved (give it a bootstrap resolver, or an IP)"
-        ),
-        _ => "DNS over TLS and HTTPS need tproxyd built with the dns-tls feature".to_string(),
+        ));
+    };
+    #[cfg(feature = "dns-tls")]
+    {
+        let name = server_name
+            .or(address.host_name())
+            .unwrap_or_default()
+            .to_string();
+        let config = tls::tls_config();
+        match path {
+            None => Kind::Tls(tls::TlsUpstream::new(addr, name, config)),
+            Some(path) => Kind::Https(https::HttpsUpstream::new(addr, name, path.clone(), config)),
+        }
+    }
+    #[cfg(not(feature = "dns-tls"))]
+    {
+        let _ = (addr, server_name, path);
+        Kind::Unavailable(
+            "DNS over TLS and HTTPS need tproxyd built with the dns-tls feature".to_string(),
+        )
     }
 }
 
