@@ -560,16 +560,30 @@ impl Bound {
     /// Binds UDP and TCP on `addr`, marked with `mark` (so an output
     /// chain that captures the router's own traffic lets the answers be).
     pub fn bind(addr: SocketAddr, mark: u32) -> Result<Bound, ListenError> {
-        let udp = sys::service_udp_socket(addr, mark).map_err(|e| listen_error("udp", addr, e))?;
-        // Port 0 (tests): TCP on the port UDP got.
-        let addr = udp.local_addr().map_err(|e| listen_error("udp", addr, e))?;
         let opts = sys::ListenOptions {
             transparent: false,
             recv_orig_dst: false,
             mark,
         };
-        let tcp = sys::tcp_listener(addr, opts).map_err(|e| listen_error("tcp", addr, e))?;
-        Ok(Bound { addr, udp, tcp })
+        // Port 0 (tests): TCP on the port UDP got, which some other TCP
+        // socket may hold already; another port is tried then.
+        let mut tries = if addr.port() == 0 { 8 } else { 1 };
+        loop {
+            let udp =
+                sys::service_udp_socket(addr, mark).map_err(|e| listen_error("udp", addr, e))?;
+            let got = udp.local_addr().map_err(|e| listen_error("udp", addr, e))?;
+            match sys::tcp_listener(got, opts) {
+                Ok(tcp) => {
+                    return Ok(Bound {
+                        addr: got,
+                        udp,
+                        tcp,
+                    })
+                }
+                Err(e) if tries > 1 && e.kind() == io::ErrorKind::AddrInUse => tries -= 1,
+                Err(e) => return Err(listen_error("tcp", got, e)),
+            }
+        }
     }
 
     /// Binds every address; the first failure ends it (nothing stays bound).
