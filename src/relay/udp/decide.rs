@@ -6,8 +6,9 @@
 //!
 //! - [`datagram`]: the DNS hooks before and after the route (answered
 //!   here, sent to `[dns] server`, carried as DNS over TCP), a session's
-//!   QUIC [`Pin`], the rules, the loop check and an outbound that refuses
-//!   UDP, as one [`Verdict`];
+//!   QUIC [`Pin`], the rules, the loop check, a fake-ip address (by its
+//!   name, or refused when it has none) and an outbound that refuses UDP,
+//!   as one [`Verdict`];
 //! - [`opening`], [`release_now`], [`sniffed_of`] and [`sniffed_route`]:
 //!   the QUIC hold's choices (hold a new flow's first Initial or not,
 //!   release it when, route it by which name); `hold.rs` keeps the held
