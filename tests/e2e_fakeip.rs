@@ -6,13 +6,15 @@
 //! - a TCP flow to the fake address goes `direct` by name: tproxyd asks
 //!   the named resolver (a DNS server on remote B) for the real address
 //!   and reaches the echo server there;
+//! - a UDP flow to the fake address goes `direct` by name the same way,
+//!   to the UDP echo server on remote A, and its reply reaches the client
+//!   from the fake address it wrote to;
 //! - a TCP connection to a fake address that stands for no name is reset
-//!   at once (never sent on);
+//!   at once (never sent on), and a UDP datagram to one is dropped;
 //! - SIGTERM saves the pool within the first second, and after a restart
 //!   the same name has the same address, and the flow to it still works.
 //!
-//! UDP by name is not carried yet (refused, see docs/dns.md), so there is
-//! no UDP flow here; the proxies' by-name requests are unit-tested
+//! The proxies' by-name TCP requests are unit-tested
 //! (`outbound::tests::fake_ip_flows_go_by_name`), since dante here cannot
 //! resolve the test's names.
 
@@ -125,6 +127,23 @@ fn connect(tb: &Testbed, dst: SocketAddr) -> Option<(ErrorKind, Duration)> {
     })
 }
 
+/// A UDP exchange from the LAN with the echo server on remote A through
+/// its fake address `fake`: sent direct from the router, and the reply
+/// comes from `fake`, not from the real address.
+fn udp_by_name(tb: &Testbed, fake: IpAddr) {
+    let dst = SocketAddr::new(fake, UDP_ECHO_PORT);
+    for _ in 0..2 {
+        let (from, peer) = udp_echo(&tb.lan, addr(LAN_V4, 0), dst, Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("no UDP echo through {dst}\n{}", tb.tproxyd_log()));
+        assert_eq!(from, dst, "the reply must come from the fake address");
+        assert_eq!(
+            peer.ip().to_string(),
+            ROUTER_WAN_V4,
+            "not sent direct from the router"
+        );
+    }
+}
+
 #[test]
 fn fake_addresses_survive_a_restart_and_unmapped_ones_are_reset() {
     if !can_run() {
@@ -170,6 +189,10 @@ fn fake_addresses_survive_a_restart_and_unmapped_ones_are_reset() {
         "not sent direct from the router"
     );
 
+    // A UDP flow to the fake address: direct, to the real address of the
+    // name, answered from the fake address the client wrote to.
+    udp_by_name(&tb, fake);
+
     // An address of the range nobody was given: reset at once.
     let unmapped: IpAddr = "198.19.200.1".parse().unwrap();
     let (kind, took) = connect(&tb, SocketAddr::new(unmapped, ECHO_PORT)).expect("refused");
@@ -181,6 +204,17 @@ fn fake_addresses_survive_a_restart_and_unmapped_ones_are_reset() {
         "{kind:?}"
     );
     assert!(took < Duration::from_secs(1), "took {took:?}");
+    // UDP to it: dropped, never sent on (no echo comes back).
+    let lost = udp_echo(
+        &tb.lan,
+        addr(LAN_V4, 0),
+        SocketAddr::new(unmapped, UDP_ECHO_PORT),
+        Duration::from_secs(1),
+    );
+    assert_eq!(
+        lost, None,
+        "a datagram to an unmapped fake address got through"
+    );
     assert!(
         tb.wait_for_log("stands for no name", Duration::from_secs(2)),
         "{}",
@@ -219,6 +253,7 @@ fn fake_addresses_survive_a_restart_and_unmapped_ones_are_reset() {
     assert_eq!(ask(&tb, "other.example", A).1, other);
     // The address a client kept across the restart still works.
     echo(&tb, SocketAddr::new(fake, ECHO_PORT));
+    udp_by_name(&tb, fake);
 
     // A corrupt file is ignored with a warning naming it.
     tb.stop_tproxyd();

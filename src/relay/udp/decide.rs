@@ -6,8 +6,9 @@
 //!
 //! - [`datagram`]: the DNS hooks before and after the route (answered
 //!   here, sent to `[dns] server`, carried as DNS over TCP), a session's
-//!   QUIC [`Pin`], the rules, the loop check and an outbound that refuses
-//!   UDP, as one [`Verdict`];
+//!   QUIC [`Pin`], the rules, the loop check, a fake-ip address (by its
+//!   name, or refused when it has none) and an outbound that refuses UDP,
+//!   as one [`Verdict`];
 //! - [`opening`], [`release_now`], [`sniffed_of`] and [`sniffed_route`]:
 //!   the QUIC hold's choices (hold a new flow's first Initial or not,
 //!   release it when, route it by which name); `hold.rs` keeps the held
@@ -67,14 +68,19 @@ pub(super) enum Verdict {
     },
     /// Addressed to tproxyd's own listener: a routing loop.
     RefuseLoop { dst: SocketAddr },
-    /// Addressed to a fake-ip address: dropped and counted, never sent
-    /// to the fake address. `name` is None when the address stands for no
-    /// name; with a name, the datagram was routed by it, but the relay
-    /// cannot yet carry UDP by name (docs/dns.md, Fake-ip: limits).
-    RefuseFake {
-        dst: SocketAddr,
-        name: Option<std::sync::Arc<str>>,
+    /// Addressed to a fake-ip address `fake` that stands for `name`,
+    /// routed by that name to `choice`: carried to a real address of the
+    /// name (resolved once per session), never to the fake address; the
+    /// replies reach the client from `fake`.
+    ForwardNamed {
+        fake: SocketAddr,
+        name: std::sync::Arc<str>,
+        choice: Choice,
     },
+    /// Addressed to a fake-ip address that stands for no name (the pool
+    /// was lost, or recycled the address): dropped and counted, never
+    /// sent to the fake address.
+    RefuseFake { dst: SocketAddr },
 }
 
 /// The route a sniffed QUIC flow keeps: its session's later datagrams to
@@ -115,12 +121,19 @@ pub(super) fn datagram(
     let choice = match route(router, pin, client, dst) {
         Decision::Forward(choice) => choice,
         Decision::RefuseLoop => return Verdict::RefuseLoop { dst },
-        Decision::RefuseFake => return Verdict::RefuseFake { dst, name: None },
+        Decision::RefuseFake => return Verdict::RefuseFake { dst },
     };
+    // A fake address goes by its name, unless its outbound refuses UDP.
+    // DNS over TCP never applies: a query to a fake address's port 53
+    // was taken by the hooks above (named resolvers answer every one).
     if let crate::route::FakeDst::Name(name) = fake_name(router, dst) {
-        return Verdict::RefuseFake {
-            dst,
-            name: Some(name),
+        return match carried(dst, choice) {
+            Verdict::Forward { dst, choice } => Verdict::ForwardNamed {
+                fake: dst,
+                name,
+                choice,
+            },
+            refused => refused,
         };
     }
     match carried(dst, choice) {
@@ -359,9 +372,12 @@ mod tests {
                 format!("refuse {dst} {} {kind}", name(router, choice))
             }
             Verdict::RefuseLoop { dst } => format!("loop {dst}"),
-            Verdict::RefuseFake { dst, name } => {
-                format!("fake {dst} {}", name.as_deref().unwrap_or("unmapped"))
-            }
+            Verdict::ForwardNamed {
+                fake,
+                name: host,
+                choice,
+            } => format!("by name {fake} {host} {}", name(router, choice)),
+            Verdict::RefuseFake { dst } => format!("fake {dst} unmapped"),
         }
     }
 
@@ -687,17 +703,12 @@ mod tests {
         assert!(!is_dns_query(&answer), "an answer is no query");
     }
 
-    /// UDP to a fake-ip address is never sent to it: dropped, with its
-    /// name when it has one (UDP by name is not carried yet).
-    #[test]
-    fn datagrams_to_fake_addresses_are_refused() {
+    /// A router with a fake-ip pool over 198.18.0.0/15, with `rules`.
+    fn fake_router(rules: &str) -> Router {
         use crate::dns::fakeip::FakePool;
         let dns = "[dns]\n[[dns.servers]]\nname = \"isp\"\naddress = \"udp://192.0.2.53\"\n\
                    outbound = \"direct\"\n[dns.fake_ip]\nranges = [\"198.18.0.0/15\"]\nstore = \"\"\n";
-        let (r, d) = router(
-            &rule("domain_suffix = [\"via-proxy.example\"]", "proxy"),
-            dns,
-        );
+        let (r, d) = router(rules, dns);
         let cfg_fake = crate::config::FakeIp {
             ranges: vec!["198.18.0.0/15".parse().unwrap()],
             exclude_domain: Vec::new(),
@@ -710,25 +721,90 @@ mod tests {
         };
         let pool = Arc::new(FakePool::new(&cfg_fake));
         d.unwrap().set_fake_ip(Arc::clone(&pool));
-        let r = r.with_fake_ip(pool);
+        r.with_fake_ip(pool)
+    }
+
+    /// UDP to a mapped fake-ip address goes by its name, routed by the
+    /// name's rules (the fake address matches no CIDR rule); an unmapped
+    /// one is refused; real addresses go as ever.
+    #[test]
+    fn datagrams_to_fake_addresses_go_by_name() {
+        let rules = rule("domain_suffix = [\"via-proxy.example\"]", "proxy")
+            + &rule("domain_suffix = [\"via-ss.example\"]", "ss")
+            + &rule("dst = [\"198.18.0.0/15\"]", "deny");
+        let r = fake_router(&rules);
         // The captured query goes to the engine (which asks the pool).
         let q = query(9, "www.via-proxy.example", TYPE_A);
         assert_eq!(
             decide(&r, "192.0.2.53:53", &q, None),
             "resolve from 192.0.2.53:53"
         );
-        assert!(r.fake_ip().unwrap().answer(&q).is_some());
+        let pool = r.fake_ip().unwrap();
+        assert!(pool.answer(&q).is_some());
+        assert!(pool
+            .answer(&query(10, "a.via-ss.example", TYPE_A))
+            .is_some());
+        assert!(pool.answer(&query(11, "plain.example", TYPE_A)).is_some());
         assert_eq!(
             decide(&r, "198.18.0.1:443", b"x", None),
-            "fake 198.18.0.1:443 www.via-proxy.example"
+            "by name 198.18.0.1:443 www.via-proxy.example proxy"
         );
         assert_eq!(
-            decide(&r, "198.18.0.2:443", b"x", None),
-            "fake 198.18.0.2:443 unmapped"
+            decide(&r, "198.18.0.2:4500", b"x", None),
+            "by name 198.18.0.2:4500 a.via-ss.example ss"
+        );
+        assert_eq!(
+            decide(&r, "198.18.0.3:123", b"x", None),
+            "by name 198.18.0.3:123 plain.example direct",
+            "route.final, not the rule on the fake range"
+        );
+        assert_eq!(
+            decide(&r, "198.18.0.9:443", b"x", None),
+            "fake 198.18.0.9:443 unmapped"
         );
         assert_eq!(
             decide(&r, "203.0.113.9:443", b"x", None),
             "forward 203.0.113.9:443 direct"
+        );
+    }
+
+    /// A name whose outbound refuses UDP is refused as any flow is, and
+    /// a pin (a sniffed QUIC flow) to a fake address still goes by name.
+    #[test]
+    fn fake_addresses_keep_udp_refusals_and_pins() {
+        let rules = rule("domain_suffix = [\"blocked.example\"]", "deny")
+            + &rule("domain_suffix = [\"web.example\"]", "web");
+        let r = fake_router(&rules);
+        let pool = r.fake_ip().unwrap();
+        assert!(pool
+            .answer(&query(1, "x.blocked.example", TYPE_A))
+            .is_some());
+        assert!(pool.answer(&query(2, "x.web.example", TYPE_A)).is_some());
+        assert!(pool.answer(&query(3, "x.quic.example", TYPE_A)).is_some());
+        assert_eq!(
+            decide(&r, "198.18.0.1:443", b"x", None),
+            "refuse 198.18.0.1:443 deny blocked"
+        );
+        assert_eq!(
+            decide(&r, "198.18.0.2:443", b"x", None),
+            "refuse 198.18.0.2:443 web tcp-only"
+        );
+        let (plain, _) = router(&rule("domain_suffix = [\"x\"]", "proxy"), "");
+        let choice = match plain.decide(&FlowMeta::addresses(
+            Network::Udp,
+            sa(CLIENT),
+            sa("203.0.113.1:443"),
+        )) {
+            Decision::Forward(c) => c,
+            other => panic!("{other:?}"),
+        };
+        let pin = Pin {
+            dst: sa("198.18.0.3:443"),
+            choice,
+        };
+        assert_eq!(
+            decide(&r, "198.18.0.3:443", b"x", Some(&pin)),
+            "by name 198.18.0.3:443 x.quic.example direct"
         );
     }
 }

@@ -231,6 +231,11 @@ pub(super) fn intercept(
     if !initial || lock(&relay.table).sessions.contains_key(&client) {
         return false;
     }
+    // A fake-ip destination carries its name already: never held, and
+    // never sent as held datagrams are (to the address as it is).
+    if relay.router.fake_ip().is_some_and(|p| p.is_fake(dst.ip())) {
+        return false;
+    }
     // A retransmission of a flow refused by its name stays refused.
     if let Some(choice) = holds.refused_route(client, dst) {
         relay.carry(client, buf, decide::carried(dst, choice), None, None);

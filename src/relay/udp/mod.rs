@@ -42,8 +42,8 @@ use tracing::{debug, warn};
 
 use crate::config::Network;
 use crate::config::{Limits, Timeouts};
-use crate::outbound::UdpUpstream;
 use crate::outbound::{Outbound, OutboundError, UDP_HEADROOM};
+use crate::outbound::{ResolveReal, UdpUpstream};
 use crate::policy::sniff::Sniffed;
 use crate::policy::Choice;
 use crate::ratelimit::{held_back, RateLimit};
@@ -103,6 +103,9 @@ pub struct UdpStats {
     /// Datagrams dropped because their outbound refuses UDP by design:
     /// `block`, or an `http` outbound (TCP only).
     pub datagrams_refused: AtomicU64,
+    /// Datagrams to a fake-ip address whose name had no real address (or
+    /// that came while too many names were being resolved), dropped.
+    pub datagrams_dropped_unresolved: AtomicU64,
 }
 
 /// One rate limit per warning that can repeat per datagram or per
@@ -118,7 +121,18 @@ struct Warnings {
     backoff: RateLimit,
     oversize: RateLimit,
     fake: RateLimit,
+    unresolved: RateLimit,
 }
+
+/// A fake-ip destination of one client whose name is being resolved.
+type Resolving = HashMap<(SocketAddr, SocketAddr), Vec<Vec<u8>>>;
+
+/// Most fake-ip destinations being resolved at once, over all clients;
+/// a datagram for another is dropped (counted) until one is done.
+const MAX_RESOLVING: usize = 1024;
+
+/// Most datagrams one destination keeps while its name resolves.
+const RESOLVING_QUEUE: usize = 32;
 
 /// The session table and the reply sockets of one UDP listener.
 pub struct UdpRelay {
@@ -140,6 +154,9 @@ pub struct UdpRelay {
     /// New QUIC flows waiting for their name (see `hold.rs`).
     #[cfg(feature = "quic")]
     holds: hold::Holds,
+    /// Fake-ip destinations whose names are being resolved, by (client,
+    /// fake address), with the datagrams that wait for it.
+    resolving: Mutex<Resolving>,
 }
 
 /// What the relay keeps per outbound.
@@ -181,6 +198,7 @@ impl UdpRelay {
             warnings: Warnings::default(),
             #[cfg(feature = "quic")]
             holds: hold::Holds::new(router.policy().wants_sniffing()),
+            resolving: Mutex::default(),
             router,
         })
     }
@@ -280,7 +298,10 @@ impl UdpRelay {
     ) {
         match verdict {
             Verdict::Forward { dst, choice } => {
-                self.forward(client, dst, buf, choice, session, sniffed)
+                self.forward(client, dst, buf, choice, session, sniffed, None)
+            }
+            Verdict::ForwardNamed { fake, name, choice } => {
+                self.forward_named(client, fake, name, buf, choice, session, sniffed)
             }
             // No session, no back-off: the configuration refused it, no
             // upstream failed.
@@ -292,7 +313,7 @@ impl UdpRelay {
                     warn!(%client, %dst, "refused UDP datagram addressed to tproxyd's own listener (routing loop); check that the rules skip tproxyd's mark{}", held_back(n));
                 }
             }
-            Verdict::RefuseFake { dst, name } => self.refuse_fake(client, dst, name.as_deref()),
+            Verdict::RefuseFake { dst } => self.refuse_fake(client, dst),
             Verdict::Answer { from, answer } => self.send_dns_answer(client, from, answer),
             Verdict::Resolve { from } => self.send_dns_resolved(client, from, &buf[UDP_HEADROOM..]),
             Verdict::DnsOverTcp { from, dst, choice } => {
@@ -309,9 +330,98 @@ impl UdpRelay {
             .map(|entry| Arc::clone(&entry.shared))
     }
 
+    /// Sends a datagram to a fake-ip address `fake` by its `name`: to the
+    /// real address the session resolved for it, or, the first time,
+    /// once the name is resolved (through the DNS engine's real
+    /// resolvers, never the pool). Datagrams that come meanwhile wait
+    /// with the first. Every outbound gets the real address: the UDP
+    /// upstreams send to socket addresses only (docs/dns.md, Fake-ip).
+    #[allow(clippy::too_many_arguments)]
+    fn forward_named(
+        self: &Arc<Self>,
+        client: SocketAddr,
+        fake: SocketAddr,
+        name: Arc<str>,
+        buf: &mut [u8],
+        choice: Choice,
+        session: Option<Arc<SessionShared>>,
+        sniffed: Option<&Sniffed>,
+    ) {
+        if let Some(real) = session.as_deref().and_then(|s| s.real_of(fake)) {
+            return self.forward(client, real, buf, choice, session, sniffed, Some(fake));
+        }
+        let key = (client, fake);
+        {
+            let mut resolving = lock(&self.resolving);
+            if let Some(waiting) = resolving.get_mut(&key) {
+                if waiting.len() < RESOLVING_QUEUE {
+                    waiting.push(buf.to_vec());
+                } else {
+                    self.stats
+                        .datagrams_dropped_queue
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                return;
+            }
+            if resolving.len() >= MAX_RESOLVING {
+                drop(resolving);
+                return self.unresolved(client, fake, &name, 1, "too many names being resolved");
+            }
+            resolving.insert(key, vec![buf.to_vec()]);
+        }
+        let relay = Arc::clone(self);
+        let sniffed = sniffed.cloned();
+        tokio::spawn(async move {
+            let real = match relay.router.fake_ip() {
+                Some(pool) => real_for(fake, &pool.resolve_real(&name).await),
+                None => None,
+            };
+            let waiting = lock(&relay.resolving).remove(&key).unwrap_or_default();
+            let Some(real) = real else {
+                let why = "the DNS engine found no real address for it";
+                return relay.unresolved(client, fake, &name, waiting.len(), why);
+            };
+            debug!(proto = "udp", %client, %fake, %name, %real, "fake-ip destination resolved");
+            for mut buf in waiting {
+                let session = relay.session_of(client);
+                let choice = choice.clone();
+                relay.forward(
+                    client,
+                    real,
+                    &mut buf,
+                    choice,
+                    session,
+                    sniffed.as_ref(),
+                    Some(fake),
+                );
+            }
+        });
+    }
+
+    /// Counts and warns (rate-limited) about `dropped` datagrams to the
+    /// fake-ip address `fake` whose `name` could not be resolved.
+    fn unresolved(
+        &self,
+        client: SocketAddr,
+        fake: SocketAddr,
+        name: &str,
+        dropped: usize,
+        why: &str,
+    ) {
+        self.stats
+            .datagrams_dropped_unresolved
+            .fetch_add(dropped as u64, Ordering::Relaxed);
+        if let Some(n) = self.warnings.unresolved.check() {
+            warn!(%client, %fake, name, dropped, "UDP datagram to a fake-ip address dropped: no real address for its name ({why}){}", held_back(n));
+        }
+    }
+
     /// Sends a datagram through the upstream of `choice`'s outbound (one
     /// that carries UDP: the decision refused the others), through
     /// `session` (the client's, looked up by the caller) or a new one.
+    /// `alias`: the fake-ip address the client wrote to, when `dst` is
+    /// the real address of its name; the session then answers from it.
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         self: &Arc<Self>,
         client: SocketAddr,
@@ -320,10 +430,19 @@ impl UdpRelay {
         choice: Choice,
         session: Option<Arc<SessionShared>>,
         sniffed: Option<&Sniffed>,
+        alias: Option<SocketAddr>,
     ) {
         let len = buf.len() - UDP_HEADROOM;
+        // Told to the session before the datagram leaves: no reply can
+        // come before it.
+        let aliased = |shared: &SessionShared| {
+            if let Some(fake) = alias {
+                shared.add_alias(fake, dst);
+            }
+        };
         let ready = session.and_then(|shared| Some((shared.ready(choice.key)?, shared)));
         if let Some((upstream, shared)) = ready {
+            aliased(&shared);
             match upstream.try_send(buf, dst) {
                 Ok(()) => return shared.sent_up(len, dst),
                 // The socket buffer is full: the task waits for room.
@@ -351,6 +470,7 @@ impl UdpRelay {
         let mut reused = None;
         if let Some(entry) = table.sessions.get(&client) {
             let (id, shared) = (entry.id, Arc::clone(&entry.shared));
+            aliased(&shared);
             let extra = if shared.first.outbound == choice.key {
                 None
             } else {
@@ -443,6 +563,7 @@ impl UdpRelay {
             chain: policy.chain_names(&choice),
         });
         let shared = Arc::new(SessionShared::new(choice.key, Arc::clone(flow.flow())));
+        aliased(&shared);
         // A fresh queue is open and empty: it takes the packet.
         let _ = shared.first.enqueue(reused.unwrap_or_else(packet));
         self.stats.datagrams_queued.fetch_add(1, Ordering::Relaxed);
@@ -540,19 +661,12 @@ impl UdpRelay {
     /// unreachable is sent: tproxyd holds no raw socket, and a client
     /// retrying its UDP gets nothing better from one; it asks DNS again
     /// once its cached answer expires (TTL 1 s).
-    fn refuse_fake(&self, client: SocketAddr, dst: SocketAddr, name: Option<&str>) {
+    fn refuse_fake(&self, client: SocketAddr, dst: SocketAddr) {
         if let Some(pool) = self.router.fake_ip() {
             pool.stats.unmapped_udp.fetch_add(1, Ordering::Relaxed);
         }
         if let Some(n) = self.warnings.fake.check() {
-            match name {
-                None => {
-                    warn!(%client, %dst, "UDP datagram to a fake-ip address that stands for no name dropped (the pool was lost or the address recycled); the client gets a new address when it asks DNS again{}", held_back(n))
-                }
-                Some(name) => {
-                    warn!(%client, %dst, name, "UDP datagram to a fake-ip address dropped: UDP by name is not carried yet; exclude the name from fake-ip (dns.fake_ip.exclude_domain_suffix) so it gets a real address{}", held_back(n))
-                }
-            }
+            warn!(%client, %dst, "UDP datagram to a fake-ip address that stands for no name dropped (the pool was lost or the address recycled); the client gets a new address when it asks DNS again{}", held_back(n))
         }
     }
 
@@ -592,7 +706,8 @@ impl UdpRelay {
         let session = self.session_of(client);
         let pin = session.as_deref().and_then(|s| s.pin.get());
         let outbound = match decide::route(&self.router, pin, client, dst) {
-            // A fake-ip address goes datagram by datagram (refused there).
+            // A fake-ip address goes datagram by datagram (by its name, or
+            // refused, there): a run is never sent to it.
             Decision::Forward(_) if self.router.fake_ip().is_some_and(|p| p.is_fake(dst.ip())) => {
                 None
             }
@@ -645,6 +760,17 @@ impl UdpRelay {
         let upstream = shared.ready(key)?;
         Some((upstream, shared))
     }
+}
+
+/// The real address a fake-ip address `fake` stands for, from the real
+/// addresses of its name: one of the fake address's family first (the
+/// client wrote to that family), else any; the fake address's port.
+fn real_for(fake: SocketAddr, addrs: &[std::net::IpAddr]) -> Option<SocketAddr> {
+    addrs
+        .iter()
+        .find(|ip| ip.is_ipv4() == fake.is_ipv4())
+        .or_else(|| addrs.first())
+        .map(|ip| SocketAddr::new(*ip, fake.port()))
 }
 
 #[cfg(test)]

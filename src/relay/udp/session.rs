@@ -165,7 +165,23 @@ pub(super) struct SessionShared {
     pub(super) up_datagrams: AtomicU64,
     /// The route of a QUIC flow sniffed by name (see `hold.rs`).
     pub(super) pin: OnceLock<decide::Pin>,
+    /// Fake-ip destinations the session sends to by name, each with the
+    /// real address it goes to; `aliased` says there are any, so the
+    /// replies of every other session pass without a lock.
+    aliases: Mutex<Vec<Alias>>,
+    aliased: AtomicBool,
 }
+
+/// A fake-ip destination and the real address its datagrams go to.
+#[derive(Debug, Clone, Copy)]
+struct Alias {
+    fake: SocketAddr,
+    real: SocketAddr,
+}
+
+/// Most fake-ip destinations one session keeps by name; beyond that the
+/// oldest is forgotten (its next datagram resolves its name again).
+const MAX_ALIASES: usize = 64;
 
 impl SessionShared {
     pub(super) fn new(outbound: u32, flow: Arc<Flow>) -> Self {
@@ -180,7 +196,53 @@ impl SessionShared {
             flow,
             up_datagrams: AtomicU64::new(0),
             pin: OnceLock::new(),
+            aliases: Mutex::new(Vec::new()),
+            aliased: AtomicBool::new(false),
         }
+    }
+
+    /// The real address datagrams to the fake-ip address `fake` go to,
+    /// once its name was resolved for this session.
+    pub(super) fn real_of(&self, fake: SocketAddr) -> Option<SocketAddr> {
+        if !self.aliased.load(Ordering::Acquire) {
+            return None;
+        }
+        lock(&self.aliases)
+            .iter()
+            .find(|a| a.fake == fake)
+            .map(|a| a.real)
+    }
+
+    /// Datagrams to `fake` go to `real`, and replies from `real` reach
+    /// the client from `fake`.
+    pub(super) fn add_alias(&self, fake: SocketAddr, real: SocketAddr) {
+        let real = crate::sys::normalize(real);
+        let mut aliases = lock(&self.aliases);
+        match aliases.iter_mut().find(|a| a.fake == fake) {
+            Some(alias) => alias.real = real,
+            None => {
+                if aliases.len() >= MAX_ALIASES {
+                    aliases.remove(0);
+                }
+                aliases.push(Alias { fake, real });
+            }
+        }
+        self.aliased.store(true, Ordering::Release);
+    }
+
+    /// The address a reply from `from` reaches the client from: the
+    /// fake-ip address the client wrote to when `from` is the real
+    /// address of one, else `from` itself. One atomic load for a session
+    /// with no fake-ip destination.
+    pub(super) fn reply_source(&self, from: SocketAddr) -> SocketAddr {
+        if !self.aliased.load(Ordering::Acquire) {
+            return from;
+        }
+        let real = crate::sys::normalize(from);
+        lock(&self.aliases)
+            .iter()
+            .find(|a| a.real == real)
+            .map_or(from, |a| a.fake)
     }
 
     pub(super) fn touch(&self) {

@@ -941,3 +941,72 @@ async fn refused_udp_opens_no_session_and_no_back_off() {
         assert_eq!(relay.stats.sessions_open_failed.load(Ordering::Relaxed), 0);
     }
 }
+
+/// A session's fake-ip aliases: datagrams to the fake address go to the
+/// real one, replies from the real one come from the fake one (a
+/// v4-mapped source too), other sources pass as they are, and the list
+/// stays bounded.
+#[tokio::test]
+async fn fake_ip_aliases_answer_from_the_fake_address() {
+    let relay = relay_with(8);
+    let client = port([192, 0, 2, 2], 40000);
+    let meta = crate::policy::FlowMeta::addresses(Network::Udp, client, port([203, 0, 113, 1], 7));
+    let Decision::Forward(choice) = relay.router.decide(&meta) else {
+        panic!("not forwarded");
+    };
+    let policy = relay.router.current();
+    let flow = relay.registry.open(FlowStart {
+        network: Network::Udp,
+        client,
+        dst: port([198, 18, 0, 1], 7),
+        host: None,
+        sniffed: None,
+        rule: Arc::clone(policy.rule_label(choice.rule)),
+        chain: Vec::new(),
+    });
+    let shared = SessionShared::new(choice.key, Arc::clone(flow.flow()));
+    let (fake, real, other) = (
+        port([198, 18, 0, 1], 7),
+        port([192, 0, 2, 9], 7),
+        port([192, 0, 2, 10], 7),
+    );
+    assert_eq!(shared.real_of(fake), None);
+    assert_eq!(shared.reply_source(real), real, "no alias yet");
+    shared.add_alias(fake, real);
+    assert_eq!(shared.real_of(fake), Some(real));
+    assert_eq!(shared.reply_source(real), fake);
+    let mapped: SocketAddr = "[::ffff:192.0.2.9]:7".parse().unwrap();
+    assert_eq!(shared.reply_source(mapped), fake);
+    assert_eq!(shared.reply_source(other), other);
+    assert_eq!(
+        shared.reply_source(port([192, 0, 2, 9], 8)),
+        port([192, 0, 2, 9], 8)
+    );
+    // Bounded: the oldest destination is forgotten first.
+    for i in 0..64u16 {
+        shared.add_alias(
+            port([198, 18, 1, 0], 1000 + i),
+            port([192, 0, 2, 20], 1000 + i),
+        );
+    }
+    assert_eq!(shared.real_of(fake), None, "the oldest forgotten");
+    assert_eq!(shared.reply_source(real), real);
+    assert_eq!(
+        shared.real_of(port([198, 18, 1, 0], 1063)),
+        Some(port([192, 0, 2, 20], 1063))
+    );
+}
+
+/// The real address a fake one goes to: the fake one's family first, its
+/// port kept; none without real addresses.
+#[test]
+fn a_fake_address_goes_to_a_real_one_of_its_family() {
+    let v4: IpAddr = "192.0.2.9".parse().unwrap();
+    let v6: IpAddr = "2001:db8::9".parse().unwrap();
+    let fake4 = port([198, 18, 0, 1], 443);
+    let fake6: SocketAddr = "[fc00::1]:443".parse().unwrap();
+    assert_eq!(real_for(fake4, &[v6, v4]), Some(SocketAddr::new(v4, 443)));
+    assert_eq!(real_for(fake6, &[v4, v6]), Some(SocketAddr::new(v6, 443)));
+    assert_eq!(real_for(fake4, &[v6]), Some(SocketAddr::new(v6, 443)));
+    assert_eq!(real_for(fake4, &[]), None);
+}

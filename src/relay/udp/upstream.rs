@@ -129,6 +129,7 @@ impl UdpRelay {
                         lock(&self.table).replied(client, id);
                     }
                     let payload = &buf[start..end];
+                    let from = shared.reply_source(from);
                     let from = self.dns_reply(client, from, payload);
                     if run.extends(from, payload.len()) {
                         run.push(payload);
