@@ -64,7 +64,7 @@ def tproxyd_config(path, outbound, cache=True, entries=200_000):
         ),
     }[outbound]
     path.write_text(
-        'listen = "127.0.0.1:11090"\ntcp = false\nudp = false\n'
+        'listen = "127.0.0.1:11090"\nudp = false\n'
         f"{outbounds}"
         '[firewall]\nbackend = "none"\n'
         f'[dns]\nlisten = ["127.0.0.1:{PORTS["tproxyd"]}"]\n'
