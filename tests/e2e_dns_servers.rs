@@ -347,3 +347,59 @@ fn dot_and_doh_servers_answer_from_unbound_through_the_resolver() {
     // A name outside unbound's zone: its NXDOMAIN, passed on.
     assert!(dig(&tb, "elsewhere.example").contains("status: NXDOMAIN"));
 }
+
+/// `/etc/netns/NAME`, which `ip netns exec NAME` mounts over /etc's
+/// files, removed on drop.
+struct NetnsEtc(std::path::PathBuf);
+
+impl Drop for NetnsEtc {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A router whose resolv.conf names tproxyd's own `dns.listen`: a
+/// `system` server would send each query back to tproxyd, where it waits
+/// for itself (5 s, then SERVFAIL). `check`, and so the start, refuse it.
+#[test]
+fn a_system_server_naming_the_own_listener_is_refused() {
+    if !can_run() {
+        return;
+    }
+    let tb = bed();
+    let etc = NetnsEtc(std::path::PathBuf::from("/etc/netns").join(&tb.router.name));
+    std::fs::create_dir_all(&etc.0).unwrap();
+    std::fs::write(etc.0.join("resolv.conf"), "nameserver 127.0.0.1\n").unwrap();
+    let file = tb.dir.join("system-loop.toml");
+    let check = |listen: &str| {
+        std::fs::write(
+            &file,
+            config(
+                &format!(
+                    "[dns]\nlisten = [\"{listen}\"]\nfinal = \"sys\"\n\
+                     [[dns.servers]]\nname = \"sys\"\naddress = \"system\"\n"
+                ),
+                "",
+            ),
+        )
+        .unwrap();
+        let out = tb.tproxyd_cli(&["check", "--config", &file.display().to_string()]);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, text) = check("127.0.0.1:53");
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("dns.servers[0].address")
+            && text.contains("127.0.0.1:53, tproxyd's own dns.listen")
+            && text.contains("/etc/resolv.conf"),
+        "{text}"
+    );
+    // Another port: no loop, accepted.
+    let (ok, text) = check("127.0.0.1:5353");
+    assert!(ok, "{text}");
+}
