@@ -363,16 +363,12 @@ async fn tls_without_the_feature_or_an_address_says_why() {
     let q = query(5, "a.example", TYPE_A);
     let e = up.exchange(&q, 0, &direct()).await.unwrap_err();
     assert!(e.to_string().contains("not resolved"), "{e}");
-    // Without the feature an address alone is not enough (with it, this
-    // would dial 192.0.2.1).
-    if cfg!(not(feature = "dns-tls")) {
-        let addr: ServerAddress = "tls://192.0.2.1".parse().unwrap();
-        let e = Upstream::new(&addr, None, None)
-            .exchange(&q, 0, &direct())
-            .await
-            .unwrap_err();
-        assert!(e.to_string().contains("dns-tls"), "{e}");
-    }
+    let addr: ServerAddress = "tls://192.0.2.1".parse().unwrap();
+    let e = Upstream::new(&addr, None, None)
+        .exchange(&q, 0, &direct())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("dns-tls"), "{e}");
 }
 
 // ---- system ----
