@@ -365,7 +365,9 @@ fn load(args: &RunArgs) -> Result<Config, ConfigError> {
             raw
         }
     };
-    raw.validate(&env_var)
+    let cfg = raw.validate(&env_var)?;
+    tproxyd::dns::check_system_servers(&cfg)?;
+    Ok(cfg)
 }
 
 /// The config, or the problems printed and the exit code 2 that says so.
@@ -658,7 +660,10 @@ fn main() -> ExitCode {
         #[cfg(feature = "testbed")]
         Command::Testbed { action } => testbed(action),
         Command::Check { config } => {
-            match RawConfig::load(&config).and_then(|raw| raw.validate(&env_var)) {
+            let loaded = RawConfig::load(&config)
+                .and_then(|raw| raw.validate(&env_var))
+                .and_then(|cfg| tproxyd::dns::check_system_servers(&cfg).map(|()| cfg));
+            match loaded {
                 // Rule-set files and regexes are only read by building the
                 // rules: a bad one must show here, not first at start.
                 Ok(cfg) => match Policy::check(&cfg) {

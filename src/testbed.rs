@@ -41,6 +41,8 @@ mod harness;
 pub use harness::{dante_config, dante_config_with, socks_v4, spawn_dante, spawn_dante_with};
 #[cfg(feature = "testbed")]
 pub mod shadowsocks;
+#[cfg(any(test, feature = "testbed"))]
+pub mod unbound;
 
 pub const LAN_IF: &str = "l0";
 pub const ROUTER_LAN_IF: &str = "rlan";

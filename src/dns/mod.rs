@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError, ConfigIssue};
 use crate::outbound::{DnsTransport, Failure, Outbound, OutboundError};
 use crate::policy::Policy;
 use crate::ratelimit::RateLimit;
@@ -517,6 +517,38 @@ fn filtered_aaaa(query: &[u8]) -> Option<Vec<u8>> {
         return None;
     }
     message::empty_answer(query).ok()
+}
+
+/// Refuses a `system` server whose resolv.conf names tproxyd's own
+/// `dns.listen` (a router whose resolv.conf points at tproxyd): each
+/// query would come back to tproxyd and wait for itself, 5 s, then
+/// SERVFAIL. Checked where the config is loaded (`check`, the start, a
+/// reload), not in [`Config`]'s validation: it reads the system's files.
+pub fn check_system_servers(cfg: &Config) -> Result<(), ConfigError> {
+    let issues: Vec<ConfigIssue> = cfg
+        .dns
+        .servers
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| matches!(s.address, crate::config::ServerAddress::System))
+        .filter_map(|(i, _)| {
+            let (file, addr) = upstream::system::own_listener_named(&cfg.dns.listen)?;
+            Some(ConfigIssue {
+                key: format!("dns.servers[{i}].address"),
+                message: format!(
+                    "\"system\" reads {}, which names {addr}, tproxyd's own dns.listen: \
+                     queries would go round in a loop; name the resolver that answers \
+                     (udp://IP of the ISP's or a public one)",
+                    file.display()
+                ),
+            })
+        })
+        .collect();
+    if issues.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid(issues))
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! A small authoritative DNS server for the WAN namespace, over UDP and
 //! TCP (RFC 7766 framing, several queries per connection): every A
-//! question gets one address, every AAAA one IPv6 address, and it records
+//! question gets one address, every AAAA one IPv6 address (names under
+//! [`NXDOMAIN_ZONE`]: NXDOMAIN with an SOA), and it records
 //! who asked over which transport, so a test can prove where a query
 //! went. Written here (not the library's parser) so the tests do not
 //! check tproxyd against itself.
@@ -28,6 +29,10 @@ pub struct Asked {
     pub name: String,
     pub qtype: u16,
 }
+
+/// Names under this zone get NXDOMAIN with an SOA (TTL 300), whatever
+/// the zone function says.
+pub const NXDOMAIN_ZONE: &str = "nx.test";
 
 /// What the server answers: the address for a name (by A or AAAA).
 pub type Zone = fn(&str, u16) -> Option<IpAddr>;
@@ -187,6 +192,18 @@ fn answer(
     reply[2] = 0x84 | (query[2] & 0x01); // QR, AA, RD as asked
     reply[3] = 0x80; // RA, NOERROR
     reply[4..12].copy_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
+    if name == NXDOMAIN_ZONE || name.ends_with(&format!(".{NXDOMAIN_ZONE}")) {
+        // NXDOMAIN with the zone's SOA in the authority section (what
+        // makes it cacheable, RFC 2308): root MNAME and RNAME, serial 1,
+        // minimum 300.
+        reply[3] = 0x83;
+        reply[9] = 1;
+        reply.extend_from_slice(&[0xc0, 12, 0, 6, 0, 1, 0, 0, 1, 0x2c, 0, 22, 0, 0]);
+        for v in [1u32, 3600, 600, 86_400, 300] {
+            reply.extend_from_slice(&v.to_be_bytes());
+        }
+        return Some(reply);
+    }
     let data = match (zone(&name, qtype), qtype) {
         (Some(IpAddr::V4(a)), 1) => a.octets().to_vec(),
         (Some(IpAddr::V6(a)), 28) => a.octets().to_vec(),

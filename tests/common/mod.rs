@@ -973,6 +973,13 @@ impl Testbed {
         self.spawn_tproxyd();
     }
 
+    /// Sets `key=value` in the environment of the tproxyd processes started
+    /// from now on (`SSL_CERT_FILE` for a test CA).
+    pub fn set_tproxyd_env(&mut self, key: &str, value: &str) {
+        self.tproxyd_env.retain(|(k, _)| k != key);
+        self.tproxyd_env.push((key.into(), value.into()));
+    }
+
     /// Restarts tproxyd from `config`, a whole TOML file written as given:
     /// for tests that need sections the generated config lacks
     /// (`[[outbounds]]`, `[route]`). With `backend = "none"` the bed's

@@ -12,9 +12,10 @@
 //! upstream resolvers (`/tmp/resolv.conf.d/resolv.conf.auto`, or
 //! `/tmp/resolv.conf.auto` on older releases) exists, that list is used
 //! instead. Elsewhere (a loopback stub such as systemd-resolved's
-//! 127.0.0.53) the file is taken as it is, and the caller must check the
-//! addresses against tproxyd's own listeners
-//! ([`super::Upstream::system_nameservers`]).
+//! 127.0.0.53) the file is taken as it is; a file naming tproxyd's own
+//! listener is refused where the config is loaded
+//! ([`own_listener_named`], `crate::dns::check_system_servers`): the
+//! query would come back and wait for itself until the timeout.
 
 use std::net::{IpAddr, SocketAddr, SocketAddrV6};
 use std::path::{Path, PathBuf};
@@ -167,6 +168,44 @@ impl System {
         st.seen = seen;
         st.problem = problem;
     }
+}
+
+/// Whether `addr` is one of tproxyd's own `listen` addresses (a wildcard
+/// listener takes loopback addresses on its port), as `check` judges a
+/// `udp://` server.
+pub fn is_own_listener(listen: &[SocketAddr], addr: SocketAddr) -> bool {
+    listen.iter().any(|l| {
+        l.port() == addr.port()
+            && (l.ip() == addr.ip() || (l.ip().is_unspecified() && addr.ip().is_loopback()))
+    })
+}
+
+/// The file `system` would read now and the first nameserver in it that
+/// is one of tproxyd's own `listen` addresses: asking it would send every
+/// query back to tproxyd, where it waits for itself until the timeout
+/// (5 s, then SERVFAIL). Read as `system` reads it (OpenWrt's upstream
+/// list instead of a loopback-only resolv.conf).
+pub fn own_listener_named(listen: &[SocketAddr]) -> Option<(PathBuf, SocketAddr)> {
+    own_listener_in(&System::new(), listen)
+}
+
+pub(crate) fn own_listener_in(
+    system: &System,
+    listen: &[SocketAddr],
+) -> Option<(PathBuf, SocketAddr)> {
+    if listen.is_empty() {
+        return None;
+    }
+    let (addrs, seen, _) = read(&system.path, &system.fallbacks);
+    let from = seen
+        .iter()
+        .rev()
+        .find(|(_, m)| m.is_some())
+        .map_or(system.path.clone(), |(p, _)| p.clone());
+    addrs
+        .into_iter()
+        .find(|a| is_own_listener(listen, *a))
+        .map(|a| (from, a))
 }
 
 fn modified(path: &Path) -> Option<SystemTime> {

@@ -442,6 +442,28 @@ fn dnsmasq_on_loopback_gives_way_to_the_upstream_list() {
 }
 
 #[test]
+fn a_resolv_conf_naming_the_own_listener_is_found() {
+    let conf = TempFile::new("resolv", "nameserver 192.0.2.1\nnameserver 127.0.0.1\n");
+    let s = system::System::at(conf.0.clone(), Vec::new());
+    let own = |listen: &[&str]| {
+        let listen: Vec<SocketAddr> = listen.iter().map(|a| a.parse().unwrap()).collect();
+        system::own_listener_in(&s, &listen)
+    };
+    let found = Some((conf.0.clone(), "127.0.0.1:53".parse().unwrap()));
+    assert_eq!(own(&["127.0.0.1:53"]), found);
+    assert_eq!(own(&["0.0.0.0:53"]), found, "a wildcard takes loopback");
+    assert_eq!(own(&["127.0.0.1:5353"]), None, "another port");
+    assert_eq!(own(&[]), None);
+    // OpenWrt: dnsmasq on loopback gives way to the upstream list, which
+    // does not name tproxyd.
+    let auto = TempFile::new("auto", "nameserver 192.0.2.53\n");
+    let lo = TempFile::new("resolv", "nameserver 127.0.0.1\n");
+    let s = system::System::at(lo.0.clone(), vec![auto.0.clone()]);
+    let listen = ["127.0.0.1:53".parse().unwrap()];
+    assert_eq!(system::own_listener_in(&s, &listen), None);
+}
+
+#[test]
 fn the_file_is_read_again_when_it_changes() {
     let conf = TempFile::new("resolv", "nameserver 192.0.2.1\n");
     let up = Upstream::system_at(&conf.0);
