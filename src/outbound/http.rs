@@ -411,22 +411,16 @@ impl Carrier for HttpClient {
         boxed
     }
 
-    /// By name, whatever `send_domain` says: the address is a fake one.
+    /// By name, whatever `send_domain` says: the address is a fake one
+    /// (the name is checked by [`Outbound::connect_tcp_named`]).
     fn connect_tcp_named<'a>(
         &'a self,
         name: &'a str,
         port: u16,
         _real: &'a dyn crate::outbound::ResolveReal,
     ) -> impl Future<Output = Result<TcpUpstream, OutboundError>> + Send + 'a {
-        let boxed: BoxFuture<'a, _> = Box::pin(async move {
-            if !crate::hostname::is_host_name(name) {
-                return Err(OutboundError::FakeName {
-                    name: name.to_string(),
-                    why: "not a host name",
-                });
-            }
-            Ok(TcpUpstream::Plain(self.connect_named(name, port).await?))
-        });
+        let boxed: BoxFuture<'a, _> =
+            Box::pin(async move { Ok(TcpUpstream::Plain(self.connect_named(name, port).await?)) });
         boxed
     }
 

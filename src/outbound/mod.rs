@@ -358,6 +358,14 @@ impl Outbound {
         port: u16,
         real: &dyn ResolveReal,
     ) -> Result<TcpUpstream, OutboundError> {
+        // Checked once here for every kind: a name that goes on the wire
+        // (SOCKS5, CONNECT, a shadowsocks header) or to the resolver.
+        if !crate::hostname::is_host_name(name) {
+            return Err(OutboundError::FakeName {
+                name: name.to_string(),
+                why: "not a host name",
+            });
+        }
         delegate!(self, o => o.connect_tcp_named(name, port, real).await)
     }
 
@@ -824,6 +832,12 @@ mod tests {
         let socks = built(&format!(
             "type = \"socks5\"\nserver = \"{at}\"\nsend_domain = false"
         ));
+        // A name that is no host name never reaches the wire (nor the
+        // server: the one connection it accepts is the next one's).
+        for bad in ["", "bad name", "a..example", "1.2.3.4"] {
+            let e = socks.connect_tcp_named(bad, 443, &none).await.unwrap_err();
+            assert!(matches!(e, OutboundError::FakeName { .. }), "{bad:?}: {e}");
+        }
         socks
             .connect_tcp_named("www.example.com", 443, &none)
             .await

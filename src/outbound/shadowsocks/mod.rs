@@ -466,7 +466,8 @@ impl Carrier for Client {
         boxed
     }
 
-    /// By name, whatever `send_domain` says: the address is a fake one.
+    /// By name, whatever `send_domain` says: the address is a fake one
+    /// (the name is checked by [`Outbound::connect_tcp_named`]).
     fn connect_tcp_named<'a>(
         &'a self,
         name: &'a str,
@@ -474,12 +475,6 @@ impl Carrier for Client {
         _real: &'a dyn crate::outbound::ResolveReal,
     ) -> impl Future<Output = Result<TcpUpstream, OutboundError>> + Send + 'a {
         let boxed: BoxFuture<'a, _> = Box::pin(async move {
-            if !crate::hostname::is_host_name(name) {
-                return Err(OutboundError::FakeName {
-                    name: name.to_string(),
-                    why: "not a host name",
-                });
-            }
             let stream = self
                 .connect_to(Address::Domain(name.to_string(), port))
                 .await?;
