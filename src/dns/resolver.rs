@@ -456,6 +456,12 @@ impl<T: Transport> Resolver<T> {
         }
     }
 
+    fn server(&self, i: usize) -> Result<&Server, ExchangeFailed> {
+        self.servers
+            .get(i)
+            .ok_or_else(|| ExchangeFailed("no such server".into()))
+    }
+
     /// Asks server `i` through its outbound.
     async fn ask(
         &self,
@@ -463,10 +469,7 @@ impl<T: Transport> Resolver<T> {
         query: &[u8],
         client: SocketAddr,
     ) -> Result<Vec<u8>, ExchangeFailed> {
-        let server = self
-            .servers
-            .get(i)
-            .ok_or_else(|| ExchangeFailed("no such server".into()))?;
+        let server = self.server(i)?;
         let resolved = match &server.bootstrap {
             Some((b, host, port)) => Some(self.bootstrap(i, *b, host, *port, client).await?),
             None => None,
@@ -482,10 +485,7 @@ impl<T: Transport> Resolver<T> {
         query: &[u8],
         client: SocketAddr,
     ) -> Result<Vec<u8>, ExchangeFailed> {
-        let server = self
-            .servers
-            .get(i)
-            .ok_or_else(|| ExchangeFailed("no such server".into()))?;
+        let server = self.server(i)?;
         let choice = match server.outbound {
             Some(index) => {
                 let (index, _) = self.policy.resolve(index);
@@ -528,10 +528,7 @@ impl<T: Transport> Resolver<T> {
         port: u16,
         client: SocketAddr,
     ) -> Result<SocketAddr, ExchangeFailed> {
-        let server = self
-            .servers
-            .get(i)
-            .ok_or_else(|| ExchangeFailed("no such server".into()))?;
+        let server = self.server(i)?;
         if let Some((addr, until)) = *lock(&server.resolved) {
             if Instant::now() < until {
                 return Ok(addr);
