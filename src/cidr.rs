@@ -151,6 +151,105 @@ impl fmt::Display for PortRange {
     }
 }
 
+/// The first and last address of a prefix, IPv4 in the low 32 bits.
+pub fn range_of(c: &Cidr) -> (u128, u128) {
+    let (value, bits) = match c.addr {
+        IpAddr::V4(a) => (u128::from(u32::from(a)), 32),
+        IpAddr::V6(a) => (u128::from(a), 128),
+    };
+    let host_bits = bits - u32::from(c.prefix);
+    let span = if host_bits == 128 {
+        u128::MAX
+    } else {
+        (1u128 << host_bits) - 1
+    };
+    (value, value | span)
+}
+
+/// The fewest prefixes that cover exactly `lo..=hi` (IPv4 when `v4`).
+pub fn prefixes_of_range(mut lo: u128, hi: u128, v4: bool, out: &mut Vec<Cidr>) {
+    let bits: u32 = if v4 { 32 } else { 128 };
+    let last_of = |lo: u128, size: u32| {
+        if size >= 128 {
+            u128::MAX
+        } else {
+            lo | ((1u128 << size) - 1)
+        }
+    };
+    while lo <= hi {
+        // The largest block aligned at lo that ends within hi (size 0, one
+        // address, always does).
+        let mut size = lo.trailing_zeros().min(bits);
+        while last_of(lo, size) > hi {
+            size -= 1;
+        }
+        let addr = if v4 {
+            IpAddr::V4(Ipv4Addr::from(lo as u32))
+        } else {
+            IpAddr::V6(Ipv6Addr::from(lo))
+        };
+        out.push(Cidr {
+            addr,
+            prefix: (bits - size) as u8,
+        });
+        let last = last_of(lo, size);
+        if last >= hi {
+            break;
+        }
+        lo = last + 1;
+    }
+}
+
+/// `list` without the addresses of `fake` (the fake-ip ranges), as
+/// prefixes, in `list`'s order: what the kernel bypass may cover. A
+/// bypass prefix holding a fake range (the default bypass has fc00::/7,
+/// which holds fc00::/18) is carved around it rather than refused: the
+/// rest of it stays bypassed, and flows to fake addresses reach tproxyd,
+/// which is the only place they mean anything.
+pub fn carve_fake_ranges(list: &[Cidr], fake: &[Cidr]) -> Vec<Cidr> {
+    // A prefix's first and last address, host bits cleared in the first.
+    let bounds = |c: &Cidr| {
+        let (value, last) = range_of(c);
+        let host = if c.is_ipv4() { 32 } else { 128 } - u32::from(c.prefix);
+        let first = if host >= 128 {
+            0
+        } else {
+            value >> host << host
+        };
+        (first, last)
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for c in list {
+        let whole = bounds(c);
+        let mut pieces = vec![whole];
+        for f in fake.iter().filter(|f| f.is_ipv4() == c.is_ipv4()) {
+            let (flo, fhi) = bounds(f);
+            let mut next = Vec::with_capacity(pieces.len() + 1);
+            for (a, b) in pieces {
+                if fhi < a || flo > b {
+                    next.push((a, b));
+                    continue;
+                }
+                if a < flo {
+                    next.push((a, flo - 1));
+                }
+                if fhi < b {
+                    next.push((fhi + 1, b));
+                }
+            }
+            pieces = next;
+        }
+        if pieces == [whole] {
+            out.push(*c);
+            continue;
+        }
+        for (a, b) in pieces {
+            prefixes_of_range(a, b, c.is_ipv4(), &mut out);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

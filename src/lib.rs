@@ -41,6 +41,7 @@ pub mod registry;
 pub mod relay;
 pub mod route;
 pub mod server;
+pub(crate) mod spares;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod testbed;

@@ -455,8 +455,14 @@ mod tests {
         let loader: Loader = Box::new(move || dns_config(&lock(&wanted)));
         let cfg = dns_config(&[p1]).unwrap();
         let bound = crate::dns::listen::Bound::bind_all(&cfg.dns.listen, 0).unwrap();
+        // As the server starts them (server::start_dns_listeners), without
+        // a server: this room must not import that one.
+        let server = crate::dns::listen::DnsServer::new(
+            Arc::new(Echo),
+            crate::dns::listen::Limits::default(),
+        );
         let listeners =
-            crate::server::start_dns_listeners(Some(Arc::new(Echo)), &cfg, bound, None).unwrap();
+            Some(crate::dns::listen::Listeners::start(&server, &cfg.dns.listen, bound, 0).unwrap());
         let live = Live::detached(cfg, Some(loader)).unwrap();
         live.set_dns_listeners(listeners);
         let a1: std::net::SocketAddr = format!("127.0.0.1:{p1}").parse().unwrap();

@@ -277,7 +277,7 @@ impl RawConfig {
         // The kernel bypass never covers the fake-ip ranges: a flow to a
         // fake address must reach tproxyd (see `carve_fake_ranges`).
         if let Some(fake) = &dns.fake_ip {
-            firewall.bypass = crate::dns::fakeip::carve_fake_ranges(&firewall.bypass, &fake.ranges);
+            firewall.bypass = crate::cidr::carve_fake_ranges(&firewall.bypass, &fake.ranges);
         }
         check_bypass_rule_sets(&firewall, &outbounds, &route, &mut issue);
         // REDIRECT rewrites the destination to the address of the interface

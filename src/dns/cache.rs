@@ -55,6 +55,7 @@ use super::message::{
     self, Header, Section, EDNS_DO, FLAG_CD, FLAG_TC, HEADER_LEN, RCODE_NOERROR, RCODE_NXDOMAIN,
     RCODE_REFUSED, RCODE_SERVFAIL, TYPE_OPT, TYPE_SOA, TYPE_TSIG,
 };
+use super::recency::Recency;
 use crate::config::DnsCache;
 
 /// RFC 2308 7.1: a server failure may be remembered five minutes at most.
@@ -279,8 +280,6 @@ impl Borrow<[u8]> for Stored {
     }
 }
 
-const NIL: u32 = u32::MAX;
-
 struct Node {
     stored: Stored,
     answer_len: u16,
@@ -288,8 +287,6 @@ struct Node {
     /// Seconds the entry is fresh for, from `at`.
     ttl: u32,
     at: Instant,
-    prev: u32,
-    next: u32,
 }
 
 /// Memory an entry takes besides its bytes: its node in the slab, its
@@ -312,8 +309,7 @@ struct Lru {
     map: HashMap<Stored, u32>,
     slots: Vec<Option<Node>>,
     free: Vec<u32>,
-    head: u32,
-    tail: u32,
+    order: Recency,
     bytes: usize,
 }
 
@@ -323,8 +319,7 @@ impl Lru {
             map: HashMap::new(),
             slots: Vec::new(),
             free: Vec::new(),
-            head: NIL,
-            tail: NIL,
+            order: Recency::new(),
             bytes: 0,
         }
     }
@@ -333,46 +328,12 @@ impl Lru {
         self.slots.get(i as usize)?.as_ref()
     }
 
-    fn node_mut(&mut self, i: u32) -> Option<&mut Node> {
-        self.slots.get_mut(i as usize)?.as_mut()
-    }
-
-    fn unlink(&mut self, i: u32) {
-        let Some((prev, next)) = self.node(i).map(|n| (n.prev, n.next)) else {
-            return;
-        };
-        match self.node_mut(prev) {
-            Some(p) => p.next = next,
-            None => self.head = next,
-        }
-        match self.node_mut(next) {
-            Some(n) => n.prev = prev,
-            None => self.tail = prev,
-        }
-    }
-
-    fn push_front(&mut self, i: u32) {
-        let old = self.head;
-        if let Some(n) = self.node_mut(i) {
-            n.prev = NIL;
-            n.next = old;
-        }
-        match self.node_mut(old) {
-            Some(o) => o.prev = i,
-            None => self.tail = i,
-        }
-        self.head = i;
-    }
-
     fn touch(&mut self, i: u32) {
-        if self.head != i {
-            self.unlink(i);
-            self.push_front(i);
-        }
+        self.order.touch(i);
     }
 
     fn remove(&mut self, i: u32) -> Option<Node> {
-        self.unlink(i);
+        self.order.unlink(i);
         let node = self.slots.get_mut(i as usize).and_then(Option::take)?;
         self.map.remove(node.stored.key());
         self.bytes -= node.cost();
@@ -382,7 +343,7 @@ impl Lru {
 
     /// Removes the least recently used entry.
     fn pop_back(&mut self) -> Option<Node> {
-        self.remove(self.tail)
+        self.remove(self.order.oldest()?)
     }
 
     fn insert(&mut self, node: Node) {
@@ -404,7 +365,7 @@ impl Lru {
             }
         };
         self.map.insert(stored, i);
-        self.push_front(i);
+        self.order.push_front(i);
     }
 }
 
@@ -561,8 +522,6 @@ impl Cache {
             kind: p.kind,
             ttl: p.ttl,
             at: now,
-            prev: NIL,
-            next: NIL,
         };
         if node.cost() > self.cfg.max_bytes {
             self.stats.uncacheable.fetch_add(1, Ordering::Relaxed);

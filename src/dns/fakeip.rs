@@ -47,184 +47,20 @@ use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use super::message::{self, Header, CLASS_IN, RCODE_NOERROR, TYPE_A, TYPE_AAAA};
+use super::recency::Recency;
 use crate::cidr::Cidr;
-use crate::config::{FakeIp, Network, RouteConfig, Rule};
+use crate::config::FakeIp;
 use crate::hostname::{host_name, MAX_HOST_LEN};
 use crate::outbound::BoxFuture;
-use crate::policy::rule_set::RuleSet;
-use crate::policy::rules::Rules;
-use crate::policy::{FlowMeta, PolicyError};
 
 /// The most names the pool holds (see the module's notes).
 pub const MAX_ENTRIES: usize = 32_768;
 
-/// Names that get real addresses when `default_exclude` is on (the
-/// default), each for a reason users met (docs/dns.md, Fake-ip):
-/// - LAN names: they resolve to local hosts that tproxyd must not proxy;
-/// - NTP: a clock that cannot sync breaks TLS and shadowsocks 2022;
-/// - captive-portal and connectivity checks: Windows NCSI, Android, Apple
-///   and GNOME compare the answer with a known address, and a fake one
-///   shows "no Internet";
-/// - game consoles (Xbox Live, PlayStation Network, Nintendo): their NAT
-///   type tests and stores fail through fake addresses.
-pub const DEFAULT_EXCLUDE_SUFFIXES: &[&str] = &[
-    // LAN
-    "lan",
-    "local",
-    "localhost",
-    "localdomain",
-    "home.arpa",
-    "internal",
-    // NTP
-    "ntp.org",
-    "time.windows.com",
-    "time.apple.com",
-    "time.google.com",
-    "time.cloudflare.com",
-    // Captive portals, connectivity checks
-    "msftconnecttest.com",
-    "msftncsi.com",
-    "connectivitycheck.gstatic.com",
-    "connectivitycheck.android.com",
-    "clients3.google.com",
-    "captive.apple.com",
-    "detectportal.firefox.com",
-    "nmcheck.gnome.org",
-    "connectivity-check.ubuntu.com",
-    // Consoles
-    "xboxlive.com",
-    "playstation.net",
-    "playstation.com",
-    "nintendo.net",
-];
+pub use crate::policy::fake_exclusions::{
+    Exclusions, DEFAULT_EXCLUDE_REGEXES, DEFAULT_EXCLUDE_SUFFIXES,
+};
 
-/// STUN servers (`stun.l.google.com`, `stun1.example`): a peer-to-peer
-/// call finds its public address through them, which a fake address hides.
-pub const DEFAULT_EXCLUDE_REGEXES: &[&str] = &[r"^stun[0-9]*\."];
-
-/// The names the pool leaves to the real resolver: the configured
-/// `exclude_domain`, `exclude_domain_suffix` and `exclude_rule_set`
-/// (rule sets read once, by the policy, with the route's), and the
-/// built-in list when `default_exclude`. Matched by the route's matcher.
-#[derive(Debug, Default)]
-pub struct Exclusions {
-    rules: Option<Rules>,
-}
-
-impl Exclusions {
-    /// From `fake`'s keys; `sets[i]` is the contents of
-    /// `route.rule_sets[i]` (as the policy read them).
-    pub fn build(
-        fake: &FakeIp,
-        route: &RouteConfig,
-        sets: &[RuleSet],
-    ) -> Result<Exclusions, PolicyError> {
-        let mut rule = Rule {
-            domain: fake.exclude_domain.clone(),
-            domain_suffix: fake.exclude_domain_suffix.clone(),
-            rule_set: fake.exclude_rule_set.clone(),
-            ..Rule::default()
-        };
-        if fake.default_exclude {
-            rule.domain_suffix
-                .extend(DEFAULT_EXCLUDE_SUFFIXES.iter().map(|s| s.to_string()));
-            rule.domain_regex
-                .extend(DEFAULT_EXCLUDE_REGEXES.iter().map(|s| s.to_string()));
-        }
-        // A rule without keys would match every name.
-        if rule.domain.is_empty()
-            && rule.domain_suffix.is_empty()
-            && rule.domain_regex.is_empty()
-            && rule.rule_set.is_empty()
-        {
-            return Ok(Exclusions::default());
-        }
-        let only = RouteConfig {
-            final_outbound: String::new(),
-            rules: vec![rule],
-            rule_sets: route.rule_sets.clone(),
-        };
-        let rules = Rules::with_sets(&only, sets).map_err(|e| PolicyError::FakeIp {
-            message: match e {
-                PolicyError::Rule { message, .. } => message,
-                other => other.to_string(),
-            },
-        })?;
-        Ok(Exclusions { rules: Some(rules) })
-    }
-
-    /// Whether `name` (a lowercased host name) gets real addresses.
-    pub fn excludes(&self, name: &str) -> bool {
-        let Some(rules) = &self.rules else {
-            return false;
-        };
-        let any = std::net::SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
-        let meta = FlowMeta {
-            domain: Some(name),
-            ..FlowMeta::addresses(Network::Udp, any, any)
-        };
-        rules.first_match(&meta).is_some()
-    }
-}
-
-/// `list` without the addresses of `fake` (the fake-ip ranges), as
-/// prefixes, in `list`'s order: what the kernel bypass may cover. A
-/// bypass prefix holding a fake range (the default bypass has fc00::/7,
-/// which holds fc00::/18) is carved around it rather than refused: the
-/// rest of it stays bypassed, and flows to fake addresses reach tproxyd,
-/// which is the only place they mean anything.
-pub fn carve_fake_ranges(list: &[Cidr], fake: &[Cidr]) -> Vec<Cidr> {
-    use crate::policy::rule_set::cidr::{prefixes_of_range, range_of};
-    // A prefix's first and last address, host bits cleared in the first.
-    let bounds = |c: &Cidr| {
-        let (value, last) = range_of(c);
-        let host = if c.is_ipv4() { 32 } else { 128 } - u32::from(c.prefix);
-        let first = if host >= 128 {
-            0
-        } else {
-            value >> host << host
-        };
-        (first, last)
-    };
-    let mut out = Vec::with_capacity(list.len());
-    for c in list {
-        let whole = bounds(c);
-        let mut pieces = vec![whole];
-        for f in fake.iter().filter(|f| f.is_ipv4() == c.is_ipv4()) {
-            let (flo, fhi) = bounds(f);
-            let mut next = Vec::with_capacity(pieces.len() + 1);
-            for (a, b) in pieces {
-                if fhi < a || flo > b {
-                    next.push((a, b));
-                    continue;
-                }
-                if a < flo {
-                    next.push((a, flo - 1));
-                }
-                if fhi < b {
-                    next.push((fhi + 1, b));
-                }
-            }
-            pieces = next;
-        }
-        if pieces == [whole] {
-            out.push(*c);
-            continue;
-        }
-        for (a, b) in pieces {
-            prefixes_of_range(a, b, c.is_ipv4(), &mut out);
-        }
-    }
-    out
-}
-
-/// The hook that turns a name into its real addresses, for flows to a
-/// fake address carried by `direct`. The DNS engine implements it: it must
-/// ask the real resolvers (the DNS rules' choice for the name), never the
-/// fake pool, and answer within its own timeout (empty on failure).
-pub trait ResolveReal: Send + Sync + 'static {
-    fn resolve_real<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Vec<IpAddr>>;
-}
+pub use crate::outbound::ResolveReal;
 
 /// Counters (logs, tests).
 #[derive(Debug, Default)]
@@ -304,69 +140,30 @@ impl Range {
     }
 }
 
-const NIL: u32 = u32::MAX;
-
 #[derive(Debug)]
 struct Slot {
     name: Arc<str>,
-    /// Towards the most recently used.
-    prev: u32,
-    /// Towards the least recently used.
-    next: u32,
 }
 
-/// The mapping: slots in use, the names' slots, and the use order (a
-/// list through the slots, most recent at `head`).
+/// The mapping: slots in use, the names' slots, and their use order.
 #[derive(Debug, Default)]
 struct Inner {
     slots: Vec<Slot>,
     by_name: HashMap<Arc<str>, u32>,
-    head: u32,
-    tail: u32,
+    order: Recency,
 }
 
 impl Inner {
     fn new() -> Inner {
-        Inner {
-            head: NIL,
-            tail: NIL,
-            ..Inner::default()
-        }
-    }
-
-    fn unlink(&mut self, i: u32) {
-        let (prev, next) = match self.slots.get(i as usize) {
-            Some(s) => (s.prev, s.next),
-            None => return,
-        };
-        match self.slots.get_mut(prev as usize) {
-            Some(p) => p.next = next,
-            None => self.head = next,
-        }
-        match self.slots.get_mut(next as usize) {
-            Some(n) => n.prev = prev,
-            None => self.tail = prev,
-        }
+        Inner::default()
     }
 
     fn push_front(&mut self, i: u32) {
-        let old = self.head;
-        if let Some(s) = self.slots.get_mut(i as usize) {
-            s.prev = NIL;
-            s.next = old;
-        }
-        match self.slots.get_mut(old as usize) {
-            Some(h) => h.prev = i,
-            None => self.tail = i,
-        }
-        self.head = i;
+        self.order.push_front(i);
     }
 
     fn touch(&mut self, i: u32) {
-        if self.head != i {
-            self.unlink(i);
-            self.push_front(i);
-        }
+        self.order.touch(i);
     }
 
     /// The slot of `name`, allocating (or recycling the least recently
@@ -381,15 +178,16 @@ impl Inner {
             let i = self.slots.len() as u32;
             self.slots.push(Slot {
                 name: Arc::clone(&name),
-                prev: NIL,
-                next: NIL,
             });
             self.by_name.insert(name, i);
             self.push_front(i);
             return (i, false);
         }
-        let i = self.tail;
-        self.unlink(i);
+        let Some(i) = self.order.oldest() else {
+            // Capacity 0 (ranges are checked to hold more): no slot.
+            return (u32::MAX, true);
+        };
+        self.order.unlink(i);
         if let Some(s) = self.slots.get_mut(i as usize) {
             let old = std::mem::replace(&mut s.name, Arc::clone(&name));
             self.by_name.remove(&old);
@@ -403,10 +201,12 @@ impl Inner {
     /// re-inserts them in.
     fn entries(&self) -> Vec<(u32, Arc<str>)> {
         let mut out = Vec::with_capacity(self.slots.len());
-        let mut i = self.tail;
-        while let Some(s) = self.slots.get(i as usize) {
-            out.push((i, Arc::clone(&s.name)));
-            i = s.prev;
+        let mut at = self.order.oldest();
+        while let Some(i) = at {
+            if let Some(s) = self.slots.get(i as usize) {
+                out.push((i, Arc::clone(&s.name)));
+            }
+            at = self.order.newer(i);
             if out.len() > self.slots.len() {
                 break;
             }
@@ -805,8 +605,6 @@ impl FakePool {
         inner.slots = (0..count)
             .map(|_| Slot {
                 name: Arc::from(""),
-                prev: NIL,
-                next: NIL,
             })
             .collect();
         for (slot, name) in entries {
@@ -967,8 +765,8 @@ mod tests {
         }
     }
 
-    fn no_route() -> RouteConfig {
-        RouteConfig {
+    fn no_route() -> crate::config::RouteConfig {
+        crate::config::RouteConfig {
             final_outbound: String::new(),
             rules: Vec::new(),
             rule_sets: Vec::new(),
@@ -1273,7 +1071,7 @@ mod tests {
     #[test]
     fn bypass_prefixes_are_carved_around_the_fake_ranges() {
         let fake = cidrs(&["198.18.0.0/15", "fc00::/18"]);
-        let carved = carve_fake_ranges(
+        let carved = crate::cidr::carve_fake_ranges(
             &cidrs(&["10.0.0.0/8", "198.18.0.0/16", "198.0.0.0/8", "fc00::/7"]),
             &fake,
         );

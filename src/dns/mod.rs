@@ -23,8 +23,9 @@ pub mod fakeip;
 pub mod listen;
 pub mod message;
 pub mod names;
+pub mod recency;
 pub mod resolver;
-pub mod rules;
+pub use crate::policy::dns_rules as rules;
 pub mod tcp;
 pub mod upstream;
 

@@ -226,7 +226,7 @@ impl Plan {
             };
             // Never a fake-ip range (see `carve_fake_ranges`).
             let prefixes = match &cfg.dns.fake_ip {
-                Some(fake) => crate::dns::fakeip::carve_fake_ranges(&prefixes, &fake.ranges),
+                Some(fake) => crate::cidr::carve_fake_ranges(&prefixes, &fake.ranges),
                 None => prefixes,
             };
             let (v4, v6) = merged_prefixes(&prefixes);

@@ -35,7 +35,6 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 
-pub use crate::dns::fakeip::ResolveReal;
 use crate::sys;
 
 pub use credentials::Credentials;
@@ -218,6 +217,14 @@ pub trait Carrier {
     /// logged), as a failover group's health check, and the API's delay
     /// test.
     fn probe(&self) -> impl Future<Output = Result<(), OutboundError>> + Send + '_;
+}
+
+/// The hook that turns a name into its real addresses, for flows to a
+/// fake address carried by `direct` (`dns::fakeip`). The DNS engine
+/// implements it: it must ask the real resolvers (the DNS rules' choice for the name), never the
+/// fake pool, and answer within its own timeout (empty on failure).
+pub trait ResolveReal: Send + Sync + 'static {
+    fn resolve_real<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Vec<std::net::IpAddr>>;
 }
 
 /// Connects a marked TCP socket to `dst`.

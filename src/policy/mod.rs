@@ -8,6 +8,8 @@
 //! (rule-set files, regexes), so a bad policy is refused at start, never
 //! discovered by a flow.
 
+pub mod dns_rules;
+pub mod fake_exclusions;
 pub mod rule_set;
 pub mod rules;
 pub mod sniff;
@@ -18,11 +20,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::config::{Config, Network, SniffProtocol};
-use crate::dns::fakeip::Exclusions;
-use crate::dns::rules::DnsRules;
 use crate::outbound::group::{Group, Member};
 use crate::outbound::{BuildError, Context, Outbound, OutboundConfig};
 pub use crate::registry::RuleLabel;
+use dns_rules::DnsRules;
+use fake_exclusions::Exclusions;
 use rules::Rules;
 
 /// What the policy knows about a flow when it decides.

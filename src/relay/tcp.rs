@@ -31,7 +31,7 @@ use tokio::net::TcpStream;
 use crate::fds;
 use crate::outbound::{TcpCarrier, TcpUpstream};
 use crate::registry::Traffic;
-use crate::relay::spares::Spares;
+use crate::spares::Spares;
 use crate::sys;
 
 const COPY_BUF_SIZE: usize = 16 * 1024;

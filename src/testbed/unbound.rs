@@ -141,15 +141,6 @@ impl Pki {
             _dir: dir,
         })
     }
-
-    /// A client config trusting this CA alone.
-    #[cfg(feature = "dns-tls")]
-    pub fn client_config(&self) -> std::sync::Arc<rustls::ClientConfig> {
-        use crate::dns::upstream::tls::{add_pem, client_config};
-        let mut roots = rustls::RootCertStore::empty();
-        assert_eq!(add_pem(&mut roots, &self.ca), (1, 0));
-        client_config(roots)
-    }
 }
 
 /// unbound: DoT on `dot`, DoH on `doh` (path `/dns-query`), killed on

@@ -54,7 +54,7 @@ use tracing::warn;
 use super::crypto::{self, Cipher, Key, Method, NonceCounter, MAX_KEY_LEN, TAG_LEN};
 use crate::outbound::socks5::proto::Address;
 use crate::ratelimit::{self, RateLimit};
-use crate::relay::spares::Spares;
+use crate::spares::Spares;
 
 /// How long the request waits for the client's first bytes after the
 /// first read, before it goes alone (sslocal's figure).

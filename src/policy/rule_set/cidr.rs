@@ -2,9 +2,8 @@
 //! addresses allowed, `#` comments, blank lines; IPv4 and IPv6 mixed.
 //! Also prefix arithmetic for geoip's `inverse_match`.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-
 use crate::cidr::Cidr;
+pub use crate::cidr::{prefixes_of_range, range_of};
 
 pub fn parse(label: &str, bytes: &[u8]) -> Result<Vec<Cidr>, String> {
     let mut out = Vec::new();
@@ -17,21 +16,6 @@ pub fn parse(label: &str, bytes: &[u8]) -> Result<Vec<Cidr>, String> {
     Ok(out)
 }
 
-/// The first and last address of a prefix, IPv4 in the low 32 bits.
-pub fn range_of(c: &Cidr) -> (u128, u128) {
-    let (value, bits) = match c.addr {
-        IpAddr::V4(a) => (u128::from(u32::from(a)), 32),
-        IpAddr::V6(a) => (u128::from(a), 128),
-    };
-    let host_bits = bits - u32::from(c.prefix);
-    let span = if host_bits == 128 {
-        u128::MAX
-    } else {
-        (1u128 << host_bits) - 1
-    };
-    (value, value | span)
-}
-
 /// The address ranges of one family's prefixes in `list` (IPv4 when
 /// `v4`), sorted by their first address.
 pub fn sorted_ranges(list: &[Cidr], v4: bool) -> Vec<(u128, u128)> {
@@ -42,40 +26,6 @@ pub fn sorted_ranges(list: &[Cidr], v4: bool) -> Vec<(u128, u128)> {
         .collect();
     ranges.sort_unstable();
     ranges
-}
-
-/// The fewest prefixes that cover exactly `lo..=hi` (IPv4 when `v4`).
-pub fn prefixes_of_range(mut lo: u128, hi: u128, v4: bool, out: &mut Vec<Cidr>) {
-    let bits: u32 = if v4 { 32 } else { 128 };
-    let last_of = |lo: u128, size: u32| {
-        if size >= 128 {
-            u128::MAX
-        } else {
-            lo | ((1u128 << size) - 1)
-        }
-    };
-    while lo <= hi {
-        // The largest block aligned at lo that ends within hi (size 0, one
-        // address, always does).
-        let mut size = lo.trailing_zeros().min(bits);
-        while last_of(lo, size) > hi {
-            size -= 1;
-        }
-        let addr = if v4 {
-            IpAddr::V4(Ipv4Addr::from(lo as u32))
-        } else {
-            IpAddr::V6(Ipv6Addr::from(lo))
-        };
-        out.push(Cidr {
-            addr,
-            prefix: (bits - size) as u8,
-        });
-        let last = last_of(lo, size);
-        if last >= hi {
-            break;
-        }
-        lo = last + 1;
-    }
 }
 
 /// Every address of both families not in `list`: what a geoip entry with

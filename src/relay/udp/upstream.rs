@@ -16,7 +16,7 @@ use super::session::{Leg, SessionShared};
 use super::{held_back, lock, runnable, Run, UdpRelay, MAX_DATAGRAM};
 use crate::outbound::{Outbound, OutboundError, UdpRecv, UdpUpstream, UDP_HEADROOM};
 use crate::registry::{EndReason, FlowGuard};
-use crate::relay::spares::Spares;
+use crate::spares::Spares;
 
 /// A session's receive buffer: the largest datagram, one byte more so a
 /// truncation would show, and room for a SOCKS5 header.

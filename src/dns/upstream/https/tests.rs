@@ -13,7 +13,7 @@ fn doh(ub: &Unbound, name: &str, path: &str) -> HttpsUpstream {
         ub.doh,
         name.to_string(),
         path.to_string(),
-        ub.pki.client_config(),
+        crate::dns::upstream::tls::tests::trusting(&ub.pki),
     )
 }
 
@@ -117,7 +117,7 @@ async fn a_server_without_http2_is_named() {
         addr,
         "dns.test".into(),
         "/dns-query".into(),
-        pki.client_config(),
+        crate::dns::upstream::tls::tests::trusting(&pki),
     );
     let q = build::query(1, "a.test", TYPE_A);
     let e = up.exchange(&q, 1, &direct()).await.unwrap_err().to_string();
@@ -203,7 +203,7 @@ async fn a_goaway_under_a_query_asks_again_on_a_new_connection_with_id_zero() {
         addr,
         "dns.test".into(),
         "/dns-query".into(),
-        pki.client_config(),
+        crate::dns::upstream::tls::tests::trusting(&pki),
     );
     let q = build::query(0x5151, "a.test", TYPE_A);
     let a = up.exchange(&q, 1, &direct()).await.unwrap();

@@ -12,11 +12,11 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
+use super::rule_set::RuleSet;
+use super::rules::Rules;
+use super::{FlowMeta, PolicyError};
 use crate::cidr::PortRange;
 use crate::config::{DnsAction, DnsConfig, Network, Reject, RouteConfig, Rule};
-use crate::policy::rule_set::RuleSet;
-use crate::policy::rules::Rules;
-use crate::policy::{FlowMeta, PolicyError};
 
 /// What a query is answered with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
