@@ -1,6 +1,6 @@
 //! The static router builds the OpenWrt and qemu tests use, from
-//! scripts/build-router (a stable build locks target/release and
-//! target/TRIPLE/release, a -Zbuild-std one target/router/cargo-nightly:
+//! scripts/build-router (a stable build locks target/router/cargo-stable,
+//! a -Zbuild-std one target/router/cargo-nightly:
 //! never the target/debug that `cargo test` holds).
 
 #![allow(dead_code)]
