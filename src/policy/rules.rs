@@ -26,7 +26,11 @@ use std::fmt;
 use std::net::IpAddr;
 
 use aho_corasick::AhoCorasick;
-use regex::{RegexBuilder, RegexSet, RegexSetBuilder};
+// Byte regexes without Unicode: host names are ASCII (IDNs travel as
+// punycode), so `\w`, `\d` and case folding need only their ASCII
+// meaning, and the regex crate's Unicode tables (hundreds of KiB in a
+// router binary) stay out of the build (Cargo.toml).
+use regex::bytes::{RegexBuilder, RegexSet, RegexSetBuilder};
 
 use super::rule_set::cidr::range_of;
 use super::rule_set::domains::{normalize, normalize_keyword, normalize_suffix};
@@ -284,7 +288,7 @@ impl DomainIndex {
             }
         }
         if let Some((set, ids)) = &self.regexes {
-            for p in set.matches(name).iter() {
+            for p in set.matches(name.as_bytes()).iter() {
                 hit(ids[p]);
             }
         }
@@ -713,6 +717,7 @@ fn compile_regexes(
         return Ok(None);
     }
     let set = RegexSetBuilder::new(regexes.iter().map(|(p, _, _)| p))
+        .unicode(false)
         .case_insensitive(true)
         .size_limit(REGEX_SIZE_LIMIT)
         .dfa_size_limit(REGEX_SIZE_LIMIT)
@@ -733,6 +738,7 @@ fn compile_regexes(
             };
             for (pattern, _, origin) in regexes {
                 if let Err(e) = RegexBuilder::new(pattern)
+                    .unicode(false)
                     .case_insensitive(true)
                     .size_limit(REGEX_SIZE_LIMIT)
                     .build()
@@ -741,7 +747,15 @@ fn compile_regexes(
                         Origin::Rule(_) => "domain_regex",
                         Origin::Set(_) => "regex",
                     };
-                    return Err(blame(*origin, format!("{what} {pattern:?}: {e}")));
+                    // \p{…} and friends: say why, and what to write.
+                    let hint = if e.to_string().contains("Unicode") {
+                        " (host names are ASCII, so patterns are matched without \
+                         Unicode classes: write [a-z0-9] instead of \\p{..}, and \
+                         international names in their xn-- form)"
+                    } else {
+                        ""
+                    };
+                    return Err(blame(*origin, format!("{what} {pattern:?}: {e}{hint}")));
                 }
             }
             Err(blame(

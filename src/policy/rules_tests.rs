@@ -117,6 +117,20 @@ fn keywords_and_regexes_match_anywhere_in_the_name() {
     assert_eq!(r.first_match(&tcp("203.0.113.9:443", None)), None);
 }
 
+/// Patterns are compiled without Unicode (host names are ASCII): the
+/// Perl classes keep their ASCII meaning and case folds ASCII letters.
+#[test]
+fn perl_classes_in_a_regex_have_their_ascii_meaning() {
+    let r = rules(
+        "[[route.rules]]\ndomain_regex = [\"^\\\\w+-\\\\d+\\\\.cdn\\\\.\\\\S+$\"]\noutbound = \"b\"\n",
+    );
+    let m = |name| r.first_match(&tcp("203.0.113.9:443", Some(name)));
+    assert_eq!(m("edge_a-42.cdn.example.com"), Some(0));
+    assert_eq!(m("EDGE-7.CDN.Example.COM"), Some(0));
+    assert_eq!(m("edge-x.cdn.example.com"), None);
+    assert_eq!(m("edge-4.cdn."), None);
+}
+
 #[test]
 fn first_match_orders_across_keys_and_nested_prefixes() {
     let r = rules(
@@ -316,6 +330,12 @@ fn bad_files_and_regexes_are_refused_with_where_and_why() {
         e.starts_with("route.rules[1]: domain_regex \"(unclosed\": "),
         "{e}"
     );
+    let e =
+        build_err("[[route.rules]]\ndomain_regex = [\"^\\\\p{Han}+\\\\.cn$\"]\noutbound = \"b\"\n");
+    assert!(
+        e.starts_with("route.rules[0]: domain_regex ") && e.contains("xn--"),
+        "{e}"
+    );
     let site = d.write("geosite.dat", &encode::geosite(&[("ADS", vec![(1, "a[")])]));
     let e = build_err(&format!(
         "[[route.rule_sets]]\nname = \"ads\"\nformat = \"geosite\"\npath = {site:?}\ncategory = \"ads\"\n\
@@ -357,7 +377,7 @@ struct RefRule {
     exact: Vec<String>,
     suffix: Vec<String>,
     keyword: Vec<String>,
-    regex: Vec<regex::Regex>,
+    regex: Vec<regex::bytes::Regex>,
     protocols: Vec<SniffProtocol>,
 }
 
@@ -415,7 +435,13 @@ fn reference(route: &RouteConfig, sets: &[RuleSet]) -> Vec<RefRule> {
             }
             x.regex = patterns
                 .iter()
-                .map(|p| RegexBuilder::new(p).case_insensitive(true).build().unwrap())
+                .map(|p| {
+                    RegexBuilder::new(p)
+                        .unicode(false)
+                        .case_insensitive(true)
+                        .build()
+                        .unwrap()
+                })
                 .collect();
             x
         })
@@ -450,7 +476,7 @@ fn reference_match(rules: &[RefRule], flow: &FlowMeta<'_>) -> Option<usize> {
         r.exact.contains(&name)
             || r.suffix.iter().any(|s| suffix_matches(&name, s))
             || r.keyword.iter().any(|k| name.contains(k.as_str()))
-            || r.regex.iter().any(|re| re.is_match(&name))
+            || r.regex.iter().any(|re| re.is_match(name.as_bytes()))
     })
 }
 
