@@ -518,11 +518,7 @@ impl Codec {
     /// where its payload lies in `datagram`. Nothing changes (no window
     /// moves, no server session is adopted) unless it authenticated and
     /// passed every check.
-    pub fn open(
-        &self,
-        datagram: &mut [u8],
-        now: u64,
-    ) -> Result<(Source, Range<usize>), Dropped> {
+    pub fn open(&self, datagram: &mut [u8], now: u64) -> Result<(Source, Range<usize>), Dropped> {
         let method = self.method();
         let n = datagram.len();
         match &self.keys {
@@ -571,7 +567,10 @@ impl Codec {
                 }
                 servers.commit(server_id, packet);
                 let offset = SEPARATE_HEADER;
-                Ok((from.shifted(offset), range.start + offset..range.end + offset))
+                Ok((
+                    from.shifted(offset),
+                    range.start + offset..range.end + offset,
+                ))
             }
             Keys::Chacha2022 { cipher, session } => {
                 if n < XNONCE_LEN + IDS + SERVER_BODY + TAG_LEN {
@@ -595,7 +594,10 @@ impl Codec {
                 }
                 servers.commit(server_id, packet);
                 let offset = XNONCE_LEN + IDS;
-                Ok((from.shifted(offset), range.start + offset..range.end + offset))
+                Ok((
+                    from.shifted(offset),
+                    range.start + offset..range.end + offset,
+                ))
             }
         }
     }
@@ -639,11 +641,7 @@ fn open_tail(cipher: &Cipher, nonce: &[u8; NONCE_LEN], sealed: &mut [u8]) -> Res
 /// Checks a 2022 server body (from its type on) and finds its address and
 /// payload: type 1, a time within ±30 s, our client session, padding
 /// within the datagram.
-fn server_body(
-    body: &[u8],
-    client_id: u64,
-    now: u64,
-) -> Result<(Source, Range<usize>), Dropped> {
+fn server_body(body: &[u8], client_id: u64, now: u64) -> Result<(Source, Range<usize>), Dropped> {
     let kind = *body.first().ok_or("reply truncated")?;
     if kind != TYPE_SERVER {
         return Err(format!("reply has packet type {kind}, not 1 (server)"));

@@ -589,7 +589,10 @@ impl UdpCarrier for UdpAssociation {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let payload = buf.get(UDP_HEADROOM..).unwrap_or_default();
         self.socket.try_io(Interest::WRITABLE, || {
-            sys::send_parts(&self.socket, &[header.get(..len).unwrap_or_default(), payload])
+            sys::send_parts(
+                &self.socket,
+                &[header.get(..len).unwrap_or_default(), payload],
+            )
         })?;
         Ok(())
     }

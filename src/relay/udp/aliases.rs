@@ -111,13 +111,20 @@ impl Aliases {
     /// `from` reaches the client from: the fake-ip address it answers, or
     /// its own address. None: it names a source by name that no
     /// destination of this session has (nothing to answer from).
-    pub(super) fn reply_source(&mut self, outbound: u32, from: ReplyFrom<'_>) -> Option<SocketAddr> {
+    pub(super) fn reply_source(
+        &mut self,
+        outbound: u32,
+        from: ReplyFrom<'_>,
+    ) -> Option<SocketAddr> {
         match from {
             ReplyFrom::Name(name, port) => self.list.iter().find_map(|a| match &a.via {
-                Via::Name { name: n, outbound: o, .. }
-                    if *o == outbound
-                        && a.fake.port() == port
-                        && n.as_bytes().eq_ignore_ascii_case(name) =>
+                Via::Name {
+                    name: n,
+                    outbound: o,
+                    ..
+                } if *o == outbound
+                    && a.fake.port() == port
+                    && n.as_bytes().eq_ignore_ascii_case(name) =>
                 {
                     Some(a.fake)
                 }
@@ -127,7 +134,9 @@ impl Aliases {
                 let addr = sys::normalize(addr);
                 let known = self.list.iter().find(|a| match &a.via {
                     Via::Real(real) => *real == addr,
-                    Via::Name { outbound: o, seen, .. } => *o == outbound && *seen == Some(addr),
+                    Via::Name {
+                        outbound: o, seen, ..
+                    } => *o == outbound && *seen == Some(addr),
                 });
                 if let Some(alias) = known {
                     return Some(alias.fake);
@@ -187,16 +196,28 @@ mod tests {
         let mut a = Aliases::default();
         let fake = sa("198.18.0.5:443");
         let name: Arc<str> = "quic.example".into();
-        assert_eq!(a.reply_source(PROXY, ReplyFrom::Name(b"quic.example", 443)), None);
+        assert_eq!(
+            a.reply_source(PROXY, ReplyFrom::Name(b"quic.example", 443)),
+            None
+        );
         a.add_named(fake, &name, PROXY);
         assert_eq!(a.real_of(fake), None, "never resolved here");
         assert_eq!(
             a.reply_source(PROXY, ReplyFrom::Name(b"QUIC.Example", 443)),
             Some(fake)
         );
-        assert_eq!(a.reply_source(PROXY, ReplyFrom::Name(b"quic.example", 444)), None);
-        assert_eq!(a.reply_source(PROXY, ReplyFrom::Name(b"other.example", 443)), None);
-        assert_eq!(a.reply_source(OTHER, ReplyFrom::Name(b"quic.example", 443)), None);
+        assert_eq!(
+            a.reply_source(PROXY, ReplyFrom::Name(b"quic.example", 444)),
+            None
+        );
+        assert_eq!(
+            a.reply_source(PROXY, ReplyFrom::Name(b"other.example", 443)),
+            None
+        );
+        assert_eq!(
+            a.reply_source(OTHER, ReplyFrom::Name(b"quic.example", 443)),
+            None
+        );
     }
 
     /// A server that answers from the address it resolved: the first such
@@ -258,7 +279,10 @@ mod tests {
         for i in 0..MAX_ALIASES as u16 {
             a.add_real(sa(&format!("198.18.1.0:{}", 1000 + i)), sa("192.0.2.20:1"));
         }
-        assert_eq!(a.reply_source(PROXY, ReplyFrom::Name(b"dns.example", 53)), None);
+        assert_eq!(
+            a.reply_source(PROXY, ReplyFrom::Name(b"dns.example", 53)),
+            None
+        );
         assert_eq!(a.list.len(), MAX_ALIASES);
     }
 }

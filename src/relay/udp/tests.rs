@@ -984,10 +984,7 @@ async fn fake_ip_aliases_answer_from_the_fake_address() {
     let mapped: SocketAddr = "[::ffff:192.0.2.9]:7".parse().unwrap();
     assert_eq!(src(mapped), fake);
     assert_eq!(src(other), other);
-    assert_eq!(
-        src(port([192, 0, 2, 9], 8)),
-        port([192, 0, 2, 9], 8)
-    );
+    assert_eq!(src(port([192, 0, 2, 9], 8)), port([192, 0, 2, 9], 8));
     // Bounded: the oldest destination is forgotten first.
     for i in 0..64u16 {
         shared.add_alias(

@@ -122,9 +122,9 @@ impl UdpRelay {
         let mut last_alone: Option<(SocketAddr, usize)> = None;
         loop {
             let received = match upstream.try_recv(&mut buf) {
-                Ok(UdpRecv::Datagram { from, start, end }) => {
-                    shared.reply_source(outbound, ReplyFrom::Addr(from)).map(|f| (f, start, end))
-                }
+                Ok(UdpRecv::Datagram { from, start, end }) => shared
+                    .reply_source(outbound, ReplyFrom::Addr(from))
+                    .map(|f| (f, start, end)),
                 // A server naming the source by domain: only a fake-ip
                 // destination sent by that name can claim it.
                 Ok(UdpRecv::Named {
