@@ -432,7 +432,10 @@ pub(crate) mod tests {
         assert!(!plan.captures());
         let text = plan.describe();
         assert!(text.contains("installs no capture rules"), "{text}");
-        assert!(!text.contains("tproxy to") && !text.contains("TPROXY"), "{text}");
+        assert!(
+            !text.contains("tproxy to") && !text.contains("TPROXY"),
+            "{text}"
+        );
         assert!(!text.contains("fwmark"), "{text}");
         assert!(plan_for("lan_interfaces = [\"br-lan\"]\n").captures());
     }
