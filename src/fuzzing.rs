@@ -112,8 +112,11 @@ pub fn ss_udp_reply(data: &[u8]) {
     let codec = Codec::with_session(&key, CLIENT, 0);
     let check = |datagram: &mut Vec<u8>| {
         let len = datagram.len();
-        if let Ok((_, payload)) = codec.open(datagram, NOW) {
+        if let Ok((from, payload)) = codec.open(datagram, NOW) {
             assert!(payload.start <= payload.end && payload.end <= len);
+            if let crate::outbound::shadowsocks::udp::Source::Name { at, .. } = from {
+                assert!(at.start <= at.end && at.end <= payload.start);
+            }
         }
     };
     check(&mut rest.to_vec());

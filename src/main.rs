@@ -491,11 +491,14 @@ fn run(args: RunArgs, user: Option<String>) -> anyhow::Result<ExitCode> {
     // signal sent in between is delivered then, not lost.
     tproxyd::sys::block_termination_signals().context("cannot block SIGINT/SIGTERM")?;
     let backend = plan.backend;
+    let captures = plan.captures();
     single_thread_runtime()?
         .block_on(server.install_rules(plan))
         .context("cannot install the firewall rules")?;
-    if backend != Backend::None {
+    if backend != Backend::None && captures {
         tracing::info!(%backend, "firewall rules and policy routes installed");
+    } else if backend != Backend::None {
+        tracing::info!(%backend, "tcp and udp are off: no firewall rules installed (a DNS forwarder on dns.listen only)");
     }
     let undo = |server: &mut Server| {
         if let Err(e) = single_thread_runtime().and_then(|rt| {
@@ -550,6 +553,10 @@ fn run(args: RunArgs, user: Option<String>) -> anyhow::Result<ExitCode> {
 /// What the administrator must know about what is (not) captured: one
 /// line each, at start.
 fn log_capture_caveats(plan: &Plan, listen: std::net::SocketAddr) {
+    // No transparent listener: nothing is captured, nothing to say.
+    if !plan.captures() {
+        return;
+    }
     let target = firewall::nft::tproxy_target(plan.serves, plan.listen_port);
     if plan.backend == Backend::None {
         if plan.mode == Mode::Tproxy {

@@ -10,6 +10,10 @@
 //!   on the router forwards to `dns.listen`; and a LAN client's own DNS
 //!   over TCP, captured, is answered by the resolver (asked of an address
 //!   with no DNS server, so a relayed flow could not have answered).
+//! - tproxyd as a DNS forwarder only (`tcp = false`, `udp = false`,
+//!   `dns.listen` set), its nftables backend on: it installs no capture
+//!   rules or routes, removes a crashed run's, and answers on the
+//!   listener.
 
 mod common;
 
@@ -280,4 +284,71 @@ fn dnsmasq_on_the_router_and_captured_dns_over_tcp_are_answered_by_the_resolver(
         .asked()
         .iter()
         .any(|a| a.name.contains("lan-tcp.example")));
+}
+
+#[test]
+fn a_dns_forwarder_only_installs_no_capture_rules_and_answers() {
+    if !can_run() || !tools_present() {
+        return;
+    }
+    let mut tb = Testbed::start(Options {
+        mode: Mode::Tproxy,
+        upstream: Upstream::Socks,
+        extra_args: vec![],
+        own_rules: None,
+    });
+    let server = ZoneServer::start(&tb.wan, &[addr(REMOTE_B_V4, DNS_PORT)], zone);
+    let outbounds = format!(
+        "[[outbounds]]\nname = \"proxy\"\ntype = \"socks5\"\nserver = \"{SOCKS_V4}:{SOCKS_PORT}\"\n\
+         [dns]\nlisten = [\"127.0.0.1:5353\"]\nfinal = \"b\"\n\
+         [[dns.servers]]\nname = \"b\"\naddress = \"udp://{REMOTE_B_V4}\"\noutbound = \"proxy\"\n"
+    );
+    // The bed's own hand-written capture has a policy route too: tproxyd's
+    // is what differs from this.
+    let bed_rules = tb.router.exec_output(&["ip", "rule"]);
+    let installed = |tb: &Testbed| {
+        let tables = tb.router.exec_output(&["nft", "list", "tables"]);
+        let rules = tb.router.exec_output(&["ip", "rule"]);
+        (tables.contains("tproxyd"), rules != bed_rules)
+    };
+    // A run that captures, then crashes: its rules and routes stay.
+    tb.restart_tproxyd_with_config(&format!(
+        "listen = \"[::]:{PROXY_PORT}\"\n{outbounds}\
+         [firewall]\nbackend = \"nftables\"\nlan_interfaces = [\"rlan\"]\n"
+    ));
+    assert_eq!(installed(&tb), (true, true), "{}", tb.tproxyd_log());
+    tb.kill_tproxyd();
+    assert_eq!(installed(&tb), (true, true));
+
+    // The forwarder: no LAN named, no listener, and those leftovers gone.
+    tb.restart_tproxyd_with_config(&format!(
+        "tcp = false\nudp = false\n{outbounds}[firewall]\nbackend = \"nftables\"\n"
+    ));
+    let log = tb.tproxyd_log();
+    assert!(log.contains("no firewall rules installed"), "{log}");
+    assert_eq!(installed(&tb), (false, false), "{log}");
+    let rules = tb.tproxyd_cli(&[
+        "rules",
+        "print",
+        "-c",
+        &tb.config_path().display().to_string(),
+    ]);
+    let text = String::from_utf8_lossy(&rules.stdout);
+    assert!(text.contains("installs no capture rules"), "{text}");
+
+    let out = dig_in(
+        &tb.router,
+        &["@127.0.0.1", "-p", "5353", "forwarder.example", "A"],
+    );
+    assert!(
+        out.contains("status: NOERROR") && out.contains(REMOTE_B_V4),
+        "{out}\n{}",
+        tb.tproxyd_log()
+    );
+    assert!(server
+        .asked()
+        .iter()
+        .any(|a| a.name.contains("forwarder.example")));
+    tb.stop_tproxyd();
+    assert_eq!(installed(&tb), (false, false));
 }

@@ -5,7 +5,9 @@
 //! - `kdig` over TCP and over UDP get the same answer;
 //! - DoT and DoH servers (unbound in the WAN namespace, with a throwaway
 //!   CA that tproxyd trusts through `SSL_CERT_FILE`; the `dns-tls`
-//!   feature) answer from unbound's local zone;
+//!   feature) answer from unbound's local zone; `kdig +tls` checks that
+//!   DoT server with the same CA and name first (tproxyd serves no DoT
+//!   itself, so kdig's DoT goes to the bed's server);
 //! - the cache: 100 identical queries at once reach the upstream once, a
 //!   second ask is answered with a lower TTL and no upstream query, a
 //!   0x20 mixed-case name hits the cache and gets its own case back, an
@@ -289,7 +291,7 @@ fn dot_and_doh_servers_answer_from_unbound_through_the_resolver() {
     use tproxyd::testbed::unbound::Unbound;
     /// Where unbound serves DoT (853) and DoH (443).
     const UNBOUND: &str = "198.51.100.55";
-    if !can_run() || !tools(&["dig", "ss"]) {
+    if !can_run() || !tools(&["dig", "ss", "kdig"]) {
         return;
     }
     let mut tb = bed();
@@ -299,6 +301,34 @@ fn dot_and_doh_servers_answer_from_unbound_through_the_resolver() {
     };
     let bundle = tb.dir.join("test-ca.pem");
     std::fs::write(&bundle, &ub.pki.ca).unwrap();
+    // The bed's DoT server is real DoT with the trust tproxyd is given:
+    // kdig verifies it with that CA and name, and fails without the CA.
+    let kdig_tls = |ca: &str| {
+        tb.wan.exec_output(&[
+            "kdig",
+            "+tls",
+            ca,
+            "+tls-hostname=dns.test",
+            "+time=3",
+            "+retry=0",
+            &format!("@{UNBOUND}"),
+            "-p",
+            "853",
+            "a.test",
+            "A",
+        ])
+    };
+    let out = kdig_tls(&format!("+tls-ca={}", bundle.display()));
+    assert!(
+        out.contains("NOERROR") && out.contains("TLS") && addresses(&out) == ["192.0.2.1"],
+        "kdig +tls: {out}\nunbound:\n{}",
+        ub.log()
+    );
+    let out = kdig_tls("+tls-ca");
+    assert!(
+        !out.contains("NOERROR"),
+        "kdig trusted the test CA without being given it: {out}"
+    );
     tb.set_tproxyd_env("SSL_CERT_FILE", &bundle.display().to_string());
     tb.restart_tproxyd_with_config(&config(
         &format!(

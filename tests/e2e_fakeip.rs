@@ -14,9 +14,13 @@
 //! - SIGTERM saves the pool within the first second, and after a restart
 //!   the same name has the same address, and the flow to it still works.
 //!
-//! The proxies' by-name TCP requests are unit-tested
-//! (`outbound::tests::fake_ip_flows_go_by_name`), since dante here cannot
-//! resolve the test's names.
+//! And through the proxies (`udp_goes_by_name_through_socks5_and_shadowsocks`):
+//! UDP to a fake address goes to dante, ssserver and ss-server with the
+//! name as its target; they resolve it with the bed's DNS server (their
+//! namespace's resolv.conf names it; tproxyd's does not), the reply comes
+//! from the fake address, and after a restart the same address still
+//! works. The proxies' by-name TCP requests are unit-tested
+//! (`outbound::tests::fake_ip_flows_go_by_name`).
 
 mod common;
 
@@ -26,6 +30,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::dns_server::{parse_reply, query, DnsServer};
 use common::*;
+use tproxyd::testbed::shadowsocks::password_for;
 
 const A: u16 = 1;
 const AAAA: u16 = 28;
@@ -271,4 +276,170 @@ fn fake_addresses_survive_a_restart_and_unmapped_ones_are_reset() {
     let (kind, _) =
         connect(&tb, SocketAddr::new(fake, ECHO_PORT)).expect("refused after the pool was lost");
     assert_ne!(kind, ErrorKind::TimedOut);
+}
+
+/// `/etc/netns/NAME/resolv.conf`, which `ip netns exec NAME` mounts over
+/// /etc/resolv.conf for what it starts (dante, the shadowsocks servers):
+/// the WAN namespace's own resolver. Removed when dropped, also when the
+/// test fails.
+struct NetnsResolver {
+    dir: std::path::PathBuf,
+}
+
+impl NetnsResolver {
+    fn new(netns: &str, nameserver: &str) -> NetnsResolver {
+        let dir = std::path::Path::new("/etc/netns").join(netns);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("resolv.conf"),
+            format!("nameserver {nameserver}\noptions timeout:1 attempts:2\n"),
+        )
+        .unwrap();
+        NetnsResolver { dir }
+    }
+}
+
+impl Drop for NetnsResolver {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A config whose every flow goes through `outbound` (the TOML of one
+/// `[[outbounds]]` named "proxy").
+fn proxied_config(outbound: &str, store: &str) -> String {
+    format!(
+        "listen = \"[::]:{PROXY_PORT}\"\nmode = \"tproxy\"\n\
+         {outbound}\
+         [[outbounds]]\nname = \"direct\"\ntype = \"direct\"\n\
+         [route]\nfinal = \"proxy\"\n\
+         [dns]\n[[dns.servers]]\nname = \"remote\"\naddress = \"udp://{REMOTE_B_V4}\"\noutbound = \"direct\"\n\
+         [dns.fake_ip]\nranges = [\"{FAKE_RANGE}\"]\nstore = \"{store}\"\nsave_interval = 3600\n\
+         [firewall]\nbackend = \"none\"\n"
+    )
+}
+
+/// UDP from the LAN to `name`'s fake address, through a proxy on the WAN
+/// host: the reply comes from the fake address, and the proxy (not
+/// tproxyd) asked the bed's DNS server for the name. Returns the fake
+/// address.
+fn udp_through_proxy(tb: &Testbed, dns: &DnsServer, name: &str, who: &str) -> IpAddr {
+    let (rcode, fake) = ask(tb, name, A);
+    assert_eq!(rcode, 0);
+    let fake = *fake.first().expect("a fake address");
+    let dst = SocketAddr::new(fake, UDP_ECHO_PORT);
+    for _ in 0..2 {
+        let (from, peer) = udp_echo(&tb.lan, addr(LAN_V4, 0), dst, Duration::from_secs(5))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no UDP echo through {who} to {dst} ({name})\n{}",
+                    tb.tproxyd_log()
+                )
+            });
+        assert_eq!(
+            from, dst,
+            "through {who}: the reply must come from the fake address"
+        );
+        // From the proxy's host (dante binds its external address, the
+        // shadowsocks servers let the kernel pick one), never the router.
+        assert_ne!(
+            peer.ip().to_string(),
+            ROUTER_WAN_V4,
+            "through {who}: sent from the router, not the proxy"
+        );
+    }
+    let router: IpAddr = ROUTER_WAN_V4.parse().unwrap();
+    let asked: Vec<_> = dns
+        .asked()
+        .into_iter()
+        .filter(|a| a.name.eq_ignore_ascii_case(name))
+        .collect();
+    assert!(
+        asked.iter().any(|a| a.peer.ip() != router),
+        "{who} did not resolve {name} itself (so it was not sent the name): {asked:?}"
+    );
+    assert!(
+        asked.iter().all(|a| a.peer.ip() != router),
+        "tproxyd resolved {name} for a flow through {who}: {asked:?}"
+    );
+    fake
+}
+
+#[test]
+fn udp_goes_by_name_through_socks5_and_shadowsocks() {
+    if !can_run() {
+        return;
+    }
+    let mut tb = Testbed::start(Options {
+        mode: Mode::Tproxy,
+        upstream: Upstream::Socks,
+        extra_args: vec![],
+        own_rules: None,
+    });
+    tb.router.nft(&format!(
+        "add rule inet tpdtest pre iifname \"rlan\" ip daddr {FAKE_RANGE} meta l4proto {{ tcp, udp }} tproxy ip to :{PROXY_PORT} meta mark set 1 accept\n"
+    ));
+    let dns = DnsServer::start(&tb.wan, &[addr(REMOTE_B_V4, DNS_PORT)], zone);
+    // The proxies resolve with the bed's DNS server: dante again, started
+    // after its namespace has a resolver of its own.
+    let _resolver = NetnsResolver::new(&tb.wan.name, REMOTE_B_V4);
+    tb.stop_dante();
+    tb.restart_dante();
+    let store = tb.dir.join("state").join("fake-ip.pool");
+    let store = store.display().to_string();
+
+    // SOCKS5 (dante): ATYP 3 in the UDP header.
+    let socks = format!(
+        "[[outbounds]]\nname = \"proxy\"\ntype = \"socks5\"\nserver = \"{SOCKS_V4}:{SOCKS_PORT}\"\n"
+    );
+    tb.restart_tproxyd_with_config(&proxied_config(&socks, &store));
+    let name = "udp.via-socks.example";
+    let fake = udp_through_proxy(&tb, &dns, name, "dante");
+    // A restart in the middle: the client keeps its address, and it still
+    // goes by name.
+    tb.stop_tproxyd();
+    tb.spawn_tproxyd();
+    assert!(
+        tb.wait_for_log("fake-ip pool restored", Duration::from_secs(2)),
+        "{}",
+        tb.tproxyd_log()
+    );
+    let dst = SocketAddr::new(fake, UDP_ECHO_PORT);
+    let (from, _) =
+        udp_echo(&tb.lan, addr(LAN_V4, 0), dst, Duration::from_secs(5)).unwrap_or_else(|| {
+            panic!(
+                "no UDP echo to {dst} after the restart\n{}",
+                tb.tproxyd_log()
+            )
+        });
+    assert_eq!(from, dst);
+
+    // Shadowsocks: the same address form in the sealed header. A 2022
+    // chacha header with this name does not fit the relay's headroom (the
+    // datagram is laid out again), an AEAD one does.
+    for (kind, method, name) in [
+        (
+            SsImpl::Rust,
+            "2022-blake3-chacha20-poly1305",
+            "udp.via-ssserver.example",
+        ),
+        (SsImpl::Libev, "aes-256-gcm", "udp.via-ss-server.example"),
+    ] {
+        let password = password_for(method, "fakeip");
+        let server = tb.start_ss(kind, method, &password);
+        let outbound = format!(
+            "[[outbounds]]\nname = \"proxy\"\ntype = \"shadowsocks\"\nserver = \"{}\"\n\
+             method = \"{method}\"\npassword = \"{password}\"\nudp = true\n",
+            server.addr_v4()
+        );
+        tb.restart_tproxyd_with_config(&proxied_config(&outbound, &store));
+        let who = format!("{} ({method})", kind.name());
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            udp_through_proxy(&tb, &dns, name, &who)
+        }));
+        if let Err(e) = result {
+            eprintln!("{who} log:\n{}", server.log());
+            std::panic::resume_unwind(e);
+        }
+    }
 }

@@ -162,7 +162,10 @@ impl RawFirewall {
         let fail_closed = self.fail_closed.unwrap_or(false);
 
         if backend != Backend::None {
-            if lan_interfaces.is_empty() && source_cidrs.is_empty() && !proxy_local {
+            // Without a transparent listener (a DNS forwarder only) no
+            // rule captures anything: nothing to name.
+            let captures = tcp || udp;
+            if captures && lan_interfaces.is_empty() && source_cidrs.is_empty() && !proxy_local {
                 issue(
                     "firewall",
                     "nothing to capture: name the LAN with --lan-interface IF (firewall.lan_interfaces) \

@@ -241,9 +241,6 @@ impl RawConfig {
                     .into(),
             );
         }
-        if !tcp && !udp {
-            issue("tcp", "both tcp and udp are off: nothing to serve".into());
-        }
 
         if let Some(user) = &self.user {
             if let Err(message) = crate::sys::UserSpec::parse(user) {
@@ -274,6 +271,18 @@ impl RawConfig {
         let dns = self
             .dns
             .validate(udp, tcp, &outbound_names, &route.rule_sets, &mut issue);
+        // No transparent listener is fine for a DNS forwarder (dnsmasq's
+        // upstream on a router); with no DNS listener either, nothing
+        // would ever reach tproxyd.
+        if !tcp && !udp && dns.listen.is_empty() {
+            issue(
+                "tcp",
+                "both tcp and udp are off and dns.listen is empty: nothing to serve; turn tcp or \
+                 udp on, or set dns.listen (with [[dns.servers]]) to run tproxyd as a DNS \
+                 forwarder only"
+                    .into(),
+            );
+        }
         // The kernel bypass never covers the fake-ip ranges: a flow to a
         // fake address must reach tproxyd (see `carve_fake_ranges`).
         if let Some(fake) = &dns.fake_ip {
@@ -750,6 +759,31 @@ mod tests {
         .validate(&no_env)
         .unwrap();
         assert!(cfg.tcp && !cfg.udp);
+    }
+
+    /// No transparent listener: refused unless tproxyd has a DNS listener
+    /// to serve (a router's dnsmasq forwarding to it), and the refusal
+    /// names the fix.
+    #[test]
+    fn a_dns_forwarder_only_needs_no_transparent_listener() {
+        let off = "tcp = false\nudp = false\n[outbound]\ntype = \"direct\"\n";
+        let issues = issues_of(off);
+        assert_eq!(issues[0].key, "tcp");
+        assert!(issues[0].message.contains("dns.listen"), "{issues:?}");
+        let cfg = valid(&no_fw(&format!(
+            "{off}[dns]\nlisten = [\"127.0.0.1:5353\"]\n\
+             [[dns.servers]]\nname = \"isp\"\naddress = \"udp://192.0.2.53\"\n"
+        )));
+        assert!(!cfg.tcp && !cfg.udp);
+        assert_eq!(cfg.dns.listen, ["127.0.0.1:5353".parse().unwrap()]);
+        // With a firewall backend: no LAN to name, since nothing is
+        // captured.
+        let cfg = valid(&format!(
+            "{off}[dns]\nlisten = [\"127.0.0.1:5353\"]\n\
+             [[dns.servers]]\nname = \"isp\"\naddress = \"udp://192.0.2.53\"\n\
+             [firewall]\nbackend = \"nftables\"\n"
+        ));
+        assert!(!cfg.tcp && !cfg.udp);
     }
 
     #[test]

@@ -247,10 +247,25 @@ impl Plan {
         self.mode == Mode::Tproxy
     }
 
+    /// Whether there is a transparent listener to capture flows into.
+    /// Without one (tcp and udp off: tproxyd only answers DNS on
+    /// `dns.listen`) capture rules would send traffic into nothing, so
+    /// none are installed.
+    pub fn captures(&self) -> bool {
+        self.tcp || self.udp
+    }
+
     /// What `tproxyd rules print` shows: the exact ruleset and the route
     /// changes, as commands a person can read.
     pub fn describe(&self) -> String {
         let mut out = String::new();
+        if !self.captures() && self.backend != Backend::None {
+            out.push_str(
+                "# tcp and udp are off (no transparent listener): tproxyd installs no capture rules \
+                 or routes, and removes any an earlier run left\n",
+            );
+            return out;
+        }
         match self.backend {
             Backend::None => out.push_str("# firewall backend none: tproxyd installs no rules\n"),
             Backend::Nftables => {
@@ -327,6 +342,11 @@ pub async fn apply(plan: &Plan) -> Result<(), FirewallError> {
     if plan.backend == Backend::None {
         return Ok(());
     }
+    // Nothing to capture into: an earlier run's rules (fail_closed, a
+    // crash) would only blackhole traffic.
+    if !plan.captures() {
+        return remove(plan).await;
+    }
     remove_other_backend(plan.backend);
     let added_routes = if plan.needs_policy_routes() {
         policy_route::apply(plan).await?
@@ -398,6 +418,26 @@ pub(crate) mod tests {
 
     pub fn plan_for(fw: &str) -> Plan {
         plan_with("", fw)
+    }
+
+    /// Without a transparent listener (a DNS forwarder only) no capture
+    /// rule or route is printed (and `apply` installs none).
+    #[test]
+    fn no_listener_no_capture_rules() {
+        let plan = plan_with(
+            "tcp = false\nudp = false\n[dns]\nlisten = [\"127.0.0.1:5353\"]\n\
+             [[dns.servers]]\nname = \"isp\"\naddress = \"udp://192.0.2.53\"\n",
+            "lan_interfaces = [\"br-lan\"]\n",
+        );
+        assert!(!plan.captures());
+        let text = plan.describe();
+        assert!(text.contains("installs no capture rules"), "{text}");
+        assert!(
+            !text.contains("tproxy to") && !text.contains("TPROXY"),
+            "{text}"
+        );
+        assert!(!text.contains("fwmark"), "{text}");
+        assert!(plan_for("lan_interfaces = [\"br-lan\"]\n").captures());
     }
 
     #[test]

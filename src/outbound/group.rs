@@ -412,6 +412,10 @@ impl Carrier for Group {
         boxed
     }
 
+    fn udp_by_name(&self) -> bool {
+        self.selected().outbound.udp_by_name()
+    }
+
     /// Its members are checked on their own.
     async fn probe(&self) -> Result<(), OutboundError> {
         Ok(())

@@ -28,6 +28,7 @@ pub mod url;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
@@ -213,6 +214,14 @@ pub trait Carrier {
     /// Opens the upstream side of one UDP session.
     fn open_udp(&self) -> impl Future<Output = Result<UdpUpstream, OutboundError>> + Send + '_;
 
+    /// Whether its UDP upstreams can address a datagram to a name
+    /// ([`UdpCarrier::try_send_named`]): a fake-ip flow through it then
+    /// goes by name and the server resolves it; through the others
+    /// (`direct`) the relay resolves the name first.
+    fn udp_by_name(&self) -> bool {
+        false
+    }
+
     /// Whether the upstream answers: at start (the result is only
     /// logged), as a failover group's health check, and the API's delay
     /// test.
@@ -380,6 +389,12 @@ impl Outbound {
     /// without any I/O, so the UDP relay asks before opening a session.
     pub fn udp_refusal(&self) -> Option<OutboundError> {
         delegate!(self, o => o.udp_refusal())
+    }
+
+    /// Whether a fake-ip datagram through it goes by name; see
+    /// [`Carrier::udp_by_name`].
+    pub fn udp_by_name(&self) -> bool {
+        delegate!(self, o => o.udp_by_name())
     }
 
     /// Opens the upstream side of one UDP session.
@@ -562,6 +577,19 @@ pub trait UdpCarrier {
         scratch: &mut Vec<u8>,
     ) -> io::Result<()>;
 
+    /// Sends `buf[UDP_HEADROOM..]` to `name`:`port` (a fake-ip
+    /// destination; the server resolves the name), never waiting. A name
+    /// whose header does not fit the headroom is laid out again in a
+    /// buffer of its own. Only kinds whose carrier says
+    /// [`Carrier::udp_by_name`] implement it; the others refuse.
+    fn try_send_named(&self, buf: &mut [u8], name: &str, port: u16) -> io::Result<()> {
+        let _ = (buf, port);
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("this upstream cannot send to a name ({name})"),
+        ))
+    }
+
     /// Receives one datagram, never waiting.
     fn try_recv(&self, buf: &mut [u8]) -> io::Result<UdpRecv>;
 
@@ -579,8 +607,18 @@ pub enum UdpRecv {
         start: usize,
         end: usize,
     },
-    /// Something that is not a usable datagram (fragment, bad header,
-    /// domain source); the reason, for the debug log.
+    /// A datagram whose source the server named by domain (an answer to
+    /// a datagram sent by name): the name at `buf[name]`, its port, the
+    /// payload at `buf[start..end]`. Only a fake-ip destination can claim
+    /// it; the relay drops it otherwise.
+    Named {
+        name: Range<usize>,
+        port: u16,
+        start: usize,
+        end: usize,
+    },
+    /// Something that is not a usable datagram (fragment, bad header);
+    /// the reason, for the debug log.
     Dropped(String),
 }
 
@@ -628,6 +666,38 @@ impl UdpUpstream {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 other => return other,
             }
+        }
+    }
+
+    /// Sends `buf[UDP_HEADROOM..]` to `dst`, or by `name` to its port
+    /// when given (a fake-ip destination `dst`; see
+    /// [`UdpCarrier::try_send_named`]), waiting while the socket's buffer
+    /// is full.
+    pub async fn send_to(
+        &self,
+        buf: &mut [u8],
+        dst: SocketAddr,
+        name: Option<&str>,
+    ) -> io::Result<()> {
+        loop {
+            self.socket().writable().await?;
+            match self.try_send_to(buf, dst, name) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// [`send_to`](Self::send_to) without waiting.
+    pub fn try_send_to(
+        &self,
+        buf: &mut [u8],
+        dst: SocketAddr,
+        name: Option<&str>,
+    ) -> io::Result<()> {
+        match name {
+            Some(name) => delegate_udp!(self, u => u.try_send_named(buf, name, dst.port())),
+            None => self.try_send(buf, dst),
         }
     }
 

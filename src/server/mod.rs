@@ -202,7 +202,8 @@ impl Server {
         // IP_TRANSPARENT lets a listener bind an address the host does
         // not have; TPROXY then finds it only if the rules name it, and a
         // typo would silently capture into nothing.
-        if !cfg.listen.ip().is_unspecified() && !sys::is_local_address(cfg.listen.ip()) {
+        let listens = cfg.tcp || cfg.udp;
+        if listens && !cfg.listen.ip().is_unspecified() && !sys::is_local_address(cfg.listen.ip()) {
             return Err(StartError::NotLocal { addr: cfg.listen });
         }
         let transparent = cfg.mode == Mode::Tproxy;
@@ -422,7 +423,8 @@ impl Server {
         let protocols = match (cfg.tcp, cfg.udp) {
             (true, true) => "tcp+udp",
             (true, false) => "tcp",
-            _ => "udp",
+            (false, true) => "udp",
+            (false, false) => "none (DNS on dns.listen only)",
         };
         let upstream = describe_outbounds(&cfg);
         info!(listen = %cfg.listen, mode = %cfg.mode, protocols, outbound = %upstream, mark = cfg.mark, threads = cfg.limits.threads, "tproxyd listening");

@@ -553,7 +553,8 @@ impl Testbed {
             let this_run = log.rsplit(&marker).next().unwrap_or("").to_string();
             let ready = this_run.contains("tproxyd listening")
                 && (!self.tproxyd_cmd.iter().any(|a| a == "-c")
-                    || this_run.contains("firewall rules and policy routes installed"));
+                    || this_run.contains("firewall rules and policy routes installed")
+                    || this_run.contains("no firewall rules installed"));
             ready || self.tproxyd_exited()
         };
         let ready = wait_until(Duration::from_secs(10), started);

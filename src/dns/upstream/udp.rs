@@ -468,6 +468,9 @@ impl Assoc {
                             self.deliver(answer);
                         }
                     }
+                    Ok(UdpRecv::Named { port, .. }) => {
+                        debug!(resolver = %self.server, "UDP datagram from a name (port {port}) dropped: a resolver is asked by address");
+                    }
                     Ok(UdpRecv::Dropped(why)) => {
                         debug!(resolver = %self.server, "UDP datagram dropped: {why}");
                     }

@@ -493,6 +493,11 @@ impl Carrier for Client {
         Ok(UdpUpstream::Shadowsocks(upstream))
     }
 
+    /// A datagram's address is a SOCKS5 address, which may be a name.
+    fn udp_by_name(&self) -> bool {
+        true
+    }
+
     /// Proves the key, not only that the server listens; see
     /// [`Client::check`].
     async fn probe(&self) -> Result<(), OutboundError> {

@@ -42,8 +42,9 @@ use super::window::ReplayWindow;
 use crate::outbound::{ip_udp_max, OutboundError, UdpCarrier, UdpRecv, UDP_HEADROOM};
 use crate::sys;
 
-/// The longest address a datagram names: ATYP, an IPv6 address, a port.
-/// tproxyd sends IP addresses only.
+/// The longest address a datagram to an address names: ATYP, an IPv6
+/// address, a port. A name is longer: such a datagram is laid out in a
+/// buffer of its own when its header does not fit the headroom.
 const MAX_ADDR: usize = 1 + 16 + 2;
 /// SOCKS5 address types (RFC 1928 §5).
 const ATYP_V4: u8 = 0x01;
@@ -73,7 +74,12 @@ pub const MAX_HEADER: usize = XNONCE_LEN + IDS + CLIENT_BODY + MAX_ADDR;
 
 /// Bytes in front of a payload to `dst` through `method`.
 pub fn header_len(method: Method, dst: &SocketAddr) -> usize {
-    let addr = addr_len(dst);
+    header_len_to(method, Dst::Addr(*dst))
+}
+
+/// Bytes in front of a payload to `dst` (maybe a name) through `method`.
+pub fn header_len_to(method: Method, dst: Dst<'_>) -> usize {
+    let addr = dst_len(dst);
     match family(method) {
         Family::Aead => method.salt_len() + addr,
         Family::Aes2022 => SEPARATE_HEADER + CLIENT_BODY + addr,
@@ -96,36 +102,92 @@ fn family(method: Method) -> Family {
     }
 }
 
+/// Where a datagram goes, as its header names it: an address, or a name
+/// and port (a fake-ip destination, which the server resolves).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dst<'a> {
+    Addr(SocketAddr),
+    Name(&'a str, u16),
+}
+
+/// Where a reply came from, as its header names it: an address, or a name
+/// at `at` in the datagram (a server answering a datagram sent by name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Addr(SocketAddr),
+    Name { at: Range<usize>, port: u16 },
+}
+
+impl Source {
+    /// The same source, a name's place moved `by` bytes further on.
+    fn shifted(self, by: usize) -> Source {
+        match self {
+            Source::Name { at, port } => Source::Name {
+                at: at.start + by..at.end + by,
+                port,
+            },
+            addr => addr,
+        }
+    }
+}
+
 /// Length of `addr` as a SOCKS5 address.
+#[cfg(test)]
 fn addr_len(addr: &SocketAddr) -> usize {
-    match addr {
-        SocketAddr::V4(_) => 1 + 4 + 2,
-        SocketAddr::V6(_) => MAX_ADDR,
+    dst_len(Dst::Addr(*addr))
+}
+
+/// Length of `dst` as a SOCKS5 address (a name: ATYP, length, name, port).
+fn dst_len(dst: Dst<'_>) -> usize {
+    match dst {
+        Dst::Addr(SocketAddr::V4(_)) => 1 + 4 + 2,
+        Dst::Addr(SocketAddr::V6(_)) => MAX_ADDR,
+        Dst::Name(name, _) => 1 + 1 + name.len() + 2,
     }
 }
 
 /// Writes `addr` as a SOCKS5 address at the start of `out`, which holds
 /// exactly [`addr_len`] bytes.
+#[cfg(test)]
 fn write_addr(out: &mut [u8], addr: &SocketAddr) {
-    let (ip, port) = out.split_at_mut(out.len().saturating_sub(2));
-    match (addr, ip.split_first_mut()) {
-        (SocketAddr::V4(a), Some((atyp, ip))) if ip.len() == 4 => {
-            *atyp = ATYP_V4;
-            ip.copy_from_slice(&a.ip().octets());
-        }
-        (SocketAddr::V6(a), Some((atyp, ip))) if ip.len() == 16 => {
-            *atyp = ATYP_V6;
-            ip.copy_from_slice(&a.ip().octets());
-        }
-        // The callers size `out` by `addr_len`.
-        _ => return,
-    }
-    port.copy_from_slice(&addr.port().to_be_bytes());
+    write_dst(out, Dst::Addr(*addr))
 }
 
-/// Reads the SOCKS5 address at the start of `buf`: the remote a reply
-/// came from, and the address's length.
-fn read_addr(buf: &[u8]) -> Result<(SocketAddr, usize), String> {
+/// Writes `dst` as a SOCKS5 address into `out`, which holds exactly
+/// [`dst_len`] bytes (a name of at most 255 bytes: the callers check).
+fn write_dst(out: &mut [u8], dst: Dst<'_>) {
+    let (head, port) = out.split_at_mut(out.len().saturating_sub(2));
+    let port_number = match (dst, head.split_first_mut()) {
+        (Dst::Addr(SocketAddr::V4(a)), Some((atyp, ip))) if ip.len() == 4 => {
+            *atyp = ATYP_V4;
+            ip.copy_from_slice(&a.ip().octets());
+            a.port()
+        }
+        (Dst::Addr(SocketAddr::V6(a)), Some((atyp, ip))) if ip.len() == 16 => {
+            *atyp = ATYP_V6;
+            ip.copy_from_slice(&a.ip().octets());
+            a.port()
+        }
+        (Dst::Name(name, p), Some((atyp, rest))) if rest.len() == 1 + name.len() => {
+            let Ok(len) = u8::try_from(name.len()) else {
+                return;
+            };
+            *atyp = ATYP_DOMAIN;
+            if let Some((first, text)) = rest.split_first_mut() {
+                *first = len;
+                text.copy_from_slice(name.as_bytes());
+            }
+            p
+        }
+        // The callers size `out` by `dst_len`.
+        _ => return,
+    };
+    port.copy_from_slice(&port_number.to_be_bytes());
+}
+
+/// Reads the SOCKS5 address at the start of `buf`: where a reply came
+/// from (a name's place is within `buf`), and the address's length.
+fn read_source(buf: &[u8]) -> Result<(Source, usize), String> {
     let port = |at: usize| -> Result<u16, String> {
         match buf.get(at..at + 2) {
             Some(&[hi, lo]) => Ok(u16::from_be_bytes([hi, lo])),
@@ -136,15 +198,18 @@ fn read_addr(buf: &[u8]) -> Result<(SocketAddr, usize), String> {
         Some(&ATYP_V4) => {
             let ip: [u8; 4] = array_at(buf, 1).ok_or("reply truncated in its address")?;
             let addr = SocketAddrV4::new(Ipv4Addr::from(ip), port(5)?);
-            Ok((addr.into(), 7))
+            Ok((Source::Addr(addr.into()), 7))
         }
         Some(&ATYP_V6) => {
             let ip: [u8; 16] = array_at(buf, 1).ok_or("reply truncated in its address")?;
             let addr = SocketAddrV6::new(Ipv6Addr::from(ip), port(17)?, 0, 0);
-            Ok((sys::normalize(addr.into()), MAX_ADDR))
+            Ok((Source::Addr(sys::normalize(addr.into())), MAX_ADDR))
         }
         Some(&ATYP_DOMAIN) => {
-            Err("reply names its source by domain: no address to answer from".into())
+            let len = usize::from(*buf.get(1).ok_or("reply truncated in its address")?);
+            let at = 2..2 + len;
+            let port = port(at.end)?;
+            Ok((Source::Name { at, port }, 2 + len + 2))
         }
         Some(other) => Err(format!("reply has unknown address type {other:#04x}")),
         None => Err("reply has no address".into()),
@@ -386,8 +451,27 @@ impl Codec {
         dst: &SocketAddr,
         now: u64,
     ) -> io::Result<(usize, [u8; TAG_LEN])> {
+        self.seal_to(buf, at, Dst::Addr(*dst), now)
+    }
+
+    /// [`seal`](Self::seal) to an address or a name (at most 255 bytes).
+    pub fn seal_to(
+        &self,
+        buf: &mut [u8],
+        at: usize,
+        dst: Dst<'_>,
+        now: u64,
+    ) -> io::Result<(usize, [u8; TAG_LEN])> {
+        if let Dst::Name(name, _) = dst {
+            if name.len() > 255 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("a name of {} bytes does not fit a header", name.len()),
+                ));
+            }
+        }
         let method = self.method();
-        let header = header_len(method, dst);
+        let header = header_len_to(method, dst);
         let start = at
             .checked_sub(header)
             .filter(|_| at <= buf.len())
@@ -395,7 +479,7 @@ impl Codec {
         // From here on the datagram is `d`: its header is `d[..header]`,
         // the address its last bytes, the payload `d[header..]`.
         let d = &mut buf[start..];
-        write_addr(&mut d[header - addr_len(dst)..header], dst);
+        write_dst(&mut d[header - dst_len(dst)..header], dst);
         let tag = match &self.keys {
             Keys::Aead => {
                 let salt_len = method.salt_len();
@@ -434,11 +518,7 @@ impl Codec {
     /// where its payload lies in `datagram`. Nothing changes (no window
     /// moves, no server session is adopted) unless it authenticated and
     /// passed every check.
-    pub fn open(
-        &self,
-        datagram: &mut [u8],
-        now: u64,
-    ) -> Result<(SocketAddr, Range<usize>), Dropped> {
+    pub fn open(&self, datagram: &mut [u8], now: u64) -> Result<(Source, Range<usize>), Dropped> {
         let method = self.method();
         let n = datagram.len();
         match &self.keys {
@@ -452,8 +532,8 @@ impl Codec {
                 let (salt, sealed) = datagram.split_at_mut(salt_len);
                 open_tail(&self.key.session(salt), &[0; NONCE_LEN], sealed)?;
                 let body = &sealed[..sealed.len() - TAG_LEN];
-                let (from, len) = read_addr(body)?;
-                Ok((from, salt_len + len..n - TAG_LEN))
+                let (from, len) = read_source(body)?;
+                Ok((from.shifted(salt_len), salt_len + len..n - TAG_LEN))
             }
             Keys::Aes2022 { header, session } => {
                 if n < SEPARATE_HEADER + SERVER_BODY + TAG_LEN {
@@ -487,7 +567,10 @@ impl Codec {
                 }
                 servers.commit(server_id, packet);
                 let offset = SEPARATE_HEADER;
-                Ok((from, range.start + offset..range.end + offset))
+                Ok((
+                    from.shifted(offset),
+                    range.start + offset..range.end + offset,
+                ))
             }
             Keys::Chacha2022 { cipher, session } => {
                 if n < XNONCE_LEN + IDS + SERVER_BODY + TAG_LEN {
@@ -511,7 +594,10 @@ impl Codec {
                 }
                 servers.commit(server_id, packet);
                 let offset = XNONCE_LEN + IDS;
-                Ok((from, range.start + offset..range.end + offset))
+                Ok((
+                    from.shifted(offset),
+                    range.start + offset..range.end + offset,
+                ))
             }
         }
     }
@@ -555,11 +641,7 @@ fn open_tail(cipher: &Cipher, nonce: &[u8; NONCE_LEN], sealed: &mut [u8]) -> Res
 /// Checks a 2022 server body (from its type on) and finds its address and
 /// payload: type 1, a time within ±30 s, our client session, padding
 /// within the datagram.
-fn server_body(
-    body: &[u8],
-    client_id: u64,
-    now: u64,
-) -> Result<(SocketAddr, Range<usize>), Dropped> {
+fn server_body(body: &[u8], client_id: u64, now: u64) -> Result<(Source, Range<usize>), Dropped> {
     let kind = *body.first().ok_or("reply truncated")?;
     if kind != TYPE_SERVER {
         return Err(format!("reply has packet type {kind}, not 1 (server)"));
@@ -583,8 +665,8 @@ fn server_body(
     let rest = body
         .get(addr_at..)
         .ok_or_else(|| format!("reply's padding of {padding} bytes overruns it"))?;
-    let (from, len) = read_addr(rest)?;
-    Ok((from, addr_at + len..body.len()))
+    let (from, len) = read_source(rest)?;
+    Ok((from.shifted(addr_at), addr_at + len..body.len()))
 }
 
 /// `body` sealed as a server's reply with `key`, for the fuzz target:
@@ -675,6 +757,22 @@ fn std_connect(socket: &UdpSocket, server: SocketAddr) -> io::Result<()> {
     socket2::SockRef::from(socket).connect(&server.into())
 }
 
+impl ShadowsocksUdp {
+    /// Seals the payload `buf[at..]` to `dst` in place and sends it, the
+    /// tag as a second slice.
+    fn seal_and_send(&self, buf: &mut [u8], at: usize, dst: Dst<'_>) -> io::Result<()> {
+        let (start, tag) = self
+            .codec
+            .seal_to(buf, at, dst, unix_now())
+            .map_err(|e| self.sealing_failed(e))?;
+        let datagram = buf.get(start..).unwrap_or_default();
+        self.socket.try_io(Interest::WRITABLE, || {
+            sys::send_parts(&self.socket, &[datagram, &tag])
+        })?;
+        Ok(())
+    }
+}
+
 impl UdpCarrier for ShadowsocksUdp {
     fn socket(&self) -> &UdpSocket {
         &self.socket
@@ -689,15 +787,24 @@ impl UdpCarrier for ShadowsocksUdp {
     }
 
     fn try_send(&self, buf: &mut [u8], dst: SocketAddr) -> io::Result<()> {
-        let (start, tag) = self
-            .codec
-            .seal(buf, UDP_HEADROOM, &dst, unix_now())
-            .map_err(|e| self.sealing_failed(e))?;
-        let datagram = buf.get(start..).unwrap_or_default();
-        self.socket.try_io(Interest::WRITABLE, || {
-            sys::send_parts(&self.socket, &[datagram, &tag])
-        })?;
-        Ok(())
+        self.seal_and_send(buf, UDP_HEADROOM, Dst::Addr(dst))
+    }
+
+    /// The name is sealed with the payload, so the two must lie together:
+    /// in place when the header fits the headroom, else (a name longer
+    /// than a few dozen bytes) the payload is copied behind it.
+    fn try_send_named(&self, buf: &mut [u8], name: &str, port: u16) -> io::Result<()> {
+        let dst = Dst::Name(name, port);
+        let header = header_len_to(self.codec.method(), dst);
+        if header <= UDP_HEADROOM {
+            return self.seal_and_send(buf, UDP_HEADROOM, dst);
+        }
+        let payload = buf.get(UDP_HEADROOM..).unwrap_or_default();
+        let mut own = vec![0u8; header + payload.len()];
+        own.get_mut(header..)
+            .unwrap_or_default()
+            .copy_from_slice(payload);
+        self.seal_and_send(&mut own, header, dst)
     }
 
     /// Each payload needs its own header and tag: the run is laid out
@@ -735,8 +842,14 @@ impl UdpCarrier for ShadowsocksUdp {
         let n = self.socket.try_recv(buf)?;
         let datagram = buf.get_mut(..n).unwrap_or_default();
         Ok(match self.codec.open(datagram, unix_now()) {
-            Ok((from, payload)) => UdpRecv::Datagram {
+            Ok((Source::Addr(from), payload)) => UdpRecv::Datagram {
                 from,
+                start: payload.start,
+                end: payload.end,
+            },
+            Ok((Source::Name { at, port }, payload)) => UdpRecv::Named {
+                name: at,
+                port,
                 start: payload.start,
                 end: payload.end,
             },
@@ -799,7 +912,20 @@ mod tests {
         packet: u64,
         time: u64,
         dst: SocketAddr,
+        /// For a datagram to a name: the name and port (`dst` unspecified).
+        name: Option<(String, u16)>,
         payload: Vec<u8>,
+    }
+
+    /// A SOCKS5 address as a server reads it: an address, or a name.
+    fn server_addr(buf: &[u8]) -> (SocketAddr, Option<(String, u16)>, usize) {
+        match read_source(buf).unwrap() {
+            (Source::Addr(a), len) => (a, None, len),
+            (Source::Name { at, port }, len) => {
+                let name = String::from_utf8(buf[at].to_vec()).unwrap();
+                ("0.0.0.0:0".parse().unwrap(), Some((name, port)), len)
+            }
+        }
     }
 
     /// The server's side, written from SIP004/SIP022 apart from the
@@ -810,12 +936,13 @@ mod tests {
             assert_eq!(body[0], TYPE_CLIENT);
             let time = u64::from_be_bytes(body[1..9].try_into().unwrap());
             let padding = usize::from(u16::from_be_bytes([body[9], body[10]]));
-            let (dst, len) = read_addr(&body[11 + padding..]).unwrap();
+            let (dst, name, len) = server_addr(&body[11 + padding..]);
             FromClient {
                 session,
                 packet,
                 time,
                 dst,
+                name,
                 payload: body[11 + padding + len..].to_vec(),
             }
         };
@@ -825,12 +952,13 @@ mod tests {
                 let mut body = sealed.to_vec();
                 key.session(salt).open_tail(&[0; 12], &mut body).unwrap();
                 body.truncate(body.len() - 16);
-                let (dst, len) = read_addr(&body).unwrap();
+                let (dst, name, len) = server_addr(&body);
                 FromClient {
                     session: 0,
                     packet: 0,
                     time: 0,
                     dst,
+                    name,
                     payload: body[len..].to_vec(),
                 }
             }
@@ -950,9 +1078,10 @@ mod tests {
 
     fn opened(codec: &Codec, datagram: &[u8]) -> Result<(SocketAddr, Vec<u8>), Dropped> {
         let mut d = datagram.to_vec();
-        codec
-            .open(&mut d, NOW)
-            .map(|(from, range)| (from, d[range].to_vec()))
+        match codec.open(&mut d, NOW)? {
+            (Source::Addr(from), range) => Ok((from, d[range].to_vec())),
+            (Source::Name { .. }, _) => Err("named source".into()),
+        }
     }
 
     #[test]
@@ -1176,7 +1305,7 @@ mod tests {
                 for addr in [
                     vec![],
                     vec![ATYP_V4, 1, 2],
-                    vec![ATYP_DOMAIN, 3, b'a', b'b', b'c', 0, 53],
+                    vec![ATYP_DOMAIN, 9, b'a', b'b', b'c', 0, 53],
                     vec![9; 7],
                     vec![ATYP_V6; 10],
                 ] {
@@ -1228,6 +1357,50 @@ mod tests {
             out.extend_from_slice(&msg);
             out.extend_from_slice(&tag);
             out
+        }
+    }
+
+    /// A datagram to a name (a fake-ip destination) carries it as a
+    /// SOCKS5 domain address (ATYP 3), in place when it fits the headroom
+    /// and in a buffer of its own when not; a reply naming its source by
+    /// domain says where the name lies in it.
+    #[test]
+    fn datagrams_to_names_carry_them_and_named_replies_are_read() {
+        let long = format!("{}.example", "a".repeat(200));
+        for m in Method::ALL {
+            let key = key(m);
+            let codec = Codec::new(&key).unwrap();
+            for name in ["q.example", long.as_str()] {
+                let header = header_len_to(m, Dst::Name(name, 443));
+                let mut buf = vec![0u8; header];
+                buf.extend_from_slice(b"payload");
+                let (start, tag) = codec
+                    .seal_to(&mut buf, header, Dst::Name(name, 443), NOW)
+                    .unwrap();
+                assert_eq!(start, 0, "{m}");
+                let mut d = buf;
+                d.extend_from_slice(&tag);
+                let got = server_open(&key, &d);
+                assert_eq!(got.name, Some((name.to_string(), 443)), "{m}");
+                assert_eq!(got.payload, b"payload", "{m}");
+            }
+            let too_long = "a".repeat(256);
+            let mut buf = vec![0u8; 400];
+            assert!(codec
+                .seal_to(&mut buf, 300, Dst::Name(&too_long, 1), NOW)
+                .is_err());
+
+            let mut addr = vec![ATYP_DOMAIN, 9];
+            addr.extend_from_slice(b"q.example");
+            addr.extend_from_slice(&443u16.to_be_bytes());
+            addr.extend_from_slice(b"answer");
+            let mut raw = raw_reply(&key, &codec, 0, &addr);
+            let (from, payload) = codec.open(&mut raw, NOW).unwrap();
+            let Source::Name { at, port } = from else {
+                panic!("{m}: {from:?}");
+            };
+            assert_eq!((&raw[at], port), (&b"q.example"[..], 443), "{m}");
+            assert_eq!(&raw[payload], b"answer", "{m}");
         }
     }
 
@@ -1293,15 +1466,35 @@ mod tests {
                     other => break other.unwrap(),
                 }
             }
+            // To names: one that fits the headroom, one that does not.
+            let long = format!("{}.example", "n".repeat(120));
+            for name in ["q.example", long.as_str()] {
+                let mut buf = vec![0u8; UDP_HEADROOM];
+                buf.extend_from_slice(b"named");
+                up.socket().writable().await.unwrap();
+                up.try_send_named(&mut buf, name, 443).unwrap();
+            }
             let mut got = Vec::new();
+            let mut names = Vec::new();
             let mut client = None;
-            for _ in 0..4 {
+            for _ in 0..6 {
                 let mut d = vec![0u8; 2048];
                 let (n, peer) = server.recv_from(&mut d).await.unwrap();
                 client = Some(peer);
                 let c = server_open(&key, &d[..n]);
-                got.push((c.dst, c.payload));
+                match c.name {
+                    Some(name) => names.push((name, c.payload)),
+                    None => got.push((c.dst, c.payload)),
+                }
             }
+            assert_eq!(
+                names,
+                [
+                    (("q.example".to_string(), 443), b"named".to_vec()),
+                    ((long.clone(), 443), b"named".to_vec()),
+                ],
+                "{m}"
+            );
             assert_eq!(
                 got,
                 [
@@ -1332,6 +1525,7 @@ mod tests {
                         assert!(reason.contains("shadowsocks server"), "{reason}");
                         seen.push(None)
                     }
+                    Ok(r @ UdpRecv::Named { .. }) => panic!("{m}: no named reply was sent: {r:?}"),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => panic!("{e}"),
                 }

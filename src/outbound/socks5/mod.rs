@@ -551,6 +551,11 @@ impl Carrier for Socks5Client {
         Ok(UdpUpstream::Socks5(self.udp_associate().await?))
     }
 
+    /// RFC 1928 lets a UDP header name a domain (ATYP 3).
+    fn udp_by_name(&self) -> bool {
+        true
+    }
+
     /// Connect and greeting (and login, if configured), so a server that
     /// accepts connections but not us counts as down.
     async fn probe(&self) -> Result<(), OutboundError> {
@@ -573,6 +578,22 @@ impl UdpCarrier for UdpAssociation {
         let start = UDP_HEADROOM - proto::udp_header_len(&dst);
         proto::write_udp_header(&mut buf[start..UDP_HEADROOM], &dst);
         self.socket.try_send(&buf[start..])?;
+        Ok(())
+    }
+
+    /// The header (ATYP 3) goes out as a slice of its own in front of the
+    /// payload: no copy whatever the name's length.
+    fn try_send_named(&self, buf: &mut [u8], name: &str, port: u16) -> io::Result<()> {
+        let mut header = [0u8; proto::MAX_UDP_NAMED_HEADER];
+        let len = proto::write_udp_header_named(&mut header, name, port)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let payload = buf.get(UDP_HEADROOM..).unwrap_or_default();
+        self.socket.try_io(Interest::WRITABLE, || {
+            sys::send_parts(
+                &self.socket,
+                &[header.get(..len).unwrap_or_default(), payload],
+            )
+        })?;
         Ok(())
     }
 
@@ -608,9 +629,13 @@ impl UdpCarrier for UdpAssociation {
                 start,
                 end: n,
             },
-            Ok((Address::Domain(name, port), _)) => UdpRecv::Dropped(format!(
-                "reply from domain {name}:{port} has no address to answer from"
-            )),
+            // RSV FRAG ATYP LEN, then the name.
+            Ok((Address::Domain(name, port), start)) => UdpRecv::Named {
+                name: 5..5 + name.len(),
+                port,
+                start,
+                end: n,
+            },
             Err(e) => UdpRecv::Dropped(format!("bad datagram from relay {}: {e}", self.relay)),
         })
     }
@@ -691,5 +716,57 @@ mod tests {
             let err = relay_address(bound.parse().unwrap(), server).unwrap_err();
             assert!(matches!(err, Socks5Error::NoRelayPort { .. }), "{err}");
         }
+    }
+
+    /// A datagram to a name goes with an ATYP 3 header, whatever the
+    /// name's length; a reply naming its source by domain says where the
+    /// name lies, and one from an address is a plain datagram.
+    #[tokio::test]
+    async fn udp_datagrams_to_names_and_replies_from_names() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let control = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let relay = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        socket.connect(relay.local_addr().unwrap()).await.unwrap();
+        let assoc = UdpAssociation {
+            control,
+            socket,
+            relay: relay.local_addr().unwrap(),
+        };
+        let long = format!("{}.example", "x".repeat(240));
+        let mut d = vec![0u8; 1024];
+        for name in ["quic.example", long.as_str()] {
+            let mut buf = vec![0u8; UDP_HEADROOM];
+            buf.extend_from_slice(b"hello");
+            assoc.socket.writable().await.unwrap();
+            assoc.try_send_named(&mut buf, name, 443).unwrap();
+            let (n, client) = relay.recv_from(&mut d).await.unwrap();
+            let (target, at) = proto::parse_udp_header(&d[..n]).unwrap();
+            assert_eq!(target, Address::Domain(name.to_string(), 443));
+            assert_eq!(&d[at..n], b"hello");
+
+            relay.send_to(&d[..n], client).await.unwrap();
+            assoc.socket.readable().await.unwrap();
+            let mut r = vec![0u8; 1024];
+            match assoc.try_recv(&mut r).unwrap() {
+                UdpRecv::Named {
+                    name: place,
+                    port,
+                    start,
+                    end,
+                } => {
+                    assert_eq!(&r[place], name.as_bytes());
+                    assert_eq!(port, 443);
+                    assert_eq!(&r[start..end], b"hello");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let too_long = "a".repeat(256);
+        let mut buf = vec![0u8; UDP_HEADROOM + 1];
+        let e = assoc.try_send_named(&mut buf, &too_long, 1).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
     }
 }

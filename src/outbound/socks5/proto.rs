@@ -24,10 +24,15 @@ pub const ATYP_V6: u8 = 0x04;
 pub const REP_SUCCEEDED: u8 = 0x00;
 pub const REP_COMMAND_NOT_SUPPORTED: u8 = 0x07;
 
-/// Largest UDP request header: RSV(2) FRAG(1) ATYP(1) IPv6(16) PORT(2).
-/// (Domain names are never sent in datagrams by tproxyd, only possibly
-/// received; only CONNECT may name a domain, with `send_domain`.)
+/// Largest UDP request header to an address: RSV(2) FRAG(1) ATYP(1)
+/// IPv6(16) PORT(2). A datagram to a name (a fake-ip destination) has a
+/// longer one, up to [`MAX_UDP_NAMED_HEADER`]; it goes out as a slice of
+/// its own ([`write_udp_header_named`]) rather than in the headroom.
 pub const MAX_UDP_HEADER: usize = 22;
+
+/// Largest UDP request header to a name: RSV FRAG ATYP LEN, 255 bytes of
+/// name, PORT.
+pub const MAX_UDP_NAMED_HEADER: usize = 4 + 1 + 255 + 2;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProtoError {
@@ -264,6 +269,22 @@ pub fn write_udp_header(out: &mut [u8], dst: &SocketAddr) -> usize {
             22
         }
     }
+}
+
+/// Writes the UDP request header naming `name`:`port` (ATYP 3) into the
+/// start of `out` and returns its length; `out` must hold
+/// [`MAX_UDP_NAMED_HEADER`] bytes. The name is sent as given: callers
+/// pass only validated host names.
+pub fn write_udp_header_named(out: &mut [u8], name: &str, port: u16) -> Result<usize, ProtoError> {
+    let len = u8::try_from(name.len()).map_err(|_| ProtoError::DomainTooLong(name.len()))?;
+    let end = 5 + name.len();
+    let header = out
+        .get_mut(..end + 2)
+        .ok_or(ProtoError::DomainTooLong(name.len()))?;
+    header[..5].copy_from_slice(&[0, 0, 0, ATYP_DOMAIN, len]);
+    header[5..end].copy_from_slice(name.as_bytes());
+    header[end..].copy_from_slice(&port.to_be_bytes());
+    Ok(end + 2)
 }
 
 /// The header length [`write_udp_header`] writes for `dst`.
@@ -508,6 +529,36 @@ mod tests {
         let (addr, off) = parse_udp_header(&datagram).unwrap();
         assert_eq!(addr, Address::Ip(sa("[2001:db8:100::10]:7")));
         assert_eq!(&datagram[off..], b"payload");
+    }
+
+    /// A datagram to a name: ATYP 3 as in RFC 1928 §7, and it parses
+    /// back (a reply naming its source by domain).
+    #[test]
+    fn udp_header_to_a_name() {
+        let mut out = [0u8; MAX_UDP_NAMED_HEADER];
+        let n = write_udp_header_named(&mut out, "quic.example", 443).unwrap();
+        let mut want = vec![0, 0, 0, 3, 12];
+        want.extend_from_slice(b"quic.example");
+        want.extend_from_slice(&[0x01, 0xbb]);
+        assert_eq!(&out[..n], &want[..]);
+        let mut datagram = want.clone();
+        datagram.extend_from_slice(b"payload");
+        assert_eq!(
+            parse_udp_header(&datagram).unwrap(),
+            (Address::Domain("quic.example".into(), 443), want.len())
+        );
+        let longest = "a".repeat(255);
+        assert_eq!(
+            write_udp_header_named(&mut out, &longest, 1).unwrap(),
+            MAX_UDP_NAMED_HEADER
+        );
+        let too_long = "a".repeat(256);
+        assert_eq!(
+            write_udp_header_named(&mut out, &too_long, 1),
+            Err(ProtoError::DomainTooLong(256))
+        );
+        // Too small a buffer is an error, never a panic.
+        assert!(write_udp_header_named(&mut [0u8; 8], "quic.example", 443).is_err());
     }
 
     #[test]

@@ -51,6 +51,7 @@ use crate::registry::{FlowStart, Registry};
 use crate::route::{Decision, Router};
 use crate::sys;
 
+mod aliases;
 mod backoff;
 mod decide;
 mod dns;
@@ -122,6 +123,14 @@ struct Warnings {
     oversize: RateLimit,
     fake: RateLimit,
     unresolved: RateLimit,
+}
+
+/// How a datagram to a fake-ip address goes (see `aliases.rs`).
+enum FakeWay {
+    /// To the real address of its name; the client wrote to `fake`.
+    Resolved { fake: SocketAddr },
+    /// To the name itself, through an outbound that takes names.
+    Named(Arc<str>),
 }
 
 /// A fake-ip destination of one client whose name is being resolved.
@@ -330,12 +339,14 @@ impl UdpRelay {
             .map(|entry| Arc::clone(&entry.shared))
     }
 
-    /// Sends a datagram to a fake-ip address `fake` by its `name`: to the
-    /// real address the session resolved for it, or, the first time,
+    /// Sends a datagram to a fake-ip address `fake` by its `name`. Through
+    /// an outbound that takes names (SOCKS5, shadowsocks), to the name
+    /// itself: the server resolves it. Through the others (`direct`), to
+    /// the real address the session resolved for it, or, the first time,
     /// once the name is resolved (through the DNS engine's real
-    /// resolvers, never the pool). Datagrams that come meanwhile wait
-    /// with the first. Every outbound gets the real address: the UDP
-    /// upstreams send to socket addresses only (docs/dns.md, Fake-ip).
+    /// resolvers, never the pool); datagrams that come meanwhile wait
+    /// with the first. Either way the replies reach the client from
+    /// `fake` (see `aliases.rs`, and docs/dns.md, Fake-ip).
     #[allow(clippy::too_many_arguments)]
     fn forward_named(
         self: &Arc<Self>,
@@ -347,8 +358,17 @@ impl UdpRelay {
         session: Option<Arc<SessionShared>>,
         sniffed: Option<&Sniffed>,
     ) {
+        // The name goes on the wire or to the resolver: checked once here.
+        if !crate::hostname::is_host_name(&name) {
+            return self.unresolved(client, fake, &name, 1, "not a host name");
+        }
+        if choice.outbound.udp_by_name() {
+            let way = Some(FakeWay::Named(name));
+            return self.forward(client, fake, buf, choice, session, sniffed, way);
+        }
         if let Some(real) = session.as_deref().and_then(|s| s.real_of(fake)) {
-            return self.forward(client, real, buf, choice, session, sniffed, Some(fake));
+            let way = Some(FakeWay::Resolved { fake });
+            return self.forward(client, real, buf, choice, session, sniffed, way);
         }
         let key = (client, fake);
         {
@@ -392,7 +412,7 @@ impl UdpRelay {
                     choice,
                     session,
                     sniffed.as_ref(),
-                    Some(fake),
+                    Some(FakeWay::Resolved { fake }),
                 );
             }
         });
@@ -419,8 +439,9 @@ impl UdpRelay {
     /// Sends a datagram through the upstream of `choice`'s outbound (one
     /// that carries UDP: the decision refused the others), through
     /// `session` (the client's, looked up by the caller) or a new one.
-    /// `alias`: the fake-ip address the client wrote to, when `dst` is
-    /// the real address of its name; the session then answers from it.
+    /// `fake`: how it goes when the client wrote to a fake-ip address
+    /// (`dst` is then the real address of its name, or for one sent by
+    /// name the fake address itself); the session answers from it.
     #[allow(clippy::too_many_arguments)]
     fn forward(
         self: &Arc<Self>,
@@ -430,20 +451,24 @@ impl UdpRelay {
         choice: Choice,
         session: Option<Arc<SessionShared>>,
         sniffed: Option<&Sniffed>,
-        alias: Option<SocketAddr>,
+        fake: Option<FakeWay>,
     ) {
         let len = buf.len() - UDP_HEADROOM;
+        let name = match &fake {
+            Some(FakeWay::Named(name)) => Some(name),
+            _ => None,
+        };
         // Told to the session before the datagram leaves: no reply can
         // come before it.
-        let aliased = |shared: &SessionShared| {
-            if let Some(fake) = alias {
-                shared.add_alias(fake, dst);
-            }
+        let aliased = |shared: &SessionShared| match &fake {
+            Some(FakeWay::Resolved { fake }) => shared.add_alias(*fake, dst),
+            Some(FakeWay::Named(name)) => shared.add_named(dst, name, choice.key),
+            None => {}
         };
         let ready = session.and_then(|shared| Some((shared.ready(choice.key)?, shared)));
         if let Some((upstream, shared)) = ready {
             aliased(&shared);
-            match upstream.try_send(buf, dst) {
+            match upstream.try_send_to(buf, dst, name.map(|n| &**n)) {
                 Ok(()) => return shared.sent_up(len, dst),
                 // The socket buffer is full: the task waits for room.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -463,6 +488,7 @@ impl UdpRelay {
             Box::new(Packet {
                 buf: buf.to_vec(),
                 dst,
+                name: name.cloned(),
             })
         };
 
@@ -557,7 +583,9 @@ impl UdpRelay {
             network: Network::Udp,
             client,
             dst,
-            host: sniffed.and_then(|s| s.host.clone()),
+            host: sniffed
+                .and_then(|s| s.host.clone())
+                .or_else(|| name.map(|n| n.to_string())),
             sniffed: sniffed.map(|s| s.protocol),
             rule: Arc::clone(policy.rule_label(choice.rule)),
             chain: policy.chain_names(&choice),

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use super::aliases::{Aliases, ReplyFrom};
 use super::{decide, lock};
 use crate::outbound::UdpUpstream;
 use crate::registry::Flow;
@@ -29,6 +30,9 @@ pub(super) const SESSION_QUEUE: usize = 256;
 pub struct Packet {
     pub buf: Vec<u8>,
     pub dst: SocketAddr,
+    /// The name it goes to, `dst` being a fake-ip address (see
+    /// [`crate::outbound::UdpUpstream::send_to`]).
+    pub name: Option<Arc<str>>,
 }
 
 /// Datagrams waiting for a session's task, oldest first.
@@ -165,23 +169,12 @@ pub(super) struct SessionShared {
     pub(super) up_datagrams: AtomicU64,
     /// The route of a QUIC flow sniffed by name (see `hold.rs`).
     pub(super) pin: OnceLock<decide::Pin>,
-    /// Fake-ip destinations the session sends to by name, each with the
-    /// real address it goes to; `aliased` says there are any, so the
-    /// replies of every other session pass without a lock.
-    aliases: Mutex<Vec<Alias>>,
+    /// Fake-ip destinations the session sends to, each with the way its
+    /// datagrams go; `aliased` says there are any, so the replies of every
+    /// other session pass without a lock.
+    aliases: Mutex<Aliases>,
     aliased: AtomicBool,
 }
-
-/// A fake-ip destination and the real address its datagrams go to.
-#[derive(Debug, Clone, Copy)]
-struct Alias {
-    fake: SocketAddr,
-    real: SocketAddr,
-}
-
-/// Most fake-ip destinations one session keeps by name; beyond that the
-/// oldest is forgotten (its next datagram resolves its name again).
-const MAX_ALIASES: usize = 64;
 
 impl SessionShared {
     pub(super) fn new(outbound: u32, flow: Arc<Flow>) -> Self {
@@ -196,7 +189,7 @@ impl SessionShared {
             flow,
             up_datagrams: AtomicU64::new(0),
             pin: OnceLock::new(),
-            aliases: Mutex::new(Vec::new()),
+            aliases: Mutex::new(Aliases::default()),
             aliased: AtomicBool::new(false),
         }
     }
@@ -207,42 +200,36 @@ impl SessionShared {
         if !self.aliased.load(Ordering::Acquire) {
             return None;
         }
-        lock(&self.aliases)
-            .iter()
-            .find(|a| a.fake == fake)
-            .map(|a| a.real)
+        lock(&self.aliases).real_of(fake)
     }
 
     /// Datagrams to `fake` go to `real`, and replies from `real` reach
     /// the client from `fake`.
     pub(super) fn add_alias(&self, fake: SocketAddr, real: SocketAddr) {
-        let real = crate::sys::normalize(real);
-        let mut aliases = lock(&self.aliases);
-        match aliases.iter_mut().find(|a| a.fake == fake) {
-            Some(alias) => alias.real = real,
-            None => {
-                if aliases.len() >= MAX_ALIASES {
-                    aliases.remove(0);
-                }
-                aliases.push(Alias { fake, real });
-            }
-        }
+        lock(&self.aliases).add_real(fake, real);
         self.aliased.store(true, Ordering::Release);
     }
 
-    /// The address a reply from `from` reaches the client from: the
-    /// fake-ip address the client wrote to when `from` is the real
-    /// address of one, else `from` itself. One atomic load for a session
-    /// with no fake-ip destination.
-    pub(super) fn reply_source(&self, from: SocketAddr) -> SocketAddr {
+    /// Datagrams to `fake` go by `name` through the leg of `outbound`, and
+    /// its replies reach the client from `fake` (see [`Aliases`]).
+    pub(super) fn add_named(&self, fake: SocketAddr, name: &Arc<str>, outbound: u32) {
+        lock(&self.aliases).add_named(fake, name, outbound);
+        self.aliased.store(true, Ordering::Release);
+    }
+
+    /// The address a reply from `from` through the leg of `outbound`
+    /// reaches the client from: the fake-ip address the client wrote to
+    /// when it answers one, else `from` itself; None for a reply from a
+    /// name no destination has. One atomic load for a session with no
+    /// fake-ip destination.
+    pub(super) fn reply_source(&self, outbound: u32, from: ReplyFrom<'_>) -> Option<SocketAddr> {
         if !self.aliased.load(Ordering::Acquire) {
-            return from;
+            return match from {
+                ReplyFrom::Addr(addr) => Some(addr),
+                ReplyFrom::Name(..) => None,
+            };
         }
-        let real = crate::sys::normalize(from);
-        lock(&self.aliases)
-            .iter()
-            .find(|a| a.real == real)
-            .map_or(from, |a| a.fake)
+        lock(&self.aliases).reply_source(outbound, from)
     }
 
     pub(super) fn touch(&self) {

@@ -508,6 +508,7 @@ fn a_session_queue_is_bounded_and_refuses_once_closed() {
         Box::new(Packet {
             buf: framed(b"q"),
             dst: "127.0.0.1:9".parse().unwrap(),
+            name: None,
         })
     };
     for _ in 0..SESSION_QUEUE {
@@ -970,18 +971,20 @@ async fn fake_ip_aliases_answer_from_the_fake_address() {
         port([192, 0, 2, 9], 7),
         port([192, 0, 2, 10], 7),
     );
+    let src = |from| {
+        shared
+            .reply_source(choice.key, super::aliases::ReplyFrom::Addr(from))
+            .unwrap()
+    };
     assert_eq!(shared.real_of(fake), None);
-    assert_eq!(shared.reply_source(real), real, "no alias yet");
+    assert_eq!(src(real), real, "no alias yet");
     shared.add_alias(fake, real);
     assert_eq!(shared.real_of(fake), Some(real));
-    assert_eq!(shared.reply_source(real), fake);
+    assert_eq!(src(real), fake);
     let mapped: SocketAddr = "[::ffff:192.0.2.9]:7".parse().unwrap();
-    assert_eq!(shared.reply_source(mapped), fake);
-    assert_eq!(shared.reply_source(other), other);
-    assert_eq!(
-        shared.reply_source(port([192, 0, 2, 9], 8)),
-        port([192, 0, 2, 9], 8)
-    );
+    assert_eq!(src(mapped), fake);
+    assert_eq!(src(other), other);
+    assert_eq!(src(port([192, 0, 2, 9], 8)), port([192, 0, 2, 9], 8));
     // Bounded: the oldest destination is forgotten first.
     for i in 0..64u16 {
         shared.add_alias(
@@ -990,7 +993,7 @@ async fn fake_ip_aliases_answer_from_the_fake_address() {
         );
     }
     assert_eq!(shared.real_of(fake), None, "the oldest forgotten");
-    assert_eq!(shared.reply_source(real), real);
+    assert_eq!(src(real), real);
     assert_eq!(
         shared.real_of(port([198, 18, 1, 0], 1063)),
         Some(port([192, 0, 2, 20], 1063))

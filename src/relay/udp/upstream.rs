@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
+use super::aliases::ReplyFrom;
 use super::backoff::Permit;
 use super::session::{Leg, SessionShared};
 use super::{held_back, lock, runnable, Run, UdpRelay, MAX_DATAGRAM};
@@ -94,8 +95,9 @@ impl UdpRelay {
             .max(MIN_IDLE_CHECK)
     }
 
-    /// Passes every reply waiting on the upstream to the client; returns
-    /// the bytes and datagrams delivered.
+    /// Passes every reply waiting on the upstream (the leg of outbound
+    /// key `outbound`) to the client; returns the bytes and datagrams
+    /// delivered.
     ///
     /// Replies that arrive back to back from one remote with the same size
     /// (a download) are gathered into runs and sent with UDP segmentation
@@ -103,6 +105,7 @@ impl UdpRelay {
     async fn forward_replies(
         &self,
         upstream: &UdpUpstream,
+        outbound: u32,
         id: u64,
         client: SocketAddr,
         shared: &SessionShared,
@@ -118,36 +121,29 @@ impl UdpRelay {
         // is gathered from its second datagram on.
         let mut last_alone: Option<(SocketAddr, usize)> = None;
         loop {
-            match upstream.try_recv(&mut buf) {
-                Ok(UdpRecv::Datagram { from, start, end }) => {
-                    shared.touch();
-                    // The first reply makes the session a live one: the
-                    // table hears of it once, not per datagram.
-                    if !shared.replied.load(Ordering::Relaxed)
-                        && !shared.replied.swap(true, Ordering::Relaxed)
-                    {
-                        lock(&self.table).replied(client, id);
+            let received = match upstream.try_recv(&mut buf) {
+                Ok(UdpRecv::Datagram { from, start, end }) => shared
+                    .reply_source(outbound, ReplyFrom::Addr(from))
+                    .map(|f| (f, start, end)),
+                // A server naming the source by domain: only a fake-ip
+                // destination sent by that name can claim it.
+                Ok(UdpRecv::Named {
+                    name,
+                    port,
+                    start,
+                    end,
+                }) => {
+                    let named = buf.get(name).unwrap_or_default();
+                    let from = shared.reply_source(outbound, ReplyFrom::Name(named, port));
+                    if from.is_none() {
+                        debug!(%client, port, "UDP reply from a name no destination of the session has; dropped");
                     }
-                    let payload = &buf[start..end];
-                    let from = shared.reply_source(from);
-                    let from = self.dns_reply(client, from, payload);
-                    if run.extends(from, payload.len()) {
-                        run.push(payload);
-                        continue;
-                    }
-                    self.send_replies(&mut run, client, &mut delivered).await;
-                    if last_alone == Some((from, payload.len())) && runnable(payload.len()) {
-                        run.start(from, payload);
-                        last_alone = None;
-                        continue;
-                    }
-                    last_alone = Some((from, payload.len()));
-                    if self.replies.send(from, client, payload, &self.stats).await {
-                        delivered.0 += payload.len() as u64;
-                        delivered.1 += 1;
-                    }
+                    from.map(|f| (f, start, end))
                 }
-                Ok(UdpRecv::Dropped(reason)) => debug!(%client, "UDP reply dropped: {reason}"),
+                Ok(UdpRecv::Dropped(reason)) => {
+                    debug!(%client, "UDP reply dropped: {reason}");
+                    None
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 // ICMP errors surface here (ECONNREFUSED on a connected
                 // socket); the session goes on.
@@ -155,6 +151,34 @@ impl UdpRelay {
                     debug!(%client, "UDP receive from upstream: {e}");
                     break;
                 }
+            };
+            let Some((from, start, end)) = received else {
+                continue;
+            };
+            shared.touch();
+            // The first reply makes the session a live one: the
+            // table hears of it once, not per datagram.
+            if !shared.replied.load(Ordering::Relaxed)
+                && !shared.replied.swap(true, Ordering::Relaxed)
+            {
+                lock(&self.table).replied(client, id);
+            }
+            let payload = buf.get(start..end).unwrap_or_default();
+            let from = self.dns_reply(client, from, payload);
+            if run.extends(from, payload.len()) {
+                run.push(payload);
+                continue;
+            }
+            self.send_replies(&mut run, client, &mut delivered).await;
+            if last_alone == Some((from, payload.len())) && runnable(payload.len()) {
+                run.start(from, payload);
+                last_alone = None;
+                continue;
+            }
+            last_alone = Some((from, payload.len()));
+            if self.replies.send(from, client, payload, &self.stats).await {
+                delivered.0 += payload.len() as u64;
+                delivered.1 += 1;
             }
         }
         self.send_replies(&mut run, client, &mut delivered).await;
@@ -270,7 +294,7 @@ impl UdpRelay {
         while let Some(mut p) = leg.dequeue() {
             first_dst.get_or_insert(p.dst);
             let len = p.buf.len() - UDP_HEADROOM;
-            match upstream.send(&mut p.buf, p.dst).await {
+            match upstream.send_to(&mut p.buf, p.dst, p.name.as_deref()).await {
                 Ok(()) => shared.sent_up(len, p.dst),
                 Err(e) => self.report_send_error(client, p.dst, len, outbound.name(), upstream, &e),
             }
@@ -395,7 +419,7 @@ impl UdpRelay {
                             // Boxed: its buffers and sends exist only while
                             // replies flow, not in every idle session's task.
                             let (bytes, datagrams) =
-                                Box::pin(self.forward_replies(&upstream, id, client, shared)).await;
+                                Box::pin(self.forward_replies(&upstream, leg.outbound, id, client, shared)).await;
                             served.down_bytes += bytes;
                             shared.flow.traffic.add_down(bytes);
                             served.down_datagrams += datagrams;
