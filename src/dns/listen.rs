@@ -10,10 +10,10 @@
 //!   [`Answer::answer_now`]) is sent from the receive loop itself, with
 //!   no task and no copy of the datagram; any other datagram is answered
 //!   in a task of its own, so a slow upstream holds up only its own
-//!   queries. At most
-//!   [`Limits::udp_in_flight`] per listener: beyond it a query is answered
-//!   SERVFAIL at once (counted in `udp_overload`), never left in silence,
-//!   so dnsmasq moves on instead of waiting out its timeout. An answer
+//!   queries. At most [`Limits::udp_in_flight`] tasks per listener:
+//!   beyond it a query is answered SERVFAIL at once (counted in
+//!   `udp_overload`), never left in silence, so dnsmasq moves on instead
+//!   of waiting out its timeout. An answer
 //!   longer than the client takes (512 bytes, or its EDNS0 size) goes as a
 //!   minimal truncated reply (TC set, the question only: no partial
 //!   records), and the client asks again over TCP (RFC 1035 4.2.1).
