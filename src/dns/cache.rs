@@ -440,6 +440,17 @@ impl Cache {
     /// same query), rewritten for it. `Miss` also when the query's question
     /// is not the key's.
     pub fn get(&self, key: &Key, query: &[u8], now: Instant) -> Lookup {
+        self.lookup(key, query, now, true)
+    }
+
+    /// [`get`](Self::get) for a caller that asks `get` again after a miss
+    /// (the DNS listeners' inline answers): its miss is not counted, so a
+    /// query counts one miss however many times it looked.
+    pub fn get_hit(&self, key: &Key, query: &[u8], now: Instant) -> Lookup {
+        self.lookup(key, query, now, false)
+    }
+
+    fn lookup(&self, key: &Key, query: &[u8], now: Instant, count_miss: bool) -> Lookup {
         let found = if self.enabled() {
             self.find(key, now)
         } else {
@@ -459,11 +470,13 @@ impl Cache {
             })
         });
         let counter = match &result {
-            Some(Lookup::Hit(_)) => &self.stats.hits,
-            Some(Lookup::Stale(_)) => &self.stats.stale,
-            _ => &self.stats.misses,
+            Some(Lookup::Hit(_)) => Some(&self.stats.hits),
+            Some(Lookup::Stale(_)) => Some(&self.stats.stale),
+            _ => count_miss.then_some(&self.stats.misses),
         };
-        counter.fetch_add(1, Ordering::Relaxed);
+        if let Some(counter) = counter {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
         result.unwrap_or(Lookup::Miss)
     }
 

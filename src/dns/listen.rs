@@ -6,11 +6,14 @@
 //! The answers come from an [`Answer`] (the resolver); this module only
 //! carries queries in and answers out:
 //!
-//! - **UDP**: each datagram is answered in a task of its own, so a slow
-//!   upstream holds up only its own queries. At most
-//!   [`Limits::udp_in_flight`] per listener: beyond it a query is answered
-//!   SERVFAIL at once (counted in `udp_overload`), never left in silence,
-//!   so dnsmasq moves on instead of waiting out its timeout. An answer
+//! - **UDP**: an answer that waits on nothing (a cache hit, a rejection:
+//!   [`Answer::answer_now`]) is sent from the receive loop itself, with
+//!   no task and no copy of the datagram; any other datagram is answered
+//!   in a task of its own, so a slow upstream holds up only its own
+//!   queries. At most [`Limits::udp_in_flight`] tasks per listener:
+//!   beyond it a query is answered SERVFAIL at once (counted in
+//!   `udp_overload`), never left in silence, so dnsmasq moves on instead
+//!   of waiting out its timeout. An answer
 //!   longer than the client takes (512 bytes, or its EDNS0 size) goes as a
 //!   minimal truncated reply (TC set, the question only: no partial
 //!   records), and the client asks again over TCP (RFC 1035 4.2.1).
@@ -53,6 +56,18 @@ pub trait Answer: Send + Sync + 'static {
         client: SocketAddr,
     ) -> impl Future<Output = Option<Vec<u8>>> + Send;
 
+    /// The answer to `query` when it can be given at once, without
+    /// waiting on anything (a cache hit, a rejection): then the UDP
+    /// listener sends it from its receive loop, with no task and no copy
+    /// of the query. [`Now::Later`] (the default) hands the query to
+    /// [`answer`](Self::answer) in a task of its own; an implementation
+    /// that returns it must have done nothing that `answer` will do again
+    /// (count, learn, allocate).
+    fn answer_now(&self, query: &[u8], client: SocketAddr) -> Now {
+        let _ = (query, client);
+        Now::Later
+    }
+
     /// Whether it answers now (named resolvers configured): captured TCP
     /// port 53 is answered here only then, and relayed as any flow
     /// otherwise. Asked per connection, so a reload can turn it.
@@ -68,9 +83,24 @@ impl Answer for super::Dns {
         self.resolve(&query, client).await
     }
 
+    fn answer_now(&self, query: &[u8], client: SocketAddr) -> Now {
+        super::Dns::answer_now(self, query, client)
+    }
+
     fn ready(&self) -> bool {
         self.answers()
     }
+}
+
+/// What [`Answer::answer_now`] decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Now {
+    /// It takes waiting: [`Answer::answer`] answers it, in a task.
+    Later,
+    /// This answer, as [`Answer::answer`] would have given it.
+    Answer(Vec<u8>),
+    /// No answer, as [`Answer::answer`] giving None.
+    Nothing,
 }
 
 /// A DNS message without EDNS0 is at most 512 bytes over UDP (RFC 1035
@@ -185,9 +215,24 @@ impl<A: Answer> DnsServer<A> {
                             continue;
                         }
                     };
-                    let query = buf.get(..n).unwrap_or_default().to_vec();
+                    let query = buf.get(..n).unwrap_or_default();
                     let client = sys::normalize(peer);
                     count(&self.stats.udp_queries);
+                    // A hit (or a rejection) is answered here: no task, no
+                    // copy, and no in-flight slot taken, so it is answered
+                    // even while the slots are full of slow queries.
+                    match self.answer.answer_now(query, client) {
+                        Now::Later => {}
+                        Now::Nothing => {
+                            count(&self.stats.udp_not_dns);
+                            continue;
+                        }
+                        Now::Answer(answer) => {
+                            self.send_now(&socket, &mut queries, answer, udp_limit(query), peer);
+                            continue;
+                        }
+                    }
+                    let query = query.to_vec();
                     if queries.len() >= self.limits.udp_in_flight {
                         self.overloaded(&socket, &query, peer);
                         continue;
@@ -231,14 +276,57 @@ impl<A: Answer> DnsServer<A> {
             count(&self.stats.udp_not_dns);
             return;
         };
-        let answer = match fit_udp(answer, limit) {
+        let answer = self.fit(answer, limit);
+        self.sent(socket.send_to(&answer, peer).await, peer);
+    }
+
+    /// Sends an answer given at once ([`Answer::answer_now`]) from the
+    /// receive loop without waiting: when the socket's buffer is full, a
+    /// task waits for room (in an in-flight slot; with none free the
+    /// answer is dropped, as the kernel drops a datagram, and the client
+    /// asks again).
+    fn send_now(
+        &self,
+        socket: &Arc<UdpSocket>,
+        queries: &mut JoinSet<()>,
+        answer: Vec<u8>,
+        limit: usize,
+        peer: SocketAddr,
+    ) {
+        let answer = self.fit(answer, limit);
+        match socket.try_send_to(&answer, peer) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if queries.len() >= self.limits.udp_in_flight {
+                    debug!(%peer, "DNS listener: socket buffer full; an answer dropped");
+                    return;
+                }
+                let stats = Arc::clone(&self.stats);
+                let socket = Arc::clone(socket);
+                queries.spawn(async move {
+                    match socket.send_to(&answer, peer).await {
+                        Ok(_) => count(&stats.udp_answered),
+                        Err(e) => debug!(%peer, "DNS listener: cannot send the answer: {e}"),
+                    }
+                });
+            }
+            sent => self.sent(sent, peer),
+        }
+    }
+
+    /// `answer` as it goes out to a client that takes `limit` bytes
+    /// (truncated ones counted).
+    fn fit(&self, answer: Vec<u8>, limit: usize) -> Vec<u8> {
+        match fit_udp(answer, limit) {
             Fit::Whole(a) => a,
             Fit::Truncated(a) => {
                 count(&self.stats.udp_truncated);
                 a
             }
-        };
-        match socket.send_to(&answer, peer).await {
+        }
+    }
+
+    fn sent(&self, sent: io::Result<usize>, peer: SocketAddr) {
+        match sent {
             Ok(_) => count(&self.stats.udp_answered),
             Err(e) => debug!(%peer, "DNS listener: cannot send the answer: {e}"),
         }
@@ -783,6 +871,9 @@ mod tests {
         Gate(watch::Receiver<Vec<u16>>),
         /// Never answers.
         Hang,
+        /// Answers at once (`answer_now`) with `n` A records, and never
+        /// from a task; a query for "none.example" gets no answer.
+        Inline(usize),
     }
 
     impl Answer for Fake {
@@ -802,8 +893,21 @@ mod tests {
                     released.wait_for(|r| r.contains(&header.id)).await.ok()?;
                     Some(a(1))
                 }
-                Fake::Hang => std::future::pending().await,
+                Fake::Hang | Fake::Inline(_) => std::future::pending().await,
             }
+        }
+
+        fn answer_now(&self, query: &[u8], _client: SocketAddr) -> Now {
+            let Fake::Inline(n) = self else {
+                return Now::Later;
+            };
+            if message::question(query).is_ok_and(|q| q.name == b"none.example") {
+                return Now::Nothing;
+            }
+            let records: Vec<Rr<'_>> = (0..*n)
+                .map(|i| Rr::A(None, Ipv4Addr::new(198, 51, 100, (i % 250) as u8), 60))
+                .collect();
+            Now::Answer(response(query, &records))
         }
     }
 
@@ -982,6 +1086,46 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    #[tokio::test]
+    async fn answers_given_at_once_take_no_slot_and_are_fitted_and_counted() {
+        // No in-flight slot at all: every query that needs a task gets
+        // SERVFAIL, so an answer here came from the receive loop.
+        let limits = Limits {
+            udp_in_flight: 0,
+            ..Limits::default()
+        };
+        let (_l, addr, stats) = start(Fake::Inline(1), limits);
+        let a = udp_ask(addr, &query(31, "a.example", TYPE_A)).await;
+        let h = Header::parse(&a).unwrap();
+        assert_eq!((h.id, h.rcode(), h.ancount), (31, 0, 1));
+        assert_eq!(stats.udp_answered.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.udp_overload.load(Ordering::Relaxed), 0);
+        // No answer: counted, nothing sent (the next query's answer is
+        // the next datagram).
+        let s = UdpSocket::bind(lo()).await.unwrap();
+        s.send_to(&query(32, "none.example", TYPE_A), addr)
+            .await
+            .unwrap();
+        s.send_to(&query(33, "a.example", TYPE_A), addr)
+            .await
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.recv(&mut buf))
+            .await
+            .expect("no answer")
+            .unwrap();
+        assert_eq!(Header::parse(&buf[..n]).unwrap().id, 33);
+        assert_eq!(stats.udp_not_dns.load(Ordering::Relaxed), 1);
+        // Too long for the client: truncated as from a task.
+        let (_l, addr, stats) = start(Fake::Inline(60), limits);
+        let a = udp_ask(addr, &query(34, "big.example", TYPE_A)).await;
+        let h = Header::parse(&a).unwrap();
+        assert_ne!(h.flags & FLAG_TC, 0, "TC not set");
+        assert_eq!((h.id, h.ancount), (34, 0));
+        assert_eq!(stats.udp_truncated.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.udp_queries.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test]

@@ -283,6 +283,45 @@ impl Dns {
         answer
     }
 
+    /// [`resolve`](Self::resolve)'s answer when it needs no server (made
+    /// here, or a cache hit), given at once without a task: what the
+    /// listeners and the captured port 53 answer inline.
+    /// [`Now::Later`](listen::Now::Later) when a server must be asked (or
+    /// no resolver is configured); then nothing was counted and `resolve`
+    /// takes the query from the start.
+    ///
+    /// Not bounded by [`MAX_RESOLVING`]: an answer given here waits on
+    /// nothing, so it is given even while that many wait for their servers.
+    pub fn answer_now(&self, query: &[u8], client: SocketAddr) -> listen::Now {
+        // The stale refresh is spawned: only inside a runtime (always, but
+        // for a caller outside one the query simply takes the slow path).
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return listen::Now::Later;
+        };
+        let resolver = self.resolver.load();
+        let Some(r) = resolver.as_ref().as_ref() else {
+            return listen::Now::Later;
+        };
+        let Some((answer, stale)) = r.answer_cached(query, client, self.fake.get().map(|p| &**p))
+        else {
+            return listen::Now::Later;
+        };
+        if stale {
+            // As in `resolve`: served stale, refreshed in the background.
+            let resolver = arc_swap::Guard::into_inner(resolver);
+            let query = query.to_vec();
+            runtime.spawn(async move {
+                if let Some(r) = resolver.as_ref() {
+                    r.refresh(&query, client).await;
+                }
+            });
+        }
+        match answer {
+            Some(answer) => listen::Now::Answer(answer),
+            None => listen::Now::Nothing,
+        }
+    }
+
     /// The real addresses of `name` from the named resolvers, never the
     /// fake-ip pool: A and AAAA asked at once, IPv4 first. Empty when no
     /// resolver is configured or none answered.
@@ -637,6 +676,33 @@ mod tests {
         );
         // Not a query: nothing.
         assert_eq!(d.resolve(b"junk", sa("192.0.2.2:5000")).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_cache_hit_is_answered_now_as_resolve_answers_it() {
+        let client = sa("192.0.2.2:5000");
+        let q = query(12, "Hit.Example", TYPE_A);
+        // Without named resolvers: always later (the relay's own paths).
+        assert_eq!(dns("").answer_now(&q, client), listen::Now::Later);
+        let d = dns("[dns]\n[[dns.servers]]\nname = \"isp\"\naddress = \"udp://192.0.2.53\"\n");
+        // A miss: later, and nothing counted.
+        assert_eq!(d.answer_now(&q, client), listen::Now::Later);
+        let cache = d.cache().unwrap();
+        assert_eq!(cache.stats().misses.load(Ordering::Relaxed), 0);
+        let stored = query(1, "hit.example", TYPE_A);
+        let answer = response(
+            &stored,
+            &[Answer::A(None, Ipv4Addr::new(198, 51, 100, 7), 60)],
+        );
+        let key = cache::Key::of(&stored).unwrap().scoped(0);
+        assert!(cache.insert(&key, &answer, Instant::now()));
+        let listen::Now::Answer(now) = d.answer_now(&q, client) else {
+            panic!("a hit not answered now");
+        };
+        assert_eq!(Some(now), d.resolve(&q, client).await);
+        assert_eq!(cache.stats().hits.load(Ordering::Relaxed), 2);
+        // Junk: left to the slow path, which drops it.
+        assert_eq!(d.answer_now(b"junk", client), listen::Now::Later);
     }
 
     #[test]

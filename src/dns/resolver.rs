@@ -203,6 +203,21 @@ fn header_only(query: &[u8], rcode: u8) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// What a query needs, before anything is awaited ([`Resolver::step`]).
+enum Step<'a> {
+    /// No DNS query (shorter than a header, or a response): no answer.
+    NotDns,
+    /// Answered here (None: not even a reply could be made).
+    Answered(Option<Vec<u8>>),
+    /// Server `server` is asked (with `fallback`, by answer), unless the
+    /// cache holds the answer under `key`.
+    Ask {
+        server: usize,
+        fallback: Option<(usize, &'a AcceptIp)>,
+        key: Option<Key>,
+    },
+}
+
 /// Whether every A/AAAA address of `answer` is in `accept` (true for an
 /// answer with none: nothing in it is a lie about an address).
 fn accepted(answer: &[u8], accept: &AcceptIp) -> bool {
@@ -293,6 +308,93 @@ impl<T: Transport> Resolver<T> {
         self.answer(query, client, fake, true).await.0
     }
 
+    /// What `query` needs, decided without waiting on anything: an answer
+    /// made here (rejections, the fake-ip pool, FORMERR, ...), or a server
+    /// to ask. Counts what it answers itself (rejected, SERVFAIL) but not
+    /// the query: the caller counts it unless it is [`Step::NotDns`].
+    fn step<'a>(
+        &'a self,
+        query: &[u8],
+        client: SocketAddr,
+        fake: Option<&super::fakeip::FakePool>,
+    ) -> Step<'a> {
+        let Ok(header) = Header::parse(query) else {
+            return Step::NotDns;
+        };
+        if header.is_response() {
+            return Step::NotDns;
+        }
+        if header.opcode() != 0 {
+            return Step::Answered(header_only(query, RCODE_NOTIMP));
+        }
+        let Ok(q) = message::question(query) else {
+            return Step::Answered(header_only(query, RCODE_FORMERR));
+        };
+        if self.filter_aaaa && q.qtype == TYPE_AAAA {
+            return Step::Answered(message::empty_answer(query).ok());
+        }
+        let Some(rules) = self.policy.dns_rules() else {
+            return Step::Answered(self.servfail(query, "no [[dns.rules]] compiled"));
+        };
+        let name = String::from_utf8_lossy(&q.name);
+        let verdict = rules.lookup(&name, q.qtype, client.ip());
+        let server = match verdict.action {
+            Action::Reject(kind) => {
+                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                let rcode = match kind {
+                    Reject::Nxdomain => RCODE_NXDOMAIN,
+                    Reject::Nodata => message::RCODE_NOERROR,
+                };
+                return Step::Answered(message::reply_without_records(query, rcode).ok());
+            }
+            Action::Server(s) => s,
+        };
+        // Fake answers never enter the cache: they are made here, and a
+        // cached fake address would outlive its mapping.
+        if let Some(answer) = fake.and_then(|pool| pool.answer(query)) {
+            return Step::Answered(Some(answer));
+        }
+        let key = self
+            .cache
+            .as_ref()
+            .and_then(|_| Key::of(query))
+            .map(|k| k.scoped(u16::try_from(server).unwrap_or(u16::MAX)));
+        Step::Ask {
+            server,
+            fallback: verdict.fallback,
+            key,
+        }
+    }
+
+    /// The answer to `query` when it needs no server: made here, or a hit
+    /// in the cache. `Some((answer, stale))` is what
+    /// [`answer`](Self::answer) would have given (stale: the caller
+    /// refreshes it in the background, as after `answer`); None when a
+    /// server must be asked (a miss, an answer not cached) or `query` is
+    /// no DNS query: then nothing was counted, and `answer` takes it from
+    /// the start. What the DNS listeners answer inline, without a task.
+    pub fn answer_cached(
+        &self,
+        query: &[u8],
+        client: SocketAddr,
+        fake: Option<&super::fakeip::FakePool>,
+    ) -> Option<(Option<Vec<u8>>, bool)> {
+        let found = match self.step(query, client, fake) {
+            Step::NotDns => return None,
+            Step::Answered(answer) => (answer, false),
+            Step::Ask { key, .. } => {
+                let (cache, key) = (self.cache.as_ref()?, key?);
+                match cache.get_hit(&key, query, Instant::now()) {
+                    Lookup::Hit(answer) => (Some(answer), false),
+                    Lookup::Stale(answer) => (Some(answer), true),
+                    Lookup::Miss => return None,
+                }
+            }
+        };
+        self.stats.queries.fetch_add(1, Ordering::Relaxed);
+        Some(found)
+    }
+
     /// The answer, and whether it came stale from the cache (RFC 8767):
     /// then the caller refreshes it in the background with
     /// [`refresh`](Self::refresh). `from_cache` false asks the server
@@ -304,48 +406,19 @@ impl<T: Transport> Resolver<T> {
         fake: Option<&super::fakeip::FakePool>,
         from_cache: bool,
     ) -> (Option<Vec<u8>>, bool) {
-        let Ok(header) = Header::parse(query) else {
-            return (None, false);
-        };
-        if header.is_response() {
-            return (None, false);
+        let step = self.step(query, client, fake);
+        if !matches!(step, Step::NotDns) {
+            self.stats.queries.fetch_add(1, Ordering::Relaxed);
         }
-        self.stats.queries.fetch_add(1, Ordering::Relaxed);
-        if header.opcode() != 0 {
-            return (header_only(query, RCODE_NOTIMP), false);
-        }
-        let Ok(q) = message::question(query) else {
-            return (header_only(query, RCODE_FORMERR), false);
+        let (server, fallback, key) = match step {
+            Step::NotDns => return (None, false),
+            Step::Answered(answer) => return (answer, false),
+            Step::Ask {
+                server,
+                fallback,
+                key,
+            } => (server, fallback, key),
         };
-        if self.filter_aaaa && q.qtype == TYPE_AAAA {
-            return (message::empty_answer(query).ok(), false);
-        }
-        let Some(rules) = self.policy.dns_rules() else {
-            return (self.servfail(query, "no [[dns.rules]] compiled"), false);
-        };
-        let name = String::from_utf8_lossy(&q.name);
-        let verdict = rules.lookup(&name, q.qtype, client.ip());
-        let server = match verdict.action {
-            Action::Reject(kind) => {
-                self.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                let rcode = match kind {
-                    Reject::Nxdomain => RCODE_NXDOMAIN,
-                    Reject::Nodata => message::RCODE_NOERROR,
-                };
-                return (message::reply_without_records(query, rcode).ok(), false);
-            }
-            Action::Server(s) => s,
-        };
-        // Fake answers never enter the cache: they are made here, and a
-        // cached fake address would outlive its mapping.
-        if let Some(answer) = fake.and_then(|pool| pool.answer(query)) {
-            return (Some(answer), false);
-        }
-        let key = self
-            .cache
-            .as_ref()
-            .and_then(|_| Key::of(query))
-            .map(|k| k.scoped(u16::try_from(server).unwrap_or(u16::MAX)));
         if let (true, Some(cache), Some(key)) = (from_cache, &self.cache, &key) {
             match cache.get(key, query, Instant::now()) {
                 Lookup::Hit(answer) => return (Some(answer), false),
@@ -354,7 +427,7 @@ impl<T: Transport> Resolver<T> {
             }
         }
         let fetch = || async {
-            let result = match verdict.fallback {
+            let result = match fallback {
                 None => self.ask(server, query, client).await,
                 Some((fallback, accept)) => {
                     self.ask_with_fallback(server, fallback, accept, query, client)

@@ -564,3 +564,144 @@ async fn futures_join<T>(tasks: impl Iterator<Item = tokio::task::JoinHandle<T>>
     }
     out
 }
+
+/// A resolver with a cache (serve-stale on), "foreign" (server 1)
+/// answering every name with 198.51.100.7, TTL 300.
+fn cached_resolver(extra: &str) -> Resolver<Fake> {
+    let cache = super::super::cache::Cache::new(&crate::config::DnsCache {
+        serve_stale: true,
+        ..crate::config::DnsCache::default()
+    });
+    resolver(
+        extra,
+        fake(vec![fails(), answers_a([198, 51, 100, 7]), fails()]),
+        "",
+    )
+    .with_cache(Some(Arc::new(cache)))
+}
+
+/// The TTL of the answer's first record.
+fn first_ttl(answer: &[u8]) -> u32 {
+    message::answers(answer).unwrap()[0].ttl
+}
+
+fn cache_counts(r: &Resolver<Fake>) -> (u64, u64, u64) {
+    let s = r.cache().unwrap().stats();
+    (
+        s.hits.load(Ordering::Relaxed),
+        s.stale.load(Ordering::Relaxed),
+        s.misses.load(Ordering::Relaxed),
+    )
+}
+
+#[tokio::test]
+async fn a_miss_is_left_to_the_slow_path_with_nothing_counted() {
+    let r = cached_resolver("");
+    let q = query(21, "a.example", TYPE_A);
+    assert_eq!(r.answer_cached(&q, client(), None), None);
+    assert_eq!(r.stats.queries.load(Ordering::Relaxed), 0);
+    assert_eq!(cache_counts(&r), (0, 0, 0));
+    // The slow path then counts it once, and fills the cache.
+    let slow = r.resolve(&q, client()).await.unwrap();
+    assert_eq!(r.stats.queries.load(Ordering::Relaxed), 1);
+    assert_eq!(cache_counts(&r), (0, 0, 1));
+    // Now a hit: answered inline, the same bytes, counted as a hit.
+    let (now, stale) = r.answer_cached(&q, client(), None).unwrap();
+    assert_eq!((now.as_deref(), stale), (Some(&slow[..]), false));
+    assert_eq!(r.stats.queries.load(Ordering::Relaxed), 2);
+    assert_eq!(cache_counts(&r), (1, 0, 1));
+    assert_eq!(calls(&r).len(), 1);
+    // Not DNS: left to the slow path (which drops it), nothing counted.
+    assert_eq!(r.answer_cached(b"junk", client(), None), None);
+    assert_eq!(r.stats.queries.load(Ordering::Relaxed), 2);
+}
+
+#[tokio::test]
+async fn a_hit_inline_is_the_slow_paths_answer_with_case_id_and_ttl() {
+    let r = cached_resolver("");
+    let cache = Arc::clone(r.cache().unwrap());
+    let stored = query(1, "www.example.org", TYPE_A);
+    let answer = response(
+        &stored,
+        &[Answer::A(None, Ipv4Addr::new(198, 51, 100, 9), 300)],
+    );
+    // Kept 100.5 s ago (whole seconds count: 100 for the next 0.5 s),
+    // under the scope of the server the rules pick (foreign: 1).
+    let key = super::super::cache::Key::of(&stored).unwrap().scoped(1);
+    let then = Instant::now() - Duration::from_millis(100_500);
+    assert!(cache.insert(&key, &answer, then));
+    // A 0x20 client with its own id.
+    let q = query(0xbeef, "WwW.ExAmPlE.oRg", TYPE_A);
+    let (fast, stale) = r.answer_cached(&q, client(), None).unwrap();
+    let fast = fast.unwrap();
+    assert!(!stale);
+    let (slow, slow_stale) = r.answer(&q, client(), None, true).await;
+    assert_eq!((Some(&fast), slow_stale), (slow.as_ref(), false));
+    let h = Header::parse(&fast).unwrap();
+    assert_eq!((h.id, h.ancount), (0xbeef, 1));
+    assert_eq!(message::question(&fast).unwrap().name, b"WwW.ExAmPlE.oRg");
+    assert_eq!(first_ttl(&fast), 200);
+    assert_eq!(addrs(&fast), vec![IpAddr::from([198, 51, 100, 9])]);
+    assert!(calls(&r).is_empty(), "no server asked");
+    assert_eq!(r.stats.queries.load(Ordering::Relaxed), 2);
+    assert_eq!(cache_counts(&r), (2, 0, 0));
+    // Another server's scope is not this one's: a rule sending the name
+    // to "isp" misses.
+    let r2 = cached_resolver("[[dns.rules]]\ndomain_suffix = [\"org\"]\nserver = \"isp\"\n")
+        .with_cache(Some(Arc::clone(&cache)));
+    assert_eq!(r2.answer_cached(&q, client(), None), None);
+}
+
+#[tokio::test]
+async fn a_stale_entry_is_served_inline_only_with_the_refresh_asked_for() {
+    let r = cached_resolver("");
+    let cache = Arc::clone(r.cache().unwrap());
+    let stored = query(1, "old.example", TYPE_A);
+    let answer = response(
+        &stored,
+        &[Answer::A(None, Ipv4Addr::new(198, 51, 100, 9), 300)],
+    );
+    let key = super::super::cache::Key::of(&stored).unwrap().scoped(1);
+    assert!(cache.insert(&key, &answer, Instant::now() - Duration::from_secs(310)));
+    let q = query(2, "old.example", TYPE_A);
+    let (fast, stale) = r.answer_cached(&q, client(), None).unwrap();
+    // Stale: the caller must refresh (Dns::answer_now spawns it, as
+    // Dns::resolve does), with the stale answer TTL.
+    assert!(stale);
+    let fast = fast.unwrap();
+    assert_eq!(
+        first_ttl(&fast),
+        crate::config::DnsCache::default().stale_answer_ttl.max(1)
+    );
+    let (slow, slow_stale) = r.answer(&q, client(), None, true).await;
+    assert_eq!((slow, slow_stale), (Some(fast), true));
+    assert_eq!(cache_counts(&r), (0, 2, 0));
+    // The refresh asks the server and the entry is fresh again.
+    r.refresh(&q, client()).await;
+    assert_eq!(calls(&r).len(), 1);
+    let (fresh, stale) = r.answer_cached(&q, client(), None).unwrap();
+    assert!(!stale);
+    assert_eq!(
+        addrs(&fresh.unwrap()),
+        vec![IpAddr::from([198, 51, 100, 7])]
+    );
+}
+
+#[tokio::test]
+async fn rejections_and_formerr_are_answered_inline_as_by_the_slow_path() {
+    let extra = "[[dns.rules]]\ndomain_suffix = [\"ads.example\"]\nreject = \"nxdomain\"\n";
+    let fast_r = cached_resolver(extra);
+    let slow_r = cached_resolver(extra);
+    let reject = query(5, "x.ads.example", TYPE_A);
+    let cut = query(6, "a.example", TYPE_A)[..14].to_vec();
+    for q in [&reject, &cut] {
+        let (fast, stale) = fast_r.answer_cached(q, client(), None).unwrap();
+        assert!(!stale);
+        assert_eq!(fast, slow_r.resolve(q, client()).await);
+    }
+    for r in [&fast_r, &slow_r] {
+        assert_eq!(r.stats.rejected.load(Ordering::Relaxed), 1);
+        assert_eq!(r.stats.queries.load(Ordering::Relaxed), 2);
+        assert_eq!(cache_counts(r), (0, 0, 0));
+    }
+}

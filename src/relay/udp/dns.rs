@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use super::UdpRelay;
+use crate::dns::listen::Now;
 use crate::dns::PORT;
 use crate::outbound::OutboundError;
 use crate::policy::Choice;
@@ -41,6 +42,13 @@ impl UdpRelay {
         let Some(dns) = self.router.dns() else {
             return;
         };
+        // A cache hit (or a rejection) needs no server: only its sending
+        // is left, without the query's copy or the resolver's task state.
+        match dns.answer_now(query, client) {
+            Now::Later => {}
+            Now::Answer(answer) => return self.send_dns_answer(client, from, answer),
+            Now::Nothing => return,
+        }
         let (relay, dns) = (Arc::clone(self), Arc::clone(dns));
         let query = query.to_vec();
         tokio::spawn(async move {
