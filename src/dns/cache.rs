@@ -2,7 +2,8 @@
 //!
 //! Pure: no sockets, and the time is passed in (`now: Instant`), so the
 //! tests move the clock (entries keep it as whole seconds since the
-//! cache was made: an entry may expire up to a second early, never late). What it keeps and for how long:
+//! cache was made: an entry may expire up to a second early, never late).
+//! What it keeps and for how long:
 //!
 //! - **Key** ([`Key::of`]): the question's name lowercased (RFC 4343: a
 //!   0x20 client's mixed case hits the same entry), its type and class,
@@ -36,12 +37,12 @@
 //!   first, O(1) per operation (a slab of nodes in a doubly linked list
 //!   and a hash table of slot numbers, found by the key's hash and
 //!   compared with the node itself).
-//! - **Memory**: one allocation per entry, the stored answer and its TTL
-//!   offsets; the key is not kept apart (its name, type and class are the
-//!   stored question, its scope and flags are in the node). A node is 32
-//!   bytes on 64-bit targets, its place in the recency list 8, in the
-//!   table 5: about 110 bytes an entry for a one-address answer
-//!   (bench/DNS.md has the process's figure with 100,000 names).
+//! - **Memory**: one allocation per entry (a 6-byte head, the stored
+//!   answer, its TTL offsets); the key is not kept apart (its name, type
+//!   and class are the stored question, its scope and flags are in the
+//!   head). A node is 24 bytes on 64-bit targets (the allocation's address
+//!   and length, two times), its place in the recency list 8, in the table
+//!   5 (bench/DNS.md has the process's figure with 100,000 names).
 //!
 //! The lock is held to find, link or unlink a node and to copy a hit out
 //! (a few dozen bytes, its TTLs rewritten on the way): parsing an answer
@@ -159,8 +160,9 @@ impl Key {
         u16::from_be_bytes([self.0[n - 2], self.0[n - 1]])
     }
 
-    fn flags(&self) -> u8 {
-        self.0[2]
+    /// Scope and flags, as an entry's head starts.
+    fn scope_flags(&self) -> &[u8] {
+        &self.0[..KEY_HEAD]
     }
 
     /// The query carried an OPT record (EDNS0).
@@ -264,23 +266,41 @@ enum Kind {
     Error,
 }
 
-/// A cached answer: one allocation (`data`) and a few fields. 32 bytes
-/// on 64-bit targets (pinned by a test): it is most of an entry's cost
-/// besides the answer.
+impl Kind {
+    fn byte(self) -> u8 {
+        match self {
+            Kind::Positive => 0,
+            Kind::Negative => 1,
+            Kind::Error => 2,
+        }
+    }
+
+    fn of_byte(b: u8) -> Kind {
+        match b {
+            0 => Kind::Positive,
+            1 => Kind::Negative,
+            _ => Kind::Error,
+        }
+    }
+}
+
+/// An entry's head, before its answer: the key's scope (2) and flags (1),
+/// as in the key's own first bytes; the kind (1); the answer's length (2).
+const HEAD: usize = 6;
+
+/// A cached answer: one allocation (`data`) and its times. 24 bytes on
+/// 64-bit targets (pinned by a test): with the recency list's 8, most of
+/// an entry's cost besides its bytes.
 struct Node {
-    /// The answer as stored (id zero, question lowercased, OPT options
-    /// cut), then the offsets of its TTL fields (u16 each, big-endian).
-    /// Its question is the key's name, type and class.
+    /// The [`HEAD`], the answer as stored (id zero, question lowercased,
+    /// OPT options cut), then the offsets of its TTL fields in the answer
+    /// (u16 each, big-endian). The answer's question is the key's name,
+    /// type and class.
     data: Box<[u8]>,
     /// When it was stored: whole seconds since the cache's `epoch`.
     at: u32,
     /// Seconds the entry is fresh for, from `at`.
     ttl: u32,
-    answer_len: u16,
-    /// The key's scope and flags (the rest of the key is the question).
-    scope: u16,
-    flags: u8,
-    kind: Kind,
 }
 
 /// Memory an entry takes besides its bytes: its node in the slab and its
@@ -301,12 +321,39 @@ impl Node {
         self.data.len() + ENTRY_OVERHEAD
     }
 
+    /// The key's scope and flags.
+    fn scope_flags(&self) -> &[u8] {
+        self.data.get(..KEY_HEAD).unwrap_or_default()
+    }
+
+    fn kind(&self) -> Kind {
+        Kind::of_byte(self.data.get(3).copied().unwrap_or(u8::MAX))
+    }
+
+    fn answer_len(&self) -> usize {
+        u16_at(&self.data, 4).unwrap_or(0) as usize
+    }
+
+    fn answer(&self) -> &[u8] {
+        self.data
+            .get(HEAD..HEAD + self.answer_len())
+            .unwrap_or_default()
+    }
+
+    /// The TTL fields' offsets in the answer, two bytes each.
+    fn offsets(&self) -> &[u8] {
+        self.data
+            .get(HEAD + self.answer_len()..)
+            .unwrap_or_default()
+    }
+
     /// The stored question: name, type, class (empty if the stored name
     /// does not parse, which `prepare` rules out).
     fn question(&self) -> &[u8] {
-        message::plain_qname_end(&self.data)
+        let answer = self.answer();
+        message::plain_qname_end(answer)
             .ok()
-            .and_then(|end| self.data.get(HEADER_LEN..end + 4))
+            .and_then(|end| answer.get(HEADER_LEN..end + 4))
             .unwrap_or_default()
     }
 
@@ -314,16 +361,18 @@ impl Node {
     /// root label, so an equal prefix is an equal name.
     fn is(&self, key: &Key) -> bool {
         let q = key.question();
-        self.scope == key.scope()
-            && self.flags == key.flags()
-            && self.data.get(HEADER_LEN..HEADER_LEN + q.len()) == Some(q)
+        self.scope_flags() == key.scope_flags()
+            && self
+                .data
+                .get(HEAD + HEADER_LEN..HEAD + HEADER_LEN + q.len())
+                == Some(q)
     }
 }
 
 /// The table's hash of a key, from its parts, so that a node (which keeps
 /// the same parts, not the key) hashes the same.
-fn hash_of(state: &RandomState, scope: u16, flags: u8, question: &[u8]) -> u64 {
-    state.hash_one((scope, flags, question))
+fn hash_of(state: &RandomState, scope_flags: &[u8], question: &[u8]) -> u64 {
+    state.hash_one((scope_flags, question))
 }
 
 /// The table and the recency list: slot numbers into `slots`.
@@ -361,7 +410,7 @@ impl Lru {
     }
 
     fn key_hash(&self, key: &Key) -> u64 {
-        hash_of(&self.state, key.scope(), key.flags(), key.question())
+        hash_of(&self.state, key.scope_flags(), key.question())
     }
 
     fn node(&self, i: u32) -> Option<&Node> {
@@ -388,7 +437,7 @@ impl Lru {
     fn remove(&mut self, i: u32) -> Option<Node> {
         let node = self.slots.get_mut(i as usize).and_then(Option::take)?;
         self.order.unlink(i);
-        let hash = hash_of(&self.state, node.scope, node.flags, node.question());
+        let hash = hash_of(&self.state, node.scope_flags(), node.question());
         if let Ok(entry) = self.table.find_entry(hash, |&j| j == i) {
             entry.remove();
         }
@@ -428,7 +477,7 @@ impl Lru {
         // Growing the table rehashes every entry from its node.
         table.insert_unique(hash, i, |&j| {
             let node = slots.get(j as usize).and_then(Option::as_ref);
-            node.map_or(0, |n| hash_of(state, n.scope, n.flags, n.question()))
+            node.map_or(0, |n| hash_of(state, n.scope_flags(), n.question()))
         });
         self.order.push_front(i);
         old
@@ -448,7 +497,6 @@ pub struct Cache {
 /// An answer checked and laid out for storing, before the lock is taken.
 struct Prepared {
     data: Box<[u8]>,
-    answer_len: u16,
     kind: Kind,
     ttl: u32,
 }
@@ -536,7 +584,7 @@ impl Cache {
     fn servable(&self, node: &Node, age: u32) -> bool {
         age < node.ttl
             || (self.cfg.serve_stale
-                && node.kind != Kind::Error
+                && node.kind() != Kind::Error
                 && u64::from(age) < u64::from(node.ttl) + u64::from(self.cfg.stale_max))
     }
 
@@ -589,10 +637,6 @@ impl Cache {
             data: p.data,
             at,
             ttl: p.ttl,
-            answer_len: p.answer_len,
-            scope: key.scope(),
-            flags: key.flags(),
-            kind: p.kind,
         };
         if node.cost() > self.cfg.max_bytes {
             self.stats.uncacheable.fetch_add(1, Ordering::Relaxed);
@@ -605,10 +649,10 @@ impl Cache {
             // A failure does not push out an answer that can still be
             // served: RFC 8767 serves stale data exactly when the refresh
             // fails.
-            if node.kind == Kind::Error {
+            if p.kind == Kind::Error {
                 let old = lru.find(key).and_then(|i| lru.node(i));
                 if old.is_some_and(|o| {
-                    o.kind != Kind::Error && self.servable(o, at.saturating_sub(o.at))
+                    o.kind() != Kind::Error && self.servable(o, at.saturating_sub(o.at))
                 }) {
                     return false;
                 }
@@ -724,24 +768,28 @@ impl Cache {
         }
 
         let offsets: Vec<usize> = not_opt().map(|r| r.ttl_at).collect();
-        let mut data = Vec::with_capacity(keep + 2 * offsets.len());
+        let mut data = Vec::with_capacity(HEAD + keep + 2 * offsets.len());
+        data.extend_from_slice(key.scope_flags());
+        data.push(kind.byte());
+        data.extend_from_slice(&u16::try_from(keep).ok()?.to_be_bytes());
+        let head = data.len();
         data.extend_from_slice(answer.get(..keep)?);
+        let body = data.get_mut(head..)?;
         // The id and question are the asker's on every hit; stored as
         // zero and lowercase so no client's id or case is kept. AA off.
-        data.get_mut(..2)?.fill(0);
-        *data.get_mut(2)? &= !0x04;
-        data.get_mut(HEADER_LEN..name_end)?
-            .make_ascii_lowercase();
+        body.get_mut(..2)?.fill(0);
+        *body.get_mut(2)? &= !0x04;
+        body.get_mut(HEADER_LEN..name_end)?.make_ascii_lowercase();
         if drop_opt {
-            let arcount = data.get_mut(10..12)?;
+            let arcount = body.get_mut(10..12)?;
             let n = u16::from_be_bytes([arcount[0], arcount[1]]).saturating_sub(1);
             arcount.copy_from_slice(&n.to_be_bytes());
         } else if keep != answer.len() {
             // OPT's RDLENGTH, just before its (cut) data.
-            data.get_mut(keep - 2..keep)?.fill(0);
+            body.get_mut(keep - 2..keep)?.fill(0);
         }
         for &at in &offsets {
-            let field = data.get_mut(at..at + 4)?;
+            let field = body.get_mut(at..at + 4)?;
             let orig = effective(u32::from_be_bytes([field[0], field[1], field[2], field[3]]));
             let stored = match kind {
                 Kind::Positive => orig.max(cfg.ttl_min).min(cfg.ttl_max),
@@ -754,7 +802,6 @@ impl Cache {
         }
         Some(Prepared {
             data: data.into_boxed_slice(),
-            answer_len: u16::try_from(keep).ok()?,
             kind,
             ttl,
         })
@@ -774,7 +821,6 @@ enum Ttl {
 /// question, the TTLs as `ttl` says. None when the query's question is
 /// not the key's.
 fn rewrite(node: &Node, key: &Key, query: &[u8], ttl: Ttl) -> Option<Vec<u8>> {
-    let end = node.answer_len as usize;
     let question_end = HEADER_LEN + key.question_len();
     let asked = query.get(HEADER_LEN..question_end)?;
     let name_len = key.name_wire().len();
@@ -783,13 +829,13 @@ fn rewrite(node: &Node, key: &Key, query: &[u8], ttl: Ttl) -> Option<Vec<u8>> {
     {
         return None;
     }
-    let mut out = node.data.get(..end)?.to_vec();
+    let mut out = node.answer().to_vec();
     out.get_mut(HEADER_LEN..question_end)?
         .copy_from_slice(asked);
     out.get_mut(..2)?.copy_from_slice(query.get(..2)?);
     let rd = query.get(2)? & 0x01;
     *out.get_mut(2)? = (out[2] & !0x01) | rd;
-    for at in node.data.get(end..)?.chunks_exact(2) {
+    for at in node.offsets().chunks_exact(2) {
         let at = u16::from_be_bytes([at[0], at[1]]) as usize;
         let field = out.get_mut(at..at + 4)?;
         let value = match ttl {
