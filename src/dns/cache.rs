@@ -1,7 +1,9 @@
 //! The DNS answer cache, and the coalescing of identical queries in flight.
 //!
 //! Pure: no sockets, and the time is passed in (`now: Instant`), so the
-//! tests move the clock. What it keeps and for how long:
+//! tests move the clock (entries keep it as whole seconds since the
+//! cache was made: an entry may expire up to a second early, never late).
+//! What it keeps and for how long:
 //!
 //! - **Key** ([`Key::of`]): the question's name lowercased (RFC 4343: a
 //!   0x20 client's mixed case hits the same entry), its type and class,
@@ -30,24 +32,34 @@
 //! - **Serve-stale** (RFC 8767, `serve_stale`): an expired entry up to
 //!   `stale_max` past its expiry is [`Lookup::Stale`], with every TTL set
 //!   to `stale_answer_ttl`: the caller answers at once and refreshes.
-//! - **Bounds**: `max_entries` and `max_bytes` (answer + key + an estimate
-//!   of the bookkeeping, [`ENTRY_OVERHEAD`]), least recently used evicted
+//! - **Bounds**: `max_entries` and `max_bytes` (the entry's allocation +
+//!   an upper estimate of the bookkeeping, [`ENTRY_OVERHEAD`]; checked
+//!   against the heap by tests/dns_cache_memory.rs), least recently used evicted
 //!   first, O(1) per operation (a slab of nodes in a doubly linked list
-//!   and a map from key to slot; the key bytes live once, in the same
-//!   allocation as the answer).
+//!   and a hash table of slot numbers, found by the key's hash and
+//!   compared with the node itself).
+//! - **Memory**: one allocation per entry (a 6-byte head, the stored
+//!   answer, its TTL offsets); the key is not kept apart (its name, type
+//!   and class are the stored question, its scope and flags are in the
+//!   head). A node is 24 bytes on 64-bit targets (the allocation's address
+//!   and length, two times), its place in the recency list 8, in the table
+//!   5: 112 bytes an entry for a one-address answer, 100,000 names in
+//!   11 MB (tests/dns_cache_memory.rs; bench/DNS.md has the process's
+//!   RSS).
 //!
-//! The lock is held only to find, link or unlink a node: parsing an
-//! answer happens before, rewriting a hit after.
+//! The lock is held to find, link or unlink a node and to copy a hit out
+//! (a few dozen bytes, its TTLs rewritten on the way): parsing an answer
+//! happens before it is taken.
 
-use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use hashbrown::HashTable;
 use portable_atomic::AtomicU64;
 use tokio::sync::watch;
 
@@ -55,7 +67,7 @@ use super::message::{
     self, Header, Section, EDNS_DO, FLAG_CD, FLAG_TC, HEADER_LEN, RCODE_NOERROR, RCODE_NXDOMAIN,
     RCODE_REFUSED, RCODE_SERVFAIL, TYPE_OPT, TYPE_SOA, TYPE_TSIG,
 };
-use super::recency::Recency;
+use super::recency::{self, Recency};
 use crate::config::DnsCache;
 
 /// RFC 2308 7.1: a server failure may be remembered five minutes at most.
@@ -65,9 +77,9 @@ const OPT_ECS: u16 = 8;
 const TYPE_IXFR: u16 = 251;
 const TYPE_AXFR: u16 = 252;
 
-// The key's bytes: scope (2), flags (1), qtype (2), qclass (2), then the
-// question's name in wire form, lowercased.
-const KEY_HEAD: usize = 7;
+// The key's bytes: scope (2), flags (1), then the question as it stands
+// in a message (name in wire form, lowercased; qtype (2), qclass (2)).
+const KEY_HEAD: usize = 3;
 const KEY_EDNS: u8 = 1;
 const KEY_DO: u8 = 2;
 const KEY_CD: u8 = 4;
@@ -121,11 +133,11 @@ impl Key {
             (Some(_), Some(_)) => return None,
         }
         let name = query.get(HEADER_LEN..name_end)?;
-        let mut bytes = Vec::with_capacity(KEY_HEAD + name.len());
+        let mut bytes = Vec::with_capacity(KEY_HEAD + name.len() + 4);
         bytes.extend_from_slice(&[0, 0, flags]);
+        bytes.extend(name.iter().map(u8::to_ascii_lowercase));
         bytes.extend_from_slice(&qtype.to_be_bytes());
         bytes.extend_from_slice(&qclass.to_be_bytes());
-        bytes.extend(name.iter().map(u8::to_ascii_lowercase));
         Some(Key(bytes.into_boxed_slice()))
     }
 
@@ -142,11 +154,18 @@ impl Key {
     }
 
     pub fn qtype(&self) -> u16 {
-        u16::from_be_bytes([self.0[3], self.0[4]])
+        let n = self.0.len();
+        u16::from_be_bytes([self.0[n - 4], self.0[n - 3]])
     }
 
     pub fn qclass(&self) -> u16 {
-        u16::from_be_bytes([self.0[5], self.0[6]])
+        let n = self.0.len();
+        u16::from_be_bytes([self.0[n - 2], self.0[n - 1]])
+    }
+
+    /// Scope and flags, as an entry's head starts.
+    fn scope_flags(&self) -> &[u8] {
+        &self.0[..KEY_HEAD]
     }
 
     /// The query carried an OPT record (EDNS0).
@@ -166,16 +185,22 @@ impl Key {
 
     /// The name in wire form (length-prefixed labels, root), lowercased.
     pub fn name_wire(&self) -> &[u8] {
+        &self.0[KEY_HEAD..self.0.len() - 4]
+    }
+
+    /// The question as it stands in a message: name (lowercased), type,
+    /// class.
+    fn question(&self) -> &[u8] {
         &self.0[KEY_HEAD..]
     }
 
-    fn bytes(&self) -> &[u8] {
-        &self.0
+    /// Type and class, as in a message.
+    fn type_class(&self) -> &[u8] {
+        &self.0[self.0.len() - 4..]
     }
 
-    /// The question as it stands in a message: name, type, class.
     fn question_len(&self) -> usize {
-        self.name_wire().len() + 4
+        self.question().len()
     }
 }
 
@@ -244,69 +269,122 @@ enum Kind {
     Error,
 }
 
-/// An entry's bytes, shared by the map's key and the list node: the key,
-/// then the answer as stored, then the offsets of its TTL fields (u16 each,
-/// big-endian). Hashes and compares as the key bytes alone, so the map is
-/// searched with a plain `&[u8]`.
-#[derive(Clone)]
-struct Stored {
-    data: Arc<[u8]>,
-    key_len: u16,
-}
+impl Kind {
+    fn byte(self) -> u8 {
+        match self {
+            Kind::Positive => 0,
+            Kind::Negative => 1,
+            Kind::Error => 2,
+        }
+    }
 
-impl Stored {
-    fn key(&self) -> &[u8] {
-        self.data.get(..self.key_len as usize).unwrap_or_default()
+    fn of_byte(b: u8) -> Kind {
+        match b {
+            0 => Kind::Positive,
+            1 => Kind::Negative,
+            _ => Kind::Error,
+        }
     }
 }
 
-impl Hash for Stored {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.key().hash(state)
-    }
-}
+/// An entry's head, before its answer: the key's scope (2) and flags (1),
+/// as in the key's own first bytes; the kind (1); the answer's length (2).
+const HEAD: usize = 6;
 
-impl PartialEq for Stored {
-    fn eq(&self, other: &Self) -> bool {
-        self.key() == other.key()
-    }
-}
-
-impl Eq for Stored {}
-
-impl Borrow<[u8]> for Stored {
-    fn borrow(&self) -> &[u8] {
-        self.key()
-    }
-}
-
+/// A cached answer: one allocation (`data`) and its times. 24 bytes on
+/// 64-bit targets (pinned by a test): with the recency list's 8, most of
+/// an entry's cost besides its bytes.
 struct Node {
-    stored: Stored,
-    answer_len: u16,
-    kind: Kind,
+    /// The [`HEAD`], the answer as stored (id zero, question lowercased,
+    /// OPT options cut), then the offsets of its TTL fields in the answer
+    /// (u16 each, big-endian). The answer's question is the key's name,
+    /// type and class.
+    data: Box<[u8]>,
+    /// When it was stored: whole seconds since the cache's `epoch`.
+    at: u32,
     /// Seconds the entry is fresh for, from `at`.
     ttl: u32,
-    at: Instant,
 }
 
-/// Memory an entry takes besides its bytes: its node in the slab, its
-/// slot in the map (at the load factor hashbrown keeps), the `Arc`'s
-/// counts and the allocator's rounding. An estimate, so that `max_bytes`
-/// bounds what the process holds, not only the answers.
-pub const ENTRY_OVERHEAD: usize = std::mem::size_of::<Option<Node>>()
-    + (std::mem::size_of::<(Stored, u32)>() + 1) * 8 / 7
-    + 2 * std::mem::size_of::<usize>()
-    + 16;
+/// Memory an entry takes besides its bytes: its node in the slab and its
+/// place in the recency list (both arrays grow by doubling: counted
+/// twice), its slot in the table (4 bytes and a control byte; the table
+/// doubles when 7 in 8 slots are used: 7 in 16 just after), its number in
+/// the free list, and the allocator's header and rounding (glibc: 8 bytes
+/// and up to 15 more). An upper estimate, so that `max_bytes` bounds what
+/// the process allocates, not only the answers.
+pub const ENTRY_OVERHEAD: usize = 2 * (std::mem::size_of::<Option<Node>>() + recency::SLOT_BYTES)
+    + (std::mem::size_of::<u32>() + 1) * 16 / 7
+    + std::mem::size_of::<u32>()
+    + 8
+    + 15;
 
 impl Node {
     fn cost(&self) -> usize {
-        self.stored.data.len() + ENTRY_OVERHEAD
+        self.data.len() + ENTRY_OVERHEAD
+    }
+
+    /// The key's scope and flags.
+    fn scope_flags(&self) -> &[u8] {
+        self.data.get(..KEY_HEAD).unwrap_or_default()
+    }
+
+    fn kind(&self) -> Kind {
+        Kind::of_byte(self.data.get(3).copied().unwrap_or(u8::MAX))
+    }
+
+    fn answer_len(&self) -> usize {
+        u16_at(&self.data, 4).unwrap_or(0) as usize
+    }
+
+    fn answer(&self) -> &[u8] {
+        self.data
+            .get(HEAD..HEAD + self.answer_len())
+            .unwrap_or_default()
+    }
+
+    /// The TTL fields' offsets in the answer, two bytes each.
+    fn offsets(&self) -> &[u8] {
+        self.data
+            .get(HEAD + self.answer_len()..)
+            .unwrap_or_default()
+    }
+
+    /// The stored question: name, type, class (empty if the stored name
+    /// does not parse, which `prepare` rules out).
+    fn question(&self) -> &[u8] {
+        let answer = self.answer();
+        message::plain_qname_end(answer)
+            .ok()
+            .and_then(|end| answer.get(HEADER_LEN..end + 4))
+            .unwrap_or_default()
+    }
+
+    /// Whether this is the entry for `key`. Wire names end with their
+    /// root label, so an equal prefix is an equal name.
+    fn is(&self, key: &Key) -> bool {
+        let q = key.question();
+        self.scope_flags() == key.scope_flags()
+            && self
+                .data
+                .get(HEAD + HEADER_LEN..HEAD + HEADER_LEN + q.len())
+                == Some(q)
     }
 }
 
-/// The map and the recency list: most recently used at `head`.
+/// The table's hash of a key, from its parts, so that a node (which keeps
+/// the same parts, not the key) hashes the same.
+fn hash_of(state: &RandomState, scope_flags: &[u8], question: &[u8]) -> u64 {
+    state.hash_one((scope_flags, question))
+}
+
+/// The table and the recency list: slot numbers into `slots`.
 struct Lru {
-    map: HashMap<Stored, u32>,
+    /// The slot numbers of the entries, by the hash of their key.
+    table: HashTable<u32>,
+    /// Keyed by the process's random SipHash keys: names come from the
+    /// network, and a flood of colliding ones must not be possible.
+    state: RandomState,
     slots: Vec<Option<Node>>,
     free: Vec<u32>,
     order: Recency,
@@ -314,9 +392,15 @@ struct Lru {
 }
 
 impl Lru {
+    /// Empty, and nothing allocated: the arrays grow as entries come
+    /// (a table sized for `max_entries` up front would hold more pages
+    /// than the entries need until it fills; the slab's and the list's
+    /// arrays are large enough that the allocator grows them in place with
+    /// mremap, untouched capacity is never resident).
     fn new() -> Lru {
         Lru {
-            map: HashMap::new(),
+            table: HashTable::new(),
+            state: RandomState::new(),
             slots: Vec::new(),
             free: Vec::new(),
             order: Recency::new(),
@@ -324,8 +408,29 @@ impl Lru {
         }
     }
 
+    fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    fn key_hash(&self, key: &Key) -> u64 {
+        hash_of(&self.state, key.scope_flags(), key.question())
+    }
+
     fn node(&self, i: u32) -> Option<&Node> {
         self.slots.get(i as usize)?.as_ref()
+    }
+
+    /// The slot of `key`'s entry.
+    fn find(&self, key: &Key) -> Option<u32> {
+        let slots = &self.slots;
+        self.table
+            .find(self.key_hash(key), |&i| {
+                slots
+                    .get(i as usize)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|n| n.is(key))
+            })
+            .copied()
     }
 
     fn touch(&mut self, i: u32) {
@@ -333,9 +438,12 @@ impl Lru {
     }
 
     fn remove(&mut self, i: u32) -> Option<Node> {
-        self.order.unlink(i);
         let node = self.slots.get_mut(i as usize).and_then(Option::take)?;
-        self.map.remove(node.stored.key());
+        self.order.unlink(i);
+        let hash = hash_of(&self.state, node.scope_flags(), node.question());
+        if let Ok(entry) = self.table.find_entry(hash, |&j| j == i) {
+            entry.remove();
+        }
         self.bytes -= node.cost();
         self.free.push(i);
         Some(node)
@@ -346,12 +454,10 @@ impl Lru {
         self.remove(self.order.oldest()?)
     }
 
-    fn insert(&mut self, node: Node) {
-        if let Some(&old) = self.map.get(node.stored.key()) {
-            drop(self.remove(old));
-        }
+    /// Stores `node` as `key`'s entry; returns the one it replaces.
+    fn insert(&mut self, key: &Key, node: Node) -> Option<Node> {
+        let old = self.find(key).and_then(|i| self.remove(i));
         self.bytes += node.cost();
-        let stored = node.stored.clone();
         let i = match self.free.pop() {
             Some(i) => {
                 if let Some(slot) = self.slots.get_mut(i as usize) {
@@ -364,22 +470,36 @@ impl Lru {
                 (self.slots.len() - 1) as u32
             }
         };
-        self.map.insert(stored, i);
+        let hash = self.key_hash(key);
+        let Lru {
+            table,
+            state,
+            slots,
+            ..
+        } = self;
+        // Growing the table rehashes every entry from its node.
+        table.insert_unique(hash, i, |&j| {
+            let node = slots.get(j as usize).and_then(Option::as_ref);
+            node.map_or(0, |n| hash_of(state, n.scope_flags(), n.question()))
+        });
         self.order.push_front(i);
+        old
     }
 }
 
 /// The DNS answer cache (see the module docs).
 pub struct Cache {
     cfg: DnsCache,
+    /// The clock's origin for the entries' times (seconds as u32, not a
+    /// 16-byte `Instant` in every node).
+    epoch: Instant,
     lru: Mutex<Lru>,
     stats: CacheStats,
 }
 
 /// An answer checked and laid out for storing, before the lock is taken.
 struct Prepared {
-    stored: Stored,
-    answer_len: u16,
+    data: Box<[u8]>,
     kind: Kind,
     ttl: u32,
 }
@@ -395,11 +515,25 @@ fn effective(ttl: u32) -> u32 {
 
 impl Cache {
     pub fn new(cfg: &DnsCache) -> Cache {
+        Cache::since(cfg, Instant::now())
+    }
+
+    /// A cache whose clock starts at `epoch`: times before it count as
+    /// the epoch itself, so a test that stores an answer "in the past"
+    /// makes its cache with an epoch before that.
+    pub(crate) fn since(cfg: &DnsCache, epoch: Instant) -> Cache {
         Cache {
             cfg: *cfg,
+            epoch,
             lru: Mutex::new(Lru::new()),
             stats: CacheStats::default(),
         }
+    }
+
+    /// `now` as whole seconds since the cache was made.
+    fn secs(&self, now: Instant) -> u32 {
+        let s = now.saturating_duration_since(self.epoch).as_secs();
+        u32::try_from(s).unwrap_or(u32::MAX)
     }
 
     pub fn config(&self) -> &DnsCache {
@@ -416,7 +550,7 @@ impl Cache {
 
     /// Entries held (fresh or expired but not yet dropped).
     pub fn len(&self) -> usize {
-        lock(&self.lru).map.len()
+        lock(&self.lru).len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -451,24 +585,11 @@ impl Cache {
     }
 
     fn lookup(&self, key: &Key, query: &[u8], now: Instant, count_miss: bool) -> Lookup {
-        let found = if self.enabled() {
-            self.find(key, now)
+        let result = if self.enabled() {
+            self.find(key, query, now)
         } else {
             None
         };
-        let result = found.and_then(|(stored, answer_len, elapsed, stale)| {
-            let ttl = if stale {
-                Ttl::Fixed(self.cfg.stale_answer_ttl.max(1))
-            } else {
-                Ttl::Minus(elapsed)
-            };
-            let out = rewrite(&stored, answer_len, key, query, ttl)?;
-            Some(if stale {
-                Lookup::Stale(out)
-            } else {
-                Lookup::Hit(out)
-            })
-        });
         let counter = match &result {
             Some(Lookup::Hit(_)) => Some(&self.stats.hits),
             Some(Lookup::Stale(_)) => Some(&self.stats.stale),
@@ -480,40 +601,45 @@ impl Cache {
         result.unwrap_or(Lookup::Miss)
     }
 
-    /// Whether the entry may still be served at `now`: fresh, or stale
-    /// within the serve-stale window (answers only, not failures).
-    fn servable(&self, node: &Node, now: Instant) -> bool {
-        let age = now.saturating_duration_since(node.at);
-        let ttl = Duration::from_secs(node.ttl.into());
-        age < ttl
+    /// Whether the entry may still be served `age` seconds after it was
+    /// stored: fresh, or stale within the serve-stale window (answers
+    /// only, not failures).
+    fn servable(&self, node: &Node, age: u32) -> bool {
+        age < node.ttl
             || (self.cfg.serve_stale
-                && node.kind != Kind::Error
-                && age < ttl + Duration::from_secs(self.cfg.stale_max.into()))
+                && node.kind() != Kind::Error
+                && u64::from(age) < u64::from(node.ttl) + u64::from(self.cfg.stale_max))
     }
 
-    /// Under the lock: the entry, its age in whole seconds, and whether it
-    /// is stale. Drops an entry too old to serve.
-    fn find(&self, key: &Key, now: Instant) -> Option<(Stored, u16, u32, bool)> {
+    /// Under the lock: the entry rewritten for `query`. Drops an entry too
+    /// old to serve.
+    fn find(&self, key: &Key, query: &[u8], now: Instant) -> Option<Lookup> {
+        let now = self.secs(now);
         let mut lru = lock(&self.lru);
-        let i = *lru.map.get(key.bytes())?;
+        let i = lru.find(key)?;
         let node = lru.node(i)?;
-        let age = now.saturating_duration_since(node.at);
-        let stale = if age < Duration::from_secs(node.ttl.into()) {
+        let age = now.saturating_sub(node.at);
+        let stale = if age < node.ttl {
             false
-        } else if self.servable(node, now) {
+        } else if self.servable(node, age) {
             true
         } else {
             drop(lru.remove(i));
             return None;
         };
-        let found = (
-            node.stored.clone(),
-            node.answer_len,
-            u32::try_from(age.as_secs()).unwrap_or(u32::MAX),
-            stale,
-        );
+        let ttl = if stale {
+            Ttl::Fixed(self.cfg.stale_answer_ttl.max(1))
+        } else {
+            Ttl::Minus(age)
+        };
+        let out = rewrite(node, key, query, ttl)?;
         lru.touch(i);
-        Some(found)
+        drop(lru);
+        Some(if stale {
+            Lookup::Stale(out)
+        } else {
+            Lookup::Hit(out)
+        })
     }
 
     /// Stores `answer` (an upstream's reply to a query whose key is `key`)
@@ -521,7 +647,7 @@ impl Cache {
     /// entries make room.
     pub fn insert(&self, key: &Key, answer: &[u8], now: Instant) -> bool {
         let prepared = if self.enabled() {
-            self.prepare(key, answer, now)
+            self.prepare(key, answer)
         } else {
             None
         };
@@ -529,31 +655,33 @@ impl Cache {
             self.stats.uncacheable.fetch_add(1, Ordering::Relaxed);
             return false;
         };
+        let at = self.secs(now);
         let node = Node {
-            stored: p.stored,
-            answer_len: p.answer_len,
-            kind: p.kind,
+            data: p.data,
+            at,
             ttl: p.ttl,
-            at: now,
         };
         if node.cost() > self.cfg.max_bytes {
             self.stats.uncacheable.fetch_add(1, Ordering::Relaxed);
             return false;
         }
         let mut evicted = Vec::new();
+        let replaced;
         {
             let mut lru = lock(&self.lru);
             // A failure does not push out an answer that can still be
             // served: RFC 8767 serves stale data exactly when the refresh
             // fails.
-            if node.kind == Kind::Error {
-                let old = lru.map.get(node.stored.key()).and_then(|&i| lru.node(i));
-                if old.is_some_and(|o| o.kind != Kind::Error && self.servable(o, now)) {
+            if p.kind == Kind::Error {
+                let old = lru.find(key).and_then(|i| lru.node(i));
+                if old.is_some_and(|o| {
+                    o.kind() != Kind::Error && self.servable(o, at.saturating_sub(o.at))
+                }) {
                     return false;
                 }
             }
-            lru.insert(node);
-            while lru.map.len() > self.cfg.max_entries || lru.bytes > self.cfg.max_bytes {
+            replaced = lru.insert(key, node);
+            while lru.len() > self.cfg.max_entries || lru.bytes > self.cfg.max_bytes {
                 match lru.pop_back() {
                     // Freed after the lock is let go.
                     Some(old) => evicted.push(old),
@@ -561,6 +689,7 @@ impl Cache {
                 }
             }
         }
+        drop(replaced);
         self.stats
             .evictions
             .fetch_add(evicted.len() as u64, Ordering::Relaxed);
@@ -570,7 +699,7 @@ impl Cache {
 
     /// Checks `answer` and lays it out for storing: the classification
     /// and TTL rules of the module docs.
-    fn prepare(&self, key: &Key, answer: &[u8], now: Instant) -> Option<Prepared> {
+    fn prepare(&self, key: &Key, answer: &[u8]) -> Option<Prepared> {
         let cfg = &self.cfg;
         u16::try_from(answer.len()).ok()?;
         let h = Header::parse(answer).ok()?;
@@ -583,7 +712,7 @@ impl Cache {
         let name_len = key.name_wire().len();
         if question.len() != key.question_len()
             || !question[..name_len].eq_ignore_ascii_case(key.name_wire())
-            || question[name_len..] != key.bytes()[3..KEY_HEAD]
+            || question[name_len..] != *key.type_class()
         {
             return None;
         }
@@ -660,31 +789,30 @@ impl Cache {
         if ttl == 0 {
             return None;
         }
-        // An Instant that far out does not exist on this clock.
-        now.checked_add(Duration::from_secs(ttl.into()))?;
 
-        let key_len = key.bytes().len();
         let offsets: Vec<usize> = not_opt().map(|r| r.ttl_at).collect();
-        let mut data = Vec::with_capacity(key_len + keep + 2 * offsets.len());
-        data.extend_from_slice(key.bytes());
+        let mut data = Vec::with_capacity(HEAD + keep + 2 * offsets.len());
+        data.extend_from_slice(key.scope_flags());
+        data.push(kind.byte());
+        data.extend_from_slice(&u16::try_from(keep).ok()?.to_be_bytes());
+        let head = data.len();
         data.extend_from_slice(answer.get(..keep)?);
-        let body = key_len;
+        let body = data.get_mut(head..)?;
         // The id and question are the asker's on every hit; stored as
         // zero and lowercase so no client's id or case is kept. AA off.
-        data.get_mut(body..body + 2)?.fill(0);
-        *data.get_mut(body + 2)? &= !0x04;
-        data.get_mut(body + HEADER_LEN..body + name_end)?
-            .make_ascii_lowercase();
+        body.get_mut(..2)?.fill(0);
+        *body.get_mut(2)? &= !0x04;
+        body.get_mut(HEADER_LEN..name_end)?.make_ascii_lowercase();
         if drop_opt {
-            let arcount = data.get_mut(body + 10..body + 12)?;
+            let arcount = body.get_mut(10..12)?;
             let n = u16::from_be_bytes([arcount[0], arcount[1]]).saturating_sub(1);
             arcount.copy_from_slice(&n.to_be_bytes());
         } else if keep != answer.len() {
             // OPT's RDLENGTH, just before its (cut) data.
-            data.get_mut(body + keep - 2..body + keep)?.fill(0);
+            body.get_mut(keep - 2..keep)?.fill(0);
         }
         for &at in &offsets {
-            let field = data.get_mut(body + at..body + at + 4)?;
+            let field = body.get_mut(at..at + 4)?;
             let orig = effective(u32::from_be_bytes([field[0], field[1], field[2], field[3]]));
             let stored = match kind {
                 Kind::Positive => orig.max(cfg.ttl_min).min(cfg.ttl_max),
@@ -696,11 +824,7 @@ impl Cache {
             data.extend_from_slice(&u16::try_from(at).ok()?.to_be_bytes());
         }
         Some(Prepared {
-            stored: Stored {
-                data: data.into(),
-                key_len: u16::try_from(key_len).ok()?,
-            },
-            answer_len: u16::try_from(keep).ok()?,
+            data: data.into_boxed_slice(),
             kind,
             ttl,
         })
@@ -719,24 +843,22 @@ enum Ttl {
 /// The stored answer made the reply to `query`: its id, RD bit and
 /// question, the TTLs as `ttl` says. None when the query's question is
 /// not the key's.
-fn rewrite(stored: &Stored, answer_len: u16, key: &Key, query: &[u8], ttl: Ttl) -> Option<Vec<u8>> {
-    let body = stored.key_len as usize;
-    let end = body + answer_len as usize;
-    let mut out = stored.data.get(body..end)?.to_vec();
+fn rewrite(node: &Node, key: &Key, query: &[u8], ttl: Ttl) -> Option<Vec<u8>> {
     let question_end = HEADER_LEN + key.question_len();
     let asked = query.get(HEADER_LEN..question_end)?;
     let name_len = key.name_wire().len();
     if !asked[..name_len].eq_ignore_ascii_case(key.name_wire())
-        || asked[name_len..] != key.bytes()[3..KEY_HEAD]
+        || asked[name_len..] != *key.type_class()
     {
         return None;
     }
+    let mut out = node.answer().to_vec();
     out.get_mut(HEADER_LEN..question_end)?
         .copy_from_slice(asked);
     out.get_mut(..2)?.copy_from_slice(query.get(..2)?);
     let rd = query.get(2)? & 0x01;
     *out.get_mut(2)? = (out[2] & !0x01) | rd;
-    for at in stored.data.get(end..)?.chunks_exact(2) {
+    for at in node.offsets().chunks_exact(2) {
         let at = u16::from_be_bytes([at[0], at[1]]) as usize;
         let field = out.get_mut(at..at + 4)?;
         let value = match ttl {

@@ -5,6 +5,9 @@
 
 const NIL: u32 = u32::MAX;
 
+/// What each slot costs here: its two neighbours' numbers.
+pub const SLOT_BYTES: usize = std::mem::size_of::<Links>();
+
 /// Slot `i`'s neighbours: towards the most recent, towards the least.
 #[derive(Debug, Clone, Copy)]
 struct Links {
