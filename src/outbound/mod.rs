@@ -466,6 +466,13 @@ pub trait TcpCarrier: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug {
     /// The TCP socket under the framing: the relay resets it when a flow is
     /// cut (tproxyd stopping, a flow closed from the API).
     fn socket(&self) -> &TcpStream;
+
+    /// The most the relay should hand one `poll_write` (never more than its
+    /// buffer): a framing that seals chunks of a fixed limit wants a
+    /// multiple of it, so a full read never leaves a runt chunk behind.
+    fn write_batch(&self) -> usize {
+        usize::MAX
+    }
 }
 
 impl TcpCarrier for TcpStream {
@@ -510,6 +517,10 @@ impl TcpUpstream {
 impl TcpCarrier for TcpUpstream {
     fn socket(&self) -> &TcpStream {
         TcpUpstream::socket(self)
+    }
+
+    fn write_batch(&self) -> usize {
+        delegate_tcp!(self, s => TcpCarrier::write_batch(s))
     }
 }
 

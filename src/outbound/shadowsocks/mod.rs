@@ -273,6 +273,10 @@ impl TcpCarrier for Stream {
     fn socket(&self) -> &tokio::net::TcpStream {
         self.get_ref()
     }
+
+    fn write_batch(&self) -> usize {
+        SsStream::write_batch(self)
+    }
 }
 
 /// A configured shadowsocks server.

@@ -63,9 +63,12 @@ pub const HEADER_WAIT: Duration = Duration::from_millis(500);
 pub const MAX_CLOCK_SKEW: u64 = 30;
 /// The longest 2022 padding (SIP022's MaxPaddingLength).
 const MAX_PADDING: usize = 900;
-/// Plaintext taken per write: the relay copies 16 KiB at a time; more
-/// is taken when offered, in several chunks, one socket write.
-const WRITE_BATCH: usize = 32 * 1024;
+/// Plaintext taken per write, in as few chunks as the method's limit
+/// allows, sealed into one buffer and written with one syscall: the
+/// relay reads [`SsStream::write_batch`] at a time (four full AEAD
+/// chunks, one full 2022 chunk), so a bulk upload costs one read, two
+/// seals per chunk and one write per 64 KiB.
+const WRITE_BATCH: usize = 64 * 1024;
 /// A sealed length chunk.
 const LEN_CHUNK: usize = 2 + TAG_LEN;
 /// The 2022 request's fixed header: type, timestamp, length.
@@ -359,7 +362,9 @@ fn seal_from(buf: &mut Vec<u8>, cipher: &Cipher, nonce: &mut NonceCounter, start
     }
 }
 
-/// Appends `data` as chunks of at most `max` bytes (none if empty).
+/// Appends `data` as chunks of at most `max` bytes (none if empty), as
+/// few as fit and of even sizes: 16 KiB for AEAD is two chunks of 8 KiB,
+/// not one of 0x3FFF and a runt of one byte.
 fn push_chunks(
     buf: &mut Vec<u8>,
     cipher: &Cipher,
@@ -367,7 +372,9 @@ fn push_chunks(
     max: usize,
     data: &[u8],
 ) {
-    for piece in data.chunks(max) {
+    let pieces = data.len().div_ceil(max.max(1));
+    let size = data.len().div_ceil(pieces.max(1)).max(1);
+    for piece in data.chunks(size) {
         let start = buf.len();
         buf.extend_from_slice(&(piece.len() as u16).to_be_bytes());
         seal_from(buf, cipher, nonce, start);
@@ -446,6 +453,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SsStream<S> {
             request_ms: 0,
             replied: false,
         })
+    }
+
+    /// The most a write should bring: [`WRITE_BATCH`] rounded down to
+    /// whole chunks of the method's limit.
+    pub fn write_batch(&self) -> usize {
+        let max = self.method().max_chunk();
+        (WRITE_BATCH / max).max(1) * max
     }
 
     pub fn get_ref(&self) -> &S {
@@ -908,6 +922,37 @@ mod buffer_tests {
             if !m.is_2022() {
                 assert!(read_capacity(m) + MIN_READ <= READ_BUF, "{m}");
             }
+        }
+    }
+
+    /// A write is cut into as few chunks as the limit allows, of even
+    /// sizes: no runt chunk of a byte or two after a full one.
+    #[test]
+    fn writes_become_few_even_chunks() {
+        for (m, len, chunks) in [
+            (Method::Aes128Gcm, 16 * 1024, 2),
+            (Method::Aes128Gcm, 4 * 0x3FFF, 4),
+            (Method::Aes128Gcm, 1, 1),
+            (Method::Blake3Aes128Gcm, 0xFFFF, 1),
+            (Method::Blake3Aes128Gcm, 0x10000, 2),
+        ] {
+            let cipher = Cipher::new(m, &[0; MAX_KEY_LEN]);
+            let mut out = Vec::new();
+            push_chunks(
+                &mut out,
+                &cipher,
+                &mut NonceCounter::default(),
+                m.max_chunk(),
+                &vec![7; len],
+            );
+            assert_eq!(out.len(), len + chunks * (LEN_CHUNK + TAG_LEN), "{m} {len}");
+            // The first chunk's length: the even share, not the limit.
+            let mut first = [0u8; LEN_CHUNK];
+            first.copy_from_slice(&out[..LEN_CHUNK]);
+            let mut nonce = NonceCounter::default();
+            assert!(cipher.open_tail(&nonce.take(), &mut first).is_ok());
+            let first = usize::from(u16::from_be_bytes([first[0], first[1]]));
+            assert_eq!(first, len.div_ceil(chunks), "{m} {len}");
         }
     }
 }
