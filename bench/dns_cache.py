@@ -19,7 +19,8 @@ Figures, per server, medians over rounds (the order rotates per round):
             asked over and over after one warm-up pass, 100 outstanding)
   p99       99th percentile latency at half of dnsdist's saturation rate
             (dnsperf -Q, every query's latency from -v)
-  rss       tproxyd's RSS after 100,000 distinct names were cached
+  rss       tproxyd's RSS after start, after the latency run (1,000 names),
+            and after 100,000 distinct names were cached
   fwd       uncached forwarding, queries per second and p99, direct vs
             through dante (SOCKS5 UDP ASSOCIATE) and ss-server (aes-128-gcm)
 
@@ -189,11 +190,19 @@ def main():
         figures["half_rate"] = half
         for which in order:
             getattr(srv, which)()
+            if which == "tproxyd":
+                figures["rss_start_kib"] = proc_status(srv.procs["tproxyd"].pid, "VmRSS")
             dnsperf(srv.ns, PORTS[which], hot, 2)
             lat = dnsperf(srv.ns, PORTS[which], hot, a.seconds, qps=int(half), verbose=True)
             figures["cached"][which + "_half"] = lat
             log(f"{which} at {half:.0f} q/s: p50 {lat.get('p50_us', 0):.0f} us, p99 {lat.get('p99_us', 0):.0f} us")
             if which == "tproxyd":
+                # The RSS the load itself leaves (buffers, the allocator's
+                # per-thread arenas) before the names, to tell it apart
+                # from what the names cost.
+                figures["rss_loaded_kib"] = proc_status(srv.procs["tproxyd"].pid, "VmRSS")
+                log(f"tproxyd RSS after start {figures['rss_start_kib']} KiB, "
+                    f"after the latency run {figures['rss_loaded_kib']} KiB")
                 many = names_file(work / "many.txt", 100_000 if not a.smoke else 10_000, "n")
                 dnsperf(srv.ns, PORTS["tproxyd"], many, 60 if not a.smoke else 5, qps=20_000)
                 # `ip netns exec` execs tproxyd in place: the pid is its own.
