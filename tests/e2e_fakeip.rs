@@ -149,12 +149,10 @@ fn udp_by_name(tb: &Testbed, fake: IpAddr) {
     }
 }
 
-#[test]
-fn fake_addresses_survive_a_restart_and_unmapped_ones_are_reset() {
-    if !can_run() {
-        return;
-    }
-    let mut tb = Testbed::start(Options {
+/// The bed with TPROXY capture of the fake range as well (the bed's own
+/// rules capture only its remote addresses).
+fn fake_ip_bed() -> Testbed {
+    let tb = Testbed::start(Options {
         mode: Mode::Tproxy,
         upstream: Upstream::Socks,
         extra_args: vec![],
@@ -163,6 +161,15 @@ fn fake_addresses_survive_a_restart_and_unmapped_ones_are_reset() {
     tb.router.nft(&format!(
         "add rule inet tpdtest pre iifname \"rlan\" ip daddr {FAKE_RANGE} meta l4proto {{ tcp, udp }} tproxy ip to :{PROXY_PORT} meta mark set 1 accept\n"
     ));
+    tb
+}
+
+#[test]
+fn fake_addresses_survive_a_restart_and_unmapped_ones_are_reset() {
+    if !can_run() {
+        return;
+    }
+    let mut tb = fake_ip_bed();
     let _server = DnsServer::start(&tb.wan, &[addr(REMOTE_B_V4, DNS_PORT)], zone);
     let store = tb.dir.join("state").join("fake-ip.pool");
     let text = config(&store.display().to_string());
@@ -370,15 +377,7 @@ fn udp_goes_by_name_through_socks5_and_shadowsocks() {
     if !can_run() {
         return;
     }
-    let mut tb = Testbed::start(Options {
-        mode: Mode::Tproxy,
-        upstream: Upstream::Socks,
-        extra_args: vec![],
-        own_rules: None,
-    });
-    tb.router.nft(&format!(
-        "add rule inet tpdtest pre iifname \"rlan\" ip daddr {FAKE_RANGE} meta l4proto {{ tcp, udp }} tproxy ip to :{PROXY_PORT} meta mark set 1 accept\n"
-    ));
+    let mut tb = fake_ip_bed();
     let dns = DnsServer::start(&tb.wan, &[addr(REMOTE_B_V4, DNS_PORT)], zone);
     // The proxies resolve with the bed's DNS server: dante again, started
     // after its namespace has a resolver of its own.
